@@ -1,0 +1,77 @@
+"""shoal: serve machine-learning models and business logic as composable Python deployments.
+
+``from shoal import serve`` and ``import shoal`` expose the same names, which
+follow Ray Serve's public API.
+"""
+
+from shoal import serve
+from shoal._api.context import ReplicaContext, RequestContext, get_request_context
+from shoal._api.deployment import Application, Deployment, deployment
+from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from shoal._api.serve import (
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    get_replica_context,
+    run,
+    shutdown,
+    start,
+    status,
+)
+from shoal._config import AutoscalingConfig, DeploymentConfig, HTTPOptions
+from shoal._controller.status import ApplicationStatus, DeploymentStatus, ReplicaState
+from shoal._errors import (
+    ConfigError,
+    DeploymentError,
+    NotFoundError,
+    NotRunningError,
+    ReplicaDiedError,
+    ReplicaError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    RouteConflictError,
+    ShoalError,
+    TransportError,
+    UnavailableError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Application",
+    "ApplicationStatus",
+    "AutoscalingConfig",
+    "ConfigError",
+    "Deployment",
+    "DeploymentConfig",
+    "DeploymentError",
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+    "DeploymentStatus",
+    "HTTPOptions",
+    "NotFoundError",
+    "NotRunningError",
+    "ReplicaContext",
+    "ReplicaDiedError",
+    "ReplicaError",
+    "ReplicaState",
+    "RequestCancelledError",
+    "RequestContext",
+    "RequestTimeoutError",
+    "RouteConflictError",
+    "ShoalError",
+    "TransportError",
+    "UnavailableError",
+    "delete",
+    "deployment",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_replica_context",
+    "get_request_context",
+    "run",
+    "serve",
+    "shutdown",
+    "start",
+    "status",
+]

@@ -1,0 +1,78 @@
+"""Per-process and per-request context: which replica is running, which request it serves."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shoal._errors import NotRunningError, ShoalError
+
+if TYPE_CHECKING:
+    from shoal._router.router import RouterRegistry
+
+
+@dataclass(frozen=True)
+class ReplicaContext:
+    """Identity of the replica running the current code (``serve.get_replica_context()``)."""
+
+    app_name: str
+    deployment: str
+    replica_id: str
+    servable_object: Any = None
+
+    @property
+    def replica_tag(self) -> str:
+        """Ray Serve's older name for ``replica_id``."""
+        return self.replica_id
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """The request being served: its id (from ``x-request-id`` or generated) and route."""
+
+    request_id: str = ""
+    app_name: str = ""
+    multiplexed_model_id: str = ""
+
+
+replica_context: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
+    "shoal_replica_context", default=None
+)
+request_context: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
+    "shoal_request_context", default=RequestContext()
+)
+
+
+def get_replica_context() -> ReplicaContext:
+    """Return the current replica's context; raises outside a replica."""
+    context = replica_context.get()
+    if context is None:
+        raise ShoalError(
+            "serve.get_replica_context() can only be called from code running in a "
+            "deployment's replica (its constructor or a method)"
+        )
+    return context
+
+
+def get_request_context() -> RequestContext:
+    """Return the context of the request being served (empty outside a request)."""
+    return request_context.get()
+
+
+# The registry of routers that handles deserialized in this process attach to:
+# the worker's own in a replica or proxy process, the process runtime's in the driver.
+_default_registry: RouterRegistry | None = None
+
+
+def set_default_registry(registry: RouterRegistry | None) -> None:
+    global _default_registry
+    _default_registry = registry
+
+
+def default_registry() -> RouterRegistry:
+    if _default_registry is None:
+        raise NotRunningError(
+            "shoal is not running in this process: call serve.run(app) or serve.start() first"
+        )
+    return _default_registry

@@ -1,0 +1,133 @@
+"""Turning a bound application graph into deployment specs the controller can run."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from shoal._api.deployment import Application
+from shoal._api.handle import DeploymentHandle
+from shoal._config import DeploymentConfig
+from shoal._errors import ConfigError
+from shoal._router.router import RouterRegistry
+
+# Options that change without replacing replicas: user_config via reconfigure(),
+# the replica count by starting or stopping replicas.
+_LIGHTWEIGHT = {"user_config", "num_replicas", "autoscaling_config"}
+
+
+@dataclass
+class DeploymentSpec:
+    """One deployment of an application, with handles in place of bound deployments."""
+
+    name: str
+    target: Any
+    init_args: tuple[Any, ...]
+    init_kwargs: dict[str, Any]
+    config: DeploymentConfig
+    code_version: str
+
+
+@dataclass
+class AppSpec:
+    name: str
+    route_prefix: str | None
+    ingress: str
+    deployments: dict[str, DeploymentSpec]
+
+
+def build_app(
+    app: Application, name: str, route_prefix: str | None, registry: RouterRegistry | None
+) -> AppSpec:
+    """Walk the graph from the ingress; every distinct bound deployment becomes a spec."""
+    if not isinstance(app, Application):
+        raise ConfigError(
+            f"serve.run() takes an application built with Deployment.bind(), got {app!r}"
+        )
+    specs: dict[str, DeploymentSpec] = {}
+    owners: dict[str, Application] = {}
+    pending = [app]
+    while pending:
+        node = pending.pop()
+        dep_name = node.deployment.name
+        if dep_name in owners:
+            if owners[dep_name] is not node:
+                raise ConfigError(
+                    f"application '{name}' binds two different deployments named '{dep_name}'; "
+                    f"give one a distinct name with .options(name=...)"
+                )
+            continue
+        owners[dep_name] = node
+
+        def to_handle(child: Application) -> DeploymentHandle:
+            pending.append(child)
+            return DeploymentHandle(child.deployment.name, name, registry=registry)
+
+        args = _substitute(node.args, to_handle, set())
+        kwargs = _substitute(node.kwargs, to_handle, set())
+        config = node.deployment.config
+        specs[dep_name] = DeploymentSpec(
+            dep_name, node.deployment.func_or_class, args, kwargs, config,
+            _code_version(node.deployment.func_or_class, args, kwargs, config),
+        )  # fmt: skip
+    return AppSpec(name, route_prefix, app.deployment.name, specs)
+
+
+def _substitute(obj: Any, to_handle: Any, seen: set[int]) -> Any:
+    """Return ``obj`` with every nested Application replaced; unchanged parts are shared."""
+    if isinstance(obj, Application):
+        return to_handle(obj)
+    if id(obj) in seen or isinstance(obj, str | bytes | int | float | bool | type(None) | type):
+        return obj
+    seen.add(id(obj))
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = [_substitute(item, to_handle, seen) for item in obj]
+        if all(new is old for new, old in zip(items, obj, strict=True)):
+            return obj
+        return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
+    if isinstance(obj, dict):
+        values = {key: _substitute(value, to_handle, seen) for key, value in obj.items()}
+        if all(values[key] is obj[key] for key in obj):
+            return obj
+        return type(obj)(values) if type(obj) is dict else _copy_with(obj, values)
+    attributes = getattr(obj, "__dict__", None)
+    if isinstance(attributes, dict) and not callable(obj):
+        changed = {}
+        for key, value in attributes.items():
+            new = _substitute(value, to_handle, seen)
+            if new is not value:
+                changed[key] = new
+        if changed:
+            clone = copy.copy(obj)
+            for key, value in changed.items():
+                object.__setattr__(clone, key, value)  # works for frozen dataclasses too
+            return clone
+    return obj
+
+
+def _copy_with(mapping: Any, values: dict[Any, Any]) -> Any:
+    clone = copy.copy(mapping)
+    clone.update(values)
+    return clone
+
+
+def _code_version(target: Any, args: Any, kwargs: Any, config: DeploymentConfig) -> str:
+    """A fingerprint of code, arguments and heavyweight options; equal means reuse replicas."""
+    if config.version is not None:
+        return f"user:{config.version}"
+    import cloudpickle
+
+    options = config.model_dump(exclude=_LIGHTWEIGHT)
+    try:
+        blob = cloudpickle.dumps((target, args, kwargs, options))
+    except Exception:
+        return f"unhashable:{uuid.uuid4().hex}"  # cannot compare: always replace
+    return hashlib.blake2b(blob, digest_size=12).hexdigest()
+
+
+def is_dataclass_instance(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)

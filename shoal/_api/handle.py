@@ -1,0 +1,292 @@
+"""Deployment handles and the responses their calls return (Ray Serve's handle API)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from shoal._api.context import default_registry, request_context
+from shoal._errors import ReplicaDiedError, RequestTimeoutError, ShoalError, TransportError
+from shoal._router.router import Router, RouterRegistry
+from shoal._transport.failures import exception_from
+from shoal._transport.messages import Failure, Message, Request, Result, StreamEnd, StreamItem
+
+_UNSET: Any = object()
+
+
+class DeploymentHandle:
+    """Calls a deployment from anywhere: the driver, another replica, a test.
+
+    ``handle.remote(...)`` calls ``__call__``; ``handle.name.remote(...)`` calls
+    method ``name``. Handles can be passed to other deployments and pickled.
+    """
+
+    __slots__ = ("_app", "_deployment", "_method", "_mux", "_registry", "_router", "_stream")
+
+    def __init__(
+        self,
+        deployment_name: str,
+        app_name: str,
+        *,
+        method_name: str = "__call__",
+        stream: bool = False,
+        multiplexed_model_id: str = "",
+        registry: RouterRegistry | None = None,
+    ) -> None:
+        self._deployment = deployment_name
+        self._app = app_name
+        self._method = method_name
+        self._stream = stream
+        self._mux = multiplexed_model_id
+        self._registry = registry
+        self._router: Router | None = None
+
+    @property
+    def deployment_name(self) -> str:
+        return self._deployment
+
+    @property
+    def app_name(self) -> str:
+        return self._app
+
+    def options(
+        self,
+        *,
+        method_name: str = _UNSET,
+        stream: bool = _UNSET,
+        multiplexed_model_id: str = _UNSET,
+        use_new_handle_api: bool = True,
+    ) -> DeploymentHandle:
+        """A copy of this handle with some call options changed."""
+        return DeploymentHandle(
+            self._deployment,
+            self._app,
+            method_name=self._method if method_name is _UNSET else method_name,
+            stream=self._stream if stream is _UNSET else bool(stream),
+            multiplexed_model_id=self._mux if multiplexed_model_id is _UNSET else multiplexed_model_id,
+            registry=self._registry,
+        )
+
+    def __getattr__(self, name: str) -> DeploymentHandle:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_handle, (self._deployment, self._app, self._method, self._stream, self._mux))
+
+    def __repr__(self) -> str:
+        return f"DeploymentHandle(deployment={self._deployment!r}, app={self._app!r})"
+
+    def _get_router(self) -> Router:
+        router = self._router
+        if router is None:
+            registry = self._registry or default_registry()
+            router = self._router = registry.get(self._app, self._deployment)
+        return router
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Send a request; returns a DeploymentResponse (or a generator with ``stream=True``)."""
+        router = self._get_router()
+        context = request_context.get()
+        request = Request(self._method, args, kwargs, context.request_id, self._stream, self._mux)
+        loop = router.loop
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if self._stream:
+            return DeploymentResponseGenerator(router, request, on_loop)
+        if not on_loop:
+            return DeploymentResponse(
+                asyncio.run_coroutine_threadsafe(_assign(router, request), loop), loop
+            )
+        if not _has_responses(args, kwargs):
+            slot = router.choose()
+            if slot is not None:  # fast path: a replica has room, send now without a task
+                future = router.send(slot, request)
+                if not future.done():
+                    return DeploymentResponse(future, loop)
+        return DeploymentResponse(loop.create_task(_assign(router, request)), loop)
+
+
+def _rebuild_handle(
+    deployment: str, app: str, method: str, stream: bool, mux: str
+) -> DeploymentHandle:
+    return DeploymentHandle(
+        deployment, app, method_name=method, stream=stream, multiplexed_model_id=mux
+    )
+
+
+def _has_responses(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    for arg in args:
+        if isinstance(arg, DeploymentResponse):
+            return True
+    return any(isinstance(value, DeploymentResponse) for value in kwargs.values()) if kwargs else False
+
+
+async def _assign(router: Router, request: Request) -> Message:
+    if _has_responses(request.args, request.kwargs):
+        request.args = tuple(
+            [await arg if isinstance(arg, DeploymentResponse) else arg for arg in request.args]
+        )
+        request.kwargs = {
+            key: await value if isinstance(value, DeploymentResponse) else value
+            for key, value in request.kwargs.items()
+        }
+    return await router.assign(request)
+
+
+def _unwrap(msg: Message) -> Any:
+    if type(msg) is Result:
+        return msg.value
+    if isinstance(msg, Failure):
+        raise exception_from(msg)
+    raise ShoalError(f"unexpected reply {type(msg).__name__}")
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+class DeploymentResponse:
+    """The pending result of ``handle.remote()``: ``await`` it, or call ``.result()`` in sync code.
+
+    Passing it as an argument to another handle call hands the value over
+    without a round trip through the caller's code.
+    """
+
+    __slots__ = ("_inner", "_loop")
+
+    def __init__(self, inner: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner = inner  # asyncio future/task on ``loop``, or a concurrent future
+        self._loop = loop
+
+    def __await__(self) -> Any:
+        inner = self._inner
+        try:
+            if not isinstance(inner, concurrent.futures.Future) and (
+                asyncio.get_running_loop() is self._loop
+            ):
+                msg = yield from inner.__await__()
+            else:
+                msg = yield from asyncio.wrap_future(self._concurrent()).__await__()
+        except TransportError as exc:
+            raise ReplicaDiedError(f"the replica died while handling the request ({exc})") from None
+        return _unwrap(msg)
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """Block until the result is ready (at most ``timeout_s``); not for async code."""
+        if _in_event_loop():
+            raise ShoalError(
+                "DeploymentResponse.result() would block the running event loop; "
+                "use `await response` in async code"
+            )
+        try:
+            msg = self._concurrent().result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise RequestTimeoutError(f"no result within timeout_s={timeout_s}") from None
+        except TransportError as exc:
+            raise ReplicaDiedError(f"the replica died while handling the request ({exc})") from None
+        return _unwrap(msg)
+
+    def _concurrent(self) -> concurrent.futures.Future[Message]:
+        inner = self._inner
+        if not isinstance(inner, concurrent.futures.Future):
+            inner = self._inner = asyncio.run_coroutine_threadsafe(_wait(inner), self._loop)
+        return inner
+
+    def cancel(self) -> None:
+        """Cancel the request (the replica's task is cancelled if it started)."""
+        inner = self._inner
+        if isinstance(inner, concurrent.futures.Future):
+            inner.cancel()
+        elif _in_event_loop() and asyncio.get_running_loop() is self._loop:
+            inner.cancel()
+        else:
+            self._loop.call_soon_threadsafe(inner.cancel)
+
+
+async def _wait(awaitable: Any) -> Any:
+    return await awaitable
+
+
+class DeploymentResponseGenerator:
+    """The stream of items from a generator method (``handle.options(stream=True)``).
+
+    Iterate with ``async for`` in async code or ``for`` in sync code.
+    """
+
+    def __init__(self, router: Router, request: Request, on_loop: bool) -> None:
+        self._router = router
+        self._request = request
+        self._stream: Any = None
+        self._done = False
+
+    async def _next_message(self) -> Message:
+        if self._stream is None:
+            self._stream = await self._router.open_stream(self._request)
+        return await self._stream.next()
+
+    def _item(self, msg: Message) -> Any:
+        if type(msg) is StreamItem:
+            return msg.value
+        self._done = True
+        if type(msg) is StreamEnd:
+            return _END
+        return _unwrap(msg)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        loop = self._router.loop
+        try:
+            if asyncio.get_running_loop() is loop:
+                msg = await self._next_message()
+            else:
+                msg = await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(self._next_message(), loop)
+                )
+        except TransportError as exc:
+            raise ReplicaDiedError(f"the replica died while streaming ({exc})") from None
+        item = self._item(msg)
+        if item is _END:
+            raise StopAsyncIteration
+        return item
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        if _in_event_loop():
+            raise ShoalError("iterate a DeploymentResponseGenerator with `async for` in async code")
+        future = asyncio.run_coroutine_threadsafe(self._next_message(), self._router.loop)
+        try:
+            msg = future.result()
+        except TransportError as exc:
+            raise ReplicaDiedError(f"the replica died while streaming ({exc})") from None
+        item = self._item(msg)
+        if item is _END:
+            raise StopIteration
+        return item
+
+    def cancel(self) -> None:
+        """Stop the stream; the replica's generator is cancelled."""
+        self._done = True
+        stream = self._stream
+        if stream is not None:
+            self._router.loop.call_soon_threadsafe(stream.close)
+
+
+_END = object()

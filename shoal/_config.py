@@ -1,0 +1,180 @@
+"""The one configuration schema.
+
+Python keyword options (``@serve.deployment(...)``, ``.options(...)``,
+``serve.start(http_options=...)``), and later the YAML file and the CLI, are
+all validated by these pydantic models. Nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shoal._errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve-compatible autoscaling options (validated now, acted on by the autoscaler)."""
+
+    min_replicas: int = Field(1, ge=0)
+    initial_replicas: int | None = Field(None, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    smoothing_factor: float = Field(1.0, gt=0)
+    upscale_smoothing_factor: float | None = Field(None, gt=0)
+    downscale_smoothing_factor: float | None = Field(None, gt=0)
+    upscaling_factor: float | None = Field(None, gt=0)
+    downscaling_factor: float | None = Field(None, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError(
+                f"initial_replicas ({self.initial_replicas}) must lie between min_replicas "
+                f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class RayActorOptions(_Strict):
+    """Resources a replica asks for. Recorded for placement; ``num_cpus`` defaults to 0."""
+
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory: float | None = Field(None, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    runtime_env: dict[str, Any] | None = None
+    accelerator_type: str | None = None
+
+    @field_validator("resources")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, amount in value.items():
+            if amount < 0:
+                raise ValueError(f"resource {key!r} must be >= 0, got {amount}")
+        return value
+
+
+class DeploymentConfig(_Strict):
+    """Every option a deployment accepts, with Ray Serve's names and defaults."""
+
+    name: str | None = Field(None, min_length=1)
+    num_replicas: int | Literal["auto"] | None = None
+    max_ongoing_requests: int = Field(5, ge=1)
+    max_queued_requests: int = Field(-1, ge=-1)
+    user_config: Any = None
+    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
+    autoscaling_config: AutoscalingConfig | None = None
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_wait_loop_s: float = Field(2.0, ge=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    route_prefix: str | None = None
+    version: str | None = None
+    logging_config: dict[str, Any] | None = None
+    placement_group_bundles: list[dict[str, float]] | None = None
+    placement_group_strategy: str | None = None
+    max_replicas_per_node: int | None = Field(None, ge=1)
+
+    @field_validator("num_replicas")
+    @classmethod
+    def _replicas(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
+    @field_validator("user_config")
+    @classmethod
+    def _json_serializable(cls, value: Any) -> Any:
+        if value is not None:
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"must be JSON-serializable ({exc})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _replicas_vs_autoscaling(self) -> DeploymentConfig:
+        if isinstance(self.num_replicas, int) and self.autoscaling_config is not None:
+            raise ValueError(
+                "num_replicas and autoscaling_config are mutually exclusive: "
+                "set num_replicas='auto' or drop one of them"
+            )
+        return self
+
+    def target_replicas(self) -> int:
+        """How many replicas to run now (autoscaling starts at its initial/min count)."""
+        if isinstance(self.num_replicas, int):
+            return self.num_replicas
+        auto = self.autoscaling_config or AutoscalingConfig()
+        if auto.initial_replicas is not None:
+            return auto.initial_replicas
+        return max(auto.min_replicas, 1 if self.num_replicas is None else auto.min_replicas)
+
+
+class HTTPOptions(_Strict):
+    """Options of the HTTP proxy. It binds 127.0.0.1 unless told otherwise."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    root_path: str = ""
+    request_timeout_s: float | None = Field(None, gt=0)
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+
+
+def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
+    """Build ``model`` from ``options`` or raise :class:`ConfigError` naming field and value."""
+    try:
+        return model(**options)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, options, what)) from None
+
+
+def _describe(exc: ValidationError, options: dict[str, Any], what: str) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            known = ", ".join(sorted(_fields_at(exc.title, error["loc"])))
+            lines.append(f"unknown option {loc!r} for {what}; valid options: {known}")
+        elif loc:
+            lines.append(f"invalid {loc}={error['input']!r} for {what}: {error['msg']}")
+        else:
+            lines.append(f"invalid options for {what}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(lines)
+
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "AutoscalingConfig": AutoscalingConfig,
+    "RayActorOptions": RayActorOptions,
+    "DeploymentConfig": DeploymentConfig,
+    "HTTPOptions": HTTPOptions,
+}
+
+
+def _fields_at(title: str, loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = _MODELS.get(title, DeploymentConfig)
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [m for m in _MODELS.values() if m is annotation or m.__name__ in str(annotation)]
+        if not candidates:
+            break
+        model = candidates[0]
+    return list(model.model_fields)

@@ -1,0 +1,192 @@
+"""The controller: applications, their deployments, routes, and shutdown order.
+
+It runs on the driver's shoal event loop. Deploy and delete operations are
+serialized; a failed first deploy leaves nothing running; an application's
+route is installed in the proxy only after all of its replicas are ready, and
+removed before its replicas are stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from shoal._api.graph import AppSpec
+from shoal._config import HTTPOptions
+from shoal._controller.deployment_state import DeploymentState
+from shoal._controller.status import (
+    ApplicationStatus,
+    ApplicationStatusOverview,
+    ProxyStatus,
+    ServeStatus,
+)
+from shoal._errors import DeploymentError, NotFoundError, RouteConflictError
+from shoal._router.router import RouterRegistry
+from shoal._runtime.base import ReplicaHandle, Runtime
+from shoal._transport.messages import ReplicaSetUpdate
+
+logger = logging.getLogger("shoal.controller")
+
+
+@dataclass
+class _App:
+    spec: AppSpec
+    status: ApplicationStatus = ApplicationStatus.DEPLOYING
+    message: str = ""
+    deployed_at: float = 0.0
+    deployments: dict[str, DeploymentState] = field(default_factory=dict)
+    routed: bool = False
+
+
+class Controller:
+    """Reconciles applications onto a runtime."""
+
+    def __init__(self, runtime: Runtime, registry: RouterRegistry) -> None:
+        self.runtime = runtime
+        self.registry = registry
+        self.apps: dict[str, _App] = {}
+        self.proxy: ProxyStatus | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self, http: HTTPOptions | None) -> None:
+        await self.runtime.start(self._replica_died)
+        if http is not None and self.runtime.supports_http:
+            host, port = await self.runtime.start_proxy(http)
+            self.proxy = ProxyStatus(host, port)
+
+    async def publish(self, update: ReplicaSetUpdate) -> None:
+        self.registry.apply(update)
+        await self.runtime.publish(update)
+
+    # --- applications --------------------------------------------------------------
+
+    async def deploy(self, spec: AppSpec) -> None:
+        """Deploy or update an application; returns when it serves (routes included)."""
+        async with self._lock:
+            self._check_route(spec)
+            app = self.apps.get(spec.name)
+            is_new = app is None
+            if app is None:
+                app = self.apps[spec.name] = _App(spec)
+            previous, app.spec = app.spec, spec
+            app.status, app.message = ApplicationStatus.DEPLOYING, ""
+            try:
+                await self._deploy_deployments(app, previous if not is_new else None)
+            except DeploymentError as exc:
+                app.status, app.message = ApplicationStatus.DEPLOY_FAILED, str(exc)
+                if is_new:
+                    await self._teardown(app)
+                else:
+                    app.spec = previous
+                raise
+            app.status, app.deployed_at = ApplicationStatus.RUNNING, time.time()
+            app.routed = spec.route_prefix is not None
+            await self._publish_routes()
+
+    def _check_route(self, spec: AppSpec) -> None:
+        if spec.route_prefix is None:
+            return
+        if not spec.route_prefix.startswith("/"):
+            raise RouteConflictError(
+                f"route_prefix must start with '/', got {spec.route_prefix!r}"
+            )
+        for other in self.apps.values():
+            if other.spec.name != spec.name and other.spec.route_prefix == spec.route_prefix:
+                raise RouteConflictError(
+                    f"route prefix '{spec.route_prefix}' is already used by application "
+                    f"'{other.spec.name}'; choose another route_prefix or delete that app first"
+                )
+
+    async def _deploy_deployments(self, app: _App, previous: AppSpec | None) -> None:
+        spec = app.spec
+        removed = [d for name, d in app.deployments.items() if name not in spec.deployments]
+        for name, dep_spec in spec.deployments.items():
+            state = app.deployments.get(name)
+            if state is None:
+                state = app.deployments[name] = DeploymentState(
+                    spec.name, self.runtime, self.publish, name == spec.ingress
+                )
+                state.spec = None
+                # Announce the deployment before any replica starts, so handles to it resolve.
+                await self.publish(ReplicaSetUpdate(spec.name, name, [], True))
+            state.is_ingress = name == spec.ingress
+        results = await asyncio.gather(
+            *(app.deployments[n].deploy(s) for n, s in spec.deployments.items()),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0] if isinstance(errors[0], DeploymentError) else DeploymentError(
+                f"deploying application '{spec.name}' failed: {errors[0]!r}"
+            )
+        for state in removed:
+            await state.delete()
+            app.deployments.pop(state.name, None)
+
+    async def delete(self, name: str) -> None:
+        async with self._lock:
+            app = self.apps.get(name)
+            if app is None:
+                raise NotFoundError(f"application '{name}' does not exist")
+            app.status = ApplicationStatus.DELETING
+            await self._teardown(app)
+
+    async def _teardown(self, app: _App) -> None:
+        app.routed = False
+        await self._publish_routes()
+        await asyncio.gather(*(d.delete() for d in app.deployments.values()))
+        self.apps.pop(app.spec.name, None)
+
+    async def _publish_routes(self) -> None:
+        routes = {
+            app.spec.route_prefix: (app.spec.name, app.spec.ingress)
+            for app in self.apps.values()
+            if app.routed and app.spec.route_prefix is not None
+        }
+        if self.proxy is not None:
+            await self.runtime.publish_routes(routes)
+
+    def ingress_of(self, name: str) -> str:
+        app = self.apps.get(name)
+        if app is None:
+            raise NotFoundError(
+                f"application '{name}' does not exist; running: {', '.join(self.apps) or 'none'}"
+            )
+        return app.spec.ingress
+
+    def _replica_died(self, handle: ReplicaHandle) -> None:
+        for app in self.apps.values():
+            for state in app.deployments.values():
+                if state.replica_died(handle):
+                    return
+
+    # --- status and shutdown -------------------------------------------------------
+
+    def status(self) -> ServeStatus:
+        apps = {}
+        for name, app in self.apps.items():
+            deployments = {n: d.overview() for n, d in app.deployments.items()}
+            status = app.status
+            if status is ApplicationStatus.RUNNING and any(
+                d.status.value == "UNHEALTHY" for d in deployments.values()
+            ):
+                status = ApplicationStatus.UNHEALTHY
+            apps[name] = ApplicationStatusOverview(
+                status, app.message, app.spec.route_prefix, app.deployed_at, deployments
+            )
+        proxies = {"local": self.proxy} if self.proxy else {}
+        return ServeStatus(proxies, apps)
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Fixed order: routes off, applications drained, then the runtime (proxy last)."""
+        async with self._lock:
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(self._teardown(app) for app in list(self.apps.values()))),
+                    timeout_s,
+                )
+            except TimeoutError:
+                logger.warning("applications did not drain within %.0f s; killing them", timeout_s)
+            await self.runtime.shutdown(timeout_s=5.0)

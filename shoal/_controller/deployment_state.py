@@ -1,0 +1,244 @@
+"""The controller's view of one deployment: desired spec vs running replicas.
+
+Guarantees:
+- a code/argument/option change starts the new replicas first, switches
+  traffic to them, then drains the old ones (no window without replicas);
+- a ``user_config`` change is applied in place with ``reconfigure()``;
+- a replica that dies or fails its health check is replaced, with backoff
+  when replacements keep failing;
+- routers stop picking a replica before it is asked to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shoal._api.graph import DeploymentSpec
+from shoal._controller.status import DeploymentStatus, DeploymentStatusOverview, ReplicaState
+from shoal._controller.status import ReplicaStatus
+from shoal._errors import DeploymentError, ShoalError
+from shoal._runtime.base import ReplicaHandle, ReplicaSpec, Runtime
+from shoal._transport.messages import ReplicaSetUpdate
+
+logger = logging.getLogger("shoal.controller")
+
+_RECONFIGURE_TIMEOUT_S = 60.0
+_MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class ReplicaRecord:
+    handle: ReplicaHandle
+    code_version: str
+    state: ReplicaState = ReplicaState.RUNNING
+
+
+class DeploymentState:
+    """Drives one deployment's replicas towards its spec."""
+
+    def __init__(
+        self,
+        app: str,
+        runtime: Runtime,
+        publish: Callable[[ReplicaSetUpdate], Awaitable[None]],
+        is_ingress: bool,
+    ) -> None:
+        self.app = app
+        self.spec: DeploymentSpec | None = None
+        self.is_ingress = is_ingress
+        self.status = DeploymentStatus.UPDATING
+        self.message = ""
+        self.replicas: list[ReplicaRecord] = []
+        self._runtime = runtime
+        self._publish_update = publish
+        self._deleting = False
+        self._failures = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def name(self) -> str:
+        assert self.spec is not None
+        return self.spec.name
+
+    # --- deploying -----------------------------------------------------------------
+
+    async def deploy(self, spec: DeploymentSpec) -> None:
+        """Bring replicas to ``spec``; raises DeploymentError, leaving old replicas serving."""
+        previous, self.spec = self.spec, spec
+        self.status, self.message = DeploymentStatus.UPDATING, ""
+        target = spec.config.target_replicas()
+        try:
+            if previous is None or previous.code_version != spec.code_version:
+                await self._replace_all(target)
+            else:
+                if spec.config.user_config != previous.config.user_config:
+                    await self._reconfigure(spec.config.user_config)
+                await self._scale(target)
+        except DeploymentError as exc:
+            self.status, self.message = DeploymentStatus.DEPLOY_FAILED, str(exc)
+            raise
+        self.status = DeploymentStatus.HEALTHY
+        self._failures = 0
+        if not any(t.get_name() == "supervise" for t in self._tasks):
+            self._spawn(self._supervise(), "supervise")
+
+    async def _replace_all(self, target: int) -> None:
+        old = list(self.replicas)
+        await self._start(target)
+        await self._stop([record for record in old if record in self.replicas])
+
+    async def _scale(self, target: int) -> None:
+        running = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
+        if len(running) < target:
+            await self._start(target - len(running))
+        elif len(running) > target:
+            await self._stop(running[target:])
+
+    async def _reconfigure(self, user_config: Any) -> None:
+        records = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
+        results = await asyncio.gather(
+            *(r.handle.reconfigure(user_config, _RECONFIGURE_TIMEOUT_S) for r in records),
+            return_exceptions=True,
+        )
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            raise DeploymentError(
+                f"reconfigure() of deployment '{self.name}' failed: {errors[0]}"
+            ) from errors[0]
+
+    async def _start(self, count: int) -> list[ReplicaRecord]:
+        """Start ``count`` replicas concurrently; all or none (started ones are stopped)."""
+        if count <= 0:
+            return []
+        results = await asyncio.gather(
+            *(self._start_one() for _ in range(count)), return_exceptions=True
+        )
+        started = [r for r in results if isinstance(r, ReplicaRecord)]
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:
+            await self._stop(started)
+            error = errors[0]
+            if isinstance(error, DeploymentError):
+                raise error
+            raise DeploymentError(f"deployment '{self.name}' failed to start: {error!r}") from error
+        return started
+
+    async def _start_one(self) -> ReplicaRecord:
+        spec = self.spec
+        assert spec is not None
+        replica_id = f"{self.app}#{spec.name}#{uuid.uuid4().hex[:6]}"
+        replica_spec = ReplicaSpec(
+            self.app, spec.name, replica_id, spec.target, spec.init_args, spec.init_kwargs,
+            spec.config, self.is_ingress, list(sys.path), os.getcwd(),
+        )  # fmt: skip
+        handle = await self._runtime.start_replica(replica_spec)
+        record = ReplicaRecord(handle, spec.code_version)
+        if self._deleting or self.spec is not spec:  # superseded while starting
+            await handle.stop(0.0, 0.0)
+            raise DeploymentError(f"deployment '{spec.name}' changed while starting a replica")
+        self.replicas.append(record)
+        await self.publish()
+        return record
+
+    async def _stop(self, records: list[ReplicaRecord]) -> None:
+        if not records:
+            return
+        for record in records:
+            record.state = ReplicaState.STOPPING
+        await self.publish()  # routers stop picking them before they are asked to stop
+        assert self.spec is not None
+        config = self.spec.config
+        await asyncio.gather(
+            *(
+                r.handle.stop(config.graceful_shutdown_wait_loop_s, config.graceful_shutdown_timeout_s)
+                for r in records
+            ),
+            return_exceptions=True,
+        )
+        for record in records:
+            if record in self.replicas:
+                self.replicas.remove(record)
+
+    async def publish(self) -> None:
+        infos = [r.handle.info for r in self.replicas if r.state is ReplicaState.RUNNING]
+        await self._publish_update(ReplicaSetUpdate(self.app, self.name, infos, True))
+
+    async def delete(self) -> None:
+        """Stop every replica (gracefully) and tell routers the deployment is gone."""
+        self._deleting = True
+        for task in list(self._tasks):
+            task.cancel()
+        await self._stop(list(self.replicas))
+        await self._publish_update(ReplicaSetUpdate(self.app, self.name, [], False))
+
+    # --- supervision ---------------------------------------------------------------
+
+    def replica_died(self, handle: ReplicaHandle) -> bool:
+        """Called by the runtime when a replica ends; True if it was one of ours."""
+        record = next((r for r in self.replicas if r.handle is handle), None)
+        if record is None:
+            return False
+        self.replicas.remove(record)
+        if record.state is ReplicaState.STOPPING or self._deleting:
+            return True
+        logger.warning("replica %s died; starting a replacement", handle.info.replica_id)
+        self._spawn(self._replace_dead(), "replace")
+        return True
+
+    async def _replace_dead(self) -> None:
+        await self.publish()
+        while not self._deleting:
+            try:
+                await self._start(1)
+                self._failures = 0
+                self.status, self.message = DeploymentStatus.HEALTHY, ""
+                return
+            except (DeploymentError, ShoalError) as exc:
+                self._failures += 1
+                self.status = DeploymentStatus.UNHEALTHY
+                self.message = f"replacing a dead replica failed: {exc}"
+                await asyncio.sleep(min(_MAX_BACKOFF_S, 0.5 * 2**self._failures))
+
+    async def _supervise(self) -> None:
+        """Periodic health checks; a replica that fails one is killed and replaced."""
+        while not self._deleting and self.spec is not None:
+            config = self.spec.config
+            await asyncio.sleep(config.health_check_period_s)
+            records = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
+            results = await asyncio.gather(
+                *(r.handle.check_health(config.health_check_timeout_s) for r in records),
+                return_exceptions=True,
+            )
+            for record, result in zip(records, results, strict=True):
+                if isinstance(result, Exception) and record in self.replicas:
+                    logger.warning(
+                        "replica %s failed its health check (%s); replacing it",
+                        record.handle.info.replica_id,
+                        result,
+                    )
+                    record.handle.kill()
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- status --------------------------------------------------------------------
+
+    def overview(self) -> DeploymentStatusOverview:
+        states = Counter(str(r.state) for r in self.replicas)
+        replicas = [
+            ReplicaStatus(r.handle.info.replica_id, r.state, r.handle.pid, r.code_version)
+            for r in self.replicas
+        ]
+        target = self.spec.config.target_replicas() if self.spec else 0
+        return DeploymentStatusOverview(self.status, self.message, dict(states), replicas, target)

@@ -1,0 +1,253 @@
+"""A replica: one instance of a user's deployment class (or function) serving requests.
+
+Runtime-agnostic: a runtime feeds it :class:`Request` messages and sends back
+the reply messages it produces. Guarantees:
+- async methods run on the replica's event loop; sync methods and sync
+  generators run in a thread pool sized by ``max_ongoing_requests``, so they
+  never block the loop;
+- every user call runs with the replica's context (``get_replica_context()``)
+  and the request's context (request id);
+- a user exception becomes a Failure reply; the replica keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shoal._api.context import ReplicaContext, RequestContext, replica_context, request_context
+from shoal._errors import NotFoundError, ShoalError
+from shoal._runtime.base import ReplicaSpec
+from shoal._transport.failures import failure_from
+from shoal._transport.http import HttpRequestData
+from shoal._transport.messages import Message, Request, Result, StreamEnd, StreamItem
+
+logger = logging.getLogger("shoal.replica")
+
+_ASYNC, _SYNC, _ASYNC_GEN, _SYNC_GEN = "async", "sync", "async generator", "generator"
+_DONE = object()
+
+
+def _kind(fn: Callable[..., Any]) -> str:
+    if inspect.isasyncgenfunction(fn):
+        return _ASYNC_GEN
+    if inspect.isgeneratorfunction(fn):
+        return _SYNC_GEN
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    ):
+        return _ASYNC
+    return _SYNC
+
+
+class Replica:
+    """Owns the user object; turns requests into reply messages."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.spec = spec
+        self.loop = asyncio.get_running_loop()
+        self.ongoing = 0
+        self.instance: Any = None
+        self._methods: dict[str, tuple[Callable[..., Any], str]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(2, spec.config.max_ongoing_requests),
+            thread_name_prefix=f"shoal-{spec.deployment}",
+        )
+        self.context = contextvars.copy_context()
+        self.context.run(replica_context.set, self._replica_context(None))
+        self._stopped = False
+
+    def _replica_context(self, servable: Any) -> ReplicaContext:
+        spec = self.spec
+        return ReplicaContext(spec.app, spec.deployment, spec.replica_id, servable)
+
+    async def initialize(self) -> None:
+        """Run the user's constructor (on the loop, like Ray Serve) and apply ``user_config``."""
+        spec = self.spec
+        if inspect.isclass(spec.target):
+            self.instance = self.context.run(spec.target, *spec.init_args, **spec.init_kwargs)
+        else:
+            self.instance = _FunctionDeployment(spec.target)
+        self.context.run(replica_context.set, self._replica_context(self.instance))
+        if spec.config.user_config is not None:
+            await self.reconfigure(spec.config.user_config)
+
+    # --- requests ------------------------------------------------------------------
+
+    def _resolve(self, name: str) -> tuple[Callable[..., Any], str]:
+        cached = self._methods.get(name)
+        if cached is not None:
+            return cached
+        method = getattr(self.instance, name, None) if _is_public(name) else None
+        if method is None or not callable(method):
+            raise NotFoundError(
+                f"deployment '{self.spec.deployment}' has no method '{name}'; "
+                f"available methods: {', '.join(self.method_names()) or 'none'}"
+            )
+        resolved = self._methods[name] = (method, _kind(method))
+        return resolved
+
+    def method_names(self) -> list[str]:
+        names = [n for n in dir(self.instance) if _is_public(n) and n != "reconfigure"]
+        return sorted(n for n in names if callable(getattr(self.instance, n, None)))
+
+    def _enter(self, request: Request) -> None:
+        self.ongoing += 1
+        self._idle.clear()
+        request_context.set(
+            RequestContext(request.request_id, self.spec.app, request.multiplexed_model_id)
+        )
+
+    def _leave(self) -> None:
+        self.ongoing -= 1
+        if self.ongoing == 0:
+            self._idle.set()
+
+    async def handle(self, request: Request) -> Message:
+        """Run one request; returns Result or Failure. Call in a task made with :meth:`task_context`."""
+        self._enter(request)
+        try:
+            return Result(await self._invoke(request))
+        except Exception as exc:
+            return failure_from(exc, f"in replica {self.spec.replica_id}:")
+        finally:
+            self._leave()
+
+    def task_context(self) -> contextvars.Context:
+        """A fresh context for one request's task."""
+        return self.context.copy()
+
+    async def _invoke(self, request: Request) -> Any:
+        method, kind = self._resolve(request.method)
+        args, kwargs = request.args, request.kwargs
+        if args and type(args[0]) is HttpRequestData:
+            return await self._invoke_http(method, kind, args[0])
+        if kind is _ASYNC:
+            return await method(*args, **kwargs)
+        if kind is _SYNC:
+            result = await self._in_thread(method, *args, **kwargs)
+            if inspect.isgenerator(result) or inspect.isasyncgen(result):
+                raise TypeError(
+                    f"method '{request.method}' returned a generator: call it with "
+                    "handle.options(stream=True)"
+                )
+            return result
+        raise TypeError(
+            f"method '{request.method}' is a {kind}: call it with handle.options(stream=True)"
+        )
+
+    async def _invoke_http(self, method: Callable[..., Any], kind: str, data: HttpRequestData) -> Any:
+        from shoal._replica import http
+
+        request = http.build_request(data)
+        try:
+            if kind is _ASYNC:
+                result = await method(request)
+            elif kind is _SYNC:
+                result = await self._in_thread(method, request)
+            else:
+                raise TypeError("streaming HTTP responses from generators are not supported yet")
+            return await http.to_response(result)
+        except Exception:
+            logger.exception(
+                "request %s to deployment '%s' failed",
+                request_context.get().request_id,
+                self.spec.deployment,
+            )
+            return http.error_response(500, "Internal Server Error")
+
+    def _in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return self.loop.run_in_executor(self._pool, call)
+
+    async def handle_stream(self, request: Request) -> AsyncIterator[Message]:
+        """Run a generator method; yields StreamItem messages then StreamEnd or a Failure."""
+        self._enter(request)
+        try:
+            method, kind = self._resolve(request.method)
+            if kind is _ASYNC_GEN:
+                async for item in method(*request.args, **request.kwargs):
+                    yield StreamItem(item)
+            elif kind is _SYNC_GEN:
+                generator = await self._in_thread(method, *request.args, **request.kwargs)
+                while (item := await self._in_thread(next, generator, _DONE)) is not _DONE:
+                    yield StreamItem(item)
+            else:
+                raise TypeError(
+                    f"method '{request.method}' is not a generator: call it without stream=True"
+                )
+            yield StreamEnd()
+        except Exception as exc:
+            yield failure_from(exc, f"in replica {self.spec.replica_id}:")
+        finally:
+            self._leave()
+
+    # --- control -------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: Any) -> None:
+        method = getattr(self.instance, "reconfigure", None)
+        if method is None:
+            raise ShoalError(
+                f"deployment '{self.spec.deployment}' has a user_config but no "
+                "reconfigure(self, config) method to receive it"
+            )
+        await self._call_user(method, user_config)
+
+    async def check_health(self) -> None:
+        method = getattr(self.instance, "check_health", None)
+        if method is not None:
+            await self._call_user(method)
+
+    async def _call_user(self, method: Callable[..., Any], *args: Any) -> Any:
+        if _kind(method) is _ASYNC:
+            return await self.context.copy().run(method, *args)
+        return await self.loop.run_in_executor(
+            self._pool, functools.partial(self.context.copy().run, method, *args)
+        )
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no request is ongoing (at most ``timeout_s``); True if drained."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            logger.warning(
+                "replica %s still had %d requests after %.1f s; stopping anyway",
+                self.spec.replica_id,
+                self.ongoing,
+                timeout_s,
+            )
+            return False
+
+    async def close(self) -> None:
+        """Run the user's ``__del__`` (as Ray Serve does) and release threads. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        destructor = getattr(type(self.instance), "__del__", None)
+        if destructor is not None:
+            try:
+                await self._call_user(functools.partial(destructor, self.instance))
+            except Exception:
+                logger.exception("__del__ of replica %s raised", self.spec.replica_id)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_public(name: str) -> bool:
+    return name == "__call__" or not name.startswith("_")
+
+
+class _FunctionDeployment:
+    """Makes a function deployment look like a class with ``__call__``."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self._function = function
+        self.__call__ = function  # type: ignore[method-assign]

@@ -1,0 +1,236 @@
+"""Routers: one per deployment in every process that holds handles to it.
+
+A router picks a replica by power-of-two choices on its own in-flight counts,
+never sends a replica more than ``max_ongoing_requests`` at once (excess
+requests wait here, in FIFO order, not on the replica), and drops a replica
+the moment its connection breaks. A request that could not be handed to a
+replica (its connection was already gone) is retried on another one; a
+request a replica had accepted fails with :class:`ReplicaDiedError` if that
+replica dies, because it may have had side effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import random
+from typing import Any
+
+from shoal._errors import NotFoundError, ReplicaDiedError, TransportError, UnavailableError
+from shoal._runtime.base import Connector, ReplicaClient, Stream
+from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
+
+logger = logging.getLogger("shoal.router")
+
+
+class _Slot:
+    __slots__ = ("client", "in_flight", "info", "limit")
+
+    def __init__(self, info: ReplicaInfo, client: ReplicaClient) -> None:
+        self.info = info
+        self.client = client
+        self.limit = info.max_ongoing_requests
+        self.in_flight = 0
+
+
+class Router:
+    """Routes requests of one deployment to its replicas. Lives on one event loop."""
+
+    def __init__(self, registry: RouterRegistry, app: str, deployment: str) -> None:
+        self.app = app
+        self.deployment = deployment
+        self.loop = registry.loop
+        self._connector = registry.connector
+        self._infos: dict[str, ReplicaInfo] = {}
+        self._slots: list[_Slot] = []
+        self._connecting: set[str] = set()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._active = False
+        self.exists = True
+
+    # --- membership ----------------------------------------------------------------
+
+    def apply(self, update: ReplicaSetUpdate) -> None:
+        self.exists = update.exists
+        self._infos = {info.replica_id: info for info in update.replicas}
+        self._slots = [slot for slot in self._slots if slot.info.replica_id in self._infos]
+        if not self.exists:
+            self._fail_waiters()
+        elif self._active:
+            self._connect_missing()
+
+    def activate(self) -> None:
+        """Start connecting to replicas (routers connect only once they are used)."""
+        if not self._active:
+            self._active = True
+            self._connect_missing()
+
+    def _connect_missing(self) -> None:
+        present = {slot.info.replica_id for slot in self._slots}
+        for replica_id, info in self._infos.items():
+            if replica_id not in present and replica_id not in self._connecting:
+                self._connecting.add(replica_id)
+                self.loop.create_task(self._connect(info))
+
+    async def _connect(self, info: ReplicaInfo) -> None:
+        try:
+            client = await self._connector.connect(info)
+        except Exception as exc:  # the replica is gone or going; the controller will tell us
+            logger.debug("cannot connect to replica %s: %r", info.replica_id, exc)
+            return
+        finally:
+            self._connecting.discard(info.replica_id)
+        if client.closed or self._infos.get(info.replica_id) is not info:
+            return
+        slot = _Slot(info, client)
+        client.close_callbacks.append(functools.partial(self._lost, slot))
+        self._slots.append(slot)
+        self._wake(len(self._waiters))
+
+    def _lost(self, slot: _Slot, _client: Any) -> None:
+        if slot in self._slots:
+            self._slots.remove(slot)
+
+    # --- assignment ----------------------------------------------------------------
+
+    def choose(self) -> _Slot | None:
+        """Power of two choices among replicas below their limit; None if all are full."""
+        slots = self._slots
+        count = len(slots)
+        if count == 1:
+            only = slots[0]
+            return only if only.in_flight < only.limit else None
+        if count == 0:
+            return None
+        first, second = random.sample(slots, 2)
+        if second.in_flight < first.in_flight:
+            first, second = second, first
+        if first.in_flight < first.limit:
+            return first
+        free = [slot for slot in slots if slot.in_flight < slot.limit]
+        return min(free, key=lambda slot: slot.in_flight) if free else None
+
+    def send(self, slot: _Slot, request: Request) -> asyncio.Future[Message]:
+        future = slot.client.call(request)
+        slot.in_flight += 1
+        future.add_done_callback(functools.partial(self._finished, slot))
+        return future
+
+    def _finished(self, slot: _Slot, _future: Any) -> None:
+        slot.in_flight -= 1
+        if self._waiters:
+            self._wake(1)
+
+    async def assign(self, request: Request) -> Message:
+        """Send ``request`` as soon as a replica has room; return its reply message."""
+        while True:
+            slot = await self._wait_for_slot()
+            future = self.send(slot, request)
+            if future.done() and isinstance(future.exception(), TransportError):
+                continue  # never reached the replica: safe to send elsewhere
+            try:
+                return await future
+            except TransportError as exc:
+                raise ReplicaDiedError(
+                    f"replica {slot.info.replica_id} of deployment '{self.deployment}' died "
+                    f"while handling the request ({exc})"
+                ) from None
+
+    async def open_stream(self, request: Request) -> Stream:
+        """Start a streaming request; the slot stays busy until the stream ends."""
+        slot = await self._wait_for_slot()
+        stream = slot.client.stream(request)
+        slot.in_flight += 1
+        return _CountedStream(stream, functools.partial(self._finished, slot, None))
+
+    async def _wait_for_slot(self) -> _Slot:
+        self.activate()
+        while True:
+            if not self.exists:
+                raise UnavailableError(
+                    f"deployment '{self.deployment}' of application '{self.app}' was deleted"
+                )
+            slot = self.choose()
+            if slot is not None:
+                return slot
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(1)  # we were woken but leave: pass the turn on
+                raise
+
+    def _wake(self, count: int) -> None:
+        while count > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+
+    def _fail_waiters(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the waiter re-checks ``exists`` and raises
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+
+class _CountedStream:
+    """A stream that releases its replica slot exactly once when it ends or is closed."""
+
+    __slots__ = ("_release", "_stream")
+
+    def __init__(self, stream: Stream, release: Any) -> None:
+        self._stream = stream
+        self._release = release
+
+    async def next(self) -> Message:
+        try:
+            msg = await self._stream.next()
+        except BaseException:
+            self.close()
+            raise
+        if type(msg).__name__ != "StreamItem":
+            self.close()
+        return msg
+
+    def close(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            self._stream.close()
+            release()
+
+
+class RouterRegistry:
+    """The routers of one process, fed with replica sets by the controller."""
+
+    def __init__(self, connector: Connector, loop: asyncio.AbstractEventLoop) -> None:
+        self.connector = connector
+        self.loop = loop
+        self._routers: dict[tuple[str, str], Router] = {}
+
+    def apply(self, update: ReplicaSetUpdate) -> None:
+        key = (update.app, update.deployment)
+        router = self._routers.get(key)
+        if router is None:
+            if not update.exists:
+                return
+            router = self._routers[key] = Router(self, update.app, update.deployment)
+        router.apply(update)
+
+    def get(self, app: str, deployment: str) -> Router:
+        router = self._routers.get((app, deployment))
+        if router is None:
+            known = sorted(f"{a}/{d}" for (a, d), r in self._routers.items() if r.exists)
+            raise NotFoundError(
+                f"deployment '{deployment}' of application '{app}' does not exist; "
+                f"running deployments (app/deployment): {', '.join(known) or 'none'}"
+            )
+        return router

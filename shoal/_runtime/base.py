@@ -1,0 +1,111 @@
+"""The seam between shoal's core and a runtime.
+
+The core (API, controller, router, replica logic) never starts a process or
+opens a socket itself; it asks a :class:`Runtime` (control plane, used by the
+controller in the driver) and a :class:`Connector` (data plane, used by the
+routers of every process). ``docs/architecture.md`` maps each runtime onto
+these four protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from shoal._config import DeploymentConfig, HTTPOptions
+from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
+
+
+@dataclass
+class ReplicaSpec:
+    """Everything needed to construct one replica, in any process."""
+
+    app: str
+    deployment: str
+    replica_id: str
+    target: Any  # the user's class or function
+    init_args: tuple[Any, ...]
+    init_kwargs: dict[str, Any]
+    config: DeploymentConfig
+    is_ingress: bool = False
+    sys_path: list[str] = field(default_factory=list)
+    cwd: str = ""
+
+
+class Stream(Protocol):
+    """The receiving end of a streamed response."""
+
+    async def next(self) -> Message:
+        """The next StreamItem, then StreamEnd or Failure."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ReplicaClient(Protocol):
+    """How a router talks to one replica (data plane)."""
+
+    replica_id: str
+    closed: bool
+    close_callbacks: list[Callable[[Any], None]]
+
+    def call(self, request: Request) -> asyncio.Future[Message]:
+        """Send ``request``; resolves to Result or Failure. Cancelling it cancels the request."""
+        ...
+
+    def stream(self, request: Request) -> Stream: ...
+
+
+class Connector(Protocol):
+    """Turns a replica's address into a client, in whichever process holds handles."""
+
+    async def connect(self, info: ReplicaInfo) -> ReplicaClient: ...
+
+
+class ReplicaHandle(Protocol):
+    """The controller's grip on one running replica (control plane)."""
+
+    info: ReplicaInfo
+    pid: int | None
+
+    async def reconfigure(self, user_config: Any, timeout_s: float) -> None: ...
+
+    async def check_health(self, timeout_s: float) -> None: ...
+
+    async def stop(self, wait_loop_s: float, timeout_s: float) -> None:
+        """Drain ongoing requests (at most ``timeout_s``), then end the replica."""
+        ...
+
+    def kill(self) -> None: ...
+
+
+class Runtime(Protocol):
+    """Starts and stops replicas and the proxy, and tells every process about replica sets."""
+
+    connector: Connector
+    supports_http: bool
+
+    async def start(self, on_replica_died: Callable[[ReplicaHandle], None]) -> None: ...
+
+    async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:
+        """Construct a replica and return once it can take requests.
+
+        Raises DeploymentError (with the user's traceback) if its constructor fails.
+        """
+        ...
+
+    async def publish(self, update: ReplicaSetUpdate) -> None:
+        """Deliver ``update`` to every process holding routers; returns once all applied it."""
+        ...
+
+    async def start_proxy(self, options: HTTPOptions) -> tuple[str, int]:
+        """Start the HTTP proxy; returns the bound (host, port)."""
+        ...
+
+    async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
+        """Install the route table in the proxy; returns once it serves it."""
+        ...
+
+    async def shutdown(self, timeout_s: float) -> None: ...

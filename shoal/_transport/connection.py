@@ -1,0 +1,347 @@
+"""A framed, multiplexed connection between two shoal processes over a Unix socket.
+
+Guarantees:
+- every outgoing request gets a correlation id; its reply resolves exactly that
+  request's future, however replies interleave;
+- when the peer dies or the socket closes, every pending request and stream
+  fails at once with :class:`TransportError` (never a hang);
+- writes issued in one event-loop iteration are coalesced into one ``writev``;
+- servers accept only peers running as the same user (``SO_PEERCRED``), on top
+  of the socket directory's 0700 mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from shoal._errors import RequestTimeoutError, TransportError
+from shoal._transport.codec import HEADER, HEADER_SIZE, MAX_FRAME, decode, encode
+from shoal._transport.messages import (
+    Failure,
+    Message,
+    Result,
+    StreamCredit,
+    StreamEnd,
+    StreamItem,
+)
+
+MessageHandler = Callable[["Connection", int, Message], None]
+_INITIAL_BUFFER = 256 * 1024
+_REPLY = (Result, Failure)
+_STREAM = (StreamItem, StreamEnd, Failure)
+STREAM_WINDOW = 64
+
+
+class StreamReceiver:
+    """Receives the items of one stream; grants the producer credit as items are consumed."""
+
+    __slots__ = ("_conn", "_corr", "_end", "_items", "_unacked", "_waiter")
+
+    def __init__(self, conn: Connection, corr: int) -> None:
+        self._conn = conn
+        self._corr = corr
+        self._items: collections.deque[Message] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._end = False
+        self._unacked = 0
+
+    def push(self, msg: Message | BaseException) -> None:
+        self._items.append(msg)  # type: ignore[arg-type]
+        if not isinstance(msg, StreamItem):
+            self._end = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> Message:
+        """The next StreamItem, StreamEnd or Failure; raises TransportError if the peer died."""
+        while not self._items:
+            self._waiter = self._conn.loop.create_future()
+            await self._waiter
+        msg: Any = self._items.popleft()
+        if isinstance(msg, BaseException):
+            raise msg
+        if isinstance(msg, StreamItem):
+            self._unacked += 1
+            if self._unacked >= STREAM_WINDOW // 2:
+                self._conn.send(self._corr, StreamCredit(self._unacked))
+                self._unacked = 0
+        return msg  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._conn.pending.pop(self._corr, None)
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One end of a framed connection. ``on_message`` receives every non-reply message."""
+
+    def __init__(
+        self,
+        on_message: MessageHandler | None = None,
+        *,
+        name: str = "peer",
+        check_peer: bool = False,
+    ) -> None:
+        self.name = name
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[int, Any] = {}
+        self.closed = False
+        self.close_callbacks: list[Callable[[Connection], None]] = []
+        self._on_message = on_message
+        self._check_peer = check_peer
+        self._transport: asyncio.Transport | None = None
+        self._next_corr = 0
+        self._out: list[Any] = []
+        self._flush_scheduled = False
+        self._paused: asyncio.Future[None] | None = None
+        self._buf = bytearray(_INITIAL_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._frame: bytearray | None = None  # dedicated memory for a frame with buffers
+        self._frame_view: memoryview | None = None
+        self._frame_filled = 0
+        self._frame_corr = 0
+        self._frame_nbuf = 0
+
+    # --- sending -----------------------------------------------------------------
+
+    def send(self, corr: int, msg: Message) -> None:
+        """Queue ``msg``; raises SerializationError if it cannot be encoded."""
+        chunks = encode(corr, msg)
+        if self.closed:
+            return
+        self._out.extend(chunks)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self._transport is not None and not self.closed:
+            self._transport.writelines(out)
+
+    def call(self, msg: Message) -> asyncio.Future[Message]:
+        """Send a request; the future resolves to its Result or Failure message."""
+        corr = self._new_corr()
+        self.send(corr, msg)
+        future: asyncio.Future[Message] = self.loop.create_future()
+        if self.closed:
+            future.set_exception(self._lost_error())
+        else:
+            self.pending[corr] = future
+        return future
+
+    async def request(self, msg: Message, timeout_s: float) -> Message:
+        """Send a request and wait for its reply at most ``timeout_s`` seconds."""
+        future = self.call(msg)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"{type(msg).__name__} to {self.name} got no reply within {timeout_s:g} s"
+            ) from None
+
+    def open_stream(self, msg: Message) -> tuple[int, StreamReceiver]:
+        corr = self._new_corr()
+        self.send(corr, msg)
+        receiver = StreamReceiver(self, corr)
+        if self.closed:
+            receiver.push(self._lost_error())
+        else:
+            self.pending[corr] = receiver
+        return corr, receiver
+
+    def _new_corr(self) -> int:
+        self._next_corr += 1
+        return self._next_corr
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until the peer has read enough of what we wrote (write back-pressure)."""
+        if self._paused is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._paused), timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"{self.name} has not read its data for {timeout_s:g} s"
+            ) from None
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- asyncio protocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        if self._check_peer and not _same_user(transport):
+            transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        error = self._lost_error()
+        pending, self.pending = self.pending, {}
+        for waiter in pending.values():
+            if isinstance(waiter, StreamReceiver):
+                waiter.push(error)
+            elif not waiter.done():
+                waiter.set_exception(error)
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_result(None)
+        for callback in self.close_callbacks:
+            callback(self)
+
+    def _lost_error(self) -> TransportError:
+        return TransportError(f"connection to {self.name} was lost")
+
+    def pause_writing(self) -> None:
+        self._paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_result(None)
+        self._paused = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._frame_view is not None:
+            return self._frame_view[self._frame_filled :]
+        if self._end == len(self._buf):
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._frame_view is not None:
+            self._frame_filled += nbytes
+            if self._frame_filled == len(self._frame_view):
+                body, self._frame_view, self._frame = self._frame_view, None, None
+                self._dispatch(self._frame_corr, body, self._frame_nbuf)
+            return
+        self._end += nbytes
+        self._parse()
+
+    def _parse(self) -> None:
+        view = self._view
+        while self._end - self._start >= HEADER_SIZE:
+            body_len, corr, nbuf = HEADER.unpack_from(view, self._start)
+            if body_len > MAX_FRAME:
+                self._protocol_error(f"frame of {body_len} bytes")
+                return
+            body_start = self._start + HEADER_SIZE
+            total = HEADER_SIZE + body_len
+            if self._end - self._start < total:
+                if nbuf:
+                    self._begin_dedicated_frame(body_len, corr, nbuf, body_start)
+                elif total > len(self._buf):
+                    self._grow(total)
+                return
+            body = view[body_start : body_start + body_len]
+            if nbuf:  # out-of-band buffers must not alias our reusable buffer
+                body = memoryview(bytearray(body))
+            self._start += total
+            self._dispatch(corr, body, nbuf)
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _begin_dedicated_frame(self, body_len: int, corr: int, nbuf: int, body_start: int) -> None:
+        self._frame = bytearray(body_len)
+        self._frame_view = memoryview(self._frame)
+        have = self._end - body_start
+        self._frame_view[:have] = self._view[body_start : self._end]
+        self._frame_filled = have
+        self._frame_corr, self._frame_nbuf = corr, nbuf
+        self._start = self._end = 0
+
+    def _compact(self) -> None:
+        residual = bytes(self._view[self._start : self._end])
+        self._buf[: len(residual)] = residual
+        self._start, self._end = 0, len(residual)
+
+    def _grow(self, needed: int) -> None:
+        residual = bytes(self._view[self._start : self._end])
+        self._view.release()
+        self._buf = bytearray(max(needed, 2 * len(self._buf)))
+        self._view = memoryview(self._buf)
+        self._buf[: len(residual)] = residual
+        self._start, self._end = 0, len(residual)
+
+    def _dispatch(self, corr: int, body: memoryview, nbuf: int) -> None:
+        try:
+            msg = decode(body, nbuf)
+        except Exception as exc:
+            self._undecodable(corr, exc)
+            return
+        waiter = self.pending.get(corr)
+        if waiter is not None:
+            if type(waiter) is StreamReceiver:
+                if isinstance(msg, _STREAM):
+                    if not isinstance(msg, StreamItem):
+                        del self.pending[corr]
+                    waiter.push(msg)
+                    return
+            elif isinstance(msg, _REPLY):
+                del self.pending[corr]
+                if not waiter.done():
+                    waiter.set_result(msg)
+                return
+        if self._on_message is not None:
+            self._on_message(self, corr, msg)
+
+    def _undecodable(self, corr: int, exc: Exception) -> None:
+        error = TransportError(f"could not decode a message from {self.name}: {exc!r}")
+        waiter = self.pending.pop(corr, None)
+        if isinstance(waiter, StreamReceiver):
+            waiter.push(error)
+        elif waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        elif self._on_message is not None:
+            self.send(corr, Failure("SerializationError", str(error), "", None, "TransportError"))
+
+    def _protocol_error(self, what: str) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        self.connection_lost(TransportError(f"corrupt stream from {self.name}: {what}"))
+
+
+_PEERCRED = struct.Struct("3i")
+
+
+def _same_user(transport: asyncio.BaseTransport) -> bool:
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return True  # not a Linux Unix socket: rely on the directory permissions
+    _pid, uid, _gid = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    return bool(uid == os.getuid())
+
+
+async def serve_unix(path: str, on_message: MessageHandler, name: str) -> asyncio.AbstractServer:
+    """Listen on ``path`` (created 0600) for connections from same-user peers."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(
+        lambda: Connection(on_message, name=name, check_peer=True), path
+    )
+    os.chmod(path, 0o600)
+    return server
+
+
+async def connect_unix(
+    path: str, on_message: MessageHandler | None, name: str, timeout_s: float = 10.0
+) -> Connection:
+    """Connect to a shoal process listening on ``path``."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await asyncio.wait_for(
+            loop.create_unix_connection(lambda: Connection(on_message, name=name), path),
+            timeout_s,
+        )
+    except (OSError, TimeoutError) as exc:
+        raise TransportError(f"cannot connect to {name} at {path}: {exc!r}") from exc
+    return conn

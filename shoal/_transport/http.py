@@ -1,0 +1,57 @@
+"""HTTP requests and responses as they travel between the proxy and an ingress replica."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class HttpRequestData:
+    """One HTTP request, fully read by the proxy (ASGI scope fields plus the body)."""
+
+    method: str
+    scheme: str
+    path: str
+    root_path: str
+    query_string: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    client: tuple[str, int] | None
+    server: tuple[str, int] | None
+    http_version: str = "1.1"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (HttpRequestData, (
+            self.method, self.scheme, self.path, self.root_path, self.query_string,
+            self.headers, self.body, self.client, self.server, self.http_version,
+        ))  # fmt: skip
+
+    def scope(self) -> dict[str, Any]:
+        """The ASGI scope a Starlette ``Request`` is built from."""
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": self.http_version,
+            "method": self.method,
+            "scheme": self.scheme,
+            "path": self.path,
+            "raw_path": self.path.encode(),
+            "root_path": self.root_path,
+            "query_string": self.query_string,
+            "headers": self.headers,
+            "client": self.client,
+            "server": self.server,
+        }
+
+
+@dataclass(slots=True)
+class HttpResponseData:
+    """A complete HTTP response produced in a replica."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (HttpResponseData, (self.status, self.headers, self.body))

@@ -1,0 +1,176 @@
+"""Typed messages exchanged between shoal processes.
+
+Each message is a slotted dataclass. On the wire it travels as the tuple
+``(tag, *fields)`` (see :mod:`shoal._transport.codec`), which pickles several
+times faster than the dataclass itself. Replies are correlated with their
+request by the frame's correlation id, not by a field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
+from typing import Any, Callable, ClassVar, TypeVar
+
+_REGISTRY: dict[int, type[Message]] = {}
+_M = TypeVar("_M", bound="Message")
+
+
+class Message:
+    """Base of every wire message; subclasses are declared with :func:`message`."""
+
+    __slots__ = ()
+    tag: ClassVar[int]
+    _get: ClassVar[Any]
+    _arity: ClassVar[int]
+
+    def to_wire(self) -> tuple[Any, ...]:
+        cls = type(self)
+        if cls._arity == 0:
+            return (cls.tag,)
+        if cls._arity == 1:
+            return (cls.tag, cls._get(self))
+        return (cls.tag, *cls._get(self))
+
+
+def message(tag: int) -> Callable[[type[_M]], type[_M]]:
+    """Declare a slotted dataclass message with a unique wire ``tag``."""
+
+    def declare(cls: type[_M]) -> type[_M]:
+        cls = dataclass(slots=True)(cls)
+        if tag in _REGISTRY:
+            raise RuntimeError(f"message tag {tag} used twice")
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        cls.tag = tag
+        cls._arity = len(names)
+        cls._get = attrgetter(*names) if names else None
+        _REGISTRY[tag] = cls
+        return cls
+
+    return declare
+
+
+def from_wire(data: tuple[Any, ...]) -> Message:
+    """Rebuild a message from its wire tuple."""
+    return _REGISTRY[data[0]](*data[1:])
+
+
+# --- data plane: caller <-> replica -------------------------------------------------
+
+
+@message(1)
+class Request(Message):
+    """Call ``method`` on a replica. ``stream`` asks for StreamItem replies."""
+
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    request_id: str = ""
+    stream: bool = False
+    multiplexed_model_id: str = ""
+
+
+@message(2)
+class Result(Message):
+    """The successful return value of a request or a control operation."""
+
+    value: Any = None
+
+
+@message(3)
+class Failure(Message):
+    """A request failed. ``exception`` is the pickled exception when it could be pickled."""
+
+    type_name: str
+    message: str
+    traceback: str
+    exception: bytes | None = None
+    kind: str = "user"  # "user": raised by user code; otherwise a shoal error class name
+
+
+@message(4)
+class StreamItem(Message):
+    value: Any
+
+
+@message(5)
+class StreamEnd(Message):
+    pass
+
+
+@message(6)
+class StreamCredit(Message):
+    """The consumer of a stream may receive ``items`` more items (back-pressure)."""
+
+    items: int
+
+
+@message(7)
+class Cancel(Message):
+    """Cancel the request with the frame's correlation id."""
+
+
+# --- control plane: controller <-> worker processes ---------------------------------
+
+
+@message(20)
+class Hello(Message):
+    worker_id: str
+    pid: int
+
+
+@dataclass(slots=True)
+class ReplicaInfo:
+    """What a router needs to reach one replica."""
+
+    replica_id: str
+    address: str
+    max_ongoing_requests: int
+
+
+@message(21)
+class ReplicaSetUpdate(Message):
+    """The full replica set of one deployment; ``exists=False`` means it was deleted."""
+
+    app: str
+    deployment: str
+    replicas: list[ReplicaInfo]
+    exists: bool = True
+
+
+@message(22)
+class StartReplica(Message):
+    """Construct a replica. ``spec`` is the cloudpickled ReplicaSpec (controller-trusted)."""
+
+    spec: bytes
+
+
+@message(23)
+class Reconfigure(Message):
+    user_config: Any
+
+
+@message(24)
+class HealthCheck(Message):
+    pass
+
+
+@message(25)
+class StopReplica(Message):
+    """Stop taking requests, wait for ongoing ones up to ``timeout_s``, then exit."""
+
+    wait_loop_s: float
+    timeout_s: float
+
+
+@message(26)
+class StartProxy(Message):
+    http_options: dict[str, Any]
+
+
+@message(27)
+class RoutesUpdate(Message):
+    """Route prefix -> (app name, ingress deployment name)."""
+
+    routes: dict[str, tuple[str, str]] = field(default_factory=dict)
+
