@@ -1,0 +1,234 @@
+"""Entry point of a shoal worker process: one replica, or the HTTP proxy.
+
+``python -m shoal._runtime.process.worker INSTANCE_DIR WORKER_ID``
+
+The worker connects to the controller's socket, says hello, and obeys control
+messages. It exits on its own as soon as that connection closes (the driver
+died), so no worker outlives its driver. SIGINT is ignored: the driver
+coordinates shutdown on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import sys
+from typing import Any
+
+from shoal._api.context import set_default_registry
+from shoal._config import HTTPOptions
+from shoal._runtime.loop import new_event_loop
+from shoal._runtime.process.client import UnixConnector
+from shoal._router.router import RouterRegistry
+from shoal._transport.codec import SerializationError
+from shoal._transport.connection import STREAM_WINDOW, Connection, connect_unix, serve_unix
+from shoal._transport.failures import failure_from
+from shoal._transport.messages import (
+    Cancel,
+    HealthCheck,
+    Hello,
+    Message,
+    Reconfigure,
+    ReplicaSetUpdate,
+    Request,
+    Result,
+    RoutesUpdate,
+    StartProxy,
+    StartReplica,
+    StopReplica,
+    StreamCredit,
+    StreamItem,
+)
+
+logger = logging.getLogger("shoal.worker")
+
+
+class Worker:
+    """Holds this process's router registry and its replica or proxy."""
+
+    def __init__(self, instance_dir: str, worker_id: str) -> None:
+        self.instance_dir = instance_dir
+        self.worker_id = worker_id
+        self.loop = asyncio.get_running_loop()
+        self.registry = RouterRegistry(UnixConnector(), self.loop)
+        self.replica: Any = None
+        self.proxy: Any = None
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self._tasks: dict[tuple[int, int], asyncio.Task[Any]] = {}
+        self._credits: dict[tuple[int, int], _Credit] = {}
+        self._data_server: asyncio.AbstractServer | None = None
+        set_default_registry(self.registry)
+
+    async def run(self) -> None:
+        path = os.path.join(self.instance_dir, "controller.sock")
+        control = await connect_unix(path, self._on_control, "controller")
+        control.close_callbacks.append(lambda _conn: self._driver_gone())
+        control.send(0, Hello(self.worker_id, os.getpid()))
+        await self.done
+
+    def _driver_gone(self) -> None:
+        # The driver died or dropped us: leave now, without waiting for user code.
+        os._exit(0)
+
+    # --- control plane -------------------------------------------------------------
+
+    def _on_control(self, conn: Connection, corr: int, msg: Message) -> None:
+        if type(msg) is ReplicaSetUpdate:
+            self.registry.apply(msg)
+            conn.send(corr, Result())
+        elif type(msg) is RoutesUpdate:
+            self.proxy.set_routes(msg.routes)
+            conn.send(corr, Result())
+        else:
+            self.loop.create_task(self._control(conn, corr, msg))
+
+    async def _control(self, conn: Connection, corr: int, msg: Message) -> None:
+        try:
+            value = await self._handle_control(msg)
+            reply: Message = Result(value)
+        except Exception as exc:
+            reply = failure_from(exc)
+        conn.send(corr, reply)
+        if type(msg) is StopReplica:
+            self.loop.call_later(0.01, self._exit)
+
+    async def _handle_control(self, msg: Message) -> Any:
+        kind = type(msg)
+        if kind is HealthCheck:
+            if self.replica is not None:
+                await self.replica.check_health()
+            return None
+        if kind is StartReplica:
+            return await self._start_replica(msg.spec)  # type: ignore[attr-defined]
+        if kind is Reconfigure:
+            await self.replica.reconfigure(msg.user_config)  # type: ignore[attr-defined]
+            return None
+        if kind is StopReplica:
+            await self._stop(msg)  # type: ignore[arg-type]
+            return None
+        if kind is StartProxy:
+            from shoal._proxy.proxy import Proxy
+
+            options = HTTPOptions(**msg.http_options)  # type: ignore[attr-defined]
+            self.proxy = Proxy(self.registry, options)
+            return await self.proxy.serve()
+        raise TypeError(f"unexpected control message {kind.__name__}")
+
+    async def _start_replica(self, blob: bytes) -> str:
+        spec = pickle.loads(blob)
+        sys.path[:] = spec.sys_path
+        if spec.cwd:
+            os.chdir(spec.cwd)
+        from shoal._replica.replica import Replica
+
+        replica = Replica(spec)
+        await replica.initialize()
+        self.replica = replica
+        address = os.path.join(self.instance_dir, f"{self.worker_id}.sock")
+        self._data_server = await serve_unix(address, self._on_request, spec.replica_id)
+        return address
+
+    async def _stop(self, msg: StopReplica) -> None:
+        if self.replica is not None:
+            await self.replica.drain(msg.timeout_s)
+            await self.replica.close()
+        if self.proxy is not None:
+            await self.proxy.stop(msg.timeout_s)
+
+    def _exit(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # --- data plane ----------------------------------------------------------------
+
+    def _on_request(self, conn: Connection, corr: int, msg: Message) -> None:
+        kind = type(msg)
+        key = (id(conn), corr)
+        if kind is Request:
+            run = self._stream if msg.stream else self._call  # type: ignore[attr-defined]
+            task = self.loop.create_task(
+                run(conn, corr, msg),  # type: ignore[arg-type]
+                context=self.replica.task_context(),
+            )
+            self._tasks[key] = task
+        elif kind is Cancel:
+            task = self._tasks.get(key)
+            if task is not None:
+                task.cancel()
+        elif kind is StreamCredit:
+            credit = self._credits.get(key)
+            if credit is not None:
+                credit.grant(msg.items)  # type: ignore[attr-defined]
+
+    async def _call(self, conn: Connection, corr: int, request: Request) -> None:
+        try:
+            reply = await self.replica.handle(request)
+            _send_reply(conn, corr, reply)
+        finally:
+            self._tasks.pop((id(conn), corr), None)
+
+    async def _stream(self, conn: Connection, corr: int, request: Request) -> None:
+        key = (id(conn), corr)
+        credit = self._credits[key] = _Credit(STREAM_WINDOW)
+        stream = self.replica.handle_stream(request)
+        try:
+            async for reply in stream:
+                if type(reply) is StreamItem:
+                    await credit.take()
+                _send_reply(conn, corr, reply)
+                if conn.closed:
+                    break
+        finally:
+            await stream.aclose()
+            self._credits.pop(key, None)
+            self._tasks.pop(key, None)
+
+
+def _send_reply(conn: Connection, corr: int, reply: Message) -> None:
+    try:
+        conn.send(corr, reply)
+    except SerializationError as exc:
+        conn.send(corr, failure_from(exc))
+
+
+class _Credit:
+    """How many more stream items the consumer accepts (back-pressure)."""
+
+    def __init__(self, initial: int) -> None:
+        self._available = initial
+        self._event = asyncio.Event()
+
+    def grant(self, items: int) -> None:
+        self._available += items
+        self._event.set()
+
+    async def take(self) -> None:
+        while self._available <= 0:
+            self._event.clear()
+            await self._event.wait()
+        self._available -= 1
+
+
+def main() -> None:
+    instance_dir, worker_id = sys.argv[1], sys.argv[2]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format=f"(shoal {worker_id}) %(levelname)s %(name)s: %(message)s")
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def run() -> None:
+        await Worker(instance_dir, worker_id).run()
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(0)  # do not wait for the replica's threads: it has been drained
+
+
+if __name__ == "__main__":
+    main()
