@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -49,32 +48,37 @@ def build_app(
             f"serve.run() takes an application built with Deployment.bind(), got {app!r}"
         )
     specs: dict[str, DeploymentSpec] = {}
-    owners: dict[str, Application] = {}
-    pending = [app]
-    while pending:
-        node = pending.pop()
-        dep_name = node.deployment.name
-        if dep_name in owners:
-            if owners[dep_name] is not node:
-                raise ConfigError(
-                    f"application '{name}' binds two different deployments named '{dep_name}'; "
-                    f"give one a distinct name with .options(name=...)"
-                )
-            continue
-        owners[dep_name] = node
+    names: dict[int, str] = {}  # id(bound node) -> its unique deployment name
+    nodes: list[Application] = []
 
-        def to_handle(child: Application) -> DeploymentHandle:
-            pending.append(child)
-            return DeploymentHandle(child.deployment.name, name, registry=registry)
+    def name_of(node: Application) -> str:
+        if id(node) not in names:
+            # Like Ray Serve: a second, different binding of a name becomes name_1, name_2...
+            base, taken = node.deployment.name, set(names.values())
+            unique = base if base not in taken else next(
+                f"{base}_{i}" for i in range(1, len(taken) + 2) if f"{base}_{i}" not in taken
+            )
+            names[id(node)] = unique
+            nodes.append(node)
+        return names[id(node)]
 
+    def to_handle(child: Application) -> DeploymentHandle:
+        return DeploymentHandle(name_of(child), name, registry=registry)
+
+    name_of(app)
+    position = 0
+    while position < len(nodes):
+        node = nodes[position]
+        position += 1
         args = _substitute(node.args, to_handle, set())
         kwargs = _substitute(node.kwargs, to_handle, set())
         config = node.deployment.config
+        dep_name = names[id(node)]
         specs[dep_name] = DeploymentSpec(
             dep_name, node.deployment.func_or_class, args, kwargs, config,
             _code_version(node.deployment.func_or_class, args, kwargs, config),
         )  # fmt: skip
-    return AppSpec(name, route_prefix, app.deployment.name, specs)
+    return AppSpec(name, route_prefix, names[id(app)], specs)
 
 
 def _substitute(obj: Any, to_handle: Any, seen: set[int]) -> Any:
@@ -127,7 +131,3 @@ def _code_version(target: Any, args: Any, kwargs: Any, config: DeploymentConfig)
     except Exception:
         return f"unhashable:{uuid.uuid4().hex}"  # cannot compare: always replace
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
-
-
-def is_dataclass_instance(obj: Any) -> bool:
-    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -137,7 +135,7 @@ class DeploymentState:
         replica_id = f"{self.app}#{spec.name}#{uuid.uuid4().hex[:6]}"
         replica_spec = ReplicaSpec(
             self.app, spec.name, replica_id, spec.target, spec.init_args, spec.init_kwargs,
-            spec.config, self.is_ingress, list(sys.path), os.getcwd(),
+            spec.config, self.is_ingress,
         )  # fmt: skip
         handle = await self._runtime.start_replica(replica_spec)
         record = ReplicaRecord(handle, spec.code_version)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shoal._config import DeploymentConfig, HTTPOptions
@@ -30,8 +30,6 @@ class ReplicaSpec:
     init_kwargs: dict[str, Any]
     config: DeploymentConfig
     is_ingress: bool = False
-    sys_path: list[str] = field(default_factory=list)
-    cwd: str = ""
 
 
 class Stream(Protocol):
@@ -109,3 +107,13 @@ class Runtime(Protocol):
         ...
 
     async def shutdown(self, timeout_s: float) -> None: ...
+
+
+def constructor_failed(deployment: str, exc: BaseException, traceback_text: str) -> Exception:
+    """The DeploymentError both runtimes raise when a user constructor fails."""
+    from shoal._errors import DeploymentError
+
+    return DeploymentError(
+        f"the constructor of deployment '{deployment}' raised {type(exc).__name__}: {exc}\n\n"
+        f"{traceback_text.strip()}"
+    )

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from shoal._config import HTTPOptions
-from shoal._errors import DeploymentError, NotFoundError, TransportError
+from shoal._errors import NotFoundError, TransportError
 from shoal._replica.replica import Replica
-from shoal._runtime.base import ReplicaHandle, ReplicaSpec
+from shoal._runtime.base import ReplicaHandle, ReplicaSpec, constructor_failed
 from shoal._transport.failures import failure_from
 from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
 
@@ -110,11 +110,7 @@ class InProcessRuntime:
         try:
             await replica.initialize()
         except Exception as exc:
-            failure = failure_from(exc)
-            raise DeploymentError(
-                f"the constructor of deployment '{spec.deployment}' raised "
-                f"{type(exc).__name__}: {exc}\n\n{failure.traceback}"
-            ) from exc
+            raise constructor_failed(spec.deployment, exc, failure_from(exc).traceback) from exc
         local = _LocalReplica(replica, self)
         self._replicas[spec.replica_id] = local
         return local

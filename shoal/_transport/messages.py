@@ -140,9 +140,15 @@ class ReplicaSetUpdate(Message):
 
 @message(22)
 class StartReplica(Message):
-    """Construct a replica. ``spec`` is the cloudpickled ReplicaSpec (controller-trusted)."""
+    """Construct a replica. ``spec`` is the cloudpickled ReplicaSpec (controller-trusted).
+
+    ``sys_path`` and ``cwd`` are the driver's, applied before ``spec`` is unpickled so
+    that user modules (a test module, the app's package) import as in the driver.
+    """
 
     spec: bytes
+    sys_path: list[str]
+    cwd: str
 
 
 @message(23)

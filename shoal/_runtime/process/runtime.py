@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from shoal._config import HTTPOptions
-from shoal._errors import DeploymentError, RequestTimeoutError, ShoalError, TransportError
-from shoal._runtime.base import ReplicaHandle, ReplicaSpec
+from shoal._errors import RequestTimeoutError, ShoalError, TransportError
+from shoal._runtime.base import ReplicaHandle, ReplicaSpec, constructor_failed
 from shoal._runtime.process.client import UnixConnector
 from shoal._transport.connection import Connection, serve_unix
 from shoal._transport.failures import exception_from
@@ -167,16 +167,15 @@ class ProcessRuntime:
         worker = await self._spawn("replica")
         try:
             blob = cloudpickle.dumps(spec)
-            address = await worker.request(StartReplica(blob), _SPAWN_TIMEOUT_S * 10)
+            start = StartReplica(blob, list(sys.path), os.getcwd())
+            address = await worker.request(start, _SPAWN_TIMEOUT_S * 10)
         except BaseException as exc:
             worker.stopping = True
             worker.process.kill()
             if isinstance(exc, TransportError | RequestTimeoutError | asyncio.CancelledError):
                 raise
-            raise DeploymentError(
-                f"the constructor of deployment '{spec.deployment}' raised "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            notes = "".join(getattr(exc, "__notes__", []))
+            raise constructor_failed(spec.deployment, exc, notes) from exc
         info = ReplicaInfo(spec.replica_id, address, spec.config.max_ongoing_requests)
         replica = self._replicas[spec.replica_id] = _ProcessReplica(worker, info)
         return replica

@@ -102,7 +102,7 @@ class Worker:
                 await self.replica.check_health()
             return None
         if kind is StartReplica:
-            return await self._start_replica(msg.spec)  # type: ignore[attr-defined]
+            return await self._start_replica(msg)  # type: ignore[arg-type]
         if kind is Reconfigure:
             await self.replica.reconfigure(msg.user_config)  # type: ignore[attr-defined]
             return None
@@ -117,11 +117,11 @@ class Worker:
             return await self.proxy.serve()
         raise TypeError(f"unexpected control message {kind.__name__}")
 
-    async def _start_replica(self, blob: bytes) -> str:
-        spec = pickle.loads(blob)
-        sys.path[:] = spec.sys_path
-        if spec.cwd:
-            os.chdir(spec.cwd)
+    async def _start_replica(self, msg: StartReplica) -> str:
+        sys.path[:] = msg.sys_path
+        if msg.cwd:
+            os.chdir(msg.cwd)
+        spec = pickle.loads(msg.spec)
         from shoal._replica.replica import Replica
 
         replica = Replica(spec)

@@ -1,0 +1,65 @@
+"""Shared fixtures: a free port, a running multi-process shoal, and a runtime switch.
+
+Tests that only use handles take the ``deploy`` fixture and run against both
+runtimes (in-process and multi-process). Every application a test deploys is
+deleted afterwards; the multi-process instance is shut down at session end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shoal import serve
+
+_names = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def http_port() -> Iterator[int]:
+    """Port of the HTTP proxy of the session's multi-process shoal (started lazily)."""
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+@pytest.fixture
+def base_url(http_port: int) -> str:
+    return f"http://127.0.0.1:{http_port}"
+
+
+Deploy = Callable[..., Any]
+
+
+@pytest.fixture(params=["inprocess", "process"])
+def deploy(request: pytest.FixtureRequest) -> Iterator[Deploy]:
+    """``deploy(app, **run_kwargs)``: serve.run on the parametrized runtime, cleaned up after."""
+    local = request.param == "inprocess"
+    if not local:
+        request.getfixturevalue("http_port")
+    names: list[str] = []
+
+    def run(app: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("name", f"t{os.getpid()}-{next(_names)}")
+        kwargs.setdefault("route_prefix", None)
+        names.append(kwargs["name"])
+        return serve.run(app, _local_testing_mode=local, **kwargs)
+
+    yield run
+    for name in names:
+        try:
+            serve.delete(name)
+        except serve.NotFoundError:
+            pass
