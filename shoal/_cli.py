@@ -35,7 +35,9 @@ def _load(target: str) -> Any:
 
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
-        raise SystemExit(f"shoal run: expected MODULE:ATTRIBUTE (e.g. examples.pipeline:app), got {target!r}")
+        raise SystemExit(
+            f"shoal run: expected MODULE:ATTRIBUTE (e.g. examples.pipeline:app), got {target!r}"
+        )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -45,7 +47,9 @@ def _load(target: str) -> Any:
     try:
         app = getattr(module, attribute)
     except AttributeError:
-        raise SystemExit(f"shoal run: module {module_name!r} has no attribute {attribute!r}") from None
+        raise SystemExit(
+            f"shoal run: module {module_name!r} has no attribute {attribute!r}"
+        ) from None
     if not isinstance(app, Application) and callable(app):
         app = app()
     if not isinstance(app, Application):

@@ -147,17 +147,41 @@ def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
 
 
 def _describe(exc: ValidationError, options: dict[str, Any], what: str) -> str:
-    lines = []
+    model = _MODELS.get(exc.title, DeploymentConfig)
+    grouped: dict[str, list[str]] = {}
+    values: dict[str, Any] = {}
     for error in exc.errors():
-        loc = ".".join(str(part) for part in error["loc"])
+        path = _field_path(model, error["loc"])
         if error["type"] == "extra_forbidden":
-            known = ", ".join(sorted(_fields_at(exc.title, error["loc"])))
-            lines.append(f"unknown option {loc!r} for {what}; valid options: {known}")
-        elif loc:
-            lines.append(f"invalid {loc}={error['input']!r} for {what}: {error['msg']}")
+            known = ", ".join(sorted(_fields_at(model, error["loc"])))
+            grouped.setdefault(f"unknown option {'.'.join(map(str, error['loc']))!r} for {what}; "
+                               f"valid options: {known}", [])  # fmt: skip
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        grouped.setdefault(path, []).append(message)
+        values.setdefault(path, error["input"])
+    lines = []
+    for path, messages in grouped.items():
+        if not messages:
+            lines.append(path)
+        elif path:
+            lines.append(f"invalid {path}={values[path]!r} for {what}: {' or '.join(messages)}")
         else:
-            lines.append(f"invalid options for {what}: {error['msg'].removeprefix('Value error, ')}")
+            lines.append(f"invalid options for {what}: {' or '.join(messages)}")
     return "; ".join(lines)
+
+
+def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """The dotted option name in ``loc``, without pydantic's union-member tags."""
+    parts = []
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None or str(part) not in current.model_fields:
+            break
+        parts.append(str(part))
+        annotation = current.model_fields[str(part)].annotation
+        current = next((m for m in _MODELS.values() if m.__name__ in str(annotation)), None)
+    return ".".join(parts)
 
 
 _MODELS: dict[str, type[BaseModel]] = {
@@ -168,13 +192,9 @@ _MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-def _fields_at(title: str, loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = _MODELS.get(title, DeploymentConfig)
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        candidates = [m for m in _MODELS.values() if m is annotation or m.__name__ in str(annotation)]
-        if not candidates:
-            break
-        model = candidates[0]
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    path = _field_path(model, loc[:-1])
+    for part in path.split(".") if path else []:
+        annotation = model.model_fields[part].annotation
+        model = next((m for m in _MODELS.values() if m.__name__ in str(annotation)), model)
     return list(model.model_fields)

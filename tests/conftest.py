@@ -7,6 +7,7 @@ deleted afterwards; the multi-process instance is shut down at session end.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -59,7 +60,5 @@ def deploy(request: pytest.FixtureRequest) -> Iterator[Deploy]:
 
     yield run
     for name in names:
-        try:
+        with contextlib.suppress(serve.NotFoundError):
             serve.delete(name)
-        except serve.NotFoundError:
-            pass

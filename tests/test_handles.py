@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import Deploy
+
 from shoal import serve
 
 
@@ -89,7 +89,9 @@ def test_class_and_function_deployments(deploy: Deploy) -> None:
 
 def test_bound_deployments_nested_anywhere_arrive_as_handles(deploy: Deploy) -> None:
     models = Models(double.bind(), {"second": Adder.bind(1)})
-    app = Composer.bind(models, [Adder.options(name="Plus100").bind(100)], PlainHolder(double.bind()))
+    app = Composer.bind(
+        models, [Adder.options(name="Plus100").bind(100)], PlainHolder(double.bind())
+    )
     handle = deploy(app)
     assert handle.remote(3).result(timeout_s=30) == [6, 4, 103, 6]
     assert handle.chained.remote(3).result(timeout_s=30) == 8

@@ -39,8 +39,10 @@ class RequestContext:
 replica_context: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
     "shoal_replica_context", default=None
 )
+_NO_REQUEST = RequestContext()
 request_context: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
-    "shoal_request_context", default=RequestContext()
+    "shoal_request_context",
+    default=_NO_REQUEST,
 )
 
 

@@ -55,8 +55,12 @@ def build_app(
         if id(node) not in names:
             # Like Ray Serve: a second, different binding of a name becomes name_1, name_2...
             base, taken = node.deployment.name, set(names.values())
-            unique = base if base not in taken else next(
-                f"{base}_{i}" for i in range(1, len(taken) + 2) if f"{base}_{i}" not in taken
+            unique = (
+                base
+                if base not in taken
+                else next(
+                    f"{base}_{i}" for i in range(1, len(taken) + 2) if f"{base}_{i}" not in taken
+                )
             )
             names[id(node)] = unique
             nodes.append(node)

@@ -65,7 +65,9 @@ class DeploymentHandle:
             self._app,
             method_name=self._method if method_name is _UNSET else method_name,
             stream=self._stream if stream is _UNSET else bool(stream),
-            multiplexed_model_id=self._mux if multiplexed_model_id is _UNSET else multiplexed_model_id,
+            multiplexed_model_id=self._mux
+            if multiplexed_model_id is _UNSET
+            else multiplexed_model_id,
             registry=self._registry,
         )
 
@@ -75,7 +77,10 @@ class DeploymentHandle:
         return self.options(method_name=name)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_handle, (self._deployment, self._app, self._method, self._stream, self._mux))
+        return (
+            _rebuild_handle,
+            (self._deployment, self._app, self._method, self._stream, self._mux),
+        )
 
     def __repr__(self) -> str:
         return f"DeploymentHandle(deployment={self._deployment!r}, app={self._app!r})"
@@ -124,7 +129,9 @@ def _has_responses(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     for arg in args:
         if isinstance(arg, DeploymentResponse):
             return True
-    return any(isinstance(value, DeploymentResponse) for value in kwargs.values()) if kwargs else False
+    return (
+        any(isinstance(value, DeploymentResponse) for value in kwargs.values()) if kwargs else False
+    )
 
 
 async def _assign(router: Router, request: Request) -> Message:
@@ -205,9 +212,9 @@ class DeploymentResponse:
     def cancel(self) -> None:
         """Cancel the request (the replica's task is cancelled if it started)."""
         inner = self._inner
-        if isinstance(inner, concurrent.futures.Future):
-            inner.cancel()
-        elif _in_event_loop() and asyncio.get_running_loop() is self._loop:
+        if isinstance(inner, concurrent.futures.Future) or (
+            _in_event_loop() and asyncio.get_running_loop() is self._loop
+        ):
             inner.cancel()
         else:
             self._loop.call_soon_threadsafe(inner.cancel)

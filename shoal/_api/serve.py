@@ -13,8 +13,12 @@ import logging
 import threading
 from typing import Any
 
-from shoal._api.context import ReplicaContext, default_registry, replica_context
-from shoal._api.context import set_default_registry
+from shoal._api.context import (
+    ReplicaContext,
+    default_registry,
+    replica_context,
+    set_default_registry,
+)
 from shoal._api.deployment import Application
 from shoal._api.graph import build_app
 from shoal._api.handle import DeploymentHandle
@@ -84,8 +88,9 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None, **_ignored: 
         instance = _instances.get("process")
         if instance is not None:
             if options != instance.http:
-                logger.warning("shoal is already running with HTTP %s; ignoring new options",
-                               instance.http)
+                logger.warning(
+                    "shoal is already running with HTTP %s; ignoring new options", instance.http
+                )
             return
         _instances["process"] = _Instance("process", options)
         set_default_registry(_instances["process"].registry)
@@ -94,7 +99,8 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None, **_ignored: 
 def _http_options(value: dict[str, Any] | HTTPOptions | None) -> HTTPOptions:
     if isinstance(value, HTTPOptions):
         return value
-    return validate(HTTPOptions, dict(value or {}), "http_options")  # type: ignore[no-any-return]
+    options: HTTPOptions = validate(HTTPOptions, dict(value or {}), "http_options")
+    return options
 
 
 def _instance(local: bool) -> _Instance:
@@ -126,7 +132,9 @@ def run(
     is then DEPLOY_FAILED and nothing of it is left running).
     """
     if not isinstance(target, Application):
-        raise ConfigError(f"serve.run() takes an application from Deployment.bind(), got {target!r}")
+        raise ConfigError(
+            f"serve.run() takes an application from Deployment.bind(), got {target!r}"
+        )
     if not name:
         raise ConfigError("application name must be a non-empty string")
     instance = _instance(_local_testing_mode)
@@ -205,9 +213,10 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
     if app_name is None:
         context = replica_context.get()
         app_name = context.app_name if context is not None else _only_app()
-    registry = next(
-        (i.registry for i in _running() if app_name in i.controller.apps), None
-    ) or _registry_or_none()
+    registry = (
+        next((i.registry for i in _running() if app_name in i.controller.apps), None)
+        or _registry_or_none()
+    )
     if registry is None:
         raise NotRunningError("shoal is not running: call serve.run() first")
     registry.get(app_name, deployment_name)  # raises NotFoundError with what exists

@@ -89,9 +89,7 @@ class Controller:
         if spec.route_prefix is None:
             return
         if not spec.route_prefix.startswith("/"):
-            raise RouteConflictError(
-                f"route_prefix must start with '/', got {spec.route_prefix!r}"
-            )
+            raise RouteConflictError(f"route_prefix must start with '/', got {spec.route_prefix!r}")
         for other in self.apps.values():
             if other.spec.name != spec.name and other.spec.route_prefix == spec.route_prefix:
                 raise RouteConflictError(
@@ -102,7 +100,7 @@ class Controller:
     async def _deploy_deployments(self, app: _App, previous: AppSpec | None) -> None:
         spec = app.spec
         removed = [d for name, d in app.deployments.items() if name not in spec.deployments]
-        for name, dep_spec in spec.deployments.items():
+        for name in spec.deployments:
             state = app.deployments.get(name)
             if state is None:
                 state = app.deployments[name] = DeploymentState(
@@ -118,8 +116,10 @@ class Controller:
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            raise errors[0] if isinstance(errors[0], DeploymentError) else DeploymentError(
-                f"deploying application '{spec.name}' failed: {errors[0]!r}"
+            raise (
+                errors[0]
+                if isinstance(errors[0], DeploymentError)
+                else DeploymentError(f"deploying application '{spec.name}' failed: {errors[0]!r}")
             )
         for state in removed:
             await state.delete()

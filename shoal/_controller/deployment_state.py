@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal._api.graph import DeploymentSpec
-from shoal._controller.status import DeploymentStatus, DeploymentStatusOverview, ReplicaState
-from shoal._controller.status import ReplicaStatus
+from shoal._controller.status import (
+    DeploymentStatus,
+    DeploymentStatusOverview,
+    ReplicaState,
+    ReplicaStatus,
+)
 from shoal._errors import DeploymentError, ShoalError
 from shoal._runtime.base import ReplicaHandle, ReplicaSpec, Runtime
 from shoal._transport.messages import ReplicaSetUpdate
@@ -156,7 +160,9 @@ class DeploymentState:
         config = self.spec.config
         await asyncio.gather(
             *(
-                r.handle.stop(config.graceful_shutdown_wait_loop_s, config.graceful_shutdown_timeout_s)
+                r.handle.stop(
+                    config.graceful_shutdown_wait_loop_s, config.graceful_shutdown_timeout_s
+                )
                 for r in records
             ),
             return_exceptions=True,

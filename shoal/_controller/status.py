@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class ApplicationStatus(str, Enum):
+class ApplicationStatus(StrEnum):
     NOT_STARTED = "NOT_STARTED"
     DEPLOYING = "DEPLOYING"
     DEPLOY_FAILED = "DEPLOY_FAILED"
@@ -14,11 +14,8 @@ class ApplicationStatus(str, Enum):
     UNHEALTHY = "UNHEALTHY"
     DELETING = "DELETING"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class DeploymentStatus(str, Enum):
+class DeploymentStatus(StrEnum):
     UPDATING = "UPDATING"
     HEALTHY = "HEALTHY"
     UNHEALTHY = "UNHEALTHY"
@@ -26,18 +23,12 @@ class DeploymentStatus(str, Enum):
     UPSCALING = "UPSCALING"
     DOWNSCALING = "DOWNSCALING"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ReplicaState(str, Enum):
+class ReplicaState(StrEnum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     RECOVERING = "RECOVERING"
     STOPPING = "STOPPING"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,9 @@ def _response(status: int, text: str) -> HttpResponseData:
     return HttpResponseData(status, [_TEXT, (b"content-length", str(len(body)).encode())], body)
 
 
-async def _reply(send: Any, status: int, text: str, content_type: tuple[bytes, bytes] = _TEXT) -> None:
+async def _reply(
+    send: Any, status: int, text: str, content_type: tuple[bytes, bytes] = _TEXT
+) -> None:
     body = text.encode()
     headers = [content_type, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})

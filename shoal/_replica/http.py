@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 from starlette.requests import Request
@@ -70,7 +71,7 @@ def _jsonable(value: Any) -> Any:
         return value.tolist()
     from fastapi.encoders import jsonable_encoder  # lazily: only for unusual return types
 
-    custom = {type(None): lambda _: None}
+    custom: dict[Any, Any] = {type(None): lambda _: None}
     try:
         import numpy
 
@@ -88,7 +89,7 @@ async def _run_asgi_response(response: Response) -> HttpResponseData:
     async def receive() -> dict[str, Any]:
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         nonlocal status, headers
         if message["type"] == "http.response.start":
             status = message["status"]

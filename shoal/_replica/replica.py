@@ -112,7 +112,7 @@ class Replica:
             self._idle.set()
 
     async def handle(self, request: Request) -> Message:
-        """Run one request; returns Result or Failure. Call in a task made with :meth:`task_context`."""
+        """Run one request; returns Result or Failure. Run it in a task made by task_context()."""
         self._enter(request)
         try:
             return Result(await self._invoke(request))
@@ -144,7 +144,9 @@ class Replica:
             f"method '{request.method}' is a {kind}: call it with handle.options(stream=True)"
         )
 
-    async def _invoke_http(self, method: Callable[..., Any], kind: str, data: HttpRequestData) -> Any:
+    async def _invoke_http(
+        self, method: Callable[..., Any], kind: str, data: HttpRequestData
+    ) -> Any:
         from shoal._replica import http
 
         request = http.build_request(data)
@@ -250,4 +252,4 @@ class _FunctionDeployment:
 
     def __init__(self, function: Callable[..., Any]) -> None:
         self._function = function
-        self.__call__ = function  # type: ignore[method-assign]
+        self.__call__ = function

@@ -45,9 +45,14 @@ class Stream(Protocol):
 class ReplicaClient(Protocol):
     """How a router talks to one replica (data plane)."""
 
-    replica_id: str
-    closed: bool
-    close_callbacks: list[Callable[[Any], None]]
+    @property
+    def replica_id(self) -> str: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def close_callbacks(self) -> list[Callable[[Any], None]]: ...
 
     def call(self, request: Request) -> asyncio.Future[Message]:
         """Send ``request``; resolves to Result or Failure. Cancelling it cancels the request."""

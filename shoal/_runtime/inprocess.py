@@ -79,9 +79,7 @@ class _LocalStream:
         self._context = context
 
     async def next(self) -> Message:
-        task = asyncio.get_running_loop().create_task(
-            _anext(self._iterator), context=self._context
-        )
+        task = asyncio.get_running_loop().create_task(_anext(self._iterator), context=self._context)
         return await task
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -57,10 +58,8 @@ class LoopThread:
 
         if self.loop.is_closed():
             return
-        try:
+        with contextlib.suppress(Exception):  # best effort: we are stopping anyway
             self.run(cancel_all(), timeout_s + 1)
-        except Exception:  # noqa: S110 - best effort: we are stopping anyway
-            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout_s)
         if not self._thread.is_alive():

@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from shoal._errors import RequestTimeoutError, TransportError
 from shoal._transport.codec import HEADER, HEADER_SIZE, MAX_FRAME, decode, encode
@@ -46,13 +46,13 @@ class StreamReceiver:
     def __init__(self, conn: Connection, corr: int) -> None:
         self._conn = conn
         self._corr = corr
-        self._items: collections.deque[Message] = collections.deque()
+        self._items: collections.deque[Message | BaseException] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._end = False
         self._unacked = 0
 
     def push(self, msg: Message | BaseException) -> None:
-        self._items.append(msg)  # type: ignore[arg-type]
+        self._items.append(msg)
         if not isinstance(msg, StreamItem):
             self._end = True
         if self._waiter is not None and not self._waiter.done():
@@ -71,7 +71,7 @@ class StreamReceiver:
             if self._unacked >= STREAM_WINDOW // 2:
                 self._conn.send(self._corr, StreamCredit(self._unacked))
                 self._unacked = 0
-        return msg  # type: ignore[no-any-return]
+        return msg
 
     def close(self) -> None:
         self._conn.pending.pop(self._corr, None)
@@ -180,9 +180,9 @@ class Connection(asyncio.BufferedProtocol):
     # --- asyncio protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if self._check_peer and not _same_user(transport):
-            transport.abort()
+            self._transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -8,9 +8,10 @@ request by the frame's correlation id, not by a field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 _REGISTRY: dict[int, type[Message]] = {}
 _M = TypeVar("_M", bound="Message")
@@ -33,6 +34,7 @@ class Message:
         return (cls.tag, *cls._get(self))
 
 
+@dataclass_transform()
 def message(tag: int) -> Callable[[type[_M]], type[_M]]:
     """Declare a slotted dataclass message with a unique wire ``tag``."""
 
@@ -179,4 +181,3 @@ class RoutesUpdate(Message):
     """Route prefix -> (app name, ingress deployment name)."""
 
     routes: dict[str, tuple[str, str]] = field(default_factory=dict)
-

@@ -137,7 +137,7 @@ class ProcessRuntime:
             close_fds=True,
         )
         worker = self._workers[worker_id] = _WorkerProcess(worker_id, process)
-        exited = loop.run_in_executor(None, process.wait)
+        exited: asyncio.Future[Any] = loop.run_in_executor(None, process.wait)
         done, _ = await asyncio.wait({hello, exited}, timeout=_SPAWN_TIMEOUT_S,
                                      return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         if hello not in done:
@@ -148,7 +148,9 @@ class ProcessRuntime:
             raise ShoalError(f"worker process {worker_id} {why} within {_SPAWN_TIMEOUT_S:.0f} s")
         worker.conn = hello.result()
         worker.conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
-        snapshot = [worker.request(update, _CONTROL_TIMEOUT_S) for update in self._membership.values()]
+        snapshot = [
+            worker.request(update, _CONTROL_TIMEOUT_S) for update in self._membership.values()
+        ]
         await asyncio.gather(*snapshot)
         return worker
 

@@ -20,9 +20,9 @@ from typing import Any
 
 from shoal._api.context import set_default_registry
 from shoal._config import HTTPOptions
+from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import new_event_loop
 from shoal._runtime.process.client import UnixConnector
-from shoal._router.router import RouterRegistry
 from shoal._transport.codec import SerializationError
 from shoal._transport.connection import STREAM_WINDOW, Connection, connect_unix, serve_unix
 from shoal._transport.failures import failure_from
@@ -155,9 +155,9 @@ class Worker:
             )
             self._tasks[key] = task
         elif kind is Cancel:
-            task = self._tasks.get(key)
-            if task is not None:
-                task.cancel()
+            running = self._tasks.get(key)
+            if running is not None:
+                running.cancel()
         elif kind is StreamCredit:
             credit = self._credits.get(key)
             if credit is not None:
@@ -215,7 +215,9 @@ class _Credit:
 def main() -> None:
     instance_dir, worker_id = sys.argv[1], sys.argv[2]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format=f"(shoal {worker_id}) %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format=f"(shoal {worker_id}) %(levelname)s %(name)s: %(message)s"
+    )
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
 

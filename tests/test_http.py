@@ -1,0 +1,124 @@
+"""The HTTP proxy over real sockets, with the multi-process runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+
+from shoal import serve
+
+
+@serve.deployment
+class Echo:
+    async def __call__(self, request: Request) -> object:
+        kind = request.query_params.get("kind", "json")
+        if kind == "json":
+            return {"path": request.url.path, "body": await request.json(),
+                    "root_path": request.scope["root_path"]}  # fmt: skip
+        if kind == "text":
+            return "hello"
+        if kind == "bytes":
+            return b"\x00\x01"
+        if kind == "response":
+            return PlainTextResponse("teapot", status_code=418, headers={"x-custom": "1"})
+        if kind == "numpy":
+            import numpy
+
+            return {"array": numpy.arange(3), "scalar": numpy.float64(1.5)}
+        if kind == "request_id":
+            return serve.get_request_context().request_id
+        raise RuntimeError("secret internal detail")
+
+
+@serve.deployment
+def sync_text(request: Request) -> JSONResponse:
+    return JSONResponse({"sync": True, "method": request.method})
+
+
+@pytest.fixture(scope="module")
+def apps(http_port: int) -> Iterator[str]:
+    serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+    serve.run(sync_text.bind(), name="sync", route_prefix="/echo/sync")
+    yield f"http://127.0.0.1:{http_port}"
+    serve.delete("echo")
+    serve.delete("sync")
+
+
+def test_return_values_become_responses(apps: str) -> None:
+    with httpx.Client(base_url=apps, timeout=30) as client:
+        reply = client.post("/echo/a/b?kind=json", json={"x": 1})
+        assert reply.status_code == 200
+        assert reply.headers["content-type"] == "application/json"
+        assert reply.json() == {"path": "/echo/a/b", "body": {"x": 1}, "root_path": "/echo"}
+        reply = client.get("/echo?kind=text")
+        assert (reply.text, reply.headers["content-type"]) == ("hello", "text/plain; charset=utf-8")
+        reply = client.get("/echo?kind=bytes")
+        assert reply.content == b"\x00\x01"
+        assert reply.headers["content-type"] == "application/octet-stream"
+        reply = client.get("/echo?kind=response")
+        assert (reply.status_code, reply.text, reply.headers["x-custom"]) == (418, "teapot", "1")
+        assert client.get("/echo?kind=numpy").json() == {"array": [0, 1, 2], "scalar": 1.5}
+
+
+def test_longest_prefix_wins_and_sync_ingress_works(apps: str) -> None:
+    reply = httpx.put(f"{apps}/echo/sync/x", timeout=30)
+    assert reply.json() == {"sync": True, "method": "PUT"}
+
+
+def test_unknown_path_is_404_with_message(apps: str) -> None:
+    reply = httpx.get(f"{apps}/nowhere", timeout=30)
+    assert reply.status_code == 404
+    assert "Path '/nowhere' not found" in reply.text
+    assert httpx.get(f"{apps}/echoes", timeout=30).status_code == 404  # prefix, not substring
+
+
+def test_user_exception_is_500_without_details(apps: str) -> None:
+    reply = httpx.get(f"{apps}/echo?kind=raise", timeout=30)
+    assert reply.status_code == 500
+    assert "secret" not in reply.text
+    assert httpx.get(f"{apps}/echo?kind=text", timeout=30).text == "hello"  # still serving
+
+
+def test_request_id_is_generated_or_propagated(apps: str) -> None:
+    reply = httpx.get(
+        f"{apps}/echo?kind=request_id", headers={"x-request-id": "abc-123"}, timeout=30
+    )
+    assert reply.text == "abc-123"
+    assert reply.headers["x-request-id"] == "abc-123"
+    generated = httpx.get(f"{apps}/echo?kind=request_id", timeout=30)
+    assert generated.text == generated.headers["x-request-id"] != ""
+
+
+def test_builtin_routes(apps: str) -> None:
+    routes = httpx.get(f"{apps}/-/routes", timeout=30).json()
+    assert routes["/echo"] == "echo" and routes["/echo/sync"] == "sync"
+    assert httpx.get(f"{apps}/-/healthz", timeout=30).text == "success"
+
+
+def test_route_answers_as_soon_as_run_returns(http_port: int) -> None:
+    base = f"http://127.0.0.1:{http_port}"
+    for attempt in range(3):
+        serve.run(Echo.bind(), name="fresh", route_prefix="/fresh")
+        reply = httpx.get(f"{base}/fresh?kind=text", timeout=30)
+        assert reply.status_code == 200, f"attempt {attempt}: {reply.status_code}"
+        serve.delete("fresh")
+        assert httpx.get(f"{base}/fresh?kind=text", timeout=30).status_code == 404
+
+
+def test_route_conflict_leaves_first_app_untouched(apps: str) -> None:
+    with pytest.raises(
+        serve.RouteConflictError, match="'/echo' is already used by application 'echo'"
+    ):
+        serve.run(sync_text.bind(), name="intruder", route_prefix="/echo")
+    assert "intruder" not in serve.status().applications
+    assert httpx.get(f"{apps}/echo?kind=text", timeout=30).text == "hello"
+
+
+def test_status_lists_proxy(apps: str, http_port: int) -> None:
+    status = serve.status()
+    assert status.proxies["local"].port == http_port
+    assert status.applications["echo"].route_prefix == "/echo"

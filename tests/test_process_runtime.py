@@ -1,0 +1,152 @@
+"""Process-level guarantees of the multi-process runtime: deaths, orphans, restarts, permissions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shoal import serve
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _children(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().split(") ")[1].split()
+            except (FileNotFoundError, IndexError):
+                continue
+            if int(fields[1]) == parent:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Worker:
+    async def hold(self, marker: str) -> str:
+        Path(marker).touch()
+        await asyncio.sleep(60)
+        return "held"
+
+    async def quick(self, i: int) -> int:
+        return i
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_killed_replica_is_replaced_and_queued_requests_survive(
+    http_port: int, tmp_path: Path
+) -> None:
+    handle = serve.run(Worker.bind(), name="victim", route_prefix=None)
+    old_pid = handle.pid.remote().result(timeout_s=30)
+    marker = tmp_path / "started"
+    held = handle.hold.remote(str(marker))
+    _wait_until(marker.exists, 30, "the first request to start")
+    queued = [handle.quick.remote(i) for i in range(4)]  # wait in the router: the slot is taken
+    os.kill(old_pid, signal.SIGKILL)
+    with pytest.raises(serve.ReplicaDiedError):
+        held.result(timeout_s=30)
+    assert [r.result(timeout_s=60) for r in queued] == [0, 1, 2, 3]
+    new_pid = handle.pid.remote().result(timeout_s=30)
+    assert new_pid != old_pid
+    deployment = serve.status().applications["victim"].deployments["Worker"]
+    assert deployment.replica_states == {"RUNNING": 1}
+    serve.delete("victim")
+
+
+def test_socket_directory_is_private(http_port: int) -> None:
+    handle = serve.run(Worker.bind(), name="private", route_prefix=None)
+    pid = handle.pid.remote().result(timeout_s=30)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    directory = Path(argv[argv.index(b"shoal._runtime.process.worker") + 1].decode())
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    sockets = [p for p in directory.iterdir() if p.is_socket()]
+    assert sockets and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in sockets)
+    serve.delete("private")
+
+
+def test_shutdown_then_start_again_in_the_same_process(http_port: int) -> None:
+    for round_number in range(2):
+        serve.shutdown()
+        assert serve.status().applications == {}
+        serve.start(http_options={"port": http_port})
+        serve.run(Worker.bind(), name="again", route_prefix=None)
+        assert (
+            serve.get_app_handle("again").quick.remote(round_number).result(timeout_s=30)
+            == round_number
+        )
+        serve.delete("again")
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, threading
+    from shoal import serve
+
+    @serve.deployment(num_replicas=2)
+    def model(request):
+        return "ok"
+
+    serve.start(http_options={"port": int(sys.argv[1])})
+    serve.run(model.bind(), route_prefix="/m")
+    pids = [r.pid for d in serve.status().applications["default"].deployments.values()
+            for r in d.replicas]
+    print(" ".join(map(str, pids)), flush=True)
+    threading.Event().wait()
+    """
+)
+
+
+def test_no_process_outlives_a_killed_driver(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    port = free_port()
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    driver = subprocess.Popen(
+        [sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True,
+        cwd=os.getcwd(),
+    )  # fmt: skip
+    try:
+        assert driver.stdout is not None
+        line = driver.stdout.readline()
+        replica_pids = [int(pid) for pid in line.split()]
+        assert len(replica_pids) == 2, line
+        assert httpx.get(f"http://127.0.0.1:{port}/m", timeout=30).text == "ok"
+        children = _children(driver.pid)
+        assert set(replica_pids) <= set(children) and len(children) == 3  # + the proxy
+        driver.kill()
+        driver.wait(timeout=10)
+        _wait_until(lambda: not any(_alive(pid) for pid in children), 15, "workers to exit")
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/m", timeout=5)
+    finally:
+        driver.kill()
+        driver.wait(timeout=10)
