@@ -261,3 +261,53 @@ def test_failing_constructor_fails_the_deploy_and_leaves_nothing(deploy: Deploy)
                name="broken")  # fmt: skip
     assert "Traceback" in str(info.value)
     assert "broken" not in serve.status().applications
+
+
+class Unpicklable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()  # cannot cross a process boundary
+
+
+@serve.deployment
+class RaisesUnpicklable:
+    def __call__(self) -> None:
+        raise Unpicklable("held a lock")
+
+
+def test_exception_that_cannot_travel_becomes_replica_error(deploy: Deploy) -> None:
+    handle = deploy(RaisesUnpicklable.bind())
+    with pytest.raises((Unpicklable, serve.ReplicaError)) as info:
+        handle.remote().result(timeout_s=30)
+    if isinstance(info.value, serve.ReplicaError):  # process runtime: carried as text
+        assert info.value.remote_type.endswith("Unpicklable")
+        assert "held a lock" in str(info.value) and "Traceback" in info.value.remote_traceback
+
+
+@serve.deployment(health_check_period_s=0.05, health_check_timeout_s=5)
+class Fragile:
+    def __init__(self) -> None:
+        self.broken = False
+
+    def break_it(self) -> None:
+        self.broken = True
+
+    def check_health(self) -> None:
+        if self.broken:
+            raise RuntimeError("unhealthy on purpose")
+
+    def ident(self) -> str:
+        return serve.get_replica_context().replica_id
+
+
+def test_failed_health_check_replaces_the_replica(deploy: Deploy) -> None:
+    handle = deploy(Fragile.bind(), name="fragile")
+    first = handle.ident.remote().result(timeout_s=30)
+    handle.break_it.remote().result(timeout_s=30)
+    deadline = time.monotonic() + 30
+    while (current := handle.ident.remote().result(timeout_s=30)) == first:
+        assert time.monotonic() < deadline, "the unhealthy replica was not replaced"
+        time.sleep(0.05)
+    assert current.startswith("fragile#Fragile#")
+    replicas = serve.status().applications["fragile"].deployments["Fragile"].replicas
+    assert [r.replica_id for r in replicas] == [current]

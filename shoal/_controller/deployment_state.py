@@ -194,11 +194,11 @@ class DeploymentState:
         if record.state is ReplicaState.STOPPING or self._deleting:
             return True
         logger.warning("replica %s died; starting a replacement", handle.info.replica_id)
+        self._spawn(self.publish(), "publish")
         self._spawn(self._replace_dead(), "replace")
         return True
 
     async def _replace_dead(self) -> None:
-        await self.publish()
         while not self._deleting:
             try:
                 await self._start(1)
@@ -228,7 +228,13 @@ class DeploymentState:
                         record.handle.info.replica_id,
                         result,
                     )
-                    record.handle.kill()
+                    self._spawn(self._retire(record), "retire")
+
+    async def _retire(self, record: ReplicaRecord) -> None:
+        """Take an unhealthy replica out of routing, start its replacement, then stop it."""
+        self.status, self.message = DeploymentStatus.UNHEALTHY, "a replica failed its health check"
+        self._spawn(self._replace_dead(), "replace")
+        await self._stop([record])  # graceful; a hung replica is killed after the timeout
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)

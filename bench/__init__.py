@@ -1,0 +1,1 @@
+"""Shoal benchmark suite: ``python -m bench`` (see bench/README.md)."""

@@ -1,0 +1,132 @@
+"""Shoal applications driven by ``python -m bench``; plain public shoal API only.
+
+Each is served on its own by the CLI at route prefix ``/``, e.g.::
+
+    python -m shoal run bench.apps:w1 --host 127.0.0.1 --port 8000
+
+and driven on the same paths as the reference servers (``POST /echo``, ``POST /w2``,
+``GET /w4``); the ingress ignores the path. ``handle_rtt`` answers ``GET /?mode=seq&n=N``
+and ``GET /?mode=par&n=N&inflight=64`` with timings measured inside the replica.
+"""
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.requests import Request
+
+from bench.common import MEMBER_VALUES, featurize, mean, member, predict, summarize_us
+from shoal import serve
+
+# High enough that c=64 never queues in the router because of the per-replica limit.
+MAX_ONGOING = 1024
+MAX_CALLS = 200_000
+
+
+# --- W1: echo --------------------------------------------------------------------------
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+class Echo:
+    async def __call__(self, request: Request) -> Any:
+        return await request.json()
+
+
+w1 = Echo.bind()
+
+
+# --- W2: ingress -> featurizer -> predictor -------------------------------------------
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+class Featurizer:
+    async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+        return featurize(body)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+class Predictor:
+    async def __call__(self, features: dict[str, Any]) -> float:
+        return predict(features)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+class Pipeline:
+    def __init__(self, featurizer: Any, predictor: Any) -> None:
+        self.featurizer = featurizer
+        self.predictor = predictor
+
+    async def __call__(self, request: Request) -> dict[str, float]:
+        body = await request.json()
+        feat = await self.featurizer.remote(body)
+        y = await self.predictor.remote(feat)
+        return {"y": y}
+
+
+w2 = Pipeline.bind(Featurizer.bind(), Predictor.bind())
+
+
+# --- W4: fan-out to 3 members ----------------------------------------------------------
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+class Member:
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    async def __call__(self) -> float:
+        return await member(self.value)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+class FanOut:
+    def __init__(self, *members: Any) -> None:
+        self.members = members
+
+    async def __call__(self, request: Request) -> dict[str, float]:
+        values = await asyncio.gather(*(m.remote() for m in self.members))
+        return {"mean": mean(values)}
+
+
+w4 = FanOut.bind(*(Member.options(name=f"Member{i}").bind(v) for i, v in enumerate(MEMBER_VALUES)))
+
+
+# --- handle round trip -----------------------------------------------------------------
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+class NoopTarget:
+    async def noop(self) -> None:
+        return None
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+class HandleBench:
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        query = request.query_params
+        n = max(1, min(int(query.get("n", "2000")), MAX_CALLS))
+        if query.get("mode", "seq") == "par":
+            inflight = max(1, min(int(query.get("inflight", "64")), 1024))
+            return await self._parallel(n, inflight)
+        return await self._sequential(n)
+
+    async def _sequential(self, n: int) -> dict[str, Any]:
+        durations: list[float] = []
+        for _ in range(n):
+            start = time.perf_counter()
+            await self.target.noop.remote()
+            durations.append(time.perf_counter() - start)
+        return {"mode": "seq", **summarize_us(durations)}
+
+    async def _parallel(self, n: int, inflight: int) -> dict[str, Any]:
+        rounds = max(1, n // inflight)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            await asyncio.gather(*(self.target.noop.remote() for _ in range(inflight)))
+        elapsed = time.perf_counter() - start
+        calls = rounds * inflight
+        return {
+            "mode": "par",
+            "inflight": inflight,
+            "calls": calls,
+            "seconds": elapsed,
+            "calls_per_s": calls / elapsed if elapsed > 0 else 0.0,
+        }
+
+
+handle_rtt = HandleBench.bind(NoopTarget.bind())

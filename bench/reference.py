@@ -1,0 +1,110 @@
+"""Reference servers: bare uvicorn + Starlette and uvicorn + FastAPI.
+
+Both implement every HTTP workload inline, in one process, on the same URLs the shoal
+apps are driven on (``POST /echo``, ``POST /w2``, ``GET /w4``)::
+
+    python -m bench.reference starlette --port 8001
+    python -m bench.reference fastapi --port 8002
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from bench.common import MEMBER_VALUES, featurize, mean, member, predict
+
+FRAMEWORKS = ("starlette", "fastapi")
+
+
+async def _echo_body(request: Request) -> Any:
+    return await request.json()
+
+
+async def _w2_body(request: Request) -> dict[str, float]:
+    body = await request.json()
+    return {"y": predict(featurize(body))}
+
+
+async def _w4_body() -> dict[str, float]:
+    values = await asyncio.gather(*(member(v) for v in MEMBER_VALUES))
+    return {"mean": mean(values)}
+
+
+def starlette_app() -> Starlette:
+    """Bare Starlette: one route per workload, JSONResponse."""
+
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse(await _echo_body(request))
+
+    async def w2(request: Request) -> JSONResponse:
+        return JSONResponse(await _w2_body(request))
+
+    async def w4(request: Request) -> JSONResponse:
+        return JSONResponse(await _w4_body())
+
+    return Starlette(
+        routes=[
+            Route("/echo", echo, methods=["POST"]),
+            Route("/w2", w2, methods=["POST"]),
+            Route("/w4", w4, methods=["GET"]),
+        ]
+    )
+
+
+def fastapi_app() -> FastAPI:
+    """FastAPI: the same workloads, returning dicts (FastAPI's JSON encoding)."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> Any:
+        return await _echo_body(request)
+
+    @app.post("/w2")
+    async def w2(request: Request) -> dict[str, float]:
+        return await _w2_body(request)
+
+    @app.get("/w4")
+    async def w4() -> dict[str, float]:
+        return await _w4_body()
+
+    return app
+
+
+def build_app(framework: str) -> Starlette | FastAPI:
+    if framework == "starlette":
+        return starlette_app()
+    if framework == "fastapi":
+        return fastapi_app()
+    raise ValueError(f"unknown framework {framework!r}; expected one of {FRAMEWORKS}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m bench.reference")
+    parser.add_argument("framework", choices=FRAMEWORKS)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    uvicorn.run(
+        build_app(args.framework),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

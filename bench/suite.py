@@ -1,0 +1,297 @@
+"""The measurements: HTTP workloads (shoal and references), handle round trip, cold start
+and idle RSS. Each section starts its own server processes and always stops them."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import median_or_none
+from bench.loadgen import LoadResult, LoadSpec, run_load
+from bench.procs import HOST, ServerProcess, free_port, http_request, tree_memory
+
+ECHO_BODY = b'{"x": 1}'
+READY_DEADLINE_S = 60.0
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration_s: float
+    repeats: int
+    warmup_s: float
+    loadgen: str  # "wrk" or "python"
+    cold_runs: int
+    idle_wait_s: float
+    handle_n: int
+    handle_par_calls: int
+    handle_repeats: int
+    log_dir: Path
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    app: str  # attribute of bench.apps
+    method: str
+    path: str
+    body: bytes | None
+    concurrencies: tuple[int, ...]
+    references: tuple[str, ...]
+
+
+WORKLOADS: dict[str, Workload] = {
+    "W1": Workload("W1", "w1", "POST", "/echo", ECHO_BODY, (1, 8, 64), ("starlette", "fastapi")),
+    "W2": Workload("W2", "w2", "POST", "/w2", ECHO_BODY, (1, 64), ("fastapi",)),
+    "W4": Workload("W4", "w4", "GET", "/w4", None, (1, 32), ("fastapi",)),
+}
+
+
+def shoal_server(app: str, port: int, log_dir: Path, tag: str = "") -> ServerProcess:
+    argv = [sys.executable, "-m", "shoal", "run", f"bench.apps:{app}"]
+    argv += ["--host", HOST, "--port", str(port)]
+    return ServerProcess(f"shoal-{app}{tag}", argv, log_dir)
+
+
+def reference_server(framework: str, port: int, log_dir: Path, tag: str = "") -> ServerProcess:
+    argv = [sys.executable, "-m", "bench.reference", framework, "--port", str(port)]
+    return ServerProcess(f"{framework}{tag}", argv, log_dir)
+
+
+def _error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[-4000:]
+
+
+# --- HTTP workloads -----------------------------------------------------------------------
+def aggregate(runs: list[LoadResult]) -> dict[str, Any]:
+    """Sum counts and take medians of rates and latencies over repeated runs."""
+    return {
+        "requests": sum(r.requests for r in runs),
+        "errors": sum(r.errors for r in runs),
+        "throughput_rps": median_or_none(r.throughput_rps for r in runs),
+        "p50_ms": median_or_none(r.p50_ms for r in runs),
+        "p90_ms": median_or_none(r.p90_ms for r in runs),
+        "p99_ms": median_or_none(r.p99_ms for r in runs),
+        "mean_ms": median_or_none(r.mean_ms for r in runs),
+        "runs": [r.to_dict() for r in runs],
+    }
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+@dataclass
+class _Live:
+    """One server of a workload section, with its runs for the current concurrency."""
+
+    name: str
+    proc: ServerProcess
+    port: int
+    runs: list[LoadResult]
+    error: str | None = None
+
+
+def _start_servers(wl: Workload, settings: Settings, log: Log, servers: list[_Live]) -> None:
+    """Start shoal and the references (appending to ``servers``), then wait for each."""
+    for name in ("shoal", *wl.references):
+        port = free_port()
+        if name == "shoal":
+            proc = shoal_server(wl.app, port, settings.log_dir)
+        else:
+            proc = reference_server(name, port, settings.log_dir, tag=f"-{wl.key}")
+        servers.append(_Live(name, proc, port, []))
+        proc.start()
+    for server in servers:
+        try:
+            server.proc.wait_http_ok(server.port, wl.method, wl.path, wl.body, READY_DEADLINE_S)
+            server.proc.remember_tree()
+        except Exception as exc:
+            _fail(server, exc, wl, log)
+
+
+def _fail(server: _Live, exc: BaseException, wl: Workload, log: Log) -> None:
+    server.error = _error_text(exc)
+    log(f"  {wl.key} {server.name}: FAILED: {server.error.splitlines()[0]}")
+    log(f"  (server log: {server.proc.log_path})")
+    server.proc.stop()
+
+
+def _round(
+    wl: Workload,
+    servers: list[_Live],
+    concurrency: int,
+    duration: float,
+    settings: Settings,
+    log: Log,
+) -> list[tuple[_Live, LoadResult]]:
+    """One load run against each live server, one after the other."""
+    out = []
+    for server in servers:
+        if server.error is not None:
+            continue
+        spec = LoadSpec(server.port, wl.path, wl.method, wl.body, concurrency, duration)
+        try:
+            out.append((server, run_load(spec, settings.loadgen)))
+        except Exception as exc:
+            _fail(server, exc, wl, log)
+    return out  # fmt: skip
+
+
+def _measure_concurrency(
+    wl: Workload, servers: list[_Live], concurrency: int, settings: Settings, log: Log
+) -> list[dict[str, Any]]:
+    """Warm every live server up, then run the repeats round-robin across the servers."""
+    for server in servers:
+        server.runs = []
+    if settings.warmup_s > 0:
+        _round(wl, servers, concurrency, settings.warmup_s, settings, log)  # not measured
+    for _ in range(settings.repeats):
+        for server, result in _round(wl, servers, concurrency, settings.duration_s, settings, log):
+            server.runs.append(result)
+    points = []
+    for server in servers:
+        point: dict[str, Any] = {"workload": wl.key, "server": server.name}
+        point["concurrency"] = concurrency
+        if server.error is not None:
+            points.append({**point, "error": server.error})
+            continue
+        points.append({**point, **aggregate(server.runs)})
+        log(
+            f"  {wl.key} {server.name:<9} c={concurrency:<3} "
+            f"{_fmt(points[-1]['throughput_rps'], 0):>8} req/s  "
+            f"p50 {_fmt(points[-1]['p50_ms'], 3)} ms  p99 {_fmt(points[-1]['p99_ms'], 3)} ms  "
+            f"errors {points[-1]['errors']}"
+        )
+    return points
+
+
+def run_workload(wl: Workload, settings: Settings, log: Log) -> list[dict[str, Any]]:
+    """All servers of the workload up at once (idle ones cost ~nothing); runs interleaved."""
+    log(f"{wl.key}: {wl.method} {wl.path} at c={list(wl.concurrencies)}")
+    servers: list[_Live] = []
+    try:
+        _start_servers(wl, settings, log, servers)
+        points: list[dict[str, Any]] = []
+        for concurrency in wl.concurrencies:
+            points += _measure_concurrency(wl, servers, concurrency, settings, log)
+        return points
+    finally:
+        for server in servers:
+            server.proc.stop()
+
+
+# --- handle round trip --------------------------------------------------------------------
+def _get_json(port: int, path: str, timeout: float = 120.0) -> dict[str, Any]:
+    status, payload = http_request(port, "GET", path, timeout=timeout)
+    if status != 200:
+        raise RuntimeError(f"GET {path} -> HTTP {status}: {payload[:300]!r}")
+    data = json.loads(payload)
+    if not isinstance(data, dict):
+        raise RuntimeError(f"GET {path} -> unexpected JSON {data!r}")
+    return data
+
+
+def _handle_measures(port: int, settings: Settings) -> dict[str, Any]:
+    n, calls = settings.handle_n, settings.handle_par_calls
+    _get_json(port, f"/?mode=seq&n={min(n, 500)}")  # warm-up
+    _get_json(port, f"/?mode=par&n={min(calls, 640)}&inflight=64")
+    seq = [_get_json(port, f"/?mode=seq&n={n}") for _ in range(settings.handle_repeats)]
+    par = [
+        _get_json(port, f"/?mode=par&n={calls}&inflight=64") for _ in range(settings.handle_repeats)
+    ]
+    return {
+        "sequential_calls": n,
+        "p50_us": median_or_none(float(r["p50_us"]) for r in seq),
+        "p90_us": median_or_none(float(r["p90_us"]) for r in seq),
+        "p99_us": median_or_none(float(r["p99_us"]) for r in seq),
+        "mean_us": median_or_none(float(r["mean_us"]) for r in seq),
+        "inflight": 64,
+        "parallel_calls": int(par[0]["calls"]),
+        "calls_per_s": median_or_none(float(r["calls_per_s"]) for r in par),
+        "runs": {"seq": seq, "par": par},
+    }
+
+
+def run_handle(settings: Settings, log: Log) -> dict[str, Any]:
+    log("handle: A -> B noop round trip (measured inside replica A)")
+    port = free_port()
+    proc = shoal_server("handle_rtt", port, settings.log_dir)
+    try:
+        proc.start()
+        proc.wait_http_ok(port, "GET", "/?mode=seq&n=1", None, READY_DEADLINE_S)
+        proc.remember_tree()
+        result = _handle_measures(port, settings)
+        log(
+            f"  p50 {_fmt(result['p50_us'], 1)} us  p99 {_fmt(result['p99_us'], 1)} us  "
+            f"64 in flight: {_fmt(result['calls_per_s'], 0)} calls/s"
+        )
+        return result
+    except Exception as exc:
+        log(f"  handle: FAILED: {_error_text(exc).splitlines()[0]} (log: {proc.log_path})")
+        return {"error": _error_text(exc)}
+    finally:
+        proc.stop()
+
+
+# --- cold start and idle RSS ---------------------------------------------------------------
+def _one_cold_start(run: int, settings: Settings, measure_rss: bool) -> dict[str, Any]:
+    port = free_port()
+    proc = shoal_server("w1", port, settings.log_dir, tag=f"-cold{run}")
+    wl = WORKLOADS["W1"]
+    try:
+        started = time.perf_counter()
+        proc.start()
+        ready = proc.wait_http_ok(port, wl.method, wl.path, wl.body, READY_DEADLINE_S)
+        sample: dict[str, Any] = {"seconds": ready - started}
+        proc.remember_tree()
+        if measure_rss:
+            time.sleep(settings.idle_wait_s)
+            proc.remember_tree()
+            sample["memory"] = tree_memory(proc.pid)
+        return sample
+    finally:
+        proc.stop()
+
+
+def run_cold_start(
+    settings: Settings, log: Log, measure_cold: bool, measure_rss: bool
+) -> dict[str, Any]:
+    """Cold start of ``python -m shoal run bench.apps:w1`` (median of N) and idle RSS."""
+    runs = settings.cold_runs if measure_cold else 1
+    log(f"cold start / idle RSS: {runs} launch(es) of python -m shoal run bench.apps:w1")
+    out: dict[str, Any] = {}
+    try:
+        samples = [_one_cold_start(i, settings, measure_rss) for i in range(runs)]
+    except Exception as exc:
+        log(f"  FAILED: {_error_text(exc).splitlines()[0]}")
+        error = {"error": _error_text(exc)}
+        return {
+            "cold_start": error if measure_cold else None,
+            "idle_rss": error if measure_rss else None,
+        }
+    if measure_cold:
+        times = [s["seconds"] for s in samples]
+        out["cold_start"] = {"runs": times, "median_s": statistics.median(times)}
+        log(f"  cold start median {statistics.median(times):.3f} s  runs {times}")
+    if measure_rss:
+        mems = [s["memory"] for s in samples]
+        rss = statistics.median(m["rss_mb"] for m in mems)
+        pss = median_or_none(m["pss_mb"] for m in mems)
+        out["idle_rss"] = {
+            "idle_wait_s": settings.idle_wait_s,
+            "rss_mb": rss,
+            "pss_mb": pss,
+            "processes": mems[-1]["processes"],
+            "samples": mems,
+        }
+        log(f"  idle RSS {rss:.1f} MB over {mems[-1]['processes']} processes (PSS {_fmt(pss, 1)})")
+    return out

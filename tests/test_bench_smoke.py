@@ -1,0 +1,183 @@
+"""Cheap smoke tests of the benchmark suite's own pieces (bench/), without shoal servers.
+
+Starts one reference Starlette server on a free 127.0.0.1 port, drives it for about a
+second with each load generator, and checks the report writer and the process helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench import loadgen, report  # noqa: E402
+from bench.__main__ import parse_only  # noqa: E402
+from bench.common import percentile  # noqa: E402
+from bench.procs import (  # noqa: E402
+    ServerProcess,
+    descendants,
+    free_port,
+    http_request,
+    is_alive,
+    tree_memory,
+)
+from bench.suite import aggregate, reference_server  # noqa: E402
+
+BODY = b'{"x": 1}'
+
+
+@pytest.fixture(scope="module")
+def starlette_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    port = free_port()
+    server = reference_server("starlette", port, tmp_path_factory.mktemp("logs"))
+    server.start()
+    pid = server.pid
+    try:
+        server.wait_http_ok(port, "POST", "/echo", BODY, deadline_s=15.0)
+        yield port
+    finally:
+        server.stop()
+    assert not is_alive(pid)
+
+
+def _check_clean_run(result: loadgen.LoadResult) -> None:
+    assert result.requests > 10
+    assert result.errors == 0
+    assert result.throughput_rps > 0
+    assert result.p50_ms is not None and result.p99_ms is not None
+    assert 0 < result.p50_ms <= result.p99_ms
+
+
+def test_python_loadgen_against_starlette(starlette_port: int) -> None:
+    spec = loadgen.LoadSpec(starlette_port, "/echo", "POST", BODY, concurrency=4, duration_s=1.0)
+    started = time.perf_counter()
+    result = loadgen.run_load(spec, "python")
+    assert time.perf_counter() - started < 10
+    _check_clean_run(result)
+    assert result.generator == "bench.loadgen"
+
+
+@pytest.mark.skipif(loadgen.wrk_path() is None, reason="wrk not installed")
+def test_wrk_loadgen_against_starlette(starlette_port: int) -> None:
+    spec = loadgen.LoadSpec(starlette_port, "/echo", "POST", BODY, concurrency=2, duration_s=1.0)
+    result = loadgen.run_load(spec, "wrk")
+    _check_clean_run(result)
+    assert result.generator == "wrk"
+
+
+def test_loadgen_counts_http_errors(starlette_port: int) -> None:
+    spec = loadgen.LoadSpec(starlette_port, "/missing", "GET", None, concurrency=2, duration_s=0.5)
+    result = loadgen.run_load(spec, "python")
+    assert result.requests > 0
+    assert result.errors == result.requests
+    assert result.p50_ms is None
+
+
+def test_reference_workloads_answer(starlette_port: int) -> None:
+    assert http_request(starlette_port, "POST", "/echo", BODY) == (200, b'{"x":1}')
+    status, payload = http_request(starlette_port, "POST", "/w2", BODY)
+    assert status == 200 and json.loads(payload) == {"y": 1.0}
+    status, payload = http_request(starlette_port, "GET", "/w4")
+    assert status == 200 and json.loads(payload) == {"mean": 2.0}
+
+
+def test_stop_kills_descendants_in_other_sessions(tmp_path: Path) -> None:
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'],"
+        " start_new_session=True)\n"
+        "time.sleep(30)\n"
+    )
+    server = ServerProcess("sleeper", [sys.executable, "-c", code], tmp_path)
+    server.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not descendants(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = [server.pid, *descendants(server.pid)]
+        assert len(tree) == 2
+        assert tree_memory(server.pid)["processes"] == 2
+    finally:
+        server.stop(grace_s=2.0)
+    assert not any(is_alive(pid) for pid in tree)
+
+
+def test_tree_memory_of_self() -> None:
+    mem = tree_memory(os.getpid())
+    assert mem["processes"] >= 1
+    assert mem["rss_mb"] > 1.0
+
+
+def test_parse_wrk_output_and_script() -> None:
+    line = (
+        'BENCHJSON {"responses": 100, "duration_us": 1000000, "connect": 0, "read": 1, '
+        '"write": 0, "status": 4, "timeout": 0, "p50_us": 150.0, "p90_us": 200.0, '
+        '"p99_us": 400.0, "mean_us": 160.0}'
+    )
+    result = loadgen.parse_wrk_output("Running 1s test\n" + line + "\n")
+    assert (result.requests, result.errors) == (101, 5)
+    assert result.throughput_rps == pytest.approx(96.0)
+    assert result.p50_ms == pytest.approx(0.15)
+    script = loadgen.wrk_script("POST", BODY)
+    assert 'wrk.method = "POST"' in script and '[==[{"x": 1}]==]' in script
+
+
+def test_percentile_and_only() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert math.isnan(percentile([], 50))
+    assert parse_only("w1,Handle,cold_start") == ["cold", "W1", "handle"]
+    with pytest.raises(ValueError):
+        parse_only("W3")
+
+
+def _fake_results() -> dict[str, Any]:
+    run = loadgen.LoadResult(1000, 0, 1.0, 1000.0, 0.4, 0.6, 0.9, 0.45, "wrk")
+    slow = loadgen.LoadResult(500, 2, 1.0, 498.0, 0.8, 1.0, math.nan, 0.8, "wrk")
+    points = []
+    for server, result in (("shoal", slow), ("starlette", run)):
+        for c in (1, 64):
+            point = {"workload": "W1", "server": server, "concurrency": c}
+            points.append({**point, **aggregate([result])})
+    points.append({"workload": "W2", "server": "shoal", "concurrency": 1, "error": "Boom\nmore"})
+    return {
+        "schema": 1,
+        "environment": report.environment({"name": "wrk", "version": "test"}, datetime.now(UTC)),
+        "settings": {"duration_s": 1.0, "repeats": 1, "warmup_s": 0.0},
+        "points": points,
+        "handle": {"p50_us": 120.0, "p90_us": 150.0, "p99_us": 300.0, "sequential_calls": 10,
+                   "calls_per_s": 9000.0},
+        "cold_start": {"runs": [1.2], "median_s": 1.2},
+        "idle_rss": {"error": "RuntimeError: nope"},
+    }  # fmt: skip
+
+
+def test_report_writer(tmp_path: Path) -> None:
+    results = report.finalize(_fake_results())
+    json_path, md_path = report.write_results(results, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert (tmp_path / "latest.json").read_text() == json_path.read_text()
+    assert (tmp_path / "latest.md").read_text() == md_path.read_text()
+    assert data["environment"]["machine"]["nproc"] == os.cpu_count()
+    assert data["points"][0]["p99_ms"] is None  # NaN became null
+    verdicts = {t["key"]: t["met"] for t in data["targets"]}
+    assert verdicts["W1-thr-c64"] is False  # 498 / 1000 < 0.5
+    assert verdicts["W1-p50-c1"] is False
+    assert verdicts["handle-p50"] is True
+    assert verdicts["cold-start"] is False
+    assert verdicts["idle-rss"] is None
+    ratio = next(r for r in data["ratios"] if r["concurrency"] == 64)
+    assert ratio["throughput_ratio"] == pytest.approx(0.498)
+    text = md_path.read_text()
+    assert "| W1 | shoal | 64 |" in text and "failed: Boom" in text and "**missed**" in text
