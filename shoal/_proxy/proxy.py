@@ -17,10 +17,10 @@ import uuid
 from typing import Any
 
 from shoal._config import HTTPOptions
-from shoal._errors import ShoalError, UnavailableError
+from shoal._errors import RequestCancelledError, ShoalError, UnavailableError
 from shoal._router.router import RouterRegistry
-from shoal._transport.http import HttpRequestData, HttpResponseData
-from shoal._transport.messages import Request, Result
+from shoal._transport.http import HttpRequestData, HttpResponseData, HttpResponseStart
+from shoal._transport.messages import Request, Result, StreamEnd, StreamItem
 
 logger = logging.getLogger("shoal.proxy")
 
@@ -73,25 +73,67 @@ class Proxy:
             scope["headers"], body, scope.get("client"), scope.get("server"),
             scope.get("http_version", "1.1"),
         )  # fmt: skip
-        response = await self._forward(app, ingress, Request("__call__", (data,), {}, request_id))
-        response.headers.append((b"x-request-id", request_id.encode()))
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": response.headers})  # fmt: skip
-        await send({"type": "http.response.body", "body": response.body})
+        request = Request("__call__", (data,), {}, request_id, True)
+        await self._forward(app, ingress, request, receive, send)
 
-    async def _forward(self, app: str, ingress: str, request: Request) -> HttpResponseData:
+    async def _forward(
+        self, app: str, ingress: str, request: Request, receive: Any, send: Any
+    ) -> None:
+        """Send the request to the ingress; relay its complete or streamed response."""
+        request_id = request.request_id.encode()
         try:
-            reply = await self.registry.get(app, ingress).assign(request)
+            stream = await self.registry.get(app, ingress).open_stream(request)
         except UnavailableError as exc:
             logger.warning("request %s: %s", request.request_id, exc)
-            return _response(503, f"Service unavailable: application '{app}' has no replica.")
+            await _reply(send, 503, f"Service unavailable: application '{app}' has no replica.")
+            return
+        try:
+            first = await stream.next()
+            if type(first) is Result and type(first.value) is HttpResponseData:
+                response = first.value
+                response.headers.append((b"x-request-id", request_id))
+                await send({"type": "http.response.start", "status": response.status,
+                            "headers": response.headers})  # fmt: skip
+                await send({"type": "http.response.body", "body": response.body})
+            elif type(first) is StreamItem and type(first.value) is HttpResponseStart:
+                await self._relay(first.value, stream, request_id, receive, send)
+            else:
+                logger.error("request %s to '%s' failed: %s", request.request_id, app, first)
+                await _reply(send, 500, "Internal Server Error")
+        except RequestCancelledError:
+            pass  # the client disconnected
         except ShoalError as exc:
             logger.error("request %s to '%s' failed: %s", request.request_id, app, exc)
-            return _response(500, "Internal Server Error")
-        if type(reply) is Result and type(reply.value) is HttpResponseData:
-            return reply.value
-        logger.error("request %s to '%s' failed: %s", request.request_id, app, reply)
-        return _response(500, "Internal Server Error")
+            await _reply(send, 500, "Internal Server Error")
+        finally:
+            stream.close()
+
+    async def _relay(
+        self, start: HttpResponseStart, stream: Any, request_id: bytes, receive: Any, send: Any
+    ) -> None:
+        # A client that goes away closes the stream, which cancels the generator in the replica.
+        disconnected = asyncio.ensure_future(receive())
+        disconnected.add_done_callback(lambda _: stream.close())
+        try:
+            await self._relay_chunks(start, stream, request_id, send)
+        finally:
+            disconnected.cancel()
+
+    async def _relay_chunks(
+        self, start: HttpResponseStart, stream: Any, request_id: bytes, send: Any
+    ) -> None:
+        headers = [*start.headers, (b"x-request-id", request_id)]
+        await send({"type": "http.response.start", "status": start.status, "headers": headers})
+        while True:
+            message = await stream.next()
+            if type(message) is StreamItem:
+                await send({"type": "http.response.body", "body": message.value, "more_body": True})
+            elif type(message) is StreamEnd:
+                await send({"type": "http.response.body", "body": b""})
+                return
+            else:  # the replica failed mid-stream: end the connection so the client sees it
+                logger.error("streamed response %s failed: %s", request_id.decode(), message)
+                raise RuntimeError("the streamed response failed in the replica")
 
     async def _builtin(self, path: str, send: Any) -> None:
         if path == "/-/routes":
@@ -167,11 +209,6 @@ def _header(scope: Scope, name: bytes) -> str:
         if key == name:
             return str(value.decode("latin-1"))
     return ""
-
-
-def _response(status: int, text: str) -> HttpResponseData:
-    body = text.encode()
-    return HttpResponseData(status, [_TEXT, (b"content-length", str(len(body)).encode())], body)
 
 
 async def _reply(

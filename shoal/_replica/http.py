@@ -8,15 +8,16 @@ included).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from shoal._transport.http import HttpRequestData, HttpResponseData
+from shoal._transport.http import HttpRequestData, HttpResponseData, HttpResponseStart
 
 logger = logging.getLogger("shoal.replica")
 
@@ -79,6 +80,71 @@ def _jsonable(value: Any) -> Any:
     except ImportError:
         pass
     return jsonable_encoder(value, custom_encoder=custom)
+
+
+def is_streaming(result: Any) -> bool:
+    """True for responses whose body is produced over time (StreamingResponse, FileResponse)."""
+    return isinstance(result, Response) and (
+        isinstance(result, StreamingResponse) or not hasattr(result, "body")
+    )
+
+
+async def chunks_from_items(items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A generator endpoint's items as a response: str and bytes as is, others as JSON lines.
+
+    The content type follows the first item, so headers are sent with it.
+    """
+    started = False
+    async for item in items:
+        if isinstance(item, bytes | bytearray | memoryview):
+            body, content_type = bytes(item), _BYTES
+        elif isinstance(item, str):
+            body, content_type = item.encode(), _TEXT
+        else:
+            body, content_type = (
+                dump_json(item) + b"\n",
+                [(b"content-type", b"application/x-ndjson")],
+            )
+        if not started:
+            started = True
+            yield HttpResponseStart(200, list(content_type))
+        yield body
+    if not started:
+        yield HttpResponseStart(200, list(_TEXT))
+
+
+async def chunks_from_asgi(response: Response) -> AsyncIterator[Any]:
+    """Run a Starlette streaming response; yield its start, then its body chunks as produced.
+
+    The queue is bounded, so a slow client slows the response down instead of buffering it.
+    """
+    queue: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue(maxsize=16)
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # never: the proxy reports disconnects by cancelling us
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "GET", "path": "/",
+             "headers": [], "query_string": b""}  # fmt: skip
+    task = asyncio.ensure_future(response(scope, receive, queue.put))
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                task.result()  # the response ended without finishing its body: raise why
+                return
+            message = getter.result()
+            if message["type"] == "http.response.start":
+                yield HttpResponseStart(message["status"], list(message.get("headers", [])))
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield bytes(message["body"])
+                if not message.get("more_body", False):
+                    return
+    finally:
+        task.cancel()
 
 
 async def _run_asgi_response(response: Response) -> HttpResponseData:

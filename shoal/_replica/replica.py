@@ -147,50 +147,94 @@ class Replica:
     async def _invoke_http(
         self, method: Callable[..., Any], kind: str, data: HttpRequestData
     ) -> Any:
-        from shoal._replica import http
-
-        request = http.build_request(data)
-        try:
-            if kind is _ASYNC:
-                result = await method(request)
-            elif kind is _SYNC:
-                result = await self._in_thread(method, request)
-            else:
-                raise TypeError("streaming HTTP responses from generators are not supported yet")
-            return await http.to_response(result)
-        except Exception:
-            logger.exception(
-                "request %s to deployment '%s' failed",
-                request_context.get().request_id,
-                self.spec.deployment,
-            )
-            return http.error_response(500, "Internal Server Error")
+        """A complete HTTP response (used when the caller did not ask for a stream)."""
+        async for message in self._http_stream(method, kind, data):
+            if type(message) is Result:
+                return message.value
+            break
+        raise TypeError("this endpoint streams its response: send the request with stream=True")
 
     def _in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
         return self.loop.run_in_executor(self._pool, call)
 
+    async def _iterate(
+        self, method: Callable[..., Any], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """The items of a generator method; a sync generator advances in the thread pool."""
+        if kind is _ASYNC_GEN:
+            async for item in method(*args, **kwargs):
+                yield item
+            return
+        generator = await self._in_thread(method, *args, **kwargs)
+        try:
+            while (item := await self._in_thread(next, generator, _DONE)) is not _DONE:
+                yield item
+        finally:
+            await self._in_thread(generator.close)  # runs the generator's finally blocks
+
     async def handle_stream(self, request: Request) -> AsyncIterator[Message]:
-        """Run a generator method; yields StreamItem messages then StreamEnd or a Failure."""
+        """Run a streaming request: StreamItem messages then StreamEnd, or a Failure.
+
+        An HTTP request may instead produce one Result (a complete response).
+        """
         self._enter(request)
         try:
             method, kind = self._resolve(request.method)
-            if kind is _ASYNC_GEN:
-                async for item in method(*request.args, **request.kwargs):
-                    yield StreamItem(item)
-            elif kind is _SYNC_GEN:
-                generator = await self._in_thread(method, *request.args, **request.kwargs)
-                while (item := await self._in_thread(next, generator, _DONE)) is not _DONE:
-                    yield StreamItem(item)
-            else:
+            args, kwargs = request.args, request.kwargs
+            if args and type(args[0]) is HttpRequestData:
+                async for message in self._http_stream(method, kind, args[0]):
+                    yield message
+                return
+            if kind is not _ASYNC_GEN and kind is not _SYNC_GEN:
                 raise TypeError(
                     f"method '{request.method}' is not a generator: call it without stream=True"
                 )
+            async for item in self._iterate(method, kind, args, kwargs):
+                yield StreamItem(item)
             yield StreamEnd()
         except Exception as exc:
             yield failure_from(exc, f"in replica {self.spec.replica_id}:")
         finally:
             self._leave()
+
+    async def _http_stream(
+        self, method: Callable[..., Any], kind: str, data: HttpRequestData
+    ) -> AsyncIterator[Message]:
+        """Serve one HTTP request: a Result, or a response start, body chunks and StreamEnd.
+
+        A failure before anything was sent becomes a 500 response; after the start, a
+        Failure (the proxy then closes the connection: the response is incomplete).
+        """
+        from shoal._replica import http
+
+        request = http.build_request(data)
+        started = False
+        try:
+            if kind is _ASYNC_GEN or kind is _SYNC_GEN:
+                parts = http.chunks_from_items(self._iterate(method, kind, (request,), {}))
+            else:
+                result = await (
+                    method(request) if kind is _ASYNC else self._in_thread(method, request)
+                )
+                if not http.is_streaming(result):
+                    yield Result(await http.to_response(result))
+                    return
+                parts = http.chunks_from_asgi(result)
+            async for part in parts:
+                started = True
+                yield StreamItem(part)
+            yield StreamEnd()
+        except Exception as exc:
+            logger.exception(
+                "request %s to deployment '%s' failed",
+                request_context.get().request_id,
+                self.spec.deployment,
+            )
+            if started:
+                yield failure_from(exc)
+            else:
+                yield Result(http.error_response(500, "Internal Server Error"))
 
     # --- control -------------------------------------------------------------------
 

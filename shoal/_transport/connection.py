@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, cast
 
-from shoal._errors import RequestTimeoutError, TransportError
+from shoal._errors import RequestCancelledError, RequestTimeoutError, TransportError
 from shoal._transport.codec import HEADER, HEADER_SIZE, MAX_FRAME, decode, encode
 from shoal._transport.messages import (
     Failure,
@@ -34,7 +34,7 @@ from shoal._transport.messages import (
 MessageHandler = Callable[["Connection", int, Message], None]
 _INITIAL_BUFFER = 256 * 1024
 _REPLY = (Result, Failure)
-_STREAM = (StreamItem, StreamEnd, Failure)
+_STREAM = (StreamItem, StreamEnd, Failure, Result)  # Result: a one-shot HTTP reply
 STREAM_WINDOW = 64
 
 
@@ -74,7 +74,10 @@ class StreamReceiver:
         return msg
 
     def close(self) -> None:
+        """Stop receiving; a reader blocked in :meth:`next` gets RequestCancelledError."""
         self._conn.pending.pop(self._corr, None)
+        if not self._end:
+            self.push(RequestCancelledError("the stream was closed"))
 
 
 class Connection(asyncio.BufferedProtocol):

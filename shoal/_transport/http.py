@@ -55,3 +55,14 @@ class HttpResponseData:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (HttpResponseData, (self.status, self.headers, self.body))
+
+
+@dataclass(slots=True)
+class HttpResponseStart:
+    """The status and headers of a streamed response; body chunks (bytes) follow."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (HttpResponseStart, (self.status, self.headers))
