@@ -8,6 +8,7 @@ from shoal import serve
 from shoal._api.context import ReplicaContext, RequestContext, get_request_context
 from shoal._api.deployment import Application, Deployment, deployment
 from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from shoal._api.ingress import ingress
 from shoal._api.serve import (
     delete,
     get_app_handle,
@@ -69,6 +70,7 @@ __all__ = [
     "get_deployment_handle",
     "get_replica_context",
     "get_request_context",
+    "ingress",
     "run",
     "serve",
     "shutdown",

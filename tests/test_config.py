@@ -17,6 +17,7 @@ def test_public_names_are_pinned() -> None:
         "RequestCancelledError", "RequestContext", "RequestTimeoutError", "RouteConflictError",
         "ShoalError", "TransportError", "UnavailableError", "delete", "deployment",
         "get_app_handle", "get_deployment_handle", "get_replica_context", "get_request_context",
+        "ingress",
         "run", "serve", "shutdown", "start", "status",
     }  # fmt: skip
     assert set(shoal.__all__) == expected

@@ -8,10 +8,9 @@ included).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -42,9 +41,7 @@ def build_request(data: HttpRequestData) -> Request:
 
 async def to_response(result: Any) -> HttpResponseData:
     """Convert what an ingress returned into a complete HTTP response."""
-    if isinstance(result, Response):
-        if isinstance(result, StreamingResponse) or not hasattr(result, "body"):
-            return await _run_asgi_response(result)
+    if isinstance(result, Response):  # streaming responses never get here: see is_streaming
         return HttpResponseData(result.status_code, result.raw_headers, bytes(result.body))
     if isinstance(result, str):
         return HttpResponseData(200, _with_length(_TEXT, result.encode()), result.encode())
@@ -111,61 +108,6 @@ async def chunks_from_items(items: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield body
     if not started:
         yield HttpResponseStart(200, list(_TEXT))
-
-
-async def chunks_from_asgi(response: Response) -> AsyncIterator[Any]:
-    """Run a Starlette streaming response; yield its start, then its body chunks as produced.
-
-    The queue is bounded, so a slow client slows the response down instead of buffering it.
-    """
-    queue: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue(maxsize=16)
-
-    async def receive() -> dict[str, Any]:
-        await asyncio.Event().wait()  # never: the proxy reports disconnects by cancelling us
-        return {"type": "http.disconnect"}
-
-    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "GET", "path": "/",
-             "headers": [], "query_string": b""}  # fmt: skip
-    task = asyncio.ensure_future(response(scope, receive, queue.put))
-    try:
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                task.result()  # the response ended without finishing its body: raise why
-                return
-            message = getter.result()
-            if message["type"] == "http.response.start":
-                yield HttpResponseStart(message["status"], list(message.get("headers", [])))
-            elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    yield bytes(message["body"])
-                if not message.get("more_body", False):
-                    return
-    finally:
-        task.cancel()
-
-
-async def _run_asgi_response(response: Response) -> HttpResponseData:
-    status = 500
-    headers: list[tuple[bytes, bytes]] = []
-    chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.disconnect"}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        nonlocal status, headers
-        if message["type"] == "http.response.start":
-            status = message["status"]
-            headers = list(message.get("headers", []))
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
-    await response(scope, receive, send)
-    return HttpResponseData(status, headers, b"".join(chunks))
 
 
 def error_response(status: int, message: str) -> HttpResponseData:

@@ -22,10 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shoal._api.context import ReplicaContext, RequestContext, replica_context, request_context
+from shoal._api.ingress import asgi_app_of
 from shoal._errors import NotFoundError, ShoalError
+from shoal._replica.asgi import Lifespan, asgi_parts, request_scope
 from shoal._runtime.base import ReplicaSpec
 from shoal._transport.failures import failure_from
-from shoal._transport.http import HttpRequestData
+from shoal._transport.http import HttpRequestData, HttpResponseData
 from shoal._transport.messages import Message, Request, Result, StreamEnd, StreamItem
 
 logger = logging.getLogger("shoal.replica")
@@ -61,6 +63,7 @@ class Replica:
             max_workers=max(2, spec.config.max_ongoing_requests),
             thread_name_prefix=f"shoal-{spec.deployment}",
         )
+        self._lifespan: Lifespan | None = None
         self.context = contextvars.copy_context()
         self.context.run(replica_context.set, self._replica_context(None))
         self._stopped = False
@@ -77,6 +80,10 @@ class Replica:
         else:
             self.instance = _FunctionDeployment(spec.target)
         self.context.run(replica_context.set, self._replica_context(self.instance))
+        app = asgi_app_of(self.instance)
+        if app is not None:
+            self._lifespan = Lifespan(app)
+            await self.loop.create_task(self._lifespan.startup(), context=self.context.copy())
         if spec.config.user_config is not None:
             await self.reconfigure(spec.config.user_config)
 
@@ -126,10 +133,10 @@ class Replica:
         return self.context.copy()
 
     async def _invoke(self, request: Request) -> Any:
-        method, kind = self._resolve(request.method)
         args, kwargs = request.args, request.kwargs
         if args and type(args[0]) is HttpRequestData:
-            return await self._invoke_http(method, kind, args[0])
+            return await self._invoke_http(*self._http_target(request), args[0])
+        method, kind = self._resolve(request.method)
         if kind is _ASYNC:
             return await method(*args, **kwargs)
         if kind is _SYNC:
@@ -180,12 +187,12 @@ class Replica:
         """
         self._enter(request)
         try:
-            method, kind = self._resolve(request.method)
             args, kwargs = request.args, request.kwargs
             if args and type(args[0]) is HttpRequestData:
-                async for message in self._http_stream(method, kind, args[0]):
+                async for message in self._http_stream(*self._http_target(request), args[0]):
                     yield message
                 return
+            method, kind = self._resolve(request.method)
             if kind is not _ASYNC_GEN and kind is not _SYNC_GEN:
                 raise TypeError(
                     f"method '{request.method}' is not a generator: call it without stream=True"
@@ -198,6 +205,12 @@ class Replica:
         finally:
             self._leave()
 
+    def _http_target(self, request: Request) -> tuple[Any, str]:
+        """What serves an HTTP request: the ingress ASGI app, or the called method."""
+        if self._lifespan is not None:
+            return self._lifespan.app, "asgi"
+        return self._resolve(request.method)
+
     async def _http_stream(
         self, method: Callable[..., Any], kind: str, data: HttpRequestData
     ) -> AsyncIterator[Message]:
@@ -208,20 +221,28 @@ class Replica:
         """
         from shoal._replica import http
 
-        request = http.build_request(data)
         started = False
         try:
-            if kind is _ASYNC_GEN or kind is _SYNC_GEN:
+            parts: AsyncIterator[Any]
+            if kind == "asgi":
+                state = self._lifespan.state if self._lifespan is not None else {}
+                parts = asgi_parts(method, request_scope(data, state), data.body)
+            elif kind is _ASYNC_GEN or kind is _SYNC_GEN:
+                request = http.build_request(data)
                 parts = http.chunks_from_items(self._iterate(method, kind, (request,), {}))
             else:
+                request = http.build_request(data)
                 result = await (
                     method(request) if kind is _ASYNC else self._in_thread(method, request)
                 )
                 if not http.is_streaming(result):
                     yield Result(await http.to_response(result))
                     return
-                parts = http.chunks_from_asgi(result)
+                parts = asgi_parts(result, data.scope(), b"")
             async for part in parts:
+                if type(part) is HttpResponseData:
+                    yield Result(part)
+                    return
                 started = True
                 yield StreamItem(part)
             yield StreamEnd()
@@ -278,6 +299,8 @@ class Replica:
         if self._stopped:
             return
         self._stopped = True
+        if self._lifespan is not None:
+            await self._lifespan.shutdown()
         destructor = getattr(type(self.instance), "__del__", None)
         if destructor is not None:
             try:

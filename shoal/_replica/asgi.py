@@ -1,0 +1,150 @@
+"""Running ASGI apps inside a replica: requests and lifespan events.
+
+Guarantees:
+- a response sent with a single body message comes back as one complete
+  :class:`HttpResponseData`; a streamed one as its start, then chunks as the
+  app produces them (bounded queue: a slow client slows the app down);
+- the app never sees a disconnect while it runs; when the client goes away
+  the proxy cancels the request, which cancels the app's task;
+- a lifespan startup failure raises, so the deployment fails with its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, MutableMapping
+from typing import Any
+
+from shoal._errors import DeploymentError
+from shoal._transport.http import HttpRequestData, HttpResponseData, HttpResponseStart
+
+logger = logging.getLogger("shoal.replica")
+
+_LIFESPAN_TIMEOUT_S = 60.0
+
+
+async def asgi_parts(
+    app: Any, scope: dict[str, Any], body: bytes
+) -> AsyncIterator[HttpResponseData | HttpResponseStart | bytes]:
+    """Run ``app`` for one HTTP request; yield a complete response or a start and chunks."""
+    queue: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue(maxsize=16)
+    body_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # only cancellation ends a request
+        return {"type": "http.disconnect"}
+
+    task = asyncio.ensure_future(app(scope, receive, queue.put))
+    start: HttpResponseStart | None = None
+    try:
+        while True:
+            message = await _next_message(queue, task)
+            if message is None:
+                if start is None:
+                    raise RuntimeError("the ASGI app returned without sending a response")
+                return
+            if message["type"] == "http.response.start":
+                start = HttpResponseStart(message["status"], list(message.get("headers", [])))
+            elif message["type"] == "http.response.body" and start is not None:
+                chunk = bytes(message.get("body", b""))
+                more = message.get("more_body", False)
+                if not more and not isinstance(start, _Sent):
+                    yield HttpResponseData(start.status, start.headers, chunk)
+                    return
+                if not isinstance(start, _Sent):
+                    yield start
+                    start = _Sent(start.status, start.headers)
+                if chunk:
+                    yield chunk
+                if not more:
+                    return
+    finally:
+        task.cancel()
+
+
+class _Sent(HttpResponseStart):
+    """Marks that the response start has been passed on."""
+
+
+async def _next_message(
+    queue: asyncio.Queue[MutableMapping[str, Any]], task: asyncio.Future[Any]
+) -> MutableMapping[str, Any] | None:
+    """The app's next message, or None once it finished; re-raises the app's exception."""
+    if not queue.empty():
+        return queue.get_nowait()
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    if not queue.empty():
+        return queue.get_nowait()
+    task.result()
+    return None
+
+
+def request_scope(data: HttpRequestData, state: dict[str, Any]) -> dict[str, Any]:
+    scope = data.scope()
+    scope["state"] = dict(state)
+    return scope
+
+
+class Lifespan:
+    """Drives an ASGI app's lifespan protocol (startup at replica start, shutdown at stop)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.state: dict[str, Any] = {}
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+        self._task: asyncio.Future[Any] | None = None
+
+    async def startup(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
+                 "state": self.state}  # fmt: skip
+        self._task = asyncio.ensure_future(self.app(scope, self._inbox.get, self._outbox.put))
+        await self._inbox.put({"type": "lifespan.startup"})
+        message = await self._reply("startup")
+        if message is None:
+            self._task = None  # the app does not speak lifespan: nothing to run
+            return
+        if message["type"] == "lifespan.startup.failed":
+            raise DeploymentError(f"lifespan startup failed: {message.get('message', '')}")
+
+    async def shutdown(self) -> None:
+        if self._task is None or self._task.done():
+            return
+        await self._inbox.put({"type": "lifespan.shutdown"})
+        try:
+            message = await self._reply("shutdown")
+        except Exception:
+            logger.exception("lifespan shutdown failed")
+            return
+        if message is not None and message["type"] == "lifespan.shutdown.failed":
+            logger.error("lifespan shutdown failed: %s", message.get("message", ""))
+
+    async def _reply(self, phase: str) -> MutableMapping[str, Any] | None:
+        assert self._task is not None
+        try:
+            return await asyncio.wait_for(
+                _next_message(self._outbox, self._task), _LIFESPAN_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise DeploymentError(
+                f"lifespan {phase} did not finish within {_LIFESPAN_TIMEOUT_S:.0f} s"
+            ) from None
+        except Exception as exc:
+            if phase == "startup" and not self.state and _unsupported(exc):
+                return None
+            raise DeploymentError(f"lifespan {phase} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _unsupported(exc: Exception) -> bool:
+    """Apps that do not handle lifespan typically fail on the unknown scope type."""
+    text = str(exc).lower()
+    return isinstance(exc, AssertionError | KeyError | ValueError | TypeError) or "lifespan" in text
