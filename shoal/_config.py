@@ -136,6 +136,7 @@ class HTTPOptions(_Strict):
     root_path: str = ""
     request_timeout_s: float | None = Field(None, gt=0)
     keep_alive_timeout_s: float = Field(5.0, gt=0)
+    max_request_body_bytes: int = Field(100 * 2**20, gt=0)
 
 
 def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 
@@ -122,3 +129,66 @@ def test_status_lists_proxy(apps: str, http_port: int) -> None:
     status = serve.status()
     assert status.proxies["local"].port == http_port
     assert status.applications["echo"].route_prefix == "/echo"
+
+
+@serve.deployment
+class Slow:
+    async def __call__(self, request: Request) -> str:
+        marker = request.query_params.get("marker")
+        try:
+            await asyncio.sleep(float(request.query_params.get("seconds", "30")))
+            return "done"
+        finally:
+            if marker:
+                Path(marker).write_text("cancelled")
+
+
+def test_client_disconnect_cancels_the_work_in_the_replica(apps: str, tmp_path: Path) -> None:
+    serve.run(Slow.bind(), name="slow", route_prefix="/slow")
+    marker = tmp_path / "marker"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{apps}/slow?marker={marker}", timeout=0.3)
+    gone_at = time.monotonic()
+    while not marker.exists():
+        assert time.monotonic() - gone_at < 2.0, "the replica kept working for a gone client"
+        time.sleep(0.01)
+    serve.delete("slow")
+
+
+def test_request_timeout_and_body_limit(tmp_path: Path) -> None:
+    """A second proxy with tight limits, in a child process so the session's stays as is."""
+    script = tmp_path / "limits.py"
+    script.write_text(LIMITS_DRIVER)
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, str(script), str(port), str(tmp_path / "marker")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["504", "413", "413", "200", "cancelled"]
+
+
+LIMITS_DRIVER = """
+import sys, time, httpx
+from pathlib import Path
+from shoal import serve
+from test_http import Slow
+
+port, marker = int(sys.argv[1]), sys.argv[2]
+serve.start(http_options={"port": port, "request_timeout_s": 0.5, "max_request_body_bytes": 1000})
+serve.run(Slow.bind(), route_prefix="/slow")
+base = f"http://127.0.0.1:{port}/slow"
+print(httpx.get(f"{base}?marker={marker}", timeout=30).status_code)
+print(httpx.post(base, content=b"x" * 1001, timeout=30).status_code)
+def chunks():
+    yield b"x" * 600
+    yield b"x" * 600
+print(httpx.post(base, content=chunks(), timeout=30).status_code)
+print(httpx.post(f"{base}?seconds=0", content=b"x" * 1000, timeout=30).status_code)
+deadline = time.monotonic() + 5
+while not Path(marker).exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(Path(marker).read_text() if Path(marker).exists() else "still running")
+serve.shutdown()
+"""

@@ -65,7 +65,12 @@ class Proxy:
             await _reply(send, 404, f"Path '{path}' not found. Routes are listed at /-/routes.")
             return
         prefix, app, ingress = route
-        body = await _read_body(receive)
+        limit = self.options.max_request_body_bytes
+        body = await _read_body(scope, receive, limit)
+        if body is None:
+            await _reply(send, 413, f"Request body is larger than {limit} bytes "
+                                    "(http_options.max_request_body_bytes).")  # fmt: skip
+            return
         request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
         data = HttpRequestData(
             scope["method"], scope.get("scheme", "http"), path,
@@ -74,7 +79,19 @@ class Proxy:
             scope.get("http_version", "1.1"),
         )  # fmt: skip
         request = Request("__call__", (data,), {}, request_id, True)
-        await self._forward(app, ingress, request, receive, send)
+        timeout = self.options.request_timeout_s
+        if timeout is None:
+            await self._forward(app, ingress, request, receive, send)
+            return
+        started = _StartTracker(send)
+        try:
+            await asyncio.wait_for(self._forward(app, ingress, request, receive, started), timeout)
+        except TimeoutError:
+            if started.sent:
+                raise  # mid-stream: abort the connection; the client sees a truncated body
+            logger.warning("request %s timed out after %.3g s", request_id, timeout)
+            await _reply(send, 504, f"Request timed out after {timeout:g} s "
+                                    "(http_options.request_timeout_s).")  # fmt: skip
 
     async def _forward(
         self, app: str, ingress: str, request: Request, receive: Any, send: Any
@@ -87,6 +104,7 @@ class Proxy:
             logger.warning("request %s: %s", request.request_id, exc)
             await _reply(send, 503, f"Service unavailable: application '{app}' has no replica.")
             return
+        watch = _DisconnectWatch(receive, stream)
         try:
             first = await stream.next()
             if type(first) is Result and type(first.value) is HttpResponseData:
@@ -96,7 +114,7 @@ class Proxy:
                             "headers": response.headers})  # fmt: skip
                 await send({"type": "http.response.body", "body": response.body})
             elif type(first) is StreamItem and type(first.value) is HttpResponseStart:
-                await self._relay(first.value, stream, request_id, receive, send)
+                await self._relay(first.value, stream, request_id, watch, send)
             else:
                 logger.error("request %s to '%s' failed: %s", request.request_id, app, first)
                 await _reply(send, 500, "Internal Server Error")
@@ -106,22 +124,13 @@ class Proxy:
             logger.error("request %s to '%s' failed: %s", request.request_id, app, exc)
             await _reply(send, 500, "Internal Server Error")
         finally:
+            watch.stop()
             stream.close()
 
     async def _relay(
-        self, start: HttpResponseStart, stream: Any, request_id: bytes, receive: Any, send: Any
+        self, start: HttpResponseStart, stream: Any, request_id: bytes, watch: Any, send: Any
     ) -> None:
-        # A client that goes away closes the stream, which cancels the generator in the replica.
-        disconnected = asyncio.ensure_future(receive())
-        disconnected.add_done_callback(lambda _: stream.close())
-        try:
-            await self._relay_chunks(start, stream, request_id, send)
-        finally:
-            disconnected.cancel()
-
-    async def _relay_chunks(
-        self, start: HttpResponseStart, stream: Any, request_id: bytes, send: Any
-    ) -> None:
+        watch.start()  # streams can run for long: watch for the client leaving from now on
         headers = [*start.headers, (b"x-request-id", request_id)]
         await send({"type": "http.response.start", "status": start.status, "headers": headers})
         while True:
@@ -192,16 +201,69 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _read_body(receive: Any) -> bytes:
+async def _read_body(scope: Scope, receive: Any, limit: int) -> bytes | None:
+    """The whole request body, or None if it is larger than ``limit`` bytes."""
+    declared = _header(scope, b"content-length")
+    if declared.isdigit() and int(declared) > limit:
+        return None
     message = await receive()
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
-        return body
-    chunks = [body]
+        return body if len(body) <= limit else None
+    chunks, size = [body], len(body)
     while message.get("more_body", False):
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
     return b"".join(chunks)
+
+
+class _StartTracker:
+    """Wraps ASGI ``send`` to know whether the response has started."""
+
+    __slots__ = ("_send", "sent")
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self.sent = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.sent = True
+        await self._send(message)
+
+
+class _DisconnectWatch:
+    """Closes the request's stream (cancelling the replica's work) if the client leaves.
+
+    Watching costs a task, so it starts only for requests still running after
+    ``delay_s``, or at once for streamed responses.
+    """
+
+    __slots__ = ("_receive", "_stream", "_task", "_timer")
+
+    def __init__(self, receive: Any, stream: Any, delay_s: float = 0.05) -> None:
+        self._receive = receive
+        self._stream = stream
+        self._task: asyncio.Future[Any] | None = None
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self.start)
+
+    def start(self) -> None:
+        self._timer.cancel()
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._receive())
+            self._task.add_done_callback(self._received)
+
+    def _received(self, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled():
+            self._stream.close()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _header(scope: Scope, name: bytes) -> str:
