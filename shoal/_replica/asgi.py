@@ -41,6 +41,7 @@ async def asgi_parts(
 
     task = asyncio.ensure_future(app(scope, receive, queue.put))
     start: HttpResponseStart | None = None
+    complete = False
     try:
         while True:
             message = await _next_message(queue, task)
@@ -54,6 +55,7 @@ async def asgi_parts(
                 chunk = bytes(message.get("body", b""))
                 more = message.get("more_body", False)
                 if not more and not isinstance(start, _Sent):
+                    complete = True
                     yield HttpResponseData(start.status, start.headers, chunk)
                     return
                 if not isinstance(start, _Sent):
@@ -62,9 +64,29 @@ async def asgi_parts(
                 if chunk:
                     yield chunk
                 if not more:
+                    complete = True
                     return
     finally:
-        task.cancel()
+        if complete:  # the app may go on with background tasks after its response
+            _finish_in_background(task)
+        else:
+            task.cancel()
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+def _finish_in_background(task: asyncio.Future[Any]) -> None:
+    if task.done():
+        return
+    _background.add(task)
+    task.add_done_callback(_report_background)
+
+
+def _report_background(task: asyncio.Future[Any]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background work after a response failed", exc_info=task.exception())
 
 
 class _Sent(HttpResponseStart):
