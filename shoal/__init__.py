@@ -5,6 +5,7 @@ follow Ray Serve's public API.
 """
 
 from shoal import serve
+from shoal._api.batching import batch
 from shoal._api.context import ReplicaContext, RequestContext, get_request_context
 from shoal._api.deployment import Application, Deployment, deployment
 from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
@@ -22,6 +23,7 @@ from shoal._api.serve import (
 from shoal._config import AutoscalingConfig, DeploymentConfig, HTTPOptions
 from shoal._controller.status import ApplicationStatus, DeploymentStatus, ReplicaState
 from shoal._errors import (
+    BatchSizeMismatchError,
     ConfigError,
     DeploymentError,
     NotFoundError,
@@ -42,6 +44,7 @@ __all__ = [
     "Application",
     "ApplicationStatus",
     "AutoscalingConfig",
+    "BatchSizeMismatchError",
     "ConfigError",
     "Deployment",
     "DeploymentConfig",
@@ -64,6 +67,7 @@ __all__ = [
     "ShoalError",
     "TransportError",
     "UnavailableError",
+    "batch",
     "delete",
     "deployment",
     "get_app_handle",

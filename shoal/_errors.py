@@ -53,6 +53,13 @@ class ReplicaError(ShoalError):
         self.remote_traceback = remote_traceback
 
 
+class BatchSizeMismatchError(ShoalError, ValueError):
+    """A ``@serve.batch`` handler did not return one result per request of its batch.
+
+    Every caller in that batch receives it; the message names both lengths.
+    """
+
+
 class RequestTimeoutError(ShoalError, TimeoutError):
     """A request or a control operation did not complete within its time limit."""
 
@@ -70,6 +77,7 @@ class NotRunningError(ShoalError, RuntimeError):
 
 
 __all__ = [
+    "BatchSizeMismatchError",
     "ConfigError",
     "DeploymentError",
     "NotFoundError",

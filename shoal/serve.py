@@ -4,6 +4,7 @@ Written so that a Ray Serve program runs after changing ``from ray import serve`
 to ``from shoal import serve``.
 """
 
+from shoal._api.batching import batch
 from shoal._api.context import ReplicaContext, RequestContext, get_request_context
 from shoal._api.deployment import Application, Deployment, deployment
 from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
@@ -21,6 +22,7 @@ from shoal._api.serve import (
 from shoal._config import AutoscalingConfig, DeploymentConfig, HTTPOptions
 from shoal._controller.status import ApplicationStatus, DeploymentStatus, ReplicaState
 from shoal._errors import (
+    BatchSizeMismatchError,
     ConfigError,
     DeploymentError,
     NotFoundError,
@@ -39,6 +41,7 @@ __all__ = [
     "Application",
     "ApplicationStatus",
     "AutoscalingConfig",
+    "BatchSizeMismatchError",
     "ConfigError",
     "Deployment",
     "DeploymentConfig",
@@ -61,6 +64,7 @@ __all__ = [
     "ShoalError",
     "TransportError",
     "UnavailableError",
+    "batch",
     "delete",
     "deployment",
     "get_app_handle",

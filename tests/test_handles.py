@@ -311,3 +311,11 @@ def test_failed_health_check_replaces_the_replica(deploy: Deploy) -> None:
     assert current.startswith("fragile#Fragile#")
     replicas = serve.status().applications["fragile"].deployments["Fragile"].replicas
     assert [r.replica_id for r in replicas] == [current]
+
+
+def test_local_testing_mode_ignores_route_prefixes() -> None:
+    first = serve.run(Adder.bind(1), name="local-a", _local_testing_mode=True)
+    second = serve.run(Adder.bind(2), name="local-b", _local_testing_mode=True)  # both at "/"
+    assert (first.remote(0).result(), second.remote(0).result()) == (1, 2)
+    serve.delete("local-a")
+    serve.delete("local-b")

@@ -5,11 +5,22 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import (
+    BackgroundTasks,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Request,
+    Response,
+    WebSocket,
+    WebSocketDisconnect,
+)
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -256,3 +267,42 @@ def test_ingress_needs_a_class_and_an_app() -> None:
         serve.ingress("not an app")
     with pytest.raises(serve.ConfigError, match="decorates a class"):
         serve.ingress(api)(lambda: None)  # type: ignore[arg-type]
+
+
+chat_api = FastAPI()
+
+
+@serve.deployment
+@serve.ingress(chat_api)
+class Chat:
+    def __init__(self, marker_dir: str) -> None:
+        self.marker_dir = marker_dir
+
+    @chat_api.websocket("/ws/{room}")
+    async def talk(self, websocket: WebSocket, room: str) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                text = await websocket.receive_text()
+                await websocket.send_text(f"[{room}] {text}")
+        except WebSocketDisconnect:
+            Path(self.marker_dir, room).write_text("closed")
+
+
+def test_websockets(http_port: int, tmp_path: Path) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    serve.run(Chat.bind(str(tmp_path)), name="chat", route_prefix="/chat")
+    base = f"ws://127.0.0.1:{http_port}"
+    with connect(f"{base}/chat/ws/lobby", open_timeout=30) as websocket:
+        for text in ("hello", "again"):
+            websocket.send(text)
+            assert websocket.recv(timeout=30) == f"[lobby] {text}"
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "lobby").exists():  # the app saw the disconnect
+        assert time.monotonic() < deadline, "the websocket handler never saw the disconnect"
+        time.sleep(0.01)
+    with pytest.raises(InvalidStatus, match="403"):
+        connect(f"{base}/nowhere/ws", open_timeout=30)
+    serve.delete("chat")

@@ -150,3 +150,18 @@ def test_no_process_outlives_a_killed_driver(tmp_path: Path) -> None:
     finally:
         driver.kill()
         driver.wait(timeout=10)
+
+
+@serve.deployment
+def tiny(request: object) -> str:
+    return "ok"
+
+
+def test_many_workers_do_not_starve_shutdown(http_port: int) -> None:
+    """Regression: one blocked thread per worker once exhausted the default executor."""
+    serve.run(tiny.options(num_replicas=9).bind(), name="many", route_prefix=None)
+    serve.run(tiny.bind(), name="one", route_prefix=None)
+    started = time.monotonic()
+    serve.delete("one")
+    serve.delete("many")
+    assert time.monotonic() - started < 30

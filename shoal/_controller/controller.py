@@ -86,8 +86,8 @@ class Controller:
             await self._publish_routes()
 
     def _check_route(self, spec: AppSpec) -> None:
-        if spec.route_prefix is None:
-            return
+        if spec.route_prefix is None or not self.runtime.supports_http:
+            return  # without a proxy (in-process runtime) routes are never served
         if not spec.route_prefix.startswith("/"):
             raise RouteConflictError(f"route_prefix must start with '/', got {spec.route_prefix!r}")
         for other in self.apps.values():

@@ -19,7 +19,12 @@ from typing import Any
 from shoal._config import HTTPOptions
 from shoal._errors import RequestCancelledError, ShoalError, UnavailableError
 from shoal._router.router import RouterRegistry
-from shoal._transport.http import HttpRequestData, HttpResponseData, HttpResponseStart
+from shoal._transport.http import (
+    WEBSOCKET,
+    HttpRequestData,
+    HttpResponseData,
+    HttpResponseStart,
+)
 from shoal._transport.messages import Request, Result, StreamEnd, StreamItem
 
 logger = logging.getLogger("shoal.proxy")
@@ -54,6 +59,9 @@ class Proxy:
         return None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             return
         path: str = scope["path"]
@@ -144,6 +152,37 @@ class Proxy:
                 logger.error("streamed response %s failed: %s", request_id.decode(), message)
                 raise RuntimeError("the streamed response failed in the replica")
 
+    async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Relay a websocket: client messages go in as stream inputs, the app's come back."""
+        path: str = scope["path"]
+        route = self.match(path)
+        if route is None:
+            await send({"type": "websocket.close", "code": 1008})  # uvicorn answers 403
+            return
+        prefix, app, ingress = route
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        data = HttpRequestData(
+            WEBSOCKET, scope.get("scheme", "ws"), path, "" if prefix == "/" else prefix,
+            scope.get("query_string", b""), scope["headers"], b"", scope.get("client"),
+            scope.get("server"), scope.get("http_version", "1.1"),
+        )  # fmt: skip
+        try:
+            stream = await self.registry.get(app, ingress).open_stream(
+                Request("__call__", (data,), {}, request_id, True)
+            )
+        except UnavailableError:
+            await send({"type": "websocket.close", "code": 1013})  # try again later
+            return
+        pump = asyncio.ensure_future(_client_to_replica(receive, stream))
+        try:
+            while type(message := await stream.next()) is StreamItem:
+                await send(message.value)
+        except (ShoalError, OSError, RuntimeError) as exc:
+            logger.debug("websocket %s ended: %r", request_id, exc)
+        finally:
+            pump.cancel()
+            stream.close()
+
     async def _builtin(self, path: str, send: Any) -> None:
         if path == "/-/routes":
             table = {prefix: app for prefix, app, _ in sorted(self._routes)}
@@ -162,7 +201,7 @@ class Proxy:
         options = self.options
         sock = _bind(options.host, options.port)
         config = uvicorn.Config(
-            self, loop="none", http="httptools", ws="none", lifespan="off",
+            self, loop="none", http="httptools", ws=_websocket_implementation(), lifespan="off",
             access_log=False, log_level="warning", root_path=options.root_path,
             timeout_keep_alive=int(options.keep_alive_timeout_s), server_header=False,
         )  # fmt: skip
@@ -184,6 +223,14 @@ class Proxy:
             logger.warning("HTTP connections did not close within %.1f s", timeout_s)
 
 
+def _websocket_implementation() -> str:
+    try:
+        import websockets  # noqa: F401
+    except ImportError:
+        return "none"
+    return "websockets-sansio"
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -199,6 +246,14 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+async def _client_to_replica(receive: Any, stream: Any) -> None:
+    while True:
+        message = await receive()
+        stream.send_input(message)
+        if message["type"] == "websocket.disconnect":
+            return
 
 
 async def _read_body(scope: Scope, receive: Any, limit: int) -> bytes | None:

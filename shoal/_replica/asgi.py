@@ -110,6 +110,19 @@ async def _next_message(
     return None
 
 
+async def websocket_messages(
+    app: Any, scope: dict[str, Any], inbox: asyncio.Queue[Any]
+) -> AsyncIterator[MutableMapping[str, Any]]:
+    """Run ``app`` for one websocket; its receive reads ``inbox`` (the client's messages)."""
+    outbox: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue(maxsize=16)
+    task = asyncio.ensure_future(app(scope, inbox.get, outbox.put))
+    try:
+        while (message := await _next_message(outbox, task)) is not None:
+            yield message
+    finally:
+        task.cancel()
+
+
 def request_scope(data: HttpRequestData, state: dict[str, Any]) -> dict[str, Any]:
     scope = data.scope()
     scope["state"] = dict(state)

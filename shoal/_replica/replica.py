@@ -24,10 +24,10 @@ from typing import Any
 from shoal._api.context import ReplicaContext, RequestContext, replica_context, request_context
 from shoal._api.ingress import asgi_app_of
 from shoal._errors import NotFoundError, ShoalError
-from shoal._replica.asgi import Lifespan, asgi_parts, request_scope
+from shoal._replica.asgi import Lifespan, asgi_parts, request_scope, websocket_messages
 from shoal._runtime.base import ReplicaSpec
 from shoal._transport.failures import failure_from
-from shoal._transport.http import HttpRequestData, HttpResponseData
+from shoal._transport.http import WEBSOCKET, HttpRequestData, HttpResponseData
 from shoal._transport.messages import Message, Request, Result, StreamEnd, StreamItem
 
 logger = logging.getLogger("shoal.replica")
@@ -180,7 +180,9 @@ class Replica:
         finally:
             await self._in_thread(generator.close)  # runs the generator's finally blocks
 
-    async def handle_stream(self, request: Request) -> AsyncIterator[Message]:
+    async def handle_stream(
+        self, request: Request, inbox: asyncio.Queue[Any] | None = None
+    ) -> AsyncIterator[Message]:
         """Run a streaming request: StreamItem messages then StreamEnd, or a Failure.
 
         An HTTP request may instead produce one Result (a complete response).
@@ -189,7 +191,12 @@ class Replica:
         try:
             args, kwargs = request.args, request.kwargs
             if args and type(args[0]) is HttpRequestData:
-                async for message in self._http_stream(*self._http_target(request), args[0]):
+                messages = (
+                    self._websocket(args[0], inbox)
+                    if args[0].method == WEBSOCKET
+                    else self._http_stream(*self._http_target(request), args[0])
+                )
+                async for message in messages:
                     yield message
                 return
             method, kind = self._resolve(request.method)
@@ -204,6 +211,22 @@ class Replica:
             yield failure_from(exc, f"in replica {self.spec.replica_id}:")
         finally:
             self._leave()
+
+    async def _websocket(
+        self, data: HttpRequestData, inbox: asyncio.Queue[Any] | None
+    ) -> AsyncIterator[Message]:
+        """Relay a websocket between the client (via ``inbox``) and the ingress ASGI app."""
+        if self._lifespan is None or inbox is None:
+            logger.warning(
+                "websocket to deployment '%s' refused: serve it with @serve.ingress(app)",
+                self.spec.deployment,
+            )
+            yield StreamItem({"type": "websocket.close", "code": 1008})
+        else:
+            scope = request_scope(data, self._lifespan.state)
+            async for message in websocket_messages(self._lifespan.app, scope, inbox):
+                yield StreamItem(dict(message))
+        yield StreamEnd()
 
     def _http_target(self, request: Request) -> tuple[Any, str]:
         """What serves an HTTP request: the ingress ASGI app, or the called method."""

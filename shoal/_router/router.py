@@ -201,6 +201,9 @@ class _CountedStream:
             self.close()
         return msg
 
+    def send_input(self, value: Any) -> None:
+        self._stream.send_input(value)  # type: ignore[attr-defined]
+
     def close(self) -> None:
         if self._release is not None:
             release, self._release = self._release, None

@@ -28,7 +28,9 @@ class HttpRequestData:
         ))  # fmt: skip
 
     def scope(self) -> dict[str, Any]:
-        """The ASGI scope a Starlette ``Request`` is built from."""
+        """The ASGI scope a Starlette ``Request`` (or ``WebSocket``) is built from."""
+        if self.method == WEBSOCKET:
+            return self._websocket_scope()
         return {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -43,6 +45,26 @@ class HttpRequestData:
             "client": self.client,
             "server": self.server,
         }
+
+    def _websocket_scope(self) -> dict[str, Any]:
+        protocols = next((v for k, v in self.headers if k == b"sec-websocket-protocol"), b"")
+        return {
+            "type": "websocket",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": self.http_version,
+            "scheme": self.scheme,
+            "path": self.path,
+            "raw_path": self.path.encode(),
+            "root_path": self.root_path,
+            "query_string": self.query_string,
+            "headers": self.headers,
+            "client": self.client,
+            "server": self.server,
+            "subprotocols": [p.strip() for p in protocols.decode().split(",") if p.strip()],
+        }
+
+
+WEBSOCKET = "WEBSOCKET"  # HttpRequestData.method of a websocket connection
 
 
 @dataclass(slots=True)

@@ -107,6 +107,13 @@ class StreamCredit(Message):
     items: int
 
 
+@message(8)
+class StreamInput(Message):
+    """A message from the caller into a running stream (a websocket's client messages)."""
+
+    value: Any
+
+
 @message(7)
 class Cancel(Message):
     """Cancel the request with the frame's correlation id."""

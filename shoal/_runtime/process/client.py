@@ -8,7 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 from shoal._transport.connection import Connection, StreamReceiver, connect_unix
-from shoal._transport.messages import Cancel, Message, ReplicaInfo, Request, StreamItem
+from shoal._transport.messages import (
+    Cancel,
+    Message,
+    ReplicaInfo,
+    Request,
+    StreamInput,
+    StreamItem,
+)
 
 
 class SocketClient:
@@ -64,6 +71,11 @@ class SocketStream:
         if type(msg) is not StreamItem:
             self._ended = True
         return msg
+
+    def send_input(self, value: Any) -> None:
+        """Send a message into the running stream (a websocket's client messages)."""
+        if not self._ended and not self._conn.closed:
+            self._conn.send(self._corr, StreamInput(value))
 
     def close(self) -> None:
         self._receiver.close()

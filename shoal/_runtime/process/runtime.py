@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,7 @@ class _WorkerProcess:
         self.process = process
         self.conn: Connection | None = None
         self.stopping = False
+        self.exited: asyncio.Future[int] = _exit_future(process)
 
     async def request(self, msg: Message, timeout_s: float) -> Any:
         if self.conn is None or self.conn.closed:
@@ -65,12 +67,42 @@ class _WorkerProcess:
 
     async def wait_exit(self, timeout_s: float) -> None:
         """Wait for the process to end; SIGKILL it after ``timeout_s``."""
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, self.process.wait), timeout_s)
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout_s)
         except TimeoutError:
             self.process.kill()
-            await loop.run_in_executor(None, self.process.wait)
+            await asyncio.wait_for(asyncio.shield(self.exited), _EXIT_GRACE_S)
+
+
+def _exit_future(process: subprocess.Popen[bytes]) -> asyncio.Future[int]:
+    """A future resolved with the exit code once ``process`` ends (and is reaped).
+
+    Uses a pidfd watched by the event loop: no thread is parked per worker (a
+    blocking ``wait()`` per worker in the default executor would exhaust it).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3: one daemon thread per worker
+        threading.Thread(target=lambda: _resolve(loop, future, process.wait()), daemon=True).start()
+        return future
+
+    def on_exit() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        _resolve(loop, future, process.wait())
+
+    loop.add_reader(pidfd, on_exit)
+    return future
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], code: int) -> None:
+    def set_code() -> None:
+        if not future.done():
+            future.set_result(code)
+
+    loop.call_soon_threadsafe(set_code)
 
 
 class _ProcessReplica:
@@ -137,7 +169,7 @@ class ProcessRuntime:
             close_fds=True,
         )
         worker = self._workers[worker_id] = _WorkerProcess(worker_id, process)
-        exited: asyncio.Future[Any] = loop.run_in_executor(None, process.wait)
+        exited: asyncio.Future[Any] = asyncio.shield(worker.exited)
         done, _ = await asyncio.wait({hello, exited}, timeout=_SPAWN_TIMEOUT_S,
                                      return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         if hello not in done:

@@ -26,6 +26,7 @@ from shoal._runtime.process.client import UnixConnector
 from shoal._transport.codec import SerializationError
 from shoal._transport.connection import STREAM_WINDOW, Connection, connect_unix, serve_unix
 from shoal._transport.failures import failure_from
+from shoal._transport.http import WEBSOCKET, HttpRequestData
 from shoal._transport.messages import (
     Cancel,
     HealthCheck,
@@ -40,6 +41,7 @@ from shoal._transport.messages import (
     StartReplica,
     StopReplica,
     StreamCredit,
+    StreamInput,
     StreamItem,
 )
 
@@ -59,6 +61,8 @@ class Worker:
         self.done: asyncio.Future[None] = self.loop.create_future()
         self._tasks: dict[tuple[int, int], asyncio.Task[Any]] = {}
         self._credits: dict[tuple[int, int], _Credit] = {}
+        # Messages a caller sends into its running stream (a websocket's client side).
+        self._inboxes: dict[tuple[int, int], asyncio.Queue[Any]] = {}
         self._data_server: asyncio.AbstractServer | None = None
         set_default_registry(self.registry)
 
@@ -145,23 +149,24 @@ class Worker:
     # --- data plane ----------------------------------------------------------------
 
     def _on_request(self, conn: Connection, corr: int, msg: Message) -> None:
-        kind = type(msg)
         key = (id(conn), corr)
-        if kind is Request:
-            run = self._stream if msg.stream else self._call  # type: ignore[attr-defined]
-            task = self.loop.create_task(
-                run(conn, corr, msg),  # type: ignore[arg-type]
-                context=self.replica.task_context(),
-            )
-            self._tasks[key] = task
-        elif kind is Cancel:
+        if isinstance(msg, Request):
+            if msg.stream and _is_websocket(msg):
+                self._inboxes[key] = asyncio.Queue()  # before any client message can arrive
+            run = self._stream(conn, corr, msg) if msg.stream else self._call(conn, corr, msg)
+            self._tasks[key] = self.loop.create_task(run, context=self.replica.task_context())
+        elif isinstance(msg, Cancel):
             running = self._tasks.get(key)
             if running is not None:
                 running.cancel()
-        elif kind is StreamCredit:
+        elif isinstance(msg, StreamCredit):
             credit = self._credits.get(key)
             if credit is not None:
-                credit.grant(msg.items)  # type: ignore[attr-defined]
+                credit.grant(msg.items)
+        elif isinstance(msg, StreamInput):
+            inbox = self._inboxes.get(key)
+            if inbox is not None:
+                inbox.put_nowait(msg.value)
 
     async def _call(self, conn: Connection, corr: int, request: Request) -> None:
         try:
@@ -173,7 +178,7 @@ class Worker:
     async def _stream(self, conn: Connection, corr: int, request: Request) -> None:
         key = (id(conn), corr)
         credit = self._credits[key] = _Credit(STREAM_WINDOW)
-        stream = self.replica.handle_stream(request)
+        stream = self.replica.handle_stream(request, self._inboxes.get(key))
         try:
             async for reply in stream:
                 if type(reply) is StreamItem:
@@ -184,7 +189,13 @@ class Worker:
         finally:
             await stream.aclose()
             self._credits.pop(key, None)
+            self._inboxes.pop(key, None)
             self._tasks.pop(key, None)
+
+
+def _is_websocket(request: Request) -> bool:
+    args = request.args
+    return bool(args) and type(args[0]) is HttpRequestData and args[0].method == WEBSOCKET
 
 
 def _send_reply(conn: Connection, corr: int, reply: Message) -> None:

@@ -1,0 +1,618 @@
+"""``@serve.batch``: concurrent single-item calls become one call of a batch handler.
+
+Guarantees:
+- each caller passes one item and gets its own result (or its own stream);
+- a batch holds at most ``max_batch_size`` items (counted, or measured by
+  ``batch_size_fn``) of one multiplexed model; it runs when full or when its
+  oldest request has waited ``batch_wait_timeout_s`` (with ``target_latency_s``,
+  when the latency planner in :mod:`shoal._api.batch_metrics` says so);
+- a failing batch fails only its own callers, with the handler's exception;
+- a caller cancelled before its batch runs leaves the batch; one cancelled
+  while it runs has its result discarded; the other callers are unaffected;
+- one batcher per instance (per free function), created on the running loop
+  at the first call; the setters take effect from the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from shoal._api.batch_metrics import BatchStats, LatencyPlan, Planner, Stats, Summary, summarize
+from shoal._api.context import request_context
+from shoal._errors import BatchSizeMismatchError, ConfigError, RequestCancelledError, ShoalError
+
+_ITEM, _END, _ERROR = "item", "end", "error"
+_NAMES = ("__module__", "__name__", "__qualname__", "__doc__")
+
+
+def _take_names(target: Any, fn: Callable[..., Any]) -> None:
+    # Names and docs only; a __wrapped__ would make inspect report the handler's signature.
+    for name in _NAMES:
+        setattr(target, name, getattr(fn, name, None))
+
+
+# --- options ---------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"@serve.batch option {name}={value!r} is invalid: use an integer >= 1")
+    return value
+
+
+def _check_seconds(name: str, value: Any, *, zero_ok: bool) -> float:
+    valid = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and (value >= 0 if zero_ok else value > 0)
+    )
+    if not valid:
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(
+            f"@serve.batch option {name}={value!r} is invalid: use a number of seconds {bound}"
+        )
+    return float(value)
+
+
+@dataclass
+class _Options:
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_concurrent_batches: int
+    batch_size_fn: Callable[[list[Any]], int] | None
+    target_latency_s: float | None
+
+    def validate(self) -> _Options:
+        _check_int("max_batch_size", self.max_batch_size)
+        _check_seconds("batch_wait_timeout_s", self.batch_wait_timeout_s, zero_ok=True)
+        _check_int("max_concurrent_batches", self.max_concurrent_batches)
+        if self.batch_size_fn is not None and not callable(self.batch_size_fn):
+            raise ConfigError(
+                f"@serve.batch option batch_size_fn={self.batch_size_fn!r} is invalid: "
+                "pass a function from a list of items to their total size, or None"
+            )
+        if self.target_latency_s is not None:
+            _check_seconds("target_latency_s", self.target_latency_s, zero_ok=False)
+        return self
+
+
+# --- the handler and its callers ---------------------------------------------------------
+
+
+def _defined_in_class(fn: Callable[..., Any]) -> bool:
+    # A function written in a class body has "Class.name" (or "f.<locals>.Class.name") as
+    # its qualified name; a free function has "name" or "f.<locals>.name".
+    parts = fn.__qualname__.split(".")
+    return len(parts) >= 2 and parts[-2] != "<locals>"
+
+
+class _Handler:
+    """The user's batch function and how to call it with one list per parameter."""
+
+    def __init__(self, fn: Callable[..., Any], options: _Options) -> None:
+        self.name = getattr(fn, "__qualname__", repr(fn))
+        if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            raise ConfigError(
+                f"@serve.batch needs an `async def` function or method; {self.name} is not "
+                "async. Make it `async def` (run blocking work with `await asyncio.to_thread(...)`)"
+            )
+        self.fn = fn
+        self.options = options
+        self.streaming = inspect.isasyncgenfunction(fn)
+        self.is_method = _defined_in_class(fn)
+        params = list(inspect.signature(fn).parameters.values())
+        params = params[1:] if self.is_method else params
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        if not params or any(p.kind in variadic for p in params):
+            raise ConfigError(
+                f"@serve.batch handler {self.name} must name its parameters (no *args or "
+                "**kwargs), at least one: each receives a list with one value per request"
+            )
+        self.signature = inspect.Signature(params)
+        self.names = [p.name for p in params]
+        self.n_positional = sum(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in params)
+
+    def values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """One caller's arguments, one value per handler parameter (defaults filled in)."""
+        if not kwargs and len(args) == len(self.names):
+            return args
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}() {exc}") from None
+        bound.apply_defaults()
+        return tuple(bound.arguments[name] for name in self.names)
+
+    def call(self, owner: Any, batch: list[_Item]) -> Any:
+        columns = [[item.values[i] for item in batch] for i in range(len(self.names))]
+        args = columns[: self.n_positional]
+        kwargs = dict(
+            zip(self.names[self.n_positional :], columns[self.n_positional :], strict=True)
+        )
+        if owner is None:  # a free function: no ``self`` to pass
+            return self.fn(*args, **kwargs)
+        return self.fn(owner, *args, **kwargs)
+
+
+def _as_list(output: Any, n: int, name: str) -> list[Any]:
+    if isinstance(output, str | bytes | dict) or not hasattr(output, "__iter__"):
+        raise BatchSizeMismatchError(
+            f"batch handler {name} returned a {type(output).__name__}, not a list: return "
+            f"a list with one result per request ({n} in this batch), in request order"
+        )
+    results = output if isinstance(output, list) else list(output)
+    if len(results) != n:
+        raise BatchSizeMismatchError(
+            f"batch handler {name} returned {len(results)} results for a batch of {n} "
+            "requests: return exactly one result per request, in request order"
+        )
+    return results
+
+
+class _Item:
+    """One caller's request waiting in (or running in) a batch."""
+
+    __slots__ = ("arrived", "closed", "context", "future", "key", "queue", "queued", "values")
+
+    def __init__(self, values: tuple[Any, ...], key: str, loop: asyncio.AbstractEventLoop,
+                 streaming: bool) -> None:  # fmt: skip
+        self.values = values
+        self.key = key
+        self.arrived = time.monotonic()
+        self.context = contextvars.copy_context()  # the batch runs in its first caller's context
+        self.future: asyncio.Future[Any] | None = None if streaming else loop.create_future()
+        self.queue: asyncio.Queue[tuple[str, Any]] | None = asyncio.Queue() if streaming else None
+        self.queued = True
+        self.closed = False  # streaming: the caller left or its stream ended
+
+    @property
+    def dropped(self) -> bool:
+        return self.future.cancelled() if self.future is not None else self.closed
+
+    def put(self, kind: str, value: Any) -> None:
+        if self.queue is not None and not self.closed:
+            self.closed = kind is not _ITEM
+            self.queue.put_nowait((kind, value))
+
+
+class _Group:
+    """The queued items of one multiplexed model, and how many of them fit in a batch."""
+
+    __slots__ = ("fitted", "full", "items", "limit", "measure", "values")
+
+    def __init__(self) -> None:
+        self.items: deque[_Item] = deque()
+        self.reset()
+
+    def reset(self) -> None:
+        self.fitted = self.measure = self.limit = 0
+        self.values: list[Any] = []
+        self.full = False
+
+    def fit(self, limit: int, size_fn: Callable[[list[Any]], int] | None) -> None:
+        """Extend the prefix known to fit in ``limit``; ``full`` once the next item would not."""
+        items = self.items
+        if size_fn is None:
+            self.fitted = self.measure = min(len(items), limit)
+            self.full = len(items) >= limit
+            return
+        if limit != self.limit:
+            self.reset()
+            self.limit = limit
+        for item in islice(items, self.fitted, None):
+            if self.full:
+                return
+            self.values.append(item.values[0])
+            size = size_fn(self.values)
+            if size > limit and self.fitted:  # an item larger than the limit still runs, alone
+                self.values.pop()
+                self.full = True
+                return
+            self.fitted += 1
+            self.measure = size
+            self.full = size >= limit
+
+
+# --- the batcher -----------------------------------------------------------------------
+
+
+class _Batcher:
+    """Queues one state's requests on one event loop and runs its batches."""
+
+    def __init__(self, state: _State, loop: asyncio.AbstractEventLoop) -> None:
+        self.state = state
+        self.loop = loop
+        self.groups: dict[str, _Group] = {}
+        self.queued = self.running = 0
+        self.wakeup = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, values: tuple[Any, ...], streaming: bool) -> _Item:
+        item = _Item(values, request_context.get().multiplexed_model_id, self.loop, streaming)
+        planner = self.state.planner
+        if planner is not None:
+            planner.on_arrival(item.arrived, busy=bool(self.queued or self.running))
+        group = self.groups.get(item.key)
+        if group is None:
+            group = self.groups[item.key] = _Group()
+        group.items.append(item)
+        self.queued += 1
+        self.wakeup.set()
+        if self._scheduler is None:
+            # An empty context: the scheduler outlives the request that started it.
+            self._scheduler = self.loop.create_task(self._schedule(), context=contextvars.Context())
+        return item
+
+    def discard(self, item: _Item) -> None:
+        """Take a cancelled caller's item out of its queue (no-op once its batch started)."""
+        if not item.queued:
+            return
+        item.queued = False
+        group = self.groups[item.key]
+        group.items.remove(item)
+        group.reset()
+        self.queued -= 1
+        self.state.stats.cancelled += 1
+        self.wakeup.set()
+
+    async def _schedule(self) -> None:
+        try:
+            while self.queued:
+                deadline = None
+                if self.running < self.state.options.max_concurrent_batches:
+                    now = time.monotonic()
+                    group, deadline = self._ready(now)
+                    if group is not None:
+                        self._start(group, now)
+                        continue
+                self.wakeup.clear()
+                delay = None if deadline is None else max(0.0, deadline - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self.wakeup.wait()
+        finally:
+            self._scheduler = None
+
+    def _ready(self, now: float) -> tuple[_Group | None, float | None]:
+        """The group whose batch should start now (oldest first), else the next deadline."""
+        options, planner = self.state.options, self.state.planner
+        best: _Group | None = None
+        next_deadline: float | None = None
+        for key, group in list(self.groups.items()):
+            if not group.items:
+                del self.groups[key]
+                continue
+            head = group.items[0]
+            limit = options.max_batch_size
+            if planner is not None:
+                limit = planner.batch_limit(limit, now - head.arrived)
+            try:
+                group.fit(limit, options.batch_size_fn)
+            except Exception as exc:  # batch_size_fn raised: fail these callers, keep serving
+                self._fail_group(key, group, exc)
+                continue
+            if group.full:
+                due = now
+            elif planner is not None:
+                due = planner.start_by(head.arrived, group.measure, group.fitted, now)
+            else:
+                due = head.arrived + options.batch_wait_timeout_s
+            if due <= now:
+                if best is None or head.arrived < best.items[0].arrived:
+                    best = group
+            elif next_deadline is None or due < next_deadline:
+                next_deadline = due
+        return best, next_deadline
+
+    def _fail_group(self, key: str, group: _Group, exc: Exception) -> None:
+        del self.groups[key]
+        self.queued -= len(group.items)
+        for item in group.items:
+            item.queued = False
+            if item.future is not None and not item.future.done():
+                item.future.set_exception(exc)
+            item.put(_ERROR, exc)
+
+    def _start(self, group: _Group, now: float) -> None:
+        taken = [group.items.popleft() for _ in range(group.fitted)]
+        measure = group.measure
+        group.reset()
+        self.queued -= len(taken)
+        for item in taken:
+            item.queued = False
+        batch = [item for item in taken if not item.dropped]
+        if len(batch) < len(taken):  # callers cancelled a moment ago (their task has not run)
+            self.state.stats.cancelled += len(taken) - len(batch)
+            if self.state.options.batch_size_fn is None:
+                measure = len(batch)  # (by batch_size_fn: kept, an over-estimate)
+        if not batch:
+            return
+        self.running += 1
+        wait = now - batch[0].arrived
+        task = self.loop.create_task(self._run(batch, measure, wait), context=batch[0].context)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Item], measure: int, wait: float) -> None:
+        state = self.state
+        started = time.monotonic()
+        ok = False
+        try:
+            if state.handler.streaming:
+                ok = await self._run_stream(batch, measure, started)
+            else:
+                ok = await self._run_call(batch)
+        finally:
+            duration = time.monotonic() - started
+            self.running -= 1
+            state.stats.record(len(batch), measure, wait, duration, ok)
+            if ok and state.planner is not None and not state.handler.streaming:
+                state.planner.observe(measure, duration)
+            self.wakeup.set()
+
+    async def _run_call(self, batch: list[_Item]) -> bool:
+        handler = self.state.handler
+        futures = [item.future for item in batch if item.future is not None]
+        try:
+            results = _as_list(
+                await handler.call(self.state.owner, batch), len(batch), handler.name
+            )
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            return False
+        for future, result in zip(futures, results, strict=True):
+            if not future.done():  # a caller cancelled mid-batch: its result is dropped
+                future.set_result(result)
+        return True
+
+    async def _run_stream(self, batch: list[_Item], measure: int, started: float) -> bool:
+        handler, planner = self.state.handler, self.state.planner
+        first = True
+        try:
+            async with contextlib.aclosing(handler.call(self.state.owner, batch)) as steps:
+                async for step in steps:
+                    if first and planner is not None:  # cost = time to the first step
+                        planner.observe(measure, time.monotonic() - started)
+                    first = False
+                    for item, out in zip(
+                        batch, _as_list(step, len(batch), handler.name), strict=True
+                    ):
+                        stop = out is StopIteration or out is StopAsyncIteration
+                        if stop or isinstance(out, StopIteration | StopAsyncIteration):
+                            item.put(_END, None)
+                        else:
+                            item.put(_ITEM, out)
+                    if all(item.closed for item in batch):  # every caller done or gone
+                        break
+        except asyncio.CancelledError:
+            for item in batch:
+                item.put(_ERROR, RequestCancelledError("the batch was cancelled"))
+            raise
+        except Exception as exc:
+            for item in batch:
+                item.put(_ERROR, exc)
+            return False
+        for item in batch:
+            item.put(_END, None)
+        return True
+
+
+# --- per-instance state, the callers, the decorator ---------------------------------------
+
+
+class _State:
+    """One batcher's options, stats and planner: per instance, or per free function."""
+
+    def __init__(self, handler: _Handler, owner: Any) -> None:
+        self.handler = handler
+        self.owner = owner
+        self.options = dataclasses.replace(handler.options)
+        target = self.options.target_latency_s
+        self.planner = Planner(target) if target is not None else None
+        self.stats = Stats()
+        self._batcher: _Batcher | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with a free function sent to a worker: it starts with a fresh batcher.
+        return (_State, (self.handler, None))
+
+    def batcher(self) -> _Batcher:
+        loop = asyncio.get_running_loop()
+        batcher = self._batcher
+        if batcher is None or batcher.loop is not loop:
+            batcher = self._batcher = _Batcher(self, loop)
+        return batcher
+
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        """Change the batch size limit, from the next batch on (for example in ``reconfigure``)."""
+        self.options.max_batch_size = _check_int("max_batch_size", max_batch_size)
+        self._poke()
+
+    def set_batch_wait_timeout_s(self, batch_wait_timeout_s: float) -> None:
+        """Change how long a batch waits to fill, from the next batch on."""
+        self.options.batch_wait_timeout_s = _check_seconds(
+            "batch_wait_timeout_s", batch_wait_timeout_s, zero_ok=True
+        )
+        self._poke()
+
+    def _poke(self) -> None:
+        # Setters may run in a thread (a sync reconfigure): wake the scheduler on its loop.
+        batcher = self._batcher
+        if batcher is None or batcher.loop.is_closed():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is batcher.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            batcher.wakeup.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                batcher.loop.call_soon_threadsafe(batcher.wakeup.set)
+
+    def batch_stats(self) -> BatchStats:
+        """A snapshot of this batcher's counters, recent percentiles and latency plan."""
+        stats, options, batcher = self.stats, self.options, self._batcher
+        sizes = stats.measures if options.batch_size_fn is not None else stats.sizes
+        plan = None
+        if self.planner is not None:
+            plan = self.planner.plan(options.max_batch_size, time.monotonic())
+        return BatchStats(
+            batches=stats.batches,
+            requests=stats.requests,
+            failed_batches=stats.failed,
+            cancelled=stats.cancelled,
+            queued=batcher.queued if batcher is not None else 0,
+            running=batcher.running if batcher is not None else 0,
+            max_batch_size=options.max_batch_size,
+            batch_wait_timeout_s=options.batch_wait_timeout_s,
+            recent_sizes=tuple(stats.sizes),
+            size=summarize(sizes),
+            wait_s=summarize(stats.waits),
+            duration_s=summarize(stats.durations),
+            latency=plan,
+        )
+
+
+def _make_caller(state: _State) -> Callable[..., Any]:
+    """The function callers call: one item in, one result (or one stream) out."""
+    handler = state.handler
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        batcher = state.batcher()
+        item = batcher.submit(handler.values(args, kwargs), streaming=False)
+        assert item.future is not None
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            batcher.discard(item)  # still queued: leave the batch; running: result dropped
+            raise
+
+    async def call_stream(*args: Any, **kwargs: Any) -> Any:
+        batcher = state.batcher()
+        item = batcher.submit(handler.values(args, kwargs), streaming=True)
+        assert item.queue is not None
+        try:
+            while True:
+                kind, value = await item.queue.get()
+                if kind is _ITEM:
+                    yield value
+                elif kind is _END:
+                    return
+                else:
+                    raise value
+        finally:
+            item.closed = True  # later outputs for this caller are dropped
+            batcher.discard(item)
+
+    caller: Any = call_stream if handler.streaming else call
+    _take_names(caller, handler.fn)
+    caller.set_max_batch_size = state.set_max_batch_size
+    caller.set_batch_wait_timeout_s = state.set_batch_wait_timeout_s
+    caller.batch_stats = state.batch_stats
+    caller._shoal_batch_state = state
+    return caller
+
+
+class _BatchMethod:
+    """A batched method: each instance gets its own batcher on first access."""
+
+    def __init__(self, handler: _Handler) -> None:
+        self._handler = handler
+        _take_names(self, handler.fn)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        try:
+            callers = instance.__dict__.setdefault("_shoal_batchers", {})
+        except AttributeError:
+            raise ShoalError(
+                f"@serve.batch method {self._handler.name} needs instances with a __dict__ "
+                "to keep their batcher: remove __slots__ from the class or add '__dict__' to it"
+            ) from None
+        caller = callers.get(self)
+        if caller is None:
+            caller = callers[self] = _make_caller(_State(self._handler, instance))
+        return caller
+
+    def __call__(self, instance: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.__get__(instance)(*args, **kwargs)
+
+    def batch_stats(self, instance: Any) -> BatchStats:
+        """``Model.method.batch_stats(instance)``: that instance's batcher's stats."""
+        stats: BatchStats = self.__get__(instance).batch_stats()
+        return stats
+
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        raise ShoalError(self._per_instance("set_max_batch_size"))
+
+    def set_batch_wait_timeout_s(self, batch_wait_timeout_s: float) -> None:
+        raise ShoalError(self._per_instance("set_batch_wait_timeout_s"))
+
+    def _per_instance(self, setter: str) -> str:
+        name = self._handler.fn.__name__
+        return (
+            f"each instance has its own batcher: call self.{name}.{setter}(...) on an "
+            "instance (for example in reconfigure), not on the class"
+        )
+
+
+def batch(
+    _func: Callable[..., Any] | None = None,
+    /,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+    batch_size_fn: Callable[[list[Any]], int] | None = None,
+    target_latency_s: float | None = None,
+) -> Any:
+    """Batch concurrent calls of an async method or function (Ray Serve's ``@serve.batch``).
+
+    The handler takes one list per parameter and returns one result per request
+    (or, as an async generator, yields one such list per step; put
+    ``StopIteration`` in a caller's slot to end that caller's stream). Callers
+    pass single items. A batch runs when it holds ``max_batch_size`` items (by
+    ``batch_size_fn`` when given: full when the next item would exceed it) or
+    when its oldest request has waited ``batch_wait_timeout_s``; at most
+    ``max_concurrent_batches`` run at once. With ``target_latency_s``, the
+    batch size (up to ``max_batch_size``) and the wait are chosen from the
+    measured cost and arrival rate instead (see docs/batching.md).
+    Invalid options raise ConfigError at decoration time.
+    """
+    options = _Options(
+        max_batch_size, batch_wait_timeout_s, max_concurrent_batches, batch_size_fn,
+        target_latency_s,
+    ).validate()  # fmt: skip
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        if not callable(fn):
+            raise ConfigError(f"@serve.batch needs an async function or method, got {fn!r}")
+        handler = _Handler(fn, options)
+        if handler.is_method:
+            return _BatchMethod(handler)
+        return _make_caller(_State(handler, None))
+
+    return decorate if _func is None else decorate(_func)
+
+
+__all__ = ["BatchStats", "LatencyPlan", "Summary", "batch"]
