@@ -10,12 +10,13 @@ from shoal import serve
 
 def test_public_names_are_pinned() -> None:
     expected = {
-        "Application", "ApplicationStatus", "AutoscalingConfig", "ConfigError", "Deployment",
+        "Application", "ApplicationStatus", "AutoscalingConfig", "BatchSizeMismatchError",
+        "ConfigError", "Deployment",
         "DeploymentConfig", "DeploymentError", "DeploymentHandle", "DeploymentResponse",
         "DeploymentResponseGenerator", "DeploymentStatus", "HTTPOptions", "NotFoundError",
         "NotRunningError", "ReplicaContext", "ReplicaDiedError", "ReplicaError", "ReplicaState",
         "RequestCancelledError", "RequestContext", "RequestTimeoutError", "RouteConflictError",
-        "ShoalError", "TransportError", "UnavailableError", "delete", "deployment",
+        "ShoalError", "TransportError", "UnavailableError", "batch", "delete", "deployment",
         "get_app_handle", "get_deployment_handle", "get_replica_context", "get_request_context",
         "ingress",
         "run", "serve", "shutdown", "start", "status",
