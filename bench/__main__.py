@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 from bench import loadgen, report
-from bench.procs import ServerProcess
+from bench.procs import BackgroundCpu, ServerProcess
 from bench.suite import WORKLOADS, Settings, run_cold_start, run_handle, run_workload
 
 SECTIONS = ("cold", "rss", "W1", "W2", "W4", "handle")
@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     started = time.perf_counter()
-    started_at = datetime.now(UTC)
+    env = report.environment(loadgen.describe(settings.loadgen), datetime.now(UTC))
     load_start = report.loadavg()
+    meter = BackgroundCpu()
     log(f"bench: sections {sections}, load generator {settings.loadgen}, logs in {log_dir}")
     try:
         results = run_sections(sections, settings)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         ServerProcess.stop_all()
     results = {
         "schema": 1,
-        "environment": report.environment(loadgen.describe(settings.loadgen), started_at),
+        "environment": env,
         "settings": {
             **{k: v for k, v in vars(settings).items() if k != "log_dir"},
             "quick": bool(args.quick),
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": round(time.perf_counter() - started, 1),
             "loadavg_start": load_start,
             "loadavg_end": report.loadavg(),
+            "background_cpu_pct": round(meter.percent(), 1),
         },
         **results,
     }

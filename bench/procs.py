@@ -108,6 +108,41 @@ def tree_memory(root: int) -> dict[str, Any]:
     }
 
 
+def _system_busy_jiffies() -> int:
+    """Busy CPU time of the whole machine (steal counts: it is someone else's work too)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def _own_jiffies() -> int:
+    """CPU time of this process and its descendants, including reaped children's."""
+    total = 0
+    for pid in [os.getpid(), *descendants(os.getpid())]:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total
+
+
+class BackgroundCpu:
+    """Share of the machine's CPU used by processes outside the bench during an interval.
+
+    Other work on the machine skews every figure; this says how much there was.
+    """
+
+    def __init__(self) -> None:
+        self.wall = time.monotonic()
+        self.busy = _system_busy_jiffies()
+        self.own = _own_jiffies()
+
+    def percent(self) -> float:
+        seconds = time.monotonic() - self.wall
+        foreign = (_system_busy_jiffies() - self.busy) - (_own_jiffies() - self.own)
+        capacity = seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        return max(0.0, 100.0 * foreign / capacity) if capacity > 0 else 0.0
+
+
 def _cmdline(pid: int) -> str:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -216,6 +216,10 @@ def _f(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -239,6 +243,9 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"{settings['duration_s']} s; medians reported, requests/errors summed.",
         f"- Load average (1/5/15 min) at start {settings.get('loadavg_start') or '-'}, "
         f"at end {settings.get('loadavg_end') or '-'}; wall time {settings.get('wall_s', '-')} s",
+        f"- Background CPU (processes outside the bench, share of all CPUs): "
+        f"{_pct(settings.get('background_cpu_pct'))} over the run; per point in the `bg CPU` "
+        "column. Above a few % the figures are skewed by other work.",
         "",
     ]
 
@@ -247,19 +254,19 @@ def _points_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "## HTTP workloads",
         "",
-        "| workload | server | c | requests | errors | req/s | p50 ms | p90 ms | p99 ms |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| workload | server | c | requests | errors | req/s | p50 ms | p90 ms | p99 ms | bg CPU |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for p in results.get("points", []):
         if "error" in p:
             msg = p["error"].splitlines()[0][:80].replace("|", "/")
             lines.append(f"| {p['workload']} | {p['server']} | {p['concurrency']} | "
-                         f"failed: {msg} | | | | | |")  # fmt: skip
+                         f"failed: {msg} | | | | | | |")  # fmt: skip
             continue
         lines.append(
             f"| {p['workload']} | {p['server']} | {p['concurrency']} | {p['requests']} | "
             f"{p['errors']} | {_f(p['throughput_rps'], 0)} | {_f(p['p50_ms'], 3)} | "
-            f"{_f(p['p90_ms'], 3)} | {_f(p['p99_ms'], 3)} |"
+            f"{_f(p['p90_ms'], 3)} | {_f(p['p99_ms'], 3)} | {_pct(p.get('background_cpu_pct'))} |"
         )
     lines += ["", "## Ratios (shoal ÷ reference, same run)", ""]
     lines += ["| workload | c | reference | throughput | p50 latency |", "|---|--:|---|--:|--:|"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.common import median_or_none
 from bench.loadgen import LoadResult, LoadSpec, run_load
-from bench.procs import HOST, ServerProcess, free_port, http_request, tree_memory
+from bench.procs import HOST, BackgroundCpu, ServerProcess, free_port, http_request, tree_memory
 
 ECHO_BODY = b'{"x": 1}'
 READY_DEADLINE_S = 60.0
@@ -152,15 +152,18 @@ def _measure_concurrency(
     """Warm every live server up, then run the repeats round-robin across the servers."""
     for server in servers:
         server.runs = []
+    meter = BackgroundCpu()
     if settings.warmup_s > 0:
         _round(wl, servers, concurrency, settings.warmup_s, settings, log)  # not measured
     for _ in range(settings.repeats):
         for server, result in _round(wl, servers, concurrency, settings.duration_s, settings, log):
             server.runs.append(result)
+    background = meter.percent()
     points = []
     for server in servers:
         point: dict[str, Any] = {"workload": wl.key, "server": server.name}
         point["concurrency"] = concurrency
+        point["background_cpu_pct"] = background
         if server.error is not None:
             points.append({**point, "error": server.error})
             continue
@@ -169,7 +172,7 @@ def _measure_concurrency(
             f"  {wl.key} {server.name:<9} c={concurrency:<3} "
             f"{_fmt(points[-1]['throughput_rps'], 0):>8} req/s  "
             f"p50 {_fmt(points[-1]['p50_ms'], 3)} ms  p99 {_fmt(points[-1]['p99_ms'], 3)} ms  "
-            f"errors {points[-1]['errors']}"
+            f"errors {points[-1]['errors']}  background CPU {background:.0f}%"
         )
     return points
 

@@ -1,7 +1,8 @@
-"""Serve all three examples side by side, each under its own route prefix.
+"""Serve the examples side by side, each under its own route prefix.
 
 Importing this module has no side effects: it only collects the examples'
-bound applications in ``APPS``. ``main()`` starts serving::
+bound applications in ``APPS`` (and, if scikit-learn is missing, logs that the
+business-logic example is left out). ``main()`` starts serving::
 
     python -m examples.demo            # 127.0.0.1:8000, Ctrl-C to stop
     python -m examples.demo --port 8080
@@ -10,30 +11,53 @@ bound applications in ``APPS``. ``main()`` starts serving::
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
 import threading
 
-from examples import composed, ensemble, pipeline
+from examples import business_logic, composed, ensemble, pipeline
 from shoal import serve
 from shoal.serve import Application
 
-#: (application name, route prefix, application) for every example.
+#: (application name, route prefix, application) for every example that can run here.
 APPS: list[tuple[str, str, Application]] = [
     ("composed", "/composed", composed.app),
     ("pipeline", "/pipeline", pipeline.app),
     ("ensemble", "/ensemble", ensemble.app),
 ]
 
+#: Examples left out of ``APPS``, with the reason.
+SKIPPED: dict[str, str] = {}
+
+# The business-logic example's model needs scikit-learn, an optional dependency.
+# find_spec only looks for it: importing sklearn here would slow every import down.
+if importlib.util.find_spec("sklearn") is not None:
+    APPS.append(("business", "/business", business_logic.app))
+else:
+    SKIPPED["business"] = "scikit-learn is not installed (pip install scikit-learn)"
+    # `shoal demo` iterates APPS itself: this message is how its users learn why.
+    logging.getLogger(__name__).warning("demo: skipping 'business': %s", SKIPPED["business"])
+
 #: A request body that each example understands, used in the printed curl lines.
 SAMPLE_BODIES: dict[str, str] = {
     "composed": "Hey!",
     "pipeline": '{"text": "I love it, great and fast!"}',
     "ensemble": '{"x": 2}',
+    "business": '{"user_id": 1}',
+}
+
+#: What some examples need besides the body: a path under the prefix, and headers.
+SAMPLE_PATHS: dict[str, str] = {"business": "/predict"}
+SAMPLE_HEADERS: dict[str, tuple[str, ...]] = {
+    "business": (f"x-api-key: {business_logic.DEMO_API_KEY}", "content-type: application/json"),
 }
 
 
 def curl_command(base_url: str, name: str, route_prefix: str) -> str:
     """A copy-pasteable curl line that queries one example app."""
-    return f"curl -s -X POST {base_url}{route_prefix} -d '{SAMPLE_BODIES[name]}'"
+    headers = "".join(f" -H '{header}'" for header in SAMPLE_HEADERS.get(name, ()))
+    url = f"{base_url}{route_prefix}{SAMPLE_PATHS.get(name, '')}"
+    return f"curl -s -X POST{headers} {url} -d '{SAMPLE_BODIES[name]}'"
 
 
 def main(host: str = "127.0.0.1", port: int = 8000) -> None:

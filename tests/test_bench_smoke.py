@@ -26,6 +26,7 @@ from bench import loadgen, report  # noqa: E402
 from bench.__main__ import parse_only  # noqa: E402
 from bench.common import percentile  # noqa: E402
 from bench.procs import (  # noqa: E402
+    BackgroundCpu,
     ServerProcess,
     descendants,
     free_port,
@@ -118,6 +119,9 @@ def test_tree_memory_of_self() -> None:
     mem = tree_memory(os.getpid())
     assert mem["processes"] >= 1
     assert mem["rss_mb"] > 1.0
+    meter = BackgroundCpu()
+    time.sleep(0.05)
+    assert 0.0 <= meter.percent() <= 100.0
 
 
 def test_parse_wrk_output_and_script() -> None:

@@ -103,3 +103,13 @@ def test_deployments_cannot_be_called_directly_and_functions_take_no_args() -> N
         fn.bind(1)
     with pytest.raises(serve.ConfigError, match=r"Deployment\.bind"):
         serve.run(fn)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("prefix", ["/y/", "y", "models/"])
+def test_route_prefix_must_start_and_not_end_with_a_slash(prefix: str) -> None:
+    @serve.deployment
+    def fn() -> int:
+        return 1
+
+    with pytest.raises(serve.ConfigError, match=f"route_prefix={prefix!r}"):
+        serve.run(fn.bind(), route_prefix=prefix, _local_testing_mode=True)

@@ -1,12 +1,14 @@
 """The examples users copy from: in-process through handles, and over real HTTP.
 
-Local tests use ``_local_testing_mode=True`` (no processes, no HTTP) and run
-first. The HTTP tests share one module-scoped multi-process shoal instance
-serving every app in ``examples.demo.APPS`` under its route prefix.
+Local tests use ``_local_testing_mode=True`` (no processes, no HTTP). The HTTP
+tests deploy the composed, pipeline and ensemble apps of ``examples.demo.APPS``, once
+for the module, on the session's multi-process shoal (conftest's ``http_port``,
+which owns ``serve.start``/``serve.shutdown``), and delete them afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -25,6 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from conftest import free_port
 
 from shoal import serve
 from shoal.serve import Application, DeploymentHandle
@@ -38,6 +41,9 @@ if str(ROOT) not in sys.path:
 from examples import composed, demo, ensemble, pipeline  # noqa: E402
 
 TIMEOUT_S = 30.0
+
+#: The demo apps this module tests (demo.APPS may hold more, tested elsewhere).
+OUR_APPS = [entry for entry in demo.APPS if entry[0] in {"composed", "pipeline", "ensemble"}]
 
 POSITIVE_TEXT = "I love it, great and fast!"
 NEGATIVE_TEXT = "slow, broken and useless. I hate it"
@@ -65,23 +71,18 @@ def check_composed(result: dict[str, Any]) -> None:
 def run_local(app: Application, name: str) -> DeploymentHandle:
     """Run ``app`` in this process (no replica processes, no HTTP); return its ingress handle."""
     # route_prefix=None: local testing mode has no HTTP, and several apps may
-    # be deployed at once, so none of them should claim "/".
-    return serve.run(app, name=name, route_prefix=None, _local_testing_mode=True)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    # be deployed at once, so none of them should claim "/". The "local-"
+    # prefix keeps names apart from the multi-process apps: serve.status() and
+    # serve.delete() see both instances.
+    return serve.run(app, name=f"local-{name}", route_prefix=None, _local_testing_mode=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _shutdown_after_module() -> Iterator[None]:
-    # serve.shutdown() stops the local-testing instance too; without this a
-    # run of only the local tests would leave it to the next test module.
+def _delete_local_apps() -> Iterator[None]:
     yield
-    serve.shutdown()
+    for name, _, _ in OUR_APPS:
+        with contextlib.suppress(serve.NotFoundError):
+            serve.delete(f"local-{name}")
 
 
 # --------------------------------------------------------------- local mode
@@ -160,8 +161,13 @@ async def test_ensemble_local_awaitable_handle() -> None:
 def test_demo_apps_are_distinct() -> None:
     names = [name for name, _, _ in demo.APPS]
     prefixes = [prefix for _, prefix, _ in demo.APPS]
-    assert names == ["composed", "pipeline", "ensemble"]
-    assert prefixes == ["/composed", "/pipeline", "/ensemble"]
+    assert len(set(names)) == len(names)
+    assert len(set(prefixes)) == len(prefixes)
+    assert [(name, prefix) for name, prefix, _ in OUR_APPS] == [
+        ("composed", "/composed"),
+        ("pipeline", "/pipeline"),
+        ("ensemble", "/ensemble"),
+    ]
 
 
 def _example_env() -> dict[str, str]:
@@ -173,7 +179,7 @@ def _example_env() -> dict[str, str]:
 def test_demo_import_has_no_side_effects() -> None:
     # Importing must neither serve nor block: the process exits on its own.
     proc = subprocess.run(
-        [sys.executable, "-c", "import examples.demo as d; print(len(d.APPS))"],
+        [sys.executable, "-c", "import examples.demo as d; print(*(n for n, _, _ in d.APPS))"],
         cwd=ROOT,
         env=_example_env(),
         capture_output=True,
@@ -182,7 +188,18 @@ def test_demo_import_has_no_side_effects() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "3\n"
+    assert proc.stdout.split()[:3] == ["composed", "pipeline", "ensemble"]
+
+
+def drain(lines: queue.Queue[str | None], output: list[str]) -> str:
+    """Everything the demo printed so far, for failure messages."""
+    while True:
+        try:
+            line = lines.get_nowait()
+        except queue.Empty:
+            return "".join(output)
+        if line is not None:
+            output.append(line)
 
 
 def test_demo_main_serves_until_ctrl_c() -> None:
@@ -209,12 +226,15 @@ def test_demo_main_serves_until_ctrl_c() -> None:
     try:
         deadline = time.monotonic() + 90
         while not any("Press Ctrl-C" in line for line in output):
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("demo not serving within 90 s:\n" + "".join(output))
             assert line is not None, "demo exited early:\n" + "".join(output)
             output.append(line)
         base_url = f"http://127.0.0.1:{port}"
         text = "".join(output)
-        for name, prefix, _ in demo.APPS:
+        for name, prefix, _ in OUR_APPS:
             assert f"{base_url}{prefix}" in text
             assert demo.curl_command(base_url, name, prefix) in text
         with httpx.Client(base_url=base_url, timeout=TIMEOUT_S) as client:
@@ -224,10 +244,17 @@ def test_demo_main_serves_until_ctrl_c() -> None:
                 statistics.fmean(expected_ensemble(0.0))
             )
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        assert proc.wait(timeout=60) == 0, "".join(output)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("demo still running 60 s after Ctrl-C:\n" + drain(lines, output))
+        assert code == 0, drain(lines, output)
         # serve.shutdown() ran: the HTTP port is released.
         with socket.socket() as sock:
+            # SO_REUSEADDR as servers set it: bind then fails only if something still listens.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
+            sock.listen()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -239,23 +266,24 @@ def test_demo_main_serves_until_ctrl_c() -> None:
 
 @dataclass
 class Served:
-    """The shared multi-process instance: its base URL and each app's ingress handle."""
+    """Where the example apps are served: the proxy's base URL and each app's ingress handle."""
 
     base_url: str
     handles: dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def served(http_port: int) -> Iterator[Served]:
+    """The three example apps, under their route prefixes, on the session's multi-process shoal."""
+    handles: dict[str, Any] = {}
     try:
-        handles = {
-            name: serve.run(app, name=name, route_prefix=prefix) for name, prefix, app in demo.APPS
-        }
-        yield Served(f"http://127.0.0.1:{port}", handles)
+        for name, prefix, app in OUR_APPS:
+            # Returns once the app's replicas are ready and its route answers.
+            handles[name] = serve.run(app, name=name, route_prefix=prefix)
+        yield Served(f"http://127.0.0.1:{http_port}", handles)
     finally:
-        serve.shutdown()
+        for name in handles:
+            serve.delete(name)
 
 
 @pytest.fixture
@@ -323,7 +351,7 @@ def test_handles_from_serve_run(served: Served) -> None:
 
 def test_status_shows_apps_and_replicas(served: Served) -> None:
     status = serve.status()
-    for name, _, _ in demo.APPS:
+    for name, _, _ in OUR_APPS:
         assert status.applications[name].status == "RUNNING"
     deployments = status.applications["pipeline"].deployments
     # The predictor was declared with num_replicas=2, the featurizer with one.

@@ -165,3 +165,39 @@ def test_many_workers_do_not_starve_shutdown(http_port: int) -> None:
     serve.delete("one")
     serve.delete("many")
     assert time.monotonic() - started < 30
+
+
+MAIN_CLASSES = textwrap.dedent(
+    """
+    import sys
+    from dataclasses import dataclass
+    from shoal import serve
+
+    @dataclass
+    class Point:
+        x: int
+
+    @serve.deployment
+    class Mover:
+        def move(self, point):
+            return Point(point.x + 1)
+
+    serve.start(http_options={"port": int(sys.argv[1])})
+    handle = serve.run(Mover.bind(), route_prefix=None)
+    print(handle.move.remote(Point(1)).result(timeout_s=30))
+    serve.shutdown()
+    """
+)
+
+
+def test_classes_defined_in_main_travel_by_value(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    script = tmp_path / "main_classes.py"
+    script.write_text(MAIN_CLASSES)
+    result = subprocess.run(
+        [sys.executable, str(script), str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Point(x=2)"

@@ -137,6 +137,7 @@ def run(
         )
     if not name:
         raise ConfigError("application name must be a non-empty string")
+    _check_route_prefix(route_prefix)
     instance = _instance(_local_testing_mode)
     if target.deployment.config.route_prefix is not None and route_prefix == "/":
         route_prefix = target.deployment.config.route_prefix
@@ -146,6 +147,16 @@ def run(
     if blocking:
         _block_until_interrupted()
     return handle
+
+
+def _check_route_prefix(route_prefix: str | None) -> None:
+    if route_prefix is None or route_prefix == "/":
+        return
+    if not route_prefix.startswith("/") or route_prefix.endswith("/"):
+        raise ConfigError(
+            f"invalid route_prefix={route_prefix!r}: it must start with '/' and not end "
+            "with '/' (except the root '/'), e.g. '/models/iris'"
+        )
 
 
 def _block_until_interrupted() -> None:

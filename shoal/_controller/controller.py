@@ -88,8 +88,6 @@ class Controller:
     def _check_route(self, spec: AppSpec) -> None:
         if spec.route_prefix is None or not self.runtime.supports_http:
             return  # without a proxy (in-process runtime) routes are never served
-        if not spec.route_prefix.startswith("/"):
-            raise RouteConflictError(f"route_prefix must start with '/', got {spec.route_prefix!r}")
         for other in self.apps.values():
             if other.spec.name != spec.name and other.spec.route_prefix == spec.route_prefix:
                 raise RouteConflictError(

@@ -78,15 +78,23 @@ _background: set[asyncio.Future[Any]] = set()
 
 def _finish_in_background(task: asyncio.Future[Any]) -> None:
     if task.done():
+        _report_background(task)
         return
     _background.add(task)
     task.add_done_callback(_report_background)
 
 
 def _report_background(task: asyncio.Future[Any]) -> None:
+    """Log what the app raised after its response (Starlette re-raises after its 500)."""
+    from shoal._api.context import request_context
+
     _background.discard(task)
     if not task.cancelled() and task.exception() is not None:
-        logger.error("background work after a response failed", exc_info=task.exception())
+        logger.error(
+            "request %s failed in the ASGI app",
+            request_context.get().request_id,
+            exc_info=task.exception(),
+        )
 
 
 class _Sent(HttpResponseStart):

@@ -35,10 +35,16 @@ def dumps(obj: Any, buffers: list[pickle.PickleBuffer] | None = None) -> bytes:
     """Pickle ``obj``; with ``buffers`` given, large buffers are collected out-of-band."""
     callback = buffers.append if buffers is not None else None
     try:
-        return pickle.dumps(obj, protocol=5, buffer_callback=callback)
+        data = pickle.dumps(obj, protocol=5, buffer_callback=callback)
+        # Classes and functions of the driver's __main__ pickle by reference, but __main__
+        # is another module in the receiving process: send those by value. (A false
+        # positive, user data containing the text, only costs the slower pickler.)
+        if b"__main__" not in data:
+            return data
     except (pickle.PicklingError, AttributeError, TypeError):
-        if buffers is not None:
-            buffers.clear()
+        pass
+    if buffers is not None:
+        buffers.clear()
     import cloudpickle  # lazily: most payloads never need it
 
     try:
