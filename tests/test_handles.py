@@ -319,3 +319,39 @@ def test_local_testing_mode_ignores_route_prefixes() -> None:
     assert (first.remote(0).result(), second.remote(0).result()) == (1, 2)
     serve.delete("local-a")
     serve.delete("local-b")
+
+
+@serve.deployment(num_replicas=3, user_config={"v": 1})
+class Shared:
+    def __init__(self) -> None:
+        self.value = 0
+        self.config = 0
+
+    def reconfigure(self, config: dict[str, int]) -> None:
+        self.config = config["v"]
+
+    def put(self, value: int) -> str:
+        self.value = value
+        return serve.get_replica_context().replica_id
+
+    def get(self) -> int:
+        return self.value
+
+
+def test_broadcast_reaches_every_replica(deploy: Deploy) -> None:
+    handle = deploy(Shared.bind(), name="shared")
+    replies = handle.put.broadcast(7).result(timeout_s=30)
+    assert len(replies) == 3 and all(key == value for key, value in replies.items())
+    assert {handle.get.remote().result(timeout_s=30) for _ in range(30)} == {7}
+
+
+def test_status_shows_each_replicas_config_version(deploy: Deploy) -> None:
+    deploy(Shared.bind(), name="versions")
+    first = serve.status().applications["versions"].deployments["Shared"]
+    assert first.config_version == 0 and {r.config_version for r in first.replicas} == {0}
+    for version, value in enumerate((2, 3), start=1):
+        deploy(Shared.options(user_config={"v": value}).bind(), name="versions")
+        current = serve.status().applications["versions"].deployments["Shared"]
+        assert current.config_version == version
+        assert {r.config_version for r in current.replicas} == {version}
+        assert [r.replica_id for r in current.replicas] == [r.replica_id for r in first.replicas]

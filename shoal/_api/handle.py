@@ -117,6 +117,39 @@ class DeploymentHandle:
         return DeploymentResponse(loop.create_task(_assign(router, request)), loop)
 
 
+    def broadcast(self, *args: Any, **kwargs: Any) -> DeploymentResponse:
+        """Call the method on every replica of the deployment (a shoal extension).
+
+        Resolves to ``{replica_id: result}`` once every replica answered; raises the
+        first replica's exception if any failed. Use it for state that every replica
+        must share, e.g. ``await handle.reload_weights.broadcast(generation)``.
+        """
+        router = self._get_router()
+        context = request_context.get()
+        request = Request(self._method, args, kwargs, context.request_id, False, self._mux)
+        loop = router.loop
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        coroutine = _broadcast(router, request)
+        if on_loop:
+            return DeploymentResponse(loop.create_task(coroutine), loop)
+        return DeploymentResponse(asyncio.run_coroutine_threadsafe(coroutine, loop), loop)
+
+
+async def _broadcast(router: Router, request: Request) -> Message:
+    replies = await router.broadcast(request)
+    values = {}
+    for replica_id, reply in replies.items():
+        if isinstance(reply, Failure):
+            error = exception_from(reply)
+            error.add_note(f"raised by replica {replica_id} during a broadcast")
+            raise error
+        values[replica_id] = reply.value  # type: ignore[attr-defined]
+    return Result(values)
+
+
 def _rebuild_handle(
     deployment: str, app: str, method: str, stream: bool, mux: str
 ) -> DeploymentHandle:

@@ -40,6 +40,7 @@ _MAX_BACKOFF_S = 30.0
 class ReplicaRecord:
     handle: ReplicaHandle
     code_version: str
+    config_version: int = 0
     state: ReplicaState = ReplicaState.RUNNING
 
 
@@ -63,6 +64,7 @@ class DeploymentState:
         self._publish_update = publish
         self._deleting = False
         self._failures = 0
+        self.config_version = 0
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -79,9 +81,12 @@ class DeploymentState:
         target = spec.config.target_replicas()
         try:
             if previous is None or previous.code_version != spec.code_version:
+                if previous is not None and spec.config.user_config != previous.config.user_config:
+                    self.config_version += 1
                 await self._replace_all(target)
             else:
                 if spec.config.user_config != previous.config.user_config:
+                    self.config_version += 1
                     await self._reconfigure(spec.config.user_config)
                 await self._scale(target)
         except DeploymentError as exc:
@@ -110,6 +115,9 @@ class DeploymentState:
             *(r.handle.reconfigure(user_config, _RECONFIGURE_TIMEOUT_S) for r in records),
             return_exceptions=True,
         )
+        for record, result in zip(records, results, strict=True):
+            if not isinstance(result, BaseException):
+                record.config_version = self.config_version
         errors = [e for e in results if isinstance(e, BaseException)]
         if errors:
             raise DeploymentError(
@@ -142,7 +150,7 @@ class DeploymentState:
             spec.config, self.is_ingress,
         )  # fmt: skip
         handle = await self._runtime.start_replica(replica_spec)
-        record = ReplicaRecord(handle, spec.code_version)
+        record = ReplicaRecord(handle, spec.code_version, self.config_version)
         if self._deleting or self.spec is not spec:  # superseded while starting
             await handle.stop(0.0, 0.0)
             raise DeploymentError(f"deployment '{spec.name}' changed while starting a replica")
@@ -247,8 +255,12 @@ class DeploymentState:
     def overview(self) -> DeploymentStatusOverview:
         states = Counter(str(r.state) for r in self.replicas)
         replicas = [
-            ReplicaStatus(r.handle.info.replica_id, r.state, r.handle.pid, r.code_version)
+            ReplicaStatus(
+                r.handle.info.replica_id, r.state, r.handle.pid, r.code_version, r.config_version
+            )
             for r in self.replicas
         ]
         target = self.spec.config.target_replicas() if self.spec else 0
-        return DeploymentStatusOverview(self.status, self.message, dict(states), replicas, target)
+        return DeploymentStatusOverview(
+            self.status, self.message, dict(states), replicas, target, self.config_version
+        )

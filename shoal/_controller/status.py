@@ -37,6 +37,7 @@ class ReplicaStatus:
     state: ReplicaState
     pid: int | None
     code_version: str
+    config_version: int = 0  # which user_config (counted from 0) the replica has applied
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class DeploymentStatusOverview:
     replica_states: dict[str, int] = field(default_factory=dict)
     replicas: list[ReplicaStatus] = field(default_factory=list)
     target_replicas: int = 0
+    config_version: int = 0  # bumped by every user_config change
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,24 @@ class Router:
                     f"while handling the request ({exc})"
                 ) from None
 
+    async def broadcast(self, request: Request) -> dict[str, Message]:
+        """Send ``request`` to every replica in the current set; their replies by replica id.
+
+        Control-like calls (reloading weights, clearing caches) bypass the
+        ``max_ongoing_requests`` queue so they are never stuck behind traffic.
+        """
+        self.activate()
+        if not self.exists:
+            raise UnavailableError(
+                f"deployment '{self.deployment}' of application '{self.app}' was deleted"
+            )
+        connected = {slot.info.replica_id: slot.client for slot in self._slots}
+        clients = {}
+        for replica_id, info in self._infos.items():
+            clients[replica_id] = connected.get(replica_id) or await self._connector.connect(info)
+        replies = await asyncio.gather(*(c.call(request) for c in clients.values()))
+        return dict(zip(clients, replies, strict=True))
+
     async def open_stream(self, request: Request) -> Stream:
         """Start a streaming request; the slot stays busy until the stream ends."""
         slot = await self._wait_for_slot()
