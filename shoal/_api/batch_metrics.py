@@ -38,7 +38,7 @@ class Summary:
 
 
 def summarize(values: Iterable[float]) -> Summary:
-    ordered = sorted(values)
+    ordered = sorted(float(value) for value in values)
     n = len(ordered)
     if not n:
         return Summary()

@@ -76,7 +76,9 @@ class _Options:
 
     def validate(self) -> _Options:
         _check_int("max_batch_size", self.max_batch_size)
-        _check_seconds("batch_wait_timeout_s", self.batch_wait_timeout_s, zero_ok=True)
+        self.batch_wait_timeout_s = _check_seconds(
+            "batch_wait_timeout_s", self.batch_wait_timeout_s, zero_ok=True
+        )
         _check_int("max_concurrent_batches", self.max_concurrent_batches)
         if self.batch_size_fn is not None and not callable(self.batch_size_fn):
             raise ConfigError(
@@ -84,7 +86,9 @@ class _Options:
                 "pass a function from a list of items to their total size, or None"
             )
         if self.target_latency_s is not None:
-            _check_seconds("target_latency_s", self.target_latency_s, zero_ok=False)
+            self.target_latency_s = _check_seconds(
+                "target_latency_s", self.target_latency_s, zero_ok=False
+            )
         return self
 
 
