@@ -57,14 +57,20 @@ def _load(target: str) -> Any:
     return app
 
 
+_stop = threading.Event()
+
+
+def _catch_stop_signals() -> None:
+    """Catch SIGINT/SIGTERM from the start, so one sent while starting is not lost."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: _stop.set())
+
+
 def _serve_until_signalled() -> None:
     """Block the main thread until SIGINT or SIGTERM, then shut shoal down."""
     from shoal._api import serve
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    _stop.wait()
     print("shoal: shutting down...", flush=True)
     serve.shutdown()
 
@@ -72,8 +78,9 @@ def _serve_until_signalled() -> None:
 def _run(args: argparse.Namespace) -> None:
     from shoal._api import serve
 
+    # The proxy process starts while we import the application (cold start).
+    serve.start(http_options={"host": args.host, "port": args.port}, _blocking=False)
     app = _load(args.target)
-    serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=args.name, route_prefix=args.route_prefix)
     print(f"shoal: application '{args.name}' serving on http://{args.host}:{args.port}"
           f"{args.route_prefix}  (Ctrl-C to stop)", flush=True)  # fmt: skip
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_http_options(demo)
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
+    _catch_stop_signals()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.func(args)
 

@@ -38,9 +38,10 @@ _SHUTDOWN_TIMEOUT_S = 30.0
 class _Instance:
     """A controller, its runtime and routers, on their own loop thread."""
 
-    def __init__(self, kind: str, http: HTTPOptions | None) -> None:
+    def __init__(self, kind: str, http: HTTPOptions | None, wait_for_proxy: bool = True) -> None:
         self.kind = kind
         self.http = http
+        self._wait_for_proxy = wait_for_proxy
         self.thread = LoopThread(f"shoal-{kind}")
         try:
             self.controller: Controller = self.thread.run(self._start(), 60.0)
@@ -61,7 +62,7 @@ class _Instance:
             runtime = ProcessRuntime()
         registry = RouterRegistry(runtime.connector, self.thread.loop)
         controller = Controller(runtime, registry)
-        await controller.start(self.http)
+        await controller.start(self.http, self._wait_for_proxy)
         return controller
 
     def run(self, coro: Any, timeout_s: float = _DEPLOY_TIMEOUT_S) -> Any:
@@ -78,10 +79,16 @@ _instances: dict[str, _Instance] = {}
 _lock = threading.RLock()
 
 
-def start(http_options: dict[str, Any] | HTTPOptions | None = None, **_ignored: Any) -> None:
+def start(
+    http_options: dict[str, Any] | HTTPOptions | None = None,
+    *,
+    _blocking: bool = True,
+    **_ignored: Any,
+) -> None:
     """Start shoal's multi-process runtime and its HTTP proxy (127.0.0.1:8000 by default).
 
     Calling it again while running is a no-op (a warning if the HTTP options differ).
+    ``_blocking=False`` returns before the proxy is up; ``serve.run`` waits for it.
     """
     options = _http_options(http_options)
     with _lock:
@@ -92,7 +99,7 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None, **_ignored: 
                     "shoal is already running with HTTP %s; ignoring new options", instance.http
                 )
             return
-        _instances["process"] = _Instance("process", options)
+        _instances["process"] = _Instance("process", options, _blocking)
         set_default_registry(_instances["process"].registry)
 
 

@@ -48,13 +48,24 @@ class Controller:
         self.registry = registry
         self.apps: dict[str, _App] = {}
         self.proxy: ProxyStatus | None = None
+        self._proxy_starting: asyncio.Future[None] | None = None
         self._lock = asyncio.Lock()
 
-    async def start(self, http: HTTPOptions | None) -> None:
+    async def start(self, http: HTTPOptions | None, wait_for_proxy: bool = True) -> None:
+        """Start the runtime and, with ``http``, the proxy.
+
+        With ``wait_for_proxy=False`` the proxy starts while applications deploy
+        (faster cold starts); a proxy failure is then raised by the first deploy.
+        """
         await self.runtime.start(self._replica_died)
         if http is not None and self.runtime.supports_http:
-            host, port = await self.runtime.start_proxy(http)
-            self.proxy = ProxyStatus(host, port)
+            self._proxy_starting = asyncio.ensure_future(self._start_proxy(http))
+            if wait_for_proxy:
+                await self._proxy_starting
+
+    async def _start_proxy(self, http: HTTPOptions) -> None:
+        host, port = await self.runtime.start_proxy(http)
+        self.proxy = ProxyStatus(host, port)
 
     async def publish(self, update: ReplicaSetUpdate) -> None:
         self.registry.apply(update)
@@ -143,6 +154,8 @@ class Controller:
             for app in self.apps.values()
             if app.routed and app.spec.route_prefix is not None
         }
+        if self._proxy_starting is not None:
+            await self._proxy_starting  # raises here if the proxy could not start
         if self.proxy is not None:
             await self.runtime.publish_routes(routes)
 
