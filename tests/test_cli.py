@@ -72,3 +72,25 @@ def test_shoal_run_reports_a_bad_target(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "cannot import module 'missing_module'" in result.stderr
+
+
+def test_sigint_during_startup_still_stops_shoal_run(tmp_path: Path) -> None:
+    (tmp_path / "hello_app.py").write_text(APP)
+    command = [sys.executable, "-m", "shoal", "run", "hello_app:app", "--port", str(free_port())]
+    server = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        deadline = time.monotonic() + 30
+        while not _descendants(server.pid):  # workers are starting: shoal is mid-startup
+            assert time.monotonic() < deadline, "shoal run started no worker"
+            time.sleep(0.01)
+        workers = _descendants(server.pid)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in workers):
+            assert time.monotonic() < deadline, "workers outlived shoal run"
+            time.sleep(0.02)
+    finally:
+        server.kill()
+        server.wait(timeout=10)
