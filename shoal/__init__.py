@@ -1,83 +1,12 @@
 """shoal: serve machine-learning models and business logic as composable Python deployments.
 
 ``from shoal import serve`` and ``import shoal`` expose the same names, which
-follow Ray Serve's public API.
+follow Ray Serve's public API. The list lives in :mod:`shoal.serve`.
 """
 
 from shoal import serve
-from shoal._api.batching import batch
-from shoal._api.context import ReplicaContext, RequestContext, get_request_context
-from shoal._api.deployment import Application, Deployment, deployment
-from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
-from shoal._api.ingress import ingress
-from shoal._api.serve import (
-    delete,
-    get_app_handle,
-    get_deployment_handle,
-    get_replica_context,
-    run,
-    shutdown,
-    start,
-    status,
-)
-from shoal._config import AutoscalingConfig, DeploymentConfig, HTTPOptions
-from shoal._controller.status import ApplicationStatus, DeploymentStatus, ReplicaState
-from shoal._errors import (
-    BatchSizeMismatchError,
-    ConfigError,
-    DeploymentError,
-    NotFoundError,
-    NotRunningError,
-    ReplicaDiedError,
-    ReplicaError,
-    RequestCancelledError,
-    RequestTimeoutError,
-    RouteConflictError,
-    ShoalError,
-    TransportError,
-    UnavailableError,
-)
+from shoal.serve import *  # noqa: F403 - the public names, listed once in shoal.serve
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Application",
-    "ApplicationStatus",
-    "AutoscalingConfig",
-    "BatchSizeMismatchError",
-    "ConfigError",
-    "Deployment",
-    "DeploymentConfig",
-    "DeploymentError",
-    "DeploymentHandle",
-    "DeploymentResponse",
-    "DeploymentResponseGenerator",
-    "DeploymentStatus",
-    "HTTPOptions",
-    "NotFoundError",
-    "NotRunningError",
-    "ReplicaContext",
-    "ReplicaDiedError",
-    "ReplicaError",
-    "ReplicaState",
-    "RequestCancelledError",
-    "RequestContext",
-    "RequestTimeoutError",
-    "RouteConflictError",
-    "ShoalError",
-    "TransportError",
-    "UnavailableError",
-    "batch",
-    "delete",
-    "deployment",
-    "get_app_handle",
-    "get_deployment_handle",
-    "get_replica_context",
-    "get_request_context",
-    "ingress",
-    "run",
-    "serve",
-    "shutdown",
-    "start",
-    "status",
-]
+__all__ = ["serve", *serve.__all__]

@@ -41,6 +41,13 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
+def _wait_until_gone(pids: set[int], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+        assert time.monotonic() < deadline, "workers outlived shoal run"
+        time.sleep(0.02)
+
+
 def test_shoal_run_serves_a_module_and_stops_on_sigint(tmp_path: Path) -> None:
     (tmp_path / "hello_app.py").write_text(APP)
     port = free_port()
@@ -56,10 +63,7 @@ def test_shoal_run_serves_a_module_and_stops_on_sigint(tmp_path: Path) -> None:
         assert len(workers) == 3  # two replicas and the proxy
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
-        deadline = time.monotonic() + 10
-        while any(os.path.exists(f"/proc/{pid}") for pid in workers):
-            assert time.monotonic() < deadline, "workers outlived shoal run"
-            time.sleep(0.02)
+        _wait_until_gone(workers)
     finally:
         server.kill()
         server.wait(timeout=10)
@@ -87,10 +91,7 @@ def test_sigint_during_startup_still_stops_shoal_run(tmp_path: Path) -> None:
         workers = _descendants(server.pid)
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
-        deadline = time.monotonic() + 10
-        while any(os.path.exists(f"/proc/{pid}") for pid in workers):
-            assert time.monotonic() < deadline, "workers outlived shoal run"
-            time.sleep(0.02)
+        _wait_until_gone(workers)
     finally:
         server.kill()
         server.wait(timeout=10)

@@ -29,9 +29,7 @@ class HttpRequestData:
 
     def scope(self) -> dict[str, Any]:
         """The ASGI scope a Starlette ``Request`` (or ``WebSocket``) is built from."""
-        if self.method == WEBSOCKET:
-            return self._websocket_scope()
-        return {
+        scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": self.http_version,
@@ -45,23 +43,12 @@ class HttpRequestData:
             "client": self.client,
             "server": self.server,
         }
-
-    def _websocket_scope(self) -> dict[str, Any]:
-        protocols = next((v for k, v in self.headers if k == b"sec-websocket-protocol"), b"")
-        return {
-            "type": "websocket",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": self.http_version,
-            "scheme": self.scheme,
-            "path": self.path,
-            "raw_path": self.path.encode(),
-            "root_path": self.root_path,
-            "query_string": self.query_string,
-            "headers": self.headers,
-            "client": self.client,
-            "server": self.server,
-            "subprotocols": [p.strip() for p in protocols.decode().split(",") if p.strip()],
-        }
+        if self.method == WEBSOCKET:
+            del scope["method"]
+            protocols = next((v for k, v in self.headers if k == b"sec-websocket-protocol"), b"")
+            scope["type"] = "websocket"
+            scope["subprotocols"] = [p.strip() for p in protocols.decode().split(",") if p.strip()]
+        return scope
 
 
 WEBSOCKET = "WEBSOCKET"  # HttpRequestData.method of a websocket connection
