@@ -150,10 +150,18 @@ class Router:
                 f"deployment '{self.deployment}' of application '{self.app}' was deleted"
             )
         connected = {slot.info.replica_id: slot.client for slot in self._slots}
-        clients = {}
+        clients, extra = {}, []
         for replica_id, info in self._infos.items():
-            clients[replica_id] = connected.get(replica_id) or await self._connector.connect(info)
-        replies = await asyncio.gather(*(c.call(request) for c in clients.values()))
+            client = connected.get(replica_id)
+            if client is None:  # still connecting in the background: use a connection of our own
+                client = await self._connector.connect(info)
+                extra.append(client)
+            clients[replica_id] = client
+        try:
+            replies = await asyncio.gather(*(c.call(request) for c in clients.values()))
+        finally:
+            for client in extra:
+                client.close()
         return dict(zip(clients, replies, strict=True))
 
     async def open_stream(self, request: Request) -> Stream:

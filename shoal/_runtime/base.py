@@ -60,6 +60,10 @@ class ReplicaClient(Protocol):
 
     def stream(self, request: Request) -> Stream: ...
 
+    def close(self) -> None:
+        """Close the connection (pending requests fail)."""
+        ...
+
 
 class Connector(Protocol):
     """Turns a replica's address into a client, in whichever process holds handles."""

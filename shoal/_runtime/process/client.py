@@ -44,6 +44,9 @@ class SocketClient:
         corr, receiver = self._conn.open_stream(request)
         return SocketStream(self._conn, corr, receiver)
 
+    def close(self) -> None:
+        self._conn.close()
+
 
 def _cancel_remote(conn: Connection, future: asyncio.Future[Message]) -> None:
     if future.cancelled() and not conn.closed:
