@@ -1,7 +1,8 @@
 """``python -m bench``: run the shoal benchmark suite and write bench/results/.
 
 Options: ``--quick`` (short smoke run), ``--duration S`` (seconds per measured run),
-``--only W1,W2,W4,handle,cold,rss``; see ``--help`` and bench/README.md.
+``--only LIST`` (a comma-separated subset of the sections that ``--help`` lists); see
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -19,10 +20,25 @@ from typing import Any
 
 from bench import loadgen, report
 from bench.procs import BackgroundCpu, ServerProcess
+from bench.stream import run_stream
 from bench.suite import WORKLOADS, Settings, run_cold_start, run_handle, run_workload
+from bench.w3 import run_w3
 
-SECTIONS = ("cold", "rss", "W1", "W2", "W4", "handle")
-ALIASES = {"cold_start": "cold", "coldstart": "cold", "idle_rss": "rss", "memory": "rss"}
+SECTIONS = (
+    "cold", "rss", "W1", "W1-fastapi", "W2", "W3", "W3-latency", "W4", "stream", "business",
+    "handle",
+)  # fmt: skip
+ALIASES = {
+    "cold_start": "cold",
+    "coldstart": "cold",
+    "idle_rss": "rss",
+    "memory": "rss",
+    "w1f": "w1-fastapi",
+    "w3l": "w3-latency",
+    "w3-latency-target": "w3-latency",
+    "streaming": "stream",
+    "business-logic": "business",
+}
 
 
 def log(message: str) -> None:
@@ -71,6 +87,8 @@ def make_settings(args: argparse.Namespace, log_dir: Path) -> Settings:
         handle_par_calls=640 if quick else 6400,
         handle_repeats=1 if quick else 3,
         log_dir=log_dir,
+        stream_requests=20 if quick else 50,
+        stream_items=20_000 if quick else 200_000,
     )
 
 
@@ -78,9 +96,20 @@ def run_sections(sections: list[str], settings: Settings) -> dict[str, Any]:
     results: dict[str, Any] = {"points": []}
     if "cold" in sections or "rss" in sections:
         results.update(run_cold_start(settings, log, "cold" in sections, "rss" in sections))
-    for key in ("W1", "W2", "W4"):
+    for key in ("W1", "W1-fastapi", "W2"):
         if key in sections:
             results["points"].extend(run_workload(WORKLOADS[key], settings, log))
+    if "W3" in sections or "W3-latency" in sections:
+        w3 = run_w3(settings, log, fixed="W3" in sections, latency="W3-latency" in sections)
+        results["points"].extend(w3["points"])
+        if "ramp" in w3:
+            results["w3_ramp"] = w3["ramp"]
+    if "W4" in sections:
+        results["points"].extend(run_workload(WORKLOADS["W4"], settings, log))
+    if "stream" in sections:
+        results["stream"] = run_stream(settings, log)
+    if "business" in sections:
+        results["points"].extend(run_workload(WORKLOADS["business"], settings, log))
     if "handle" in sections:
         results["handle"] = run_handle(settings, log)
     return results
@@ -91,7 +120,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _failed(results: dict[str, Any]) -> bool:
-    sections = [results.get(k) or {} for k in ("handle", "cold_start", "idle_rss")]
+    sections = [results.get(k) or {} for k in ("handle", "cold_start", "idle_rss", "w3_ramp")]
+    stream = results.get("stream") or {}
+    sections += [*stream.get("first_chunk", {}).values(), *stream.get("rate", {}).values()]
     return any("error" in p for p in results["points"]) or any("error" in s for s in sections)
 
 

@@ -5,17 +5,37 @@ Each is served on its own by the CLI at route prefix ``/``, e.g.::
     python -m shoal run bench.apps:w1 --host 127.0.0.1 --port 8000
 
 and driven on the same paths as the reference servers (``POST /echo``, ``POST /w2``,
-``GET /w4``); the ingress ignores the path. ``handle_rtt`` answers ``GET /?mode=seq&n=N``
-and ``GET /?mode=par&n=N&inflight=64`` with timings measured inside the replica.
+``GET /w4``, ``POST /w3``, ``GET /stream/...``); the ingress ignores the path, except
+that the W3 apps answer ``GET .../stats`` with their ``batch_stats()`` and the stream app
+picks its stream by the path's end. ``handle_rtt`` answers ``GET /?mode=seq&n=N`` and
+``GET /?mode=par&n=N&inflight=64`` with timings measured inside the replica.
+
+The FastAPI-based apps (W1 through ``@serve.ingress``, the business-logic example) are in
+``bench.apps_fastapi``, so that importing this module (cold start, idle RSS) stays cheap.
 """
 
 import asyncio
+import dataclasses
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 
-from bench.common import MEMBER_VALUES, featurize, mean, member, predict, summarize_us
+from bench.common import (
+    MEMBER_VALUES,
+    W3_MAX_BATCH,
+    W3_MAX_ONGOING,
+    W3_WAIT_S,
+    featurize,
+    first_yield_stream,
+    many_items_stream,
+    mean,
+    member,
+    predict,
+    sleep_batch,
+    summarize_us,
+)
 from shoal import serve
 
 # High enough that c=64 never queues in the router because of the per-replica limit.
@@ -130,3 +150,56 @@ class HandleBench:
 
 
 handle_rtt = HandleBench.bind(NoopTarget.bind())
+
+
+# --- W3: batching ----------------------------------------------------------------------
+W3_TARGET_LATENCY_S = 0.05  # fits two batches of 64 (2 x 16.4 ms) in 45% of it: size 64
+
+
+class _SleepBatchIngress:
+    """``POST /w3`` -> one item of ``self.work``'s batches; ``GET .../stats`` -> its stats."""
+
+    work: Any  # the @serve.batch method, defined by each subclass
+
+    async def __call__(self, request: Request) -> Any:
+        if request.url.path.endswith("/stats"):
+            return dataclasses.asdict(self.work.batch_stats())
+        body = await request.json()
+        return await self.work(body.get("x"))
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=W3_MAX_ONGOING)
+class FixedBatch(_SleepBatchIngress):
+    @serve.batch(max_batch_size=W3_MAX_BATCH, batch_wait_timeout_s=W3_WAIT_S)
+    async def work(self, xs: list[Any]) -> list[dict[str, Any]]:
+        return await sleep_batch(xs)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=W3_MAX_ONGOING)
+class LatencyBatch(_SleepBatchIngress):
+    @serve.batch(max_batch_size=64, target_latency_s=W3_TARGET_LATENCY_S)
+    async def work(self, xs: list[Any]) -> list[dict[str, Any]]:
+        return await sleep_batch(xs)
+
+
+w3 = FixedBatch.bind()
+w3_latency = LatencyBatch.bind()
+
+
+# --- streaming -------------------------------------------------------------------------
+@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
+class Streams:
+    """``GET .../first``: one line after 20 ms with the generator's own timestamps;
+    ``GET .../many?n=N``: N items of 16 bytes."""
+
+    async def __call__(self, request: Request) -> AsyncIterator[str]:
+        if request.url.path.endswith("/many"):
+            n = max(1, min(int(request.query_params.get("n", "1000")), 10_000_000))
+            async for item in many_items_stream(n):
+                yield item
+        else:
+            async for item in first_yield_stream():
+                yield item
+
+
+streams = Streams.bind()

@@ -5,6 +5,8 @@ servers. The fallback client is this module's ``main``::
 
     python -m bench.loadgen --port 8000 --path /echo --method POST --body '{"x": 1}' -c 64 -d 3
 
+(``--header 'x-api-key: demo-key'`` adds a request header; repeatable.)
+
 It opens ``c`` keep-alive connections, each sending requests one after another until the
 duration is over, records every request's latency and prints one JSON object.
 """
@@ -41,6 +43,7 @@ class LoadSpec:
     concurrency: int = 1
     duration_s: float = 1.0
     timeout_s: float = 5.0
+    headers: tuple[tuple[str, str], ...] = ()  # extra request headers
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,17 @@ end
 """
 
 
-def wrk_script(method: str, body: bytes | None) -> str:
+def _lua_string(text: str) -> str:
+    if "]==]" in text or "\n" in text:
+        raise ValueError(f"cannot embed {text!r} in a Lua long string")
+    return f"[==[{text}]==]"
+
+
+def wrk_script(method: str, body: bytes | None, headers: tuple[tuple[str, str], ...] = ()) -> str:
     """The Lua script: request method/body/headers and a JSON summary printed by done()."""
     lines = [f'wrk.method = "{method}"']
+    # The spaces matter: "[[" would open a Lua long string.
+    lines += [f"wrk.headers[ {_lua_string(k)} ] = {_lua_string(v)}" for k, v in headers]
     if body is not None:
         text = body.decode()
         if "]==]" in text:
@@ -128,7 +139,7 @@ def _run_wrk(spec: LoadSpec) -> LoadResult:
     seconds = max(1, math.ceil(spec.duration_s))  # wrk takes whole seconds
     with tempfile.TemporaryDirectory(prefix="shoal-bench-wrk-") as tmp:
         script = Path(tmp) / "bench.lua"
-        script.write_text(wrk_script(spec.method, spec.body))
+        script.write_text(wrk_script(spec.method, spec.body, spec.headers))
         argv = [
             wrk_path() or "wrk",
             f"-t{min(WRK_THREADS, spec.concurrency)}",
@@ -190,6 +201,8 @@ def _run_python(spec: LoadSpec) -> LoadResult:
     ]
     if spec.body is not None:
         argv += ["--body", spec.body.decode()]
+    for name, value in spec.headers:
+        argv += ["--header", f"{name}: {value}"]
     cwd = Path(__file__).resolve().parent.parent
     timeout = spec.duration_s + spec.timeout_s + 30
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
@@ -201,6 +214,7 @@ def _run_python(spec: LoadSpec) -> LoadResult:
 # --- python fallback: client side ---------------------------------------------------------
 def build_request(spec: LoadSpec) -> bytes:
     head = [f"{spec.method} {spec.path} HTTP/1.1", f"Host: {HOST}:{spec.port}"]
+    head += [f"{name}: {value}" for name, value in spec.headers]
     if spec.body is not None:
         head += ["Content-Type: application/json", f"Content-Length: {len(spec.body)}"]
     elif spec.method in ("POST", "PUT", "PATCH"):
@@ -316,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--concurrency", type=int, default=1)
     parser.add_argument("-d", "--duration", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--header", action="append", default=[], help="'Name: value'")
     args = parser.parse_args(argv)
+    headers = tuple(
+        (name.strip(), value.strip()) for name, _, value in (h.partition(":") for h in args.header)
+    )
     spec = LoadSpec(
         port=args.port,
         path=args.path,
@@ -325,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=max(1, args.concurrency),
         duration_s=max(0.1, min(args.duration, 3600.0)),
         timeout_s=args.timeout,
+        headers=headers,
     )
     if _has_uvloop():
         import uvloop

@@ -33,13 +33,19 @@ def free_port() -> int:
 
 
 def http_request(
-    port: int, method: str, path: str, body: bytes | None = None, timeout: float = 5.0
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    timeout: float = 5.0,
+    headers: tuple[tuple[str, str], ...] = (),
 ) -> tuple[int, bytes]:
     """One HTTP/1.1 request on a fresh connection; returns (status, body)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=body, headers=headers)
+        sent = {"Content-Type": "application/json"} if body is not None else {}
+        sent.update(headers)
+        conn.request(method, path, body=body, headers=sent)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -168,9 +174,12 @@ class ServerProcess:
 
     _live: ClassVar[list[ServerProcess]] = []
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
+        self.extra_env = dict(env or {})
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -185,6 +194,7 @@ class ServerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         ServerProcess._live.append(self)
@@ -208,7 +218,13 @@ class ServerProcess:
             self._seen.update(descendants(self.pid))
 
     def wait_http_ok(
-        self, port: int, method: str, path: str, body: bytes | None, deadline_s: float
+        self,
+        port: int,
+        method: str,
+        path: str,
+        body: bytes | None,
+        deadline_s: float,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> float:
         """Poll until the route answers 200; returns the perf_counter() of that answer."""
         deadline = time.perf_counter() + deadline_s
@@ -221,7 +237,7 @@ class ServerProcess:
                     f"{self.name} exited early (code {self._returncode()}): {last_line}\n{tail}"
                 )
             try:
-                status, payload = http_request(port, method, path, body, timeout=2.0)
+                status, payload = http_request(port, method, path, body, 2.0, headers)
                 if status == 200:
                     return time.perf_counter()
                 last = f"HTTP {status}: {payload[:200]!r}"

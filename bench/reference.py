@@ -1,7 +1,9 @@
 """Reference servers: bare uvicorn + Starlette and uvicorn + FastAPI.
 
-Both implement every HTTP workload inline, in one process, on the same URLs the shoal
-apps are driven on (``POST /echo``, ``POST /w2``, ``GET /w4``)::
+Both implement the W1, W2 and W4 workloads inline, in one process, on the same URLs the
+shoal apps are driven on (``POST /echo``, ``POST /w2``, ``GET /w4``). Starlette also serves
+W3 through the hand-written batcher of ``bench.batcher`` (``POST /w3``, counters at
+``GET /w3/stats``) and the streams (``GET /stream/first``, ``GET /stream/many?n=N``)::
 
     python -m bench.reference starlette --port 8001
     python -m bench.reference fastapi --port 8002
@@ -16,10 +18,22 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from bench.common import MEMBER_VALUES, featurize, mean, member, predict
+from bench.batcher import Batcher
+from bench.common import (
+    MEMBER_VALUES,
+    W3_MAX_BATCH,
+    W3_WAIT_S,
+    featurize,
+    first_yield_stream,
+    many_items_stream,
+    mean,
+    member,
+    predict,
+    sleep_batch,
+)
 
 FRAMEWORKS = ("starlette", "fastapi")
 
@@ -50,11 +64,31 @@ def starlette_app() -> Starlette:
     async def w4(request: Request) -> JSONResponse:
         return JSONResponse(await _w4_body())
 
+    batcher = Batcher(sleep_batch, W3_MAX_BATCH, W3_WAIT_S)
+
+    async def w3(request: Request) -> JSONResponse:
+        body = await request.json()
+        return JSONResponse(await batcher.submit(body.get("x")))
+
+    async def w3_stats(request: Request) -> JSONResponse:
+        return JSONResponse(batcher.stats())
+
+    async def stream_first(request: Request) -> StreamingResponse:
+        return StreamingResponse(first_yield_stream(), media_type="text/plain")
+
+    async def stream_many(request: Request) -> StreamingResponse:
+        n = int(request.query_params.get("n", "1000"))
+        return StreamingResponse(many_items_stream(n), media_type="text/plain")
+
     return Starlette(
         routes=[
             Route("/echo", echo, methods=["POST"]),
             Route("/w2", w2, methods=["POST"]),
             Route("/w4", w4, methods=["GET"]),
+            Route("/w3", w3, methods=["POST"]),
+            Route("/w3/stats", w3_stats, methods=["GET"]),
+            Route("/stream/first", stream_first, methods=["GET"]),
+            Route("/stream/many", stream_many, methods=["GET"]),
         ]
     )
 

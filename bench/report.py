@@ -8,12 +8,12 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from bench.targets import TARGETS
 
 PACKAGES = ("shoal", "uvicorn", "starlette", "fastapi", "uvloop", "httptools", "pydantic")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -95,13 +95,6 @@ def environment(loadgen: dict[str, object], started: datetime) -> dict[str, Any]
 
 
 # --- ratios and targets ------------------------------------------------------------------------
-def find_point(points: list[dict[str, Any]], wl: str, server: str, c: int) -> dict[str, Any] | None:
-    for point in points:
-        if (point["workload"], point["server"], point["concurrency"]) == (wl, server, c):
-            return point
-    return None
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -127,62 +120,6 @@ def ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     return out
-
-
-@dataclass(frozen=True)
-class Target:
-    key: str
-    description: str
-    unit: str
-    threshold: float
-    at_least: bool
-    value: Callable[[dict[str, Any]], float | None]
-
-
-def _point_value(wl: str, c: int, field: str) -> Callable[[dict[str, Any]], float | None]:
-    def get(results: dict[str, Any]) -> float | None:
-        point = find_point(results.get("points", []), wl, "shoal", c)
-        return None if point is None else point.get(field)
-
-    return get
-
-
-def _ratio_value(wl: str, c: int, ref: str) -> Callable[[dict[str, Any]], float | None]:
-    def get(results: dict[str, Any]) -> float | None:
-        for r in results.get("ratios", []):
-            if (r["workload"], r["concurrency"], r["reference"]) == (wl, c, ref):
-                value: float | None = r["throughput_ratio"]
-                return value
-        return None
-
-    return get
-
-
-def _section_value(section: str, field: str) -> Callable[[dict[str, Any]], float | None]:
-    def get(results: dict[str, Any]) -> float | None:
-        data = results.get(section) or {}
-        return data.get(field)
-
-    return get
-
-
-TARGETS: tuple[Target, ...] = (
-    Target("W1-thr-c64", "W1 throughput c=64 vs Starlette", "x", 0.5, True,
-           _ratio_value("W1", 64, "starlette")),
-    Target("W1-p50-c1", "W1 p50 latency c=1", "ms", 0.5, False, _point_value("W1", 1, "p50_ms")),
-    Target("W2-thr-c64", "W2 throughput c=64 vs FastAPI", "x", 0.3, True,
-           _ratio_value("W2", 64, "fastapi")),
-    Target("W2-p50-c1", "W2 p50 latency c=1", "ms", 1.0, False, _point_value("W2", 1, "p50_ms")),
-    Target("W4-p50-c1", "W4 p50 latency c=1", "ms", 6.5, False, _point_value("W4", 1, "p50_ms")),
-    Target("W4-thr-c32", "W4 throughput c=32 vs FastAPI", "x", 0.8, True,
-           _ratio_value("W4", 32, "fastapi")),
-    Target("handle-p50", "handle round trip p50", "us", 150.0, False,
-           _section_value("handle", "p50_us")),
-    Target("cold-start", "cold start (median)", "s", 1.0, False,
-           _section_value("cold_start", "median_s")),
-    Target("idle-rss", "idle RSS, driver + descendants", "MB", 200.0, False,
-           _section_value("idle_rss", "rss_mb")),
-)  # fmt: skip
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -284,8 +221,10 @@ def _failure(section: dict[str, Any]) -> str:
 
 
 def _other_sections(results: dict[str, Any]) -> list[str]:
-    lines = ["## Handle round trip, cold start, idle memory", ""]
     h, cs, mem = results.get("handle"), results.get("cold_start"), results.get("idle_rss")
+    if not (h or cs or mem):
+        return []
+    lines = ["## Handle round trip, cold start, idle memory", ""]
     if h:
         lines.append(
             "- Handle noop A->B: "
@@ -320,6 +259,86 @@ def _other_sections(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _w3_sections(results: dict[str, Any]) -> list[str]:
+    batched = [p for p in results.get("points", []) if "batch_size_mean" in p]
+    ramp = results.get("w3_ramp")
+    if not batched and not ramp:
+        return []
+    lines = [
+        "## W3 batching",
+        "",
+        "Handler: sleep 10 ms + 0.1 ms per item. Fixed configuration (`W3`): max 32, 5 ms wait "
+        "(ceiling 32 / 13.2 ms = 2,424 req/s); `W3-latency`: max 64, `target_latency_s=0.05`. "
+        "Mean batch size = requests / batches formed during the measured runs.",
+        "",
+        "| workload | server | c | req/s | p50 ms | p99 ms | batches | mean batch size |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for p in batched:
+        lines.append(
+            f"| {p['workload']} | {p['server']} | {p['concurrency']} | "
+            f"{_f(p['throughput_rps'], 0)} | {_f(p['p50_ms'], 2)} | {_f(p['p99_ms'], 2)} | "
+            f"{p['batches']} | {_f(p['batch_size_mean'], 1)} |"
+        )
+    lines.append("")
+    if ramp:
+        lines += _ramp_table(ramp)
+    return lines
+
+
+def _ramp_table(ramp: dict[str, Any]) -> list[str]:
+    lines = ["## W3-latency load ramp", ""]
+    if "error" in ramp:
+        return [*lines, _failure(ramp), ""]
+    lines += [
+        f"One run of {ramp['step_s']:g} s per step on the latency-target app; the plan "
+        "(`batch_stats().latency`) is read right after each step.",
+        "",
+        "| step | connections | req/s | p50 ms | p99 ms | errors | mean batch size "
+        "| planned size | planned max wait ms | arrival rate /s |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for i, r in enumerate(ramp["steps"], 1):
+        lines.append(
+            f"| {i} | {r['concurrency']} | {_f(r['throughput_rps'], 0)} | {_f(r['p50_ms'], 2)} | "
+            f"{_f(r['p99_ms'], 2)} | {r['errors']} | {_f(r['batch_size_mean'], 1)} | "
+            f"{_f(r['plan_batch_size'])} | {_f(r['plan_max_wait_ms'], 2)} | "
+            f"{_f(r['arrival_rate_per_s'], 0)} |"
+        )
+    return [*lines, ""]
+
+
+def _stream_section(results: dict[str, Any]) -> list[str]:
+    st = results.get("stream")
+    if not st:
+        return []
+    lines = [
+        "## Streaming",
+        "",
+        f"First chunk: the generator yields after {_f(st['first_delay_ms'], 0)} ms; overhead = "
+        "client's time to first chunk - the generator's own start-to-yield time (p50 over "
+        f"the requests). Rate: {st['items']:,} items of 16 bytes through one stream.",
+        "",
+        "| server | requests | first chunk p50 ms | generator p50 ms | overhead p50 ms "
+        "| overhead p90 ms | request in p50 ms | yield to client p50 ms | items/s "
+        "| HTTP chunks per item |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, first in st.get("first_chunk", {}).items():
+        rate = st.get("rate", {}).get(name, {})
+        if "error" in first:
+            lines.append(f"| {name} | {_failure(first)[:80]} | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {first['requests']} | {_f(first['ttfc_p50_ms'], 2)} | "
+            f"{_f(first['generator_p50_ms'], 2)} | {_f(first['overhead_p50_ms'], 2)} | "
+            f"{_f(first['overhead_p90_ms'], 2)} | {_f(first['request_in_p50_ms'], 2)} | "
+            f"{_f(first['delivery_p50_ms'], 2)} | {_f(rate.get('items_per_s'), 0)} | "
+            f"{_f(rate.get('http_chunks_per_item'), 2)} |"
+        )
+    return [*lines, ""]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     lines = _header(results)
     lines += ["## Targets", "", "| target | threshold | value | result |", "|---|---|--:|---|"]
@@ -328,6 +347,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {t['description']} | {t['threshold']} | {value} | {_verdict(t['met'])} |")
     lines.append("")
     lines += _points_table(results)
+    lines += _w3_sections(results)
+    lines += _stream_section(results)
     lines += _other_sections(results)
     return "\n".join(lines)
 

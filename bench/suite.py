@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import median_or_none
+from bench.common import BUSINESS_DB_ENV, ECHO_BODY, median_or_none
 from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.procs import HOST, BackgroundCpu, ServerProcess, free_port, http_request, tree_memory
 
-ECHO_BODY = b'{"x": 1}'
 READY_DEADLINE_S = 60.0
 
 Log = Callable[[str], None]
@@ -35,6 +34,9 @@ class Settings:
     handle_par_calls: int
     handle_repeats: int
     log_dir: Path
+    ramp_steps: tuple[int, ...] = (1, 8, 32, 64, 32, 8, 1)  # W3-latency load ramp (connections)
+    stream_requests: int = 50  # first-chunk requests per stream server
+    stream_items: int = 200_000  # items of the stream-rate run
 
 
 @dataclass(frozen=True)
@@ -46,19 +48,33 @@ class Workload:
     body: bytes | None
     concurrencies: tuple[int, ...]
     references: tuple[str, ...]
+    headers: tuple[tuple[str, str], ...] = ()
 
+
+PREDICT_BODY = b'{"user_id": 7, "context": {"petal_length_cm": 5.1}}'
 
 WORKLOADS: dict[str, Workload] = {
     "W1": Workload("W1", "w1", "POST", "/echo", ECHO_BODY, (1, 8, 64), ("starlette", "fastapi")),
+    "W1-fastapi": Workload(
+        "W1-fastapi", "bench.apps_fastapi:w1_fastapi", "POST", "/echo", ECHO_BODY, (1, 64),
+        ("fastapi",),
+    ),
     "W2": Workload("W2", "w2", "POST", "/w2", ECHO_BODY, (1, 64), ("fastapi",)),
     "W4": Workload("W4", "w4", "GET", "/w4", None, (1, 32), ("fastapi",)),
-}
+    "business": Workload(
+        "business", "bench.apps_fastapi:business", "POST", "/predict", PREDICT_BODY, (16,), (),
+        headers=(("x-api-key", "demo-key"),),
+    ),
+}  # fmt: skip
 
 
 def shoal_server(app: str, port: int, log_dir: Path, tag: str = "") -> ServerProcess:
-    argv = [sys.executable, "-m", "shoal", "run", f"bench.apps:{app}"]
+    """``python -m shoal run <module:attr>``; a bare name is an attribute of bench.apps."""
+    target = app if ":" in app else f"bench.apps:{app}"
+    argv = [sys.executable, "-m", "shoal", "run", target]
     argv += ["--host", HOST, "--port", str(port)]
-    return ServerProcess(f"shoal-{app}{tag}", argv, log_dir)
+    env = {BUSINESS_DB_ENV: str(log_dir / f"business{tag}.sqlite3")}  # read by apps_fastapi only
+    return ServerProcess(f"shoal-{app.rpartition(':')[2]}{tag}", argv, log_dir, env)
 
 
 def reference_server(framework: str, port: int, log_dir: Path, tag: str = "") -> ServerProcess:
@@ -66,7 +82,7 @@ def reference_server(framework: str, port: int, log_dir: Path, tag: str = "") ->
     return ServerProcess(f"{framework}{tag}", argv, log_dir)
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()[-4000:]
 
 
@@ -85,7 +101,7 @@ def aggregate(runs: list[LoadResult]) -> dict[str, Any]:
     }
 
 
-def _fmt(value: float | None, digits: int) -> str:
+def fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -112,14 +128,16 @@ def _start_servers(wl: Workload, settings: Settings, log: Log, servers: list[_Li
         proc.start()
     for server in servers:
         try:
-            server.proc.wait_http_ok(server.port, wl.method, wl.path, wl.body, READY_DEADLINE_S)
+            server.proc.wait_http_ok(
+                server.port, wl.method, wl.path, wl.body, READY_DEADLINE_S, wl.headers
+            )
             server.proc.remember_tree()
         except Exception as exc:
             _fail(server, exc, wl, log)
 
 
 def _fail(server: _Live, exc: BaseException, wl: Workload, log: Log) -> None:
-    server.error = _error_text(exc)
+    server.error = error_text(exc)
     log(f"  {wl.key} {server.name}: FAILED: {server.error.splitlines()[0]}")
     log(f"  (server log: {server.proc.log_path})")
     server.proc.stop()
@@ -138,7 +156,9 @@ def _round(
     for server in servers:
         if server.error is not None:
             continue
-        spec = LoadSpec(server.port, wl.path, wl.method, wl.body, concurrency, duration)
+        spec = LoadSpec(
+            server.port, wl.path, wl.method, wl.body, concurrency, duration, headers=wl.headers
+        )
         try:
             out.append((server, run_load(spec, settings.loadgen)))
         except Exception as exc:
@@ -170,8 +190,8 @@ def _measure_concurrency(
         points.append({**point, **aggregate(server.runs)})
         log(
             f"  {wl.key} {server.name:<9} c={concurrency:<3} "
-            f"{_fmt(points[-1]['throughput_rps'], 0):>8} req/s  "
-            f"p50 {_fmt(points[-1]['p50_ms'], 3)} ms  p99 {_fmt(points[-1]['p99_ms'], 3)} ms  "
+            f"{fmt(points[-1]['throughput_rps'], 0):>8} req/s  "
+            f"p50 {fmt(points[-1]['p50_ms'], 3)} ms  p99 {fmt(points[-1]['p99_ms'], 3)} ms  "
             f"errors {points[-1]['errors']}  background CPU {background:.0f}%"
         )
     return points
@@ -234,13 +254,13 @@ def run_handle(settings: Settings, log: Log) -> dict[str, Any]:
         proc.remember_tree()
         result = _handle_measures(port, settings)
         log(
-            f"  p50 {_fmt(result['p50_us'], 1)} us  p99 {_fmt(result['p99_us'], 1)} us  "
-            f"64 in flight: {_fmt(result['calls_per_s'], 0)} calls/s"
+            f"  p50 {fmt(result['p50_us'], 1)} us  p99 {fmt(result['p99_us'], 1)} us  "
+            f"64 in flight: {fmt(result['calls_per_s'], 0)} calls/s"
         )
         return result
     except Exception as exc:
-        log(f"  handle: FAILED: {_error_text(exc).splitlines()[0]} (log: {proc.log_path})")
-        return {"error": _error_text(exc)}
+        log(f"  handle: FAILED: {error_text(exc).splitlines()[0]} (log: {proc.log_path})")
+        return {"error": error_text(exc)}
     finally:
         proc.stop()
 
@@ -275,8 +295,8 @@ def run_cold_start(
     try:
         samples = [_one_cold_start(i, settings, measure_rss) for i in range(runs)]
     except Exception as exc:
-        log(f"  FAILED: {_error_text(exc).splitlines()[0]}")
-        error = {"error": _error_text(exc)}
+        log(f"  FAILED: {error_text(exc).splitlines()[0]}")
+        error = {"error": error_text(exc)}
         return {
             "cold_start": error if measure_cold else None,
             "idle_rss": error if measure_rss else None,
@@ -296,5 +316,5 @@ def run_cold_start(
             "processes": mems[-1]["processes"],
             "samples": mems,
         }
-        log(f"  idle RSS {rss:.1f} MB over {mems[-1]['processes']} processes (PSS {_fmt(pss, 1)})")
+        log(f"  idle RSS {rss:.1f} MB over {mems[-1]['processes']} processes (PSS {fmt(pss, 1)})")
     return out

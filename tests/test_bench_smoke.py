@@ -1,14 +1,17 @@
 """Cheap smoke tests of the benchmark suite's own pieces (bench/), without shoal servers.
 
 Starts one reference Starlette server on a free 127.0.0.1 port, drives it for about a
-second with each load generator, and checks the report writer and the process helpers.
+second with each load generator, checks the hand-written W3 batcher, the ramp and the
+streaming clients against it, and checks the report writer and the process helpers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench import loadgen, report  # noqa: E402
 from bench.__main__ import parse_only  # noqa: E402
+from bench.batcher import Batcher  # noqa: E402
 from bench.common import percentile  # noqa: E402
 from bench.procs import (  # noqa: E402
     BackgroundCpu,
@@ -34,7 +38,9 @@ from bench.procs import (  # noqa: E402
     is_alive,
     tree_memory,
 )
+from bench.stream import count_stream, first_chunks, run_async  # noqa: E402
 from bench.suite import aggregate, reference_server  # noqa: E402
+from bench.w3 import get_stats, run_ramp  # noqa: E402
 
 BODY = b'{"x": 1}'
 
@@ -136,14 +142,65 @@ def test_parse_wrk_output_and_script() -> None:
     assert result.p50_ms == pytest.approx(0.15)
     script = loadgen.wrk_script("POST", BODY)
     assert 'wrk.method = "POST"' in script and '[==[{"x": 1}]==]' in script
+    script = loadgen.wrk_script("POST", BODY, (("x-api-key", "k"),))
+    assert "wrk.headers[ [==[x-api-key]==] ] = [==[k]==]" in script
+
+
+def test_loadgen_sends_headers() -> None:
+    spec = loadgen.LoadSpec(1, "/p", "POST", BODY, headers=(("x-api-key", "k"),))
+    assert b"\r\nx-api-key: k\r\n" in loadgen.build_request(spec)
+
+
+def test_batcher_forms_batches() -> None:
+    async def handler(xs: list[int]) -> list[int]:
+        await asyncio.sleep(0.002)
+        return [x * 2 for x in xs]
+
+    async def main() -> tuple[list[int], dict[str, Any]]:
+        batcher = Batcher(handler, max_size=32, wait_s=0.005)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(40)))
+        return list(results), batcher.stats()
+
+    results, stats = asyncio.run(main())
+    assert results == [2 * i for i in range(40)]
+    assert (stats["batches"], stats["requests"]) == (2, 40)  # 32, then 8 after the 5 ms wait
+
+
+def test_reference_batcher_and_ramp(starlette_port: int) -> None:
+    status, payload = http_request(starlette_port, "POST", "/w3", b'{"x": 3}')
+    assert (status, json.loads(payload)) == (200, {"y": 3})
+    before = get_stats(starlette_port)
+    steps = run_ramp(starlette_port, (1, 16), 0.5, "python")
+    assert [s["concurrency"] for s in steps] == [1, 16]
+    assert steps[0]["batch_size_mean"] == pytest.approx(1.0)
+    assert steps[1]["batch_size_mean"] > 4  # 16 clients, 5 ms wait: batches fill up
+    assert steps[1]["plan_batch_size"] == 32 and steps[1]["plan_max_wait_ms"] is None
+    assert get_stats(starlette_port)["requests"] - before["requests"] == sum(
+        s["requests"] for s in steps
+    )
+
+
+def test_stream_clients(starlette_port: int) -> None:
+    samples = run_async(first_chunks(starlette_port, 4))
+    assert len(samples) == 4
+    for sample in samples:
+        assert 19.0 <= sample["generator_ms"] <= sample["ttfc_ms"]
+        assert sample["overhead_ms"] > 0.0
+    # The first request of a route can be slow (lazy imports): the bench warms up first.
+    assert statistics.median(s["overhead_ms"] for s in samples[1:]) < 15.0
+    rate = run_async(count_stream(starlette_port, 2000))
+    assert rate["items"] == 2000 and rate["bytes"] == 32_000 and rate["items_per_s"] > 0
 
 
 def test_percentile_and_only() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
     assert math.isnan(percentile([], 50))
     assert parse_only("w1,Handle,cold_start") == ["cold", "W1", "handle"]
+    assert parse_only("business,w3-latency,STREAM,w1-fastapi,W3") == [
+        "W1-fastapi", "W3", "W3-latency", "stream", "business"
+    ]  # fmt: skip
     with pytest.raises(ValueError):
-        parse_only("W3")
+        parse_only("W5")
 
 
 def _fake_results() -> dict[str, Any]:
@@ -155,6 +212,56 @@ def _fake_results() -> dict[str, Any]:
             point = {"workload": "W1", "server": server, "concurrency": c}
             points.append({**point, **aggregate([result])})
     points.append({"workload": "W2", "server": "shoal", "concurrency": 1, "error": "Boom\nmore"})
+    w3 = loadgen.LoadResult(6000, 0, 3.0, 2000.0, 30.0, 35.0, 50.0, 31.0, "wrk")
+    for wl, server, thr, size in (
+        ("W3", "shoal", 2000.0, 31.5),
+        ("W3", "starlette", 2300.0, 32.0),
+        ("W3-latency", "shoal", 2100.0, 40.0),
+    ):
+        run = loadgen.LoadResult(6000, 0, 3.0, thr, 30.0, 35.0, 50.0, 31.0, "wrk")
+        points.append(
+            {
+                "workload": wl,
+                "server": server,
+                "concurrency": 64,
+                **aggregate([run]),
+                "batches": 190,
+                "batch_size_mean": size,
+            }
+        )
+    points.append(
+        {
+            "workload": "W3-latency",
+            "server": "shoal",
+            "concurrency": 1,
+            **aggregate([w3]),
+            "batches": 90,
+            "batch_size_mean": 1.0,
+        }
+    )
+    step = {
+        "concurrency": 8,
+        "throughput_rps": 400.0,
+        "p50_ms": 19.0,
+        "p99_ms": 25.0,
+        "requests": 1200,
+        "errors": 0,
+        "batches": 150,
+        "batch_size_mean": 8.0,
+        "plan_batch_size": 64,
+        "plan_max_wait_ms": 22.5,
+        "arrival_rate_per_s": 380.0,
+        "cost_fitted": True,
+    }
+    first = {
+        "requests": 50,
+        "ttfc_p50_ms": 21.5,
+        "generator_p50_ms": 20.2,
+        "overhead_p50_ms": 1.3,
+        "overhead_p90_ms": 1.9,
+        "request_in_p50_ms": 0.7,
+        "delivery_p50_ms": 0.6,
+    }
     return {
         "schema": 1,
         "environment": report.environment({"name": "wrk", "version": "test"}, datetime.now(UTC)),
@@ -164,6 +271,11 @@ def _fake_results() -> dict[str, Any]:
                    "calls_per_s": 9000.0},
         "cold_start": {"runs": [1.2], "median_s": 1.2},
         "idle_rss": {"error": "RuntimeError: nope"},
+        "w3_ramp": {"server": "W3-latency shoal", "step_s": 3.0, "steps": [step]},
+        "stream": {"first_delay_ms": 20.0, "items": 200000,
+                   "first_chunk": {"shoal": first, "starlette": {"error": "Down"}},
+                   "rate": {"shoal": {"items_per_s": 15000.0, "http_chunks_per_item": 1.0},
+                            "starlette": {"error": "Down"}}},
     }  # fmt: skip
 
 
@@ -181,7 +293,16 @@ def test_report_writer(tmp_path: Path) -> None:
     assert verdicts["handle-p50"] is True
     assert verdicts["cold-start"] is False
     assert verdicts["idle-rss"] is None
+    assert verdicts["W3-thr-c64"] is False  # 2000 / 2300
+    assert verdicts["W3-size-c64"] is True
+    assert verdicts["W3L-thr-c64"] is True  # 2100 / 2000
+    assert verdicts["W3L-p50-c1"] is False  # 30 ms
+    assert verdicts["stream-first"] is True and verdicts["stream-rate"] is False
+    assert verdicts["W1F-thr-c64"] is None
     ratio = next(r for r in data["ratios"] if r["concurrency"] == 64)
     assert ratio["throughput_ratio"] == pytest.approx(0.498)
     text = md_path.read_text()
     assert "| W1 | shoal | 64 |" in text and "failed: Boom" in text and "**missed**" in text
+    assert "## W3-latency load ramp" in text and "| 1 | 8 | 400 | 19.00 |" in text
+    assert "| W3-latency | shoal | 64 | 2,100 |" in text
+    assert "| shoal | 50 | 21.50 | 20.20 | 1.30 |" in text and "| starlette | failed: Down" in text

@@ -63,7 +63,8 @@ def asgi_app_of(instance: Any) -> Any:
     return getattr(type(instance), ASGI_APP_ATTRIBUTE, None)
 
 
-def _current_instance() -> Any:
+async def _current_instance() -> Any:
+    # async on purpose: FastAPI runs sync dependencies in a thread pool, per request.
     from shoal._api.context import get_replica_context
 
     return get_replica_context().servable_object

@@ -12,6 +12,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
@@ -28,7 +29,6 @@ async def asgi_parts(
     app: Any, scope: dict[str, Any], body: bytes
 ) -> AsyncIterator[HttpResponseData | HttpResponseStart | bytes]:
     """Run ``app`` for one HTTP request; yield a complete response or a start and chunks."""
-    queue: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue(maxsize=16)
     body_sent = False
 
     async def receive() -> dict[str, Any]:
@@ -39,12 +39,13 @@ async def asgi_parts(
         await asyncio.Event().wait()  # only cancellation ends a request
         return {"type": "http.disconnect"}
 
-    task = asyncio.ensure_future(app(scope, receive, queue.put))
+    channel = _Channel()
+    task = channel.run(app(scope, receive, channel.put))
     start: HttpResponseStart | None = None
     complete = False
     try:
         while True:
-            message = await _next_message(queue, task)
+            message = await channel.get()
             if message is None:
                 if start is None:
                     raise RuntimeError("the ASGI app returned without sending a response")
@@ -71,6 +72,55 @@ async def asgi_parts(
             _finish_in_background(task)
         else:
             task.cancel()
+
+
+class _Channel:
+    """Messages an ASGI app task sends, for one consumer; the app waits when 16 are unread.
+
+    Cheaper than an ``asyncio.Queue`` raced against the task with ``asyncio.wait``:
+    one future per wait, no extra tasks (this is on every ingress request).
+    """
+
+    __slots__ = ("_items", "_space", "_task", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[MutableMapping[str, Any]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._space: asyncio.Future[None] | None = None
+        self._task: asyncio.Future[Any] | None = None
+
+    def run(self, coroutine: Any) -> asyncio.Future[Any]:
+        """Run the app's coroutine as the producer; its end wakes the consumer."""
+        self._task = asyncio.ensure_future(coroutine)
+        self._task.add_done_callback(self._wake)
+        return self._task
+
+    async def put(self, message: MutableMapping[str, Any]) -> None:
+        self._items.append(message)
+        self._wake()
+        if len(self._items) >= 16:
+            self._space = asyncio.get_running_loop().create_future()
+            await self._space
+
+    def _wake(self, *_: Any) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> MutableMapping[str, Any] | None:
+        """The next message; None once the app finished; raises what the app raised."""
+        assert self._task is not None
+        while not self._items:
+            if self._task.done():
+                self._task.result()
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        message = self._items.popleft()
+        space = self._space
+        if space is not None and not space.done():
+            space.set_result(None)
+        return message
 
 
 _background: set[asyncio.Future[Any]] = set()
@@ -101,31 +151,14 @@ class _Sent(HttpResponseStart):
     """Marks that the response start has been passed on."""
 
 
-async def _next_message(
-    queue: asyncio.Queue[MutableMapping[str, Any]], task: asyncio.Future[Any]
-) -> MutableMapping[str, Any] | None:
-    """The app's next message, or None once it finished; re-raises the app's exception."""
-    if not queue.empty():
-        return queue.get_nowait()
-    getter = asyncio.ensure_future(queue.get())
-    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-    if getter.done():
-        return getter.result()
-    getter.cancel()
-    if not queue.empty():
-        return queue.get_nowait()
-    task.result()
-    return None
-
-
 async def websocket_messages(
     app: Any, scope: dict[str, Any], inbox: asyncio.Queue[Any]
 ) -> AsyncIterator[MutableMapping[str, Any]]:
     """Run ``app`` for one websocket; its receive reads ``inbox`` (the client's messages)."""
-    outbox: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue(maxsize=16)
-    task = asyncio.ensure_future(app(scope, inbox.get, outbox.put))
+    channel = _Channel()
+    task = channel.run(app(scope, inbox.get, channel.put))
     try:
-        while (message := await _next_message(outbox, task)) is not None:
+        while (message := await channel.get()) is not None:
             yield message
     finally:
         task.cancel()
@@ -144,13 +177,13 @@ class Lifespan:
         self.app = app
         self.state: dict[str, Any] = {}
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._outbox: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+        self._outbox = _Channel()
         self._task: asyncio.Future[Any] | None = None
 
     async def startup(self) -> None:
         scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
                  "state": self.state}  # fmt: skip
-        self._task = asyncio.ensure_future(self.app(scope, self._inbox.get, self._outbox.put))
+        self._task = self._outbox.run(self.app(scope, self._inbox.get, self._outbox.put))
         await self._inbox.put({"type": "lifespan.startup"})
         message = await self._reply("startup")
         if message is None:
@@ -174,9 +207,7 @@ class Lifespan:
     async def _reply(self, phase: str) -> MutableMapping[str, Any] | None:
         assert self._task is not None
         try:
-            return await asyncio.wait_for(
-                _next_message(self._outbox, self._task), _LIFESPAN_TIMEOUT_S
-            )
+            return await asyncio.wait_for(self._outbox.get(), _LIFESPAN_TIMEOUT_S)
         except TimeoutError:
             raise DeploymentError(
                 f"lifespan {phase} did not finish within {_LIFESPAN_TIMEOUT_S:.0f} s"
