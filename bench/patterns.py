@@ -14,8 +14,12 @@ Sections (``--only W4,shadow,canary,bandit``):
 * **bandit**: Thompson sampling (and epsilon-greedy) on 3 simulated arms with
   reward 0.2/0.5/0.8: the share of the best arm in the last 1,000 of 5,000.
 
-Results go to ``bench/results/patterns-<UTC timestamp>.json`` and ``.md`` (also
-printed). The apps below are served with ``python -m shoal run bench.patterns:<app>``.
+Every server of a section is up at once and the measured runs (default 6 x 2 s per
+point, wrk if installed) go round-robin across them; a target compares two servers by
+the median of the ratios of their back-to-back runs, which cancels most drift from
+other work on the machine (the background CPU share is recorded). Results go to
+``bench/results/patterns-<UTC timestamp>.json`` and ``.md`` (also printed). The apps
+below are served with ``python -m shoal run bench.patterns:<app>``.
 """
 
 from __future__ import annotations
@@ -320,8 +324,15 @@ def _find(points: list[dict[str, Any]], server: str, c: int) -> dict[str, Any]:
     return next((p for p in points if p["server"] == server and p["concurrency"] == c), {})
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    """Median over rounds of a's ``key`` / b's, each round's two runs being back to back.
+
+    Pairing runs that were measured seconds apart cancels most of the drift that
+    other work on the machine causes; a ratio of medians would not.
+    """
+    pairs = zip(a.get("runs") or [], b.get("runs") or [], strict=False)
+    ratios = [x[key] / y[key] for x, y in pairs if x.get(key) is not None and y.get(key)]
+    return statistics.median(ratios) if ratios else None
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -335,14 +346,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     w4 = results.get("W4") or []
     for c in (1, 32):
         ens, ref = _find(w4, "ensemble", c), _find(w4, "gather", c)
-        p50 = _ratio(ens.get("p50_ms"), ref.get("p50_ms"))
+        p50 = _ratio(ens, ref, "p50_ms")
         add(f"W4 c={c}: p50, Ensemble / hand-written gather", p50, 1.10, True)
-        rps = _ratio(ens.get("throughput_rps"), ref.get("throughput_rps"))
+        rps = _ratio(ens, ref, "throughput_rps")
         add(f"W4 c={c}: throughput, Ensemble / hand-written gather", rps, 0.90, False)
     shadow = (results.get("shadow") or {}).get("points") or []
     for c in SHADOW_CONCURRENCY:
         on, off = _find(shadow, "shadow_100%", c), _find(shadow, "shadow_0%", c)
-        p99 = _ratio(on.get("p99_ms"), off.get("p99_ms"))
+        p99 = _ratio(on, off, "p99_ms")
         if c in SHADOW_TARGETED:
             add(f"shadow c={c}: primary p99, 100% / 0% mirrored", p99, 1.10, True)
         else:  # CPU-saturated on small machines: reported, not judged
@@ -376,7 +387,8 @@ def render(results: dict[str, Any]) -> str:
         f"{env['machine']['nproc']} CPUs ({env['machine']['cpu_model']}), Python "
         f"{env['python']['version']}, load generator {settings['loadgen']}, commit "
         f"{env.get('git_commit')}; background CPU {settings['background_cpu_pct']}%, "
-        f"{settings['repeats']} x {settings['duration_s']} s per point (medians).",
+        f"{settings['repeats']} x {settings['duration_s']} s per point, interleaved; tables give "
+        "medians, targets the median of the ratios of back-to-back runs.",
         "",
         "| target | value | threshold | verdict |",
         "|---|---|---|---|",
@@ -411,16 +423,16 @@ def _environment(kind: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.patterns", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 s per point, 1 run, no warm-up")
-    parser.add_argument("--duration", type=float, help="seconds per measured run (default 3)")
-    parser.add_argument("--repeats", type=int, help="measured runs per point (default 3)")
+    parser.add_argument("--duration", type=float, help="seconds per measured run (default 2)")
+    parser.add_argument("--repeats", type=int, help="measured runs per point (default 6)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     sections = [s for s in SECTIONS if not args.only or s.lower() in args.only.lower().split(",")]
     settings = Settings(
-        duration_s=args.duration or (1.0 if args.quick else 3.0),
-        repeats=args.repeats or (1 if args.quick else 3),
+        duration_s=args.duration or (1.0 if args.quick else 2.0),
+        repeats=args.repeats or (1 if args.quick else 6),
         warmup_s=0.0 if args.quick else 1.0,
         loadgen=loadgen.choose(args.loadgen),
         log_dir=Path(tempfile.mkdtemp(prefix="shoal-bench-patterns-")),

@@ -146,7 +146,10 @@ class BackgroundCpu:
         seconds = time.monotonic() - self.wall
         foreign = (_system_busy_jiffies() - self.busy) - (_own_jiffies() - self.own)
         capacity = seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        return max(0.0, 100.0 * foreign / capacity) if capacity > 0 else 0.0
+        if capacity <= 0:
+            return 0.0
+        # Jiffies tick at 100 Hz: over short windows the count can overshoot the wall clock.
+        return min(100.0, max(0.0, 100.0 * foreign / capacity))
 
 
 def _cmdline(pid: int) -> str:

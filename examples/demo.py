@@ -15,7 +15,18 @@ import importlib.util
 import logging
 import threading
 
-from examples import business_logic, composed, ensemble, pipeline
+from examples import (
+    business_logic,
+    composed,
+    ensemble,
+    online_learning,
+    patterns_bandit,
+    patterns_ensemble,
+    patterns_model_update,
+    patterns_pipeline,
+    patterns_selection,
+    pipeline,
+)
 from shoal import serve
 from shoal.serve import Application
 
@@ -24,6 +35,13 @@ APPS: list[tuple[str, str, Application]] = [
     ("composed", "/composed", composed.app),
     ("pipeline", "/pipeline", pipeline.app),
     ("ensemble", "/ensemble", ensemble.app),
+    # The patterns guide (docs/patterns.md): one app per pattern, built from shoal.patterns.
+    ("patterns-pipeline", "/patterns/pipeline", patterns_pipeline.app),
+    ("patterns-ensemble", "/patterns/ensemble", patterns_ensemble.app),
+    ("patterns-selection", "/patterns/selection", patterns_selection.app),
+    ("patterns-shadow", "/patterns/shadow", patterns_model_update.shadow_app),
+    ("patterns-canary", "/patterns/canary", patterns_model_update.app),
+    ("patterns-bandit", "/patterns/bandit", patterns_bandit.app),
 ]
 
 #: Examples left out of ``APPS``, with the reason.
@@ -38,18 +56,33 @@ else:
     # `shoal demo` iterates APPS itself: this message is how its users learn why.
     logging.getLogger(__name__).warning("demo: skipping 'business': %s", SKIPPED["business"])
 
+# The online-learning example's trainer needs scikit-learn too (SGDClassifier).
+if importlib.util.find_spec("sklearn") is not None:
+    APPS.append(("online", "/online", online_learning.app))
+else:
+    SKIPPED["online"] = "scikit-learn is not installed (pip install scikit-learn)"
+    logging.getLogger(__name__).warning("demo: skipping 'online': %s", SKIPPED["online"])
+
 #: A request body that each example understands, used in the printed curl lines.
 SAMPLE_BODIES: dict[str, str] = {
     "composed": "Hey!",
     "pipeline": '{"text": "I love it, great and fast!"}',
     "ensemble": '{"x": 2}',
     "business": '{"user_id": 1}',
+    "patterns-pipeline": '{"description": "pointy ears, whiskers, four paws down"}',
+    "patterns-ensemble": '{"description": "floppy ears, barks: woof"}',
+    "patterns-selection": '{"animal": "cat", "description": "a small cat"}',
+    "patterns-shadow": '{"description": "yip yip"}',
+    "patterns-canary": '{"description": "meow"}',
+    "patterns-bandit": '{"user_id": "ana"}',
+    "online": '{"instances": [[0.5, -0.2]], "labels": [1]}',
 }
 
 #: What some examples need besides the body: a path under the prefix, and headers.
-SAMPLE_PATHS: dict[str, str] = {"business": "/predict"}
+SAMPLE_PATHS: dict[str, str] = {"business": "/predict", "online": "/feedback"}
 SAMPLE_HEADERS: dict[str, tuple[str, ...]] = {
     "business": (f"x-api-key: {business_logic.DEMO_API_KEY}", "content-type: application/json"),
+    "online": ("content-type: application/json",),
 }
 
 
