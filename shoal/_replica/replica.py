@@ -327,7 +327,10 @@ class Replica:
         destructor = getattr(type(self.instance), "__del__", None)
         if destructor is not None:
             try:
-                await self._call_user(functools.partial(destructor, self.instance))
+                if _kind(destructor) is _ASYNC:
+                    await self._call_user(functools.partial(destructor, self.instance))
+                else:  # on the loop: at interpreter exit the thread pools are already closed
+                    self.context.copy().run(destructor, self.instance)
             except Exception:
                 logger.exception("__del__ of replica %s raised", self.spec.replica_id)
         self._pool.shutdown(wait=False, cancel_futures=True)

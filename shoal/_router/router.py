@@ -154,15 +154,27 @@ class Router:
         for replica_id, info in self._infos.items():
             client = connected.get(replica_id)
             if client is None:  # still connecting in the background: use a connection of our own
-                client = await self._connector.connect(info)
+                try:
+                    client = await self._connector.connect(info)
+                except (TransportError, OSError):
+                    continue  # it went away: it is no longer part of the set
                 extra.append(client)
             clients[replica_id] = client
         try:
-            replies = await asyncio.gather(*(c.call(request) for c in clients.values()))
+            replies = await asyncio.gather(
+                *(c.call(request) for c in clients.values()), return_exceptions=True
+            )
         finally:
             for client in extra:
                 client.close()
-        return dict(zip(clients, replies, strict=True))
+        results = {}
+        for replica_id, reply in zip(clients, replies, strict=True):
+            if isinstance(reply, TransportError):
+                continue  # died during the broadcast: its replacement starts from scratch
+            if isinstance(reply, BaseException):
+                raise reply
+            results[replica_id] = reply
+        return results
 
     async def open_stream(self, request: Request) -> Stream:
         """Start a streaming request; the slot stays busy until the stream ends."""
