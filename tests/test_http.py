@@ -192,3 +192,31 @@ while not Path(marker).exists() and time.monotonic() < deadline:
 print(Path(marker).read_text() if Path(marker).exists() else "still running")
 serve.shutdown()
 """
+
+
+LOGGING_DRIVER = """
+import logging, sys, httpx
+from shoal import serve
+
+@serve.deployment
+def noisy(request):
+    logging.getLogger("my.model").warning("scoring with the new weights")
+    return "ok"
+
+serve.start(http_options={"port": int(sys.argv[1])})
+serve.run(noisy.bind(), route_prefix="/noisy")
+httpx.get(f"http://127.0.0.1:{sys.argv[1]}/noisy", headers={"x-request-id": "rid-7"}, timeout=30)
+serve.shutdown()
+"""
+
+
+def test_replica_log_lines_carry_the_request_id(tmp_path: Path) -> None:
+    script = tmp_path / "logging_driver.py"
+    script.write_text(LOGGING_DRIVER)
+    result = subprocess.run(
+        [sys.executable, str(script), str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    line = next(li for li in result.stderr.splitlines() if "scoring with the new weights" in li)
+    assert "WARNING my.model [rid-7]:" in line

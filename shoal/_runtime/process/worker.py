@@ -205,6 +205,16 @@ def _send_reply(conn: Connection, corr: int, reply: Message) -> None:
         conn.send(corr, failure_from(exc))
 
 
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` (the request being served, or "-") to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from shoal._api.context import request_context
+
+        record.request_id = request_context.get().request_id or "-"
+        return True
+
+
 class _Credit:
     """How many more stream items the consumer accepts (back-pressure)."""
 
@@ -227,8 +237,11 @@ def main() -> None:
     instance_dir, worker_id = sys.argv[1], sys.argv[2]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
-        level=logging.WARNING, format=f"(shoal {worker_id}) %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING,
+        format=f"(shoal {worker_id}) %(levelname)s %(name)s [%(request_id)s]: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
 
