@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -156,7 +155,6 @@ class Planner:
         self._tau = max(0.02, _RATE_TAU * target_latency_s)
         self._count = self._time = 0.0
         self._last: float | None = None
-        self._done_at = -math.inf  # when the last batch finished
         self._warned = False
 
     # --- measurements --------------------------------------------------------------
@@ -169,7 +167,6 @@ class Planner:
         self._sxx = _DECAY * self._sxx + size * size
         self._sxy = _DECAY * self._sxy + size * duration
         self._recent = size
-        self._done_at = time.monotonic()
         mean_x, mean_y = self._sx / self._w, self._sy / self._w
         spread = self._sxx / self._w - mean_x * mean_x
         if spread > _MIN_SPREAD:
@@ -250,12 +247,9 @@ class Planner:
             return now
         per_item = measure / max(count, 1)
         deadline = oldest + self.usable - self.cost(measure + per_item)
-        # Arrivals stopped (the rate estimate is stale): stop waiting for them. Right
-        # after a batch finished, its callers are about to send again (a closed loop):
-        # give them a short window to refill the batch instead of running a small one.
+        # Arrivals stopped (the rate estimate is stale): stop waiting for them.
         last = self._last if self._last is not None else now
-        refill = self._done_at + _SOON * self.target
-        return min(deadline, max(last + _GAPS / self.rate(now), refill))
+        return min(deadline, last + _GAPS / self.rate(now))
 
     def plan(self, max_batch_size: int, now: float) -> LatencyPlan:
         size = self.batch_limit(max_batch_size)
