@@ -11,7 +11,10 @@ import contextlib
 import itertools
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +28,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def run_driver(tmp_path: Path, source: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` as a separate driver script (its own shoal), with a free port as argv[1].
+
+    The tests directory is importable from it. Fails the test if it exits non-zero.
+    """
+    script = tmp_path / "driver.py"
+    script.write_text(source)
+    result = subprocess.run(
+        [sys.executable, str(script), str(free_port()), *args],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import run_driver
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 
@@ -157,15 +154,7 @@ def test_client_disconnect_cancels_the_work_in_the_replica(apps: str, tmp_path: 
 
 def test_request_timeout_and_body_limit(tmp_path: Path) -> None:
     """A second proxy with tight limits, in a child process so the session's stays as is."""
-    script = tmp_path / "limits.py"
-    script.write_text(LIMITS_DRIVER)
-    port = free_port()
-    result = subprocess.run(
-        [sys.executable, str(script), str(port), str(tmp_path / "marker")],
-        capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = run_driver(tmp_path, LIMITS_DRIVER, str(tmp_path / "marker"))
     assert result.stdout.split() == ["504", "413", "413", "200", "cancelled"]
 
 
@@ -211,12 +200,6 @@ serve.shutdown()
 
 
 def test_replica_log_lines_carry_the_request_id(tmp_path: Path) -> None:
-    script = tmp_path / "logging_driver.py"
-    script.write_text(LOGGING_DRIVER)
-    result = subprocess.run(
-        [sys.executable, str(script), str(free_port())],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = run_driver(tmp_path, LOGGING_DRIVER)
     line = next(li for li in result.stderr.splitlines() if "scoring with the new weights" in li)
     assert "WARNING my.model [rid-7]:" in line

@@ -191,13 +191,7 @@ MAIN_CLASSES = textwrap.dedent(
 
 
 def test_classes_defined_in_main_travel_by_value(tmp_path: Path) -> None:
-    from conftest import free_port
+    from conftest import run_driver
 
-    script = tmp_path / "main_classes.py"
-    script.write_text(MAIN_CLASSES)
-    result = subprocess.run(
-        [sys.executable, str(script), str(free_port())],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = run_driver(tmp_path, MAIN_CLASSES)
     assert result.stdout.strip() == "Point(x=2)"
