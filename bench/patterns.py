@@ -14,7 +14,7 @@ Sections (``--only W4,shadow,canary,bandit``):
 * **bandit**: Thompson sampling (and epsilon-greedy) on 3 simulated arms with
   reward 0.2/0.5/0.8: the share of the best arm in the last 1,000 of 5,000.
 
-Every server of a section is up at once and the measured runs (default 6 x 2 s per
+Every server of a section is up at once and the measured runs (default 10 x 2 s per
 point, wrk if installed) go round-robin across them; a target compares two servers by
 the median of the ratios of their back-to-back runs, which cancels most drift from
 other work on the machine (the background CPU share is recorded). Results go to
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.patterns", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 s per point, 1 run, no warm-up")
     parser.add_argument("--duration", type=float, help="seconds per measured run (default 2)")
-    parser.add_argument("--repeats", type=int, help="measured runs per point (default 6)")
+    parser.add_argument("--repeats", type=int, help="measured runs per point (default 10)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = [s for s in SECTIONS if not args.only or s.lower() in args.only.lower().split(",")]
     settings = Settings(
         duration_s=args.duration or (1.0 if args.quick else 2.0),
-        repeats=args.repeats or (1 if args.quick else 6),
+        repeats=args.repeats or (1 if args.quick else 10),
         warmup_s=0.0 if args.quick else 1.0,
         loadgen=loadgen.choose(args.loadgen),
         log_dir=Path(tempfile.mkdtemp(prefix="shoal-bench-patterns-")),

@@ -40,20 +40,20 @@ class EnsembleResult:
 
     ``outputs``: member -> output for the members that answered (member order);
     ``failed``: member -> why it was left out ("TimeoutError: ..." or "Type: message");
-    ``latency_ms``: member -> time to its answer, failure or timeout.
+    ``elapsed_ms``: from sending the requests to having every answer (or giving up).
     """
 
     value: Any
     outputs: dict[str, Any]
     failed: dict[str, str]
-    latency_ms: dict[str, float]
+    elapsed_ms: float
 
     def metadata(self) -> dict[str, Any]:
         """JSON-able metadata for HTTP: failures by exception type only (messages may be secret)."""
         return {
             "responded": list(self.outputs),
             "failed": {name: reason.split(":", 1)[0] for name, reason in self.failed.items()},
-            "latency_ms": self.latency_ms,
+            "elapsed_ms": round(self.elapsed_ms, 3),
         }
 
 
@@ -125,24 +125,23 @@ async def stack(outputs: Mapping[str, Any], meta_model: DeploymentHandle) -> Any
 # --- the deployment --------------------------------------------------------------------------
 
 
-async def _answer(
-    response: Any, timeout_s: float | None, started: float
-) -> tuple[bool, Any, float]:
-    """(answered, output or reason, latency ms) for one member; never raises but cancellation."""
+async def _collect(response: Any, timeout_s: float | None, started: float) -> tuple[bool, Any]:
+    """(True, output) or (False, why) for one member; raises only on cancellation.
+
+    Waits until ``started + timeout_s`` (the loop's clock) at most; then the
+    member's request is cancelled.
+    """
     try:
         if timeout_s is None:
-            value = await response
-        else:
-            async with asyncio.timeout(timeout_s):  # on expiry the member's request is cancelled
-                value = await response
+            return True, await response
+        async with asyncio.timeout_at(started + timeout_s):
+            return True, await response
     except TimeoutError as exc:
-        reason = (
-            f"TimeoutError: no answer within {timeout_s} s" if timeout_s else describe_error(exc)
-        )
-        return False, reason, (time.perf_counter() - started) * 1000
+        if timeout_s is None:
+            return False, describe_error(exc)  # the member itself raised TimeoutError
+        return False, f"TimeoutError: no answer within {timeout_s} s"
     except Exception as exc:
-        return False, describe_error(exc), (time.perf_counter() - started) * 1000
-    return True, value, (time.perf_counter() - started) * 1000
+        return False, describe_error(exc)
 
 
 @deployment(max_ongoing_requests=100)
@@ -150,9 +149,11 @@ class Ensemble(PatternBase):
     """Fan a request out to every member concurrently and combine their outputs.
 
     Guarantees: all members are called at once (latency is the slowest
-    member's, capped by ``timeout_s``); a member that fails or exceeds its
-    ``timeout_s`` (a number, or a dict per member) is left out, its request
-    cancelled, and it is named in the result's ``failed``; with fewer than
+    member's, capped by ``timeout_s``); a member that fails, or has not
+    answered ``timeout_s`` (a number, or a dict per member) after the requests
+    were sent, is left out, its request cancelled, and it is named in the
+    result's ``failed``; if the caller cancels, the members' requests are
+    cancelled too; with fewer than
     ``min_responses`` answers (default: all members) the call raises
     :class:`QuorumError` naming each failed member and why.
     ``user_config`` keys (applied live by ``reconfigure``): ``weights``,
@@ -247,26 +248,35 @@ class Ensemble(PatternBase):
             raise ConfigError(f"{self.what}: cannot call {name}(outputs{given}): {exc}") from None
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: Any) -> Any:
-        started = time.perf_counter()
-        # Send every request before awaiting any: the members work concurrently.
-        responses = [member.remote(*args, **kwargs) for member in self.members.values()]
-        answers = await asyncio.gather(
-            *(_answer(r, t, started) for r, (_, t) in zip(responses, self._plan, strict=True))
-        )
-        outputs, failed, latency = {}, {}, {}
-        for (name, _), (answered, value, milliseconds) in zip(self._plan, answers, strict=True):
-            latency[name] = round(milliseconds, 3)
-            if answered:
-                outputs[name] = value
-            else:
-                failed[name] = value
-            self.counts[name]["answered" if answered else "failed"] += 1
+        started = asyncio.get_running_loop().time()  # deadlines are on the loop's clock
+        clock = time.perf_counter()  # precise: uvloop's loop.time() counts milliseconds
+        # Send every request before awaiting any: the members work concurrently, so
+        # collecting the answers one after another takes as long as the slowest member
+        # (each within its own deadline), with no task per member.
+        pending = [
+            (name, member.remote(*args, **kwargs), timeout)
+            for (name, timeout), member in zip(self._plan, self.members.values(), strict=True)
+        ]
+        outputs, failed = {}, {}
+        try:
+            for name, response, timeout in pending:
+                answered, value = await _collect(response, timeout, started)
+                if answered:
+                    outputs[name] = value
+                else:
+                    failed[name] = value
+                self.counts[name]["answered" if answered else "failed"] += 1
+        except BaseException:  # cancelled (the caller gave up): so are the members' requests
+            for _, response, _ in pending:
+                response.cancel()
+            raise
+        elapsed_ms = (time.perf_counter() - clock) * 1000
         self.calls += 1
         if len(outputs) < self.min_responses:
             self.quorum_failures += 1
             raise QuorumError(self._quorum_message(outputs, failed), failed, list(outputs))
         value = await call_user(self.combine, outputs, **self._combine_kwargs)
-        return EnsembleResult(value, outputs, failed, latency)
+        return EnsembleResult(value, outputs, failed, elapsed_ms)
 
     def _quorum_message(self, outputs: dict[str, Any], failed: dict[str, str]) -> str:
         reasons = "; ".join(f"'{name}' {reason}" for name, reason in failed.items())
