@@ -9,7 +9,6 @@ latency-target tests, whose timing bounds have wide margins.
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,6 @@ from shoal._api.batch_metrics import Planner
 from shoal._api.context import RequestContext, get_request_context, request_context
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from examples import batching as example  # noqa: E402
 

@@ -22,8 +22,6 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 from bench import loadgen, report  # noqa: E402
 from bench.__main__ import parse_only  # noqa: E402

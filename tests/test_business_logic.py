@@ -32,8 +32,6 @@ from shoal import serve
 pytest.importorskip("sklearn", reason="the example's model needs scikit-learn (the test extra)")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the examples live at the repository root
-    sys.path.insert(0, str(ROOT))
 
 from examples import business_logic  # noqa: E402
 from examples.feature_store import RedisFeatureStore, SQLiteFeatureStore  # noqa: E402

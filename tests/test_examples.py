@@ -35,8 +35,6 @@ from shoal.serve import Application, DeploymentHandle
 ROOT = Path(__file__).resolve().parents[1]
 # The examples live at the repo root, not in the installed package: make them
 # importable however pytest was launched (``pytest`` does not add the cwd).
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from examples import composed, demo, ensemble, pipeline  # noqa: E402
 

@@ -15,7 +15,6 @@ import inspect
 import json
 import logging
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,8 +46,6 @@ from shoal.integrations.mlflow import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from examples import mlflow_iris  # noqa: E402
 

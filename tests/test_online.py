@@ -33,8 +33,6 @@ from shoal.online import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from examples import online_learning  # noqa: E402
 

@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import json
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -678,8 +677,6 @@ def test_http_bandit_feedback_route(http_app: Any) -> None:
 # --- the examples (in-process) -----------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the examples live at the repository root
-    sys.path.insert(0, str(ROOT))
 
 from examples import (  # noqa: E402
     demo,
