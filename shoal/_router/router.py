@@ -82,9 +82,15 @@ class Router:
             return
         finally:
             self._connecting.discard(info.replica_id)
-        if client.closed or self._infos.get(info.replica_id) is not info:
+        # Compare by value: every replica-set update brings fresh (unpickled) info
+        # objects, so an update that arrives while we connect must not orphan this one.
+        current = self._infos.get(info.replica_id)
+        if client.closed or current != info:
+            client.close()
+            if current is not None and self._active:
+                self._connect_missing()  # its address changed while we connected
             return
-        slot = _Slot(info, client)
+        slot = _Slot(current, client)
         client.close_callbacks.append(functools.partial(self._lost, slot))
         self._slots.append(slot)
         self._wake(len(self._waiters))
