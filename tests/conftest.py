@@ -13,7 +13,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,33 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns a truthy value (returned); fail after ``timeout_s``.
+
+    The one way tests wait for state another thread or process reaches on its own.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        time.sleep(0.01)
+    return value
+
+
+async def async_wait_until(
+    predicate: Callable[[], Awaitable[Any]], timeout_s: float = 10.0, what: str = ""
+) -> Any:
+    """``wait_until`` for an async predicate, without blocking the event loop."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while not (value := await predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        await asyncio.sleep(0.01)
+    return value
 
 
 def run_driver(tmp_path: Path, source: str, *args: str) -> subprocess.CompletedProcess[str]:

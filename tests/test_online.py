@@ -14,13 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import Deploy
+from conftest import Deploy, wait_until
 
 from shoal import serve
 from shoal.online import (
@@ -37,16 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 from examples import online_learning  # noqa: E402
 
 TIMEOUT_S = 30.0
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 # ------------------------------------------------------------------ WeightStore

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import Deploy
+from conftest import Deploy, async_wait_until
 
 from shoal import serve
 from shoal.patterns import (
@@ -128,14 +128,6 @@ def named(name: str, deployment: Any = Constant) -> Any:
 def by_animal(image: dict[str, str]) -> str:
     """The seed's dynamic selection: cats to model A, dogs to model B."""
     return "model_a" if image["animal"] == "cat" else "model_b"
-
-
-async def wait_until(condition: Any, timeout_s: float = 10.0) -> None:
-    """Poll an async condition: for state another process reaches on its own."""
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -262,7 +254,7 @@ async def test_ensemble_leaves_out_failing_and_slow_members(deploy: Deploy) -> N
     async def cancelled() -> bool:
         return bool((await slow.counts.remote())["cancelled"] == 1)
 
-    await wait_until(cancelled)
+    await async_wait_until(cancelled)
     stats = await handle.stats.remote()
     assert stats["members"]["slow"] == {"answered": 0, "failed": 1}
     assert stats["calls"] == 1 and stats["quorum_failures"] == 0
@@ -279,9 +271,9 @@ async def test_ensemble_cancelled_by_its_caller_cancels_its_members(deploy: Depl
     async def cancelled() -> bool:
         return bool((await slow.counts.remote())["cancelled"] == 1)
 
-    await wait_until(started)
+    await async_wait_until(started)
     response.cancel()
-    await wait_until(cancelled)
+    await async_wait_until(cancelled)
 
 
 async def test_ensemble_below_quorum_says_who_failed_and_why(deploy: Deploy) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_until
 
 from shoal import serve
 
@@ -39,14 +40,6 @@ def _children(parent: int) -> list[int]:
     return pids
 
 
-def _wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
-
-
 @serve.deployment(max_ongoing_requests=1)
 class Worker:
     async def hold(self, marker: str) -> str:
@@ -68,7 +61,7 @@ def test_killed_replica_is_replaced_and_queued_requests_survive(
     old_pid = handle.pid.remote().result(timeout_s=30)
     marker = tmp_path / "started"
     held = handle.hold.remote(str(marker))
-    _wait_until(marker.exists, 30, "the first request to start")
+    wait_until(marker.exists, 30, "the first request to start")
     queued = [handle.quick.remote(i) for i in range(4)]  # wait in the router: the slot is taken
     os.kill(old_pid, signal.SIGKILL)
     with pytest.raises(serve.ReplicaDiedError):
@@ -144,7 +137,7 @@ def test_no_process_outlives_a_killed_driver(tmp_path: Path) -> None:
         assert set(replica_pids) <= set(children) and len(children) == 3  # + the proxy
         driver.kill()
         driver.wait(timeout=10)
-        _wait_until(lambda: not any(_alive(pid) for pid in children), 15, "workers to exit")
+        wait_until(lambda: not any(_alive(pid) for pid in children), 15, "workers to exit")
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/m", timeout=5)
     finally:
