@@ -7,6 +7,7 @@ all validated by these pydantic models. Nothing here reads the environment.
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any, Literal
 
@@ -16,7 +17,8 @@ from shoal._errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: "2" is not silently turned into 2, nor 2.5 into a truncated 2
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 class AutoscalingConfig(_Strict):
@@ -53,22 +55,48 @@ class AutoscalingConfig(_Strict):
 
 
 class RayActorOptions(_Strict):
-    """Resources a replica asks for. Recorded for placement; ``num_cpus`` defaults to 0."""
+    """Resources a replica reserves on the machine, and its runtime environment.
+
+    ``num_cpus`` defaults to 0, so a replica never needs a whole free CPU.
+    """
 
     num_cpus: float = Field(0.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     memory: float | None = Field(None, ge=0)
+    object_store_memory: float | None = Field(None, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
     runtime_env: dict[str, Any] | None = None
     accelerator_type: str | None = None
 
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_gpus(cls, value: float) -> float:
+        # A replica gets whole GPUs, or a share of one: 1.5 GPUs cannot be assigned.
+        if value > 1 and not float(value).is_integer():
+            raise ValueError("must be a whole number when greater than 1 (or a fraction below 1)")
+        return value
+
     @field_validator("resources")
     @classmethod
-    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
-        for key, amount in value.items():
-            if amount < 0:
-                raise ValueError(f"resource {key!r} must be >= 0, got {amount}")
-        return value
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        return _check_custom_resources(value)
+
+
+def _check_custom_resources(value: dict[str, float]) -> dict[str, float]:
+    for key, amount in value.items():
+        if key in _BUILTIN_RESOURCES:
+            raise ValueError(f"{key!r} is not a custom resource: use {_BUILTIN_RESOURCES[key]}")
+        if amount < 0:
+            raise ValueError(f"resource {key!r} must be >= 0, got {amount}")
+    return value
+
+
+_BUILTIN_RESOURCES = {
+    "CPU": "num_cpus",
+    "GPU": "num_gpus",
+    "memory": "ray_actor_options memory",
+    "object_store_memory": "ray_actor_options object_store_memory",
+}
 
 
 class DeploymentConfig(_Strict):
@@ -128,6 +156,19 @@ class DeploymentConfig(_Strict):
         return max(auto.min_replicas, 1 if self.num_replicas is None else auto.min_replicas)
 
 
+class ServeStartOptions(_Strict):
+    """Instance-wide options of ``serve.start`` that are not HTTP options."""
+
+    # Custom resources this machine offers to replicas (CPUs and GPUs are detected).
+    resources: dict[str, float] = Field(default_factory=dict)
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] | None = None
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        return _check_custom_resources(value)
+
+
 class HTTPOptions(_Strict):
     """Options of the HTTP proxy. It binds 127.0.0.1 unless told otherwise."""
 
@@ -135,16 +176,105 @@ class HTTPOptions(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     root_path: str = ""
     request_timeout_s: float | None = Field(None, gt=0)
-    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    keep_alive_timeout_s: int = Field(5, gt=0)  # whole seconds: uvicorn takes an int
     max_request_body_bytes: int = Field(100 * 2**20, gt=0)
 
 
 def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
-    """Build ``model`` from ``options`` or raise :class:`ConfigError` naming field and value."""
+    """Build ``model`` from ``options`` or raise :class:`ConfigError` naming field and value.
+
+    A :class:`DeploymentConfig` that sets an option shoal does not implement yet
+    (see :data:`NOT_SUPPORTED_YET`) is refused here too.
+    """
     try:
-        return model(**options)
+        value = model(**options)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, options, what)) from None
+    if isinstance(value, DeploymentConfig):
+        problems = [*refusals(value), *runtime_env_problems(value.ray_actor_options.runtime_env)]
+        if problems:
+            raise ConfigError(f"{what}: " + "; ".join(problems))
+    return value
+
+
+# Options that are validated but have no effect yet: option -> why, and what to do now.
+# Deployment options (dotted paths into DeploymentConfig) and serve.start/serve.run
+# keywords. The issue that implements one removes its line (and its test in test_options.py).
+NOT_SUPPORTED_YET: dict[str, str] = {
+    "grpc_options": "the gRPC proxy comes with issue 14",
+    "max_queued_requests": "load shedding comes with issue 11; leave it at -1 (no limit)",
+    "autoscaling_config": "autoscaling comes with issue 11; set a fixed num_replicas",
+    "num_replicas='auto'": "autoscaling comes with issue 11; set a fixed num_replicas",
+    "logging_config": "it comes with issue 12 (observability); configure Python's logging "
+    "meanwhile (in a deployment's constructor for its replicas)",
+    "placement_group_bundles": "placement groups need the Ray runtime (issue 13)",
+    "placement_group_strategy": "placement groups need the Ray runtime (issue 13)",
+    "max_replicas_per_node": "it needs the Ray runtime (issue 13); on one machine every "
+    "replica runs on the same node",
+    "ray_actor_options.memory": "memory reservations need the Ray runtime (issue 13)",
+    "ray_actor_options.object_store_memory": "it needs the Ray runtime (issue 13)",
+    "ray_actor_options.accelerator_type": "accelerator types need the Ray runtime (issue 13); "
+    "use num_gpus",
+}
+
+
+def refusals(config: DeploymentConfig) -> list[str]:
+    """One message per option ``config`` sets that is listed in :data:`NOT_SUPPORTED_YET`."""
+    found = []
+    for option, reason in NOT_SUPPORTED_YET.items():
+        if option == "num_replicas='auto'":
+            is_set = config.num_replicas == "auto"
+        elif option.split(".")[0] not in DeploymentConfig.model_fields:
+            continue  # a serve.start/serve.run keyword
+        else:
+            owner: BaseModel = config
+            *parents, leaf = option.split(".")
+            for part in parents:
+                owner = getattr(owner, part)
+            is_set = getattr(owner, leaf) != type(owner).model_fields[leaf].default
+        if is_set:
+            found.append(f"{option} is not supported yet: {reason}")
+    return found
+
+
+# runtime_env keys the local runtimes implement; every other key needs the Ray runtime.
+RUNTIME_ENV_KEYS = ("env_vars", "working_dir", "py_modules")
+_RAY_ONLY = (
+    "it needs the Ray runtime (issue 13); the local runtimes support "
+    + ", ".join(RUNTIME_ENV_KEYS)
+    + " (local paths)"
+)
+
+
+def runtime_env_problems(env: dict[str, Any] | None) -> list[str]:
+    """What is wrong with, or not supported in, a ``runtime_env`` (empty if it is fine)."""
+    problems = []
+    for key, value in (env or {}).items():
+        name = f"ray_actor_options.runtime_env.{key}"
+        if key not in RUNTIME_ENV_KEYS:
+            hint = _did_you_mean(str(key), RUNTIME_ENV_KEYS)
+            problems.append(f"{name} is not supported yet: {_RAY_ONLY}{hint}")
+        elif key == "env_vars":
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                problems.append(f"invalid {name}={value!r}: it must map strings to strings")
+        else:
+            paths = [value] if key == "working_dir" else value
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                what = "a path (str)" if key == "working_dir" else "a list of paths (str)"
+                problems.append(f"invalid {name}={value!r}: it must be {what}")
+            elif any("://" in p for p in paths):
+                problems.append(
+                    f"{name}={value!r} is not supported yet: remote URIs need the Ray runtime "
+                    "(issue 13); pass a local path"
+                )
+    return problems
+
+
+def _did_you_mean(name: str, known: Any) -> str:
+    matches = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(m) for m in matches)}?)" if matches else ""
 
 
 def _describe(exc: ValidationError, options: dict[str, Any], what: str) -> str:
@@ -154,9 +284,13 @@ def _describe(exc: ValidationError, options: dict[str, Any], what: str) -> str:
     for error in exc.errors():
         path = _field_path(model, error["loc"])
         if error["type"] == "extra_forbidden":
-            known = ", ".join(sorted(_fields_at(model, error["loc"])))
-            grouped.setdefault(f"unknown option {'.'.join(map(str, error['loc']))!r} for {what}; "
-                               f"valid options: {known}", [])  # fmt: skip
+            fields = _fields_at(model, error["loc"])
+            hint = _did_you_mean(str(error["loc"][-1]), fields)
+            option = ".".join(map(str, error["loc"]))
+            valid = ", ".join(sorted(fields))
+            grouped.setdefault(
+                f"unknown option {option!r} for {what}{hint}; valid options: {valid}", []
+            )
             continue
         message = error["msg"].removeprefix("Value error, ")
         grouped.setdefault(path, []).append(message)
@@ -190,6 +324,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "RayActorOptions": RayActorOptions,
     "DeploymentConfig": DeploymentConfig,
     "HTTPOptions": HTTPOptions,
+    "ServeStartOptions": ServeStartOptions,
 }
 
 

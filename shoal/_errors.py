@@ -1,20 +1,33 @@
-"""The shoal exception hierarchy.
+"""The shoal exception hierarchy: every error class shoal defines lives here.
 
-Every error shoal raises on its own account is a :class:`ShoalError`. Errors
-raised by user code inside a replica are re-raised in the caller as their
-original type when they can be transported; otherwise as
-:class:`ReplicaError`, which carries the remote type name and traceback text.
+Every error shoal raises on its own account is a :class:`ShoalError` (also
+available under Ray Serve's name, :data:`RayServeException`). Errors that
+stand for a built-in kind keep that base too (``ConfigError`` is a
+``ValueError``), so ``except ValueError`` clauses keep working. Errors raised
+by user code inside a replica are re-raised in the caller as their original
+type when they can be transported; otherwise as :class:`ReplicaError`, which
+carries the remote type name and traceback text.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ShoalError(Exception):
     """Base class of every error raised by shoal itself."""
 
 
+#: Ray Serve's name for the base class: ``except RayServeException`` catches every shoal error.
+RayServeException = ShoalError
+
+
 class ConfigError(ShoalError, ValueError):
     """An option or configuration value is invalid. The message names the option and value."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An option or handler of the wrong type or kind (where Ray Serve raises TypeError)."""
 
 
 class DeploymentError(ShoalError):
@@ -36,8 +49,37 @@ class UnavailableError(ShoalError):
     """A deployment has no replica able to take the request (deleted or shutting down)."""
 
 
+class DeploymentUnavailableError(UnavailableError):
+    """Ray Serve's name for a deployment that cannot take requests (failed to deploy, deleted)."""
+
+
 class ReplicaDiedError(UnavailableError):
     """The replica handling a request died before it answered."""
+
+
+class BackPressureError(ShoalError):
+    """The request was refused because ``max_queued_requests`` requests are already waiting.
+
+    Raised as Ray Serve raises it (HTTP 503). ``num_queued_requests`` and
+    ``max_queued_requests`` are the counts when the request was refused.
+    """
+
+    def __init__(self, num_queued_requests: int, max_queued_requests: int) -> None:
+        self.num_queued_requests = num_queued_requests
+        self.max_queued_requests = max_queued_requests
+        super().__init__(
+            f"request dropped: {num_queued_requests} requests are already queued "
+            f"(max_queued_requests={max_queued_requests}); retry later, add replicas, "
+            "or raise max_queued_requests"
+        )
+
+    @property
+    def message(self) -> str:
+        """The error message (Ray Serve's attribute)."""
+        return str(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.num_queued_requests, self.max_queued_requests))
 
 
 class ReplicaError(ShoalError):
@@ -48,9 +90,17 @@ class ReplicaError(ShoalError):
     """
 
     def __init__(self, remote_type: str, message: str, remote_traceback: str) -> None:
-        super().__init__(f"{remote_type}: {message}\n\nRemote traceback:\n{remote_traceback}")
+        text = f"{remote_type}: {message}"
+        if remote_traceback:
+            text = f"{text}\n\n{remote_traceback.strip()}"
+        super().__init__(text)
         self.remote_type = remote_type
+        self.remote_message = message
         self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args = (self.remote_type, self.remote_message, self.remote_traceback)
+        return (type(self), args, self.__dict__)
 
 
 class BatchSizeMismatchError(ShoalError, ValueError):
@@ -72,21 +122,108 @@ class TransportError(ShoalError, ConnectionError):
     """A connection between shoal processes failed (peer died or stopped reading)."""
 
 
+class SerializationError(ShoalError, TypeError):
+    """A value could not be serialized to cross a process boundary."""
+
+
 class NotRunningError(ShoalError, RuntimeError):
     """Shoal is not running in this process: call ``serve.run`` (or ``serve.start``) first."""
 
 
+# --- shoal.patterns ----------------------------------------------------------------------------
+
+
+class PatternError(ShoalError):
+    """Base class of the errors raised by ``shoal.patterns``."""
+
+
+class QuorumError(PatternError):
+    """Fewer ensemble members answered than ``min_responses`` requires.
+
+    ``failed`` maps each member that was left out to why ("TimeoutError: ...",
+    or the member's exception as "Type: message"); ``responded`` lists the
+    members that answered. The message names both.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        failed: dict[str, str] | None = None,
+        responded: list[str] | None = None,
+    ) -> None:
+        super().__init__(message)  # args == (message,): the error pickles and rebuilds as is
+        self.failed = dict(failed or {})
+        self.responded = list(responded or [])
+
+
+class SelectionError(PatternError, LookupError):
+    """A router could not pick a member: the choice names no member, or nothing chose one."""
+
+
+class FeedbackError(PatternError, ValueError):
+    """A bandit reward is invalid (rewards are finite numbers in [0, 1])."""
+
+
+# --- shoal.online ------------------------------------------------------------------------------
+
+
+class PublishError(ShoalError):
+    """Not every replica confirmed the generation in time. ``generation`` is persisted anyway:
+    replicas that missed it catch up from the store (sync thread, or restart)."""
+
+    def __init__(self, message: str, generation: int) -> None:
+        super().__init__(message)
+        self.generation = generation
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.generation), self.__dict__)
+
+
+class GenerationNotFoundError(ShoalError, LookupError):
+    """The store holds no such generation (never written, or pruned), or is empty."""
+
+
+# --- shoal.integrations ------------------------------------------------------------------------
+
+
+class InvalidInputError(ShoalError, ValueError):
+    """The input does not fit the model: ``errors`` lists each problem (HTTP 422).
+
+    Each error is ``{"loc": [...], "msg": ..., "type": ..., "expected": ...}``, in
+    the shape FastAPI uses for its own 422 answers.
+    """
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.errors,))  # rebuilt with its errors in the caller's process
+
+
 __all__ = [
+    "BackPressureError",
     "BatchSizeMismatchError",
     "ConfigError",
+    "ConfigTypeError",
     "DeploymentError",
+    "DeploymentUnavailableError",
+    "FeedbackError",
+    "GenerationNotFoundError",
+    "InvalidInputError",
     "NotFoundError",
     "NotRunningError",
+    "PatternError",
+    "PublishError",
+    "QuorumError",
+    "RayServeException",
     "ReplicaDiedError",
     "ReplicaError",
     "RequestCancelledError",
     "RequestTimeoutError",
     "RouteConflictError",
+    "SelectionError",
+    "SerializationError",
     "ShoalError",
     "TransportError",
     "UnavailableError",

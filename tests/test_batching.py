@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Deploy
+from conftest import Deploy, async_wait_until
 
 from shoal import serve
 from shoal._api.batch_metrics import Planner
@@ -139,7 +139,11 @@ async def test_a_cancelled_caller_leaves_its_batch_before_it_runs() -> None:
     model = Recorder()
     first = asyncio.create_task(model.run("a"))
     gone = asyncio.create_task(model.run("b"))
-    await asyncio.sleep(0)
+
+    async def both_queued() -> bool:
+        return model.run.batch_stats().queued == 2
+
+    await async_wait_until(both_queued, 10, "a and b in the batcher's queue")
     gone.cancel()
     others = [asyncio.create_task(model.run(x)) for x in ("c", "d")]
     assert await asyncio.gather(first, *others) == ["A", "C", "D"]
@@ -159,8 +163,11 @@ async def test_a_caller_cancelled_mid_batch_does_not_disturb_the_others() -> Non
 
     model = Gate()
     tasks = [asyncio.create_task(model.run(i)) for i in range(3)]
-    while model.run.batch_stats().running == 0:
-        await asyncio.sleep(0.001)
+
+    async def batch_running() -> bool:
+        return model.run.batch_stats().running > 0
+
+    await async_wait_until(batch_running, 10, "the batch to start")
     tasks[1].cancel()
     release.set()
     assert await tasks[0] == 0 and await tasks[2] == 2

@@ -11,7 +11,9 @@ import asyncio
 import json
 import math
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,9 +111,7 @@ def test_stop_kills_descendants_in_other_sessions(tmp_path: Path) -> None:
     server = ServerProcess("sleeper", [sys.executable, "-c", code], tmp_path)
     server.start()
     try:
-        deadline = time.monotonic() + 10
-        while not descendants(server.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: descendants(server.pid), 10, "the sleeper's child")
         tree = [server.pid, *descendants(server.pid)]
         assert len(tree) == 2
         assert tree_memory(server.pid)["processes"] == 2
@@ -123,9 +124,80 @@ def test_tree_memory_of_self() -> None:
     mem = tree_memory(os.getpid())
     assert mem["processes"] >= 1
     assert mem["rss_mb"] > 1.0
+
+
+# --- BackgroundCpu, checked against /proc read here independently of bench.procs ---------
+BURN = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n    pass\n"
+MIN_BURN = 30  # jiffies (0.3 s of CPU at 100 Hz): enough to dwarf the counters' granularity
+TICK = os.sysconf("SC_CLK_TCK")
+CPUS = os.cpu_count() or 1
+
+
+def _cpu_jiffies(pid: int) -> int:
+    """utime + stime of one process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def _machine_busy_jiffies() -> int:
+    """All CPUs' time in user, nice, system, irq, softirq and steal."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    return sum(values) - values[3] - values[4]  # not idle, not iowait
+
+
+def _burn(pid: int, since: int) -> int:
+    """Wait until ``pid`` has used MIN_BURN jiffies more than ``since``; returns how many."""
+
+    def burnt() -> int:
+        used = _cpu_jiffies(pid) - since
+        return used if used >= MIN_BURN else 0
+
+    return int(wait_until(burnt, 20, f"process {pid} to burn {MIN_BURN} jiffies"))
+
+
+def test_background_cpu_counts_a_busy_process_outside_the_bench() -> None:
+    # Double fork: the burner's parent exits at once, so it is nobody's child here.
+    launcher = (
+        "import os\n"
+        "if os.fork():\n    os._exit(0)\n"
+        "os.setsid()\n"
+        "print(os.getpid(), flush=True)\n"
+        "null = os.open(os.devnull, os.O_RDWR)\n"
+        "for fd in (0, 1, 2):\n    os.dup2(null, fd)\n" + BURN
+    )
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True,
+                         timeout=30, check=True).stdout  # fmt: skip
+    burner = int(out)
+    try:
+        assert burner not in descendants(os.getpid())
+        meter = BackgroundCpu()
+        burnt = _burn(burner, _cpu_jiffies(burner))
+        measured = meter.percent()
+        seconds = time.monotonic() - meter.wall
+    finally:
+        os.kill(burner, signal.SIGKILL)
+    share = 100.0 * burnt / (seconds * TICK * CPUS)  # the burner's share of the machine
+    assert measured >= 0.8 * share > 0, (measured, share)
+
+
+def test_background_cpu_leaves_out_the_bench_and_its_children() -> None:
+    # The bench's own servers and load generators are its descendants: a busy child,
+    # even one reaped before the reading, is the bench's work, not interference.
+    busy_before = _machine_busy_jiffies()
     meter = BackgroundCpu()
-    time.sleep(0.05)
-    assert 0.0 <= meter.percent() <= 100.0
+    child = subprocess.Popen([sys.executable, "-c", BURN])
+    try:
+        burnt = _burn(child.pid, 0)
+    finally:
+        child.kill()
+        child.wait()
+    seconds = time.monotonic() - meter.wall
+    measured = meter.percent()
+    busy = _machine_busy_jiffies() - busy_before
+    # At most what the whole machine did minus the child, over the meter's window
+    # (this window contains the meter's), with 3 jiffies for the counters' granularity.
+    bound = 100.0 * (busy - burnt + 3) / (seconds * TICK * CPUS)
+    assert measured <= bound, (measured, bound, busy, burnt)
 
 
 def test_parse_wrk_output_and_script() -> None:

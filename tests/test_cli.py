@@ -1,16 +1,19 @@
-"""``shoal run module:app`` serves until SIGINT, then shuts down cleanly."""
+"""``shoal run module:app`` serves until SIGINT, stops cleanly, and explains a failed start once."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port
+import pytest
+from conftest import free_port, wait_until
+
+import shoal
 
 APP = """
 from shoal import serve
@@ -42,10 +45,11 @@ def _descendants(root: int) -> set[int]:
 
 
 def _wait_until_gone(pids: set[int], timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
-        assert time.monotonic() < deadline, "workers outlived shoal run"
-        time.sleep(0.02)
+    wait_until(
+        lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids),
+        timeout_s,
+        "the workers to exit after shoal run",
+    )
 
 
 def test_shoal_run_serves_a_module_and_stops_on_sigint(tmp_path: Path) -> None:
@@ -69,13 +73,74 @@ def test_shoal_run_serves_a_module_and_stops_on_sigint(tmp_path: Path) -> None:
         server.wait(timeout=10)
 
 
-def test_shoal_run_reports_a_bad_target(tmp_path: Path) -> None:
+SHOAL_DIR = Path(shoal.__file__).parent
+
+BROKEN_MODULES = {
+    "needs_dep.py": "import math\nimport shoal_test_no_such_dependency\n",
+    "bad_syntax.py": "from shoal import serve\n\ndef f(:\n    pass\n",
+    "failing_ctor.py": (
+        "from shoal import serve\n\n\n@serve.deployment\nclass Model:\n"
+        "    def __init__(self):\n        raise RuntimeError('weights not found')\n\n\n"
+        "app = Model.bind()\n"
+    ),
+}
+
+
+def _run_failing(tmp_path: Path, *args: str) -> str:
+    """Run ``shoal run ARGS`` in ``tmp_path``; check it fails cleanly; return its stderr."""
+    (tmp_path / "hello_app.py").write_text(APP)
+    for name, source in BROKEN_MODULES.items():
+        (tmp_path / name).write_text(source)
     result = subprocess.run(
-        [sys.executable, "-m", "shoal", "run", "missing_module:app"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "shoal", "run", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert result.returncode != 0
-    assert "cannot import module 'missing_module'" in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "never retrieved" not in result.stderr
+    assert f'File "{SHOAL_DIR}' not in result.stderr  # no frame of shoal's own code
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("missing_module:app", ["no module named 'missing_module'", "from the directory"]),
+        ("hello_app", ["expected MODULE:ATTRIBUTE", "got 'hello_app'"]),
+        ("hello_app.py:app", ["name the module, not its file: hello_app:app"]),
+        ("hello_app:ap", ["module 'hello_app' has no attribute 'ap'", "its applications: app"]),
+        (
+            "needs_dep:app",
+            ["needs_dep.py, line 2", "No module named 'shoal_test_no_such_dependency'",
+             "import shoal_test_no_such_dependency"],
+        ),
+        ("bad_syntax:app", ["syntax error in", "bad_syntax.py, line 3", "def f(:"]),
+    ],
+)  # fmt: skip
+def test_shoal_run_explains_a_bad_target_in_one_message(
+    tmp_path: Path, target: str, expected: list[str]
+) -> None:
+    stderr = _run_failing(tmp_path, target, "--port", str(free_port()))
+    assert stderr.startswith("shoal run: ") and stderr.count("shoal run: ") == 1, stderr
+    assert "Traceback" not in stderr
+    for fragment in expected:
+        assert fragment in stderr, stderr
+
+
+def test_shoal_run_names_port_option_when_port_is_busy(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        stderr = _run_failing(tmp_path, "hello_app:app", "--port", str(port))
+    assert f"port {port} on 127.0.0.1 is already in use" in stderr and "--port" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_shoal_run_reports_a_failing_constructor_with_its_line(tmp_path: Path) -> None:
+    stderr = _run_failing(tmp_path, "failing_ctor:app", "--port", str(free_port()))
+    assert "deployment 'Model' raised RuntimeError: weights not found" in stderr
+    assert f'File "{tmp_path / "failing_ctor.py"}", line 7, in __init__' in stderr
+    assert stderr.count("raise RuntimeError('weights not found')") == 1, stderr
 
 
 def test_sigint_during_startup_still_stops_shoal_run(tmp_path: Path) -> None:
@@ -84,11 +149,8 @@ def test_sigint_during_startup_still_stops_shoal_run(tmp_path: Path) -> None:
     server = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
-        deadline = time.monotonic() + 30
-        while not _descendants(server.pid):  # workers are starting: shoal is mid-startup
-            assert time.monotonic() < deadline, "shoal run started no worker"
-            time.sleep(0.01)
-        workers = _descendants(server.pid)
+        # Workers are starting: shoal is mid-startup.
+        workers = wait_until(lambda: _descendants(server.pid), 30, "shoal run to start a worker")
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
         _wait_until_gone(workers)

@@ -76,12 +76,10 @@ def test_defaults_match_ray_serve() -> None:
     assert config.max_ongoing_requests == 5
     assert config.ray_actor_options.num_cpus == 0  # a replica does not reserve a whole CPU
     assert config.target_replicas() == 1
-    assert (
-        serve.deployment(autoscaling_config={"min_replicas": 2, "max_replicas": 4})(
-            lambda: None
-        ).config.target_replicas()
-        == 2
+    autoscaled = serve.DeploymentConfig(
+        autoscaling_config={"min_replicas": 2, "max_replicas": 4}, num_replicas="auto"
     )
+    assert autoscaled.target_replicas() == 2  # starts at min_replicas, as in Ray Serve
 
 
 def test_http_options_are_validated() -> None:

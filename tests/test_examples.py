@@ -9,12 +9,10 @@ which owns ``serve.start``/``serve.shutdown``), and delete them afterwards.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import queue
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -25,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from conftest import free_port
 
@@ -47,23 +44,62 @@ POSITIVE_TEXT = "I love it, great and fast!"
 NEGATIVE_TEXT = "slow, broken and useless. I hate it"
 LABELLED_TEXTS = [(POSITIVE_TEXT, "positive"), (NEGATIVE_TEXT, "negative")]
 
+#: What the pipeline must answer, worked out by hand from examples/pipeline.py's
+#: word lists, WEIGHTS = (1.5, -1.8, 0.25, -0.1) and BIAS = 0.1 (not with its code):
+#: features are (positive words, negative words, "!" count, ln(1 + word count)),
+#: score = WEIGHTS . features + BIAS, probability = 1 / (1 + e^-score).
+EXPECTED_PIPELINE: dict[str, dict[str, Any]] = {
+    # i love it great and fast: 6 words, 3 positive (love, great, fast), one "!"
+    # score = 1.5*3 + 0.25*1 - 0.1*ln 7 + 0.1 = 4.85 - 0.19459101 = 4.65540899
+    POSITIVE_TEXT: {
+        "features": [3.0, 0.0, 1.0, 1.9459101490553132],  # ln 7
+        "score": 4.655408985094469,
+        "probability": 0.9905795655592567,
+    },
+    # slow broken and useless i hate it: 7 words, 4 negative (slow, broken, useless, hate)
+    # score = -1.8*4 - 0.1*ln 8 + 0.1 = -7.1 - 0.20794415 = -7.30794415
+    NEGATIVE_TEXT: {
+        "features": [0.0, 4.0, 0.0, 2.0794415416798357],  # ln 8
+        "score": -7.307944154167984,
+        "probability": 0.0006697445927280566,
+    },
+}
 
-def expected_prediction(features: list[float]) -> tuple[float, float]:
-    """The pipeline's linear model, recomputed here: (score, probability)."""
-    score = float(np.dot(pipeline.WEIGHTS, features) + pipeline.BIAS)
-    return score, 1.0 / (1.0 + math.exp(-score))
+#: The ensemble's members are y = 2x + 1, y = 1.5x + 3 and y = -0.5x + 4
+#: (examples/ensemble.py MEMBERS); predictions and mean worked out by hand per x.
+EXPECTED_ENSEMBLE: dict[float, tuple[list[float], float]] = {
+    -4.0: ([-7.0, -3.0, 6.0], -4.0 / 3),
+    -1.0: ([-1.0, 1.5, 4.5], 5.0 / 3),
+    0.0: ([1.0, 3.0, 4.0], 8.0 / 3),
+    1.0: ([3.0, 4.5, 3.5], 11.0 / 3),
+    2.0: ([5.0, 6.0, 3.0], 14.0 / 3),
+    2.5: ([6.0, 6.75, 2.75], 15.5 / 3),
+}
 
-
-def expected_ensemble(x: float) -> list[float]:
-    """What each ensemble member should answer for ``x``, in member order."""
-    return [slope * x + intercept for slope, intercept in ensemble.MEMBERS.values()]
+#: examples/composed.py: model_two joins in only for scores above 0.5.
+COMPOSED_THRESHOLD = 0.5
 
 
 def check_composed(result: dict[str, Any]) -> None:
     """model_used must follow the score: both models only above the threshold."""
     assert set(result) == {"model_used", "score"}
     assert 0.0 <= result["score"] < 1.0
-    assert result["model_used"] == ("1 & 2" if result["score"] > composed.THRESHOLD else "1")
+    assert result["model_used"] == ("1 & 2" if result["score"] > COMPOSED_THRESHOLD else "1")
+
+
+def check_pipeline(result: dict[str, Any], text: str, label: str) -> None:
+    expected = EXPECTED_PIPELINE[text]
+    assert result["features"] == pytest.approx(expected["features"])
+    assert result["score"] == pytest.approx(expected["score"])
+    assert result["probability"] == pytest.approx(expected["probability"])
+    assert result["label"] == label
+
+
+def check_ensemble(result: dict[str, Any], x: float) -> None:
+    predictions, mean = EXPECTED_ENSEMBLE[x]
+    assert result["x"] == x
+    assert result["predictions"] == pytest.approx(predictions)
+    assert result["mean"] == pytest.approx(mean)
 
 
 def run_local(app: Application, name: str) -> DeploymentHandle:
@@ -93,7 +129,7 @@ def test_composed_local_follows_threshold() -> None:
 
 
 @pytest.mark.parametrize(
-    ("score", "model_used"), [(0.2, "1"), (composed.THRESHOLD, "1"), (0.9, "1 & 2")]
+    ("score", "model_used"), [(0.2, "1"), (COMPOSED_THRESHOLD, "1"), (0.9, "1 & 2")]
 )
 def test_composed_local_both_branches(
     monkeypatch: pytest.MonkeyPatch, score: float, model_used: str
@@ -111,12 +147,7 @@ def test_pipeline_local(text: str, label: str) -> None:
     handle = run_local(pipeline.app, "pipeline")
     result = handle.classify.remote(text).result(timeout_s=TIMEOUT_S)
     assert result["text"] == text
-    assert result["features"] == pytest.approx(pipeline.featurize(text))
-    assert len(result["features"]) == len(pipeline.FEATURE_NAMES)
-    score, probability = expected_prediction(result["features"])
-    assert result["score"] == pytest.approx(score)
-    assert result["probability"] == pytest.approx(probability)
-    assert result["label"] == label
+    check_pipeline(result, text, label)
 
 
 def test_pipeline_local_user_config_sets_threshold() -> None:
@@ -128,8 +159,8 @@ def test_pipeline_local_user_config_sets_threshold() -> None:
     )
     handle = run_local(app, "pipeline")
     result = handle.classify.remote(POSITIVE_TEXT).result(timeout_s=TIMEOUT_S)
-    assert 0.5 < result["probability"] < 0.999
-    assert result["label"] == "negative"
+    assert result["probability"] == pytest.approx(EXPECTED_PIPELINE[POSITIVE_TEXT]["probability"])
+    assert result["label"] == "negative"  # 0.9906 < 0.999
 
 
 def test_ensemble_local_mean_and_concurrency() -> None:
@@ -137,20 +168,16 @@ def test_ensemble_local_mean_and_concurrency() -> None:
     start = time.perf_counter()
     result = handle.predict.remote(2.0).result(timeout_s=TIMEOUT_S)
     elapsed = time.perf_counter() - start
-    expected = expected_ensemble(2.0)
-    assert result["x"] == 2.0
-    assert result["predictions"] == pytest.approx(expected)
-    assert result["mean"] == pytest.approx(statistics.fmean(expected))
-    # Called one after another the members would take at least the sum of
-    # their delays; gather() overlaps them.
-    assert elapsed < len(ensemble.MEMBERS) * ensemble.MODEL_DELAY_S
+    check_ensemble(result, 2.0)
+    # Called one after another the three members would take at least the sum of
+    # their 0.2 s delays (0.6 s); gather() overlaps them.
+    assert elapsed < 0.6
 
 
 async def test_ensemble_local_awaitable_handle() -> None:
     # In async code a DeploymentResponse is awaited instead of .result().
     handle = run_local(ensemble.app, "ensemble")
-    result = await handle.predict.remote(-1.0)
-    assert result["predictions"] == pytest.approx(expected_ensemble(-1.0))
+    check_ensemble(await handle.predict.remote(-1.0), -1.0)
 
 
 # ----------------------------------------------------------------- the demo
@@ -238,9 +265,7 @@ def test_demo_main_serves_until_ctrl_c() -> None:
         with httpx.Client(base_url=base_url, timeout=TIMEOUT_S) as client:
             check_composed(client.post("/composed", content=b"Hey!").json())
             assert client.post("/pipeline", json={"text": "great"}).json()["label"] == "positive"
-            assert client.post("/ensemble", json={"x": 0}).json()["mean"] == pytest.approx(
-                statistics.fmean(expected_ensemble(0.0))
-            )
+            check_ensemble(client.post("/ensemble", json={"x": 0.0}).json(), 0.0)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         try:
             code = proc.wait(timeout=60)
@@ -302,12 +327,7 @@ def test_http_composed(client: httpx.Client) -> None:
 def test_http_pipeline(client: httpx.Client, text: str, label: str) -> None:
     response = client.post("/pipeline", json={"text": text})
     assert response.status_code == 200
-    result = response.json()
-    assert result["features"] == pytest.approx(pipeline.featurize(text))
-    score, probability = expected_prediction(result["features"])
-    assert result["score"] == pytest.approx(score)
-    assert result["probability"] == pytest.approx(probability)
-    assert result["label"] == label
+    check_pipeline(response.json(), text, label)
 
 
 @pytest.mark.parametrize("body", [b"not json", b'{"txt": "typo"}', b'{"text": 3}', b"[1, 2]"])
@@ -321,10 +341,7 @@ def test_http_ensemble(client: httpx.Client) -> None:
     for x in (0.0, 2.5, -4.0):
         response = client.post("/ensemble", json={"x": x})
         assert response.status_code == 200
-        result = response.json()
-        assert result["x"] == x
-        assert result["predictions"] == pytest.approx(expected_ensemble(x))
-        assert result["mean"] == pytest.approx(statistics.fmean(result["predictions"]))
+        check_ensemble(response.json(), x)
 
 
 @pytest.mark.parametrize("body", [b"", b'{"y": 1}', b'{"x": "abc"}'])
@@ -342,8 +359,7 @@ def test_handles_from_serve_run(served: Served) -> None:
     # their own processes, with no HTTP involved.
     result = served.handles["pipeline"].classify.remote(POSITIVE_TEXT).result(timeout_s=TIMEOUT_S)
     assert result["label"] == "positive"
-    result = served.handles["ensemble"].predict.remote(1.0).result(timeout_s=TIMEOUT_S)
-    assert result["predictions"] == pytest.approx(expected_ensemble(1.0))
+    check_ensemble(served.handles["ensemble"].predict.remote(1.0).result(timeout_s=TIMEOUT_S), 1.0)
     check_composed(served.handles["composed"].predict.remote(b"x").result(timeout_s=TIMEOUT_S))
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import async_wait_until, wait_until
 
 mlflow = pytest.importorskip("mlflow")
 pd = pytest.importorskip("pandas")
@@ -204,10 +204,16 @@ async def test_the_leader_rides_out_registry_errors_and_no_answer_follows_the_sw
     with caplog.at_level(logging.WARNING, "shoal.integrations.rollout"):
         tasks = [asyncio.create_task(client()) for _ in range(8)]
         watcher = asyncio.create_task(coordinator.run())
-        while not any(e["action"] == "promote" for e in engine.history):
-            await asyncio.sleep(0.01)
-        promoted = next(e for e in engine.history if e["action"] == "promote")["time"]
-        await asyncio.sleep(0.1)
+
+        async def promotion() -> Any:
+            return next((e for e in engine.history if e["action"] == "promote"), None)
+
+        promoted = (await async_wait_until(promotion, 10, "the promotion"))["time"]
+
+        async def served_after_the_switch() -> bool:  # two rounds of the 8 clients
+            return sum(start > promoted for start, _, _ in calls) >= 16
+
+        await async_wait_until(served_after_the_switch, 10, "calls after the switch")
         for task in [*tasks, watcher]:
             task.cancel()
         await asyncio.gather(*tasks, watcher, return_exceptions=True)

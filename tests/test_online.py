@@ -142,7 +142,7 @@ def test_readers_never_see_a_half_applied_update(tmp_path: Path) -> None:
                 model["g"] != generation or model["double"] != 2 * generation
             ):
                 mismatches.append((generation, model))
-            time.sleep(0.0001)  # let the writer run: readers hold the GIL otherwise
+            time.sleep(0)  # yields the GIL (no wait): the writer runs between reads
 
     readers = [threading.Thread(target=read) for _ in range(3)]
     for reader in readers:

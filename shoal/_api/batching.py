@@ -20,17 +20,27 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
-import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 from shoal._api.batch_metrics import BatchStats, LatencyPlan, Planner, Stats, Summary, summarize
+from shoal._api.batch_options import (
+    Options,
+    check_known,
+    check_max_batch_size,
+    check_wait,
+)
 from shoal._api.context import request_context
-from shoal._errors import BatchSizeMismatchError, ConfigError, RequestCancelledError, ShoalError
+from shoal._errors import (
+    BatchSizeMismatchError,
+    ConfigError,
+    ConfigTypeError,
+    RequestCancelledError,
+    ShoalError,
+)
 
 _ITEM, _END, _ERROR = "item", "end", "error"
 _NAMES = ("__module__", "__name__", "__qualname__", "__doc__")
@@ -40,56 +50,6 @@ def _take_names(target: Any, fn: Callable[..., Any]) -> None:
     # Names and docs only; a __wrapped__ would make inspect report the handler's signature.
     for name in _NAMES:
         setattr(target, name, getattr(fn, name, None))
-
-
-# --- options ---------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"@serve.batch option {name}={value!r} is invalid: use an integer >= 1")
-    return value
-
-
-def _check_seconds(name: str, value: Any, *, zero_ok: bool) -> float:
-    valid = (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and (value >= 0 if zero_ok else value > 0)
-    )
-    if not valid:
-        bound = ">= 0" if zero_ok else "> 0"
-        raise ConfigError(
-            f"@serve.batch option {name}={value!r} is invalid: use a number of seconds {bound}"
-        )
-    return float(value)
-
-
-@dataclass
-class _Options:
-    max_batch_size: int
-    batch_wait_timeout_s: float
-    max_concurrent_batches: int
-    batch_size_fn: Callable[[list[Any]], int] | None
-    target_latency_s: float | None
-
-    def validate(self) -> _Options:
-        _check_int("max_batch_size", self.max_batch_size)
-        self.batch_wait_timeout_s = _check_seconds(
-            "batch_wait_timeout_s", self.batch_wait_timeout_s, zero_ok=True
-        )
-        _check_int("max_concurrent_batches", self.max_concurrent_batches)
-        if self.batch_size_fn is not None and not callable(self.batch_size_fn):
-            raise ConfigError(
-                f"@serve.batch option batch_size_fn={self.batch_size_fn!r} is invalid: "
-                "pass a function from a list of items to their total size, or None"
-            )
-        if self.target_latency_s is not None:
-            self.target_latency_s = _check_seconds(
-                "target_latency_s", self.target_latency_s, zero_ok=False
-            )
-        return self
 
 
 # --- the handler and its callers ---------------------------------------------------------
@@ -105,10 +65,10 @@ def _defined_in_class(fn: Callable[..., Any]) -> bool:
 class _Handler:
     """The user's batch function and how to call it with one list per parameter."""
 
-    def __init__(self, fn: Callable[..., Any], options: _Options) -> None:
+    def __init__(self, fn: Callable[..., Any], options: Options) -> None:
         self.name = getattr(fn, "__qualname__", repr(fn))
         if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
-            raise ConfigError(
+            raise ConfigTypeError(
                 f"@serve.batch needs an `async def` function or method; {self.name} is not "
                 "async. Make it `async def` (run blocking work with `await asyncio.to_thread(...)`)"
             )
@@ -448,14 +408,12 @@ class _State:
 
     def set_max_batch_size(self, max_batch_size: int) -> None:
         """Change the batch size limit, from the next batch on (for example in ``reconfigure``)."""
-        self.options.max_batch_size = _check_int("max_batch_size", max_batch_size)
+        self.options.max_batch_size = check_max_batch_size(max_batch_size)
         self._poke()
 
     def set_batch_wait_timeout_s(self, batch_wait_timeout_s: float) -> None:
         """Change how long a batch waits to fill, from the next batch on."""
-        self.options.batch_wait_timeout_s = _check_seconds(
-            "batch_wait_timeout_s", batch_wait_timeout_s, zero_ok=True
-        )
+        self.options.batch_wait_timeout_s = check_wait(batch_wait_timeout_s)
         self._poke()
 
     def _poke(self) -> None:
@@ -589,34 +547,48 @@ def batch(
     max_concurrent_batches: int = 1,
     batch_size_fn: Callable[[list[Any]], int] | None = None,
     target_latency_s: float | None = None,
+    **unknown: Any,
 ) -> Any:
     """Batch concurrent calls of an async method or function (Ray Serve's ``@serve.batch``).
 
-    The handler takes one list per parameter and returns one result per request
-    (or, as an async generator, yields one such list per step; put
-    ``StopIteration`` in a caller's slot to end that caller's stream). Callers
-    pass single items. A batch runs when it holds ``max_batch_size`` items (by
-    ``batch_size_fn`` when given: full when the next item would exceed it) or
-    when its oldest request has waited ``batch_wait_timeout_s``; at most
-    ``max_concurrent_batches`` run at once. With ``target_latency_s``, the
-    batch size (up to ``max_batch_size``) and the wait are chosen from the
-    measured cost and arrival rate instead (see docs/batching.md).
-    Invalid options raise ConfigError at decoration time.
+    Every form of Ray Serve works: ``@serve.batch``, ``@serve.batch()``,
+    ``@serve.batch(max_batch_size=4)``, ``serve.batch(fn)`` and
+    ``serve.batch(fn, max_batch_size=4)``. The handler takes one list per
+    parameter and returns one result per request (or, as an async generator,
+    yields one such list per step; put ``StopIteration`` in a caller's slot to
+    end that caller's stream). Callers pass single items. A batch runs when it
+    holds ``max_batch_size`` items (by ``batch_size_fn`` when given: full when
+    the next item would exceed it) or when its oldest request has waited
+    ``batch_wait_timeout_s``; at most ``max_concurrent_batches`` run at once.
+    With ``target_latency_s``, the batch size (up to ``max_batch_size``) and the
+    wait are chosen from the measured cost and arrival rate instead (see
+    docs/batching.md). Invalid options raise ConfigError at decoration time
+    (see :mod:`shoal._api.batch_options`).
     """
-    options = _Options(
+    check_known(unknown)
+    options = Options(
         max_batch_size, batch_wait_timeout_s, max_concurrent_batches, batch_size_fn,
         target_latency_s,
     ).validate()  # fmt: skip
 
     def decorate(fn: Callable[..., Any]) -> Any:
         if not callable(fn):
-            raise ConfigError(f"@serve.batch needs an async function or method, got {fn!r}")
+            raise ConfigTypeError(
+                f"@serve.batch can only be used to decorate functions or methods, got {fn!r}"
+            )
         handler = _Handler(fn, options)
         if handler.is_method:
             return _BatchMethod(handler)
         return _make_caller(_State(handler, None))
 
-    return decorate if _func is None else decorate(_func)
+    if _func is None:
+        return decorate
+    if not callable(_func):
+        raise ConfigTypeError(
+            f"@serve.batch can only be used to decorate functions or methods, got {_func!r}; "
+            f"pass options as keywords (for example max_batch_size={_func!r})"
+        )
+    return decorate(_func)
 
 
 __all__ = ["BatchStats", "LatencyPlan", "Summary", "batch"]

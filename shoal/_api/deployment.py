@@ -41,10 +41,24 @@ class Deployment:
     def user_config(self) -> Any:
         return self._config.user_config
 
-    def options(self, **options: Any) -> Deployment:
-        """A copy with ``options`` changed; invalid ones raise ConfigError naming them."""
+    def options(
+        self, func_or_class: Callable[..., Any] | None = None, **options: Any
+    ) -> Deployment:
+        """A copy with ``options`` changed and, if given, another class or function
+        (which keeps this deployment's name unless ``name`` is given).
+
+        Invalid or unknown options raise ConfigError naming them.
+        """
+        target = self._target
+        if func_or_class is not None:
+            if not callable(func_or_class):
+                raise ConfigError(
+                    f"Deployment.options(func_or_class=...) needs a class or function, "
+                    f"got {func_or_class!r}"
+                )
+            target, options = func_or_class, {"name": self.name, **options}
         merged = self._config.model_dump(exclude_unset=True) | options
-        return Deployment(self._target, validate(DeploymentConfig, merged, _what(self._target)))
+        return Deployment(target, validate(DeploymentConfig, merged, _what(target)))
 
     def bind(self, *args: Any, **kwargs: Any) -> Application:
         """Build an application: this deployment constructed with these arguments.
@@ -85,31 +99,35 @@ def _what(target: Any) -> str:
 
 
 @overload
-def deployment(_func_or_class: Callable[..., Any], /) -> Deployment: ...
+def deployment(func_or_class: Callable[..., Any], /, **options: Any) -> Deployment: ...
 
 
 @overload
 def deployment(
-    _func_or_class: None = None, /, **options: Any
+    func_or_class: None = None, /, **options: Any
 ) -> Callable[[Callable[..., Any]], Deployment]: ...
 
 
-def deployment(_func_or_class: Any = None, /, **options: Any) -> Any:
-    """Mark a class or function as a deployment.
+def deployment(func_or_class: Any = None, /, **options: Any) -> Any:
+    """Mark a class or function as a deployment, in each of Ray Serve's call forms.
 
-    Accepts Ray Serve's options (``name``, ``num_replicas``, ``max_ongoing_requests``,
-    ``user_config``, ``ray_actor_options``, ``autoscaling_config``, health-check and
-    graceful-shutdown timings); see :class:`shoal._config.DeploymentConfig`.
-    Invalid options raise ConfigError at decoration time.
+    ``@serve.deployment``, ``@serve.deployment(num_replicas=2)``,
+    ``serve.deployment(Model)`` and ``serve.deployment(Model, num_replicas=2)``.
+    Options have Ray Serve's names (``name``, ``num_replicas``, ``max_ongoing_requests``,
+    ``user_config``, ``ray_actor_options``...; see :class:`shoal._config.DeploymentConfig`).
+    Invalid, unknown or not yet supported options raise ConfigError when the
+    deployment is declared.
     """
+    if func_or_class is not None and not callable(func_or_class):
+        raise ConfigError(
+            f"serve.deployment takes the class or function to deploy as its only positional "
+            f"argument, got {func_or_class!r}; pass options as keywords "
+            f"(for example name={func_or_class!r})"
+        )
 
     def decorate(target: Any) -> Deployment:
         if not callable(target):
             raise ConfigError(f"@serve.deployment needs a class or function, got {target!r}")
         return Deployment(target, validate(DeploymentConfig, options, _what(target)))
 
-    if _func_or_class is not None:
-        if options:
-            raise ConfigError("use @serve.deployment(...) with keyword options only")
-        return decorate(_func_or_class)
-    return decorate
+    return decorate if func_or_class is None else decorate(func_or_class)

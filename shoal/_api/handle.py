@@ -85,6 +85,18 @@ class DeploymentHandle:
     def __repr__(self) -> str:
         return f"DeploymentHandle(deployment={self._deployment!r}, app={self._app!r})"
 
+    def _key(self) -> tuple[str, str, str, bool, str]:
+        return (self._app, self._deployment, self._method, self._stream, self._mux)
+
+    def __eq__(self, other: object) -> bool:
+        """Handles are equal when they target the same deployment with the same options."""
+        if not isinstance(other, DeploymentHandle):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def _get_router(self) -> Router:
         router = self._router
         if router is None:
@@ -115,7 +127,6 @@ class DeploymentHandle:
                 if not future.done():
                     return DeploymentResponse(future, loop)
         return DeploymentResponse(loop.create_task(_assign(router, request)), loop)
-
 
     def broadcast(self, *args: Any, **kwargs: Any) -> DeploymentResponse:
         """Call the method on every replica of the deployment (a shoal extension).

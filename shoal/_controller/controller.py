@@ -1,14 +1,18 @@
 """The controller: applications, their deployments, routes, and shutdown order.
 
-It runs on the driver's shoal event loop. Deploy and delete operations are
-serialized; a failed first deploy leaves nothing running; an application's
-route is installed in the proxy only after all of its replicas are ready, and
-removed before its replicas are stopped.
+It runs on the driver's shoal event loop. Deploy and delete operations on one
+application are serialized (other applications proceed meanwhile, so deleting
+one can free the resources another waits for); a failed first deploy leaves
+nothing running; an application whose replicas can never fit the machine is
+refused before anything starts; an application's route is installed in the
+proxy only after all of its replicas are ready, and removed before its
+replicas are stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,13 +20,14 @@ from dataclasses import dataclass, field
 from shoal._api.graph import AppSpec
 from shoal._config import HTTPOptions
 from shoal._controller.deployment_state import DeploymentState
+from shoal._controller.resources import Demand, Ledger
 from shoal._controller.status import (
     ApplicationStatus,
     ApplicationStatusOverview,
     ProxyStatus,
     ServeStatus,
 )
-from shoal._errors import DeploymentError, NotFoundError, RouteConflictError
+from shoal._errors import ConfigError, DeploymentError, NotFoundError, RouteConflictError
 from shoal._router.router import RouterRegistry
 from shoal._runtime.base import ReplicaHandle, Runtime
 from shoal._transport.messages import ReplicaSetUpdate
@@ -43,13 +48,17 @@ class _App:
 class Controller:
     """Reconciles applications onto a runtime."""
 
-    def __init__(self, runtime: Runtime, registry: RouterRegistry) -> None:
+    def __init__(self, runtime: Runtime, registry: RouterRegistry, ledger: Ledger) -> None:
         self.runtime = runtime
         self.registry = registry
+        self.ledger = ledger
         self.apps: dict[str, _App] = {}
         self.proxy: ProxyStatus | None = None
         self._proxy_starting: asyncio.Future[None] | None = None
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, app: str) -> asyncio.Lock:
+        return self._locks.setdefault(app, asyncio.Lock())
 
     async def start(self, http: HTTPOptions | None, wait_for_proxy: bool = True) -> None:
         """Start the runtime and, with ``http``, the proxy.
@@ -74,8 +83,13 @@ class Controller:
     # --- applications --------------------------------------------------------------
 
     async def deploy(self, spec: AppSpec) -> None:
-        """Deploy or update an application; returns when it serves (routes included)."""
-        async with self._lock:
+        """Deploy or update an application; returns when it serves (routes included).
+
+        Waits while replicas are PENDING for resources; raises ConfigError at once
+        if they can never fit this machine.
+        """
+        self._check_fits(spec)
+        async with self._lock(spec.name):
             self._check_route(spec)
             app = self.apps.get(spec.name)
             is_new = app is None
@@ -85,8 +99,10 @@ class Controller:
             app.status, app.message = ApplicationStatus.DEPLOYING, ""
             try:
                 await self._deploy_deployments(app, previous if not is_new else None)
-            except DeploymentError as exc:
-                app.status, app.message = ApplicationStatus.DEPLOY_FAILED, str(exc)
+            except (DeploymentError, asyncio.CancelledError) as exc:
+                # Cancelled: serve.run gave up waiting (its timeout); leave no half-deployed app.
+                app.status = ApplicationStatus.DEPLOY_FAILED
+                app.message = str(exc) or "the deploy was cancelled (serve.run timed out)"
                 if is_new:
                     await self._teardown(app)
                 else:
@@ -95,6 +111,26 @@ class Controller:
             app.status, app.deployed_at = ApplicationStatus.RUNNING, time.time()
             app.routed = spec.route_prefix is not None
             await self._publish_routes()
+
+    def _check_fits(self, spec: AppSpec) -> None:
+        """Refuse an application whose replicas can never all run on this machine at once."""
+        total, count = Demand(), 0
+        for name, deployment in spec.deployments.items():
+            one = Demand.of(deployment.config.ray_actor_options)
+            why = self.ledger.never_fits(one)
+            if why is not None:
+                raise ConfigError(
+                    f"deployment '{name}' of application '{spec.name}' can never start: "
+                    f"each replica needs {why}"
+                )
+            replicas = deployment.config.target_replicas()
+            total, count = total.plus(one.times(replicas)), count + replicas
+        why = self.ledger.never_fits(total)
+        if why is not None:
+            raise ConfigError(
+                f"application '{spec.name}' can never start: its {count} replicas together "
+                f"need {why}; lower num_replicas or what each replica reserves"
+            )
 
     def _check_route(self, spec: AppSpec) -> None:
         if spec.route_prefix is None or not self.runtime.supports_http:
@@ -113,7 +149,7 @@ class Controller:
             state = app.deployments.get(name)
             if state is None:
                 state = app.deployments[name] = DeploymentState(
-                    spec.name, self.runtime, self.publish, name == spec.ingress
+                    spec.name, self.runtime, self.publish, name == spec.ingress, self.ledger
                 )
                 state.spec = None
                 # Announce the deployment before any replica starts, so handles to it resolve.
@@ -135,9 +171,15 @@ class Controller:
             app.deployments.pop(state.name, None)
 
     async def delete(self, name: str) -> None:
-        async with self._lock:
+        existed = self.apps.get(name)
+        if existed is not None:  # a deploy waiting for resources gives up, releasing the lock
+            for state in existed.deployments.values():
+                state.abort_pending(f"application '{name}' was deleted while its replicas waited")
+        async with self._lock(name):
             app = self.apps.get(name)
             if app is None:
+                if existed is not None:
+                    return  # its first deploy was waiting, gave up and removed it
                 raise NotFoundError(f"application '{name}' does not exist")
             app.status = ApplicationStatus.DELETING
             await self._teardown(app)
@@ -192,7 +234,15 @@ class Controller:
 
     async def shutdown(self, timeout_s: float) -> None:
         """Fixed order: routes off, applications drained, then the runtime (proxy last)."""
-        async with self._lock:
+        self.ledger.close("shoal is shutting down")  # deploys waiting for resources give up
+        if self._proxy_starting is not None:
+            try:
+                await self._proxy_starting
+            except Exception:  # it never served: nothing to drain, and nothing to re-raise
+                self._proxy_starting = None
+        async with contextlib.AsyncExitStack() as locks:
+            for name in list(self.apps):
+                await locks.enter_async_context(self._lock(name))
             try:
                 await asyncio.wait_for(
                     asyncio.gather(*(self._teardown(app) for app in list(self.apps.values()))),

@@ -6,7 +6,10 @@ Guarantees:
 - a ``user_config`` change is applied in place with ``reconfigure()``;
 - a replica that dies or fails its health check is replaced, with backoff
   when replacements keep failing;
-- routers stop picking a replica before it is asked to stop.
+- routers stop picking a replica before it is asked to stop;
+- a replica starts only once the ledger grants its resources (until then it is
+  PENDING, with the short resource in the deployment's message) and gives them
+  back once it has stopped or died.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal._api.graph import DeploymentSpec
+from shoal._config import DeploymentConfig
+from shoal._controller.resources import Demand, Grant, Ledger
 from shoal._controller.status import (
     DeploymentStatus,
     DeploymentStatusOverview,
@@ -42,6 +47,7 @@ class ReplicaRecord:
     code_version: str
     config_version: int = 0
     state: ReplicaState = ReplicaState.RUNNING
+    grant: Grant | None = None
 
 
 class DeploymentState:
@@ -53,6 +59,7 @@ class DeploymentState:
         runtime: Runtime,
         publish: Callable[[ReplicaSetUpdate], Awaitable[None]],
         is_ingress: bool,
+        ledger: Ledger,
     ) -> None:
         self.app = app
         self.spec: DeploymentSpec | None = None
@@ -66,6 +73,10 @@ class DeploymentState:
         self._failures = 0
         self.config_version = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._ledger = ledger
+        self.pending: dict[str, str] = {}  # replica id -> the resource it waits for
+        self._acquiring: set[asyncio.Task[Grant]] = set()
+        self._abort: str | None = None
 
     @property
     def name(self) -> str:
@@ -92,13 +103,26 @@ class DeploymentState:
         except DeploymentError as exc:
             self.status, self.message = DeploymentStatus.DEPLOY_FAILED, str(exc)
             raise
-        self.status = DeploymentStatus.HEALTHY
+        self.status, self.message = DeploymentStatus.HEALTHY, ""
         self._failures = 0
         if not any(t.get_name() == "supervise" for t in self._tasks):
             self._spawn(self._supervise(), "supervise")
 
     async def _replace_all(self, target: int) -> None:
         old = list(self.replicas)
+        assert self.spec is not None
+        needed = Demand.of(self.spec.config.ray_actor_options).times(target)
+        if old and not needed.empty and self._ledger.shortage(needed) is not None:
+            # The new replicas fit only in what the old ones hold: without stopping
+            # those first, the update would wait for itself forever.
+            logger.warning(
+                "deployment '%s': stopping the old replicas before starting the new ones "
+                "(not enough free resources to run both)",
+                self.name,
+            )
+            await self._stop(old)
+            await self._start(target)
+            return
         await self._start(target)
         await self._stop([record for record in old if record in self.replicas])
 
@@ -145,18 +169,56 @@ class DeploymentState:
         spec = self.spec
         assert spec is not None
         replica_id = f"{self.app}#{spec.name}#{uuid.uuid4().hex[:6]}"
+        grant = await self._reserve(replica_id, Demand.of(spec.config.ray_actor_options))
         replica_spec = ReplicaSpec(
             self.app, spec.name, replica_id, spec.target, spec.init_args, spec.init_kwargs,
-            spec.config, self.is_ingress,
+            _with_gpus(spec.config, grant), self.is_ingress,
         )  # fmt: skip
-        handle = await self._runtime.start_replica(replica_spec)
-        record = ReplicaRecord(handle, spec.code_version, self.config_version)
+        try:
+            handle = await self._runtime.start_replica(replica_spec)
+        except BaseException:
+            self._ledger.release(grant)
+            raise
+        record = ReplicaRecord(handle, spec.code_version, self.config_version, grant=grant)
         if self._deleting or self.spec is not spec:  # superseded while starting
             await handle.stop(0.0, 0.0)
+            self._ledger.release(grant)
             raise DeploymentError(f"deployment '{spec.name}' changed while starting a replica")
         self.replicas.append(record)
         await self.publish()
         return record
+
+    async def _reserve(self, replica_id: str, demand: Demand) -> Grant:
+        """The replica's resources; while they are short it is listed as PENDING."""
+        grant = self._ledger.try_acquire(demand)
+        if grant is not None:
+            return grant
+
+        def waiting(reason: str) -> None:
+            if replica_id not in self.pending:
+                logger.warning(
+                    "replica %s is pending until resources free up: %s", replica_id, reason
+                )
+            self.pending[replica_id] = reason
+            self.message = f"{len(self.pending)} replica(s) pending: {reason}"
+
+        task = asyncio.ensure_future(self._ledger.acquire(demand, waiting))
+        self._acquiring.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if self._abort is None or not task.cancelled():
+                raise
+            raise DeploymentError(self._abort) from None
+        finally:
+            self._acquiring.discard(task)
+            self.pending.pop(replica_id, None)
+
+    def abort_pending(self, reason: str) -> None:
+        """Make every replica waiting for resources fail with DeploymentError(reason)."""
+        self._abort = reason
+        for task in list(self._acquiring):
+            task.cancel()
 
     async def _stop(self, records: list[ReplicaRecord]) -> None:
         if not records:
@@ -178,6 +240,7 @@ class DeploymentState:
         for record in records:
             if record in self.replicas:
                 self.replicas.remove(record)
+                self._ledger.release(record.grant)
 
     async def publish(self) -> None:
         infos = [r.handle.info for r in self.replicas if r.state is ReplicaState.RUNNING]
@@ -186,6 +249,7 @@ class DeploymentState:
     async def delete(self) -> None:
         """Stop every replica (gracefully) and tell routers the deployment is gone."""
         self._deleting = True
+        self.abort_pending(f"deployment '{self.spec.name if self.spec else ''}' was deleted")
         for task in list(self._tasks):
             task.cancel()
         await self._stop(list(self.replicas))
@@ -199,6 +263,7 @@ class DeploymentState:
         if record is None:
             return False
         self.replicas.remove(record)
+        self._ledger.release(record.grant)
         if record.state is ReplicaState.STOPPING or self._deleting:
             return True
         logger.warning("replica %s died; starting a replacement", handle.info.replica_id)
@@ -260,7 +325,27 @@ class DeploymentState:
             )
             for r in self.replicas
         ]
+        version = self.spec.code_version if self.spec else ""
+        for replica_id, reason in self.pending.items():
+            states[str(ReplicaState.PENDING)] += 1
+            replicas.append(
+                ReplicaStatus(
+                    replica_id, ReplicaState.PENDING, None, version, self.config_version, reason
+                )
+            )
         target = self.spec.config.target_replicas() if self.spec else 0
         return DeploymentStatusOverview(
             self.status, self.message, dict(states), replicas, target, self.config_version
         )
+
+
+def _with_gpus(config: DeploymentConfig, grant: Grant) -> DeploymentConfig:
+    """``config`` with CUDA_VISIBLE_DEVICES set to the granted GPUs (if any) in its env_vars."""
+    if not grant.gpu_ids:
+        return config
+    actor = config.ray_actor_options
+    env = dict(actor.runtime_env or {})
+    env["env_vars"] = {**env.get("env_vars", {}), "CUDA_VISIBLE_DEVICES": ",".join(grant.gpu_ids)}
+    return config.model_copy(
+        update={"ray_actor_options": actor.model_copy(update={"runtime_env": env})}
+    )

@@ -25,6 +25,7 @@ class DeploymentStatus(StrEnum):
 
 
 class ReplicaState(StrEnum):
+    PENDING = "PENDING"  # waiting for resources (num_cpus, num_gpus, resources) to free up
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     RECOVERING = "RECOVERING"
@@ -38,6 +39,7 @@ class ReplicaStatus:
     pid: int | None
     code_version: str
     config_version: int = 0  # which user_config (counted from 0) the replica has applied
+    message: str = ""  # why a PENDING replica waits (the short resource)
 
 
 @dataclass(frozen=True)

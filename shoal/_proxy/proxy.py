@@ -10,7 +10,6 @@ the ingress failed (details are logged, not sent to the client).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import uuid
@@ -18,6 +17,7 @@ from typing import Any
 
 from shoal._config import HTTPOptions
 from shoal._errors import RequestCancelledError, ShoalError, UnavailableError
+from shoal._json import dumps as json_dumps
 from shoal._router.router import RouterRegistry
 from shoal._transport.http import (
     WEBSOCKET,
@@ -186,7 +186,7 @@ class Proxy:
     async def _builtin(self, path: str, send: Any) -> None:
         if path == "/-/routes":
             table = {prefix: app for prefix, app, _ in sorted(self._routes)}
-            await _reply(send, 200, json.dumps(table), _JSON)
+            await _reply(send, 200, json_dumps(table).decode(), _JSON)
         elif path == "/-/healthz":
             await _reply(send, 200, "success")
         else:

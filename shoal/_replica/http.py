@@ -2,20 +2,23 @@
 
 Return values map to responses as in Ray Serve: a Starlette ``Response`` is
 sent as is; ``str`` becomes text/plain; ``bytes`` application/octet-stream;
-anything else JSON (numpy arrays and scalars, pydantic models and dataclasses
-included).
+anything else strict JSON through :mod:`shoal._json` (the table in docs/http.md),
+or an error naming the field that cannot be sent (the replica answers 500).
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import logging
+import re
+import typing
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from shoal._json import dumps as dump_json
 from shoal._transport.http import HttpRequestData, HttpResponseData, HttpResponseStart
 
 logger = logging.getLogger("shoal.replica")
@@ -48,35 +51,27 @@ async def to_response(result: Any) -> HttpResponseData:
     if isinstance(result, bytes | bytearray | memoryview):
         body = bytes(result)
         return HttpResponseData(200, _with_length(_BYTES, body), body)
-    body = dump_json(result)
+    try:
+        body = dump_json(result)
+    except (TypeError, ValueError) as exc:
+        if not hasattr(exc, "json_path"):
+            raise  # not a refusal (a pydantic serializer raised...): logged with its traceback
+        from shoal._api.context import replica_context, request_context
+
+        # One line, no traceback: it would only show shoal's encoder.
+        replica = replica_context.get()
+        logger.error(
+            "request %s to deployment '%s' failed: %s",
+            request_context.get().request_id,
+            replica.deployment if replica is not None else "?",
+            exc,
+        )
+        return error_response(500, "Internal Server Error")
     return HttpResponseData(200, _with_length(_JSON, body), body)
 
 
 def _with_length(headers: list[tuple[bytes, bytes]], body: bytes) -> list[tuple[bytes, bytes]]:
     return [*headers, (b"content-length", str(len(body)).encode())]
-
-
-def dump_json(value: Any) -> bytes:
-    try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError):
-        text = json.dumps(_jsonable(value), ensure_ascii=False, separators=(",", ":"))
-    return text.encode()
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy array or scalar
-        return value.tolist()
-    from fastapi.encoders import jsonable_encoder  # lazily: only for unusual return types
-
-    custom: dict[Any, Any] = {type(None): lambda _: None}
-    try:
-        import numpy
-
-        custom.update({numpy.ndarray: lambda a: a.tolist(), numpy.generic: lambda a: a.item()})
-    except ImportError:
-        pass
-    return jsonable_encoder(value, custom_encoder=custom)
 
 
 def is_streaming(result: Any) -> bool:
@@ -113,3 +108,75 @@ async def chunks_from_items(items: AsyncIterator[Any]) -> AsyncIterator[Any]:
 def error_response(status: int, message: str) -> HttpResponseData:
     body = message.encode()
     return HttpResponseData(status, _with_length(_TEXT, body), body)
+
+
+_MISMATCH = (TypeError, KeyError, AttributeError)
+
+
+def note_input_mismatch(method: Any, argument: Any, exc: BaseException) -> None:
+    """Add a note to ``exc`` when it shows ``method`` got a Request where it expected data
+    (called over HTTP) or data where it expected a Request (called through a handle).
+
+    Only called on the error path; the note is shown in the replica's log and travels
+    with the exception to a handle's caller.
+    """
+    if not isinstance(exc, _MISMATCH) or method is None or _raised_by_shoal(exc):
+        return
+    expects = _expects_request(method)
+    name = getattr(method, "__name__", "this method")
+    if isinstance(argument, Request):
+        if expects is False or (expects is None and _raised_by(argument, exc)):
+            exc.add_note(
+                f"'{name}' was called over HTTP, so it received a starlette Request, not the "
+                "request's data: read the body with `await request.json()`, or call it "
+                "through a handle with a dict"
+            )
+    elif expects or (
+        isinstance(exc, AttributeError) and exc.obj is argument and hasattr(Request, exc.name or "")
+    ):
+        exc.add_note(
+            f"'{name}' reads a starlette Request, but it was called through a handle with "
+            f"a {type(argument).__name__}: give it the data itself (for example a dict "
+            "parameter), or call it over HTTP"
+        )
+
+
+def _expects_request(method: Any) -> bool | None:
+    """What the first parameter's annotation says: a Request (True), other data (False), or
+    nothing (None: unannotated, ``Any`` or ``object``)."""
+    try:
+        parameters = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    annotation = parameters[0].annotation if parameters else inspect.Parameter.empty
+    if isinstance(annotation, str):  # from __future__ import annotations
+        if annotation in ("Any", "typing.Any", "object"):
+            return None
+        return re.search(r"\bRequest\b", annotation) is not None
+    if annotation in (inspect.Parameter.empty, Any, object):
+        return None
+    candidates = typing.get_args(annotation) or (annotation,)  # Request | None
+    return any(isinstance(each, type) and issubclass(each, Request) for each in candidates)
+
+
+def _innermost_frame(exc: BaseException) -> Any:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return None if tb is None else tb.tb_frame
+
+
+def _raised_by(argument: Any, exc: BaseException) -> bool:
+    """The argument raised it itself: ``request["x"]`` (Starlette's Request is a Mapping
+    over the ASGI scope) or a missing attribute."""
+    if isinstance(exc, AttributeError) and exc.obj is argument:
+        return True
+    frame = _innermost_frame(exc)
+    return frame is not None and frame.f_locals.get("self") is argument
+
+
+def _raised_by_shoal(exc: BaseException) -> bool:
+    """Shoal's own errors (a return value JSON cannot hold, a wrong call mode) are not hints."""
+    frame = _innermost_frame(exc)
+    module = "" if frame is None else str(frame.f_globals.get("__name__", ""))
+    return module == "shoal" or module.startswith("shoal.")

@@ -13,6 +13,7 @@ the reply messages it produces. Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -124,9 +125,21 @@ class Replica:
         try:
             return Result(await self._invoke(request))
         except Exception as exc:
+            if isinstance(exc, TypeError | KeyError | AttributeError):
+                self._note_input_mismatch(request, exc)
             return failure_from(exc, f"in replica {self.spec.replica_id}:")
         finally:
             self._leave()
+
+    def _note_input_mismatch(self, request: Request, exc: Exception) -> None:
+        """Explain a data-vs-Request mix-up in the error (only on the error path)."""
+        from shoal._replica import http
+
+        args, kwargs = request.args, request.kwargs
+        argument = args[0] if args else next(iter(kwargs.values()), None)
+        if type(argument) is not HttpRequestData and (args or len(kwargs) == 1):
+            method = self._methods.get(request.method, (None,))[0]
+            http.note_input_mismatch(method, argument, exc)
 
     def task_context(self) -> contextvars.Context:
         """A fresh context for one request's task."""
@@ -245,6 +258,7 @@ class Replica:
         from shoal._replica import http
 
         started = False
+        request: Any = None
         try:
             parts: AsyncIterator[Any]
             if kind == "asgi":
@@ -270,6 +284,7 @@ class Replica:
                 yield StreamItem(part)
             yield StreamEnd()
         except Exception as exc:
+            http.note_input_mismatch(method if kind != "asgi" else None, request, exc)
             logger.exception(
                 "request %s to deployment '%s' failed",
                 request_context.get().request_id,
@@ -303,19 +318,30 @@ class Replica:
             self._pool, functools.partial(self.context.copy().run, method, *args)
         )
 
-    async def drain(self, timeout_s: float) -> bool:
-        """Wait until no request is ongoing (at most ``timeout_s``); True if drained."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-            return True
-        except TimeoutError:
-            logger.warning(
-                "replica %s still had %d requests after %.1f s; stopping anyway",
-                self.spec.replica_id,
-                self.ongoing,
-                timeout_s,
-            )
-            return False
+    async def drain(self, wait_loop_s: float, timeout_s: float) -> bool:
+        """Wait until no request is ongoing (at most ``timeout_s``); True if drained.
+
+        As in Ray Serve (``graceful_shutdown_wait_loop_s``), a busy replica checks
+        again every ``wait_loop_s``; an idle one stops at once, and with
+        ``wait_loop_s=0`` it stops as soon as its last request ends.
+        """
+        deadline = self.loop.time() + timeout_s
+        while self.ongoing:
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                logger.warning(
+                    "replica %s still had %d requests after %.1f s; stopping anyway",
+                    self.spec.replica_id,
+                    self.ongoing,
+                    timeout_s,
+                )
+                return False
+            if wait_loop_s > 0:
+                await asyncio.sleep(min(wait_loop_s, remaining))
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), remaining)
+        return True
 
     async def close(self) -> None:
         """Run the user's ``__del__`` (as Ray Serve does) and release threads. Idempotent."""

@@ -18,7 +18,12 @@ import logging
 import random
 from typing import Any
 
-from shoal._errors import NotFoundError, ReplicaDiedError, TransportError, UnavailableError
+from shoal._errors import (
+    DeploymentUnavailableError,
+    NotFoundError,
+    ReplicaDiedError,
+    TransportError,
+)
 from shoal._runtime.base import Connector, ReplicaClient, Stream
 from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
 
@@ -152,7 +157,7 @@ class Router:
         """
         self.activate()
         if not self.exists:
-            raise UnavailableError(
+            raise DeploymentUnavailableError(
                 f"deployment '{self.deployment}' of application '{self.app}' was deleted"
             )
         connected = {slot.info.replica_id: slot.client for slot in self._slots}
@@ -193,7 +198,7 @@ class Router:
         self.activate()
         while True:
             if not self.exists:
-                raise UnavailableError(
+                raise DeploymentUnavailableError(
                     f"deployment '{self.deployment}' of application '{self.app}' was deleted"
                 )
             slot = self.choose()

@@ -119,10 +119,20 @@ class Runtime(Protocol):
 
 
 def constructor_failed(deployment: str, exc: BaseException, traceback_text: str) -> Exception:
-    """The DeploymentError both runtimes raise when a user constructor fails."""
+    """The DeploymentError both runtimes raise (``from exc``) when a user constructor fails.
+
+    Its message names the deployment and the error, then gives the constructor's
+    traceback. ``exc`` loses its own traceback and any note repeating that text, so
+    the traceback is printed once when the error goes unhandled.
+    """
     from shoal._errors import DeploymentError
 
-    return DeploymentError(
-        f"the constructor of deployment '{deployment}' raised {type(exc).__name__}: {exc}\n\n"
-        f"{traceback_text.strip()}"
-    )
+    text = traceback_text.strip()
+    message = f"the constructor of deployment '{deployment}' raised {type(exc).__name__}: {exc}"
+    exc.__traceback__ = None
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list) and text:
+        notes[:] = [n for n in notes if not (isinstance(n, str) and n.strip() in text)]
+        if not notes:
+            del exc.__notes__
+    return DeploymentError(f"{message}\n\n{text}" if text else message)

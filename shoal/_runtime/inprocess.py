@@ -40,7 +40,7 @@ class _LocalReplica:
         await asyncio.wait_for(self.replica.check_health(), timeout_s)
 
     async def stop(self, wait_loop_s: float, timeout_s: float) -> None:
-        await self.replica.drain(timeout_s)
+        await self.replica.drain(wait_loop_s, timeout_s)
         await self.replica.close()
         self._runtime.forget(self)
 

@@ -18,17 +18,13 @@ import pickle
 import struct
 from typing import Any
 
-from shoal._errors import ShoalError
+from shoal._errors import SerializationError
 from shoal._transport.messages import Message, from_wire
 
 HEADER = struct.Struct("<IQH")
 HEADER_SIZE = HEADER.size
 _BUFLEN = struct.Struct("<Q")
 MAX_FRAME = 1 << 34  # 16 GiB: larger is a corrupted stream, not a payload
-
-
-class SerializationError(ShoalError, TypeError):
-    """A value could not be serialized to cross a process boundary."""
 
 
 def dumps(obj: Any, buffers: list[pickle.PickleBuffer] | None = None) -> bytes:

@@ -1,26 +1,38 @@
 """Exceptions across process boundaries.
 
 A replica turns an exception into a :class:`Failure` message; the caller turns
-it back into the original exception type (with the remote traceback attached
-as a note) or, when the type cannot be rebuilt, into :class:`ReplicaError`.
+it back into the original exception type, with the replica's traceback attached
+as the first note, or, when the type cannot be rebuilt, into
+:class:`ReplicaError`.
+
+The traceback sent is the user's: the frames of shoal around the user's code
+are left out (see :func:`_trim`), and so is the final ``Type: message`` line,
+which the rebuilt exception prints itself. An exception re-raised from a
+deeper replica keeps that replica's traceback as its own note, so a chain of
+calls shows each replica's frames once, outermost first.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import sysconfig
 import traceback
 
 from shoal import _errors
 from shoal._errors import ReplicaError, ShoalError
 from shoal._transport.messages import Failure
 
+_SHOAL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_STDLIB_DIRS = tuple(
+    {os.path.join(sysconfig.get_path(name), "") for name in ("stdlib", "platstdlib")}
+)
+_SITE_DIRS = tuple({os.path.join(sysconfig.get_path(name), "") for name in ("purelib", "platlib")})
+
 
 def failure_from(exc: BaseException, where: str = "") -> Failure:
-    """Describe ``exc`` (raised in this process) for the caller."""
+    """Describe ``exc`` (raised in this process) for the caller; ``where`` names the replica."""
     kind = type(exc).__name__ if isinstance(exc, ShoalError) else "user"
-    text = "".join(traceback.format_exception(exc))
-    if where:
-        text = f"{where}\n{text}"
     try:
         payload: bytes | None = pickle.dumps(exc, protocol=5)
     except Exception:
@@ -30,6 +42,8 @@ def failure_from(exc: BaseException, where: str = "") -> Failure:
             payload = cloudpickle.dumps(exc, protocol=5)
         except Exception:
             payload = None
+    # The notes travel with the pickled exception; without it, they go in the text.
+    text = remote_traceback(exc, where, with_notes=payload is None)
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     return Failure(name, str(exc), text, payload, kind)
 
@@ -44,7 +58,12 @@ def exception_from(failure: Failure) -> BaseException:
         if isinstance(exc, BaseException):
             exc.__traceback__ = None
             if failure.traceback:
-                exc.add_note(f"\nRemote traceback:\n{failure.traceback.rstrip()}")
+                note = f"\n{failure.traceback.rstrip()}"
+                notes = getattr(exc, "__notes__", None)
+                if isinstance(notes, list):
+                    notes.insert(0, note)  # ours before the notes of replicas it called
+                else:
+                    exc.add_note(note)
             return exc
     shoal_type = getattr(_errors, failure.kind, None)
     if isinstance(shoal_type, type) and issubclass(shoal_type, ShoalError):
@@ -53,3 +72,59 @@ def exception_from(failure: Failure) -> BaseException:
         except TypeError:
             pass
     return ReplicaError(failure.type_name, failure.message, failure.traceback)
+
+
+def remote_traceback(exc: BaseException, where: str = "", *, with_notes: bool = False) -> str:
+    """``exc``'s traceback as the caller shows it: user frames first, no final ``Type: message``.
+
+    Starts with a ``Remote traceback (WHERE):`` line, ``where`` being e.g. "in replica X".
+    Empty for a shoal error raised outside user code: its message says it all.
+    """
+    summary = traceback.TracebackException.from_exception(exc)
+    if not _trim(summary) and isinstance(exc, ShoalError):
+        return ""
+    lines = list(summary.format())
+    tail = list(summary.format_exception_only())
+    if tail and lines[-len(tail) :] == tail:
+        del lines[-len(tail) :]
+    where = where.strip().rstrip(":")
+    lines.insert(0, f"Remote traceback ({where}):\n" if where else "Remote traceback:\n")
+    if with_notes:
+        lines.extend(f"{note}\n" for note in getattr(exc, "__notes__", ()) if isinstance(note, str))
+    return "".join(lines)
+
+
+def is_internal(filename: str) -> bool:
+    """Whether ``filename`` is shoal's own code or the standard library's (not site-packages)."""
+    if filename.startswith(_SHOAL_DIR) or filename.startswith("<frozen "):
+        return True
+    return filename.startswith(_STDLIB_DIRS) and not filename.startswith(_SITE_DIRS)
+
+
+def _trim(summary: traceback.TracebackException) -> bool:
+    """Keep the user's part of each stack of the chain; False if it has no user frame.
+
+    Drops the leading frames of shoal and the standard library (the replica
+    calling the user's method) and the trailing frames of shoal (a handle
+    re-raising a deeper replica's error, which has its own note). A stack with no
+    user frame at all (an error inside shoal) is kept whole.
+    """
+    seen: set[int] = set()
+    pending = [summary]
+    found = False
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        stack = current.stack
+        user = [i for i, frame in enumerate(stack) if not is_internal(frame.filename)]
+        if user:
+            found = True
+            end = len(stack)
+            while end - 1 > user[-1] and stack[end - 1].filename.startswith(_SHOAL_DIR):
+                end -= 1
+            current.stack = traceback.StackSummary.from_list(stack[user[0] : end])
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        pending.extend(getattr(current, "exceptions", None) or ())
+    return found

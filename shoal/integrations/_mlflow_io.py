@@ -21,24 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from shoal import _json
+from shoal._errors import InvalidInputError
+
 _WRAPPED = ("dataframe_records", "dataframe_split", "inputs", "instances")
 _FLOATS = {"double", "float"}
 _INTEGERS = {"long", "integer"}
-
-
-class InvalidInputError(ValueError):
-    """The input does not fit the model: ``errors`` lists each problem (HTTP 422).
-
-    Each error is ``{"loc": [...], "msg": ..., "type": ..., "expected": ...}``, in
-    the shape FastAPI uses for its own 422 answers.
-    """
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
-        self.errors = errors
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.errors,))  # rebuilt with its errors in the caller's process
 
 
 def _error(loc: list[Any], msg: str, kind: str, expected: str | None = None) -> dict[str, Any]:
@@ -241,8 +229,14 @@ def _validate_tensors(data: Any, schema: Any) -> Any:
 
 
 def to_jsonable(value: Any) -> Any:
-    """A model's output as JSON-compatible Python: tables as records, arrays as lists,
-    numpy scalars as numbers, NaN and infinities as None (JSON has no such numbers)."""
+    """A model's output as JSON-compatible Python, through shoal's one JSON conversion
+    (docs/http.md), with MLflow's conventions: tables as records, NaN and infinities as
+    None; raises TypeError naming any value JSON cannot hold."""
+    return _json.to_jsonable(_frames_as_records(value), nan_as_null=True)
+
+
+def _frames_as_records(value: Any) -> Any:
+    """pandas tables as records and series as lists, as MLflow's scoring server sends them."""
     import json
 
     import pandas as pd
@@ -251,20 +245,8 @@ def to_jsonable(value: Any) -> Any:
         return json.loads(value.to_json(orient="records", date_format="iso"))
     if isinstance(value, pd.Series):
         return json.loads(value.to_json(orient="values", date_format="iso"))
-    if isinstance(value, np.ndarray):
-        return _finite(value.tolist())
-    if isinstance(value, np.generic):
-        return _finite(value.item())
     if isinstance(value, dict):
-        return {str(key): to_jsonable(item) for key, item in value.items()}
+        return {key: _frames_as_records(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [to_jsonable(item) for item in value]
-    return _finite(value)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
+        return [_frames_as_records(item) for item in value]
     return value

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from shoal._api.handle import DeploymentHandle
-from shoal._errors import ReplicaDiedError, ShoalError
+from shoal._errors import PublishError, ReplicaDiedError
 from shoal.online._store import WeightStore
 
 #: The replica method ``publish`` and ``notify_replicas`` call, with the generation.
@@ -14,15 +14,6 @@ RELOAD_METHOD = "reload_weights"
 
 _FIRST_RETRY_S = 0.05
 _MAX_RETRY_S = 1.0
-
-
-class PublishError(ShoalError):
-    """Not every replica confirmed the generation in time. ``generation`` is persisted anyway:
-    replicas that missed it catch up from the store (sync thread, or restart)."""
-
-    def __init__(self, message: str, generation: int) -> None:
-        super().__init__(message)
-        self.generation = generation
 
 
 async def publish(

@@ -34,17 +34,13 @@ from typing import Any
 
 import cloudpickle
 
-from shoal._errors import ShoalError
+from shoal._errors import GenerationNotFoundError
 
 _GENERATION_FILE = re.compile(r"^gen-(\d{8,})\.pkl$")
 _LATEST = "LATEST"
 _LOCK = ".lock"
 _LOAD_ATTEMPTS = 5
 _STALE_TEMP_S = 3600.0
-
-
-class GenerationNotFoundError(ShoalError, LookupError):
-    """The store holds no such generation (never written, or pruned), or is empty."""
 
 
 class WeightStore:

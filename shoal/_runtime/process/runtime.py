@@ -131,6 +131,26 @@ class _ProcessReplica:
         self.worker.process.kill()
 
 
+def _paths(env: dict[str, Any]) -> tuple[list[str], str]:
+    """The replica's sys.path and cwd: the driver's, with runtime_env's local paths first.
+
+    ``working_dir`` becomes the cwd and the first sys.path entry; a ``py_modules``
+    directory or ``.py`` file is importable by its name (its parent goes on
+    sys.path, as Ray makes the module importable); a ``.zip``/``.whl`` goes on
+    sys.path itself. Relative paths are relative to the driver's cwd.
+    """
+    cwd = os.getcwd()
+    front = []
+    if env.get("working_dir") is not None:
+        cwd = os.path.abspath(env["working_dir"])
+        front.append(cwd)
+    for module in env.get("py_modules", []):
+        path = os.path.abspath(module)
+        zipped = os.path.isfile(path) and path.endswith((".zip", ".whl"))
+        front.append(path if zipped else os.path.dirname(path.rstrip(os.sep)))
+    return [*front, *sys.path], cwd
+
+
 class ProcessRuntime:
     """Runtime with one process per replica and one for the HTTP proxy."""
 
@@ -158,7 +178,7 @@ class ProcessRuntime:
             if waiter is not None and not waiter.done():
                 waiter.set_result(conn)
 
-    async def _spawn(self, kind: str) -> _WorkerProcess:
+    async def _spawn(self, kind: str, env_vars: dict[str, str] | None = None) -> _WorkerProcess:
         worker_id = f"{kind}-{uuid.uuid4().hex[:8]}"
         loop = asyncio.get_running_loop()
         hello: asyncio.Future[Connection] = loop.create_future()
@@ -167,6 +187,8 @@ class ProcessRuntime:
             [sys.executable, "-m", "shoal._runtime.process.worker", self.directory, worker_id],
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            # runtime_env env_vars: set before the worker imports anything (shoal or user code).
+            env={**os.environ, **env_vars} if env_vars else None,
         )
         worker = self._workers[worker_id] = _WorkerProcess(worker_id, process)
         exited: asyncio.Future[Any] = asyncio.shield(worker.exited)
@@ -198,10 +220,11 @@ class ProcessRuntime:
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:
         import cloudpickle
 
-        worker = await self._spawn("replica")
+        env = spec.config.ray_actor_options.runtime_env or {}
+        worker = await self._spawn("replica", env.get("env_vars"))
         try:
             blob = cloudpickle.dumps(spec)
-            start = StartReplica(blob, list(sys.path), os.getcwd())
+            start = StartReplica(blob, *_paths(env))
             address = await worker.request(start, _SPAWN_TIMEOUT_S * 10)
         except BaseException as exc:
             worker.stopping = True

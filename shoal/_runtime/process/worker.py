@@ -11,11 +11,13 @@ coordinates shutdown on Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import pickle
 import signal
 import sys
+import types
 from typing import Any
 
 from shoal._api.context import set_default_registry
@@ -125,7 +127,7 @@ class Worker:
         sys.path[:] = msg.sys_path
         if msg.cwd:
             os.chdir(msg.cwd)
-        spec = pickle.loads(msg.spec)
+        spec = _SpecUnpickler(io.BytesIO(msg.spec)).load()
         from shoal._replica.replica import Replica
 
         replica = Replica(spec)
@@ -137,7 +139,7 @@ class Worker:
 
     async def _stop(self, msg: StopReplica) -> None:
         if self.replica is not None:
-            await self.replica.drain(msg.timeout_s)
+            await self.replica.drain(msg.wait_loop_s, msg.timeout_s)
             await self.replica.close()
         if self.proxy is not None:
             await self.proxy.stop(msg.timeout_s)
@@ -191,6 +193,45 @@ class Worker:
             self._credits.pop(key, None)
             self._inboxes.pop(key, None)
             self._tasks.pop(key, None)
+
+
+class _SpecUnpickler(pickle.Unpickler):
+    """Unpickles a replica spec, giving code sent by value its source file back.
+
+    cloudpickle sends the code of classes and functions it cannot pickle by
+    reference (those of the driver's ``__main__``, or defined inside a function)
+    with the file name ``<dynamic-code>``, so tracebacks and logs would show no
+    file, line text or source. Such a function still carries its module's
+    ``__file__``: its code is renamed back to that file.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module == "cloudpickle.cloudpickle" and name == "_make_function":
+            return _with_source_file(found)
+        return found
+
+
+_DYNAMIC_CODE = "<dynamic-code>"
+
+
+def _with_source_file(make_function: Any) -> Any:
+    def make(code: types.CodeType, globals_: dict[str, Any], *args: Any) -> Any:
+        path = globals_.get("__file__")
+        if code.co_filename == _DYNAMIC_CODE and isinstance(path, str):
+            code = _renamed(code, path)
+        return make_function(code, globals_, *args)
+
+    return make
+
+
+def _renamed(code: types.CodeType, path: str) -> types.CodeType:
+    """``code`` and the code nested in it (inner functions, comprehensions) with ``path``."""
+    consts = tuple(
+        _renamed(c, path) if isinstance(c, types.CodeType) and c.co_filename == _DYNAMIC_CODE else c
+        for c in code.co_consts
+    )
+    return code.replace(co_filename=path, co_consts=consts)
 
 
 def _is_websocket(request: Request) -> bool:

@@ -1,7 +1,9 @@
 """``from shoal import serve``: the same public names as ``import shoal``.
 
 Written so that a Ray Serve program runs after changing ``from ray import serve``
-to ``from shoal import serve``.
+to ``from shoal import serve``. Ray Serve's public submodules exist under the
+same names (``shoal.serve.handle``, ``.exceptions``, ``.config``, ``.schema``,
+``.context``) and re-export what shoal has of theirs.
 """
 
 from shoal._api.batching import batch
@@ -36,6 +38,7 @@ from shoal._errors import (
     TransportError,
     UnavailableError,
 )
+from shoal.serve import config, context, exceptions, handle, schema  # noqa: F401 - serve.handle.X
 
 __all__ = [
     "Application",

@@ -1,0 +1,5 @@
+"""``from shoal.serve.handle import DeploymentHandle``: Ray Serve's ``ray.serve.handle``."""
+
+from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+
+__all__ = ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"]
