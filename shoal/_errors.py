@@ -30,8 +30,18 @@ class ConfigTypeError(ConfigError, TypeError):
     """An option or handler of the wrong type or kind (where Ray Serve raises TypeError)."""
 
 
-class DeploymentError(ShoalError):
-    """A deployment could not be deployed (for example its constructor raised)."""
+class DeploymentError(ShoalError, RuntimeError):
+    """A deployment could not be deployed (its constructor, ``reconfigure`` or lifespan raised).
+
+    A ``RuntimeError``, as the error Ray Serve raises for a failed deploy.
+    """
+
+
+class SyncCallInEventLoopError(ShoalError, RuntimeError):
+    """A blocking call (``.result()``, ``for`` over a response generator) ran on an event loop.
+
+    Use ``await response`` / ``async for`` in async code instead.
+    """
 
 
 class RouteConflictError(ShoalError, ValueError):
@@ -225,6 +235,7 @@ __all__ = [
     "SelectionError",
     "SerializationError",
     "ShoalError",
+    "SyncCallInEventLoopError",
     "TransportError",
     "UnavailableError",
 ]

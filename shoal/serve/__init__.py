@@ -6,6 +6,10 @@ same names (``shoal.serve.handle``, ``.exceptions``, ``.config``, ``.schema``,
 ``.context``) and re-export what shoal has of theirs.
 """
 
+# Ray's serve imports starlette.requests; programs rely on `import starlette` then
+# `starlette.requests.Request` working, so load it too.
+import starlette.requests  # noqa: F401
+
 from shoal._api.batching import batch
 from shoal._api.context import ReplicaContext, RequestContext, get_request_context
 from shoal._api.deployment import Application, Deployment, deployment
