@@ -44,6 +44,13 @@ class SyncCallInEventLoopError(ShoalError, RuntimeError):
     """
 
 
+class DirectCallError(ShoalError, RuntimeError):
+    """A ``Deployment`` was called like its class or function (``Model()``); use ``.bind()``.
+
+    A ``RuntimeError``, as the error Ray Serve raises.
+    """
+
+
 class RouteConflictError(ShoalError, ValueError):
     """Two applications claim the same route prefix."""
 
@@ -117,6 +124,13 @@ class BatchSizeMismatchError(ShoalError, ValueError):
     """A ``@serve.batch`` handler did not return one result per request of its batch.
 
     Every caller in that batch receives it; the message names both lengths.
+    """
+
+
+class BatchResultTypeError(BatchSizeMismatchError, TypeError):
+    """A ``@serve.batch`` handler returned (or yielded) something other than a list.
+
+    A ``TypeError``, as the error Ray Serve raises; every caller in that batch receives it.
     """
 
 
@@ -213,11 +227,13 @@ class InvalidInputError(ShoalError, ValueError):
 
 __all__ = [
     "BackPressureError",
+    "BatchResultTypeError",
     "BatchSizeMismatchError",
     "ConfigError",
     "ConfigTypeError",
     "DeploymentError",
     "DeploymentUnavailableError",
+    "DirectCallError",
     "FeedbackError",
     "GenerationNotFoundError",
     "InvalidInputError",

@@ -16,10 +16,11 @@ def test_public_names_are_pinned() -> None:
         "DeploymentResponseGenerator", "DeploymentStatus", "HTTPOptions", "NotFoundError",
         "NotRunningError", "ReplicaContext", "ReplicaDiedError", "ReplicaError", "ReplicaState",
         "RequestCancelledError", "RequestContext", "RequestTimeoutError", "RouteConflictError",
-        "ShoalError", "TransportError", "UnavailableError", "batch", "delete", "deployment",
+        "RunTarget", "ShoalError", "TransportError", "UnavailableError", "batch", "delete",
+        "deployment",
         "get_app_handle", "get_deployment_handle", "get_replica_context", "get_request_context",
         "ingress",
-        "run", "serve", "shutdown", "start", "status",
+        "run", "run_many", "serve", "shutdown", "start", "status",
     }  # fmt: skip
     assert set(shoal.__all__) == expected
     assert set(serve.__all__) == expected - {"serve"}
@@ -109,5 +110,6 @@ def test_route_prefix_must_start_and_not_end_with_a_slash(prefix: str) -> None:
     def fn() -> int:
         return 1
 
-    with pytest.raises(serve.ConfigError, match=f"route_prefix={prefix!r}"):
+    # Ray Serve's message, naming the value.
+    with pytest.raises(serve.ConfigError, match=f"Invalid route_prefix {prefix!r}"):
         serve.run(fn.bind(), route_prefix=prefix, _local_testing_mode=True)

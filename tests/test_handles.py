@@ -245,8 +245,7 @@ def test_deleted_app_gives_clear_error(deploy: Deploy) -> None:
     serve.delete("doomed")
     with pytest.raises(serve.UnavailableError, match="deleted"):
         handle.remote(1).result(timeout_s=30)
-    with pytest.raises(serve.NotFoundError):
-        serve.delete("doomed")
+    serve.delete("doomed")  # as on Ray Serve, deleting a missing application does nothing
 
 
 @serve.deployment
@@ -255,11 +254,18 @@ class BrokenConstructor:
         raise RuntimeError("cannot load weights")
 
 
-def test_failing_constructor_fails_the_deploy_and_leaves_nothing(deploy: Deploy) -> None:
-    with pytest.raises(serve.DeploymentError, match="cannot load weights") as info:
+def test_failing_constructor_fails_the_deploy_and_leaves_nothing(
+    deploy: Deploy, request: pytest.FixtureRequest
+) -> None:
+    with pytest.raises(RuntimeError, match="cannot load weights") as info:
         deploy(Composer.bind(Models(BrokenConstructor.bind(), {}), [], PlainHolder(None)),
                name="broken")  # fmt: skip
-    assert "Traceback" in str(info.value)
+    if request.node.callspec.params["deploy"] == "inprocess":
+        # Local testing mode raises the constructor's own exception, as Ray's does.
+        assert type(info.value) is RuntimeError
+    else:
+        assert isinstance(info.value, serve.DeploymentError)
+        assert "Traceback" in str(info.value)
     assert "broken" not in serve.status().applications
 
 

@@ -124,6 +124,8 @@ def test_route_conflict_leaves_first_app_untouched(apps: str) -> None:
 
 def test_status_lists_proxy(apps: str, http_port: int) -> None:
     status = serve.status()
+    # Ray Serve's shape: node -> the proxy's status string; shoal's value also has its address.
+    assert status.proxies == {"local": "HEALTHY"}
     assert status.proxies["local"].port == http_port
     assert status.applications["echo"].route_prefix == "/echo"
 

@@ -48,15 +48,15 @@ def check_max_batch_size(value: Any) -> int:
 
 
 def check_wait(value: Any) -> float:
-    """A finite number of seconds >= 0."""
+    """A number of seconds >= 0; ``inf`` (as in Ray Serve) waits until the batch is full."""
     message = (
         f"@serve.batch: batch_wait_timeout_s must be a float >= 0, "
         f"got batch_wait_timeout_s={value!r}"
     )
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigTypeError(message)
-    if not math.isfinite(value):
-        raise ConfigError(f"{message}: it must be finite")
+    if math.isnan(value):
+        raise ConfigError(f"{message}: it must be a number")
     if value < 0:
         raise ConfigError(message)
     return float(value)

@@ -11,6 +11,10 @@ Guarantees:
   while it runs has its result discarded; the other callers are unaffected;
 - one batcher per instance (per free function), created on the running loop
   at the first call; the setters take effect from the next batch.
+
+How arguments become lists and results are checked: :mod:`shoal._api.batch_handler`;
+what callers get (a streaming call joins its batch when called):
+:mod:`shoal._api.batch_callers`.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import inspect
+import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
+from shoal._api.batch_callers import END, ERROR, ITEM, make_caller
+from shoal._api.batch_handler import Handler, as_list, take_names
 from shoal._api.batch_metrics import BatchStats, LatencyPlan, Planner, Stats, Summary, summarize
 from shoal._api.batch_options import (
     Options,
@@ -34,105 +41,21 @@ from shoal._api.batch_options import (
     check_wait,
 )
 from shoal._api.context import request_context
-from shoal._errors import (
-    BatchSizeMismatchError,
-    ConfigError,
-    ConfigTypeError,
-    RequestCancelledError,
-    ShoalError,
-)
+from shoal._errors import ConfigTypeError, RequestCancelledError, ShoalError
 
-_ITEM, _END, _ERROR = "item", "end", "error"
-_NAMES = ("__module__", "__name__", "__qualname__", "__doc__")
-
-
-def _take_names(target: Any, fn: Callable[..., Any]) -> None:
-    # Names and docs only; a __wrapped__ would make inspect report the handler's signature.
-    for name in _NAMES:
-        setattr(target, name, getattr(fn, name, None))
-
-
-# --- the handler and its callers ---------------------------------------------------------
-
-
-def _defined_in_class(fn: Callable[..., Any]) -> bool:
-    # A function written in a class body has "Class.name" (or "f.<locals>.Class.name") as
-    # its qualified name; a free function has "name" or "f.<locals>.name".
-    parts = fn.__qualname__.split(".")
-    return len(parts) >= 2 and parts[-2] != "<locals>"
-
-
-class _Handler:
-    """The user's batch function and how to call it with one list per parameter."""
-
-    def __init__(self, fn: Callable[..., Any], options: Options) -> None:
-        self.name = getattr(fn, "__qualname__", repr(fn))
-        if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
-            raise ConfigTypeError(
-                f"@serve.batch needs an `async def` function or method; {self.name} is not "
-                "async. Make it `async def` (run blocking work with `await asyncio.to_thread(...)`)"
-            )
-        self.fn = fn
-        self.options = options
-        self.streaming = inspect.isasyncgenfunction(fn)
-        self.is_method = _defined_in_class(fn)
-        params = list(inspect.signature(fn).parameters.values())
-        params = params[1:] if self.is_method else params
-        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        if not params or any(p.kind in variadic for p in params):
-            raise ConfigError(
-                f"@serve.batch handler {self.name} must name its parameters (no *args or "
-                "**kwargs), at least one: each receives a list with one value per request"
-            )
-        self.signature = inspect.Signature(params)
-        self.names = [p.name for p in params]
-        self.n_positional = sum(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in params)
-
-    def values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        """One caller's arguments, one value per handler parameter (defaults filled in)."""
-        if not kwargs and len(args) == len(self.names):
-            return args
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{self.name}() {exc}") from None
-        bound.apply_defaults()
-        return tuple(bound.arguments[name] for name in self.names)
-
-    def call(self, owner: Any, batch: list[_Item]) -> Any:
-        columns = [[item.values[i] for item in batch] for i in range(len(self.names))]
-        args = columns[: self.n_positional]
-        kwargs = dict(
-            zip(self.names[self.n_positional :], columns[self.n_positional :], strict=True)
-        )
-        if owner is None:  # a free function: no ``self`` to pass
-            return self.fn(*args, **kwargs)
-        return self.fn(owner, *args, **kwargs)
-
-
-def _as_list(output: Any, n: int, name: str) -> list[Any]:
-    if isinstance(output, str | bytes | dict) or not hasattr(output, "__iter__"):
-        raise BatchSizeMismatchError(
-            f"batch handler {name} returned a {type(output).__name__}, not a list: return "
-            f"a list with one result per request ({n} in this batch), in request order"
-        )
-    results = output if isinstance(output, list) else list(output)
-    if len(results) != n:
-        raise BatchSizeMismatchError(
-            f"batch handler {name} returned {len(results)} results for a batch of {n} "
-            "requests: return exactly one result per request, in request order"
-        )
-    return results
+# --- the callers waiting for their batch ----------------------------------------------------
 
 
 class _Item:
     """One caller's request waiting in (or running in) a batch."""
 
-    __slots__ = ("arrived", "closed", "context", "future", "key", "queue", "queued", "values")
+    __slots__ = ("arguments", "arrived", "closed", "context", "first", "future", "key", "queue",
+                 "queued", "stream")  # fmt: skip
 
-    def __init__(self, values: tuple[Any, ...], key: str, loop: asyncio.AbstractEventLoop,
-                 streaming: bool) -> None:  # fmt: skip
-        self.values = values
+    def __init__(self, arguments: dict[str, Any], first: Any, key: str,
+                 loop: asyncio.AbstractEventLoop, streaming: bool) -> None:  # fmt: skip
+        self.arguments = arguments
+        self.first = first  # what batch_size_fn measures
         self.key = key
         self.arrived = time.monotonic()
         self.context = contextvars.copy_context()  # the batch runs in its first caller's context
@@ -140,14 +63,23 @@ class _Item:
         self.queue: asyncio.Queue[tuple[str, Any]] | None = asyncio.Queue() if streaming else None
         self.queued = True
         self.closed = False  # streaming: the caller left or its stream ended
+        # streaming: the caller's stream; it dies unread if the caller drops it unstarted
+        # (an async generator that never started runs no ``finally``)
+        self.stream: weakref.ref[Any] | None = None
 
     @property
     def dropped(self) -> bool:
-        return self.future.cancelled() if self.future is not None else self.closed
+        if self.future is not None:
+            return self.future.cancelled()
+        if self.closed:
+            return True
+        # A stream closed or dropped before it started (it runs no ``finally``).
+        stream = self.stream() if self.stream is not None else None
+        return self.stream is not None and getattr(stream, "ag_frame", None) is None
 
     def put(self, kind: str, value: Any) -> None:
-        if self.queue is not None and not self.closed:
-            self.closed = kind is not _ITEM
+        if self.queue is not None and not self.dropped:
+            self.closed = kind is not ITEM
             self.queue.put_nowait((kind, value))
 
 
@@ -178,7 +110,7 @@ class _Group:
         for item in islice(items, self.fitted, None):
             if self.full:
                 return
-            self.values.append(item.values[0])
+            self.values.append(item.first)
             size = size_fn(self.values)
             if size > limit and self.fitted:  # an item larger than the limit still runs, alone
                 self.values.pop()
@@ -204,9 +136,12 @@ class _Batcher:
         self._scheduler: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit(self, values: tuple[Any, ...], streaming: bool) -> _Item:
-        item = _Item(values, request_context.get().multiplexed_model_id, self.loop, streaming)
-        planner = self.state.planner
+    def submit(self, arguments: dict[str, Any], streaming: bool) -> _Item:
+        key = request_context.get().multiplexed_model_id
+        state = self.state
+        first = state.handler.first(arguments) if state.options.batch_size_fn else None
+        item = _Item(arguments, first, key, self.loop, streaming)
+        planner = state.planner
         if planner is not None:
             planner.on_arrival(item.arrived, busy=bool(self.queued or self.running))
         group = self.groups.get(item.key)
@@ -244,6 +179,8 @@ class _Batcher:
                         continue
                 self.wakeup.clear()
                 delay = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if delay == math.inf:  # batch_wait_timeout_s=inf: only a full batch runs
+                    delay = None
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self.wakeup.wait()
@@ -288,7 +225,7 @@ class _Batcher:
             item.queued = False
             if item.future is not None and not item.future.done():
                 item.future.set_exception(exc)
-            item.put(_ERROR, exc)
+            item.put(ERROR, exc)
 
     def _start(self, group: _Group, now: float) -> None:
         taken = [group.items.popleft() for _ in range(group.fitted)]
@@ -331,9 +268,8 @@ class _Batcher:
         handler = self.state.handler
         futures = [item.future for item in batch if item.future is not None]
         try:
-            results = _as_list(
-                await handler.call(self.state.owner, batch), len(batch), handler.name
-            )
+            calls = [item.arguments for item in batch]
+            results = as_list(await handler.call(self.state.owner, calls), len(batch), handler.name)
         except asyncio.CancelledError:
             for future in futures:
                 future.cancel()
@@ -352,31 +288,32 @@ class _Batcher:
         handler, planner = self.state.handler, self.state.planner
         first = True
         try:
-            async with contextlib.aclosing(handler.call(self.state.owner, batch)) as steps:
+            calls = [item.arguments for item in batch]
+            async with contextlib.aclosing(handler.call(self.state.owner, calls)) as steps:
                 async for step in steps:
                     if first and planner is not None:  # cost = time to the first step
                         planner.observe(measure, time.monotonic() - started)
                     first = False
                     for item, out in zip(
-                        batch, _as_list(step, len(batch), handler.name), strict=True
+                        batch, as_list(step, len(batch), handler.name), strict=True
                     ):
                         stop = out is StopIteration or out is StopAsyncIteration
                         if stop or isinstance(out, StopIteration | StopAsyncIteration):
-                            item.put(_END, None)
+                            item.put(END, None)
                         else:
-                            item.put(_ITEM, out)
-                    if all(item.closed for item in batch):  # every caller done or gone
+                            item.put(ITEM, out)
+                    if all(item.dropped for item in batch):  # every caller done or gone
                         break
         except asyncio.CancelledError:
             for item in batch:
-                item.put(_ERROR, RequestCancelledError("the batch was cancelled"))
+                item.put(ERROR, RequestCancelledError("the batch was cancelled"))
             raise
         except Exception as exc:
             for item in batch:
-                item.put(_ERROR, exc)
+                item.put(ERROR, exc)
             return False
         for item in batch:
-            item.put(_END, None)
+            item.put(END, None)
         return True
 
 
@@ -386,7 +323,7 @@ class _Batcher:
 class _State:
     """One batcher's options, stats and planner: per instance, or per free function."""
 
-    def __init__(self, handler: _Handler, owner: Any) -> None:
+    def __init__(self, handler: Handler, owner: Any) -> None:
         self.handler = handler
         self.owner = owner
         self.options = dataclasses.replace(handler.options)
@@ -415,6 +352,12 @@ class _State:
         """Change how long a batch waits to fill, from the next batch on."""
         self.options.batch_wait_timeout_s = check_wait(batch_wait_timeout_s)
         self._poke()
+
+    def get_max_batch_size(self) -> int:
+        return self.options.max_batch_size
+
+    def get_batch_wait_timeout_s(self) -> float:
+        return self.options.batch_wait_timeout_s
 
     def _poke(self) -> None:
         # Setters may run in a thread (a sync reconfigure): wake the scheduler on its loop.
@@ -455,52 +398,12 @@ class _State:
         )
 
 
-def _make_caller(state: _State) -> Callable[..., Any]:
-    """The function callers call: one item in, one result (or one stream) out."""
-    handler = state.handler
-
-    async def call(*args: Any, **kwargs: Any) -> Any:
-        batcher = state.batcher()
-        item = batcher.submit(handler.values(args, kwargs), streaming=False)
-        assert item.future is not None
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            batcher.discard(item)  # still queued: leave the batch; running: result dropped
-            raise
-
-    async def call_stream(*args: Any, **kwargs: Any) -> Any:
-        batcher = state.batcher()
-        item = batcher.submit(handler.values(args, kwargs), streaming=True)
-        assert item.queue is not None
-        try:
-            while True:
-                kind, value = await item.queue.get()
-                if kind is _ITEM:
-                    yield value
-                elif kind is _END:
-                    return
-                else:
-                    raise value
-        finally:
-            item.closed = True  # later outputs for this caller are dropped
-            batcher.discard(item)
-
-    caller: Any = call_stream if handler.streaming else call
-    _take_names(caller, handler.fn)
-    caller.set_max_batch_size = state.set_max_batch_size
-    caller.set_batch_wait_timeout_s = state.set_batch_wait_timeout_s
-    caller.batch_stats = state.batch_stats
-    caller._shoal_batch_state = state
-    return caller
-
-
 class _BatchMethod:
     """A batched method: each instance gets its own batcher on first access."""
 
-    def __init__(self, handler: _Handler) -> None:
+    def __init__(self, handler: Handler) -> None:
         self._handler = handler
-        _take_names(self, handler.fn)
+        take_names(self, handler.fn)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
@@ -514,7 +417,7 @@ class _BatchMethod:
             ) from None
         caller = callers.get(self)
         if caller is None:
-            caller = callers[self] = _make_caller(_State(self._handler, instance))
+            caller = callers[self] = make_caller(_State(self._handler, instance))
         return caller
 
     def __call__(self, instance: Any, *args: Any, **kwargs: Any) -> Any:
@@ -554,9 +457,10 @@ def batch(
     Every form of Ray Serve works: ``@serve.batch``, ``@serve.batch()``,
     ``@serve.batch(max_batch_size=4)``, ``serve.batch(fn)`` and
     ``serve.batch(fn, max_batch_size=4)``. The handler takes one list per
-    parameter and returns one result per request (or, as an async generator,
-    yields one such list per step; put ``StopIteration`` in a caller's slot to
-    end that caller's stream). Callers pass single items. A batch runs when it
+    argument (``*args`` and ``**kwargs`` too) and returns one result per
+    request (or, as an async generator, yields one such list per step; put
+    ``StopIteration`` in a caller's slot to end that caller's stream). Callers
+    pass single items. A batch runs when it
     holds ``max_batch_size`` items (by ``batch_size_fn`` when given: full when
     the next item would exceed it) or when its oldest request has waited
     ``batch_wait_timeout_s``; at most ``max_concurrent_batches`` run at once.
@@ -576,10 +480,10 @@ def batch(
             raise ConfigTypeError(
                 f"@serve.batch can only be used to decorate functions or methods, got {fn!r}"
             )
-        handler = _Handler(fn, options)
+        handler = Handler(fn, options)
         if handler.is_method:
             return _BatchMethod(handler)
-        return _make_caller(_State(handler, None))
+        return make_caller(_State(handler, None))
 
     if _func is None:
         return decorate

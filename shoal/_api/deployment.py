@@ -6,14 +6,16 @@ import inspect
 from collections.abc import Callable
 from typing import Any, overload
 
+from shoal._api.serializability import check_picklable
 from shoal._config import DeploymentConfig, validate
-from shoal._errors import ConfigError, ShoalError
+from shoal._errors import ConfigError, ConfigTypeError, DirectCallError
 
 
 class Deployment:
     """A class or function marked as a deployment, with its options. Immutable."""
 
     def __init__(self, target: Callable[..., Any], config: DeploymentConfig) -> None:
+        validate_route_prefix(config.route_prefix)
         self._target = target
         self._config = config
 
@@ -40,6 +42,36 @@ class Deployment:
     @property
     def user_config(self) -> Any:
         return self._config.user_config
+
+    @property
+    def version(self) -> str | None:
+        return self._config.version
+
+    @property
+    def max_queued_requests(self) -> int:
+        return self._config.max_queued_requests
+
+    @property
+    def route_prefix(self) -> str | None:
+        """The deployment-level route prefix (Ray Serve raises here: it dropped the option)."""
+        return self._config.route_prefix
+
+    @property
+    def ray_actor_options(self) -> dict[str, Any]:
+        return self._config.ray_actor_options.model_dump(exclude_unset=True)
+
+    @property
+    def logging_config(self) -> dict[str, Any] | None:
+        return self._config.logging_config
+
+    @property
+    def init_args(self) -> tuple[Any, ...]:
+        """Always empty: ``.bind()`` returns an Application holding the arguments."""
+        return ()
+
+    @property
+    def init_kwargs(self) -> dict[str, Any]:
+        return {}
 
     def options(
         self, func_or_class: Callable[..., Any] | None = None, **options: Any
@@ -70,12 +102,16 @@ class Deployment:
                 f"function deployment '{self.name}' takes no constructor arguments; "
                 "call .bind() without arguments"
             )
+        # As Ray Serve: what replicas receive pickled is refused here, with a TypeError.
+        check_picklable(self._target, f"the deployment {self._target!r}", {})
+        check_picklable(args, "the deployment init args", _named(args))
+        check_picklable(kwargs, "the deployment init kwargs", _named(kwargs))
         return Application(self, args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise ShoalError(
-            f"deployment '{self.name}' cannot be called directly: build an application with "
-            f"{self.name}.bind(...) and pass it to serve.run()"
+        raise DirectCallError(
+            "Deployments cannot be constructed directly. Use `.bind()` instead: "
+            f"build an application with {self.name}.bind(...) and pass it to serve.run()"
         )
 
     def __repr__(self) -> str:
@@ -92,6 +128,31 @@ class Application:
 
     def __repr__(self) -> str:
         return f"Application(ingress={self.deployment.name!r})"
+
+
+def validate_route_prefix(route_prefix: Any) -> None:
+    """Ray Serve's rules (and messages) for a route prefix; None means no HTTP route."""
+    if route_prefix is None:
+        return
+    if not isinstance(route_prefix, str):
+        raise ConfigTypeError(f"route_prefix must be a string or None, got {route_prefix!r}")
+    if not route_prefix.startswith("/"):
+        raise ConfigError(
+            f"Invalid route_prefix '{route_prefix}', must start with a forward slash ('/')."
+        )
+    if route_prefix != "/" and route_prefix.endswith("/"):
+        raise ConfigError(
+            f"Invalid route_prefix '{route_prefix}', may not end with a trailing '/'."
+        )
+    if "{" in route_prefix or "}" in route_prefix:
+        # The proxy matches prefixes literally; a path parameter would never match.
+        raise ConfigError(f"Invalid route_prefix '{route_prefix}', may not contain wildcards.")
+
+
+def _named(arguments: tuple[Any, ...] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(arguments, dict):
+        return {f"argument '{key}'": value for key, value in arguments.items()}
+    return {f"argument {position}": value for position, value in enumerate(arguments)}
 
 
 def _what(target: Any) -> str:

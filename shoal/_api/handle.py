@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from shoal._api.context import default_registry, request_context
-from shoal._errors import ReplicaDiedError, RequestTimeoutError, ShoalError, TransportError
+from shoal._errors import (
+    DeploymentUnavailableError,
+    ReplicaDiedError,
+    RequestTimeoutError,
+    ShoalError,
+    SyncCallInEventLoopError,
+    TransportError,
+)
 from shoal._router.router import Router, RouterRegistry
 from shoal._transport.failures import exception_from
 from shoal._transport.messages import Failure, Message, Request, Result, StreamEnd, StreamItem
@@ -97,11 +104,29 @@ class DeploymentHandle:
     def __hash__(self) -> int:
         return hash(self._key())
 
+    def shutdown(self) -> None:
+        """Ray Serve's ``DeploymentHandle.shutdown()``: detach this handle from its router.
+
+        Routers belong to the process (every handle to a deployment shares one) and
+        shoal stops them itself, so nothing else needs stopping: as on Ray Serve, where
+        it only stops the router's metrics, later calls through the handle still work.
+        """
+        self._router = None
+
+    async def shutdown_async(self) -> None:
+        """``shutdown()`` for async code (Ray Serve's name)."""
+        self.shutdown()
+
     def _get_router(self) -> Router:
         router = self._router
         if router is None:
             registry = self._registry or default_registry()
             router = self._router = registry.get(self._app, self._deployment)
+        if router.loop.is_closed():  # its shoal instance was shut down
+            raise DeploymentUnavailableError(
+                f"deployment '{self._deployment}' of application '{self._app}' is unavailable: "
+                "shoal was shut down (serve.shutdown()); after serve.run(), get a new handle"
+            )
         return router
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
@@ -235,9 +260,9 @@ class DeploymentResponse:
     def result(self, timeout_s: float | None = None) -> Any:
         """Block until the result is ready (at most ``timeout_s``); not for async code."""
         if _in_event_loop():
-            raise ShoalError(
-                "DeploymentResponse.result() would block the running event loop; "
-                "use `await response` in async code"
+            raise SyncCallInEventLoopError(
+                "Sync methods should not be called from within an `asyncio` event loop. "
+                "Use `await response` instead."
             )
         try:
             msg = self._concurrent().result(timeout_s)
@@ -246,6 +271,15 @@ class DeploymentResponse:
         except TransportError as exc:
             raise ReplicaDiedError(f"the replica died while handling the request ({exc})") from None
         return _unwrap(msg)
+
+    def __reduce__(self) -> Any:
+        # Ray Serve's error and text: only top-level arguments are resolved before a call.
+        raise ShoalError(
+            "`DeploymentResponse` is not serializable. If you are passing the "
+            "`DeploymentResponse` in a nested object (e.g. a list or dictionary) to a "
+            "downstream deployment handle call, that is no longer supported. Please "
+            "only pass `DeploymentResponse` objects as top level arguments."
+        )
 
     def _concurrent(self) -> concurrent.futures.Future[Message]:
         inner = self._inner
@@ -276,13 +310,29 @@ class DeploymentResponseGenerator:
 
     def __init__(self, router: Router, request: Request, on_loop: bool) -> None:
         self._router = router
-        self._request = request
         self._stream: Any = None
         self._done = False
+        # The request is sent at call time, as in Ray (a batched generator joins its batch
+        # when called, not when first read); the stream is picked up on the first read.
+        opening = _open_stream(router, request)
+        if on_loop:
+            self._opening: Any = router.loop.create_task(opening)
+        else:
+            self._opening = asyncio.run_coroutine_threadsafe(opening, router.loop)
+        self._opening.add_done_callback(self._opened)
+
+    def _opened(self, future: Any) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return  # read (and raised) by the first _next_message
+        if self._done:  # cancelled or dropped before it opened: release the replica's slot
+            self._router.loop.call_soon_threadsafe(future.result().close)
 
     async def _next_message(self) -> Message:
         if self._stream is None:
-            self._stream = await self._router.open_stream(self._request)
+            opening = self._opening
+            if isinstance(opening, concurrent.futures.Future):
+                opening = asyncio.wrap_future(opening)
+            self._stream = await opening
         return await self._stream.next()
 
     def _item(self, msg: Message) -> Any:
@@ -292,6 +342,12 @@ class DeploymentResponseGenerator:
         if type(msg) is StreamEnd:
             return _END
         return _unwrap(msg)
+
+    def __await__(self) -> Any:
+        raise TypeError(
+            "`DeploymentResponseGenerator` cannot be awaited directly. Use `async for` "
+            "or `await response.__anext__() instead`."
+        )  # Ray Serve's text
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
@@ -321,7 +377,10 @@ class DeploymentResponseGenerator:
         if self._done:
             raise StopIteration
         if _in_event_loop():
-            raise ShoalError("iterate a DeploymentResponseGenerator with `async for` in async code")
+            raise SyncCallInEventLoopError(
+                "Sync methods should not be called from within an `asyncio` event loop. "
+                "Use `async for` or `await response.__anext__()` instead."
+            )
         future = asyncio.run_coroutine_threadsafe(self._next_message(), self._router.loop)
         try:
             msg = future.result()
@@ -335,9 +394,20 @@ class DeploymentResponseGenerator:
     def cancel(self) -> None:
         """Stop the stream; the replica's generator is cancelled."""
         self._done = True
-        stream = self._stream
-        if stream is not None:
-            self._router.loop.call_soon_threadsafe(stream.close)
+        opening = self._opening
+        if not opening.done():
+            self._router.loop.call_soon_threadsafe(opening.cancel)
+        elif not opening.cancelled() and opening.exception() is None:
+            self._router.loop.call_soon_threadsafe(opening.result().close)
+
+    def __del__(self) -> None:
+        # A stream nobody reads any more must not hold its replica slot for ever.
+        if not self._done and not self._router.loop.is_closed():
+            self.cancel()
+
+
+async def _open_stream(router: Router, request: Request) -> Any:
+    return await router.open_stream(request)
 
 
 _END = object()

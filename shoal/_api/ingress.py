@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
 import inspect
+import sys
+import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -64,12 +68,77 @@ def ingress(app: Any = None, **options: Any) -> Callable[..., type]:
             raise ConfigError(
                 f"@serve.ingress decorates a class (put it under @serve.deployment), got {cls!r}"
             )
-        if not _is_builder(app):
-            _bind_class_routes(app, cls)
-        setattr(cls, ASGI_APP_ATTRIBUTE, app)
+        served = app if _is_builder(app) else _class_view(app, cls)
+        setattr(cls, ASGI_APP_ATTRIBUTE, _IngressApp(served, cls, _caller_module()))
         return cls
 
     return decorate
+
+
+class _IngressApp:
+    """What ``@serve.ingress`` keeps on the class: the app (or builder) it serves.
+
+    Replicas get the class pickled, usually by value (its global name is the
+    ``Deployment``), and the app with it, by value, as Ray Serve does. An app that
+    cannot be pickled (it holds a lock, a client, or FastAPI's included routers)
+    goes by reference instead when the class is a global of an importable module:
+    the replica imports that module, which builds the app again there.
+    """
+
+    __slots__ = ("app", "modules", "owner")
+
+    def __init__(self, app: Any, owner: type | None, modules: tuple[str, ...] = ()) -> None:
+        self.app, self.owner, self.modules = app, owner, modules
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        by_value = (_IngressApp, (self.app, None))
+        if self.owner is None or getattr(_probing, "active", False):
+            return by_value
+        location = _global_location(self.owner, self.modules)
+        if location is None:
+            return by_value
+        import cloudpickle
+
+        _probing.active = True  # the app's routes pickle the class, and so this again
+        try:
+            cloudpickle.dumps(self.app)
+        except Exception:  # cannot travel by value: the replica builds it
+            return (_served_at, location)
+        finally:
+            _probing.active = False
+        return by_value
+
+
+_probing = threading.local()
+
+
+def _global_location(cls: type, modules: tuple[str, ...]) -> tuple[str, str] | None:
+    """``(module, name)`` of a global that is ``cls`` or a deployment of it, in an
+    importable module; None if there is none."""
+    for module_name in dict.fromkeys((cls.__module__, *modules)):
+        module = sys.modules.get(module_name)
+        if module is None or module_name == "__main__" or not getattr(module, "__file__", None):
+            continue
+        for name, value in list(vars(module).items()):
+            if value is cls or getattr(value, "func_or_class", None) is cls:
+                return module_name, name
+    return None
+
+
+def _served_at(module_name: str, name: str) -> _IngressApp:
+    """In a replica: the ingress app of the class at ``module.name``, built by importing it."""
+    value = getattr(importlib.import_module(module_name), name)
+    served = getattr(getattr(value, "func_or_class", value), ASGI_APP_ATTRIBUTE, None)
+    if not isinstance(served, _IngressApp):
+        raise ConfigError(f"{module_name}.{name} is no longer a @serve.ingress class")
+    return served
+
+
+def _caller_module() -> tuple[str, ...]:
+    """The module that called ``ingress(app)(...)``: where ``serve.ingress(app)()``'s class
+    (made here, in shoal) is bound to a global."""
+    frame = sys._getframe(2)
+    return (str(frame.f_globals.get("__name__", "")),)
 
 
 def _as_app(app: Any) -> Any:
@@ -124,9 +193,11 @@ def asgi_app_of(instance: Any) -> Any:
 
     A builder runs once per instance; an ``APIRouter`` is served in a FastAPI app.
     """
-    app = getattr(type(instance), ASGI_APP_ATTRIBUTE, None)
-    if app is None:
+    served = getattr(type(instance), ASGI_APP_ATTRIBUTE, None)
+    if served is None:
         return None
+    _adopt(instance, served.owner)
+    app = served.app
     built = getattr(instance, _BUILT_APP_ATTRIBUTE, None)
     if built is None:
         built = _as_app(app() if _is_builder(app) else app)
@@ -141,6 +212,23 @@ def asgi_app_of(instance: Any) -> Any:
     return built
 
 
+def _adopt(instance: Any, owner: type | None) -> None:
+    """Make ``instance`` an instance of ``owner`` when its class is a copy of it.
+
+    When the app came by reference (see ``_IngressApp``), its routes are the
+    functions of the class this replica imported, while the instance is of the
+    copy of that class the replica received by value: the same code, but
+    ``super()`` in a route would refuse the instance. Same qualified name and
+    module means the same class statement.
+    """
+    cls = type(instance)
+    if owner is None or cls is owner:
+        return
+    if (cls.__qualname__, cls.__module__) == (owner.__qualname__, owner.__module__):
+        with contextlib.suppress(TypeError):  # different layouts: keep the copy
+            instance.__class__ = owner
+
+
 async def _current_instance() -> Any:
     # async on purpose: FastAPI runs sync dependencies in a thread pool, per request.
     from shoal._api.context import get_replica_context
@@ -148,34 +236,142 @@ async def _current_instance() -> Any:
     return get_replica_context().servable_object
 
 
-def _bind_class_routes(app: Any, cls: type) -> None:
-    """Rebuild the app's routes whose endpoints are methods of ``cls`` as class-based views."""
-    router = getattr(app, "router", app)  # a FastAPI/Starlette app, or an APIRouter itself
-    routes = getattr(router, "routes", None)
-    if not isinstance(routes, list):
-        return  # not a FastAPI/Starlette app: nothing to bind
+def _class_view(app: Any, cls: type) -> Any:
+    """The app ``cls`` serves: a copy of ``app`` as it is now, with the routes defined
+    in ``cls`` (or its bases) as class-based views, as Ray Serve's ``serve.ingress`` does.
+
+    A copy, so one app can serve several deployments and routes added afterwards
+    are not served (Ray Serve freezes the app at decoration). In the copy:
+    - routes defined in ``cls``'s body or a base's take ``self`` from the replica
+      (never a query parameter), and move after the other routes, as in Ray Serve;
+    - where ``cls`` and a base both define a method and path, the subclass's wins;
+    - routes bound to another deployment class are dropped.
+    """
+    view = _copy_app(app)
+    routes = getattr(view, "routes", None)
+    if view is app or not isinstance(routes, list):
+        return app  # not a FastAPI app or router: nothing to bind
     from fastapi.routing import APIRoute, APIWebSocketRoute
 
-    for index, route in enumerate(routes):
+    others, mine = [], []
+    for route in routes:
         if not isinstance(route, APIRoute | APIWebSocketRoute):
+            others.append(route)
+        elif (depth := _defined_in(route.endpoint, cls)) is not None:
+            mine.append((depth, route))
+        elif getattr(route.endpoint, _BOUND_CLASS_ATTRIBUTE, None) is None:
+            others.append(route)  # a plain function route
+    routes[:] = others + [_bound(route, cls) for route in _most_derived(mine)]
+    return view
+
+
+_BOUND_CLASS_ATTRIBUTE = "_shoal_ingress_class"
+
+
+def _defined_in(endpoint: Any, cls: type) -> int | None:
+    """How far up ``cls``'s MRO the class whose body defines ``endpoint`` is, or None.
+
+    By qualified name, so a method redefined under the same name still counts.
+    """
+    owner, _, _ = getattr(endpoint, "__qualname__", "").rpartition(".")
+    module = getattr(endpoint, "__module__", None)
+    for depth, klass in enumerate(cls.__mro__[:-1]):  # not object
+        if owner == klass.__qualname__ and module == klass.__module__:
+            return depth
+    return None
+
+
+def _most_derived(routes: list[tuple[int, Any]]) -> list[Any]:
+    """The routes in order, less those a subclass redefines (same path and methods)."""
+    best: dict[tuple[Any, ...], int] = {}
+    for depth, route in routes:
+        key = (type(route), route.path, frozenset(getattr(route, "methods", None) or ()))
+        best[key] = min(depth, best.get(key, depth))
+    kept = []
+    for depth, route in routes:
+        key = (type(route), route.path, frozenset(getattr(route, "methods", None) or ()))
+        if depth == best[key]:
+            kept.append(route)
+    return kept
+
+
+def _bound(route: Any, cls: type) -> Any:
+    endpoint = route.endpoint
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(endpoint, _BOUND_CLASS_ATTRIBUTE, cls)
+    if not inspect.signature(endpoint).parameters:
+        return route  # no ``self``: called with no arguments
+    return _rebuild(route, _with_self_dependency(endpoint))
+
+
+def _copy_app(app: Any) -> Any:
+    """A FastAPI app or router whose route list (and middleware, handlers) is its own."""
+    import copy
+
+    from fastapi import APIRouter, FastAPI
+
+    view: Any
+    if isinstance(app, APIRouter):
+        view = copy.copy(app)
+        view.routes = list(app.routes)
+        _own_router_stack(view, app)
+        return view
+    if not isinstance(app, FastAPI):
+        return app
+    view = copy.copy(app)
+    view.router = _copy_app(app.router)
+    view.user_middleware = list(app.user_middleware)
+    view.exception_handlers = dict(app.exception_handlers)
+    view.middleware_stack = None  # built again, around the copied router
+    view.openapi_schema = None
+    _repoint_closures(view, app)
+    return view
+
+
+def _own_router_stack(view: Any, router: Any) -> None:
+    """Starlette routers dispatch through ``middleware_stack``, the original's bound ``app``."""
+    stack = getattr(router, "middleware_stack", None)
+    if getattr(stack, "__self__", None) is router:
+        view.middleware_stack = view.app
+
+
+def _repoint_closures(view: Any, app: Any) -> None:
+    """Routes whose function closes over ``app`` (FastAPI's /docs, /openapi.json) use ``view``,
+    so the schema describes the routes ``view`` serves."""
+    from starlette.routing import Route
+
+    routes = view.router.routes
+    for index, route in enumerate(routes):
+        endpoint = getattr(route, "endpoint", None)
+        cells = getattr(endpoint, "__closure__", None) or ()
+        if type(route) is not Route or not any(_holds(cell, app) for cell in cells):
             continue
-        endpoint = route.endpoint
-        if vars(cls).get(getattr(endpoint, "__name__", "")) is not endpoint:
-            continue  # a plain function route, not a method of this class
-        routes[index] = _rebuild(route, _with_self_dependency(endpoint, cls))
-    if hasattr(app, "openapi_schema"):
-        app.openapi_schema = None  # regenerate without the 'self' parameter
+        assert isinstance(endpoint, types.FunctionType)
+        closure = tuple(types.CellType(view) if _holds(cell, app) else cell for cell in cells)
+        function = types.FunctionType(
+            endpoint.__code__, endpoint.__globals__, endpoint.__name__,
+            endpoint.__defaults__, closure,
+        )  # fmt: skip
+        function.__qualname__ = endpoint.__qualname__
+        routes[index] = _rebuild(route, function)
 
 
-def _with_self_dependency(endpoint: Callable[..., Any], cls: type) -> Callable[..., Any]:
+def _holds(cell: Any, value: Any) -> bool:
+    try:
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False
+
+
+def _with_self_dependency(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """``def method(self, i)`` becomes ``def method(self=Depends(replica instance), *, i)``.
+
+    Idempotent: a base class's method may be bound for several subclasses.
+    """
     from fastapi import Depends
 
     signature = inspect.signature(endpoint)
     parameters = list(signature.parameters.values())
-    if not parameters:
-        raise ConfigError(
-            f"route method {cls.__name__}.{endpoint.__name__} must take `self` as first argument"
-        )
     self_parameter = parameters[0].replace(default=Depends(_current_instance))
     others = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in parameters[1:]]
     endpoint.__signature__ = signature.replace(  # type: ignore[attr-defined]

@@ -13,6 +13,8 @@ import difflib
 import logging
 import os
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from shoal._api.context import (
@@ -34,8 +36,15 @@ from shoal._config import (
 from shoal._controller.controller import Controller
 from shoal._controller.resources import Capacity, Ledger
 from shoal._controller.status import ServeStatus
-from shoal._errors import ConfigError, DeploymentError, NotFoundError, NotRunningError
+from shoal._errors import (
+    ConfigError,
+    ConfigTypeError,
+    DeploymentError,
+    NotFoundError,
+    NotRunningError,
+)
 from shoal._router.router import RouterRegistry
+from shoal._runtime.base import user_frames
 from shoal._runtime.loop import LoopThread
 
 logger = logging.getLogger("shoal")
@@ -205,29 +214,91 @@ def run(
     is then DEPLOY_FAILED and nothing of it is left running).
     """
     _refuse_extra("serve.run", kwargs, _RUN_KEYWORDS)
-    _refuse_set("serve.run", logging_config=logging_config)
-    if not isinstance(target, Application):
-        raise ConfigError(
-            f"serve.run() takes an application from Deployment.bind(), got {target!r}"
-        )
-    if not name:
-        raise ConfigError("application name must be a non-empty string")
-    _check_route_prefix(route_prefix)
-    instance = _instance(_local_testing_mode)
-    if target.deployment.config.route_prefix is not None and route_prefix == "/":
-        route_prefix = target.deployment.config.route_prefix
-    spec = build_app(target, name, route_prefix, instance.registry)
-    for deployment in spec.deployments.values():
-        _check_supported(deployment.name, deployment.config, _local_testing_mode)
-    try:
-        instance.run(instance.controller.deploy(spec))
-    except DeploymentError as exc:
-        # The frames of shoal's loop thread say nothing to the user; the cause has theirs.
-        raise exc.with_traceback(None) from exc.__cause__
-    handle = DeploymentHandle(spec.ingress, name, registry=instance.registry)
+    one = RunTarget(target, name, route_prefix, logging_config)
+    _check_target(one)
+    handle = _deploy(one, _local_testing_mode)
     if blocking:
         _block_until_interrupted()
     return handle
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """One application for :func:`run_many` (Ray Serve's ``serve.RunTarget``)."""
+
+    target: Application
+    name: str = "default"
+    route_prefix: str | None = "/"
+    logging_config: dict[str, Any] | None = None
+
+
+def run_many(
+    targets: Sequence[RunTarget],
+    blocking: bool = False,
+    wait_for_ingress_deployment_creation: bool = True,
+    wait_for_applications_running: bool = True,
+    _local_testing_mode: bool = False,
+) -> list[DeploymentHandle]:
+    """Deploy several applications; return their ingress handles, in order (Ray Serve's API).
+
+    Every target is checked before any deploys. Deploys always wait until the
+    applications run, whatever the ``wait_for_*`` flags say.
+    """
+    if not targets:
+        raise ConfigError("No applications provided.")
+    for target in targets:
+        _check_target(target)
+    handles = [_deploy(target, _local_testing_mode) for target in targets]
+    if blocking:
+        _block_until_interrupted()
+    return handles
+
+
+def _check_target(target: RunTarget) -> None:
+    _refuse_set("serve.run", logging_config=target.logging_config)
+    if not isinstance(target.target, Application):
+        raise ConfigTypeError(
+            "`serve.run` expects an `Application` returned by `Deployment.bind()`, "
+            f"got {target.target!r}"
+        )
+    if not target.name:
+        raise ConfigError("application name must be a non-empty string")
+    _check_route_prefix(target.route_prefix)
+
+
+def _deploy(target: RunTarget, local: bool) -> DeploymentHandle:
+    """Deploy one application (or update it in place); its ingress handle."""
+    instance, name, route_prefix = _instance(local), target.name, target.route_prefix
+    if target.target.deployment.config.route_prefix is not None and route_prefix == "/":
+        route_prefix = target.target.deployment.config.route_prefix
+    spec = build_app(target.target, name, route_prefix, instance.registry)
+    for deployment in spec.deployments.values():
+        _check_supported(deployment.name, deployment.config, local)
+    app = instance.controller.apps.get(name)
+    previous = app.spec.ingress if app is not None else None
+    # Every replica set published from now on says which deployment is the ingress.
+    instance.registry.declare_ingress(name, spec.ingress)
+    try:
+        instance.run(instance.controller.deploy(spec))
+    except DeploymentError as exc:
+        instance.registry.declare_ingress(name, previous)
+        # The frames of shoal's loop thread say nothing to the user; the cause has theirs.
+        raise exc.with_traceback(None) from exc.__cause__
+    except Exception as exc:  # local testing mode: the constructor's own exception, as Ray
+        instance.registry.declare_ingress(name, previous)
+        raise exc.with_traceback(user_frames(exc.__traceback__)) from exc.__cause__
+    except BaseException:
+        instance.registry.declare_ingress(name, previous)
+        raise
+    if previous is not None and previous != spec.ingress:
+        _forget_handles(name)
+        # An unchanged deployment that became the ingress publishes nothing by itself.
+        instance.run(_announce(instance.controller, name, spec.ingress), 30.0)
+    return _cached_handle(instance.registry, name, spec.ingress)
+
+
+async def _announce(controller: Controller, app: str, deployment: str) -> None:
+    await controller.publish(controller.registry.current(app, deployment))
 
 
 def _check_supported(deployment: str, config: DeploymentConfig, local: bool) -> None:
@@ -272,13 +343,10 @@ def _check_supported(deployment: str, config: DeploymentConfig, local: bool) -> 
 
 
 def _check_route_prefix(route_prefix: str | None) -> None:
-    if route_prefix is None or route_prefix == "/":
-        return
-    if not route_prefix.startswith("/") or route_prefix.endswith("/"):
-        raise ConfigError(
-            f"invalid route_prefix={route_prefix!r}: it must start with '/' and not end "
-            "with '/' (except the root '/'), e.g. '/models/iris'"
-        )
+    """Ray Serve validates ``serve.run(route_prefix=...)`` before deploying anything."""
+    from shoal._api.deployment import validate_route_prefix
+
+    validate_route_prefix(route_prefix)
 
 
 def _block_until_interrupted() -> None:
@@ -289,12 +357,17 @@ def _block_until_interrupted() -> None:
 
 
 def delete(name: str, _blocking: bool = True) -> None:
-    """Delete application ``name``: its route goes first, then its replicas drain and stop."""
+    """Delete application ``name``: its route goes first, then its replicas drain and stop.
+
+    As in Ray Serve, deleting an application that does not exist does nothing.
+    """
+    _forget_handles(name)
     for instance in _running():
         if name in instance.controller.apps:
             instance.run(instance.controller.delete(name))
+            instance.registry.declare_ingress(name, None)
             return
-    raise NotFoundError(f"application '{name}' does not exist")
+    logger.info("serve.delete(%r): there is no application of that name", name)
 
 
 def status() -> ServeStatus:
@@ -316,6 +389,7 @@ def shutdown() -> None:
     with _lock:
         instances = list(_instances.values())
         _instances.clear()
+        _handles.clear()
         set_default_registry(None)
     for instance in instances:
         try:
@@ -332,13 +406,41 @@ def _running() -> list[_Instance]:
         return list(_instances.values())
 
 
+# Handles given out by run/get_app_handle/get_deployment_handle, one per deployment, as Ray
+# Serve caches them: repeated calls return the same object.
+_handles: dict[tuple[RouterRegistry, str, str], DeploymentHandle] = {}
+
+
+def _cached_handle(registry: RouterRegistry, app: str, deployment: str) -> DeploymentHandle:
+    with _lock:
+        key = (registry, app, deployment)
+        handle = _handles.get(key)
+        if handle is None:
+            handle = _handles[key] = DeploymentHandle(deployment, app, registry=registry)
+        return handle
+
+
+def _forget_handles(app: str) -> None:
+    with _lock:
+        for key in [key for key in _handles if key[1] == app]:
+            del _handles[key]
+
+
 def get_app_handle(name: str) -> DeploymentHandle:
-    """The ingress handle of a running application."""
+    """The ingress handle of a running application, from the driver or inside a replica.
+
+    Raises NotFoundError (a RayServeException) if there is no such application.
+    """
     for instance in _running():
         if name in instance.controller.apps:
-            ingress = instance.controller.ingress_of(name)
-            return DeploymentHandle(ingress, name, registry=instance.registry)
-    raise NotFoundError(f"application '{name}' does not exist")
+            return _cached_handle(instance.registry, name, instance.controller.ingress_of(name))
+    # In a replica (or the proxy) there is no controller: the replica sets it receives
+    # say which deployment is each application's ingress.
+    registry = _registry_or_none()
+    ingress = registry.ingress_of(name) if registry is not None else None
+    if registry is None or ingress is None:
+        raise NotFoundError(f"Application '{name}' does not exist.")
+    return _cached_handle(registry, name, ingress)
 
 
 def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> DeploymentHandle:
@@ -353,7 +455,7 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
     if registry is None:
         raise NotRunningError("shoal is not running: call serve.run() first")
     registry.get(app_name, deployment_name)  # raises NotFoundError with what exists
-    return DeploymentHandle(deployment_name, app_name, registry=registry)
+    return _cached_handle(registry, app_name, deployment_name)
 
 
 def _only_app() -> str:

@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 
 from shoal._api.graph import AppSpec
 from shoal._config import HTTPOptions
-from shoal._controller.deployment_state import DeploymentState
+from shoal._controller.deployment_state import (
+    DeploymentState,
+    failure_message,
+    is_user_startup_error,
+)
 from shoal._controller.resources import Demand, Ledger
 from shoal._controller.status import (
     ApplicationStatus,
@@ -99,10 +103,12 @@ class Controller:
             app.status, app.message = ApplicationStatus.DEPLOYING, ""
             try:
                 await self._deploy_deployments(app, previous if not is_new else None)
-            except (DeploymentError, asyncio.CancelledError) as exc:
+            except (Exception, asyncio.CancelledError) as exc:
                 # Cancelled: serve.run gave up waiting (its timeout); leave no half-deployed app.
                 app.status = ApplicationStatus.DEPLOY_FAILED
-                app.message = str(exc) or "the deploy was cancelled (serve.run timed out)"
+                app.message = (
+                    failure_message(exc) or "the deploy was cancelled (serve.run timed out)"
+                )
                 if is_new:
                     await self._teardown(app)
                 else:
@@ -161,11 +167,12 @@ class Controller:
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            raise (
-                errors[0]
-                if isinstance(errors[0], DeploymentError)
-                else DeploymentError(f"deploying application '{spec.name}' failed: {errors[0]!r}")
-            )
+            error = errors[0]
+            if isinstance(error, DeploymentError) or is_user_startup_error(error):
+                raise error  # a constructor's own exception only in local testing mode
+            raise DeploymentError(
+                f"deploying application '{spec.name}' failed: {error!r}"
+            ) from error
         for state in removed:
             await state.delete()
             app.deployments.pop(state.name, None)
@@ -240,6 +247,10 @@ class Controller:
                 await self._proxy_starting
             except Exception:  # it never served: nothing to drain, and nothing to re-raise
                 self._proxy_starting = None
+        if self.proxy is not None:
+            proxy = self.proxy
+            self.proxy = ProxyStatus(proxy.host, proxy.port, ProxyStatus.DRAINING)
+            await self.runtime.drain_proxy()  # health checks fail; new requests get 503
         async with contextlib.AsyncExitStack() as locks:
             for name in list(self.apps):
                 await locks.enter_async_context(self._lock(name))

@@ -31,14 +31,26 @@ from shoal._controller.status import (
     ReplicaState,
     ReplicaStatus,
 )
-from shoal._errors import DeploymentError, ShoalError
-from shoal._runtime.base import ReplicaHandle, ReplicaSpec, Runtime
+from shoal._errors import DeploymentError, ShoalError, TransportError
+from shoal._runtime.base import (
+    RECONFIGURE,
+    ReplicaHandle,
+    ReplicaSpec,
+    Runtime,
+    mark_startup_step,
+    startup_failed,
+    startup_step,
+)
+from shoal._transport.failures import failure_from
 from shoal._transport.messages import ReplicaSetUpdate
 
 logger = logging.getLogger("shoal.controller")
 
 _RECONFIGURE_TIMEOUT_S = 60.0
 _MAX_BACKOFF_S = 30.0
+#: Consecutive failed health checks after which a replica is replaced (Ray Serve's
+#: REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD).
+_UNHEALTHY_THRESHOLD = 3
 
 
 @dataclass
@@ -48,6 +60,7 @@ class ReplicaRecord:
     config_version: int = 0
     state: ReplicaState = ReplicaState.RUNNING
     grant: Grant | None = None
+    health_failures: int = 0  # consecutive failed health checks
 
 
 class DeploymentState:
@@ -100,8 +113,8 @@ class DeploymentState:
                     self.config_version += 1
                     await self._reconfigure(spec.config.user_config)
                 await self._scale(target)
-        except DeploymentError as exc:
-            self.status, self.message = DeploymentStatus.DEPLOY_FAILED, str(exc)
+        except Exception as exc:  # a DeploymentError, or a constructor's own (local testing)
+            self.status, self.message = DeploymentStatus.DEPLOY_FAILED, failure_message(exc)
             raise
         self.status, self.message = DeploymentStatus.HEALTHY, ""
         self._failures = 0
@@ -144,9 +157,9 @@ class DeploymentState:
                 record.config_version = self.config_version
         errors = [e for e in results if isinstance(e, BaseException)]
         if errors:
-            raise DeploymentError(
-                f"reconfigure() of deployment '{self.name}' failed: {errors[0]}"
-            ) from errors[0]
+            error = errors[0]
+            mark_startup_step(error, RECONFIGURE)
+            raise startup_failed(self.name, error, _traceback_text(error)) from error
 
     async def _start(self, count: int) -> list[ReplicaRecord]:
         """Start ``count`` replicas concurrently; all or none (started ones are stopped)."""
@@ -160,7 +173,7 @@ class DeploymentState:
         if errors:
             await self._stop(started)
             error = errors[0]
-            if isinstance(error, DeploymentError):
+            if isinstance(error, DeploymentError) or is_user_startup_error(error):
                 raise error
             raise DeploymentError(f"deployment '{self.name}' failed to start: {error!r}") from error
         return started
@@ -278,14 +291,18 @@ class DeploymentState:
                 self._failures = 0
                 self.status, self.message = DeploymentStatus.HEALTHY, ""
                 return
-            except (DeploymentError, ShoalError) as exc:
+            except Exception as exc:  # keep trying, with backoff, whatever the failure
                 self._failures += 1
                 self.status = DeploymentStatus.UNHEALTHY
                 self.message = f"replacing a dead replica failed: {exc}"
                 await asyncio.sleep(min(_MAX_BACKOFF_S, 0.5 * 2**self._failures))
 
     async def _supervise(self) -> None:
-        """Periodic health checks; a replica that fails one is killed and replaced."""
+        """Periodic health checks (``health_check_period_s``, each within
+        ``health_check_timeout_s``). As in Ray Serve, a replica is replaced after
+        ``_UNHEALTHY_THRESHOLD`` consecutive failed or timed-out checks; one that
+        succeeds in between resets the count. A replica that died is replaced at once.
+        """
         while not self._deleting and self.spec is not None:
             config = self.spec.config
             await asyncio.sleep(config.health_check_period_s)
@@ -295,13 +312,37 @@ class DeploymentState:
                 return_exceptions=True,
             )
             for record, result in zip(records, results, strict=True):
-                if isinstance(result, Exception) and record in self.replicas:
-                    logger.warning(
-                        "replica %s failed its health check (%s); replacing it",
-                        record.handle.info.replica_id,
-                        result,
-                    )
-                    self._spawn(self._retire(record), "retire")
+                if record in self.replicas and record.state is ReplicaState.RUNNING:
+                    self._health_checked(record, result)
+
+    def _health_checked(self, record: ReplicaRecord, result: Any) -> None:
+        replica_id = record.handle.info.replica_id
+        if not isinstance(result, Exception):
+            if record.health_failures:
+                logger.info(
+                    "replica %s passed the health check after %d consecutive failures",
+                    replica_id,
+                    record.health_failures,
+                )
+            record.health_failures = 0
+            return
+        record.health_failures += 1
+        dead = isinstance(result, TransportError)  # its process is gone: no point in waiting
+        if not dead and record.health_failures < _UNHEALTHY_THRESHOLD:
+            logger.warning(
+                "replica %s failed its health check (%d in a row): %s",
+                replica_id,
+                record.health_failures,
+                result,
+            )
+            return
+        logger.warning(
+            "replica %s failed the health check %d times in a row (%s); replacing it",
+            replica_id,
+            record.health_failures,
+            result,
+        )
+        self._spawn(self._retire(record), "retire")
 
     async def _retire(self, record: ReplicaRecord) -> None:
         """Take an unhealthy replica out of routing, start its replacement, then stop it."""
@@ -349,3 +390,24 @@ def _with_gpus(config: DeploymentConfig, grant: Grant) -> DeploymentConfig:
     return config.model_copy(
         update={"ray_actor_options": actor.model_copy(update={"runtime_env": env})}
     )
+
+
+def is_user_startup_error(exc: BaseException) -> bool:
+    """True for a user's own exception raised by a startup step and passed on as itself
+    (the constructor's, in local testing mode, as in Ray Serve)."""
+    return startup_step(exc) is not None and not isinstance(exc, ShoalError)
+
+
+def failure_message(exc: BaseException) -> str:
+    """The deployment status message for a failed deploy."""
+    if is_user_startup_error(exc):
+        return f"{startup_step(exc)} raised {type(exc).__name__}: {exc}"
+    return str(exc)
+
+
+def _traceback_text(exc: BaseException) -> str:
+    """The user's traceback for ``exc``: its own frames if raised in this process,
+    else the remote traceback the transport put in its notes."""
+    if exc.__traceback__ is not None:
+        return failure_from(exc).traceback
+    return "".join(n for n in getattr(exc, "__notes__", []) if isinstance(n, str))

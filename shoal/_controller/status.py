@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, ClassVar
 
 
 class ApplicationStatus(StrEnum):
@@ -61,11 +62,42 @@ class ApplicationStatusOverview:
     deployments: dict[str, DeploymentStatusOverview] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ProxyStatus:
+class ProxyStatus(str):
+    """A proxy's status, one of Ray Serve's strings (``serve.status().proxies[node]``).
+
+    It compares equal to the string ("HEALTHY"...), as Ray's ``ProxyStatus`` enum
+    members do, and also carries where the proxy listens: ``.host`` and ``.port``.
+    """
+
+    STARTING: ClassVar[str] = "STARTING"
+    HEALTHY: ClassVar[str] = "HEALTHY"
+    UNHEALTHY: ClassVar[str] = "UNHEALTHY"
+    DRAINING: ClassVar[str] = "DRAINING"
+    DRAINED: ClassVar[str] = "DRAINED"
+
     host: str
     port: int
-    status: str = "HEALTHY"
+
+    def __new__(cls, host: str, port: int, status: str = "HEALTHY") -> ProxyStatus:
+        if status not in _PROXY_STATUSES:
+            raise ValueError(f"unknown proxy status {status!r}; one of {_PROXY_STATUSES}")
+        value = super().__new__(cls, status)
+        value.host, value.port = host, port
+        return value
+
+    @property
+    def status(self) -> str:
+        """The status as a plain string."""
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"ProxyStatus({self.status!r}, host={self.host!r}, port={self.port})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ProxyStatus, (self.host, self.port, self.status))
+
+
+_PROXY_STATUSES = ("STARTING", "HEALTHY", "UNHEALTHY", "DRAINING", "DRAINED")
 
 
 @dataclass(frozen=True)

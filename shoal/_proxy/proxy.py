@@ -31,6 +31,7 @@ logger = logging.getLogger("shoal.proxy")
 
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 _JSON = (b"content-type", b"application/json")
+_RETRY_AFTER = (b"retry-after", b"1")
 Scope = dict[str, Any]
 
 
@@ -43,11 +44,15 @@ class Proxy:
         self._routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
         self._server: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
+        # Ray Serve's readiness states for /-/healthz and /-/routes (see _unready_reason).
+        self._routes_populated = False
+        self._draining = False
 
     def set_routes(self, routes: dict[str, tuple[str, str]]) -> None:
         table = [(prefix, app, ingress) for prefix, (app, ingress) in routes.items()]
         table.sort(key=lambda route: len(route[0]), reverse=True)
         self._routes = table
+        self._routes_populated = self._routes_populated or bool(table)
         for _prefix, app, ingress in table:
             self.registry.get(app, ingress).activate()  # connect before the first request
 
@@ -70,6 +75,10 @@ class Proxy:
             return
         route = self.match(path)
         if route is None:
+            if self._draining:  # its route may be gone because shoal is stopping, not unknown
+                await _reply(send, 503, "Service unavailable: shoal is shutting down.",
+                             extra_headers=[_RETRY_AFTER])  # fmt: skip
+                return
             await _reply(send, 404, f"Path '{path}' not found. Routes are listed at /-/routes.")
             return
         prefix, app, ingress = route
@@ -184,13 +193,33 @@ class Proxy:
             stream.close()
 
     async def _builtin(self, path: str, send: Any) -> None:
-        if path == "/-/routes":
+        if path not in ("/-/routes", "/-/healthz"):
+            await _reply(send, 404, f"Path '{path}' not found.")
+            return
+        unready = self._unready_reason()
+        if unready is not None:
+            await _reply(send, 503, unready)
+        elif path == "/-/routes":
             table = {prefix: app for prefix, app, _ in sorted(self._routes)}
             await _reply(send, 200, json_dumps(table).decode(), _JSON)
-        elif path == "/-/healthz":
-            await _reply(send, 200, "success")
         else:
-            await _reply(send, 404, f"Path '{path}' not found.")
+            await _reply(send, 200, "success")
+
+    def _unready_reason(self) -> str | None:
+        """Why /-/healthz and /-/routes answer 503 (Ray Serve's states and texts), or None.
+
+        Draining (shoal is shutting down), or no route was ever installed (Ray's proxy
+        is not ready for traffic until its route table has been populated once).
+        """
+        if self._draining:
+            return "This node is being drained."
+        if not self._routes_populated:
+            return "Route table is not populated yet."
+        return None
+
+    def drain(self) -> None:
+        """Enter the draining state: health checks fail (503) while requests still run."""
+        self._draining = True
 
     # --- serving -------------------------------------------------------------------
 
@@ -214,6 +243,7 @@ class Proxy:
         return host, port
 
     async def stop(self, timeout_s: float) -> None:
+        self.drain()  # a health check racing the shutdown sees 503, not "success"
         if self._server is None:
             return
         self._server.should_exit = True
@@ -329,9 +359,13 @@ def _header(scope: Scope, name: bytes) -> str:
 
 
 async def _reply(
-    send: Any, status: int, text: str, content_type: tuple[bytes, bytes] = _TEXT
+    send: Any,
+    status: int,
+    text: str,
+    content_type: tuple[bytes, bytes] = _TEXT,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     body = text.encode()
-    headers = [content_type, (b"content-length", str(len(body)).encode())]
+    headers = [content_type, (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

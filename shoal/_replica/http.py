@@ -8,6 +8,7 @@ or an error naming the field that cannot be sent (the replica answers 500).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
@@ -40,6 +41,27 @@ def build_request(data: HttpRequestData) -> Request:
         return {"type": "http.request", "body": data.body, "more_body": False}
 
     return Request(data.scope(), receive)
+
+
+def request_arguments(method: Any, request: Request) -> tuple[Any, ...]:
+    """What an HTTP call passes ``method``: nothing if it takes no parameters (as Ray
+    Serve, which inspects the signature), else the Starlette ``Request``."""
+    function = getattr(method, "__func__", None)
+    if function is not None:  # a bound method: its signature minus ``self``
+        return (request,) if _parameter_count(function) > 1 else ()
+    try:
+        takes_none = _parameter_count(method) == 0
+    except TypeError:  # unhashable callable object: not cached
+        takes_none = _parameter_count.__wrapped__(method) == 0
+    return () if takes_none else (request,)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parameter_count(function: Any) -> int:
+    try:
+        return len(inspect.signature(function).parameters)
+    except (TypeError, ValueError):  # no signature (some builtins): pass the request
+        return 1
 
 
 async def to_response(result: Any) -> HttpResponseData:

@@ -23,10 +23,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shoal._api.context import ReplicaContext, RequestContext, replica_context, request_context
+from shoal._api.handle import DeploymentResponseGenerator
 from shoal._api.ingress import asgi_app_of
-from shoal._errors import NotFoundError, ShoalError
+from shoal._errors import NotFoundError, RequestTimeoutError, ShoalError
 from shoal._replica.asgi import Lifespan, asgi_parts, request_scope, websocket_messages
-from shoal._runtime.base import ReplicaSpec
+from shoal._runtime.base import (
+    CONSTRUCTOR,
+    INITIAL_HEALTH_CHECK,
+    LIFESPAN_STARTUP,
+    RECONFIGURE,
+    ReplicaSpec,
+    mark_startup_step,
+)
 from shoal._transport.failures import failure_from
 from shoal._transport.http import WEBSOCKET, HttpRequestData, HttpResponseData
 from shoal._transport.messages import Message, Request, Result, StreamEnd, StreamItem
@@ -74,19 +82,52 @@ class Replica:
         return ReplicaContext(spec.app, spec.deployment, spec.replica_id, servable)
 
     async def initialize(self) -> None:
-        """Run the user's constructor (on the loop, like Ray Serve) and apply ``user_config``."""
+        """Start the replica as Ray Serve does, in order: the user's constructor (on the
+        loop; an ``async def __init__`` is awaited), an ASGI ingress's lifespan startup,
+        ``reconfigure(user_config)``, then a first health check.
+
+        Raises what the failed step raised, marked with the step (``startup_step``).
+        """
         spec = self.spec
-        if inspect.isclass(spec.target):
-            self.instance = self.context.run(spec.target, *spec.init_args, **spec.init_kwargs)
-        else:
-            self.instance = _FunctionDeployment(spec.target)
-        self.context.run(replica_context.set, self._replica_context(self.instance))
-        app = asgi_app_of(self.instance)
-        if app is not None:
-            self._lifespan = Lifespan(app)
-            await self.loop.create_task(self._lifespan.startup(), context=self.context.copy())
-        if spec.config.user_config is not None:
-            await self.reconfigure(spec.config.user_config)
+        step = CONSTRUCTOR
+        try:
+            if inspect.isclass(spec.target):
+                self.instance = await self._construct(spec.target)
+            else:
+                self.instance = _FunctionDeployment(spec.target)
+            self.context.run(replica_context.set, self._replica_context(self.instance))
+            app = asgi_app_of(self.instance)
+            if app is not None:
+                step = LIFESPAN_STARTUP
+                self._lifespan = Lifespan(app)
+                await self.loop.create_task(self._lifespan.startup(), context=self.context.copy())
+            if spec.config.user_config is not None:
+                step = RECONFIGURE
+                await self.reconfigure(spec.config.user_config)
+            step = INITIAL_HEALTH_CHECK  # a replica is not ready until it passes one (Ray)
+            await self._first_health_check(spec.config.health_check_timeout_s)
+        except Exception as exc:
+            mark_startup_step(exc, step)
+            raise
+
+    async def _construct(self, cls: Any) -> Any:
+        spec = self.spec
+        if not inspect.iscoroutinefunction(cls.__init__):
+            return self.context.run(cls, *spec.init_args, **spec.init_kwargs)
+        # cls(...) refuses the coroutine an async __init__ returns: as Ray Serve does,
+        # create the object, then await its __init__ (in the replica's context).
+        instance = cls.__new__(cls)
+        init = instance.__init__(*spec.init_args, **spec.init_kwargs)
+        await self.loop.create_task(init, context=self.context)
+        return instance
+
+    async def _first_health_check(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self.check_health(), timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"check_health() did not return within {timeout_s:g} s (health_check_timeout_s)"
+            ) from None
 
     # --- requests ------------------------------------------------------------------
 
@@ -94,18 +135,23 @@ class Replica:
         cached = self._methods.get(name)
         if cached is not None:
             return cached
-        method = getattr(self.instance, name, None) if _is_public(name) else None
+        if isinstance(self.instance, _FunctionDeployment):
+            method: Any = self.instance.__call__  # as in Ray, any method name calls the function
+        else:
+            method = getattr(self.instance, name, None) if _is_public(name) else None
         if method is None or not callable(method):
+            # Ray Serve's type and text: programs match on "Available methods: [...]".
             raise NotFoundError(
-                f"deployment '{self.spec.deployment}' has no method '{name}'; "
-                f"available methods: {', '.join(self.method_names()) or 'none'}"
+                f"Tried to call a method '{name}' that does not exist. "
+                f"Available methods: {self.method_names()}."
             )
         resolved = self._methods[name] = (method, _kind(method))
         return resolved
 
     def method_names(self) -> list[str]:
-        names = [n for n in dir(self.instance) if _is_public(n) and n != "reconfigure"]
-        return sorted(n for n in names if callable(getattr(self.instance, n, None)))
+        """The methods a handle can call, listed as Ray Serve lists them (``__call__`` left out)."""
+        names = [n for n in dir(self.instance) if not n.startswith("_")]
+        return [n for n in names if callable(getattr(self.instance, n, None))]
 
     def _enter(self, request: Request) -> None:
         self.ongoing += 1
@@ -150,19 +196,25 @@ class Replica:
         if args and type(args[0]) is HttpRequestData:
             return await self._invoke_http(*self._http_target(request), args[0])
         method, kind = self._resolve(request.method)
+        if kind is _ASYNC_GEN or kind is _SYNC_GEN:
+            raise TypeError(_NEEDS_STREAM.format(_name_of(method)))  # before it runs, as Ray
+        result = await self._call(method, kind, args, kwargs)
+        if _is_generator(result):
+            await _close(result)
+            raise TypeError(_NEEDS_STREAM.format(_name_of(method)))
+        return result
+
+    async def _call(
+        self, method: Callable[..., Any], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Call a non-generator method; a coroutine it returns is awaited (as Ray Serve does)."""
         if kind is _ASYNC:
-            return await method(*args, **kwargs)
-        if kind is _SYNC:
+            result = await method(*args, **kwargs)
+        else:
             result = await self._in_thread(method, *args, **kwargs)
-            if inspect.isgenerator(result) or inspect.isasyncgen(result):
-                raise TypeError(
-                    f"method '{request.method}' returned a generator: call it with "
-                    "handle.options(stream=True)"
-                )
-            return result
-        raise TypeError(
-            f"method '{request.method}' is a {kind}: call it with handle.options(stream=True)"
-        )
+        if inspect.iscoroutine(result):
+            result = await result
+        return result
 
     async def _invoke_http(
         self, method: Callable[..., Any], kind: str, data: HttpRequestData
@@ -181,12 +233,26 @@ class Replica:
     async def _iterate(
         self, method: Callable[..., Any], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
-        """The items of a generator method; a sync generator advances in the thread pool."""
+        """The items of a generator method, or of the generator a method returns (as in Ray
+        Serve, what it returns decides: an async iterator such as another deployment's
+        response generator works too); a sync generator advances in the thread pool."""
         if kind is _ASYNC_GEN:
             async for item in method(*args, **kwargs):
                 yield item
             return
-        generator = await self._in_thread(method, *args, **kwargs)
+        if kind is _SYNC_GEN:
+            generator = await self._in_thread(method, *args, **kwargs)
+        else:
+            generator = await self._call(method, kind, args, kwargs)
+            if isinstance(generator, AsyncIterator):
+                async for item in generator:
+                    yield item
+                return
+            if not inspect.isgenerator(generator):
+                raise TypeError(
+                    f"Called method '{_name_of(method)}' with `handle.options(stream=True)` "
+                    "but it did not return a generator."
+                )
         try:
             while (item := await self._in_thread(next, generator, _DONE)) is not _DONE:
                 yield item
@@ -213,10 +279,6 @@ class Replica:
                     yield message
                 return
             method, kind = self._resolve(request.method)
-            if kind is not _ASYNC_GEN and kind is not _SYNC_GEN:
-                raise TypeError(
-                    f"method '{request.method}' is not a generator: call it without stream=True"
-                )
             async for item in self._iterate(method, kind, args, kwargs):
                 yield StreamItem(item)
             yield StreamEnd()
@@ -266,12 +328,12 @@ class Replica:
                 parts = asgi_parts(method, request_scope(data, state), data.body)
             elif kind is _ASYNC_GEN or kind is _SYNC_GEN:
                 request = http.build_request(data)
-                parts = http.chunks_from_items(self._iterate(method, kind, (request,), {}))
+                args = http.request_arguments(method, request)
+                parts = http.chunks_from_items(self._iterate(method, kind, args, {}))
             else:
                 request = http.build_request(data)
-                result = await (
-                    method(request) if kind is _ASYNC else self._in_thread(method, request)
-                )
+                args = http.request_arguments(method, request)
+                result = await (method(*args) if kind is _ASYNC else self._in_thread(method, *args))
                 if not http.is_streaming(result):
                     yield Result(await http.to_response(result))
                     return
@@ -360,6 +422,34 @@ class Replica:
             except Exception:
                 logger.exception("__del__ of replica %s raised", self.spec.replica_id)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_NEEDS_STREAM = (
+    "Method '{}' returned a generator. You must use `handle.options(stream=True)` to call "
+    "generators on a deployment."
+)  # Ray Serve's text
+
+
+def _name_of(method: Callable[..., Any]) -> str:
+    return getattr(method, "__name__", type(method).__name__)
+
+
+def _is_generator(value: Any) -> bool:
+    return (
+        inspect.isgenerator(value)
+        or inspect.isasyncgen(value)
+        or isinstance(value, DeploymentResponseGenerator)
+    )
+
+
+async def _close(generator: Any) -> None:
+    """Release a generator that will not be iterated (runs its ``finally`` blocks)."""
+    if inspect.isgenerator(generator):
+        generator.close()
+    elif inspect.isasyncgen(generator):
+        await generator.aclose()
+    else:
+        generator.cancel()
 
 
 def _is_public(name: str) -> bool:

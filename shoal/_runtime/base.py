@@ -10,8 +10,10 @@ these four protocols.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Protocol
 
 from shoal._config import DeploymentConfig, HTTPOptions
@@ -97,9 +99,11 @@ class Runtime(Protocol):
     async def start(self, on_replica_died: Callable[[ReplicaHandle], None]) -> None: ...
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:
-        """Construct a replica and return once it can take requests.
+        """Start a replica (``Replica.initialize``) and return once it can take requests.
 
-        Raises DeploymentError (with the user's traceback) if its constructor fails.
+        Raises :func:`startup_failed`'s DeploymentError (naming the step that failed,
+        with the user's traceback) if a startup step fails; in local testing mode, a
+        constructor's own exception (see :func:`constructor_failed`).
         """
         ...
 
@@ -115,20 +119,49 @@ class Runtime(Protocol):
         """Install the route table in the proxy; returns once it serves it."""
         ...
 
+    async def drain_proxy(self) -> None:
+        """Tell the proxy (if any) that shoal is shutting down; returns once it drains."""
+        ...
+
     async def shutdown(self, timeout_s: float) -> None: ...
 
 
-def constructor_failed(deployment: str, exc: BaseException, traceback_text: str) -> Exception:
-    """The DeploymentError both runtimes raise (``from exc``) when a user constructor fails.
+#: The steps of a replica's startup, in order, as error messages name them.
+CONSTRUCTOR = "the constructor"
+LIFESPAN_STARTUP = "the lifespan startup"
+RECONFIGURE = "reconfigure()"
+INITIAL_HEALTH_CHECK = "the initial health check"
+_STEP_ATTRIBUTE = "_shoal_startup_step"
 
-    Its message names the deployment and the error, then gives the constructor's
+
+def mark_startup_step(exc: BaseException, step: str) -> None:
+    """Record on ``exc`` which startup step raised it (kept when it is pickled)."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _STEP_ATTRIBUTE, step)
+
+
+def startup_step(exc: BaseException) -> str | None:
+    """The startup step that raised ``exc``, or None if it was not raised by one."""
+    step = getattr(exc, _STEP_ATTRIBUTE, None)
+    return step if isinstance(step, str) else None
+
+
+def startup_failed(deployment: str, exc: BaseException, traceback_text: str) -> Exception:
+    """The DeploymentError raised (``from exc``) when a replica's startup step fails.
+
+    Its message names the step (constructor, lifespan startup, ``reconfigure()`` or
+    initial health check), the deployment and the error, then gives the user's
     traceback. ``exc`` loses its own traceback and any note repeating that text, so
     the traceback is printed once when the error goes unhandled.
     """
-    from shoal._errors import DeploymentError
+    from shoal._errors import DeploymentError, ShoalError
 
     text = traceback_text.strip()
-    message = f"the constructor of deployment '{deployment}' raised {type(exc).__name__}: {exc}"
+    what = f"{startup_step(exc) or CONSTRUCTOR} of deployment '{deployment}'"
+    if isinstance(exc, ShoalError):  # shoal's own message says what went wrong
+        message = f"{what} failed: {exc}"
+    else:
+        message = f"{what} raised {type(exc).__name__}: {exc}"
     exc.__traceback__ = None
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list) and text:
@@ -136,3 +169,25 @@ def constructor_failed(deployment: str, exc: BaseException, traceback_text: str)
         if not notes:
             del exc.__notes__
     return DeploymentError(f"{message}\n\n{text}" if text else message)
+
+
+def constructor_failed(deployment: str, exc: BaseException, traceback_text: str) -> Exception:
+    """What the in-process runtime (local testing mode) raises when a replica fails to start.
+
+    As Ray Serve's local testing mode runs the constructor inline, an exception
+    raised by the user's constructor propagates as itself: this function re-raises
+    it. A failure in a later step returns :func:`startup_failed`'s DeploymentError.
+    """
+    if startup_step(exc) == CONSTRUCTOR:
+        raise exc.with_traceback(user_frames(exc.__traceback__))
+    return startup_failed(deployment, exc, traceback_text)
+
+
+def user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without its leading frames of shoal (starting the replica), if any user's remain."""
+    from shoal._transport.failures import is_internal
+
+    user = tb
+    while user is not None and is_internal(user.tb_frame.f_code.co_filename):
+        user = user.tb_next
+    return user or tb

@@ -1,18 +1,30 @@
 """The in-process runtime: every replica is an object on the driver's shoal event loop.
 
-Selected with ``serve.run(app, _local_testing_mode=True)``. Nothing is
-serialized and no process or socket is created, so applications can be unit
-tested in milliseconds; there is no HTTP proxy (call the ingress handle).
+Selected with ``serve.run(app, _local_testing_mode=True)``. No process or socket
+is created, so applications can be unit tested in milliseconds; there is no HTTP
+proxy (call the ingress handle). As in Ray Serve's local testing mode:
+- call arguments are copied (pickled and unpickled) as a remote call would copy
+  them, so a replica never mutates the caller's objects and unpicklable
+  arguments fail here as they would in production; handles pass as themselves;
+- the ``"ray.serve"`` logger writes to stderr at INFO, each line naming the
+  deployment and the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
+import logging
+import pickle
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from shoal._api.context import replica_context
+from shoal._api.handle import DeploymentHandle
 from shoal._config import HTTPOptions
-from shoal._errors import NotFoundError, TransportError
+from shoal._errors import NotFoundError, SerializationError, ShoalError, TransportError
 from shoal._replica.replica import Replica
 from shoal._runtime.base import ReplicaHandle, ReplicaSpec, constructor_failed
 from shoal._transport.failures import failure_from
@@ -60,11 +72,13 @@ class _LocalClient:
         self._replica = local.replica
 
     def call(self, request: Request) -> asyncio.Future[Message]:
+        """Run ``request`` in a task; SerializationError if its arguments cannot be copied."""
         replica = self._replica
+        request = copy_arguments(request)
         return replica.loop.create_task(replica.handle(request), context=replica.task_context())
 
     def stream(self, request: Request) -> _LocalStream:
-        return _LocalStream(self._replica, request)
+        return _LocalStream(self._replica, copy_arguments(request))
 
     def close(self) -> None:
         self.closed = True
@@ -86,6 +100,119 @@ class _LocalStream:
         asyncio.get_running_loop().create_task(self._iterator.aclose())  # type: ignore[attr-defined]
 
 
+@functools.cache
+def _keeping_handles(base: type[pickle.Pickler]) -> Callable[[io.BytesIO, list[Any]], Any]:
+    """A ``base`` pickler that pickles handles by reference (they stay bound to this process)."""
+
+    class Pickler(base):  # type: ignore[valid-type, misc]
+        def __init__(self, file: io.BytesIO, kept: list[Any]) -> None:
+            super().__init__(file, protocol=5)
+            self._kept = kept
+
+        def persistent_id(self, obj: Any) -> int | None:
+            if isinstance(obj, DeploymentHandle):
+                self._kept.append(obj)
+                return len(self._kept) - 1
+            return None
+
+    return Pickler
+
+
+_Pickler = _keeping_handles(pickle.Pickler)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, kept: list[Any]) -> None:
+        super().__init__(file)
+        self._kept = kept
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._kept[pid]
+
+
+def copy_arguments(request: Request) -> Request:
+    """``request`` with copies of its arguments, made as a remote call makes them (pickle).
+
+    Values plain pickle refuses (lambdas, local classes) are copied with cloudpickle.
+    Raises SerializationError (a TypeError) if they cannot be pickled at all, or the
+    ShoalError a value raises to refuse being sent (a nested DeploymentResponse).
+    """
+    if not request.args and not request.kwargs:
+        return request
+    kept: list[Any] = []
+    try:
+        data = _dumps((request.args, request.kwargs), kept)
+    except ShoalError:
+        raise
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot serialize the arguments of a call to method '{request.method}': {exc}. "
+            "Pass plain data (numbers, strings, lists, dicts, numpy arrays, dataclasses) "
+            "or objects that can be pickled, as a replica in another process needs them."
+        ) from exc
+    args, kwargs = _Unpickler(io.BytesIO(data), kept).load()
+    return Request(
+        request.method, args, kwargs, request.request_id, request.stream,
+        request.multiplexed_model_id,
+    )  # fmt: skip
+
+
+def _dumps(value: Any, kept: list[Any]) -> bytes:
+    file = io.BytesIO()
+    try:
+        _Pickler(file, kept).dump(value)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        import cloudpickle
+
+        kept.clear()
+        file = io.BytesIO()
+        _keeping_handles(cloudpickle.CloudPickler)(file, kept).dump(value)
+    return file.getvalue()
+
+
+#: Ray Serve's replica log format: level, time, deployment, replica, file:line - message.
+SERVE_LOG_FORMAT = (
+    "%(levelname)s %(asctime)s %(deployment)s %(replica)s %(filename)s:%(lineno)d - %(message)s"
+)
+
+
+class _ServeLogHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which test runners replace), tagging each record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(SERVE_LOG_FORMAT))
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        context = replica_context.get()
+        record.deployment = context.deployment if context is not None else "local_test"
+        record.replica = context.replica_id if context is not None else "-"
+        super().emit(record)
+
+
+def configure_serve_logger() -> None:
+    """Set up the ``"ray.serve"`` logger as Ray Serve's local testing mode does.
+
+    Its records go to stderr only (``propagate`` off) at INFO, unless the program
+    already set a level. Idempotent.
+    """
+    logger = logging.getLogger("ray.serve")
+    if any(isinstance(handler, _ServeLogHandler) for handler in logger.handlers):
+        return
+    logger.addHandler(_ServeLogHandler())
+    logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
 async def _anext(iterator: AsyncIterator[Message]) -> Message:
     return await iterator.__anext__()
 
@@ -102,6 +229,7 @@ class InProcessRuntime:
 
     async def start(self, on_replica_died: Callable[[ReplicaHandle], None]) -> None:
         self.on_died = on_replica_died
+        configure_serve_logger()
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:
         replica = Replica(spec)
@@ -134,6 +262,9 @@ class InProcessRuntime:
 
     async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
         """No proxy: routes are not served."""
+
+    async def drain_proxy(self) -> None:
+        """No proxy: nothing to drain."""
 
     async def shutdown(self, timeout_s: float) -> None:
         for local in list(self._replicas.values()):

@@ -139,12 +139,17 @@ class ReplicaInfo:
 
 @message(21)
 class ReplicaSetUpdate(Message):
-    """The full replica set of one deployment; ``exists=False`` means it was deleted."""
+    """The full replica set of one deployment; ``exists=False`` means it was deleted.
+
+    ``ingress`` says whether the deployment is its application's ingress, so that
+    ``serve.get_app_handle`` works in every process, not only the driver.
+    """
 
     app: str
     deployment: str
     replicas: list[ReplicaInfo]
     exists: bool = True
+    ingress: bool = False
 
 
 @message(22)
@@ -188,3 +193,8 @@ class RoutesUpdate(Message):
     """Route prefix -> (app name, ingress deployment name)."""
 
     routes: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@message(28)
+class DrainProxy(Message):
+    """Shoal is shutting down: the proxy fails health checks and answers new requests 503."""

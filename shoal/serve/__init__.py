@@ -16,11 +16,13 @@ from shoal._api.deployment import Application, Deployment, deployment
 from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from shoal._api.ingress import ingress
 from shoal._api.serve import (
+    RunTarget,
     delete,
     get_app_handle,
     get_deployment_handle,
     get_replica_context,
     run,
+    run_many,
     shutdown,
     start,
     status,
@@ -68,6 +70,7 @@ __all__ = [
     "RequestContext",
     "RequestTimeoutError",
     "RouteConflictError",
+    "RunTarget",
     "ShoalError",
     "TransportError",
     "UnavailableError",
@@ -80,6 +83,7 @@ __all__ = [
     "get_request_context",
     "ingress",
     "run",
+    "run_many",
     "shutdown",
     "start",
     "status",

@@ -22,11 +22,12 @@ from typing import Any
 
 from shoal._config import HTTPOptions
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
-from shoal._runtime.base import ReplicaHandle, ReplicaSpec, constructor_failed
+from shoal._runtime.base import ReplicaHandle, ReplicaSpec, startup_failed
 from shoal._runtime.process.client import UnixConnector
 from shoal._transport.connection import Connection, serve_unix
 from shoal._transport.failures import exception_from
 from shoal._transport.messages import (
+    DrainProxy,
     Failure,
     HealthCheck,
     Hello,
@@ -232,7 +233,7 @@ class ProcessRuntime:
             if isinstance(exc, TransportError | RequestTimeoutError | asyncio.CancelledError):
                 raise
             notes = "".join(getattr(exc, "__notes__", []))
-            raise constructor_failed(spec.deployment, exc, notes) from exc
+            raise startup_failed(spec.deployment, exc, notes) from exc
         info = ReplicaInfo(spec.replica_id, address, spec.config.max_ongoing_requests)
         replica = self._replicas[spec.replica_id] = _ProcessReplica(worker, info)
         return replica
@@ -266,6 +267,14 @@ class ProcessRuntime:
     async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
         if self._proxy is not None:
             await self._proxy.request(RoutesUpdate(routes), _CONTROL_TIMEOUT_S)
+
+    async def drain_proxy(self) -> None:
+        if self._proxy is None:
+            return
+        try:
+            await self._proxy.request(DrainProxy(), _CONTROL_TIMEOUT_S)
+        except (ShoalError, TransportError) as exc:  # a dead proxy has nothing to drain
+            logger.debug("proxy did not acknowledge the drain: %s", exc)
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop the proxy, end every remaining worker, remove the socket directory."""

@@ -31,6 +31,7 @@ from shoal._transport.failures import failure_from
 from shoal._transport.http import WEBSOCKET, HttpRequestData
 from shoal._transport.messages import (
     Cancel,
+    DrainProxy,
     HealthCheck,
     Hello,
     Message,
@@ -87,6 +88,9 @@ class Worker:
             conn.send(corr, Result())
         elif type(msg) is RoutesUpdate:
             self.proxy.set_routes(msg.routes)
+            conn.send(corr, Result())
+        elif type(msg) is DrainProxy:
+            self.proxy.drain()
             conn.send(corr, Result())
         else:
             self.loop.create_task(self._control(conn, corr, msg))

@@ -1,0 +1,318 @@
+"""Ray Serve compatibility: constructors, reconfigure, health checks and deploy failures.
+
+Each test follows Ray Serve's documented (or source-defined) behaviour:
+- an ``async def __init__`` is awaited;
+- a replica starts with its constructor, an ASGI lifespan startup, ``reconfigure``
+  and a first health check; any of them failing fails the deploy with a
+  ``RuntimeError`` that names the step (a ``DeploymentError``);
+- in local testing mode a constructor's own exception propagates from serve.run;
+- a replica is replaced after 3 consecutive failed health checks
+  (``REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD``), not after one;
+- ``/-/healthz`` answers 503 with Ray's texts until a route table was installed
+  and while the proxy drains, 200 "success" otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Deploy, run_driver, wait_until
+from fastapi import FastAPI
+
+from shoal import serve
+
+# --- constructors ------------------------------------------------------------------------------
+
+
+@serve.deployment
+class AsyncInit:
+    async def __init__(self, value: str) -> None:
+        await asyncio.sleep(0)  # really awaited: code after an await runs
+        self.value = value
+
+    def __call__(self) -> str:
+        return self.value
+
+
+def test_async_constructor_is_awaited(deploy: Deploy) -> None:
+    handle = deploy(AsyncInit.bind("ready"))
+    assert handle.remote().result(timeout_s=30) == "ready"
+
+
+class WeightsMissing(Exception):
+    pass
+
+
+@serve.deployment
+class BrokenConstructor:
+    def __init__(self) -> None:
+        raise WeightsMissing("no weights at /models/x")
+
+
+def test_local_testing_mode_raises_the_constructors_own_exception() -> None:
+    with pytest.raises(WeightsMissing, match="no weights"):
+        serve.run(BrokenConstructor.bind(), name="broken-local", _local_testing_mode=True)
+
+
+def test_constructor_failure_is_a_runtime_error_naming_the_constructor(
+    http_port: int,
+) -> None:
+    with pytest.raises(RuntimeError) as info:
+        serve.run(BrokenConstructor.bind(), name="broken-process", route_prefix=None)
+    assert isinstance(info.value, serve.DeploymentError)
+    assert "the constructor of deployment 'BrokenConstructor' raised WeightsMissing" in str(
+        info.value
+    )
+    assert isinstance(info.value.__cause__, WeightsMissing)
+
+
+# --- reconfigure -------------------------------------------------------------------------------
+
+
+@serve.deployment(user_config={"threshold": -1})
+class Thresholded:
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        if config["threshold"] < 0:
+            raise ValueError(f"threshold must be >= 0, got {config['threshold']}")
+        self.threshold = config["threshold"]
+
+    def __call__(self) -> int:
+        return int(self.threshold)
+
+
+def test_reconfigure_failing_at_start_fails_the_deploy_naming_reconfigure(
+    deploy: Deploy,
+) -> None:
+    with pytest.raises(RuntimeError) as info:
+        deploy(Thresholded.bind())
+    message = str(info.value)
+    assert isinstance(info.value, serve.DeploymentError)
+    assert "reconfigure() of deployment 'Thresholded' raised ValueError" in message, message
+    assert "threshold must be >= 0, got -1" in message
+    assert "constructor" not in message
+
+
+def test_reconfigure_failing_on_update_fails_the_deploy_and_keeps_serving(
+    deploy: Deploy,
+) -> None:
+    handle = deploy(Thresholded.options(user_config={"threshold": 3}).bind(), name="thr")
+    assert handle.remote().result(timeout_s=30) == 3
+    with pytest.raises(RuntimeError, match=r"reconfigure\(\) of deployment 'Thresholded'"):
+        deploy(Thresholded.options(user_config={"threshold": -2}).bind(), name="thr")
+    status = serve.status().applications["thr"]
+    assert status.status == "DEPLOY_FAILED"
+    assert "reconfigure()" in status.message
+    assert handle.remote().result(timeout_s=30) == 3  # the old replicas keep serving
+
+
+# --- lifespan ----------------------------------------------------------------------------------
+
+
+def _failing_lifespan_app() -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        raise ConnectionError("feature store unreachable")
+        yield  # pragma: no cover
+
+    return FastAPI(lifespan=lifespan)
+
+
+failing_app = _failing_lifespan_app()
+
+
+@serve.deployment
+@serve.ingress(failing_app)
+class FailingLifespan:
+    pass
+
+
+def test_lifespan_startup_failure_fails_the_deploy_naming_the_lifespan(deploy: Deploy) -> None:
+    with pytest.raises(RuntimeError) as info:
+        deploy(FailingLifespan.bind())
+    message = str(info.value)
+    assert isinstance(info.value, serve.DeploymentError)
+    assert "the lifespan startup of deployment 'FailingLifespan'" in message, message
+    assert "feature store unreachable" in message
+
+
+# --- health checks -----------------------------------------------------------------------------
+
+
+@serve.deployment
+class NeverHealthy:
+    def check_health(self) -> None:
+        raise RuntimeError("GPU lost")
+
+    def __call__(self) -> str:
+        return "unreachable"
+
+
+def test_failing_initial_health_check_fails_the_deploy(deploy: Deploy) -> None:
+    with pytest.raises(RuntimeError) as info:
+        deploy(NeverHealthy.bind())
+    message = str(info.value)
+    assert "the initial health check of deployment 'NeverHealthy' raised RuntimeError" in message
+    assert "GPU lost" in message
+
+
+@serve.deployment(health_check_period_s=0.1, health_check_timeout_s=5)
+class Scripted:
+    """Each health check takes the next outcome from a file ("F" fails); then succeeds.
+
+    Every check appends "<replica> <outcome>" to a log, so tests can wait for checks.
+    """
+
+    def __init__(self, script: str, log: str) -> None:
+        self.script, self.log, self.me = Path(script), Path(log), f"{os.getpid()}-{id(self)}"
+
+    def check_health(self) -> None:
+        outcomes = self.script.read_text().split() if self.script.exists() else []
+        outcome = outcomes.pop(0) if outcomes else "S"
+        if outcomes or self.script.exists():
+            _write(self.script, " ".join(outcomes))
+        with self.log.open("a") as log:
+            log.write(f"{self.me} {outcome}\n")
+        if outcome == "F":
+            raise RuntimeError("scripted failure")
+
+    def __call__(self) -> str:
+        return self.me
+
+
+def _write(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)  # never read half-written
+
+
+def _checks(log: Path, replica: str) -> list[str]:
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [line.split()[1] for line in lines if line.split()[0] == replica]
+
+
+def test_two_failed_health_checks_in_a_row_keep_the_replica(deploy: Deploy, tmp_path: Path) -> None:
+    script, log = tmp_path / "script", tmp_path / "log"
+    handle = deploy(Scripted.bind(str(script), str(log)))
+    replica = handle.remote().result(timeout_s=30)
+    _write(script, "F F S F F S F")
+    # Wait until every scripted outcome was used and two more checks succeeded.
+    wait_until(lambda: len(_checks(log, replica)) >= 1 + 7 + 2, 30, "health checks")
+    assert _checks(log, replica)[1:8] == ["F", "F", "S", "F", "F", "S", "F"]
+    assert handle.remote().result(timeout_s=30) == replica  # never replaced
+
+
+def test_three_failed_health_checks_in_a_row_replace_the_replica(
+    deploy: Deploy, tmp_path: Path
+) -> None:
+    script, log = tmp_path / "script", tmp_path / "log"
+    handle = deploy(Scripted.bind(str(script), str(log)))
+    replica = handle.remote().result(timeout_s=30)
+    _write(script, "F F F")
+    replacement = wait_until(
+        lambda: (r := handle.remote().result(timeout_s=30)) != replica and r, 30, "a replacement"
+    )
+    assert _checks(log, replica)[1:] == ["F", "F", "F"]  # replaced after the third failure
+    assert _checks(log, replacement)[0] == "S"  # its initial health check passed
+
+
+# --- /-/healthz --------------------------------------------------------------------------------
+
+
+HEALTHZ_DRIVER = """
+import sys
+import httpx
+from shoal import serve
+
+port = int(sys.argv[1])
+serve.start(http_options={"host": "127.0.0.1", "port": port})
+url = f"http://127.0.0.1:{port}"
+
+def probe(label):
+    for path in ("/-/healthz", "/-/routes"):
+        response = httpx.get(url + path, timeout=30)
+        print(label, path, response.status_code, response.text)
+
+@serve.deployment
+def hello():
+    return "hi"
+
+probe("before")
+serve.run(hello.bind(), name="hello", route_prefix="/hello")
+probe("running")
+serve.delete("hello")
+probe("deleted")
+serve.shutdown()
+"""
+
+
+def test_healthz_answers_rays_status_codes_in_each_state(tmp_path: Path) -> None:
+    lines = run_driver(tmp_path, HEALTHZ_DRIVER).stdout.splitlines()
+    assert lines == [
+        "before /-/healthz 503 Route table is not populated yet.",
+        "before /-/routes 503 Route table is not populated yet.",
+        "running /-/healthz 200 success",
+        'running /-/routes 200 {"/hello":"hello"}',
+        "deleted /-/healthz 200 success",  # populated once: ready (Ray's head-node proxy)
+        "deleted /-/routes 200 {}",
+    ]
+
+
+DRAIN_DRIVER = """
+import pathlib, sys, threading
+import httpx
+from conftest import wait_until
+from shoal import serve
+
+port, marker = int(sys.argv[1]), pathlib.Path(sys.argv[2])
+started = pathlib.Path(sys.argv[2] + ".started")
+
+
+@serve.deployment(graceful_shutdown_timeout_s=60)
+class Slow:
+    async def __call__(self, request):
+        import asyncio
+        started.touch()
+        while not marker.exists():  # released by the driver once it has looked around
+            await asyncio.sleep(0.01)
+        return "finished"
+
+
+serve.start(http_options={"port": port})
+serve.run(Slow.bind(), route_prefix="/slow")
+base = f"http://127.0.0.1:{port}"
+answers = {}
+client = threading.Thread(target=lambda: answers.update(slow=httpx.get(base + "/slow", timeout=60)))
+client.start()
+wait_until(started.exists, 30, "the slow request to start")
+stopper = threading.Thread(target=serve.shutdown)
+stopper.start()
+health = wait_until(
+    lambda: (r := httpx.get(base + "/-/healthz", timeout=10)).status_code == 503 and r, 30
+)
+print("healthz", health.status_code, health.text)
+other = httpx.get(base + "/elsewhere", timeout=10)
+print("new request", other.status_code, other.headers.get("retry-after"))
+marker.touch()
+client.join(60)
+print("in flight", answers["slow"].status_code, answers["slow"].text)
+stopper.join(60)
+print("stopped", not stopper.is_alive())
+"""
+
+
+def test_while_shutting_down_the_proxy_drains_and_serves_what_it_accepted(
+    tmp_path: Path,
+) -> None:
+    lines = run_driver(tmp_path, DRAIN_DRIVER, str(tmp_path / "release")).stdout.splitlines()
+    assert lines == [
+        "healthz 503 This node is being drained.",
+        "new request 503 1",  # not 404: the route is gone because shoal is stopping
+        "in flight 200 finished",
+        "stopped True",
+    ]
