@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 # One encoder for every call: json.dumps() with options builds a new one each time.
@@ -159,6 +160,8 @@ def _known(value: Any) -> Any:
         if not value.is_finite():
             raise _Refused(f"it is Decimal({str(value)!r})", _NON_FINITE, ValueError)
         return str(value)  # a string keeps every digit (as pydantic does)
+    if isinstance(value, Mapping):  # e.g. starlette's QueryParams, as FastAPI's encoder does
+        return dict(value.items())
     if isinstance(value, set | frozenset):
         return list(value)
     problem, hint = _refusal(value)

@@ -439,3 +439,21 @@ def test_batched_streams_over_http(base_url: str) -> None:
         for name in names:
             serve.delete(name)
     assert texts == [f"p{i}" * 3 if i % 2 == 0 else f"p{i}0;p{i}1;" for i in range(8)]
+
+
+@serve.deployment(max_ongoing_requests=10)
+class PairedStream:
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=60)
+    async def __call__(self, words: list[str]) -> Any:
+        for step in range(2):
+            yield [f"{word}-{step}" for word in words]
+
+
+def test_handle_streams_join_their_batch_when_called(deploy: Deploy) -> None:
+    # As in Ray: the request is sent at .remote(), so two streams started together
+    # form one batch even when the caller reads them one after the other (otherwise
+    # the first read waits out the 60 s batch timeout, then the test's timeout).
+    handle = deploy(PairedStream.bind()).options(stream=True)
+    first, second = handle.remote("a"), handle.remote("b")
+    assert list(first) == ["a-0", "a-1"]
+    assert list(second) == ["b-0", "b-1"]

@@ -143,11 +143,6 @@ def validate(payload: dict[str, Any]) -> None:
     raise FieldError("age", "must be positive")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shoal/_transport/failures.py exception_from rebuilds exceptions with "
-    "cls(*args), which fails for this __init__, so a ReplicaError arrives instead",
-)
 def test_an_exception_whose_init_takes_other_arguments_arrives_as_itself() -> None:
     with pytest.raises(FieldError) as info:
         run(validate.bind()).remote({"age": -1}).result()

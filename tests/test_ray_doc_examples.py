@@ -16,7 +16,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 from conftest import free_port
 
 
@@ -418,11 +417,6 @@ STARLETTE_EXAMPLE = """
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shoal's strict JSON (shoal/_json.py) refuses starlette's QueryParams, a Mapping "
-    "that Ray (FastAPI's jsonable_encoder) sends as a JSON object",
-)
 def test_starlette_query_params_are_returned_as_json(tmp_path: Path) -> None:
     # doc_code/http_guide/http_guide.py, the Starlette part.
     run_example(tmp_path, STARLETTE_EXAMPLE)
@@ -452,12 +446,6 @@ DEPLOYMENT_LOGGER_EXAMPLE = """
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='replica processes leave the "ray.serve" logger at the root level (WARNING), so '
-    "INFO lines are dropped, and their log format does not name the deployment: "
-    "shoal/_runtime/process/worker.py main() must set it to INFO and tag lines with the replica",
-)
 def test_replica_logger_output(tmp_path: Path) -> None:
     # doc_code/monitoring/deployment_logger.py; monitoring.md: the replica's INFO lines
     # reach the driver's terminal, tagged with the deployment name.

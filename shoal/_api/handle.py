@@ -11,6 +11,7 @@ from shoal._api.context import default_registry, request_context
 from shoal._errors import (
     DeploymentUnavailableError,
     ReplicaDiedError,
+    RequestCancelledError,
     RequestTimeoutError,
     ShoalError,
     SyncCallInEventLoopError,
@@ -255,6 +256,10 @@ class DeploymentResponse:
                 msg = yield from asyncio.wrap_future(self._concurrent()).__await__()
         except TransportError as exc:
             raise ReplicaDiedError(f"the replica died while handling the request ({exc})") from None
+        except asyncio.CancelledError:
+            if _caller_cancelling():
+                raise  # the awaiting task itself was cancelled (or timed out): not the request
+            raise RequestCancelledError(_CANCELLED) from None
         return _unwrap(msg)
 
     def result(self, timeout_s: float | None = None) -> Any:
@@ -268,6 +273,8 @@ class DeploymentResponse:
             msg = self._concurrent().result(timeout_s)
         except concurrent.futures.TimeoutError:
             raise RequestTimeoutError(f"no result within timeout_s={timeout_s}") from None
+        except concurrent.futures.CancelledError:
+            raise RequestCancelledError(_CANCELLED) from None
         except TransportError as exc:
             raise ReplicaDiedError(f"the replica died while handling the request ({exc})") from None
         return _unwrap(msg)
@@ -288,7 +295,11 @@ class DeploymentResponse:
         return inner
 
     def cancel(self) -> None:
-        """Cancel the request (the replica's task is cancelled if it started)."""
+        """Cancel the request (the replica's task is cancelled if it started).
+
+        Then ``.result()`` and ``await`` raise ``RequestCancelledError``, as in Ray
+        Serve, unless the request had already finished.
+        """
         inner = self._inner
         if isinstance(inner, concurrent.futures.Future) or (
             _in_event_loop() and asyncio.get_running_loop() is self._loop
@@ -300,6 +311,15 @@ class DeploymentResponse:
 
 async def _wait(awaitable: Any) -> Any:
     return await awaitable
+
+
+_CANCELLED = "Request was cancelled."  # Ray Serve's text (without a request id)
+
+
+def _caller_cancelling() -> bool:
+    """Whether the task running this code is being cancelled (``task.cancel()``, a timeout)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class DeploymentResponseGenerator:

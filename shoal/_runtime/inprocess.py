@@ -7,7 +7,7 @@ proxy (call the ingress handle). As in Ray Serve's local testing mode:
   them, so a replica never mutates the caller's objects and unpicklable
   arguments fail here as they would in production; handles pass as themselves;
 - the ``"ray.serve"`` logger writes to stderr at INFO, each line naming the
-  deployment and the replica.
+  deployment and the replica (``shoal/_replica/logs.py``, as in worker processes).
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
-import logging
 import pickle
-import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from shoal._api.context import replica_context
 from shoal._api.handle import DeploymentHandle
 from shoal._config import HTTPOptions
 from shoal._errors import NotFoundError, SerializationError, ShoalError, TransportError
+from shoal._replica.logs import configure_serve_logger
 from shoal._replica.replica import Replica
 from shoal._runtime.base import ReplicaHandle, ReplicaSpec, constructor_failed
 from shoal._transport.failures import failure_from
@@ -87,16 +85,30 @@ class _LocalClient:
 
 
 class _LocalStream:
+    """A streaming call run on the caller's loop.
+
+    The method starts at once, as in the multi-process runtime (where the request
+    is sent when the stream opens): the first item is fetched eagerly, so a batched
+    generator joins its batch when called, not when first read.
+    """
+
     def __init__(self, replica: Replica, request: Request) -> None:
         context = replica.task_context()
         self._iterator: AsyncIterator[Message] = context.run(replica.handle_stream, request)
         self._context = context
+        self._pending: asyncio.Task[Message] | None = self._fetch()
+
+    def _fetch(self) -> asyncio.Task[Message]:
+        loop = asyncio.get_running_loop()
+        return loop.create_task(_anext(self._iterator), context=self._context)
 
     async def next(self) -> Message:
-        task = asyncio.get_running_loop().create_task(_anext(self._iterator), context=self._context)
-        return await task
+        task, self._pending = self._pending, None
+        return await (task if task is not None else self._fetch())
 
     def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
         asyncio.get_running_loop().create_task(self._iterator.aclose())  # type: ignore[attr-defined]
 
 
@@ -168,49 +180,6 @@ def _dumps(value: Any, kept: list[Any]) -> bytes:
         file = io.BytesIO()
         _keeping_handles(cloudpickle.CloudPickler)(file, kept).dump(value)
     return file.getvalue()
-
-
-#: Ray Serve's replica log format: level, time, deployment, replica, file:line - message.
-SERVE_LOG_FORMAT = (
-    "%(levelname)s %(asctime)s %(deployment)s %(replica)s %(filename)s:%(lineno)d - %(message)s"
-)
-
-
-class _ServeLogHandler(logging.StreamHandler):
-    """Writes to the current ``sys.stderr`` (which test runners replace), tagging each record."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(logging.Formatter(SERVE_LOG_FORMAT))
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value: Any) -> None:
-        pass
-
-    def emit(self, record: logging.LogRecord) -> None:
-        context = replica_context.get()
-        record.deployment = context.deployment if context is not None else "local_test"
-        record.replica = context.replica_id if context is not None else "-"
-        super().emit(record)
-
-
-def configure_serve_logger() -> None:
-    """Set up the ``"ray.serve"`` logger as Ray Serve's local testing mode does.
-
-    Its records go to stderr only (``propagate`` off) at INFO, unless the program
-    already set a level. Idempotent.
-    """
-    logger = logging.getLogger("ray.serve")
-    if any(isinstance(handler, _ServeLogHandler) for handler in logger.handlers):
-        return
-    logger.addHandler(_ServeLogHandler())
-    logger.propagate = False
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
 
 
 async def _anext(iterator: AsyncIterator[Message]) -> Message:

@@ -10,14 +10,27 @@ are left out (see :func:`_trim`), and so is the final ``Type: message`` line,
 which the rebuilt exception prints itself. An exception re-raised from a
 deeper replica keeps that replica's traceback as its own note, so a chain of
 calls shows each replica's frames once, outermost first.
+
+Exceptions travel pickled, as Ray Serve sends them, so the caller gets the
+type and its attributes. Pickle would rebuild an exception with ``cls(*args)``,
+which fails for an ``__init__`` that takes other arguments than the message
+(``FieldError(field, reason)``); the exceptions of a failure are therefore
+pickled to :func:`_rebuild_exception`, which falls back to creating the object
+without ``__init__`` and restores ``args`` and the attributes. Payloads are only
+unpickled from the authenticated peers of the transport, as every message is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
+import functools
+import io
 import os
 import pickle
 import sysconfig
 import traceback
+from typing import Any
 
 from shoal import _errors
 from shoal._errors import ReplicaError, ShoalError
@@ -34,18 +47,86 @@ def failure_from(exc: BaseException, where: str = "") -> Failure:
     """Describe ``exc`` (raised in this process) for the caller; ``where`` names the replica."""
     kind = type(exc).__name__ if isinstance(exc, ShoalError) else "user"
     try:
-        payload: bytes | None = pickle.dumps(exc, protocol=5)
+        payload: bytes | None = _dumps(_ExceptionPickler, exc)
     except Exception:
         try:
-            import cloudpickle
-
-            payload = cloudpickle.dumps(exc, protocol=5)
+            payload = _dumps(_cloud_exception_pickler(), exc)
         except Exception:
             payload = None
     # The notes travel with the pickled exception; without it, they go in the text.
     text = remote_traceback(exc, where, with_notes=payload is None)
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     return Failure(name, str(exc), text, payload, kind)
+
+
+class _ExceptionPickler(pickle.Pickler):
+    """A pickler whose exceptions unpickle even when their ``__init__`` cannot take their args."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        return _reduce_exception(obj)
+
+
+@functools.cache
+def _cloud_exception_pickler() -> type[pickle.Pickler]:
+    """The same for cloudpickle: exception classes it sends by value (local, ``__main__``)."""
+    import cloudpickle
+
+    class CloudExceptionPickler(cloudpickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            reduced = _reduce_exception(obj)
+            return super().reducer_override(obj) if reduced is NotImplemented else reduced
+
+    return CloudExceptionPickler
+
+
+def _dumps(pickler: type[pickle.Pickler], obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    pickler(buffer, protocol=5).dump(obj)
+    return buffer.getvalue()
+
+
+def _reduce_exception(obj: Any) -> Any:
+    """Route an exception that pickles as ``cls(*args)`` through :func:`_rebuild_exception`.
+
+    Other objects, and exceptions with their own way of pickling (a ``__reduce__``
+    returning another callable, a ``copyreg`` entry), pickle as usual.
+    """
+    if not isinstance(obj, BaseException) or type(obj) in copyreg.dispatch_table:
+        return NotImplemented
+    reduced = obj.__reduce_ex__(5)
+    if (
+        not isinstance(reduced, tuple)
+        or not 2 <= len(reduced) <= 3
+        or reduced[0] is not type(obj)
+        or not isinstance(reduced[1], tuple)
+    ):
+        return NotImplemented
+    return (_rebuild_exception, (reduced[0], reduced[1], obj.args), *reduced[2:])
+
+
+def _rebuild_exception(
+    cls: type[BaseException], args: tuple[Any, ...], original_args: tuple[Any, ...]
+) -> BaseException:
+    """``cls(*args)``, or when ``__init__`` refuses ``args``, ``cls`` made without ``__init__``.
+
+    ``args`` are the arguments pickle would call ``cls`` with; ``original_args``
+    (the exception's ``args``) are restored either way, so an ``__init__`` that
+    formats its message does not format it twice. Pickle then restores the
+    attributes (``__dict__``).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        raise pickle.UnpicklingError(f"not an exception type: {cls!r}")
+    try:
+        exc = cls(*args)
+    except Exception:
+        exc = cls.__new__(cls, *args)  # BaseException.__new__ takes any arguments
+        # The built-in base's __init__ sets what lives outside __dict__ (OSError's errno).
+        builtin = next(base for base in cls.__mro__ if base.__module__ == "builtins")
+        with contextlib.suppress(Exception):
+            builtin.__init__(exc, *args)  # type: ignore[misc]
+    with contextlib.suppress(AttributeError, TypeError):  # unless ``args`` is read-only
+        exc.args = original_args
+    return exc
 
 
 def exception_from(failure: Failure) -> BaseException:

@@ -22,6 +22,8 @@ from typing import Any
 
 from shoal._api.context import set_default_registry
 from shoal._config import HTTPOptions
+from shoal._errors import RequestCancelledError
+from shoal._replica.logs import configure_worker_logging, set_process_component
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import new_event_loop
 from shoal._runtime.process.client import UnixConnector
@@ -132,6 +134,7 @@ class Worker:
         if msg.cwd:
             os.chdir(msg.cwd)
         spec = _SpecUnpickler(io.BytesIO(msg.spec)).load()
+        set_process_component(spec.deployment, spec.replica_id)
         from shoal._replica.replica import Replica
 
         replica = Replica(spec)
@@ -176,7 +179,18 @@ class Worker:
 
     async def _call(self, conn: Connection, corr: int, request: Request) -> None:
         try:
-            reply = await self.replica.handle(request)
+            try:
+                reply = await self.replica.handle(request)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the caller cancelled: it expects no reply
+                # The user's code let a CancelledError escape: the caller must still hear.
+                reply = failure_from(
+                    RequestCancelledError(
+                        f"method '{request.method}' raised CancelledError without being cancelled"
+                    )
+                )
             _send_reply(conn, corr, reply)
         finally:
             self._tasks.pop((id(conn), corr), None)
@@ -250,16 +264,6 @@ def _send_reply(conn: Connection, corr: int, reply: Message) -> None:
         conn.send(corr, failure_from(exc))
 
 
-class RequestIdFilter(logging.Filter):
-    """Adds ``request_id`` (the request being served, or "-") to every log record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from shoal._api.context import request_context
-
-        record.request_id = request_context.get().request_id or "-"
-        return True
-
-
 class _Credit:
     """How many more stream items the consumer accepts (back-pressure)."""
 
@@ -281,12 +285,7 @@ class _Credit:
 def main() -> None:
     instance_dir, worker_id = sys.argv[1], sys.argv[2]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"(shoal {worker_id}) %(levelname)s %(name)s [%(request_id)s]: %(message)s",
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RequestIdFilter())
+    configure_worker_logging(worker_id)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
 
