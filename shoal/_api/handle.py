@@ -422,7 +422,7 @@ class DeploymentResponseGenerator:
 
     def __del__(self) -> None:
         # A stream nobody reads any more must not hold its replica slot for ever.
-        if not self._done and not self._router.loop.is_closed():
+        if hasattr(self, "_opening") and not self._done and not self._router.loop.is_closed():
             self.cancel()
 
 
