@@ -276,29 +276,16 @@ def _deploy(target: RunTarget, local: bool) -> DeploymentHandle:
         _check_supported(deployment.name, deployment.config, local)
     app = instance.controller.apps.get(name)
     previous = app.spec.ingress if app is not None else None
-    # Every replica set published from now on says which deployment is the ingress.
-    instance.registry.declare_ingress(name, spec.ingress)
     try:
         instance.run(instance.controller.deploy(spec))
     except DeploymentError as exc:
-        instance.registry.declare_ingress(name, previous)
         # The frames of shoal's loop thread say nothing to the user; the cause has theirs.
         raise exc.with_traceback(None) from exc.__cause__
     except Exception as exc:  # local testing mode: the constructor's own exception, as Ray
-        instance.registry.declare_ingress(name, previous)
         raise exc.with_traceback(user_frames(exc.__traceback__)) from exc.__cause__
-    except BaseException:
-        instance.registry.declare_ingress(name, previous)
-        raise
     if previous is not None and previous != spec.ingress:
         _forget_handles(name)
-        # An unchanged deployment that became the ingress publishes nothing by itself.
-        instance.run(_announce(instance.controller, name, spec.ingress), 30.0)
     return _cached_handle(instance.registry, name, spec.ingress)
-
-
-async def _announce(controller: Controller, app: str, deployment: str) -> None:
-    await controller.publish(controller.registry.current(app, deployment))
 
 
 def _check_supported(deployment: str, config: DeploymentConfig, local: bool) -> None:
@@ -365,7 +352,6 @@ def delete(name: str, _blocking: bool = True) -> None:
     for instance in _running():
         if name in instance.controller.apps:
             instance.run(instance.controller.delete(name))
-            instance.registry.declare_ingress(name, None)
             return
     logger.info("serve.delete(%r): there is no application of that name", name)
 

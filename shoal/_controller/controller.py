@@ -113,6 +113,7 @@ class Controller:
                     await self._teardown(app)
                 else:
                     app.spec = previous
+                    await self._mark_ingress(app)  # back to the version still serving
                 raise
             app.status, app.deployed_at = ApplicationStatus.RUNNING, time.time()
             app.routed = spec.route_prefix is not None
@@ -159,8 +160,8 @@ class Controller:
                 )
                 state.spec = None
                 # Announce the deployment before any replica starts, so handles to it resolve.
-                await self.publish(ReplicaSetUpdate(spec.name, name, [], True))
-            state.is_ingress = name == spec.ingress
+                await self.publish(ReplicaSetUpdate(spec.name, name, [], True, state.is_ingress))
+        await self._mark_ingress(app)
         results = await asyncio.gather(
             *(app.deployments[n].deploy(s) for n, s in spec.deployments.items()),
             return_exceptions=True,
@@ -176,6 +177,19 @@ class Controller:
         for state in removed:
             await state.delete()
             app.deployments.pop(state.name, None)
+
+    async def _mark_ingress(self, app: _App) -> None:
+        """Make each deployment's replica sets say whether it is ``app.spec``'s ingress.
+
+        A deployment whose role changed republishes its set at once (nothing else
+        might publish it), so every process's ``get_app_handle`` follows.
+        """
+        for name, state in app.deployments.items():
+            is_ingress = name == app.spec.ingress
+            if state.is_ingress != is_ingress:
+                state.is_ingress = is_ingress
+                if state.spec is not None:
+                    await state.publish()
 
     async def delete(self, name: str) -> None:
         existed = self.apps.get(name)

@@ -257,7 +257,9 @@ class DeploymentState:
 
     async def publish(self) -> None:
         infos = [r.handle.info for r in self.replicas if r.state is ReplicaState.RUNNING]
-        await self._publish_update(ReplicaSetUpdate(self.app, self.name, infos, True))
+        await self._publish_update(
+            ReplicaSetUpdate(self.app, self.name, infos, True, self.is_ingress)
+        )
 
     async def delete(self) -> None:
         """Stop every replica (gracefully) and tell routers the deployment is gone."""

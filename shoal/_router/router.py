@@ -66,11 +66,6 @@ class Router:
         elif self._active:
             self._connect_missing()
 
-    @property
-    def infos(self) -> list[ReplicaInfo]:
-        """The current replica set."""
-        return list(self._infos.values())
-
     def activate(self) -> None:
         """Start connecting to replicas (routers connect only once they are used)."""
         if not self._active:
@@ -273,31 +268,12 @@ class RouterRegistry:
         self.loop = loop
         self._routers: dict[tuple[str, str], Router] = {}
         self._ingress: dict[str, str] = {}  # app -> its ingress deployment, from the updates
-        # In the driver: app -> ingress as serve.run declared it, stamped on each update
-        # the controller publishes (it applies them here before sending them to workers).
-        self._declared: dict[str, str] = {}
-
-    def declare_ingress(self, app: str, deployment: str | None) -> None:
-        """Record (or, with None, forget) the ingress of ``app`` for the updates to come."""
-        if deployment is None:
-            self._declared.pop(app, None)
-        else:
-            self._declared[app] = deployment
 
     def ingress_of(self, app: str) -> str | None:
         """The ingress deployment of ``app`` as known in this process, or None."""
         return self._ingress.get(app)
 
-    def current(self, app: str, deployment: str) -> ReplicaSetUpdate:
-        """The latest update of a deployment, as this process knows it (to publish again)."""
-        router = self.get(app, deployment)
-        ingress = self._declared.get(app, self._ingress.get(app)) == deployment
-        return ReplicaSetUpdate(app, deployment, router.infos, router.exists, ingress)
-
     def apply(self, update: ReplicaSetUpdate) -> None:
-        declared = self._declared.get(update.app)
-        if declared is not None:
-            update.ingress = update.deployment == declared
         if update.ingress and update.exists:
             self._ingress[update.app] = update.deployment
         elif self._ingress.get(update.app) == update.deployment:
