@@ -146,7 +146,7 @@ def _catch_stop_signals() -> None:
 
 def _serve_until_signalled() -> None:
     """Block the main thread until SIGINT or SIGTERM, then shut shoal down."""
-    from shoal._api import serve
+    from shoal._instance import api as serve
 
     _stop.wait()
     print("shoal: shutting down...", flush=True)
@@ -154,8 +154,8 @@ def _serve_until_signalled() -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from shoal._api import serve
     from shoal._errors import ShoalError
+    from shoal._instance import api as serve
 
     _check_port("shoal run", args.host, args.port)
     app = _load(args.target)  # before starting anything: a bad target leaves nothing to stop
@@ -171,8 +171,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from shoal._api import serve
     from shoal._errors import ShoalError
+    from shoal._instance import api as serve
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from shoal._api.deployment import Application
@@ -13,30 +12,11 @@ from shoal._api.handle import DeploymentHandle
 from shoal._config import DeploymentConfig
 from shoal._errors import ConfigError
 from shoal._router.router import RouterRegistry
+from shoal._seam.specs import AppSpec, DeploymentSpec
 
 # Options that change without replacing replicas: user_config via reconfigure(),
 # the replica count by starting or stopping replicas.
 _LIGHTWEIGHT = {"user_config", "num_replicas", "autoscaling_config"}
-
-
-@dataclass
-class DeploymentSpec:
-    """One deployment of an application, with handles in place of bound deployments."""
-
-    name: str
-    target: Any
-    init_args: tuple[Any, ...]
-    init_kwargs: dict[str, Any]
-    config: DeploymentConfig
-    code_version: str
-
-
-@dataclass
-class AppSpec:
-    name: str
-    route_prefix: str | None
-    ingress: str
-    deployments: dict[str, DeploymentSpec]
 
 
 def build_app(

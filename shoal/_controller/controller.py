@@ -17,7 +17,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from shoal._api.graph import AppSpec
 from shoal._config import HTTPOptions
 from shoal._controller.deployment_state import (
     DeploymentState,
@@ -33,7 +32,8 @@ from shoal._controller.status import (
 )
 from shoal._errors import ConfigError, DeploymentError, NotFoundError, RouteConflictError
 from shoal._router.router import RouterRegistry
-from shoal._runtime.base import ReplicaHandle, Runtime
+from shoal._seam.protocols import ReplicaHandle, Runtime
+from shoal._seam.specs import AppSpec
 from shoal._transport.messages import ReplicaSetUpdate
 
 logger = logging.getLogger("shoal.controller")

@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shoal._api.graph import DeploymentSpec
 from shoal._config import DeploymentConfig
 from shoal._controller.resources import Demand, Grant, Ledger
 from shoal._controller.status import (
@@ -32,15 +31,9 @@ from shoal._controller.status import (
     ReplicaStatus,
 )
 from shoal._errors import DeploymentError, ShoalError, TransportError
-from shoal._runtime.base import (
-    RECONFIGURE,
-    ReplicaHandle,
-    ReplicaSpec,
-    Runtime,
-    mark_startup_step,
-    startup_failed,
-    startup_step,
-)
+from shoal._seam.protocols import ReplicaHandle, Runtime
+from shoal._seam.specs import DeploymentSpec, ReplicaSpec
+from shoal._seam.startup import RECONFIGURE, mark_startup_step, startup_failed, startup_step
 from shoal._transport.failures import failure_from
 from shoal._transport.messages import ReplicaSetUpdate
 

@@ -27,12 +27,12 @@ from shoal._api.handle import DeploymentResponseGenerator
 from shoal._api.ingress import asgi_app_of
 from shoal._errors import NotFoundError, RequestTimeoutError, ShoalError
 from shoal._replica.asgi import Lifespan, asgi_parts, request_scope, websocket_messages
-from shoal._runtime.base import (
+from shoal._seam.specs import ReplicaSpec
+from shoal._seam.startup import (
     CONSTRUCTOR,
     INITIAL_HEALTH_CHECK,
     LIFESPAN_STARTUP,
     RECONFIGURE,
-    ReplicaSpec,
     mark_startup_step,
 )
 from shoal._transport.failures import failure_from

@@ -24,7 +24,7 @@ from shoal._errors import (
     ReplicaDiedError,
     TransportError,
 )
-from shoal._runtime.base import Connector, ReplicaClient, Stream
+from shoal._seam.protocols import Connector, ReplicaClient, Stream
 from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
 
 logger = logging.getLogger("shoal.router")

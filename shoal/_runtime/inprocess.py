@@ -24,7 +24,9 @@ from shoal._config import HTTPOptions
 from shoal._errors import NotFoundError, SerializationError, ShoalError, TransportError
 from shoal._replica.logs import configure_serve_logger
 from shoal._replica.replica import Replica
-from shoal._runtime.base import ReplicaHandle, ReplicaSpec, constructor_failed
+from shoal._seam.protocols import ReplicaHandle
+from shoal._seam.specs import ReplicaSpec
+from shoal._seam.startup import constructor_failed
 from shoal._transport.failures import failure_from
 from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
 

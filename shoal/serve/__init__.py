@@ -15,18 +15,6 @@ from shoal._api.context import ReplicaContext, RequestContext, get_request_conte
 from shoal._api.deployment import Application, Deployment, deployment
 from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from shoal._api.ingress import ingress
-from shoal._api.serve import (
-    RunTarget,
-    delete,
-    get_app_handle,
-    get_deployment_handle,
-    get_replica_context,
-    run,
-    run_many,
-    shutdown,
-    start,
-    status,
-)
 from shoal._config import AutoscalingConfig, DeploymentConfig, HTTPOptions
 from shoal._controller.status import ApplicationStatus, DeploymentStatus, ReplicaState
 from shoal._errors import (
@@ -43,6 +31,18 @@ from shoal._errors import (
     ShoalError,
     TransportError,
     UnavailableError,
+)
+from shoal._instance.api import (
+    RunTarget,
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    get_replica_context,
+    run,
+    run_many,
+    shutdown,
+    start,
+    status,
 )
 from shoal.serve import config, context, exceptions, handle, schema  # noqa: F401 - serve.handle.X
 

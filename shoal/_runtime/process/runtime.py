@@ -22,8 +22,10 @@ from typing import Any
 
 from shoal._config import HTTPOptions
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
-from shoal._runtime.base import ReplicaHandle, ReplicaSpec, startup_failed
 from shoal._runtime.process.client import UnixConnector
+from shoal._seam.protocols import ReplicaHandle
+from shoal._seam.specs import ReplicaSpec
+from shoal._seam.startup import startup_failed
 from shoal._transport.connection import Connection, serve_unix
 from shoal._transport.failures import exception_from
 from shoal._transport.messages import (

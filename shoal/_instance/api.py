@@ -44,8 +44,8 @@ from shoal._errors import (
     NotRunningError,
 )
 from shoal._router.router import RouterRegistry
-from shoal._runtime.base import user_frames
 from shoal._runtime.loop import LoopThread
+from shoal._seam.startup import user_frames
 
 logger = logging.getLogger("shoal")
 

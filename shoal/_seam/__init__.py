@@ -1,0 +1,1 @@
+"""Shared at the bottom of every layer: specs, the runtime protocols, startup steps."""
