@@ -60,13 +60,19 @@ class RayActorOptions(_Strict):
     ``num_cpus`` defaults to 0, so a replica never needs a whole free CPU.
     """
 
-    num_cpus: float = Field(0.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    memory: float | None = Field(None, ge=0)
-    object_store_memory: float | None = Field(None, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict)
-    runtime_env: dict[str, Any] | None = None
-    accelerator_type: str | None = None
+    num_cpus: float = Field(0.0, ge=0, description="CPUs each replica reserves (fractions too).")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs each replica reserves: whole ones, or a share below 1."
+    )
+    memory: float | None = Field(None, ge=0, description="Refused until issue 13.")
+    object_store_memory: float | None = Field(None, ge=0, description="Refused until issue 13.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources each replica reserves."
+    )
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="Local env_vars, working_dir and py_modules of the replica."
+    )
+    accelerator_type: str | None = Field(None, description="Refused until issue 13.")
 
     @field_validator("num_gpus")
     @classmethod
@@ -102,23 +108,57 @@ _BUILTIN_RESOURCES = {
 class DeploymentConfig(_Strict):
     """Every option a deployment accepts, with Ray Serve's names and defaults."""
 
-    name: str | None = Field(None, min_length=1)
-    num_replicas: int | Literal["auto"] | None = None
-    max_ongoing_requests: int = Field(5, ge=1)
-    max_queued_requests: int = Field(-1, ge=-1)
-    user_config: Any = None
-    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
-    autoscaling_config: AutoscalingConfig | None = None
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
-    graceful_shutdown_wait_loop_s: float = Field(2.0, ge=0)
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
-    route_prefix: str | None = None
-    version: str | None = None
-    logging_config: dict[str, Any] | None = None
-    placement_group_bundles: list[dict[str, float]] | None = None
-    placement_group_strategy: str | None = None
-    max_replicas_per_node: int | None = Field(None, ge=1)
+    name: str | None = Field(
+        None, min_length=1, description="Unique within the application (default: the class name)."
+    )
+    num_replicas: int | Literal["auto"] | None = Field(
+        None, description="How many replicas run (null: 1); 'auto' is refused until issue 11."
+    )
+    max_ongoing_requests: int = Field(
+        5, ge=1, description="Most requests one router sends a replica at once; more wait."
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Most requests waiting per router; -1 only until issue 11."
+    )
+    user_config: Any = Field(
+        None, description="JSON value given to reconfigure(); a change reconfigures in place."
+    )
+    ray_actor_options: RayActorOptions = Field(
+        default_factory=RayActorOptions, description="What each replica reserves, its runtime_env."
+    )
+    autoscaling_config: AutoscalingConfig | None = Field(
+        None, description="Autoscaling bounds and targets; refused until issue 11."
+    )
+    health_check_period_s: float = Field(
+        10.0, gt=0, description="Seconds between two health checks of a replica."
+    )
+    health_check_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a health check may take before it counts as failed."
+    )
+    graceful_shutdown_wait_loop_s: float = Field(
+        2.0, ge=0, description="Seconds between checks that a stopping replica is idle."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="Longest wait for a stopping replica's requests, in seconds."
+    )
+    route_prefix: str | None = Field(
+        None, description="Deprecated in Ray: the application's route_prefix wins unless '/'."
+    )
+    version: str | None = Field(
+        None, description="Replicas are replaced when it changes (null: when code/options do)."
+    )
+    logging_config: dict[str, Any] | None = Field(
+        None, description="Ray's logging options; refused until issue 12."
+    )
+    placement_group_bundles: list[dict[str, float]] | None = Field(
+        None, description="Ray placement group bundles; refused until issue 13."
+    )
+    placement_group_strategy: str | None = Field(
+        None, description="Ray placement group strategy; refused until issue 13."
+    )
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="Replicas per node at most; refused until issue 13."
+    )
 
     @field_validator("num_replicas")
     @classmethod
@@ -172,12 +212,41 @@ class ServeStartOptions(_Strict):
 class HTTPOptions(_Strict):
     """Options of the HTTP proxy. It binds 127.0.0.1 unless told otherwise."""
 
+    host: str = Field("127.0.0.1", description="Address the proxy binds (0.0.0.0: every one).")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the proxy (0: a free one).")
+    root_path: str = Field("", description="Path prefix the proxy is mounted under.")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="Seconds a request may take before a 504 (null: no limit)."
+    )
+    keep_alive_timeout_s: int = Field(  # whole seconds: uvicorn takes an int
+        5, gt=0, description="Seconds an idle keep-alive connection stays open."
+    )
+    max_request_body_bytes: int = Field(
+        100 * 2**20, gt=0, description="Largest request body accepted (larger: 413); shoal's own."
+    )
+
+
+class Timeouts(_Strict):
+    """The time limits of an instance's control plane, in one place."""
+
+    deploy_s: float = Field(600.0, gt=0)  # serve.run: every replica ready (PENDING included)
+    shutdown_s: float = Field(30.0, gt=0)  # applications drained at shutdown
+    gpu_probe_s: float = Field(10.0, gt=0)  # nvidia-smi -L, once per instance
+    build_s: float = Field(120.0, gt=0)  # importing and building a config file's applications
+    admin_call_s: float = Field(30.0, gt=0)  # one call of an attached process to its instance
+    server_start_s: float = Field(60.0, gt=0)  # `shoal start` until the server answers
+
+
+TIMEOUTS = Timeouts()
+
+
+class AdminOptions(_Strict):
+    """The instance's admin (REST) API: Ray's dashboard address, so ``--address``
+    defaults match. Loopback only unless told otherwise; ``port=0`` picks a free port."""
+
+    enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    root_path: str = ""
-    request_timeout_s: float | None = Field(None, gt=0)
-    keep_alive_timeout_s: int = Field(5, gt=0)  # whole seconds: uvicorn takes an int
-    max_request_body_bytes: int = Field(100 * 2**20, gt=0)
+    port: int = Field(8265, ge=0, le=65535)
 
 
 def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
@@ -202,6 +271,7 @@ def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
 # keywords. The issue that implements one removes its line (and its test in test_options.py).
 NOT_SUPPORTED_YET: dict[str, str] = {
     "grpc_options": "the gRPC proxy comes with issue 14",
+    "target_capacity": "it scales applications through autoscaling (issue 11); leave it null",
     "max_queued_requests": "load shedding comes with issue 11; leave it at -1 (no limit)",
     "autoscaling_config": "autoscaling comes with issue 11; set a fixed num_replicas",
     "num_replicas='auto'": "autoscaling comes with issue 11; set a fixed num_replicas",
@@ -324,6 +394,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "RayActorOptions": RayActorOptions,
     "DeploymentConfig": DeploymentConfig,
     "HTTPOptions": HTTPOptions,
+    "AdminOptions": AdminOptions,
     "ServeStartOptions": ServeStartOptions,
 }
 

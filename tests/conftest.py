@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,13 @@ import pytest
 from shoal import serve
 
 _names = itertools.count()
+
+# Every instance a test (or a driver it starts) creates gets a free admin port, and
+# `shoal start` servers keep their state in this session's own directory, so tests
+# never meet each other's instances or a developer's running server. Tests of the
+# defaults remove these variables in the process they start.
+os.environ["SHOAL_ADMIN_PORT"] = "0"
+os.environ["SHOAL_HOME"] = tempfile.mkdtemp(prefix="shoal-test-home-")
 
 
 def free_port() -> int:

@@ -376,3 +376,34 @@ def test_report_writer(tmp_path: Path) -> None:
     assert "## W3-latency load ramp" in text and "| 1 | 8 | 400 | 19.00 |" in text
     assert "| W3-latency | shoal | 64 | 2,100 |" in text
     assert "| shoal | 50 | 21.50 | 20.20 | 1.30 |" in text and "| starlette | failed: Down" in text
+
+
+def test_control_plane_report_has_verdicts_and_says_what_was_not_available() -> None:
+    """bench.control_plane's table from synthetic figures: verdicts against issue 10's
+    targets, a failed deploy with its reason, and (c) reported as not available."""
+    from bench import control_plane
+
+    cpu = {"foreign_cpu_pct": 40.0, "own_cpu_pct": 60.0, "loadavg_1m": 3.5}
+    results: dict[str, Any] = {
+        "deploy": {"runs": [
+            {"command_s": 1.0, "running_after_return_s": 2.5, "running_after_start_s": 3.5,
+             "applications": 11, "replicas": 30, **cpu},
+            {"command_s": 1.0, "failed": "2 of 11 application(s) DEPLOY_FAILED: x: boom",
+             "failed_after_return_s": 61.0, "applications": 11, **cpu},
+        ]},
+        "proxy": {"runs": [{"serving_again_s": 1.5, **cpu}]},
+        "controller": {"available": False, "reason": "no restart recovery in this tree"},
+        "blocked": {"health_check_timeout_s": 4.0, "out_of_routing_s": 3.9, "killed_s": 9.5, **cpu},
+    }  # fmt: skip
+    rows = control_plane.rows(results)
+    verdicts = [(row["value"], row["met"]) for row in rows]
+    assert verdicts == [
+        (2.5, True), (3.5, "info"), ("DEPLOY_FAILED after 61.0 s", False), (1.5, False),
+        ("not available", None), (3.9, True), (9.5, False),
+    ]  # fmt: skip
+    env = {"date": "d", "machine": {"nproc": 2, "cpu_model": "cpu"}, "python": {"version": "3"}}
+    settings = {"foreign_cpu_pct": 50.0, "loadavg_start": [1.0], "loadavg_end": [2.0]}
+    text = control_plane.render({"environment": env, "settings": settings, "rows": rows})
+    assert "| controller kill -9 under c=16 | not available |" in text
+    assert "- controller kill -9 under c=16: no restart recovery in this tree" in text
+    assert "40% (load 3.5)" in text and "DEPLOY_FAILED: x: boom" in text

@@ -63,8 +63,8 @@ def test_shoal_run_serves_a_module_and_stops_on_sigint(tmp_path: Path) -> None:
         assert f"http://127.0.0.1:{port}/" in banner
         reply = httpx.post(f"http://127.0.0.1:{port}/", json={"name": "shoal"}, timeout=30)
         assert reply.json() == {"hello": "shoal"}
-        workers = _descendants(server.pid)
-        assert len(workers) == 3  # two replicas and the proxy
+        # two replicas, the proxy and the standby process of its replacement
+        workers = wait_until(lambda: _four(_descendants(server.pid)))
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
         _wait_until_gone(workers)
@@ -157,3 +157,7 @@ def test_sigint_during_startup_still_stops_shoal_run(tmp_path: Path) -> None:
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+def _four(processes: set[int]) -> set[int] | None:
+    return processes if len(processes) == 4 else None

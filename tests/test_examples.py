@@ -195,6 +195,27 @@ def test_demo_apps_are_distinct() -> None:
     ]
 
 
+def test_demo_yaml_lists_the_demo_apps() -> None:
+    """examples/demo.yaml (`shoal deploy examples/demo.yaml`) holds exactly demo.APPS: the same
+    names and route prefixes in the same order, each import path naming that very application
+    (apps left out of APPS here, e.g. without scikit-learn, are the only extra entries)."""
+    import importlib
+
+    from shoal._deploy_config import load_config_file
+
+    config = load_config_file(str(ROOT / "examples" / "demo.yaml"))
+    listed = [(app.name, app.route_prefix) for app in config.applications]
+    assert [entry for entry in listed if entry[0] not in demo.SKIPPED] == [
+        (name, prefix) for name, prefix, _ in demo.APPS
+    ]
+    assert {name for name, _ in listed} - {name for name, _, _ in demo.APPS} == set(demo.SKIPPED)
+    apps = {name: app for name, _, app in demo.APPS}
+    for app in config.applications:
+        if app.name in apps:
+            module, _, attribute = app.import_path.partition(":")
+            assert getattr(importlib.import_module(module), attribute) is apps[app.name], app.name
+
+
 def _example_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

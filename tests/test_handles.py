@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import Deploy
+from conftest import Deploy, wait_until
 
 from shoal import serve
 
@@ -318,8 +318,12 @@ def test_failed_health_check_replaces_the_replica(deploy: Deploy) -> None:
         assert time.monotonic() < deadline, "the unhealthy replica was not replaced"
         time.sleep(0.05)
     assert current.startswith("fragile#Fragile#")
-    replicas = serve.status().applications["fragile"].deployments["Fragile"].replicas
-    assert [r.replica_id for r in replicas] == [current]
+
+    def only_the_replacement() -> bool:  # the old one may still be draining meanwhile
+        replicas = serve.status().applications["fragile"].deployments["Fragile"].replicas
+        return [r.replica_id for r in replicas] == [current]
+
+    wait_until(only_the_replacement, 30, "only the replacement listed")
 
 
 def test_local_testing_mode_ignores_route_prefixes() -> None:

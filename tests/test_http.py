@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,8 +126,9 @@ def test_route_conflict_leaves_first_app_untouched(apps: str) -> None:
 def test_status_lists_proxy(apps: str, http_port: int) -> None:
     status = serve.status()
     # Ray Serve's shape: node -> the proxy's status string; shoal's value also has its address.
-    assert status.proxies == {"local": "HEALTHY"}
-    assert status.proxies["local"].port == http_port
+    # Keyed by node, as in Ray Serve: this machine's host name.
+    assert status.proxies == {socket.gethostname(): "HEALTHY"}
+    assert status.proxies[socket.gethostname()].port == http_port
     assert status.applications["echo"].route_prefix == "/echo"
 
 

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(shoal.__file__).parent
 
 #: From the bottom up; a package may import only from packages listed before it.
 LAYERS = [
-    "_errors", "_config", "_json", "_transport", "_seam", "_router", "_api",
+    "_errors", "_config", "_deploy_config", "_json", "_transport", "_seam", "_router", "_api",
     "_replica", "_proxy", "_runtime", "_controller", "_instance", "serve",
 ]  # fmt: skip
 
@@ -25,8 +25,9 @@ def _package_imports() -> dict[str, set[str]]:
     for path in ROOT.rglob("*.py"):
         package = path.relative_to(ROOT).with_suffix("").parts[0]
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("shoal."):
-                target = node.module.split(".")[1]
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            if module and module.startswith("shoal."):
+                target = module.split(".")[1]
                 if target != package:
                     edges.setdefault(package, set()).add(target)
     return edges

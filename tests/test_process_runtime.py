@@ -134,7 +134,8 @@ def test_no_process_outlives_a_killed_driver(tmp_path: Path) -> None:
         assert len(replica_pids) == 2, line
         assert httpx.get(f"http://127.0.0.1:{port}/m", timeout=30).text == "ok"
         children = _children(driver.pid)
-        assert set(replica_pids) <= set(children) and len(children) == 3  # + the proxy
+        # + the proxy and the standby process of its replacement
+        assert set(replica_pids) <= set(children) and len(children) == 4
         driver.kill()
         driver.wait(timeout=10)
         wait_until(lambda: not any(_alive(pid) for pid in children), 15, "workers to exit")

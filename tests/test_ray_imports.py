@@ -64,8 +64,9 @@ SUBMODULES = {
     "handle": ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"],
     "config": ["AutoscalingConfig", "DeploymentConfig", "HTTPOptions"],
     "schema": [
-        "ApplicationStatus", "ApplicationStatusOverview", "DeploymentStatus",
-        "DeploymentStatusOverview", "ReplicaState", "ServeStatus",
+        "ApplicationStatus", "ApplicationStatusOverview", "DeploymentSchema", "DeploymentStatus",
+        "DeploymentStatusOverview", "ReplicaState", "ServeApplicationSchema", "ServeDeploySchema",
+        "ServeStatus",
     ],
     "context": ["ReplicaContext"],
 }  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import uuid
 from typing import Any
 
@@ -12,6 +13,7 @@ from shoal._api.handle import DeploymentHandle
 from shoal._config import DeploymentConfig
 from shoal._errors import ConfigError
 from shoal._router.router import RouterRegistry
+from shoal._seam.code import UserCode
 from shoal._seam.specs import AppSpec, DeploymentSpec
 
 # Options that change without replacing replicas: user_config via reconfigure(),
@@ -58,10 +60,8 @@ def build_app(
         kwargs = _substitute(node.kwargs, to_handle, set())
         config = node.deployment.config
         dep_name = names[id(node)]
-        specs[dep_name] = DeploymentSpec(
-            dep_name, node.deployment.func_or_class, args, kwargs, config,
-            _code_version(node.deployment.func_or_class, args, kwargs, config),
-        )  # fmt: skip
+        code = UserCode(node.deployment.func_or_class, args, kwargs)
+        specs[dep_name] = DeploymentSpec(dep_name, code, config, _code_version(code, config))
     return AppSpec(name, route_prefix, names[id(app)], specs)
 
 
@@ -103,15 +103,13 @@ def _copy_with(mapping: Any, values: dict[Any, Any]) -> Any:
     return clone
 
 
-def _code_version(target: Any, args: Any, kwargs: Any, config: DeploymentConfig) -> str:
-    """A fingerprint of code, arguments and heavyweight options; equal means reuse replicas."""
+def _code_version(code: UserCode, config: DeploymentConfig) -> str:
+    """A fingerprint of code (its source included), arguments and heavyweight options;
+    equal means the running replicas are reused."""
     if config.version is not None:
         return f"user:{config.version}"
-    import cloudpickle
-
-    options = config.model_dump(exclude=_LIGHTWEIGHT)
-    try:
-        blob = cloudpickle.dumps((target, args, kwargs, options))
-    except Exception:
+    fingerprint = code.fingerprint()
+    if fingerprint is None:
         return f"unhashable:{uuid.uuid4().hex}"  # cannot compare: always replace
-    return hashlib.blake2b(blob, digest_size=12).hexdigest()
+    options = json.dumps(config.model_dump(mode="json", exclude=_LIGHTWEIGHT), sort_keys=True)
+    return hashlib.blake2b(f"{fingerprint}:{options}".encode(), digest_size=12).hexdigest()

@@ -18,6 +18,7 @@ from shoal._errors import (
     TransportError,
 )
 from shoal._router.router import Router, RouterRegistry
+from shoal._seam.protocols import Stream
 from shoal._transport.failures import exception_from
 from shoal._transport.messages import Failure, Message, Request, Result, StreamEnd, StreamItem
 
@@ -330,7 +331,7 @@ class DeploymentResponseGenerator:
 
     def __init__(self, router: Router, request: Request, on_loop: bool) -> None:
         self._router = router
-        self._stream: Any = None
+        self._stream: Stream | None = None
         self._done = False
         # The request is sent at call time, as in Ray (a batched generator joins its batch
         # when called, not when first read); the stream is picked up on the first read.
@@ -426,7 +427,7 @@ class DeploymentResponseGenerator:
             self.cancel()
 
 
-async def _open_stream(router: Router, request: Request) -> Any:
+async def _open_stream(router: Router, request: Request) -> Stream:
     return await router.open_stream(request)
 
 

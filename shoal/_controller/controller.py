@@ -6,15 +6,20 @@ one can free the resources another waits for); a failed first deploy leaves
 nothing running; an application whose replicas can never fit the machine is
 refused before anything starts; an application's route is installed in the
 proxy only after all of its replicas are ready, and removed before its
-replicas are stopped.
+replicas are stopped. A failed update leaves the application at the version
+still serving, as its desired state too (a later replacement starts that
+version). The proxy is supervised: replaced when its process dies or its
+event loop stops answering (``serve.status()`` says so meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal._config import HTTPOptions
@@ -30,13 +35,27 @@ from shoal._controller.status import (
     ProxyStatus,
     ServeStatus,
 )
-from shoal._errors import ConfigError, DeploymentError, NotFoundError, RouteConflictError
+from shoal._errors import (
+    ConfigError,
+    DeploymentError,
+    NotFoundError,
+    RouteConflictError,
+    ShoalError,
+    TransportError,
+)
 from shoal._router.router import RouterRegistry
+from shoal._runtime.node import local_node_id
 from shoal._seam.protocols import ReplicaHandle, Runtime
 from shoal._seam.specs import AppSpec
 from shoal._transport.messages import ReplicaSetUpdate
 
 logger = logging.getLogger("shoal.controller")
+
+#: How often the proxy's event loop is asked whether it is alive, and how long it may
+#: take to answer before the proxy is replaced (a dead proxy is replaced at once).
+PROXY_HEALTH_CHECK_PERIOD_S = 1.0
+PROXY_HEALTH_CHECK_TIMEOUT_S = 5.0
+_PROXY_RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass
@@ -59,26 +78,95 @@ class Controller:
         self.apps: dict[str, _App] = {}
         self.proxy: ProxyStatus | None = None
         self._proxy_starting: asyncio.Future[None] | None = None
+        self._proxy_died = asyncio.Event()
+        self._proxy_supervisor: asyncio.Task[None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        # Called after every deploy and delete (success or not): a server checkpoints here.
+        self.on_change: Callable[[], None] = lambda: None
 
     def _lock(self, app: str) -> asyncio.Lock:
         return self._locks.setdefault(app, asyncio.Lock())
 
-    async def start(self, http: HTTPOptions | None, wait_for_proxy: bool = True) -> None:
+    async def start(
+        self, http: HTTPOptions | None, wait_for_proxy: bool = True, adopt_window_s: float = 0.0
+    ) -> None:
         """Start the runtime and, with ``http``, the proxy.
 
         With ``wait_for_proxy=False`` the proxy starts while applications deploy
         (faster cold starts); a proxy failure is then raised by the first deploy.
+        With ``adopt_window_s`` (a restarted server), workers of the previous
+        controller are given that long to rejoin first; a proxy among them is kept.
         """
         await self.runtime.start(self._replica_died)
+        if adopt_window_s > 0:
+            await self.runtime.rejoined.settle(adopt_window_s)  # type: ignore[attr-defined]
+            if http is not None and self._adopt_proxy(http):
+                return
         if http is not None and self.runtime.supports_http:
+            self.proxy = ProxyStatus(http.host, http.port, ProxyStatus.STARTING)
             self._proxy_starting = asyncio.ensure_future(self._start_proxy(http))
             if wait_for_proxy:
                 await self._proxy_starting
 
     async def _start_proxy(self, http: HTTPOptions) -> None:
-        host, port = await self.runtime.start_proxy(http)
-        self.proxy = ProxyStatus(host, port)
+        try:
+            host, port = await self.runtime.start_proxy(http, self._proxy_died.set)
+        except BaseException:
+            self.proxy = None
+            raise
+        self.proxy = ProxyStatus(host, port, ProxyStatus.HEALTHY, self.runtime.proxy_pid)
+        self._proxy_supervisor = asyncio.ensure_future(self._supervise_proxy())
+
+    def _adopt_proxy(self, http: HTTPOptions) -> bool:
+        where = self.runtime.adopt_proxy(http, self._proxy_died.set)  # type: ignore[attr-defined]
+        if where is None:
+            return False
+        self.proxy = ProxyStatus(where[0], where[1], ProxyStatus.HEALTHY, self.runtime.proxy_pid)
+        self._proxy_supervisor = asyncio.ensure_future(self._supervise_proxy())
+        return True
+
+    async def _supervise_proxy(self) -> None:
+        """Replace the proxy when its process dies (at once) or its event loop has not
+        answered for ``PROXY_HEALTH_CHECK_TIMEOUT_S`` (hung), on the same port.
+
+        No threshold of consecutive failures, unlike a replica's health check: the
+        proxy runs no user code, so a check can only fail by the process being gone
+        or by its loop not running at all. ``serve.status()`` shows STARTING while
+        the replacement starts (UNHEALTHY between failed attempts), then HEALTHY.
+        """
+        while True:
+            try:
+                await asyncio.wait_for(self._proxy_died.wait(), PROXY_HEALTH_CHECK_PERIOD_S)
+                why = "its process died"
+            except TimeoutError:
+                try:
+                    await self.runtime.check_proxy(PROXY_HEALTH_CHECK_TIMEOUT_S)
+                    continue
+                except (ShoalError, TransportError) as exc:
+                    why = f"it did not answer its health check ({exc})"
+            await self._replace_proxy(why)
+
+    async def _replace_proxy(self, why: str) -> None:
+        """Restart the proxy until it serves again (with backoff if that keeps failing)."""
+        assert self.proxy is not None
+        host, port = self.proxy.host, self.proxy.port
+        logger.warning("the HTTP proxy is unhealthy: %s; replacing it", why)
+        for attempt in itertools.count():
+            self._proxy_died.clear()
+            self.proxy = ProxyStatus(host, port, ProxyStatus.STARTING)
+            try:
+                host, port = await self.runtime.restart_proxy()
+            except (ShoalError, TransportError, OSError, TimeoutError) as exc:
+                delay = _PROXY_RESTART_BACKOFF_S[min(attempt, len(_PROXY_RESTART_BACKOFF_S) - 1)]
+                logger.warning(
+                    "the HTTP proxy failed to restart (%s); retrying in %g s", exc, delay
+                )
+                self.proxy = ProxyStatus(host, port, ProxyStatus.UNHEALTHY)
+                await asyncio.sleep(delay)
+                continue
+            self.proxy = ProxyStatus(host, port, ProxyStatus.HEALTHY, self.runtime.proxy_pid)
+            logger.info("the HTTP proxy serves again on %s:%d", host, port)
+            return
 
     async def publish(self, update: ReplicaSetUpdate) -> None:
         self.registry.apply(update)
@@ -94,30 +182,35 @@ class Controller:
         """
         self._check_fits(spec)
         async with self._lock(spec.name):
-            self._check_route(spec)
-            app = self.apps.get(spec.name)
-            is_new = app is None
-            if app is None:
-                app = self.apps[spec.name] = _App(spec)
-            previous, app.spec = app.spec, spec
-            app.status, app.message = ApplicationStatus.DEPLOYING, ""
             try:
-                await self._deploy_deployments(app, previous if not is_new else None)
-            except (Exception, asyncio.CancelledError) as exc:
-                # Cancelled: serve.run gave up waiting (its timeout); leave no half-deployed app.
-                app.status = ApplicationStatus.DEPLOY_FAILED
-                app.message = (
-                    failure_message(exc) or "the deploy was cancelled (serve.run timed out)"
-                )
-                if is_new:
-                    await self._teardown(app)
-                else:
-                    app.spec = previous
-                    await self._mark_ingress(app)  # back to the version still serving
-                raise
-            app.status, app.deployed_at = ApplicationStatus.RUNNING, time.time()
-            app.routed = spec.route_prefix is not None
-            await self._publish_routes()
+                await self._deploy_locked(spec)
+            finally:
+                self.on_change()
+
+    async def _deploy_locked(self, spec: AppSpec) -> None:
+        self._check_route(spec)
+        app = self.apps.get(spec.name)
+        is_new = app is None
+        if app is None:
+            app = self.apps[spec.name] = _App(spec)
+        previous, app.spec = app.spec, spec
+        app.status, app.message = ApplicationStatus.DEPLOYING, ""
+        try:
+            await self._deploy_deployments(app, previous if not is_new else None)
+        except (Exception, asyncio.CancelledError) as exc:
+            # Cancelled: serve.run gave up waiting (its timeout); leave no half-deployed app.
+            app.status = ApplicationStatus.DEPLOY_FAILED
+            app.message = failure_message(exc) or "the deploy was cancelled (serve.run timed out)"
+            if is_new:
+                await self._teardown(app)
+            else:
+                app.spec = previous
+                await self._roll_back(app)
+                await self._mark_ingress(app)  # back to the version still serving
+            raise
+        app.status, app.deployed_at = ApplicationStatus.RUNNING, time.time()
+        app.routed = spec.route_prefix is not None
+        await self._publish_routes()
 
     def _check_fits(self, spec: AppSpec) -> None:
         """Refuse an application whose replicas can never all run on this machine at once."""
@@ -178,6 +271,34 @@ class Controller:
             await state.delete()
             app.deployments.pop(state.name, None)
 
+    async def _roll_back(self, app: _App) -> None:
+        """After a failed update, make ``app.spec`` (the version still serving) every
+        deployment's desired state again, so replacements start that version.
+
+        The deployment that failed has restored its own spec (its old replicas kept
+        serving); one the update added is deleted; one whose update succeeded before
+        another failed is redeployed at its previous version (best effort: logged).
+        """
+        for name, state in list(app.deployments.items()):
+            before = app.spec.deployments.get(name)
+            if before is None:
+                await state.delete()
+                app.deployments.pop(name, None)
+            elif state.spec is not None and state.spec is not before:
+                same = (state.spec.code_version, state.spec.config) == (
+                    before.code_version, before.config,
+                )  # fmt: skip
+                if same:
+                    state.spec = before
+                    continue
+                try:
+                    await state.deploy(before)
+                except Exception as exc:
+                    logger.error(
+                        "deployment '%s' of application '%s' could not go back to the version "
+                        "still serving: %s", name, app.spec.name, failure_message(exc),
+                    )  # fmt: skip
+
     async def _mark_ingress(self, app: _App) -> None:
         """Make each deployment's replica sets say whether it is ``app.spec``'s ingress.
 
@@ -203,7 +324,10 @@ class Controller:
                     return  # its first deploy was waiting, gave up and removed it
                 raise NotFoundError(f"application '{name}' does not exist")
             app.status = ApplicationStatus.DELETING
-            await self._teardown(app)
+            try:
+                await self._teardown(app)
+            finally:
+                self.on_change()
 
     async def _teardown(self, app: _App) -> None:
         app.routed = False
@@ -238,6 +362,18 @@ class Controller:
 
     # --- status and shutdown -------------------------------------------------------
 
+    def _graceful_timeout_s(self) -> float:
+        """The longest ``graceful_shutdown_timeout_s`` of the running deployments."""
+        return max(
+            (
+                state.spec.config.graceful_shutdown_timeout_s
+                for app in self.apps.values()
+                for state in app.deployments.values()
+                if state.spec is not None
+            ),
+            default=0.0,
+        )
+
     def status(self) -> ServeStatus:
         apps = {}
         for name, app in self.apps.items():
@@ -250,28 +386,36 @@ class Controller:
             apps[name] = ApplicationStatusOverview(
                 status, app.message, app.spec.route_prefix, app.deployed_at, deployments
             )
-        proxies = {"local": self.proxy} if self.proxy else {}
+        proxies = {local_node_id(): self.proxy} if self.proxy else {}
         return ServeStatus(proxies, apps)
 
     async def shutdown(self, timeout_s: float) -> None:
-        """Fixed order: routes off, applications drained, then the runtime (proxy last)."""
+        """Fixed order, all within ``timeout_s``: the proxy drains (new requests get 503
+        with ``Retry-After``; those it accepted are answered, for at most the largest
+        ``graceful_shutdown_timeout_s`` and half of ``timeout_s``), then routes go and
+        applications drain, then the runtime stops (proxy last)."""
+        deadline = time.monotonic() + timeout_s
         self.ledger.close("shoal is shutting down")  # deploys waiting for resources give up
         if self._proxy_starting is not None:
             try:
                 await self._proxy_starting
             except Exception:  # it never served: nothing to drain, and nothing to re-raise
                 self._proxy_starting = None
+        if self._proxy_supervisor is not None:
+            self._proxy_supervisor.cancel()  # a proxy stopping now must not be replaced
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._proxy_supervisor
         if self.proxy is not None:
             proxy = self.proxy
-            self.proxy = ProxyStatus(proxy.host, proxy.port, ProxyStatus.DRAINING)
-            await self.runtime.drain_proxy()  # health checks fail; new requests get 503
+            self.proxy = ProxyStatus(proxy.host, proxy.port, ProxyStatus.DRAINING, proxy.pid)
+            await self.runtime.drain_proxy(min(self._graceful_timeout_s(), timeout_s / 2))
         async with contextlib.AsyncExitStack() as locks:
             for name in list(self.apps):
                 await locks.enter_async_context(self._lock(name))
             try:
                 await asyncio.wait_for(
                     asyncio.gather(*(self._teardown(app) for app in list(self.apps.values()))),
-                    timeout_s,
+                    max(0.0, deadline - time.monotonic()),
                 )
             except TimeoutError:
                 logger.warning("applications did not drain within %.0f s; killing them", timeout_s)

@@ -6,6 +6,10 @@ Guarantees:
 - a ``user_config`` change is applied in place with ``reconfigure()``;
 - a replica that dies or fails its health check is replaced, with backoff
   when replacements keep failing;
+- a replica whose event loop answers nothing for ``health_check_timeout_s``
+  leaves routing at once and is killed soon after (see :meth:`_supervise`);
+- a failed update leaves the previous spec as the desired one: replacements
+  start the version still serving;
 - routers stop picking a replica before it is asked to stop;
 - a replica starts only once the ledger grants its resources (until then it is
   PENDING, with the short resource in the deployment's message) and gives them
@@ -16,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shoal._config import DeploymentConfig
@@ -44,6 +49,12 @@ _MAX_BACKOFF_S = 30.0
 #: Consecutive failed health checks after which a replica is replaced (Ray Serve's
 #: REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD).
 _UNHEALTHY_THRESHOLD = 3
+#: A replica silent for health_check_timeout_s is out of routing; it is killed unless
+#: its event loop answers within this much more (then it is drained, not killed).
+_UNRESPONSIVE_KILL_GRACE_S = 2.0
+#: Bounds of how often the supervisor looks at a deployment's replicas.
+_MIN_TICK_S = 0.05
+_MAX_TICK_S = 5.0
 
 
 @dataclass
@@ -54,6 +65,10 @@ class ReplicaRecord:
     state: ReplicaState = ReplicaState.RUNNING
     grant: Grant | None = None
     health_failures: int = 0  # consecutive failed health checks
+    alive_at: float = field(default_factory=time.monotonic)  # its event loop last answered
+    checked_at: float = field(default_factory=time.monotonic)  # its last health check ended
+    pinging: bool = False
+    checking: bool = False
 
 
 class DeploymentState:
@@ -81,6 +96,7 @@ class DeploymentState:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ledger = ledger
         self.pending: dict[str, str] = {}  # replica id -> the resource it waits for
+        self.starting: set[str] = set()  # replica ids whose process is starting
         self._acquiring: set[asyncio.Task[Grant]] = set()
         self._abort: str | None = None
 
@@ -94,6 +110,7 @@ class DeploymentState:
     async def deploy(self, spec: DeploymentSpec) -> None:
         """Bring replicas to ``spec``; raises DeploymentError, leaving old replicas serving."""
         previous, self.spec = self.spec, spec
+        previous_config_version = self.config_version
         self.status, self.message = DeploymentStatus.UPDATING, ""
         target = spec.config.target_replicas()
         try:
@@ -106,13 +123,61 @@ class DeploymentState:
                     self.config_version += 1
                     await self._reconfigure(spec.config.user_config)
                 await self._scale(target)
-        except Exception as exc:  # a DeploymentError, or a constructor's own (local testing)
+        except (Exception, asyncio.CancelledError) as exc:
+            # A DeploymentError, a constructor's own (local testing), or serve.run gave up.
             self.status, self.message = DeploymentStatus.DEPLOY_FAILED, failure_message(exc)
+            if previous is not None:
+                await self._roll_back(previous, previous_config_version)
             raise
         self.status, self.message = DeploymentStatus.HEALTHY, ""
         self._failures = 0
         if not any(t.get_name() == "supervise" for t in self._tasks):
             self._spawn(self._supervise(), "supervise")
+
+    async def _roll_back(self, previous: DeploymentSpec, config_version: int) -> None:
+        """Make ``previous`` (the spec still serving) the desired one again after a
+        failed update. Replicas that took the failed update's ``user_config`` get the
+        previous one back (or are replaced); replicas an update stopped first (short
+        of resources) are started again, in the background."""
+        failed_version = self.config_version
+        self.spec, self.config_version = previous, config_version
+        running = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
+        drifted = [r for r in running if r.config_version == failed_version != config_version]
+        results = await asyncio.gather(
+            *(r.handle.reconfigure(previous.config.user_config, _RECONFIGURE_TIMEOUT_S)
+              for r in drifted),
+            return_exceptions=True,
+        )  # fmt: skip
+        for record, result in zip(drifted, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("replica %s kept a failed user_config (%s); replacing it",
+                               record.handle.info.replica_id, result)  # fmt: skip
+                self._spawn(self._retire(record), "retire")
+            else:
+                record.config_version = config_version
+        replacing = sum(1 for t in self._tasks if t.get_name() == "replace" and not t.done())
+        for _ in range(previous.config.target_replicas() - len(running) - replacing):
+            self._spawn(self._replace_dead(), "replace")
+
+    def adopt(self, spec: DeploymentSpec, candidates: list[tuple[ReplicaHandle, Any]]) -> list[Any]:
+        """Take over running replicas of ``spec`` that rejoined a restarted controller
+        (``candidates``: handle and what each said of itself); returns the handles not
+        adopted (another code version or user_config, or short of resources)."""
+        self.spec = spec
+        demand = Demand.of(spec.config.ray_actor_options)
+        rejected = []
+        for handle, said in candidates:
+            current = (said.code_version, said.user_config) == (
+                spec.code_version, spec.config.user_config,
+            )  # fmt: skip
+            grant = self._ledger.try_acquire(demand) if current else None
+            if grant is None:
+                rejected.append(handle)
+                continue
+            self.replicas.append(
+                ReplicaRecord(handle, spec.code_version, self.config_version, grant=grant)
+            )
+        return rejected
 
     async def _replace_all(self, target: int) -> None:
         old = list(self.replicas)
@@ -177,14 +242,17 @@ class DeploymentState:
         replica_id = f"{self.app}#{spec.name}#{uuid.uuid4().hex[:6]}"
         grant = await self._reserve(replica_id, Demand.of(spec.config.ray_actor_options))
         replica_spec = ReplicaSpec(
-            self.app, spec.name, replica_id, spec.target, spec.init_args, spec.init_kwargs,
-            _with_gpus(spec.config, grant), self.is_ingress,
+            self.app, spec.name, replica_id, spec.code, _with_gpus(spec.config, grant),
+            self.is_ingress, spec.code_version,
         )  # fmt: skip
+        self.starting.add(replica_id)
         try:
             handle = await self._runtime.start_replica(replica_spec)
         except BaseException:
             self._ledger.release(grant)
             raise
+        finally:
+            self.starting.discard(replica_id)
         record = ReplicaRecord(handle, spec.code_version, self.config_version, grant=grant)
         if self._deleting or self.spec is not spec:  # superseded while starting
             await handle.stop(0.0, 0.0)
@@ -293,22 +361,90 @@ class DeploymentState:
                 await asyncio.sleep(min(_MAX_BACKOFF_S, 0.5 * 2**self._failures))
 
     async def _supervise(self) -> None:
-        """Periodic health checks (``health_check_period_s``, each within
-        ``health_check_timeout_s``). As in Ray Serve, a replica is replaced after
-        ``_UNHEALTHY_THRESHOLD`` consecutive failed or timed-out checks; one that
-        succeeds in between resets the count. A replica that died is replaced at once.
+        """Watch every running replica, each on its own schedule (a slow or blocked
+        one never delays the others, the controller, or another deployment):
+
+        - Liveness. Its event loop is pinged every tick (no user code runs). A
+          replica that has answered nothing for ``health_check_timeout_s`` has a
+          blocked loop or a hung process: it cannot serve, so it leaves routing at
+          once (the silent process itself is not waited for), its replacement
+          starts, and it is killed unless it answers within
+          ``_UNRESPONSIVE_KILL_GRACE_S`` more (then it is drained instead). So it
+          is out of routing at most ``health_check_timeout_s`` after its loop
+          blocked, and killed about ``_UNRESPONSIVE_KILL_GRACE_S`` later.
+        - Health. Every ``health_check_period_s`` the user's ``check_health`` runs
+          (within ``health_check_timeout_s``). As in Ray Serve, after
+          ``_UNHEALTHY_THRESHOLD`` consecutive failures (raised, or timed out while
+          the loop still answers) the replica is replaced, then drained; a success
+          resets the count.
+
+        A replica whose process died is replaced at once (the runtime reports it).
         """
         while not self._deleting and self.spec is not None:
             config = self.spec.config
-            await asyncio.sleep(config.health_check_period_s)
-            records = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
-            results = await asyncio.gather(
-                *(r.handle.check_health(config.health_check_timeout_s) for r in records),
-                return_exceptions=True,
-            )
-            for record, result in zip(records, results, strict=True):
-                if record in self.replicas and record.state is ReplicaState.RUNNING:
-                    self._health_checked(record, result)
+            tick = _tick_s(config)
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for record in self.replicas:
+                if record.state is not ReplicaState.RUNNING:
+                    continue
+                if not record.pinging:
+                    record.pinging = True
+                    self._spawn(self._ping(record, config.health_check_timeout_s, tick), "ping")
+                if not record.checking and now - record.checked_at >= config.health_check_period_s:
+                    record.checking = True
+                    self._spawn(self._check(record, config.health_check_timeout_s), "check")
+
+    async def _ping(self, record: ReplicaRecord, silence_limit_s: float, tick_s: float) -> None:
+        """One ping, answered or not by the time the replica has been silent for
+        ``silence_limit_s`` (at least ``tick_s``: a stalled controller is not the
+        replica's fault); if not, the replica is retired as unresponsive."""
+        try:
+            budget = record.alive_at + silence_limit_s - time.monotonic()
+            await record.handle.ping(max(budget, tick_s))
+            record.alive_at = time.monotonic()
+        except TimeoutError:
+            if record in self.replicas and record.state is ReplicaState.RUNNING:
+                self._spawn(self._retire_unresponsive(record), "retire")
+        except (ShoalError, TransportError):
+            pass  # its process is gone: the runtime reports the death
+        finally:
+            record.pinging = False
+
+    async def _check(self, record: ReplicaRecord, timeout_s: float) -> None:
+        result: Exception | None = None
+        try:
+            await record.handle.check_health(timeout_s)
+        except Exception as exc:
+            result = exc
+        finally:
+            record.checking, record.checked_at = False, time.monotonic()
+        if not isinstance(result, TimeoutError):
+            record.alive_at = record.checked_at  # an answer, even a failure, proves liveness
+        if record in self.replicas and record.state is ReplicaState.RUNNING:
+            self._health_checked(record, result)
+
+    async def _retire_unresponsive(self, record: ReplicaRecord) -> None:
+        """Out of routing and replaced at once; killed unless its loop answers soon."""
+        replica_id = record.handle.info.replica_id
+        logger.warning(
+            "replica %s has answered nothing for %.1f s (health_check_timeout_s): its event "
+            "loop is blocked or it hangs; taking it out of routing and replacing it",
+            replica_id, time.monotonic() - record.alive_at,
+        )  # fmt: skip
+        record.state = ReplicaState.STOPPING
+        self.status = DeploymentStatus.UNHEALTHY
+        self.message = f"replica {replica_id} stopped answering (blocked event loop?); replacing it"
+        self._spawn(self.publish(), "publish")  # routers drop it; its own ack is not awaited
+        self._spawn(self._replace_dead(), "replace")
+        try:
+            await record.handle.ping(_UNRESPONSIVE_KILL_GRACE_S)
+        except (ShoalError, TransportError):
+            logger.warning("killing replica %s (pid %s): still no answer", replica_id,
+                           record.handle.pid)  # fmt: skip
+            record.handle.kill()  # its death, reported by the runtime, drops its record
+            return
+        await self._stop([record])  # its loop is back: drain it like any replaced replica
 
     def _health_checked(self, record: ReplicaRecord, result: Any) -> None:
         replica_id = record.handle.info.replica_id
@@ -362,6 +498,11 @@ class DeploymentState:
             for r in self.replicas
         ]
         version = self.spec.code_version if self.spec else ""
+        for replica_id in self.starting:
+            states[str(ReplicaState.STARTING)] += 1
+            replicas.append(
+                ReplicaStatus(replica_id, ReplicaState.STARTING, None, version, self.config_version)
+            )
         for replica_id, reason in self.pending.items():
             states[str(ReplicaState.PENDING)] += 1
             replicas.append(
@@ -373,6 +514,13 @@ class DeploymentState:
         return DeploymentStatusOverview(
             self.status, self.message, dict(states), replicas, target, self.config_version
         )
+
+
+def _tick_s(config: DeploymentConfig) -> float:
+    """How often the supervisor looks at replicas: a fifth of the silence a replica
+    may keep, and twice per health-check period."""
+    wanted = min(config.health_check_timeout_s / 5, config.health_check_period_s / 2)
+    return min(max(wanted, _MIN_TICK_S), _MAX_TICK_S)
 
 
 def _with_gpus(config: DeploymentConfig, grant: Grant) -> DeploymentConfig:

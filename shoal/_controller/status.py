@@ -66,7 +66,12 @@ class ProxyStatus(str):
     """A proxy's status, one of Ray Serve's strings (``serve.status().proxies[node]``).
 
     It compares equal to the string ("HEALTHY"...), as Ray's ``ProxyStatus`` enum
-    members do, and also carries where the proxy listens: ``.host`` and ``.port``.
+    members do, and also carries where the proxy listens: ``.host`` and ``.port``,
+    and ``.pid``, its process (None while none runs).
+
+    STARTING until it serves; UNHEALTHY once its process died or its event loop
+    stopped answering, then STARTING while a replacement starts; DRAINING while
+    shoal shuts down.
     """
 
     STARTING: ClassVar[str] = "STARTING"
@@ -77,12 +82,15 @@ class ProxyStatus(str):
 
     host: str
     port: int
+    pid: int | None
 
-    def __new__(cls, host: str, port: int, status: str = "HEALTHY") -> ProxyStatus:
+    def __new__(
+        cls, host: str, port: int, status: str = "HEALTHY", pid: int | None = None
+    ) -> ProxyStatus:
         if status not in _PROXY_STATUSES:
             raise ValueError(f"unknown proxy status {status!r}; one of {_PROXY_STATUSES}")
         value = super().__new__(cls, status)
-        value.host, value.port = host, port
+        value.host, value.port, value.pid = host, port, pid
         return value
 
     @property
@@ -91,10 +99,10 @@ class ProxyStatus(str):
         return str.__str__(self)
 
     def __repr__(self) -> str:
-        return f"ProxyStatus({self.status!r}, host={self.host!r}, port={self.port})"
+        return f"ProxyStatus({self.status!r}, host={self.host!r}, port={self.port}, pid={self.pid})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ProxyStatus, (self.host, self.port, self.status))
+        return (ProxyStatus, (self.host, self.port, self.status, self.pid))
 
 
 _PROXY_STATUSES = ("STARTING", "HEALTHY", "UNHEALTHY", "DRAINING", "DRAINED")

@@ -28,13 +28,12 @@ from shoal._api.graph import build_app
 from shoal._api.handle import DeploymentHandle
 from shoal._config import (
     NOT_SUPPORTED_YET,
+    AdminOptions,
     DeploymentConfig,
     HTTPOptions,
     ServeStartOptions,
     validate,
 )
-from shoal._controller.controller import Controller
-from shoal._controller.resources import Capacity, Ledger
 from shoal._controller.status import ServeStatus
 from shoal._errors import (
     ConfigError,
@@ -43,66 +42,14 @@ from shoal._errors import (
     NotFoundError,
     NotRunningError,
 )
+from shoal._instance.home import default_admin_options
+from shoal._instance.instance import Instance
 from shoal._router.router import RouterRegistry
-from shoal._runtime.loop import LoopThread
 from shoal._seam.startup import user_frames
 
 logger = logging.getLogger("shoal")
 
-_DEPLOY_TIMEOUT_S = 600.0
-_SHUTDOWN_TIMEOUT_S = 30.0
-_GPU_PROBE_TIMEOUT_S = 10.0  # nvidia-smi -L, run once per instance when it exists
-
-
-class _Instance:
-    """A controller, its runtime and routers, on their own loop thread."""
-
-    def __init__(
-        self,
-        kind: str,
-        http: HTTPOptions | None,
-        wait_for_proxy: bool = True,
-        options: ServeStartOptions | None = None,
-    ) -> None:
-        self.kind = kind
-        self.http = http
-        self.options = options or ServeStartOptions()
-        self._wait_for_proxy = wait_for_proxy
-        self.thread = LoopThread(f"shoal-{kind}")
-        try:
-            self.controller: Controller = self.thread.run(self._start(), 60.0)
-        except BaseException:
-            self.thread.stop()
-            raise
-        self.registry = self.controller.registry
-
-    async def _start(self) -> Controller:
-        runtime: Any
-        if self.kind == "local":
-            from shoal._runtime.inprocess import InProcessRuntime
-
-            runtime = InProcessRuntime()
-        else:
-            from shoal._runtime.process.runtime import ProcessRuntime
-
-            runtime = ProcessRuntime()
-        registry = RouterRegistry(runtime.connector, self.thread.loop)
-        capacity = Capacity.detect(self.options.resources, _GPU_PROBE_TIMEOUT_S)
-        controller = Controller(runtime, registry, Ledger(capacity))
-        await controller.start(self.http, self._wait_for_proxy)
-        return controller
-
-    def run(self, coro: Any, timeout_s: float = _DEPLOY_TIMEOUT_S) -> Any:
-        return self.thread.run(coro, timeout_s)
-
-    def stop(self) -> None:
-        try:
-            self.run(self.controller.shutdown(_SHUTDOWN_TIMEOUT_S), _SHUTDOWN_TIMEOUT_S + 10)
-        finally:
-            self.thread.stop()
-
-
-_instances: dict[str, _Instance] = {}
+_instances: dict[str, Instance] = {}
 _lock = threading.RLock()
 
 
@@ -113,14 +60,19 @@ def start(
     logging_config: dict[str, Any] | None = None,
     *,
     resources: dict[str, float] | None = None,
+    admin_options: dict[str, Any] | AdminOptions | None = None,
     _blocking: bool = True,
     **kwargs: Any,
 ) -> None:
     """Start shoal's multi-process runtime and its HTTP proxy (127.0.0.1:8000 by default).
 
+    If a ``shoal start`` server runs for this user, attach to it instead (as Ray
+    Serve connects to a running cluster): the other options are then the server's.
     ``proxy_location="Disabled"`` starts no proxy ("EveryNode" and "HeadOnly" both
     mean the one proxy of this machine). ``resources`` declares the custom
     resources this machine offers replicas (CPUs and GPUs are detected).
+    ``admin_options`` place the admin REST API (127.0.0.1:8265 by default;
+    ``{"enabled": False}`` turns it off; a busy port is a ConfigError).
     Calling it again while running is a no-op (a warning if the HTTP options
     differ; a ConfigError if the resources differ).
     ``_blocking=False`` returns before the proxy is up; ``serve.run`` waits for it.
@@ -133,26 +85,59 @@ def start(
         "serve.start()",
     )
     options = _http_options(http_options)
+    admin = _admin_options(admin_options)
     with _lock:
         instance = _instances.get("process")
+        if instance is None and _attach():
+            instance = _instances["process"]
+            if http_options is not None:
+                logger.warning("serve.start(): attached to the running shoal server, whose "
+                               "HTTP options apply; ignoring http_options")  # fmt: skip
+            return
         if instance is not None:
-            if settings.resources != instance.options.resources:
+            if instance.kind == "process" and settings.resources != instance.options.resources:
                 raise ConfigError(
                     f"shoal is already running with resources={instance.options.resources}; "
                     "call serve.shutdown() first to declare other resources"
                 )
-            if options != instance.http:
+            if options != instance.http and instance.kind == "process":
                 logger.warning(
                     "shoal is already running with HTTP %s; ignoring new options", instance.http
                 )
             return
         http = None if settings.proxy_location == "Disabled" else options
-        _instances["process"] = _Instance("process", http, _blocking, settings)
+        _instances["process"] = Instance("process", http, _blocking, settings, admin)
         set_default_registry(_instances["process"].registry)
 
 
+def _attach() -> bool:
+    """Attach to this user's running ``shoal start`` server, if there is one."""
+    from shoal._instance.home import read_server_info
+
+    info = read_server_info()
+    if info is None:
+        return False
+    from shoal._instance.attach import AttachedInstance
+
+    attached = AttachedInstance(info)
+    _instances["process"] = attached  # type: ignore[assignment]
+    set_default_registry(attached.registry)
+    logger.info("attached to the shoal server (pid %d, admin API %s)", info.pid, info.admin_url)
+    return True
+
+
+def _admin_options(value: dict[str, Any] | AdminOptions | None) -> AdminOptions:
+    if isinstance(value, AdminOptions):
+        return value
+    if value is None:
+        return default_admin_options()
+    options: AdminOptions = validate(AdminOptions, dict(value), "admin_options")
+    return options
+
+
 _START_KEYWORDS = (
-    "proxy_location", "http_options", "grpc_options", "logging_config", "resources", "_blocking",
+    "proxy_location", "http_options", "grpc_options", "logging_config", "resources",
+    "admin_options", "_blocking",
 )  # fmt: skip
 _RUN_KEYWORDS = ("target", "blocking", "name", "route_prefix", "logging_config",
                  "_local_testing_mode")  # fmt: skip
@@ -183,11 +168,11 @@ def _http_options(value: dict[str, Any] | HTTPOptions | None) -> HTTPOptions:
     return options
 
 
-def _instance(local: bool) -> _Instance:
+def _instance(local: bool) -> Instance:
     with _lock:
         if local:
             if "local" not in _instances:
-                _instances["local"] = _Instance("local", None)
+                _instances["local"] = Instance("local", None)
                 if "process" not in _instances:
                     set_default_registry(_instances["local"].registry)
             return _instances["local"]
@@ -274,10 +259,9 @@ def _deploy(target: RunTarget, local: bool) -> DeploymentHandle:
     spec = build_app(target.target, name, route_prefix, instance.registry)
     for deployment in spec.deployments.values():
         _check_supported(deployment.name, deployment.config, local)
-    app = instance.controller.apps.get(name)
-    previous = app.spec.ingress if app is not None else None
+    previous = instance.ingress_of(name) if name in instance.app_names() else None
     try:
-        instance.run(instance.controller.deploy(spec))
+        instance.deploy(spec)
     except DeploymentError as exc:
         # The frames of shoal's loop thread say nothing to the user; the cause has theirs.
         raise exc.with_traceback(None) from exc.__cause__
@@ -350,8 +334,8 @@ def delete(name: str, _blocking: bool = True) -> None:
     """
     _forget_handles(name)
     for instance in _running():
-        if name in instance.controller.apps:
-            instance.run(instance.controller.delete(name))
+        if name in instance.app_names():
+            instance.delete(name)
             return
     logger.info("serve.delete(%r): there is no application of that name", name)
 
@@ -360,18 +344,23 @@ def status() -> ServeStatus:
     """Applications -> deployments -> replicas, with Ray Serve's status strings."""
     merged = ServeStatus()
     for instance in _running():
-        current = instance.run(_snapshot(instance.controller), 30.0)
+        current = instance.status()
         merged.applications.update(current.applications)
         merged.proxies.update(current.proxies)
     return merged
 
 
-async def _snapshot(controller: Controller) -> ServeStatus:
-    return controller.status()
-
-
 def shutdown() -> None:
-    """Stop everything shoal started, in order, within a time limit. Safe to call twice."""
+    """Stop everything shoal started, in order, within a time limit. Safe to call twice.
+
+    In a process attached to a ``shoal start`` server (or a driver with no instance
+    while one runs), it shuts that server down, as Ray Serve's does the cluster's Serve.
+    """
+    _running()  # attaches to a running server, if this process has no instance
+    _stop_all()
+
+
+def _stop_all() -> None:
     with _lock:
         instances = list(_instances.values())
         _instances.clear()
@@ -384,11 +373,26 @@ def shutdown() -> None:
             logger.exception("error while shutting down shoal (%s runtime)", instance.kind)
 
 
-atexit.register(shutdown)
-
-
-def _running() -> list[_Instance]:
+def _at_exit() -> None:
+    """At interpreter exit: leave an attached server running; stop embedded instances."""
     with _lock:
+        attached = [i for i in _instances.values() if i.kind == "attached"]
+        if attached:
+            _instances.pop("process", None)
+    for instance in attached:
+        instance.detach()  # type: ignore[attr-defined]
+    _stop_all()
+
+
+atexit.register(_at_exit)
+
+
+def _running() -> list[Instance]:
+    """This process's instances; in a driver that has none, the ``shoal start`` server it
+    attaches to (never from inside a replica or proxy: they route with what they have)."""
+    with _lock:
+        if not _instances and _registry_or_none() is None:
+            _attach()
         return list(_instances.values())
 
 
@@ -418,8 +422,8 @@ def get_app_handle(name: str) -> DeploymentHandle:
     Raises NotFoundError (a RayServeException) if there is no such application.
     """
     for instance in _running():
-        if name in instance.controller.apps:
-            return _cached_handle(instance.registry, name, instance.controller.ingress_of(name))
+        if name in instance.app_names():
+            return _cached_handle(instance.registry, name, instance.ingress_of(name))
     # In a replica (or the proxy) there is no controller: the replica sets it receives
     # say which deployment is each application's ingress.
     registry = _registry_or_none()
@@ -435,7 +439,7 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
         context = replica_context.get()
         app_name = context.app_name if context is not None else _only_app()
     registry = (
-        next((i.registry for i in _running() if app_name in i.controller.apps), None)
+        next((i.registry for i in _running() if app_name in i.app_names()), None)
         or _registry_or_none()
     )
     if registry is None:
@@ -445,7 +449,7 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
 
 
 def _only_app() -> str:
-    names = [name for instance in _running() for name in instance.controller.apps]
+    names = [name for instance in _running() for name in instance.app_names()]
     if len(names) == 1:
         return names[0]
     raise NotFoundError(f"pass app_name: running applications are {names or 'none'}")

@@ -5,12 +5,19 @@ body, and forwards one message to the application's ingress deployment via
 this process's router; the ingress replica builds the response. Errors:
 404 when no route matches, 503 when the deployment is unavailable, 500 when
 the ingress failed (details are logged, not sent to the client).
+
+Draining (shoal is shutting down): every request that arrives from then on gets
+503 with ``Retry-After``; requests accepted before are served to the end
+(:meth:`Proxy.wait_idle` tells when they are done). The listening socket may be
+inherited from the controller (``LISTEN_FD_ENV``), so a replacement proxy serves
+on the same port and connections made while none runs wait in its backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import uuid
 from typing import Any
@@ -26,12 +33,19 @@ from shoal._transport.http import (
     HttpResponseStart,
 )
 from shoal._transport.messages import Request, Result, StreamEnd, StreamItem
+from shoal._transport.tcp import listen_tcp
 
 logger = logging.getLogger("shoal.proxy")
 
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 _JSON = (b"content-type", b"application/json")
 _RETRY_AFTER = (b"retry-after", b"1")
+_CLOSE = (b"connection", b"close")
+#: Environment variable naming a listening socket's file descriptor the proxy inherits.
+LISTEN_FD_ENV = "SHOAL_PROXY_LISTEN_FD"
+#: How long a request that arrives before the first route table waits for it (a
+#: replacement proxy accepts connections queued meanwhile, then gets its routes at once).
+_ROUTES_WAIT_S = 5.0
 Scope = dict[str, Any]
 
 
@@ -46,13 +60,19 @@ class Proxy:
         self._tasks: list[asyncio.Task[Any]] = []
         # Ray Serve's readiness states for /-/healthz and /-/routes (see _unready_reason).
         self._routes_populated = False
+        self._routes_received = asyncio.Event()  # set by the first route table
         self._draining = False
+        # Accepted HTTP requests not answered yet (not websockets: a session has no end
+        # to wait for; it ends when its replica drains).
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
 
     def set_routes(self, routes: dict[str, tuple[str, str]]) -> None:
         table = [(prefix, app, ingress) for prefix, (app, ingress) in routes.items()]
         table.sort(key=lambda route: len(route[0]), reverse=True)
         self._routes = table
         self._routes_populated = self._routes_populated or bool(table)
+        self._routes_received.set()
         for _prefix, app, ingress in table:
             self.registry.get(app, ingress).activate()  # connect before the first request
 
@@ -64,21 +84,44 @@ class Proxy:
         return None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket":
+        kind = scope["type"]
+        if kind == "http" and scope["path"].startswith("/-/"):
+            await self._builtin(scope["path"], send)
+            return
+        if kind not in ("http", "websocket"):
+            return
+        if self._draining:  # accepted before the drain: served; arriving now: told to come back
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1013})  # try again later
+                return
+            await _reply(send, 503, "Service unavailable: shoal is shutting down.",
+                         extra_headers=[_RETRY_AFTER, _CLOSE])  # fmt: skip
+            return
+        if kind == "websocket":
             await self._websocket(scope, receive, send)
             return
-        if scope["type"] != "http":
-            return
+        self._in_flight += 1
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+            if self._idle is not None and self._in_flight == 0:
+                self._idle.set()
+
+    async def _routes_known(self) -> None:
+        """Wait (briefly) for the first route table, rather than answer 404 without one."""
+        try:
+            await asyncio.wait_for(self._routes_received.wait(), _ROUTES_WAIT_S)
+        except TimeoutError:
+            logger.warning("no route table after %.0f s; answering without one", _ROUTES_WAIT_S)
+            self._routes_received.set()
+
+    async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
+        if not self._routes_received.is_set():
+            await self._routes_known()
         path: str = scope["path"]
-        if path.startswith("/-/"):
-            await self._builtin(path, send)
-            return
         route = self.match(path)
         if route is None:
-            if self._draining:  # its route may be gone because shoal is stopping, not unknown
-                await _reply(send, 503, "Service unavailable: shoal is shutting down.",
-                             extra_headers=[_RETRY_AFTER])  # fmt: skip
-                return
             await _reply(send, 404, f"Path '{path}' not found. Routes are listed at /-/routes.")
             return
         prefix, app, ingress = route
@@ -163,6 +206,8 @@ class Proxy:
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         """Relay a websocket: client messages go in as stream inputs, the app's come back."""
+        if not self._routes_received.is_set():
+            await self._routes_known()
         path: str = scope["path"]
         route = self.match(path)
         if route is None:
@@ -218,8 +263,28 @@ class Proxy:
         return None
 
     def drain(self) -> None:
-        """Enter the draining state: health checks fail (503) while requests still run."""
+        """Enter the draining state: health checks and new requests get 503 (with
+        ``Retry-After``), while the requests already accepted still run."""
         self._draining = True
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> int:
+        """Drain, then wait (at most ``timeout_s``) until every accepted request has been
+        answered; returns how many are still in flight."""
+        self.drain()
+        assert self._idle is not None
+        if self._in_flight == 0:
+            return 0
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            logger.warning(
+                "%d request(s) still in flight after %.1f s of draining", self._in_flight, timeout_s
+            )
+        return self._in_flight
 
     # --- serving -------------------------------------------------------------------
 
@@ -228,12 +293,13 @@ class Proxy:
         import uvicorn
 
         options = self.options
-        sock = _bind(options.host, options.port)
-        config = uvicorn.Config(
-            self, loop="none", http="httptools", ws=_websocket_implementation(), lifespan="off",
-            access_log=False, log_level="warning", root_path=options.root_path,
-            timeout_keep_alive=int(options.keep_alive_timeout_s), server_header=False,
-        )  # fmt: skip
+        inherited = os.environ.pop(LISTEN_FD_ENV, None)
+        if inherited is not None:  # bound by the controller, which keeps it across proxy restarts
+            sock = socket.socket(fileno=int(inherited))
+            sock.setblocking(False)
+        else:
+            sock = bind_listener(options.host, options.port)
+        config = _uvicorn_config(self, options)
         self._server = uvicorn.Server(config)
         config.load()
         self._server.lifespan = config.lifespan_class(config)  # what Server.serve() would set
@@ -253,6 +319,22 @@ class Proxy:
             logger.warning("HTTP connections did not close within %.1f s", timeout_s)
 
 
+def _uvicorn_config(app: Any, options: HTTPOptions) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app, loop="none", http="httptools", ws=_websocket_implementation(), lifespan="off",
+        access_log=False, log_level="warning", root_path=options.root_path,
+        timeout_keep_alive=int(options.keep_alive_timeout_s), server_header=False,
+    )  # fmt: skip
+
+
+def preload() -> None:
+    """Import everything :meth:`Proxy.serve` needs (uvicorn and the protocols it loads),
+    so that a standby proxy process starts serving in milliseconds."""
+    _uvicorn_config(Proxy, HTTPOptions()).load()
+
+
 def _websocket_implementation() -> str:
     try:
         import websockets  # noqa: F401
@@ -261,21 +343,15 @@ def _websocket_implementation() -> str:
     return "websockets-sansio"
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A non-blocking listening TCP socket on (host, port); ShoalError if it cannot bind."""
     try:
-        sock.bind((host, port))
+        return listen_tcp(host, port, 2048)
     except OSError as exc:
-        sock.close()
         raise ShoalError(
             f"the HTTP proxy cannot listen on {host}:{port} ({exc.strerror}); "
             "pass another port with serve.start(http_options={'port': ...})"
         ) from None
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 async def _client_to_replica(receive: Any, stream: Any) -> None:

@@ -18,7 +18,7 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -91,10 +91,11 @@ class Replica:
         spec = self.spec
         step = CONSTRUCTOR
         try:
-            if inspect.isclass(spec.target):
-                self.instance = await self._construct(spec.target)
+            target, args, kwargs = spec.code.load()
+            if inspect.isclass(target):
+                self.instance = await self._construct(target, args, kwargs)
             else:
-                self.instance = _FunctionDeployment(spec.target)
+                self.instance = _FunctionDeployment(target)
             self.context.run(replica_context.set, self._replica_context(self.instance))
             app = asgi_app_of(self.instance)
             if app is not None:
@@ -110,14 +111,13 @@ class Replica:
             mark_startup_step(exc, step)
             raise
 
-    async def _construct(self, cls: Any) -> Any:
-        spec = self.spec
+    async def _construct(self, cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not inspect.iscoroutinefunction(cls.__init__):
-            return self.context.run(cls, *spec.init_args, **spec.init_kwargs)
+            return self.context.run(cls, *args, **kwargs)
         # cls(...) refuses the coroutine an async __init__ returns: as Ray Serve does,
         # create the object, then await its __init__ (in the replica's context).
         instance = cls.__new__(cls)
-        init = instance.__init__(*spec.init_args, **spec.init_kwargs)
+        init = instance.__init__(*args, **kwargs)
         await self.loop.create_task(init, context=self.context)
         return instance
 
@@ -261,7 +261,7 @@ class Replica:
 
     async def handle_stream(
         self, request: Request, inbox: asyncio.Queue[Any] | None = None
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """Run a streaming request: StreamItem messages then StreamEnd, or a Failure.
 
         An HTTP request may instead produce one Result (a complete response).

@@ -25,7 +25,7 @@ from shoal._errors import (
     TransportError,
 )
 from shoal._seam.protocols import Connector, ReplicaClient, Stream
-from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
+from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request, StreamItem
 
 logger = logging.getLogger("shoal.router")
 
@@ -96,11 +96,11 @@ class Router:
                 self._connect_missing()  # its address changed while we connected
             return
         slot = _Slot(current, client)
-        client.close_callbacks.append(functools.partial(self._lost, slot))
         self._slots.append(slot)
+        client.on_close(functools.partial(self._lost, slot))
         self._wake(len(self._waiters))
 
-    def _lost(self, slot: _Slot, _client: Any) -> None:
+    def _lost(self, slot: _Slot) -> None:
         if slot in self._slots:
             self._slots.remove(slot)
 
@@ -246,12 +246,12 @@ class _CountedStream:
         except BaseException:
             self.close()
             raise
-        if type(msg).__name__ != "StreamItem":
+        if type(msg) is not StreamItem:
             self.close()
         return msg
 
     def send_input(self, value: Any) -> None:
-        self._stream.send_input(value)  # type: ignore[attr-defined]
+        self._stream.send_input(value)
 
     def close(self) -> None:
         if self._release is not None:

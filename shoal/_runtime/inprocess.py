@@ -16,7 +16,7 @@ import asyncio
 import functools
 import io
 import pickle
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from shoal._api.handle import DeploymentHandle
@@ -24,6 +24,8 @@ from shoal._config import HTTPOptions
 from shoal._errors import NotFoundError, SerializationError, ShoalError, TransportError
 from shoal._replica.logs import configure_serve_logger
 from shoal._replica.replica import Replica
+from shoal._replica.server import takes_input
+from shoal._runtime.node import local_node_id
 from shoal._seam.protocols import ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import constructor_failed
@@ -40,6 +42,7 @@ class _LocalReplica:
             replica.spec.replica_id,
             f"inprocess:{replica.spec.replica_id}",
             replica.spec.config.max_ongoing_requests,
+            local_node_id(),
         )
         self.pid: int | None = None
         self.clients: list[_LocalClient] = []
@@ -50,6 +53,9 @@ class _LocalReplica:
 
     async def check_health(self, timeout_s: float) -> None:
         await asyncio.wait_for(self.replica.check_health(), timeout_s)
+
+    async def ping(self, timeout_s: float) -> None:
+        """Always alive: the replica runs on the controller's own loop."""
 
     async def stop(self, wait_loop_s: float, timeout_s: float) -> None:
         await self.replica.drain(wait_loop_s, timeout_s)
@@ -68,8 +74,15 @@ class _LocalClient:
     def __init__(self, local: _LocalReplica) -> None:
         self.replica_id = local.info.replica_id
         self.closed = False
-        self.close_callbacks: list[Callable[[Any], None]] = []
+        self._on_close: list[Callable[[], None]] = []
         self._replica = local.replica
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once when the replica stops or is killed (at once if it has)."""
+        if self.closed:
+            callback()
+        else:
+            self._on_close.append(callback)
 
     def call(self, request: Request) -> asyncio.Future[Message]:
         """Run ``request`` in a task; SerializationError if its arguments cannot be copied."""
@@ -82,8 +95,9 @@ class _LocalClient:
 
     def close(self) -> None:
         self.closed = True
-        for callback in self.close_callbacks:
-            callback(self)
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
 
 
 class _LocalStream:
@@ -91,12 +105,16 @@ class _LocalStream:
 
     The method starts at once, as in the multi-process runtime (where the request
     is sent when the stream opens): the first item is fetched eagerly, so a batched
-    generator joins its batch when called, not when first read.
+    generator joins its batch when called, not when first read. Input sent to a
+    request that reads some (a websocket) is queued for it, as a replica process does.
     """
 
     def __init__(self, replica: Replica, request: Request) -> None:
         context = replica.task_context()
-        self._iterator: AsyncIterator[Message] = context.run(replica.handle_stream, request)
+        self._inbox: asyncio.Queue[Any] | None = asyncio.Queue() if takes_input(request) else None
+        self._iterator: AsyncGenerator[Message, None] = context.run(
+            replica.handle_stream, request, self._inbox
+        )
         self._context = context
         self._pending: asyncio.Task[Message] | None = self._fetch()
 
@@ -108,10 +126,14 @@ class _LocalStream:
         task, self._pending = self._pending, None
         return await (task if task is not None else self._fetch())
 
+    def send_input(self, value: Any) -> None:
+        if self._inbox is not None:
+            self._inbox.put_nowait(value)
+
     def close(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
-        asyncio.get_running_loop().create_task(self._iterator.aclose())  # type: ignore[attr-defined]
+        asyncio.get_running_loop().create_task(self._iterator.aclose())
 
 
 @functools.cache
@@ -228,13 +250,23 @@ class InProcessRuntime:
     async def publish(self, update: ReplicaSetUpdate) -> None:
         """Nothing to do: the controller already updated this process's routers."""
 
-    async def start_proxy(self, options: HTTPOptions) -> tuple[str, int]:
+    async def start_proxy(
+        self, options: HTTPOptions, on_died: Callable[[], None] | None = None
+    ) -> tuple[str, int]:
         raise NotFoundError("the in-process runtime has no HTTP proxy; call the ingress handle")
+
+    async def restart_proxy(self) -> tuple[str, int]:
+        return await self.start_proxy(HTTPOptions())
+
+    async def check_proxy(self, timeout_s: float) -> None:
+        """No proxy: nothing to check."""
+
+    proxy_pid: int | None = None
 
     async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
         """No proxy: routes are not served."""
 
-    async def drain_proxy(self) -> None:
+    async def drain_proxy(self, timeout_s: float = 0.0) -> None:
         """No proxy: nothing to drain."""
 
     async def shutdown(self, timeout_s: float) -> None:

@@ -24,7 +24,17 @@ class Stream(Protocol):
         """The next StreamItem, then StreamEnd or Failure."""
         ...
 
-    def close(self) -> None: ...
+    def send_input(self, value: Any) -> None:
+        """Send ``value`` into the running stream (a websocket's client messages), in order.
+
+        Ignored once the stream has ended or was closed, and by a request that reads
+        no input.
+        """
+        ...
+
+    def close(self) -> None:
+        """Stop the stream; the replica's generator is cancelled if it still runs."""
+        ...
 
 
 class ReplicaClient(Protocol):
@@ -36,8 +46,14 @@ class ReplicaClient(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    @property
-    def close_callbacks(self) -> list[Callable[[Any], None]]: ...
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, synchronously, when the replica becomes unreachable
+        (it died, or the client was closed); at once if it already is.
+
+        Synchronous so that a router drops the replica before any other code of
+        its loop runs (a retry must not pick it again).
+        """
+        ...
 
     def call(self, request: Request) -> asyncio.Future[Message]:
         """Send ``request``; resolves to Result or Failure. Cancelling it cancels the request."""
@@ -66,6 +82,11 @@ class ReplicaHandle(Protocol):
 
     async def check_health(self, timeout_s: float) -> None: ...
 
+    async def ping(self, timeout_s: float) -> None:
+        """Return once the replica's event loop answers (no user code runs); raises
+        RequestTimeoutError after ``timeout_s``, TransportError if it is gone."""
+        ...
+
     async def stop(self, wait_loop_s: float, timeout_s: float) -> None:
         """Drain ongoing requests (at most ``timeout_s``), then end the replica."""
         ...
@@ -76,8 +97,12 @@ class ReplicaHandle(Protocol):
 class Runtime(Protocol):
     """Starts and stops replicas and the proxy, and tells every process about replica sets."""
 
-    connector: Connector
     supports_http: bool
+
+    @property
+    def connector(self) -> Connector:
+        """How routers in this process reach this runtime's replicas."""
+        ...
 
     async def start(self, on_replica_died: Callable[[ReplicaHandle], None]) -> None: ...
 
@@ -91,19 +116,40 @@ class Runtime(Protocol):
         ...
 
     async def publish(self, update: ReplicaSetUpdate) -> None:
-        """Deliver ``update`` to every process holding routers; returns once all applied it."""
+        """Deliver ``update`` to every process holding routers; returns once all applied
+        it, except processes that do not answer within a short timeout (they get it
+        when their event loop runs again; not waited for until they answer)."""
         ...
 
-    async def start_proxy(self, options: HTTPOptions) -> tuple[str, int]:
-        """Start the HTTP proxy; returns the bound (host, port)."""
+    async def start_proxy(
+        self, options: HTTPOptions, on_died: Callable[[], None] | None = None
+    ) -> tuple[str, int]:
+        """Start the HTTP proxy; returns the bound (host, port). ``on_died`` is called
+        when it ends unexpectedly."""
+        ...
+
+    async def restart_proxy(self) -> tuple[str, int]:
+        """Replace the proxy (ending the old one) on the same address, with the current
+        routes and replica sets; returns the bound (host, port)."""
+        ...
+
+    async def check_proxy(self, timeout_s: float) -> None:
+        """Return once the proxy's event loop answers; raises otherwise."""
+        ...
+
+    @property
+    def proxy_pid(self) -> int | None:
+        """The proxy's process id, if it has one."""
         ...
 
     async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
-        """Install the route table in the proxy; returns once it serves it."""
+        """Install the route table in the proxy; returns once it serves it (or, if it
+        does not answer within a short timeout, once a replacement will get them)."""
         ...
 
-    async def drain_proxy(self) -> None:
-        """Tell the proxy (if any) that shoal is shutting down; returns once it drains."""
+    async def drain_proxy(self, timeout_s: float = 0.0) -> None:
+        """Make the proxy (if any) answer new requests 503 with ``Retry-After``; returns
+        once the requests it had accepted are answered (at most ``timeout_s``)."""
         ...
 
     async def shutdown(self, timeout_s: float) -> None: ...

@@ -8,9 +8,9 @@ config file), the controller keeps them as desired state, and a runtime turns a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from shoal._config import DeploymentConfig
+from shoal._seam.code import UserCode
 
 
 @dataclass
@@ -18,9 +18,7 @@ class DeploymentSpec:
     """One deployment of an application, with handles in place of bound deployments."""
 
     name: str
-    target: Any
-    init_args: tuple[Any, ...]
-    init_kwargs: dict[str, Any]
+    code: UserCode
     config: DeploymentConfig
     code_version: str
 
@@ -40,8 +38,7 @@ class ReplicaSpec:
     app: str
     deployment: str
     replica_id: str
-    target: Any  # the user's class or function
-    init_args: tuple[Any, ...]
-    init_kwargs: dict[str, Any]
+    code: UserCode
     config: DeploymentConfig
     is_ingress: bool = False
+    code_version: str = ""  # told to a restarted controller, which adopts matching replicas

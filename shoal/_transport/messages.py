@@ -130,11 +130,16 @@ class Hello(Message):
 
 @dataclass(slots=True)
 class ReplicaInfo:
-    """What a router needs to reach one replica."""
+    """What a router needs to reach one replica, and where it runs.
+
+    ``node_id`` names the machine (or Ray node) hosting the replica, so that routers
+    can prefer nearby replicas; "" when the runtime does not say.
+    """
 
     replica_id: str
     address: str
     max_ongoing_requests: int
+    node_id: str = ""
 
 
 @message(21)
@@ -154,15 +159,10 @@ class ReplicaSetUpdate(Message):
 
 @message(22)
 class StartReplica(Message):
-    """Construct a replica. ``spec`` is the cloudpickled ReplicaSpec (controller-trusted).
-
-    ``sys_path`` and ``cwd`` are the driver's, applied before ``spec`` is unpickled so
-    that user modules (a test module, the app's package) import as in the driver.
-    """
+    """Construct a replica. ``spec`` is the pickled ReplicaSpec (controller-trusted); its
+    user code stays a blob until the worker has set up the paths to import it."""
 
     spec: bytes
-    sys_path: list[str]
-    cwd: str
 
 
 @message(23)
@@ -198,3 +198,65 @@ class RoutesUpdate(Message):
 @message(28)
 class DrainProxy(Message):
     """Shoal is shutting down: the proxy fails health checks and answers new requests 503."""
+
+
+@message(29)
+class Ping(Message):
+    """Answered by a worker's event loop itself, without running user code: liveness only."""
+
+
+@message(30)
+class ProxyIdle(Message):
+    """Reply once no request the proxy accepted is still in flight, or after ``timeout_s``;
+    the reply's value is how many are still in flight."""
+
+    timeout_s: float
+
+
+# --- admin: a process attached to an instance -> that instance's control plane ------
+# Peers are same-user processes (SO_PEERCRED on the instance's admin socket).
+
+
+@message(60)
+class AttachDeploy(Message):
+    """Deploy (or update) applications; ``apps`` is a pickled list of AppSpec whose user
+    code stays pickled (the instance never imports it). Replies once they serve."""
+
+    apps: bytes
+
+
+@message(61)
+class AttachDelete(Message):
+    name: str
+
+
+@message(62)
+class AttachStatus(Message):
+    """Replies with the instance's ServeStatus."""
+
+
+@message(63)
+class AttachApps(Message):
+    """Replies with {application name: its ingress deployment}."""
+
+
+@message(64)
+class AttachShutdown(Message):
+    """Shut the instance down (as ``serve.shutdown()`` does in Ray Serve)."""
+
+
+@message(65)
+class Rejoin(Message):
+    """A worker whose controller went away says hello to its successor (``shoal start``
+    restarted after a crash), with what it hosts so it can be adopted: a replica
+    (``replica`` with its app, deployment, code version and user_config) or the
+    proxy (``proxy``: where it listens); neither for an idle standby process."""
+
+    worker_id: str
+    pid: int
+    replica: ReplicaInfo | None = None
+    app: str = ""
+    deployment: str = ""
+    code_version: str = ""
+    user_config: Any = None
+    proxy: tuple[str, int] | None = None

@@ -1,7 +1,8 @@
-"""``from shoal.serve.schema import ServeStatus``: Ray Serve's ``ray.serve.schema``.
+"""``from shoal.serve.schema import ServeDeploySchema``: Ray Serve's ``ray.serve.schema``.
 
-The status classes ``serve.status()`` returns. The config-file schemas
-(``ServeDeploySchema`` and the others) do not exist in shoal yet.
+The status classes ``serve.status()`` returns, and the config-file schemas
+(``ServeDeploySchema`` for a whole file, ``ServeApplicationSchema`` for one of its
+applications, ``DeploymentSchema`` for a deployment's overrides), with Ray's names.
 """
 
 from shoal._controller.status import (
@@ -12,12 +13,16 @@ from shoal._controller.status import (
     ReplicaState,
     ServeStatus,
 )
+from shoal._deploy_config import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
 __all__ = [
     "ApplicationStatus",
     "ApplicationStatusOverview",
+    "DeploymentSchema",
     "DeploymentStatus",
     "DeploymentStatusOverview",
     "ReplicaState",
+    "ServeApplicationSchema",
+    "ServeDeploySchema",
     "ServeStatus",
 ]

@@ -31,9 +31,20 @@ class SocketClient:
     def closed(self) -> bool:
         return self._conn.closed
 
-    @property
-    def close_callbacks(self) -> list[Callable[[Any], None]]:
-        return self._conn.close_callbacks
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once when the connection is lost or closed (at once if it is)."""
+        if self._conn.closed:
+            callback()
+            return
+        called = False
+
+        def notify(_conn: Connection) -> None:
+            nonlocal called  # a connection can report its loss twice (a corrupt frame, then EOF)
+            if not called:
+                called = True
+                callback()
+
+        self._conn.close_callbacks.append(notify)
 
     def call(self, request: Request) -> asyncio.Future[Message]:
         future = self._conn.call(request)

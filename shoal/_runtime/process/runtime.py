@@ -4,17 +4,25 @@ Every shoal process talks over Unix sockets in a per-instance directory
 created with mode 0700 (sockets 0600, peers checked with SO_PEERCRED); no TCP
 port is opened except the HTTP proxy's. Workers exit when the controller's
 connection closes, so none outlives the driver.
+
+Faults: an update (replica set, routes) waits at most ``_ACK_TIMEOUT_S`` for
+each process; one that misses it is *lagging* and is not waited for again
+until it answers (see :meth:`ProcessRuntime._deliver`). The proxy serves a
+listening socket this process binds and keeps, so a replacement proxy
+(:meth:`ProcessRuntime.restart_proxy`) serves the same port, and connections
+made while none runs wait in the socket's backlog instead of being refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -22,7 +30,11 @@ from typing import Any
 
 from shoal._config import HTTPOptions
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
+from shoal._proxy.proxy import LISTEN_FD_ENV, bind_listener
+from shoal._runtime.node import local_node_id
+from shoal._runtime.process.adopt import AdoptedProcess, Rejoined
 from shoal._runtime.process.client import UnixConnector
+from shoal._runtime.process.directory import new_instance_directory, remove_sockets
 from shoal._seam.protocols import ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import startup_failed
@@ -34,9 +46,13 @@ from shoal._transport.messages import (
     HealthCheck,
     Hello,
     Message,
+    Ping,
+    ProxyIdle,
     Reconfigure,
+    Rejoin,
     ReplicaInfo,
     ReplicaSetUpdate,
+    Result,
     RoutesUpdate,
     StartProxy,
     StartReplica,
@@ -45,9 +61,21 @@ from shoal._transport.messages import (
 
 logger = logging.getLogger("shoal.runtime")
 
+_WORKER = "shoal._runtime.process.worker"
+#: Worker entry points by kind: a proxy's imports its modules before saying hello.
+_ENTRY_POINTS = {"proxy": "shoal._runtime.process.proxy_worker"}
+
 _SPAWN_TIMEOUT_S = 60.0
+_SPAWN_SLOTS = (os.cpu_count() or 1) + 2  # worker processes importing at the same time
 _CONTROL_TIMEOUT_S = 30.0
 _EXIT_GRACE_S = 3.0
+#: How long a standby proxy process may take to start serving before a new one is used.
+_STANDBY_START_TIMEOUT_S = 2.0
+#: How long an update (replica set, routes) waits for each process's acknowledgement.
+_ACK_TIMEOUT_S = 1.0
+#: A stopping replica answers StopReplica after draining (at most its graceful timeout);
+#: how much longer than that the controller waits before killing it.
+_STOP_REPLY_SLACK_S = 5.0
 
 
 class _WorkerProcess:
@@ -63,7 +91,7 @@ class _WorkerProcess:
     async def request(self, msg: Message, timeout_s: float) -> Any:
         if self.conn is None or self.conn.closed:
             raise TransportError(f"worker {self.worker_id} is not connected")
-        reply = await self.conn.request(msg, timeout_s)
+        reply = await _ask(self.conn, msg, timeout_s)
         if isinstance(reply, Failure):
             raise exception_from(reply)
         return reply.value  # type: ignore[attr-defined]
@@ -75,6 +103,50 @@ class _WorkerProcess:
         except TimeoutError:
             self.process.kill()
             await asyncio.wait_for(asyncio.shield(self.exited), _EXIT_GRACE_S)
+
+
+async def _ask(conn: Connection, msg: Message, timeout_s: float) -> Message:
+    """Send ``msg``; its reply within ``timeout_s``, else RequestTimeoutError.
+
+    A reply that has already arrived when the time is up still counts: if this
+    loop itself was stalled, the timer may fire before the socket is read, and
+    the worker must not be blamed for the controller's stall.
+    """
+    future = conn.call(msg)
+    try:
+        done, _ = await asyncio.wait({future}, timeout=timeout_s)
+        if not done:
+            for _ in range(2):  # one I/O poll, whether the loop runs timers or I/O first
+                await asyncio.sleep(0)
+        if not future.done():
+            raise RequestTimeoutError(
+                f"{type(msg).__name__} to {conn.name} got no reply within {timeout_s:g} s"
+            )
+        return future.result()
+    finally:
+        if not future.done():
+            future.cancel()  # a late reply is dropped by the connection
+
+
+async def _started(standby: asyncio.Future[_WorkerProcess]) -> _WorkerProcess | None:
+    """The standby proxy process once started (shoal and the proxy's modules imported,
+    replica sets applied; not serving), or None if it failed or has died since."""
+    try:
+        worker = await asyncio.shield(standby)  # cancelling the caller leaves it running
+    except asyncio.CancelledError:
+        if not standby.cancelled():
+            raise
+        return None
+    except (ShoalError, OSError) as exc:
+        logger.debug("the standby proxy process failed to start: %r", exc)
+        return None
+    return worker if worker.conn is not None and not worker.conn.closed else None
+
+
+def _ignore_failure(future: asyncio.Future[Any]) -> None:
+    """Retrieve a background future's exception (it is dealt with where it is awaited)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _exit_future(process: subprocess.Popen[bytes]) -> asyncio.Future[int]:
@@ -108,6 +180,27 @@ def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], code:
     loop.call_soon_threadsafe(set_code)
 
 
+#: Hello ids of processes that attach to an instance to route (not workers it started).
+SUBSCRIBER_PREFIX = "attached-"
+
+
+class _Subscriber:
+    """An attached process's control connection: it receives replica-set updates."""
+
+    stopping = False
+
+    def __init__(self, worker_id: str, conn: Connection) -> None:
+        self.worker_id = worker_id
+        self.conn: Connection | None = conn
+
+    async def request(self, msg: Message, timeout_s: float) -> Any:
+        assert self.conn is not None
+        reply = await self.conn.request(msg, timeout_s)
+        if isinstance(reply, Failure):
+            raise exception_from(reply)
+        return None
+
+
 class _ProcessReplica:
     """ReplicaHandle for a replica in a worker process."""
 
@@ -122,10 +215,14 @@ class _ProcessReplica:
     async def check_health(self, timeout_s: float) -> None:
         await self.worker.request(HealthCheck(), timeout_s)
 
+    async def ping(self, timeout_s: float) -> None:
+        await self.worker.request(Ping(), timeout_s)
+
     async def stop(self, wait_loop_s: float, timeout_s: float) -> None:
         self.worker.stopping = True
         try:
-            await self.worker.request(StopReplica(wait_loop_s, timeout_s), timeout_s + 5.0)
+            stop = StopReplica(wait_loop_s, timeout_s)
+            await self.worker.request(stop, timeout_s + _STOP_REPLY_SLACK_S)
         except (ShoalError, TransportError) as exc:
             logger.debug("replica %s did not stop cleanly: %s", self.info.replica_id, exc)
         await self.worker.wait_exit(_EXIT_GRACE_S)
@@ -134,41 +231,37 @@ class _ProcessReplica:
         self.worker.process.kill()
 
 
-def _paths(env: dict[str, Any]) -> tuple[list[str], str]:
-    """The replica's sys.path and cwd: the driver's, with runtime_env's local paths first.
-
-    ``working_dir`` becomes the cwd and the first sys.path entry; a ``py_modules``
-    directory or ``.py`` file is importable by its name (its parent goes on
-    sys.path, as Ray makes the module importable); a ``.zip``/``.whl`` goes on
-    sys.path itself. Relative paths are relative to the driver's cwd.
-    """
-    cwd = os.getcwd()
-    front = []
-    if env.get("working_dir") is not None:
-        cwd = os.path.abspath(env["working_dir"])
-        front.append(cwd)
-    for module in env.get("py_modules", []):
-        path = os.path.abspath(module)
-        zipped = os.path.isfile(path) and path.endswith((".zip", ".whl"))
-        front.append(path if zipped else os.path.dirname(path.rstrip(os.sep)))
-    return [*front, *sys.path], cwd
-
-
 class ProcessRuntime:
     """Runtime with one process per replica and one for the HTTP proxy."""
 
     supports_http = True
 
-    def __init__(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="shoal-")  # mode 0700
+    def __init__(self, directory: str | None = None, orphan_grace_s: float = 0.0) -> None:
+        """``directory``: where the sockets go, used as is (a server's fixed directory);
+        by default a new one of this process (see :mod:`.directory`), removed at shutdown.
+        ``orphan_grace_s`` > 0: workers outlive this controller that long, serving, and
+        rejoin its successor on the same directory (see :mod:`.adopt`)."""
+        self._orphan_grace_s = orphan_grace_s
+        self.rejoined = Rejoined()
+        self._spawn_slots = asyncio.Semaphore(_SPAWN_SLOTS)
+        self._owns_directory = directory is None
+        self.directory = new_instance_directory() if directory is None else directory
         self.connector = UnixConnector()
         self._workers: dict[str, _WorkerProcess] = {}
         self._hellos: dict[str, asyncio.Future[Connection]] = {}
         self._membership: dict[tuple[str, str], ReplicaSetUpdate] = {}
         self._replicas: dict[str, _ProcessReplica] = {}
         self._proxy: _WorkerProcess | None = None
+        self._subscribers: dict[str, Any] = {}  # id -> _Subscriber (attached processes)
         self._server: asyncio.AbstractServer | None = None
         self._on_died: Callable[[ReplicaHandle], None] = lambda handle: None
+        self._lagging: set[str] = set()  # ids of processes that missed an acknowledgement
+        self._proxy_options: HTTPOptions | None = None
+        self._listener: socket.socket | None = None  # the proxy's, kept across restarts
+        # The next proxy's process, started ahead: a restart only has to start serving.
+        self._standby: asyncio.Future[_WorkerProcess] | None = None
+        self._routes: dict[str, tuple[str, str]] = {}
+        self._on_proxy_died: Callable[[], None] = lambda: None
 
     async def start(self, on_replica_died: Callable[[ReplicaHandle], None]) -> None:
         self._on_died = on_replica_died
@@ -180,16 +273,89 @@ class ProcessRuntime:
             waiter = self._hellos.pop(msg.worker_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(conn)
+            elif msg.worker_id.startswith(SUBSCRIBER_PREFIX):
+                asyncio.get_running_loop().create_task(self._subscribe(msg.worker_id, conn))
+        elif type(msg) is Rejoin:
+            self._adopt(conn, msg)
+            conn.send(corr, Result())
 
-    async def _spawn(self, kind: str, env_vars: dict[str, str] | None = None) -> _WorkerProcess:
+    def _adopt(self, conn: Connection, msg: Rejoin) -> None:
+        """A worker of the controller before this one rejoined: take it over (a standby
+        proxy process is not needed: it is stopped)."""
+        worker = _WorkerProcess(msg.worker_id, AdoptedProcess(msg.pid))  # type: ignore[arg-type]
+        worker.conn = conn
+        conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
+        self._workers[msg.worker_id] = worker
+        if msg.replica is not None:
+            info = ReplicaInfo(msg.replica.replica_id, msg.replica.address,
+                               msg.replica.max_ongoing_requests, local_node_id())  # fmt: skip
+            handle = self._replicas[info.replica_id] = _ProcessReplica(worker, info)
+            self.rejoined.replicas.append((handle, msg))
+        elif msg.proxy is not None:
+            self.rejoined.proxy = (worker, msg)
+        else:
+            worker.stopping = True
+            worker.process.kill()
+        self.rejoined.add()
+
+    def adopt_proxy(
+        self, options: HTTPOptions, on_died: Callable[[], None]
+    ) -> tuple[str, int] | None:
+        """Make the proxy that rejoined this runtime's proxy; None if none rejoined.
+
+        Its listening socket stays in its process: should it die, the port is bound
+        again here once it is free (a restart then takes a little longer)."""
+        if self.rejoined.proxy is None:
+            return None
+        worker, msg = self.rejoined.proxy
+        self._proxy, self._proxy_options, self._on_proxy_died = worker, options, on_died
+        assert msg.proxy is not None
+        return msg.proxy
+
+    async def _subscribe(self, subscriber_id: str, conn: Connection) -> None:
+        """A process that attached to this instance holds routers too: it gets every
+        replica set (the current ones first, before its hello is answered)."""
+        subscriber = _Subscriber(subscriber_id, conn)
+        self._subscribers[subscriber_id] = subscriber
+        conn.close_callbacks.append(lambda _conn: self._subscribers.pop(subscriber_id, None))
+        try:
+            for update in list(self._membership.values()):
+                await subscriber.request(update, _CONTROL_TIMEOUT_S)
+        except (ShoalError, TransportError) as exc:
+            logger.debug("attached process %s went away: %s", subscriber_id, exc)
+            conn.close()
+            return
+        conn.send(0, Result())  # the snapshot is applied: the process may route
+
+    async def _spawn(
+        self, kind: str, env_vars: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+    ) -> _WorkerProcess:
+        # At most a few processes import at once: forty starting together on two cores
+        # would each take longer than the hello timeout, and none would start sooner.
+        async with self._spawn_slots:
+            worker, hello = await self._launch(kind, env_vars, pass_fds)
+        worker.conn = hello
+        worker.conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
+        snapshot = [
+            worker.request(update, _CONTROL_TIMEOUT_S) for update in self._membership.values()
+        ]
+        await asyncio.gather(*snapshot)
+        return worker
+
+    async def _launch(
+        self, kind: str, env_vars: dict[str, str] | None, pass_fds: tuple[int, ...]
+    ) -> tuple[_WorkerProcess, Connection]:
+        """Start a worker process; returns it once it said hello, with its connection."""
         worker_id = f"{kind}-{uuid.uuid4().hex[:8]}"
         loop = asyncio.get_running_loop()
         hello: asyncio.Future[Connection] = loop.create_future()
         self._hellos[worker_id] = hello
+        entry = _ENTRY_POINTS.get(kind, _WORKER)
         process = subprocess.Popen(
-            [sys.executable, "-m", "shoal._runtime.process.worker", self.directory, worker_id],
+            [sys.executable, "-m", entry, self.directory, worker_id, str(self._orphan_grace_s)],
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            pass_fds=pass_fds,
             # runtime_env env_vars: set before the worker imports anything (shoal or user code).
             env={**os.environ, **env_vars} if env_vars else None,
         )
@@ -203,16 +369,13 @@ class ProcessRuntime:
             process.kill()
             why = f"exited with code {process.returncode}" if exited in done else "did not start"
             raise ShoalError(f"worker process {worker_id} {why} within {_SPAWN_TIMEOUT_S:.0f} s")
-        worker.conn = hello.result()
-        worker.conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
-        snapshot = [
-            worker.request(update, _CONTROL_TIMEOUT_S) for update in self._membership.values()
-        ]
-        await asyncio.gather(*snapshot)
-        return worker
+        return worker, hello.result()
 
     def _worker_lost(self, worker: _WorkerProcess) -> None:
         self._workers.pop(worker.worker_id, None)
+        self._lagging.discard(worker.worker_id)
+        if worker is self._proxy and not worker.stopping:
+            self._on_proxy_died()
         asyncio.get_running_loop().create_task(worker.wait_exit(_EXIT_GRACE_S))
         for replica_id, replica in list(self._replicas.items()):
             if replica.worker is worker:
@@ -226,8 +389,7 @@ class ProcessRuntime:
         env = spec.config.ray_actor_options.runtime_env or {}
         worker = await self._spawn("replica", env.get("env_vars"))
         try:
-            blob = cloudpickle.dumps(spec)
-            start = StartReplica(blob, *_paths(env))
+            start = StartReplica(cloudpickle.dumps(spec))
             address = await worker.request(start, _SPAWN_TIMEOUT_S * 10)
         except BaseException as exc:
             worker.stopping = True
@@ -236,7 +398,9 @@ class ProcessRuntime:
                 raise
             notes = "".join(getattr(exc, "__notes__", []))
             raise startup_failed(spec.deployment, exc, notes) from exc
-        info = ReplicaInfo(spec.replica_id, address, spec.config.max_ongoing_requests)
+        info = ReplicaInfo(
+            spec.replica_id, address, spec.config.max_ongoing_requests, local_node_id()
+        )
         replica = self._replicas[spec.replica_id] = _ProcessReplica(worker, info)
         return replica
 
@@ -246,40 +410,157 @@ class ProcessRuntime:
             self._membership[key] = update
         else:
             self._membership.pop(key, None)
-        workers = [w for w in self._workers.values() if w.conn is not None and not w.conn.closed]
-        results = await asyncio.gather(
-            *(w.request(update, _CONTROL_TIMEOUT_S) for w in workers), return_exceptions=True
-        )
-        for worker, result in zip(workers, results, strict=True):
-            if isinstance(result, Exception) and not worker.stopping:
-                logger.debug("worker %s missed an update: %s", worker.worker_id, result)
+        await self._deliver([*self._workers.values(), *self._subscribers.values()], update)
 
-    async def start_proxy(self, options: HTTPOptions) -> tuple[str, int]:
-        self._proxy = await self._spawn("proxy")
+    async def _deliver(self, targets: list[Any], msg: Message) -> None:
+        """Send ``msg`` to every target; wait at most ``_ACK_TIMEOUT_S`` for each reply.
+
+        A process that misses the acknowledgement is *lagging*: its event loop is
+        blocked (or it is hung). Later updates are still sent to it, in order, but
+        are not waited for until it answers anything again; meanwhile its own
+        routers cannot send a request (they run on that loop), and it applies the
+        updates already in its socket before the requests waiting behind them. So
+        a blocked replica never holds up other processes' updates or an unrelated
+        ``serve.run``; the one guarantee it weakens is that of a lagging process
+        about a replica being stopped (such a request is still served while the
+        replica drains, or fails over to another replica once it has exited).
+        """
+        waiting: dict[asyncio.Future[Message], Any] = {}
+        for target in targets:
+            if target.conn is None or target.conn.closed:
+                continue
+            future = target.conn.call(msg)
+            future.add_done_callback(functools.partial(self._acknowledged, target.worker_id))
+            if target.worker_id not in self._lagging:
+                waiting[future] = target
+        if not waiting:
+            return
+        _, late = await asyncio.wait(waiting, timeout=_ACK_TIMEOUT_S)
+        if late:
+            for _ in range(2):  # replies already received count (see _ask)
+                await asyncio.sleep(0)
+        for future in late:
+            target = waiting[future]
+            if future.done() or target.stopping or target.worker_id in self._lagging:
+                continue
+            self._lagging.add(target.worker_id)
+            logger.warning(
+                "%s did not acknowledge %s within %g s (its event loop is blocked?); "
+                "not waiting for it until it answers again",
+                target.worker_id, type(msg).__name__, _ACK_TIMEOUT_S,
+            )  # fmt: skip
+
+    def _acknowledged(self, worker_id: str, future: asyncio.Future[Message]) -> None:
+        if future.cancelled():
+            return
+        self._lagging.discard(worker_id)  # it answered (or is gone): its loop runs
+        reply = None if future.exception() is not None else future.result()
+        if isinstance(reply, Failure):
+            logger.warning("%s failed to apply an update: %s", worker_id, reply.message)
+
+    # --- the proxy -------------------------------------------------------------------
+
+    @property
+    def proxy_pid(self) -> int | None:
+        return self._proxy.process.pid if self._proxy is not None else None
+
+    async def start_proxy(
+        self, options: HTTPOptions, on_died: Callable[[], None] | None = None
+    ) -> tuple[str, int]:
+        """Bind the HTTP port here (kept until shutdown) and start a proxy serving it.
+
+        ``on_died`` is called when the proxy's process ends unexpectedly.
+        """
+        self._proxy_options = options
+        if on_died is not None:
+            self._on_proxy_died = on_died
+        self._listener = bind_listener(options.host, options.port)
+        return await self._launch_proxy()
+
+    async def restart_proxy(self) -> tuple[str, int]:
+        """Replace the proxy: end the old one if it still runs (it is hung), then start
+        another on the same socket, with the current replica sets and routes."""
+        old = self._proxy
+        if old is not None:
+            old.stopping = True  # its end is expected now, not a death to report
+            if old.process.poll() is None:
+                old.process.kill()
+            await old.wait_exit(_EXIT_GRACE_S)
+        if self._listener is None and self._proxy_options is not None:
+            # An adopted proxy held the socket: its port is free now that it is gone.
+            options = self._proxy_options
+            self._listener = bind_listener(options.host, options.port)
+        return await self._launch_proxy()
+
+    async def _launch_proxy(self) -> tuple[str, int]:
+        """Make the standby process the proxy (or a new one, if it is not there or does
+        not start serving within ``_STANDBY_START_TIMEOUT_S``); then prepare the next."""
+        standby, self._standby = self._standby, None
+        worker = await _started(standby) if standby is not None else None
+        if worker is not None:
+            try:
+                return await self._serve_with(worker, _STANDBY_START_TIMEOUT_S)
+            except (ShoalError, TransportError) as exc:
+                logger.warning("the standby proxy process did not start serving: %s", exc)
+        return await self._serve_with(await self._spawn_proxy_process(), _CONTROL_TIMEOUT_S)
+
+    async def _serve_with(self, proxy: _WorkerProcess, timeout_s: float) -> tuple[str, int]:
+        """Start the proxy in ``proxy``'s process and give it the current routes."""
+        assert self._proxy_options is not None
         try:
-            host, port = await self._proxy.request(
-                StartProxy(options.model_dump()), _CONTROL_TIMEOUT_S
-            )
+            start = StartProxy(self._proxy_options.model_dump())
+            host, port = await proxy.request(start, timeout_s)
+            routes = None  # the proxy waits for a first table before answering 404
+            while routes is not self._routes:  # and routes published meanwhile
+                routes = self._routes
+                await proxy.request(RoutesUpdate(routes), timeout_s)
         except BaseException:
-            self._proxy.stopping = True
-            self._proxy.process.kill()
+            proxy.stopping = True
+            proxy.process.kill()
             raise
+        self._proxy = proxy
+        self._standby = asyncio.ensure_future(self._spawn_proxy_process())
+        self._standby.add_done_callback(_ignore_failure)  # a new one is spawned if needed
         return host, port
 
-    async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
-        if self._proxy is not None:
-            await self._proxy.request(RoutesUpdate(routes), _CONTROL_TIMEOUT_S)
+    async def _spawn_proxy_process(self) -> _WorkerProcess:
+        assert self._listener is not None
+        fd = self._listener.fileno()
+        return await self._spawn("proxy", {LISTEN_FD_ENV: str(fd)}, pass_fds=(fd,))
 
-    async def drain_proxy(self) -> None:
+    async def check_proxy(self, timeout_s: float) -> None:
+        """Return once the proxy's event loop answers; TransportError if it is gone,
+        RequestTimeoutError if it did not answer within ``timeout_s``."""
+        if self._proxy is None:
+            raise TransportError("no proxy is running")
+        await self._proxy.request(Ping(), timeout_s)
+
+    async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
+        """Install ``routes`` in the proxy (at most ``_ACK_TIMEOUT_S`` of waiting); a
+        proxy being replaced gets them when it starts."""
+        self._routes = routes
+        proxy = self._proxy
+        if proxy is not None and not proxy.stopping:
+            await self._deliver([proxy], RoutesUpdate(routes))
+
+    async def drain_proxy(self, timeout_s: float = 0.0) -> None:
+        """Make the proxy answer new requests 503 (``Retry-After``), then wait at most
+        ``timeout_s`` for the requests it had accepted to be answered."""
         if self._proxy is None:
             return
         try:
-            await self._proxy.request(DrainProxy(), _CONTROL_TIMEOUT_S)
-        except (ShoalError, TransportError) as exc:  # a dead proxy has nothing to drain
-            logger.debug("proxy did not acknowledge the drain: %s", exc)
+            await self._proxy.request(DrainProxy(), _ACK_TIMEOUT_S)
+            left = await self._proxy.request(ProxyIdle(timeout_s), timeout_s + _ACK_TIMEOUT_S)
+        except (ShoalError, TransportError) as exc:  # dead or hung: nothing to wait for
+            logger.debug("the proxy did not drain: %s", exc)
+            return
+        if left:
+            logger.warning("%d HTTP request(s) still in flight after %.1f s", left, timeout_s)
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop the proxy, end every remaining worker, remove the socket directory."""
+        if self._standby is not None:
+            self._standby.cancel()  # if still spawning; a started one is a worker below
         if self._proxy is not None:
             self._proxy.stopping = True
             try:
@@ -295,4 +576,9 @@ class ProcessRuntime:
             await self._proxy.wait_exit(timeout_s)
         if self._server is not None:
             self._server.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self._listener is not None:
+            self._listener.close()
+        if self._owns_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        else:
+            remove_sockets(self.directory)

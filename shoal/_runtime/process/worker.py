@@ -1,148 +1,208 @@
 """Entry point of a shoal worker process: one replica, or the HTTP proxy.
 
-``python -m shoal._runtime.process.worker INSTANCE_DIR WORKER_ID``
+``python -m shoal._runtime.process.worker INSTANCE_DIR WORKER_ID [ORPHAN_GRACE_S]``
 
 The worker connects to the controller's socket, says hello, and obeys control
-messages. It exits on its own as soon as that connection closes (the driver
-died), so no worker outlives its driver. SIGINT is ignored: the driver
-coordinates shutdown on Ctrl-C.
+messages. Without a grace period it exits as soon as that connection closes
+(the driver died), so no worker outlives its driver; with one (a ``shoal
+start`` server's workers) it keeps serving and rejoins the restarted
+controller, or exits when the grace period ends (see ``adopt.py``). SIGINT is ignored: the driver
+coordinates shutdown on Ctrl-C. Serving requests is not this module's job: a
+started replica is served by :class:`shoal._replica.server.ReplicaServer`,
+which any host process can run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import pickle
 import signal
 import sys
-import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal._api.context import set_default_registry
 from shoal._config import HTTPOptions
-from shoal._errors import RequestCancelledError
+from shoal._errors import ShoalError
 from shoal._replica.logs import configure_worker_logging, set_process_component
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import new_event_loop
 from shoal._runtime.process.client import UnixConnector
-from shoal._transport.codec import SerializationError
-from shoal._transport.connection import STREAM_WINDOW, Connection, connect_unix, serve_unix
+from shoal._transport.connection import Connection, connect_unix
 from shoal._transport.failures import failure_from
-from shoal._transport.http import WEBSOCKET, HttpRequestData
 from shoal._transport.messages import (
-    Cancel,
     DrainProxy,
     HealthCheck,
     Hello,
     Message,
+    Ping,
+    ProxyIdle,
     Reconfigure,
+    Rejoin,
+    ReplicaInfo,
     ReplicaSetUpdate,
-    Request,
     Result,
     RoutesUpdate,
     StartProxy,
     StartReplica,
     StopReplica,
-    StreamCredit,
-    StreamInput,
-    StreamItem,
 )
+
+if TYPE_CHECKING:
+    from shoal._proxy.proxy import Proxy
+    from shoal._replica.replica import Replica
+    from shoal._replica.server import ReplicaServer
 
 logger = logging.getLogger("shoal.worker")
 
+_REJOIN_RETRY_S = 0.05  # how often an orphaned worker tries the controller's socket
+_REJOIN_ANSWER_S = 2.0  # how long it waits for a controller to acknowledge it
+
 
 class Worker:
-    """Holds this process's router registry and its replica or proxy."""
+    """This process's control connection, its routers, and the replica or proxy it hosts."""
 
-    def __init__(self, instance_dir: str, worker_id: str) -> None:
+    def __init__(self, instance_dir: str, worker_id: str, orphan_grace_s: float = 0.0) -> None:
         self.instance_dir = instance_dir
         self.worker_id = worker_id
+        self.orphan_grace_s = orphan_grace_s
+        # What this worker tells a restarted controller (see _rejoin).
+        self.hosting = Rejoin(worker_id, os.getpid())
         self.loop = asyncio.get_running_loop()
         self.registry = RouterRegistry(UnixConnector(), self.loop)
-        self.replica: Any = None
-        self.proxy: Any = None
+        self.replica: Replica | None = None
+        self.server: ReplicaServer | None = None
+        self.proxy: Proxy | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()
-        self._tasks: dict[tuple[int, int], asyncio.Task[Any]] = {}
-        self._credits: dict[tuple[int, int], _Credit] = {}
-        # Messages a caller sends into its running stream (a websocket's client side).
-        self._inboxes: dict[tuple[int, int], asyncio.Queue[Any]] = {}
-        self._data_server: asyncio.AbstractServer | None = None
         set_default_registry(self.registry)
 
     async def run(self) -> None:
         path = os.path.join(self.instance_dir, "controller.sock")
         control = await connect_unix(path, self._on_control, "controller")
-        control.close_callbacks.append(lambda _conn: self._driver_gone())
+        control.close_callbacks.append(lambda _conn: self._controller_gone())
         control.send(0, Hello(self.worker_id, os.getpid()))
         await self.done
 
-    def _driver_gone(self) -> None:
-        # The driver died or dropped us: leave now, without waiting for user code.
+    def _controller_gone(self) -> None:
+        if self.orphan_grace_s <= 0:
+            # The driver died or dropped us: leave now, without waiting for user code.
+            os._exit(0)
+        self.loop.create_task(self._rejoin())
+
+    async def _rejoin(self) -> None:
+        """Keep serving with the routing we have, and say who we are to the controller
+        that restarts on the same socket; exit if none does within the grace period."""
+        path = os.path.join(self.instance_dir, "controller.sock")
+        deadline = self.loop.time() + self.orphan_grace_s
+        while self.loop.time() < deadline:
+            try:
+                control = await connect_unix(path, self._on_control, "controller", 1.0)
+                await control.request(self.hosting, _REJOIN_ANSWER_S)
+            except (OSError, ShoalError, TimeoutError):
+                # Nobody listens yet, or the dying controller's socket took the
+                # connection before closing: try again.
+                await asyncio.sleep(_REJOIN_RETRY_S)
+                continue
+            control.close_callbacks.append(lambda _conn: self._controller_gone())
+            logger.warning("rejoined the restarted controller")
+            return
+        logger.warning("no controller came back within %.0f s; exiting", self.orphan_grace_s)
         os._exit(0)
 
-    # --- control plane -------------------------------------------------------------
+    def _exit(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # --- control messages ----------------------------------------------------------
 
     def _on_control(self, conn: Connection, corr: int, msg: Message) -> None:
-        if type(msg) is ReplicaSetUpdate:
-            self.registry.apply(msg)
-            conn.send(corr, Result())
-        elif type(msg) is RoutesUpdate:
-            self.proxy.set_routes(msg.routes)
-            conn.send(corr, Result())
-        elif type(msg) is DrainProxy:
-            self.proxy.drain()
-            conn.send(corr, Result())
-        else:
-            self.loop.create_task(self._control(conn, corr, msg))
+        # Routing changes apply at once, in arrival order: the controller waits for
+        # every process's acknowledgement before it relies on them.
+        match msg:
+            case ReplicaSetUpdate():
+                self.registry.apply(msg)
+            case RoutesUpdate():
+                self._hosted_proxy().set_routes(msg.routes)
+            case DrainProxy():
+                self._hosted_proxy().drain()
+            case Ping():
+                pass  # liveness: answered by this loop itself, no user code runs
+            case _:
+                self.loop.create_task(self._control(conn, corr, msg))
+                return
+        conn.send(corr, Result())
 
     async def _control(self, conn: Connection, corr: int, msg: Message) -> None:
         try:
-            value = await self._handle_control(msg)
-            reply: Message = Result(value)
+            reply: Message = Result(await self._handle_control(msg))
         except Exception as exc:
             reply = failure_from(exc)
         conn.send(corr, reply)
         if type(msg) is StopReplica:
-            self.loop.call_later(0.01, self._exit)
+            self.loop.call_later(0.01, self._exit)  # after the reply has been written
 
     async def _handle_control(self, msg: Message) -> Any:
-        kind = type(msg)
-        if kind is HealthCheck:
-            if self.replica is not None:
-                await self.replica.check_health()
-            return None
-        if kind is StartReplica:
-            return await self._start_replica(msg)  # type: ignore[arg-type]
-        if kind is Reconfigure:
-            await self.replica.reconfigure(msg.user_config)  # type: ignore[attr-defined]
-            return None
-        if kind is StopReplica:
-            await self._stop(msg)  # type: ignore[arg-type]
-            return None
-        if kind is StartProxy:
-            from shoal._proxy.proxy import Proxy
+        match msg:
+            case HealthCheck():
+                if self.replica is not None:
+                    await self.replica.check_health()
+            case Reconfigure():
+                await self._hosted_replica().reconfigure(msg.user_config)
+                self.hosting.user_config = msg.user_config
+            case StartReplica():
+                return await self._start_replica(msg)
+            case StartProxy():
+                return await self._start_proxy(msg)
+            case StopReplica():
+                await self._stop(msg)
+            case ProxyIdle():
+                return await self._hosted_proxy().wait_idle(msg.timeout_s)
+            case _:
+                raise TypeError(f"unexpected control message {type(msg).__name__}")
+        return None
 
-            options = HTTPOptions(**msg.http_options)  # type: ignore[attr-defined]
-            self.proxy = Proxy(self.registry, options)
-            return await self.proxy.serve()
-        raise TypeError(f"unexpected control message {kind.__name__}")
+    def _hosted_replica(self) -> Replica:
+        if self.replica is None:
+            raise ShoalError(f"worker {self.worker_id} hosts no replica")
+        return self.replica
+
+    def _hosted_proxy(self) -> Proxy:
+        if self.proxy is None:
+            raise ShoalError(f"worker {self.worker_id} hosts no proxy")
+        return self.proxy
+
+    # --- what this worker hosts ----------------------------------------------------
 
     async def _start_replica(self, msg: StartReplica) -> str:
-        sys.path[:] = msg.sys_path
-        if msg.cwd:
-            os.chdir(msg.cwd)
-        spec = _SpecUnpickler(io.BytesIO(msg.spec)).load()
+        """Start the replica, then serve it on this worker's socket; returns its path."""
+        spec = pickle.loads(msg.spec)
+        spec.code.prepare_imports(spec.config.ray_actor_options.runtime_env)
         set_process_component(spec.deployment, spec.replica_id)
+        # Imported here: a proxy worker never loads the replica's modules.
         from shoal._replica.replica import Replica
+        from shoal._replica.server import ReplicaServer
 
         replica = Replica(spec)
         await replica.initialize()
         self.replica = replica
+        self.server = ReplicaServer(replica)
         address = os.path.join(self.instance_dir, f"{self.worker_id}.sock")
-        self._data_server = await serve_unix(address, self._on_request, spec.replica_id)
+        await self.server.listen(address)
+        info = ReplicaInfo(spec.replica_id, address, spec.config.max_ongoing_requests)
+        self.hosting = Rejoin(
+            self.worker_id, os.getpid(), info, spec.app, spec.deployment,
+            spec.code_version, spec.config.user_config,
+        )  # fmt: skip
         return address
+
+    async def _start_proxy(self, msg: StartProxy) -> tuple[str, int]:
+        from shoal._proxy.proxy import Proxy
+
+        self.proxy = Proxy(self.registry, HTTPOptions(**msg.http_options))
+        host, port = await self.proxy.serve()
+        self.hosting = Rejoin(self.worker_id, os.getpid(), proxy=(host, port))
+        return host, port
 
     async def _stop(self, msg: StopReplica) -> None:
         if self.replica is not None:
@@ -151,146 +211,17 @@ class Worker:
         if self.proxy is not None:
             await self.proxy.stop(msg.timeout_s)
 
-    def _exit(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-    # --- data plane ----------------------------------------------------------------
-
-    def _on_request(self, conn: Connection, corr: int, msg: Message) -> None:
-        key = (id(conn), corr)
-        if isinstance(msg, Request):
-            if msg.stream and _is_websocket(msg):
-                self._inboxes[key] = asyncio.Queue()  # before any client message can arrive
-            run = self._stream(conn, corr, msg) if msg.stream else self._call(conn, corr, msg)
-            self._tasks[key] = self.loop.create_task(run, context=self.replica.task_context())
-        elif isinstance(msg, Cancel):
-            running = self._tasks.get(key)
-            if running is not None:
-                running.cancel()
-        elif isinstance(msg, StreamCredit):
-            credit = self._credits.get(key)
-            if credit is not None:
-                credit.grant(msg.items)
-        elif isinstance(msg, StreamInput):
-            inbox = self._inboxes.get(key)
-            if inbox is not None:
-                inbox.put_nowait(msg.value)
-
-    async def _call(self, conn: Connection, corr: int, request: Request) -> None:
-        try:
-            try:
-                reply = await self.replica.handle(request)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # the caller cancelled: it expects no reply
-                # The user's code let a CancelledError escape: the caller must still hear.
-                reply = failure_from(
-                    RequestCancelledError(
-                        f"method '{request.method}' raised CancelledError without being cancelled"
-                    )
-                )
-            _send_reply(conn, corr, reply)
-        finally:
-            self._tasks.pop((id(conn), corr), None)
-
-    async def _stream(self, conn: Connection, corr: int, request: Request) -> None:
-        key = (id(conn), corr)
-        credit = self._credits[key] = _Credit(STREAM_WINDOW)
-        stream = self.replica.handle_stream(request, self._inboxes.get(key))
-        try:
-            async for reply in stream:
-                if type(reply) is StreamItem:
-                    await credit.take()
-                _send_reply(conn, corr, reply)
-                if conn.closed:
-                    break
-        finally:
-            await stream.aclose()
-            self._credits.pop(key, None)
-            self._inboxes.pop(key, None)
-            self._tasks.pop(key, None)
-
-
-class _SpecUnpickler(pickle.Unpickler):
-    """Unpickles a replica spec, giving code sent by value its source file back.
-
-    cloudpickle sends the code of classes and functions it cannot pickle by
-    reference (those of the driver's ``__main__``, or defined inside a function)
-    with the file name ``<dynamic-code>``, so tracebacks and logs would show no
-    file, line text or source. Such a function still carries its module's
-    ``__file__``: its code is renamed back to that file.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = super().find_class(module, name)
-        if module == "cloudpickle.cloudpickle" and name == "_make_function":
-            return _with_source_file(found)
-        return found
-
-
-_DYNAMIC_CODE = "<dynamic-code>"
-
-
-def _with_source_file(make_function: Any) -> Any:
-    def make(code: types.CodeType, globals_: dict[str, Any], *args: Any) -> Any:
-        path = globals_.get("__file__")
-        if code.co_filename == _DYNAMIC_CODE and isinstance(path, str):
-            code = _renamed(code, path)
-        return make_function(code, globals_, *args)
-
-    return make
-
-
-def _renamed(code: types.CodeType, path: str) -> types.CodeType:
-    """``code`` and the code nested in it (inner functions, comprehensions) with ``path``."""
-    consts = tuple(
-        _renamed(c, path) if isinstance(c, types.CodeType) and c.co_filename == _DYNAMIC_CODE else c
-        for c in code.co_consts
-    )
-    return code.replace(co_filename=path, co_consts=consts)
-
-
-def _is_websocket(request: Request) -> bool:
-    args = request.args
-    return bool(args) and type(args[0]) is HttpRequestData and args[0].method == WEBSOCKET
-
-
-def _send_reply(conn: Connection, corr: int, reply: Message) -> None:
-    try:
-        conn.send(corr, reply)
-    except SerializationError as exc:
-        conn.send(corr, failure_from(exc))
-
-
-class _Credit:
-    """How many more stream items the consumer accepts (back-pressure)."""
-
-    def __init__(self, initial: int) -> None:
-        self._available = initial
-        self._event = asyncio.Event()
-
-    def grant(self, items: int) -> None:
-        self._available += items
-        self._event.set()
-
-    async def take(self) -> None:
-        while self._available <= 0:
-            self._event.clear()
-            await self._event.wait()
-        self._available -= 1
-
 
 def main() -> None:
     instance_dir, worker_id = sys.argv[1], sys.argv[2]
+    orphan_grace_s = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_worker_logging(worker_id)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
 
     async def run() -> None:
-        await Worker(instance_dir, worker_id).run()
+        await Worker(instance_dir, worker_id, orphan_grace_s).run()
 
     try:
         loop.run_until_complete(run())

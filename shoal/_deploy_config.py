@@ -1,0 +1,535 @@
+"""Ray Serve's config file (``serve deploy`` / ``serve build`` format), strictly validated.
+
+A file Ray Serve accepts is accepted here unchanged, as long as it only uses what
+shoal implements: sections shoal does not implement yet (gRPC, logging,
+``target_capacity``) are accepted with exactly Ray's default values and refused
+otherwise, naming the issue that brings them. Every problem is reported as one
+line ``<field path>: <value> <what is wrong>`` in a single :class:`ConfigError`.
+Deployment overrides reuse :class:`shoal._config.DeploymentConfig`'s fields, so
+an option has the same type, bounds and refusals in code and in a file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import re
+import typing
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from shoal._config import (
+    NOT_SUPPORTED_YET,
+    DeploymentConfig,
+    HTTPOptions,
+    _Strict,
+    refusals,
+    runtime_env_problems,
+)
+from shoal._errors import ConfigError
+
+# A problem found by a model validator: (path relative to the model, value, message).
+Problem = tuple[str, Any, str]
+
+
+def _problems(problems: list[Problem]) -> PydanticCustomError:
+    # The structured problems travel in the error's context, so the formatter can
+    # prefix each one with the full path of the model that found it.
+    return PydanticCustomError("shoal_problems", "{count} problem(s)", {
+        "count": len(problems), "problems": problems,
+    })  # fmt: skip
+
+
+class _DefaultsOnly(_Strict):
+    """A Ray section shoal accepts only with Ray's default values until its issue lands."""
+
+    _refused_because: ClassVar[str]
+
+    @model_validator(mode="after")
+    def _only_defaults(self) -> _DefaultsOnly:
+        found = []
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value != field.get_default(call_default_factory=True):
+                found.append((name, value, f"is not supported yet: {self._refused_because}"))
+        if found:
+            raise _problems(found)
+        return self
+
+
+class LoggingConfig(_DefaultsOnly):
+    """Ray's ``logging_config``: accepted with Ray's defaults only (issue 12 brings logging)."""
+
+    _refused_because = NOT_SUPPORTED_YET["logging_config"]
+
+    encoding: str = Field("TEXT", description="Log encoding (Ray: TEXT or JSON).")
+    log_level: str | int = Field("INFO", description="Log level of the replicas' loggers.")
+    logs_dir: str | None = Field(None, description="Directory for log files.")
+    enable_access_log: bool = Field(True, description="Whether requests are logged.")
+    additional_log_standard_attrs: list[str] = Field(
+        default_factory=list, description="Extra LogRecord attributes in each line."
+    )
+
+
+class gRPCOptionsSchema(_DefaultsOnly):  # Ray's name
+    """Ray's ``grpc_options``: accepted with Ray's defaults only (issue 14 brings gRPC)."""
+
+    _refused_because = NOT_SUPPORTED_YET["grpc_options"]
+
+    port: int = Field(9000, description="Port of the gRPC proxy.")
+    grpc_servicer_functions: list[str] = Field(
+        default_factory=list, description="Import paths of the servicer functions to add."
+    )
+    request_timeout_s: float | None = Field(None, description="Timeout of a gRPC request.")
+
+
+class DeploymentSchema(DeploymentConfig):
+    """Overrides of one deployment's options; only the keys the file sets override the code.
+
+    As in Ray, a value replaces the code's whole value: ``ray_actor_options`` and
+    ``user_config`` are not merged with the code's.
+    """
+
+    name: str = Field(
+        min_length=1,
+        description="The deployment to override, as named in the application (the class or "
+        "function name unless the code sets name=); required.",
+    )
+    logging_config: LoggingConfig | None = Field(  # type: ignore[assignment]
+        None, description="Ray's logging options: accepted with Ray's defaults only (issue 12)."
+    )
+
+    @model_validator(mode="after")
+    def _supported(self) -> DeploymentSchema:
+        found: list[Problem] = []
+        for line in refusals(self):
+            option, _, reason = line.partition(" is not supported yet: ")
+            if option == "logging_config":
+                continue  # LoggingConfig refuses its own non-default values, by key
+            path, value = ("num_replicas", "auto") if option.startswith("num_replicas") else (
+                option, _dotted(self, option)
+            )  # fmt: skip
+            found.append((path, value, f"is not supported yet: {reason}"))
+        found += _env_problems(self.ray_actor_options.runtime_env, "ray_actor_options.runtime_env")
+        if found:
+            raise _problems(found)
+        return self
+
+
+def _dotted(model: Any, path: str) -> Any:
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def _env_problems(env: dict[str, Any] | None, path: str) -> list[Problem]:
+    """``runtime_env_problems``, one (path, value, message) per key."""
+    found: list[Problem] = []
+    for key, value in (env or {}).items():
+        for line in runtime_env_problems({key: value}):
+            if " is not supported yet: " in line:
+                message = "is not supported yet: " + line.split(" is not supported yet: ", 1)[1]
+            else:
+                message = "is invalid: " + line.rsplit(": ", 1)[1]
+            found.append((f"{path}.{key}", value, message))
+    return found
+
+
+def _check_route_prefix(value: str | None) -> str | None:
+    # Ray Serve's rules (shoal._api.deployment applies the same ones to serve.run).
+    if value is None:
+        return value
+    if not value.startswith("/"):
+        raise ValueError("must start with '/'")
+    if value != "/" and value.endswith("/"):
+        raise ValueError("must not end with '/' (unless it is just '/')")
+    if "{" in value or "}" in value:
+        raise ValueError("must not contain wildcards ('{' or '}')")
+    return value
+
+
+class ServeApplicationSchema(_Strict):
+    """One application: what to import, its arguments, environment and overrides."""
+
+    name: str = Field(
+        "default", min_length=1, description="Application name, unique within the file."
+    )
+    route_prefix: str | None = Field(
+        "/",
+        description="HTTP path prefix of the application's ingress (longest prefix wins); "
+        "null serves it to handles only. Unique within the file.",
+    )
+    import_path: str = Field(
+        description="Where the application is: 'module.submodule:attribute' or "
+        "'module.submodule.attribute'; a bound application or a builder function taking `args`."
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Arguments of a builder function (validated into its pydantic model when "
+        "its parameter is annotated with one); must be empty for a bound application.",
+    )
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Environment of the application: local working_dir and py_modules are "
+        "importable while building it and in every replica; env_vars are set in every replica. "
+        "Each deployment's own runtime_env keys win (env_vars are merged).",
+    )
+    deployments: list[DeploymentSchema] = Field(
+        default_factory=list, description="Overrides of the options the code sets."
+    )
+    logging_config: LoggingConfig | None = Field(
+        None, description="Ray's logging options: accepted with Ray's defaults only (issue 12)."
+    )
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _route_prefix(cls, value: str | None) -> str | None:
+        return _check_route_prefix(value)
+
+    @field_validator("import_path")
+    @classmethod
+    def _import_path(cls, value: str) -> str:
+        # Ray's rules: one colon at most, else at least one dot; none at either end.
+        module, _, attribute = value.rpartition(":") if ":" in value else value.rpartition(".")
+        if value.count(":") > 1 or not module or not attribute or module.endswith("."):
+            raise ValueError(
+                "is not an import path: expected 'module.submodule:attribute' "
+                "or 'module.submodule.attribute'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _checks(self) -> ServeApplicationSchema:
+        found = _env_problems(self.runtime_env, "runtime_env")
+        found += _duplicates(self.deployments, "deployments", "name")
+        if found:
+            raise _problems(found)
+        return self
+
+
+def _duplicates(items: list[Any], path: str, field: str) -> list[Problem]:
+    first: dict[Any, int] = {}
+    found: list[Problem] = []
+    for index, item in enumerate(items):
+        value = getattr(item, field)
+        if value is None:
+            continue
+        if value in first:
+            found.append((
+                f"{path}[{index}].{field}", value,
+                f"is also the {field} of {path}[{first[value]}]: each {field} must be unique",
+            ))  # fmt: skip
+        first.setdefault(value, index)
+    return found
+
+
+class ServeDeploySchema(_Strict):
+    """A whole Serve config file: instance options and the applications to run.
+
+    Deploying it is declarative: the applications listed are what should run.
+    """
+
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        "EveryNode",
+        description="Where proxies run: EveryNode and HeadOnly both run the one proxy of "
+        "this machine; Disabled runs none.",
+    )
+    http_options: HTTPOptions = Field(
+        default_factory=HTTPOptions, description="Options of the HTTP proxy."
+    )
+    grpc_options: gRPCOptionsSchema | None = Field(
+        None, description="Ray's gRPC proxy options: accepted with Ray's defaults only (issue 14)."
+    )
+    logging_config: LoggingConfig | None = Field(
+        None, description="Ray's logging options: accepted with Ray's defaults only (issue 12)."
+    )
+    target_capacity: float | None = Field(
+        None, ge=0, le=100, description="Ray's target capacity (percent): null only (issue 11)."
+    )
+    applications: list[ServeApplicationSchema] = Field(
+        description="The applications to run (required, as in Ray; [] runs none): "
+        "deploying the file deletes the others."
+    )
+
+    @model_validator(mode="after")
+    def _checks(self) -> ServeDeploySchema:
+        found: list[Problem] = []
+        if self.target_capacity is not None:
+            reason = NOT_SUPPORTED_YET["target_capacity"]
+            found.append(
+                ("target_capacity", self.target_capacity, f"is not supported yet: {reason}")
+            )
+        apps = self.applications
+        found += _duplicates(apps, "applications", "name")
+        found += _duplicates(apps, "applications", "route_prefix")
+        if found:
+            raise _problems(found)
+        return self
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def parse_config(data: Any, source: str, *, text: str | None = None) -> ServeDeploySchema:
+    """Validate ``data`` (a parsed YAML/JSON document) as a Serve config.
+
+    Raises ConfigError with one line per problem, each starting with ``source``
+    (and the line of the field, when the document's ``text`` is given).
+    """
+    if data is None:
+        raise ConfigError(f"{source}: the config is empty; it needs an 'applications' list")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: a Serve config is a mapping with an 'applications' list, "
+            f"got {type(data).__name__} {_short(data)}"
+        )
+    if "import_path" in data and "applications" not in data:
+        raise ConfigError(_legacy_message(data, source))
+    try:
+        return ServeDeploySchema.model_validate(data)
+    except ValidationError as exc:
+        root = _compose(text) if text is not None else None
+        numbered = [(_line_of(root, line.partition(": ")[0]), line) for line in _lines(exc)]
+        numbered.sort(key=lambda item: item[0] or 0)  # in the file's order, when known
+        raise ConfigError("\n".join(
+            f"{source}: {line}{f' (line {number})' if number else ''}" for number, line in numbered
+        )) from None  # fmt: skip
+
+
+def load_config_file(path: str) -> ServeDeploySchema:
+    """Read and validate a YAML or JSON Serve config file (JSON if it starts with ``{``).
+
+    Every problem names the file, the line and the field path.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ConfigError(f"{path}: cannot read the config file ({reason})") from None
+    return parse_config(parse_document(text, path), path, text=text)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The YAML node tree of ``text`` (JSON included), for line numbers; None if unparsable."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+
+def _line_of(node: yaml.Node | None, path: str) -> int | None:
+    """The 1-based line of ``path`` (``a[0].b``) in the tree: of its key in a mapping, else
+    of the deepest part of it that exists (a missing key: its mapping)."""
+    line = None
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        if isinstance(node, yaml.SequenceNode) and part.startswith("["):
+            index = int(part[1:-1])
+            if index >= len(node.value):
+                break
+            node = node.value[index]
+            line = node.start_mark.line + 1
+        elif isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if k.value == part), None)
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]
+        else:
+            break
+    return line
+
+
+def parse_document(text: str, source: str) -> Any:
+    """Parse YAML or JSON text; syntax errors and duplicate keys name the line."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text, object_pairs_hook=_no_duplicates(source))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}, line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise ConfigError(f"{source}{line}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys instead of keeping the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _no_duplicates(source: str) -> Any:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ConfigError(f"{source}: invalid JSON: duplicate key {key!r}")
+        return dict(items)
+
+    return pairs
+
+
+def _legacy_message(data: dict[str, Any], source: str) -> str:
+    app = {"name": "default", "route_prefix": data.get("route_prefix", "/")}
+    app |= {k: v for k, v in data.items() if k not in ("host", "port", "route_prefix")}
+    converted: dict[str, Any] = {}
+    if "host" in data or "port" in data:
+        converted["http_options"] = {k: data[k] for k in ("host", "port") if k in data}
+    converted["applications"] = [app]
+    example = yaml.safe_dump(converted, sort_keys=False, default_flow_style=False)
+    return (
+        f"{source}: this is Ray Serve's single-application config format (import_path at the "
+        "top level), which Ray deprecated; shoal reads the multi-application format. Move the "
+        "application under 'applications' (host and port under 'http_options'):\n\n"
+        + example.rstrip()
+    )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, BaseModel):  # as the file wrote it
+        value = value.model_dump(mode="json", exclude_unset=True)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- error messages ---------------------------------------------------------------------------
+
+_TYPES = {
+    "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
+    "string_type": "a string", "bool_type": "true or false", "dict_type": "a mapping",
+    "model_type": "a mapping", "model_attributes_type": "a mapping", "list_type": "a list",
+    "none_required": "null", "int_parsing": "an integer", "float_parsing": "a number",
+    "bool_parsing": "true or false",
+}  # fmt: skip
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+           "less_than": "<"}  # fmt: skip
+
+
+def _lines(exc: ValidationError) -> list[str]:
+    """One line per problem: ``path: value message``; union alternatives are merged."""
+    lines: list[str] = []
+    merged: dict[str, tuple[Any, list[str]]] = {}
+    for error in exc.errors():
+        path, annotation = _walk(ServeDeploySchema, error["loc"])
+        if error["type"] == "shoal_problems":
+            for relative, value, message in error["ctx"]["problems"]:
+                full = f"{path}.{relative}" if path and not relative.startswith("[") else (
+                    f"{path}{relative}"
+                )  # fmt: skip
+                lines.append(f"{full}: {_short(value)} {message}")
+        elif error["type"] == "extra_forbidden":
+            lines.append(_unknown_key(error["loc"], path))
+        elif error["type"] == "missing":
+            lines.append(f"{path}: required, but missing")
+        elif error["type"] == "value_error" and _is_model(annotation):
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {message}" if path else message)
+        else:
+            value, messages = merged.setdefault(path, (error["input"], []))
+            messages.append(_message(error))
+    for path, (value, messages) in merged.items():
+        first, *rest = messages
+        alternatives = "".join(f" or {m.removeprefix('is not ')}" for m in rest)
+        lines.append(f"{path}: {_short(value)} {first}{alternatives}")
+    return lines
+
+
+def _message(error: Any) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in _TYPES:
+        return f"is not {_TYPES[kind]}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"is not {_BOUNDS[kind]} {bound}"
+    if kind == "literal_error":
+        return f"is not {ctx['expected']}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    for op in (">=", "<=", ">", "<"):  # "must be >= 0" from shoal._config reads "is not >= 0"
+        if message.startswith(f"must be {op} "):
+            message = "is not " + message.removeprefix("must be ")
+    return message if message.startswith(("is ", "must ")) else f"is invalid: {message}"
+
+
+def _walk(model: Any, loc: tuple[Any, ...]) -> tuple[str, Any]:
+    """The readable path of ``loc`` (``a[0].b``, union member tags dropped) and its type."""
+    path, annotation = "", model
+    for part in loc:
+        annotation = _strip_none(annotation)
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin in (typing.Union, _UnionType) and isinstance(part, str):
+            # a union member tag such as 'int' or "literal['auto']": not a key of the file
+            annotation = next((a for a in args if getattr(a, "__name__", "") == part), None)
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+            annotation = args[0] if origin is list and args else None
+            continue
+        path += f".{part}" if path else str(part)
+        if _is_model(annotation) and part in annotation.model_fields:
+            annotation = annotation.model_fields[part].annotation
+        elif origin is dict and len(args) == 2:
+            annotation = args[1]
+        else:
+            annotation = None
+    return path, _strip_none(annotation)
+
+
+_UnionType = type(int | str)
+
+
+def _strip_none(annotation: Any) -> Any:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, _UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+        return typing.Union[tuple(rest)]  # noqa: UP007 (built from a tuple)
+    return annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return inspect.isclass(annotation) and issubclass(annotation, BaseModel)
+
+
+def _unknown_key(loc: tuple[Any, ...], path: str) -> str:
+    _, parent = _walk(ServeDeploySchema, loc[:-1])
+    parent = _strip_none(parent)
+    valid = sorted(parent.model_fields) if _is_model(parent) else []
+    matches = difflib.get_close_matches(str(loc[-1]), valid, n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(m) for m in matches)}?)" if matches else ""
+    return f"{path}: unknown key{hint}; valid keys: {', '.join(valid)}"
+
+
+def validation_lines(exc: ValidationError, model: type[BaseModel], prefix: str) -> list[str]:
+    """``path: value message`` lines for a ValidationError of any model (builder arguments)."""
+    lines = []
+    for error in exc.errors():
+        path, _ = _walk(model, error["loc"])
+        full = ".".join(p for p in (prefix, path) if p).replace(".[", "[")
+        if error["type"] == "missing":
+            lines.append(f"{full}: required, but missing")
+        elif error["type"] == "extra_forbidden":
+            lines.append(f"{full}: unknown key; valid keys: {', '.join(model.model_fields)}")
+        else:
+            lines.append(f"{full}: {_short(error['input'])} {_message(error)}")
+    return lines

@@ -1,0 +1,115 @@
+"""An instance described in the JSON shape of Ray's ``GET /api/serve/applications/``
+(``ServeInstanceDetails``), so tools written for Ray Serve read it unchanged."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from shoal._config import HTTPOptions
+
+if TYPE_CHECKING:
+    from shoal._controller.status import DeploymentStatusOverview
+    from shoal._instance.instance import Instance
+
+#: This machine, as Ray names a node: one node per machine for the local runtimes.
+NODE_ID = socket.gethostname()
+
+
+def instance_details(
+    instance: Instance,
+    configs: dict[str, dict[str, Any]],
+    waiting: dict[str, tuple[str, str, str | None]],
+) -> dict[str, Any]:
+    """``configs``: the deployed config of each application that came from a config file;
+    ``waiting``: applications of the last config not (or no longer) with the controller,
+    as (status, message, route_prefix)."""
+    controller = instance.controller
+    status = controller.status()
+    applications: dict[str, Any] = {}
+    for name, app in status.applications.items():
+        spec = controller.apps[name].spec if name in controller.apps else None
+        applications[name] = {
+            "name": name,
+            "route_prefix": app.route_prefix,
+            "docs_path": None,
+            "status": str(app.status),
+            "message": app.message,
+            "last_deployed_time_s": app.last_deployed_time_s,
+            "deployed_app_config": configs.get(name),
+            "source": "declarative" if name in configs else "imperative",
+            "deployments": {
+                d_name: _deployment(d_name, overview, spec)
+                for d_name, overview in app.deployments.items()
+            },
+            "external_scaler_enabled": False,
+        }
+    for name, (state, message, route_prefix) in waiting.items():
+        if name not in applications:
+            applications[name] = {
+                "name": name, "route_prefix": route_prefix, "docs_path": None,
+                "status": state, "message": message, "last_deployed_time_s": 0.0,
+                "deployed_app_config": configs.get(name), "source": "declarative",
+                "deployments": {}, "external_scaler_enabled": False,
+            }  # fmt: skip
+    http = instance.http
+    return {
+        "controller_info": {"node_id": NODE_ID, "node_ip": "127.0.0.1", "pid": os.getpid()},
+        "proxy_location": "Disabled" if http is None else "EveryNode",
+        "http_options": (http or HTTPOptions()).model_dump(mode="json"),
+        "grpc_options": {"port": 9000, "grpc_servicer_functions": []},
+        "proxies": {
+            node: {"node_id": node, "node_ip": proxy.host, "status": str(proxy)}
+            for node, proxy in status.proxies.items()
+        },
+        "deploy_mode": "MULTI_APP",
+        "applications": applications,
+        "target_capacity": None,
+    }
+
+
+def _deployment(name: str, overview: DeploymentStatusOverview, spec: Any) -> dict[str, Any]:
+    deployment = spec.deployments.get(name) if spec is not None else None
+    config: dict[str, Any] = {"name": name}
+    if deployment is not None:
+        config.update(deployment.config.model_dump(mode="json", exclude={"name"}))
+    return {
+        "name": name,
+        "status": str(overview.status),
+        "status_trigger": _trigger(str(overview.status)),
+        "message": overview.message,
+        "deployment_config": config,
+        "target_num_replicas": overview.target_replicas,
+        "required_resources": _resources(config),
+        "replicas": [
+            {
+                "node_id": NODE_ID,
+                "node_ip": "127.0.0.1",
+                "replica_id": replica.replica_id,
+                "state": str(replica.state),
+                "pid": replica.pid,
+                "message": replica.message,
+            }
+            for replica in overview.replicas
+        ],
+    }
+
+
+def _trigger(status: str) -> str:
+    """Ray's ``status_trigger`` closest to what shoal knows of a deployment's status."""
+    return {
+        "HEALTHY": "CONFIG_UPDATE_COMPLETED",
+        "UPDATING": "CONFIG_UPDATE_STARTED",
+        "UNHEALTHY": "HEALTH_CHECK_FAILED",
+        "DEPLOY_FAILED": "REPLICA_STARTUP_FAILED",
+    }.get(status, "UNSPECIFIED")
+
+
+def _resources(config: dict[str, Any]) -> dict[str, float]:
+    actor = config.get("ray_actor_options") or {}
+    resources = {"CPU": actor.get("num_cpus", 0.0)}
+    if actor.get("num_gpus"):
+        resources["GPU"] = actor["num_gpus"]
+    resources.update(actor.get("resources") or {})
+    return resources

@@ -1,0 +1,142 @@
+"""An instance: a controller, its runtime and routers, on their own loop thread.
+
+The driver of ``serve.run`` embeds one (``kind="process"``, or ``"local"`` for
+local testing mode); a ``shoal start`` server hosts one too. With admin options
+it also serves the admin REST API and the socket other processes attach to.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from shoal._config import TIMEOUTS, AdminOptions, HTTPOptions, ServeStartOptions
+from shoal._controller.controller import Controller
+from shoal._controller.resources import Capacity, Ledger
+from shoal._controller.status import ServeStatus
+from shoal._instance.checkpoint import Checkpoint, DesiredState
+from shoal._router.router import RouterRegistry
+from shoal._runtime.loop import LoopThread
+from shoal._runtime.registry import create_runtime
+from shoal._seam.specs import AppSpec
+
+logger = logging.getLogger("shoal")
+
+
+@dataclass(frozen=True)
+class ServerRole:
+    """What makes an instance a ``shoal start`` server rather than embedded in a driver."""
+
+    directory: str  # the runtime's sockets, fixed so that workers can rejoin a restart
+    token: str  # of the admin API, for callers not on this machine
+    attach_socket: str  # other processes' serve.* calls
+    checkpoint: Checkpoint
+    orphan_grace_s: float = 30.0  # workers outlive a crashed server that long, serving
+    adopt_window_s: float = 2.0  # a restarted server waits at most that long for them
+
+
+class Instance:
+    """A controller, its runtime and routers, on their own loop thread."""
+
+    def __init__(
+        self,
+        kind: str,
+        http: HTTPOptions | None,
+        wait_for_proxy: bool = True,
+        options: ServeStartOptions | None = None,
+        admin: AdminOptions | None = None,
+        server: ServerRole | None = None,
+    ) -> None:
+        self.kind = kind
+        self.http = http
+        self.options = options or ServeStartOptions()
+        self.admin_options = admin
+        self.server = server
+        self._wait_for_proxy = wait_for_proxy
+        self.thread = LoopThread(f"shoal-{kind}")
+        self.services: Any = None  # the admin REST API and attach socket, if served
+        # Set by a `shoal start` server: how a remote shutdown request reaches its main thread.
+        self.on_shutdown_requested: Any = None
+        try:
+            self.controller: Controller = self.thread.run(self._start(), 60.0)
+            if admin is not None and admin.enabled:
+                from shoal._instance.services import AdminServices
+
+                token, attach = (server.token, server.attach_socket) if server else (None, None)
+                self.services = self.thread.run(
+                    AdminServices.start(self, admin, token, attach), 60.0
+                )
+            if server is not None:
+                self.thread.run(self._recover(server), TIMEOUTS.deploy_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.registry = self.controller.registry
+
+    async def _start(self) -> Controller:
+        # Only options a caller set are passed: each runtime keeps its own defaults.
+        server, options = self.server, {}
+        if server is not None:
+            options = {"directory": server.directory, "orphan_grace_s": server.orphan_grace_s}
+        runtime = create_runtime(self.kind, **options)
+        registry = RouterRegistry(runtime.connector, self.thread.loop)
+        capacity = Capacity.detect(self.options.resources, TIMEOUTS.gpu_probe_s)
+        controller = Controller(runtime, registry, Ledger(capacity))
+        adopt_window_s = server.adopt_window_s if server is not None else 0.0
+        await controller.start(self.http, self._wait_for_proxy, adopt_window_s)
+        return controller
+
+    async def _recover(self, server: ServerRole) -> None:
+        """Take back the checkpointed applications (adopting what still runs), then
+        checkpoint after every change."""
+        from shoal._controller.recovery import restore
+
+        desired = server.checkpoint.load()
+        if desired is not None and (desired.apps or desired.configs):
+            if self.services is not None:
+                self.services.plane.restore_configs(desired.configs)
+            await restore(self.controller, desired.apps)
+        self.controller.on_change = lambda: server.checkpoint.save(self._desired())
+        self.controller.on_change()
+
+    def _desired(self) -> DesiredState:
+        configs = self.services.plane.configs() if self.services is not None else {}
+        return DesiredState([app.spec for app in self.controller.apps.values()], configs)
+
+    def run(self, coro: Any, timeout_s: float = TIMEOUTS.deploy_s) -> Any:
+        return self.thread.run(coro, timeout_s)
+
+    # --- what serve.* asks of an instance (an attached one answers the same) -----------
+
+    def app_names(self) -> list[str]:
+        return list(self.controller.apps)
+
+    def ingress_of(self, name: str) -> str:
+        return self.controller.ingress_of(name)
+
+    def deploy(self, spec: AppSpec) -> None:
+        self.run(self.controller.deploy(spec))
+        if self.services is not None:
+            self.services.plane.deployed_imperatively(spec.name)
+
+    def delete(self, name: str) -> None:
+        self.run(self.controller.delete(name))
+
+    def status(self) -> ServeStatus:
+        status: ServeStatus = self.run(_snapshot(self.controller), 30.0)
+        return status
+
+    def stop(self) -> None:
+        """Shut down in order: admin services (no new operations), then the controller."""
+        try:
+            if self.services is not None:
+                self.run(self.services.close(), 10.0)
+            if getattr(self, "controller", None) is not None:
+                self.run(self.controller.shutdown(TIMEOUTS.shutdown_s), TIMEOUTS.shutdown_s + 10)
+        finally:
+            self.thread.stop()
+
+
+async def _snapshot(controller: Controller) -> ServeStatus:
+    return controller.status()

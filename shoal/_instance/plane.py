@@ -1,0 +1,223 @@
+"""The control plane of an instance (:class:`ControlPlane`): declarative config deploys,
+deletes, details in Ray's REST shape, shutdown.
+
+Config files are built (modules imported, builders called) in a short-lived
+child process, never in the instance's own: user imports cannot crash or
+pollute it, and an edited module is imported afresh at every deploy. Only the
+built specs come back, with the user's code still pickled (see ``UserCode``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pickle
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shoal._config import TIMEOUTS
+from shoal._controller.status import ApplicationStatus
+from shoal._errors import ConfigError, ShoalError
+from shoal._instance.details import instance_details
+from shoal._seam.specs import AppSpec
+
+if TYPE_CHECKING:
+    from shoal._deploy_config import ServeDeploySchema
+    from shoal._instance.instance import Instance
+
+logger = logging.getLogger("shoal.controller")
+
+
+@dataclass
+class BuildResult:
+    """One application of a config file, built in the child process (or why it failed)."""
+
+    index: int
+    name: str
+    spec: AppSpec | None
+    error: str | None
+
+
+@dataclass
+class _Waiting:
+    """An application of the last config that is not (or no longer) with the controller."""
+
+    status: ApplicationStatus
+    message: str
+    route_prefix: str | None
+
+
+class InstanceControlPlane:
+    """Implements :class:`shoal._instance.control.ControlPlane` on one instance's loop."""
+
+    def __init__(self, instance: Instance) -> None:
+        self._instance = instance
+        self._configs: dict[str, dict[str, Any]] = {}  # app -> its deployed config (JSON)
+        self._waiting: dict[str, _Waiting] = {}  # apps building, or whose build failed
+        self._applying = asyncio.Lock()  # configs apply one after the other, in order
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # --- ControlPlane ------------------------------------------------------------------
+
+    async def apply_config(self, config: ServeDeploySchema) -> None:
+        self._check_instance_options(config)
+        names = [app.name for app in config.applications]
+        for app in config.applications:
+            self._waiting[app.name] = _Waiting(ApplicationStatus.DEPLOYING, "", app.route_prefix)
+        for name in list(self._waiting):
+            if name not in names:
+                del self._waiting[name]
+        self._spawn(self._apply(config))
+
+    async def delete_app(self, name: str) -> None:
+        self._configs.pop(name, None)
+        self._waiting.pop(name, None)
+        if name in self._instance.controller.apps:
+            await self._instance.controller.delete(name)
+
+    async def delete_all(self) -> None:
+        self._waiting.clear()
+        self._configs.clear()
+        await asyncio.gather(
+            *(self._instance.controller.delete(n) for n in list(self._instance.controller.apps)),
+            return_exceptions=True,
+        )
+
+    def details(self) -> dict[str, Any]:
+        return instance_details(self._instance, self._configs, self._waiting_status())
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        on_shutdown = self._instance.on_shutdown_requested
+        if on_shutdown is None:
+            raise ConfigError(
+                "this instance is embedded in a Python process: stop it there with "
+                "serve.shutdown() (only a `shoal start` server can be shut down remotely)"
+            )
+        on_shutdown()
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """The config of each application deployed from a config file (for checkpoints)."""
+        return dict(self._configs)
+
+    def restore_configs(self, configs: dict[str, dict[str, Any]]) -> None:
+        self._configs.update(configs)
+
+    def deployed_imperatively(self, name: str) -> None:
+        """``serve.run`` deployed ``name``: it no longer follows a config file."""
+        self._configs.pop(name, None)
+        self._waiting.pop(name, None)
+
+    def _waiting_status(self) -> dict[str, tuple[str, str, str | None]]:
+        return {n: (str(w.status), w.message, w.route_prefix) for n, w in self._waiting.items()}
+
+    def _check_instance_options(self, config: ServeDeploySchema) -> None:
+        """Warn about instance-wide HTTP options that differ from the running instance's:
+        they are fixed when it starts. Ray Serve deploys such a file with a warning too
+        (so files written for another port deploy); `shoal deploy` prints it as well."""
+        http, wanted = self._instance.http, config.http_options
+        if http is None or wanted is None:
+            return
+        for field in ("host", "port"):
+            value = getattr(wanted, field)
+            if field in wanted.model_fields_set and value != getattr(http, field):
+                logger.warning(
+                    "http_options.%s=%r in the config differs from the running instance's %r "
+                    "and is ignored: HTTP options are fixed when the instance starts",
+                    field, value, getattr(http, field),
+                )  # fmt: skip
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, config: ServeDeploySchema) -> None:
+        async with self._applying:
+            if self._closing:
+                return
+            controller = self._instance.controller
+            names = {app.name for app in config.applications}
+            for name in [n for n in controller.apps if n not in names]:
+                if name not in self._configs:
+                    logger.warning("deleting application '%s' (deployed with serve.run): the "
+                                   "config file applied now does not list it", name)  # fmt: skip
+                self._configs.pop(name, None)
+                with contextlib.suppress(ShoalError):
+                    await controller.delete(name)
+            try:
+                results = await build_in_child(config, TIMEOUTS.build_s)
+            except ShoalError as exc:
+                apps = enumerate(config.applications)
+                results = [BuildResult(i, a.name, None, str(exc)) for i, a in apps]
+            await asyncio.gather(*(self._deploy_built(config, r) for r in results))
+
+    async def _deploy_built(self, config: ServeDeploySchema, result: BuildResult) -> None:
+        app_config = config.applications[result.index]
+        if result.spec is None:
+            message = result.error or "the build failed"
+            self._waiting[result.name] = _Waiting(
+                ApplicationStatus.DEPLOY_FAILED, message, app_config.route_prefix
+            )
+            logger.error("application '%s' failed to build: %s", result.name, message)
+            return
+        self._configs[result.name] = app_config.model_dump(mode="json", exclude_unset=True)
+        self._waiting.pop(result.name, None)
+        try:
+            await self._instance.controller.deploy(result.spec)
+        except Exception as exc:
+            logger.error("application '%s' failed to deploy: %s", result.name, exc)
+            if result.name not in self._instance.controller.apps:
+                # A failed first deploy leaves nothing running: keep saying why.
+                self._waiting[result.name] = _Waiting(
+                    ApplicationStatus.DEPLOY_FAILED, str(exc), app_config.route_prefix
+                )
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+
+
+async def build_in_child(config: ServeDeploySchema, timeout_s: float) -> list[BuildResult]:
+    """Import and build every application of ``config`` in a child process.
+
+    The child inherits this process's working directory and environment; each
+    application's runtime_env ``working_dir``/``py_modules`` are put on its path.
+    Raises ShoalError if the child dies or exceeds ``timeout_s`` (it is killed).
+    """
+    handle, output = tempfile.mkstemp(prefix="shoal-build-", suffix=".pickle")
+    os.close(handle)
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shoal._instance.build_child", output,
+            stdin=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        payload = json.dumps(config.model_dump(mode="json", exclude_unset=True)).encode()
+        try:
+            await asyncio.wait_for(child.communicate(payload), timeout_s)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+            raise ShoalError(
+                f"building the applications did not finish within {timeout_s:.0f} s "
+                "(importing the modules or calling the builders hangs?)"
+            ) from None
+        if child.returncode != 0:
+            raise ShoalError(f"the build process exited with code {child.returncode}")
+        with open(output, "rb") as file:
+            results: list[BuildResult] = pickle.load(file)  # our own child wrote it
+        return results
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(output)

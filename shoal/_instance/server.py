@@ -1,0 +1,170 @@
+"""``shoal start``: a long-lived local server hosting one instance.
+
+It outlives the shell that started it (its own session, output in
+``server.log``), serves the HTTP proxy, the admin REST API and the attach
+socket, and stops in order on SIGTERM, SIGINT or an admin shutdown request.
+
+``python -m shoal._instance.server OPTIONS_JSON`` is its entry point;
+:func:`start_server` starts it and waits until it answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from shoal._config import TIMEOUTS, AdminOptions, HTTPOptions, ServeStartOptions
+from shoal._errors import ShoalError
+from shoal._instance.home import (
+    ADMIN_SOCKET,
+    CHECKPOINT,
+    LOG,
+    TOKEN,
+    ServerInfo,
+    pid_alive,
+    read_server_info,
+    remove_server_info,
+    server_dir,
+    write_server_info,
+)
+
+logger = logging.getLogger("shoal")
+
+_POLL_S = 0.05
+
+
+def start_server(
+    http: HTTPOptions,
+    admin: AdminOptions,
+    proxy_location: str | None = None,
+    resources: dict[str, float] | None = None,
+    timeout_s: float = TIMEOUTS.server_start_s,
+) -> ServerInfo:
+    """Start a server in the background; returns once it serves (HTTP, admin, attach).
+
+    Raises ShoalError if one already runs for this state root, or if the server
+    exits or does not answer within ``timeout_s`` (with the end of its log).
+    """
+    running = read_server_info()
+    if running is not None:
+        raise ShoalError(
+            f"a shoal server is already running (pid {running.pid}, admin API "
+            f"{running.admin_url}); stop it first with `shoal shutdown`"
+        )
+    directory = server_dir()
+    options = {
+        "http": http.model_dump(mode="json"),
+        "admin": admin.model_dump(mode="json"),
+        "start": {"proxy_location": proxy_location, "resources": resources or {}},
+    }
+    log_path = os.path.join(directory, LOG)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shoal._instance.server", json.dumps(options)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+            start_new_session=True,  # not killed with the shell that started it
+        )  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = read_server_info()
+        if info is not None and info.pid == process.pid:
+            return info
+        if process.poll() is not None:
+            raise ShoalError(
+                f"the shoal server exited with code {process.returncode} while starting:\n"
+                f"{_tail(log_path)}"
+            )
+        time.sleep(_POLL_S)
+    process.kill()
+    raise ShoalError(f"the shoal server did not start within {timeout_s:.0f} s:\n{_tail(log_path)}")
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as file:
+            return "".join(file.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def serve_forever(options: dict[str, Any]) -> None:
+    """The server's main thread: start the instance, publish how to reach it, wait for a
+    stop request, then shut down in order (admin, routes, applications, proxy)."""
+    from shoal._instance.checkpoint import Checkpoint, DesiredState
+    from shoal._instance.instance import Instance, ServerRole
+    from shoal._instance.services import new_token
+
+    directory = server_dir()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    http = HTTPOptions(**options["http"])
+    start = ServeStartOptions(**options["start"])
+    token = new_token(os.path.join(directory, TOKEN))
+    run_dir = os.path.join(directory, "run")  # the runtime's sockets; removed at shutdown
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    role = ServerRole(
+        directory=run_dir,
+        token=token,
+        attach_socket=os.path.join(directory, ADMIN_SOCKET),
+        checkpoint=Checkpoint(os.path.join(directory, CHECKPOINT)),
+    )
+    instance = Instance(
+        "process",
+        None if start.proxy_location == "Disabled" else http,
+        options=start,
+        admin=AdminOptions(**options["admin"]),
+        server=role,
+    )
+    instance.on_shutdown_requested = stop.set
+    proxy = instance.controller.proxy
+    write_server_info(
+        ServerInfo(
+            pid=os.getpid(),
+            directory=directory,
+            admin_url=instance.services.admin_url if instance.services else None,
+            http_host=proxy.host if proxy is not None else None,
+            http_port=proxy.port if proxy is not None else None,
+        )
+    )
+    logger.warning("shoal server %d serving; admin API %s", os.getpid(),
+                   instance.services.admin_url if instance.services else "off")  # fmt: skip
+    stop.wait()
+    logger.warning("shoal server %d shutting down", os.getpid())
+    remove_server_info(directory)
+    instance.stop()
+    # A shutdown asked for deletes the applications, as Ray's `serve shutdown` does;
+    # only a crash leaves them in the checkpoint for the next start to take back.
+    role.checkpoint.save(DesiredState())
+
+
+def wait_stopped(info: ServerInfo, timeout_s: float) -> bool:
+    """Wait until the server process of ``info`` has exited; False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(info.pid):
+        with contextlib.suppress(ChildProcessError):  # our own child: reap it
+            if os.waitpid(info.pid, os.WNOHANG)[0] == info.pid:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(_POLL_S)
+    return True
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve_forever(json.loads(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The user's code of a deployment: its class or function and constructor arguments.
+
+In the process that bound the application they are live objects. Pickled (to
+reach a replica, or a ``shoal start`` server from another driver) they travel as
+one cloudpickled blob, together with the ``sys.path`` and working directory of
+the process that built them; only :meth:`UserCode.load` unpickles the blob, after
+:meth:`UserCode.prepare_imports` made the user's modules importable. So a
+controller can hold, checkpoint and forward an application without ever
+importing the user's modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import re
+import sys
+import types
+from typing import Any
+
+
+class UserCode:
+    """A deployment's ``(target, init_args, init_kwargs)``, live or as a blob."""
+
+    __slots__ = ("_blob", "_live", "cwd", "sys_path")
+
+    def __init__(
+        self,
+        target: Any,
+        init_args: tuple[Any, ...],
+        init_kwargs: dict[str, Any],
+        sys_path: list[str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        self._live: tuple[Any, tuple[Any, ...], dict[str, Any]] | None = (
+            target,
+            init_args,
+            init_kwargs,
+        )
+        self._blob: bytes | None = None
+        self.sys_path = list(sys.path) if sys_path is None else sys_path
+        self.cwd = os.getcwd() if cwd is None else cwd
+
+    @classmethod
+    def from_blob(cls, blob: bytes, sys_path: list[str], cwd: str) -> UserCode:
+        code = cls.__new__(cls)
+        code._live, code._blob, code.sys_path, code.cwd = None, blob, sys_path, cwd
+        return code
+
+    def blob(self) -> bytes:
+        """The cloudpickled objects (made once). Raises what cloudpickle raises."""
+        if self._blob is None:
+            import cloudpickle
+
+            self._blob = cloudpickle.dumps(self._live)
+        return self._blob
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (UserCode.from_blob, (self.blob(), self.sys_path, self.cwd))
+
+    def prepare_imports(self, runtime_env: dict[str, Any] | None = None) -> None:
+        """Make this process import as the building one did: its sys.path and cwd, with
+        ``runtime_env``'s local paths first.
+
+        ``working_dir`` becomes the cwd and the first sys.path entry; a ``py_modules``
+        directory or ``.py`` file is importable by its name (its parent goes on
+        sys.path, as Ray makes the module importable); a ``.zip``/``.whl`` goes on
+        sys.path itself. Relative paths are relative to the building process's cwd.
+        """
+        env = runtime_env or {}
+        cwd, front = self.cwd, []
+        if env.get("working_dir") is not None:
+            cwd = os.path.join(self.cwd, env["working_dir"])
+            front.append(cwd)
+        for module in env.get("py_modules", []):
+            path = os.path.join(self.cwd, module)
+            zipped = os.path.isfile(path) and path.endswith((".zip", ".whl"))
+            front.append(path if zipped else os.path.dirname(path.rstrip(os.sep)))
+        sys.path[:] = [os.path.abspath(p) for p in front] + self.sys_path
+        if cwd:
+            os.chdir(cwd)
+
+    def load(self) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        """The live ``(target, init_args, init_kwargs)``, unpickling the blob if needed."""
+        if self._live is None:
+            assert self._blob is not None
+            self._live = _SourceUnpickler(io.BytesIO(self._blob)).load()
+        return self._live
+
+    def fingerprint(self) -> str | None:
+        """A hash of the code and arguments, equal in every process that builds the same
+        application from the same files; None if it cannot be computed (then the code
+        can never be compared).
+
+        cloudpickle sends deployment classes by value, tagged with an id that is random
+        per process: the ids are renumbered in order of appearance. The source of the
+        target's module counts too: helpers it uses are pickled by reference, so an
+        edit of the module would otherwise go unseen.
+        """
+        import cloudpickle
+
+        try:
+            target, args, kwargs = self.load()
+            blob = _without_class_ids(cloudpickle.dumps((target, args, kwargs)))
+        except Exception:
+            return None
+        digest = hashlib.blake2b(blob, digest_size=12)
+        module = sys.modules.get(getattr(target, "__module__", "") or "")
+        path = getattr(module, "__file__", None)
+        source = _read(path) if isinstance(path, str) else None
+        if source is not None:
+            digest.update(source)
+        return digest.hexdigest()
+
+
+_CLASS_ID = re.compile(rb"\x8c\x20([0-9a-f]{32})")  # SHORT_BINUNICODE of a uuid4().hex
+
+
+def _without_class_ids(blob: bytes) -> bytes:
+    """``blob`` with cloudpickle's per-process class tracker ids renumbered 0, 1, 2..."""
+    try:
+        from cloudpickle import cloudpickle as internals
+
+        known = {str(v) for v in internals._DYNAMIC_CLASS_TRACKER_BY_CLASS.values()}
+    except AttributeError:  # another cloudpickle: compare as is (a change is then seen)
+        return blob
+    order: dict[bytes, int] = {}
+
+    def renumber(match: re.Match[bytes]) -> bytes:
+        if match.group(1).decode() not in known:
+            return match.group(0)  # user data that looks like an id
+        return b"\x8c\x20" + b"%032d" % order.setdefault(match.group(1), len(order))
+
+    return _CLASS_ID.sub(renumber, blob)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+class _SourceUnpickler(pickle.Unpickler):
+    """Unpickles user code, giving code sent by value its source file back.
+
+    cloudpickle sends the code of classes and functions it cannot pickle by
+    reference (those of the driver's ``__main__``, or defined inside a function)
+    with the file name ``<dynamic-code>``, so tracebacks and logs would show no
+    file, line text or source. Such a function still carries its module's
+    ``__file__``: its code is renamed back to that file.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module == "cloudpickle.cloudpickle" and name == "_make_function":
+            return _with_source_file(found)
+        return found
+
+
+_DYNAMIC_CODE = "<dynamic-code>"
+
+
+def _with_source_file(make_function: Any) -> Any:
+    def make(code: types.CodeType, globals_: dict[str, Any], *args: Any) -> Any:
+        path = globals_.get("__file__")
+        if code.co_filename == _DYNAMIC_CODE and isinstance(path, str):
+            code = _renamed(code, path)
+        return make_function(code, globals_, *args)
+
+    return make
+
+
+def _renamed(code: types.CodeType, path: str) -> types.CodeType:
+    """``code`` and the code nested in it (inner functions, comprehensions) with ``path``."""
+    consts = tuple(
+        _renamed(c, path) if isinstance(c, types.CodeType) and c.co_filename == _DYNAMIC_CODE else c
+        for c in code.co_consts
+    )
+    return code.replace(co_filename=path, co_consts=consts)

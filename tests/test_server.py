@@ -1,0 +1,368 @@
+"""A `shoal start` server: Ray's REST API and config files, and Python processes attaching.
+
+Everything runs for real: the server is its own process (started by
+``start_server`` as `shoal start` does), configs go over HTTP, attaching
+drivers are separate processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shoal._config import AdminOptions, HTTPOptions
+from shoal._instance.home import ServerInfo, read_server_info
+from shoal._instance.server import start_server, wait_stopped
+from tests.conftest import free_port, run_driver, wait_until
+
+APP_SOURCE = """
+from shoal import serve
+
+@serve.deployment
+class Greeter:
+    def __init__(self, greeting: str = "hello"):
+        self.greeting = greeting
+        self.suffix = ""
+
+    def reconfigure(self, config):
+        self.suffix = config.get("suffix", "")
+
+    async def __call__(self, request):
+        return {"text": self.greeting + self.suffix, "version": VERSION}
+
+VERSION = 1
+
+def builder(args):
+    return Greeter.bind(args.get("greeting", "hi"))
+
+app = Greeter.bind()
+"""
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerInfo]:
+    """A `shoal start` server with its own state directory and free ports."""
+    previous = os.environ.get("SHOAL_HOME")
+    os.environ["SHOAL_HOME"] = str(tmp_path / "home")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the server resolves import paths from its working directory
+    try:
+        info = start_server(
+            HTTPOptions(port=free_port()), AdminOptions(port=free_port()), timeout_s=60
+        )
+    finally:
+        os.chdir(cwd)
+    try:
+        yield info
+    finally:
+        if not wait_stopped(info, 0):
+            os.kill(info.pid, signal.SIGTERM)
+            if not wait_stopped(info, 40):
+                os.kill(info.pid, signal.SIGKILL)
+        if previous is None:
+            del os.environ["SHOAL_HOME"]
+        else:
+            os.environ["SHOAL_HOME"] = previous
+
+
+def _config(tmp_path: Path, **app: Any) -> dict[str, Any]:
+    entry = {"name": "greet", "route_prefix": "/greet", "import_path": "greeter:builder",
+             "args": {"greeting": "yo"}, "runtime_env": {"working_dir": str(tmp_path)}}  # fmt: skip
+    entry.update(app)
+    return {"applications": [entry]}
+
+
+def _put(info: ServerInfo, config: dict[str, Any]) -> httpx.Response:
+    return httpx.put(f"{info.admin_url}/api/serve/applications/", json=config, timeout=30)
+
+
+def _details(info: ServerInfo) -> dict[str, Any]:
+    response = httpx.get(f"{info.admin_url}/api/serve/applications/", timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _running(info: ServerInfo, app: str) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        details = _details(info)["applications"].get(app)
+        if details is not None and details["status"] == "DEPLOY_FAILED":
+            raise AssertionError(details["message"])
+        return details if details is not None and details["status"] == "RUNNING" else None
+
+    return wait_until(ready, 60, f"application {app} RUNNING")  # type: ignore[no-any-return]
+
+
+def _replica_ids(details: dict[str, Any]) -> set[str]:
+    return {r["replica_id"] for d in details["deployments"].values() for r in d["replicas"]}
+
+
+def _get(info: ServerInfo, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{info.http_port}{path}", timeout=30)
+
+
+def test_a_ray_config_deploys_updates_and_deletes_declaratively(
+    server: ServerInfo, tmp_path: Path
+) -> None:
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    config = _config(tmp_path, deployments=[{"name": "Greeter", "num_replicas": 2}])
+    assert _put(server, config).status_code == 200
+    details = _running(server, "greet")
+    assert details["source"] == "declarative"
+    assert details["deployed_app_config"]["import_path"] == "greeter:builder"
+    deployment = details["deployments"]["Greeter"]
+    assert deployment["target_num_replicas"] == 2
+    assert len(deployment["replicas"]) == 2
+    assert _get(server, "/greet").json() == {"text": "yo", "version": 1}
+    replicas = _replica_ids(details)
+
+    # The same file again changes nothing: the replicas stay.
+    assert _put(server, config).status_code == 200
+    assert _replica_ids(_running(server, "greet")) == replicas
+
+    # A user_config-only change reconfigures the running replicas in place.
+    config["applications"][0]["deployments"][0]["user_config"] = {"suffix": "!"}
+    assert _put(server, config).status_code == 200
+    wait_until(lambda: _get(server, "/greet").json()["text"] == "yo!", 30, "reconfigured")
+    assert _replica_ids(_running(server, "greet")) == replicas
+
+    # An application missing from the file is deleted; DELETE removes the rest.
+    other = _config(tmp_path, name="other", route_prefix="/other")["applications"][0]
+    assert _put(server, {"applications": [config["applications"][0], other]}).status_code == 200
+    _running(server, "other")
+    assert _put(server, {"applications": [other]}).status_code == 200
+    wait_until(lambda: "greet" not in _details(server)["applications"], 30, "greet deleted")
+    assert _get(server, "/greet").status_code == 404
+    response = httpx.delete(f"{server.admin_url}/api/serve/applications/", timeout=30)
+    assert response.status_code == 200
+    wait_until(lambda: not _details(server)["applications"], 30, "all deleted")
+
+
+def test_a_code_change_rolls_out_without_a_failed_request(
+    server: ServerInfo, tmp_path: Path
+) -> None:
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    config = _config(tmp_path)
+    assert _put(server, config).status_code == 200
+    _running(server, "greet")
+    failures: list[str] = []
+    versions: set[int] = set()
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                response = http.get(f"http://127.0.0.1:{server.http_port}/greet")
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text}")
+                else:
+                    versions.add(response.json()["version"])
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        (tmp_path / "greeter.py").write_text(APP_SOURCE.replace("VERSION = 1", "VERSION = 2"))
+        assert _put(server, config).status_code == 200
+        wait_until(lambda: 2 in versions, 60, "version 2 served")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert failures == []
+    assert _get(server, "/greet").json()["version"] == 2
+
+
+def test_errors_name_the_field_and_failed_builds_say_why(
+    server: ServerInfo, tmp_path: Path
+) -> None:
+    bad = _config(tmp_path, deployments=[{"name": "Greeter", "num_replicas": -1}])
+    response = _put(server, bad)
+    assert response.status_code == 400
+    assert "applications[0].deployments[0].num_replicas" in response.text
+    assert "-1" in response.text
+
+    missing = _config(tmp_path, import_path="no_such_module:app")
+    assert _put(server, missing).status_code == 200  # accepted; the build fails later
+
+    def failed() -> dict[str, Any] | None:
+        app = _details(server)["applications"].get("greet")
+        return app if app is not None and app["status"] == "DEPLOY_FAILED" else None
+
+    app = wait_until(failed, 60, "DEPLOY_FAILED")
+    assert "no_such_module" in app["message"]
+
+
+def test_a_second_python_process_attaches_and_deploys(server: ServerInfo, tmp_path: Path) -> None:
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    assert _put(server, _config(tmp_path)).status_code == 200
+    _running(server, "greet")
+    driver = textwrap.dedent(
+        """
+        from shoal import serve
+
+        status = serve.status()
+        assert status.applications["greet"].status == "RUNNING", status
+        handle = serve.get_app_handle("greet")
+        print("ingress", handle.deployment_name)
+
+        @serve.deployment
+        class Echo:
+            def __call__(self, text):
+                return "echo " + (text if isinstance(text, str) else "http")
+
+        echo = serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+        print(echo.remote("hi").result())
+        """
+    )
+    result = run_driver(tmp_path, driver)
+    assert "ingress Greeter" in result.stdout
+    assert "echo hi" in result.stdout
+    # The driver has exited: its application keeps running in the server.
+    echo = _running(server, "echo")
+    assert echo["source"] == "imperative"
+    assert _get(server, "/echo").text == "echo http"
+    remover = (
+        "from shoal import serve\n"
+        "serve.delete('echo')\n"
+        "print(sorted(serve.status().applications))\n"
+    )
+    assert "['greet']" in run_driver(tmp_path, remover).stdout
+
+
+def test_sigterm_stops_the_server_in_order(server: ServerInfo, tmp_path: Path) -> None:
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    assert _put(server, _config(tmp_path)).status_code == 200
+    pids = [r["pid"] for r in _running(server, "greet")["deployments"]["Greeter"]["replicas"]]
+    os.kill(server.pid, signal.SIGTERM)
+    assert wait_stopped(server, 40)
+    assert read_server_info() is None
+    assert not any(_alive(pid) for pid in pids)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.admin_url}/api/serve/applications/", timeout=5)
+    # A shutdown asked for deletes the applications (as Ray's does): a new start is empty.
+    again = start_server(HTTPOptions(port=free_port()), AdminOptions(port=free_port()))
+    try:
+        assert _details(again)["applications"] == {}
+    finally:
+        os.kill(again.pid, signal.SIGTERM)
+        assert wait_stopped(again, 40)
+
+
+def test_a_second_server_is_refused_with_what_to_do(server: ServerInfo) -> None:
+    started = time.monotonic()
+    with pytest.raises(Exception, match=r"already running.*shoal shutdown"):
+        start_server(HTTPOptions(port=free_port()), AdminOptions(port=free_port()))
+    assert time.monotonic() - started < 5
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_killed_server_restarts_and_adopts_its_replicas_without_failing_requests(
+    server: ServerInfo, tmp_path: Path
+) -> None:
+    """kill -9 of the server under 16 concurrent clients: the proxy and replicas keep
+    serving; a restarted `shoal start` adopts them (same replica ids) from its checkpoint."""
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    config = _config(tmp_path, deployments=[{"name": "Greeter", "num_replicas": 2}])
+    assert _put(server, config).status_code == 200
+    replicas = _replica_ids(_running(server, "greet"))
+    failures: list[str] = []
+    served = [0]
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    response = http.get(f"http://127.0.0.1:{server.http_port}/greet")
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if response.status_code == 200:
+                    served[0] += 1
+                else:
+                    failures.append(f"{response.status_code} {response.text}")
+
+    clients = [threading.Thread(target=client) for _ in range(16)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_until(lambda: served[0] > 50, 30, "traffic flowing")
+        os.kill(server.pid, signal.SIGKILL)
+        assert wait_stopped(server, 10)
+        during = served[0]
+        wait_until(lambda: served[0] > during + 50, 30, "served without a controller")
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            restarted = start_server(
+                HTTPOptions(port=server.http_port), AdminOptions(port=_admin_port(server))
+            )
+        finally:
+            os.chdir(cwd)
+        details = _running(restarted, "greet")
+        assert _replica_ids(details) == replicas
+        assert details["source"] == "declarative"
+        after = served[0]
+        wait_until(lambda: served[0] > after + 50, 30, "served after the restart")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert failures == []
+    httpx.post(f"{restarted.admin_url}/api/shoal/shutdown", timeout=30)
+    assert wait_stopped(restarted, 40)
+
+
+def _admin_port(info: ServerInfo) -> int:
+    assert info.admin_url is not None
+    return int(info.admin_url.rsplit(":", 1)[1])
+
+
+def test_an_embedded_instance_serves_the_rest_api_and_refuses_a_busy_port(
+    tmp_path: Path,
+) -> None:
+    admin, busy = free_port(), free_port()
+    driver = textwrap.dedent(
+        f"""
+        import socket, sys, httpx
+        from shoal import serve
+
+        @serve.deployment
+        def hello(request):
+            return "hello"
+
+        serve.start(http_options={{"port": int(sys.argv[1])}}, admin_options={{"port": {admin}}})
+        serve.run(hello.bind(), name="hi", route_prefix="/hi")
+        details = httpx.get("http://127.0.0.1:{admin}/api/serve/applications/").json()
+        app = details["applications"]["hi"]
+        print("status", app["status"], app["source"])
+        serve.shutdown()
+
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", {busy}))
+        holder.listen()
+        try:
+            serve.start(http_options={{"port": int(sys.argv[1])}}, admin_options={{"port": {busy}}})
+        except serve.ConfigError as exc:
+            print("refused", exc)
+        """
+    )
+    result = run_driver(tmp_path, driver)
+    assert "status RUNNING imperative" in result.stdout
+    assert f"refused admin address 127.0.0.1:{busy} is in use" in result.stdout
