@@ -8,7 +8,11 @@ drivers are separate processes.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -52,7 +56,8 @@ app = Greeter.bind()
 def server(tmp_path: Path) -> Iterator[ServerInfo]:
     """A `shoal start` server with its own state directory and free ports."""
     previous = os.environ.get("SHOAL_HOME")
-    os.environ["SHOAL_HOME"] = str(tmp_path / "home")
+    # Short: Unix socket paths under it must fit in 107 bytes.
+    os.environ["SHOAL_HOME"] = tempfile.mkdtemp(prefix="shoal-home-")
     cwd = os.getcwd()
     os.chdir(tmp_path)  # the server resolves import paths from its working directory
     try:
@@ -68,6 +73,7 @@ def server(tmp_path: Path) -> Iterator[ServerInfo]:
             os.kill(info.pid, signal.SIGTERM)
             if not wait_stopped(info, 40):
                 os.kill(info.pid, signal.SIGKILL)
+        shutil.rmtree(os.environ["SHOAL_HOME"], ignore_errors=True)
         if previous is None:
             del os.environ["SHOAL_HOME"]
         else:
@@ -366,3 +372,25 @@ def test_an_embedded_instance_serves_the_rest_api_and_refuses_a_busy_port(
     result = run_driver(tmp_path, driver)
     assert "status RUNNING imperative" in result.stdout
     assert f"refused admin address 127.0.0.1:{busy} is in use" in result.stdout
+
+
+def test_shoal_run_serves_in_its_own_process_even_when_a_server_runs(
+    server: ServerInfo, tmp_path: Path
+) -> None:
+    """`shoal run` never attaches: its Ctrl-C must not stop the operator's server."""
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    port = free_port()
+    command = [sys.executable, "-m", "shoal", "run", "greeter:app", "--port", str(port),
+               "--admin-port", "0"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert f"http://127.0.0.1:{port}/" in process.stdout.readline()
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).json()["version"] == 1
+        assert _details(server)["applications"] == {}  # not deployed to the server
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert read_server_info() == server

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> None:
         # The proxy process starts while the application's replicas start (cold start).
         serve.start(
             http_options={"host": target.host, "port": target.port},
-            admin_options=_admin_options(args), _blocking=False,
+            admin_options=_admin_options(args), _blocking=False, _attach=False,
         )  # fmt: skip
         _deploy(target)
     except ShoalError as exc:
@@ -217,8 +217,9 @@ def demo(args: argparse.Namespace) -> None:
     check_port("shoal demo", args.host, args.port)
     try:
         serve.start(
-            http_options={"host": args.host, "port": args.port}, admin_options=_admin_options(args)
-        )
+            http_options={"host": args.host, "port": args.port},
+            admin_options=_admin_options(args), _attach=False,
+        )  # fmt: skip
         for name, prefix, app in demo_module.APPS:
             serve.run(app, name=name, route_prefix=prefix)
             print(f"shoal demo: {name:<10} http://{args.host}:{args.port}{prefix}", flush=True)

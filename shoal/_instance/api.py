@@ -62,6 +62,7 @@ def start(
     resources: dict[str, float] | None = None,
     admin_options: dict[str, Any] | AdminOptions | None = None,
     _blocking: bool = True,
+    _attach: bool = True,
     **kwargs: Any,
 ) -> None:
     """Start shoal's multi-process runtime and its HTTP proxy (127.0.0.1:8000 by default).
@@ -76,6 +77,7 @@ def start(
     Calling it again while running is a no-op (a warning if the HTTP options
     differ; a ConfigError if the resources differ).
     ``_blocking=False`` returns before the proxy is up; ``serve.run`` waits for it.
+    ``_attach=False`` (``shoal run``/``shoal demo``) never attaches: it serves here.
     """
     _refuse_extra("serve.start", kwargs, _START_KEYWORDS)
     _refuse_set("serve.start", grpc_options=grpc_options, logging_config=logging_config)
@@ -88,7 +90,7 @@ def start(
     admin = _admin_options(admin_options)
     with _lock:
         instance = _instances.get("process")
-        if instance is None and _attach():
+        if instance is None and _attach and _attach_to_server():
             instance = _instances["process"]
             if http_options is not None:
                 logger.warning("serve.start(): attached to the running shoal server, whose "
@@ -110,7 +112,7 @@ def start(
         set_default_registry(_instances["process"].registry)
 
 
-def _attach() -> bool:
+def _attach_to_server() -> bool:
     """Attach to this user's running ``shoal start`` server, if there is one."""
     from shoal._instance.home import read_server_info
 
@@ -137,7 +139,7 @@ def _admin_options(value: dict[str, Any] | AdminOptions | None) -> AdminOptions:
 
 _START_KEYWORDS = (
     "proxy_location", "http_options", "grpc_options", "logging_config", "resources",
-    "admin_options", "_blocking",
+    "admin_options", "_blocking", "_attach",
 )  # fmt: skip
 _RUN_KEYWORDS = ("target", "blocking", "name", "route_prefix", "logging_config",
                  "_local_testing_mode")  # fmt: skip
@@ -392,7 +394,7 @@ def _running() -> list[Instance]:
     attaches to (never from inside a replica or proxy: they route with what they have)."""
     with _lock:
         if not _instances and _registry_or_none() is None:
-            _attach()
+            _attach_to_server()
         return list(_instances.values())
 
 

@@ -60,6 +60,9 @@ def start_server(
             f"{running.admin_url}); stop it first with `shoal shutdown`"
         )
     directory = server_dir()
+    from shoal._runtime.process.directory import check_socket_directory
+
+    check_socket_directory(os.path.join(directory, "run"))  # fail here, not in the log
     options = {
         "http": http.model_dump(mode="json"),
         "admin": admin.model_dump(mode="json"),
@@ -101,6 +104,7 @@ def serve_forever(options: dict[str, Any]) -> None:
     from shoal._instance.checkpoint import Checkpoint, DesiredState
     from shoal._instance.instance import Instance, ServerRole
     from shoal._instance.services import new_token
+    from shoal._runtime.process.directory import check_socket_directory
 
     directory = server_dir()
     stop = threading.Event()
@@ -110,6 +114,7 @@ def serve_forever(options: dict[str, Any]) -> None:
     start = ServeStartOptions(**options["start"])
     token = new_token(os.path.join(directory, TOKEN))
     run_dir = os.path.join(directory, "run")  # the runtime's sockets; removed at shutdown
+    check_socket_directory(run_dir)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     role = ServerRole(
         directory=run_dir,

@@ -58,8 +58,25 @@ def new_instance_directory() -> str:
     remove_stale(root)
     pid = os.getpid()
     path = os.path.join(root, f"{pid}-{_start_time(pid) or 0}-{uuid.uuid4().hex[:8]}")
+    check_socket_directory(path)
     os.mkdir(path, mode=0o700)
     return path
+
+
+#: The longest socket name shoal creates in an instance directory ("replica-1234abcd.sock").
+_LONGEST_SOCKET = len("/replica-12345678.sock")
+_MAX_SOCKET_PATH = 107  # Linux's sun_path holds 108 bytes, the last one a NUL
+
+
+def check_socket_directory(path: str) -> None:
+    """Raise ShoalError if Unix sockets in ``path`` would have paths longer than the
+    kernel accepts (a long ``$SHOAL_HOME``), naming what to change."""
+    room = _MAX_SOCKET_PATH - _LONGEST_SOCKET
+    if len(os.fsencode(path)) > room:
+        raise ShoalError(
+            f"shoal's socket directory {path} is too long for Unix sockets (at most "
+            f"{room} bytes); set SHOAL_HOME to a shorter directory (e.g. /tmp/shoal-home)"
+        )
 
 
 def remove_stale(root: str) -> list[str]:
