@@ -266,7 +266,7 @@ class Instance:
 
     def proxy_pid(self) -> int:
         """The serving proxy's pid, as ``serve.status()`` tells another Python process."""
-        code = "from shoal import serve; print(serve.status().proxies['local'].pid)"
+        code = "from shoal import serve; print(next(iter(serve.status().proxies.values())).pid)"
         done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=self.env,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         if done.returncode != 0:

@@ -105,8 +105,22 @@ _BUILTIN_RESOURCES = {
 }
 
 
+#: Default of ``no_replica_timeout_s``: long enough for a replica to start or be
+#: replaced, short enough that callers learn of a broken deployment within a retry budget.
+NO_REPLICA_TIMEOUT_S = 30.0
+#: Default of ``http_options.max_ongoing_requests``: far above what one proxy serves at
+#: once in practice, so only a flood is refused.
+PROXY_MAX_ONGOING_REQUESTS = 10_000
+
+
 class DeploymentConfig(_Strict):
-    """Every option a deployment accepts, with Ray Serve's names and defaults."""
+    """Every option a deployment accepts, with Ray Serve's names and defaults.
+
+    ``no_replica_timeout_s`` is shoal's own (Ray Serve waits without bound). It is a
+    deployment option, not a proxy one, because the wait it bounds is the time that
+    deployment's replicas take to start (a model loading for a minute needs more than a
+    pure-Python function), and it applies to every caller: handles as well as HTTP.
+    """
 
     name: str | None = Field(
         None, min_length=1, description="Unique within the application (default: the class name)."
@@ -118,7 +132,16 @@ class DeploymentConfig(_Strict):
         5, ge=1, description="Most requests one router sends a replica at once; more wait."
     )
     max_queued_requests: int = Field(
-        -1, ge=-1, description="Most requests waiting per router; -1 only until issue 11."
+        -1,
+        ge=-1,
+        description="Most requests waiting for a replica in each caller (a process's handles, "
+        "the proxy); more get BackPressureError / 503 at once (-1: no limit).",
+    )
+    no_replica_timeout_s: float = Field(
+        NO_REPLICA_TIMEOUT_S,
+        gt=0,
+        description="Longest wait for a replica while the deployment has none able to serve; "
+        "then DeploymentUnavailableError / 503. Shoal's own.",
     )
     user_config: Any = Field(
         None, description="JSON value given to reconfigure(); a change reconfigures in place."
@@ -224,6 +247,12 @@ class HTTPOptions(_Strict):
     max_request_body_bytes: int = Field(
         100 * 2**20, gt=0, description="Largest request body accepted (larger: 413); shoal's own."
     )
+    max_ongoing_requests: int = Field(
+        PROXY_MAX_ONGOING_REQUESTS,
+        ge=1,
+        description="Most HTTP requests the proxy holds at once (waiting or being answered); "
+        "more get 503 at once. Shoal's own.",
+    )
 
 
 class Timeouts(_Strict):
@@ -272,7 +301,6 @@ def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
 NOT_SUPPORTED_YET: dict[str, str] = {
     "grpc_options": "the gRPC proxy comes with issue 14",
     "target_capacity": "it scales applications through autoscaling (issue 11); leave it null",
-    "max_queued_requests": "load shedding comes with issue 11; leave it at -1 (no limit)",
     "autoscaling_config": "autoscaling comes with issue 11; set a fixed num_replicas",
     "num_replicas='auto'": "autoscaling comes with issue 11; set a fixed num_replicas",
     "logging_config": "it comes with issue 12 (observability); configure Python's logging "

@@ -67,7 +67,11 @@ class UnavailableError(ShoalError):
 
 
 class DeploymentUnavailableError(UnavailableError):
-    """Ray Serve's name for a deployment that cannot take requests (failed to deploy, deleted)."""
+    """Ray Serve's name for a deployment that cannot take requests (failed to deploy, deleted).
+
+    Also raised when a request waited ``no_replica_timeout_s`` without the deployment
+    having any replica able to take it (HTTP 503); such a request never reached a replica.
+    """
 
 
 class ReplicaDiedError(UnavailableError):
@@ -77,17 +81,28 @@ class ReplicaDiedError(UnavailableError):
 class BackPressureError(ShoalError):
     """The request was refused because ``max_queued_requests`` requests are already waiting.
 
-    Raised as Ray Serve raises it (HTTP 503). ``num_queued_requests`` and
-    ``max_queued_requests`` are the counts when the request was refused.
+    Raised as Ray Serve raises it (HTTP 503), by the caller's router (a process's
+    handles, or the proxy) at once, before anything is sent: retrying is safe.
+    ``num_queued_requests`` and ``max_queued_requests`` are the counts when the request
+    was refused; ``deployment`` and ``app`` name the deployment ("" if unknown).
     """
 
-    def __init__(self, num_queued_requests: int, max_queued_requests: int) -> None:
+    def __init__(
+        self,
+        num_queued_requests: int,
+        max_queued_requests: int,
+        deployment: str = "",
+        app: str = "",
+    ) -> None:
         self.num_queued_requests = num_queued_requests
         self.max_queued_requests = max_queued_requests
+        self.deployment = deployment
+        self.app = app
+        target = f"deployment '{deployment}' of application '{app}'" if deployment else "deployment"
         super().__init__(
-            f"request dropped: {num_queued_requests} requests are already queued "
-            f"(max_queued_requests={max_queued_requests}); retry later, add replicas, "
-            "or raise max_queued_requests"
+            f"request to {target} dropped: {num_queued_requests} requests are already queued "
+            f"in this caller (max_queued_requests={max_queued_requests}); retry later, add "
+            "replicas, or raise max_queued_requests"
         )
 
     @property
@@ -96,7 +111,8 @@ class BackPressureError(ShoalError):
         return str(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.num_queued_requests, self.max_queued_requests))
+        args = (self.num_queued_requests, self.max_queued_requests, self.deployment, self.app)
+        return (type(self), args)
 
 
 class ReplicaError(ShoalError):

@@ -203,11 +203,6 @@ ERRORS = [
         "remote URIs need the Ray runtime (issue 13)",
     ),
     (
-        _with({}, {"deployments": [{"name": "A", "max_queued_requests": 10}]}),
-        "applications[0].deployments[0].max_queued_requests: 10 is not supported yet: load "
-        "shedding comes with issue 11",
-    ),
-    (
         _with({}, {"deployments": [{"name": "A", "num_replicas": "auto"}]}),
         "applications[0].deployments[0].num_replicas: 'auto' is not supported yet: autoscaling "
         "comes with issue 11",
@@ -266,7 +261,8 @@ def test_every_problem_is_reported_at_once() -> None:
     )
     assert _error(data).splitlines() == [
         "serve.yaml: http_options.hots: unknown key (did you mean 'host'?); valid keys: host, "
-        "keep_alive_timeout_s, max_request_body_bytes, port, request_timeout_s, root_path",
+        "keep_alive_timeout_s, max_ongoing_requests, max_request_body_bytes, port, "
+        "request_timeout_s, root_path",
         "serve.yaml: http_options.port: -1 is not >= 0",
         "serve.yaml: applications[0].deployments[0].num_replicas: -1 is not >= 0",
         "serve.yaml: applications[0].deployments[1].num_replicas: -2 is not >= 0",

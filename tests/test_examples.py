@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -235,6 +236,20 @@ def test_demo_import_has_no_side_effects() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[:3] == ["composed", "pipeline", "ensemble"]
+
+
+def test_load_shedding_example_refuses_the_burst_beyond_the_queue() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.load_shedding", "--port", str(free_port())],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    counts = re.match(r"burst of 40: (\d+) served, (\d+) refused with 503", proc.stdout)
+    assert counts is not None, proc.stdout
+    served, refused = map(int, counts.groups())
+    # 2 running + 4 queued are served; a slow machine may let a few more in (requests
+    # arriving after the first ones finished), never fewer.
+    assert served + refused == 40 and 6 <= served <= 12, proc.stdout
 
 
 def drain(lines: queue.Queue[str | None], output: list[str]) -> str:

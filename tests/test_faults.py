@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -351,7 +353,7 @@ def test_directories_of_killed_drivers_are_removed_at_the_next_start(
 ) -> None:
     from shoal._runtime.process.runtime import ProcessRuntime
 
-    home = tmp_path / "home"
+    home = Path(tempfile.mkdtemp(prefix="shoal-home-"))  # short: socket paths live in it
     monkeypatch.setenv("SHOAL_HOME", str(home))
     script = tmp_path / "driver.py"
     script.write_text(SLEEPING_DRIVER)
@@ -383,6 +385,7 @@ def test_directories_of_killed_drivers_are_removed_at_the_next_start(
     finally:
         driver.kill()
         driver.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_root_others_can_write_to_is_refused(

@@ -83,7 +83,6 @@ def test_run_accepts_rays_positional_order() -> None:
 @pytest.mark.parametrize(
     ("options", "option"),
     [
-        ({"max_queued_requests": 10}, "max_queued_requests"),
         ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}, "autoscaling_config"),
         ({"num_replicas": "auto"}, "num_replicas='auto'"),
         ({"logging_config": {"log_level": "DEBUG"}}, "logging_config"),
@@ -128,10 +127,10 @@ def test_pip_refusal_says_it_needs_the_ray_runtime() -> None:
 
 
 def test_defaults_of_refused_options_are_accepted() -> None:
-    config = serve.deployment(max_queued_requests=-1, ray_actor_options={"num_cpus": 0.5})(
+    config = serve.deployment(max_replicas_per_node=None, ray_actor_options={"num_cpus": 0.5})(
         lambda: None
     ).config
-    assert config.max_queued_requests == -1
+    assert config.max_replicas_per_node is None
 
 
 @pytest.mark.parametrize(

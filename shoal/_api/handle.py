@@ -147,7 +147,7 @@ class DeploymentHandle:
             return DeploymentResponse(
                 asyncio.run_coroutine_threadsafe(_assign(router, request), loop), loop
             )
-        if not _has_responses(args, kwargs):
+        if not router.waiting and not _has_responses(args, kwargs):
             slot = router.choose()
             if slot is not None:  # fast path: a replica has room, send now without a task
                 future = router.send(slot, request)

@@ -27,6 +27,7 @@ from shoal._controller.deployment_state import (
     DeploymentState,
     failure_message,
     is_user_startup_error,
+    replica_set,
 )
 from shoal._controller.resources import Demand, Ledger
 from shoal._controller.status import (
@@ -253,7 +254,8 @@ class Controller:
                 )
                 state.spec = None
                 # Announce the deployment before any replica starts, so handles to it resolve.
-                await self.publish(ReplicaSetUpdate(spec.name, name, [], True, state.is_ingress))
+                announce = replica_set(spec.name, spec.deployments[name], [], state.is_ingress)
+                await self.publish(announce)
         await self._mark_ingress(app)
         results = await asyncio.gather(
             *(app.deployments[n].deploy(s) for n, s in spec.deployments.items()),

@@ -40,7 +40,7 @@ from shoal._seam.protocols import ReplicaHandle, Runtime
 from shoal._seam.specs import DeploymentSpec, ReplicaSpec
 from shoal._seam.startup import RECONFIGURE, mark_startup_step, startup_failed, startup_step
 from shoal._transport.failures import failure_from
-from shoal._transport.messages import ReplicaSetUpdate
+from shoal._transport.messages import ReplicaInfo, ReplicaSetUpdate
 
 logger = logging.getLogger("shoal.controller")
 
@@ -317,10 +317,9 @@ class DeploymentState:
                 self._ledger.release(record.grant)
 
     async def publish(self) -> None:
+        assert self.spec is not None
         infos = [r.handle.info for r in self.replicas if r.state is ReplicaState.RUNNING]
-        await self._publish_update(
-            ReplicaSetUpdate(self.app, self.name, infos, True, self.is_ingress)
-        )
+        await self._publish_update(replica_set(self.app, self.spec, infos, self.is_ingress))
 
     async def delete(self) -> None:
         """Stop every replica (gracefully) and tell routers the deployment is gone."""
@@ -554,3 +553,14 @@ def _traceback_text(exc: BaseException) -> str:
     if exc.__traceback__ is not None:
         return failure_from(exc).traceback
     return "".join(n for n in getattr(exc, "__notes__", []) if isinstance(n, str))
+
+
+def replica_set(
+    app: str, spec: DeploymentSpec, infos: list[ReplicaInfo], is_ingress: bool
+) -> ReplicaSetUpdate:
+    """The update routers get for ``spec``'s replicas: the set and the limits they apply."""
+    config = spec.config
+    return ReplicaSetUpdate(
+        app, spec.name, infos, True, is_ingress,
+        config.max_queued_requests, config.no_replica_timeout_s,
+    )  # fmt: skip

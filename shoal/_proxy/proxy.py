@@ -6,6 +6,12 @@ this process's router; the ingress replica builds the response. Errors:
 404 when no route matches, 503 when the deployment is unavailable, 500 when
 the ingress failed (details are logged, not sent to the client).
 
+Load shedding: beyond ``http_options.max_ongoing_requests`` held requests, and
+beyond the ingress's ``max_queued_requests`` waiting in this proxy's router, a
+request gets 503 with ``Retry-After`` at once, before anything is sent to a
+replica. A request waiting for a replica whose client disconnects leaves the
+queue at once and is never sent (one already sent is cancelled in its replica).
+
 Draining (shoal is shutting down): every request that arrives from then on gets
 503 with ``Retry-After``; requests accepted before are served to the end
 (:meth:`Proxy.wait_idle` tells when they are done). The listening socket may be
@@ -23,9 +29,10 @@ import uuid
 from typing import Any
 
 from shoal._config import HTTPOptions
-from shoal._errors import RequestCancelledError, ShoalError, UnavailableError
+from shoal._errors import BackPressureError, RequestCancelledError, ShoalError, UnavailableError
 from shoal._json import dumps as json_dumps
-from shoal._router.router import RouterRegistry
+from shoal._router.router import Router, RouterRegistry
+from shoal._seam.protocols import Stream
 from shoal._transport.http import (
     WEBSOCKET,
     HttpRequestData,
@@ -41,6 +48,14 @@ _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 _JSON = (b"content-type", b"application/json")
 _RETRY_AFTER = (b"retry-after", b"1")
 _CLOSE = (b"connection", b"close")
+_QUEUE_FULL = (
+    "Service unavailable: too many requests are queued for application '{app}'; retry later."
+)
+_NO_REPLICA = "Service unavailable: application '{app}' has no replica able to serve; retry later."
+_PROXY_FULL = (
+    "Service unavailable: the proxy holds too many requests "
+    "(http_options.max_ongoing_requests); retry later."
+)
 #: Environment variable naming a listening socket's file descriptor the proxy inherits.
 LISTEN_FD_ENV = "SHOAL_PROXY_LISTEN_FD"
 #: How long a request that arrives before the first route table waits for it (a
@@ -65,6 +80,7 @@ class Proxy:
         # Accepted HTTP requests not answered yet (not websockets: a session has no end
         # to wait for; it ends when its replica drains).
         self._in_flight = 0
+        self._max_in_flight = options.max_ongoing_requests
         self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
 
     def set_routes(self, routes: dict[str, tuple[str, str]]) -> None:
@@ -99,6 +115,9 @@ class Proxy:
             return
         if kind == "websocket":
             await self._websocket(scope, receive, send)
+            return
+        if self._in_flight >= self._max_in_flight:
+            await _reply(send, 503, _PROXY_FULL, extra_headers=[_RETRY_AFTER])
             return
         self._in_flight += 1
         try:
@@ -158,12 +177,12 @@ class Proxy:
     ) -> None:
         """Send the request to the ingress; relay its complete or streamed response."""
         request_id = request.request_id.encode()
-        try:
-            stream = await self.registry.get(app, ingress).open_stream(request)
-        except UnavailableError as exc:
-            logger.warning("request %s: %s", request.request_id, exc)
-            await _reply(send, 503, f"Service unavailable: application '{app}' has no replica.")
-            return
+        router = self.registry.get(app, ingress)
+        stream = router.try_open_stream(request)  # the fast path: no task, no wait
+        if stream is None:
+            stream = await self._open_queued(router, request, receive, send)
+            if stream is None:
+                return  # refused (answered) or the client left
         watch = _DisconnectWatch(receive, stream)
         try:
             first = await stream.next()
@@ -186,6 +205,48 @@ class Proxy:
         finally:
             watch.stop()
             stream.close()
+
+    async def _open_queued(
+        self, router: Router, request: Request, receive: Any, send: Any
+    ) -> Stream | None:
+        """Wait in the router's queue for a replica while watching the client: one that
+        disconnects takes its request out of the queue at once (it is never sent). None
+        if the request was refused (503 sent) or its client left."""
+        if router.queue_full:  # refused without a task: overload must stay cheap
+            await _reply(
+                send, 503, _QUEUE_FULL.format(app=router.app), extra_headers=[_RETRY_AFTER]
+            )
+            return None
+        opening = asyncio.ensure_future(router.open_stream(request))
+        left = asyncio.ensure_future(receive())  # the body was read: the next is a disconnect
+        try:
+            await asyncio.wait((opening, left), return_when=asyncio.FIRST_COMPLETED)
+            if not opening.done():  # the client left first
+                opening.cancel()
+                await asyncio.wait((opening,))
+        except BaseException:  # our own task was cancelled (request_timeout_s, shutdown)
+            opening.cancel()
+            opening.add_done_callback(_close_opened)
+            raise
+        finally:
+            left.cancel()
+        if opening.cancelled():
+            return None
+        error = opening.exception()
+        if error is None:
+            if left.done() and not left.cancelled():  # opened as the client left
+                opening.result().close()  # cancels it in the replica
+                return None
+            return opening.result()
+        if isinstance(error, BackPressureError):
+            text = _QUEUE_FULL.format(app=router.app)
+        elif isinstance(error, UnavailableError):
+            logger.warning("request %s: %s", request.request_id, error)
+            text = _NO_REPLICA.format(app=router.app)
+        else:
+            raise error
+        await _reply(send, 503, text, extra_headers=[_RETRY_AFTER])
+        return None
 
     async def _relay(
         self, start: HttpResponseStart, stream: Any, request_id: bytes, watch: Any, send: Any
@@ -224,7 +285,7 @@ class Proxy:
             stream = await self.registry.get(app, ingress).open_stream(
                 Request("__call__", (data,), {}, request_id, True)
             )
-        except UnavailableError:
+        except (UnavailableError, BackPressureError):
             await send({"type": "websocket.close", "code": 1013})  # try again later
             return
         pump = asyncio.ensure_future(_client_to_replica(receive, stream))
@@ -425,6 +486,12 @@ class _DisconnectWatch:
         self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
+
+
+def _close_opened(opening: asyncio.Future[Any]) -> None:
+    """Release a stream opened for a request nobody waits for any more."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 def _header(scope: Scope, name: bytes) -> str:

@@ -7,6 +7,20 @@ the moment its connection breaks. A request that could not be handed to a
 replica (its connection was already gone) is retried on another one; a
 request a replica had accepted fails with :class:`ReplicaDiedError` if that
 replica dies, because it may have had side effects.
+
+Load shedding (the queue's guarantees):
+
+- at most ``max_queued_requests`` requests wait here; one more is refused at
+  once with :class:`BackPressureError` (nothing is sent);
+- a new request never overtakes one already waiting;
+- a waiting request whose caller gives up (its task is cancelled: a timeout,
+  ``response.cancel()``, an HTTP client gone) leaves the queue at once and is
+  never sent;
+- while the deployment has no replica able to serve, a request waits at most
+  ``no_replica_timeout_s``, then fails with :class:`DeploymentUnavailableError`.
+
+None of this costs anything on the fast path (a free replica, nobody waiting):
+no task, no timer, no allocation beyond the request's own future.
 """
 
 from __future__ import annotations
@@ -18,7 +32,9 @@ import logging
 import random
 from typing import Any
 
+from shoal._config import NO_REPLICA_TIMEOUT_S
 from shoal._errors import (
+    BackPressureError,
     DeploymentUnavailableError,
     NotFoundError,
     ReplicaDiedError,
@@ -28,6 +44,9 @@ from shoal._seam.protocols import Connector, ReplicaClient, Stream
 from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request, StreamItem
 
 logger = logging.getLogger("shoal.router")
+
+#: Timers may fire this much early; a waiter this close to its deadline counts as expired.
+_TIMER_SLACK_S = 0.001
 
 
 class _Slot:
@@ -51,7 +70,17 @@ class Router:
         self._infos: dict[str, ReplicaInfo] = {}
         self._slots: list[_Slot] = []
         self._connecting: set[str] = set()
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Waiting requests in FIFO order: each one's wake-up future -> when it started
+        # waiting (an ordered dict: a cancelled one leaves from the middle in O(1)).
+        self._waiters: collections.OrderedDict[asyncio.Future[None], float] = (
+            collections.OrderedDict()
+        )
+        #: Requests waiting for a replica (in ``_waiters``, or woken and about to pick one).
+        self.waiting = 0
+        self.max_queued_requests = -1
+        self.no_replica_timeout_s = NO_REPLICA_TIMEOUT_S
+        self._no_replica_since: float | None = self.loop.time()  # None: a replica is connected
+        self._expiry: asyncio.TimerHandle | None = None  # fails waiters past no_replica_timeout_s
         self._active = False
         self.exists = True
 
@@ -59,11 +88,19 @@ class Router:
 
     def apply(self, update: ReplicaSetUpdate) -> None:
         self.exists = update.exists
+        self.max_queued_requests = update.max_queued_requests
+        self.no_replica_timeout_s = update.no_replica_timeout_s
         self._infos = {info.replica_id: info for info in update.replicas}
         self._slots = [slot for slot in self._slots if slot.info.replica_id in self._infos]
         if not self.exists:
             self._fail_waiters()
-        elif self._active:
+            return
+        if not self._slots:
+            self._no_replica()
+        if self._expiry is not None:  # the timeout may have changed
+            self._expiry.cancel()
+            self._arm_expiry()
+        if self._active:
             self._connect_missing()
 
     def activate(self) -> None:
@@ -98,11 +135,17 @@ class Router:
         slot = _Slot(current, client)
         self._slots.append(slot)
         client.on_close(functools.partial(self._lost, slot))
-        self._wake(len(self._waiters))
+        self._no_replica_since = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._wake(slot.limit)
 
     def _lost(self, slot: _Slot) -> None:
         if slot in self._slots:
             self._slots.remove(slot)
+            if not self._slots:
+                self._no_replica()
 
     # --- assignment ----------------------------------------------------------------
 
@@ -157,9 +200,7 @@ class Router:
         """
         self.activate()
         if not self.exists:
-            raise DeploymentUnavailableError(
-                f"deployment '{self.deployment}' of application '{self.app}' was deleted"
-            )
+            raise self._deleted()
         connected = {slot.info.replica_id: slot.client for slot in self._slots}
         clients, extra = {}, []
         for replica_id, info in self._infos.items():
@@ -194,41 +235,136 @@ class Router:
         slot.in_flight += 1
         return _CountedStream(stream, functools.partial(self._finished, slot, None))
 
+    def try_open_stream(self, request: Request) -> Stream | None:
+        """Open a stream at once if a replica has room and nobody waits; else None
+        (then :meth:`open_stream` waits, or refuses). Never suspends."""
+        if self.waiting or not self.exists:
+            return None
+        self.activate()
+        slot = self.choose()
+        if slot is None:
+            return None
+        stream = slot.client.stream(request)
+        slot.in_flight += 1
+        return _CountedStream(stream, functools.partial(self._finished, slot, None))
+
     async def _wait_for_slot(self) -> _Slot:
         self.activate()
-        while True:
-            if not self.exists:
-                raise DeploymentUnavailableError(
-                    f"deployment '{self.deployment}' of application '{self.app}' was deleted"
-                )
+        if not self.exists:
+            raise self._deleted()
+        if not self.waiting:  # nobody waits: take a free replica without queueing
             slot = self.choose()
             if slot is not None:
                 return slot
-            waiter: asyncio.Future[None] = self.loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake(1)  # we were woken but leave: pass the turn on
-                raise
+        return await self._queue()
+
+    @property
+    def queue_full(self) -> bool:
+        """Whether a request that has to wait would be refused (``max_queued_requests``)."""
+        return 0 <= self.max_queued_requests <= self.waiting
+
+    async def _queue(self) -> _Slot:
+        """Wait in FIFO order for a free replica; see the module's guarantees."""
+        if self.queue_full:
+            raise BackPressureError(
+                self.waiting, self.max_queued_requests, self.deployment, self.app
+            )
+        self.waiting += 1
+        started = self.loop.time()
+        woken = False
+        try:
+            while True:
+                waiter: asyncio.Future[None] = self.loop.create_future()
+                self._waiters[waiter] = started
+                if woken:  # woken, but its replica was lost meanwhile: keep its place
+                    self._waiters.move_to_end(waiter, last=False)
+                if not self._slots and self._expiry is None:
+                    self._no_replica()
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    if self._waiters.pop(waiter, None) is None and _woken(waiter):
+                        self._wake(1)  # we were woken but leave: pass the turn on
+                    raise
+                if not self.exists:
+                    raise self._deleted()
+                slot = self.choose()
+                if slot is not None:
+                    return slot
+                woken = True
+        finally:
+            self.waiting -= 1
 
     def _wake(self, count: int) -> None:
-        while count > 0 and self._waiters:
-            waiter = self._waiters.popleft()
+        waiters = self._waiters
+        while count > 0 and waiters:
+            waiter, _started = waiters.popitem(last=False)
             if not waiter.done():
                 waiter.set_result(None)
                 count -= 1
 
     def _fail_waiters(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _started = self._waiters.popitem(last=False)
             if not waiter.done():
                 waiter.set_result(None)  # the waiter re-checks ``exists`` and raises
 
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
+    def _deleted(self) -> DeploymentUnavailableError:
+        return DeploymentUnavailableError(
+            f"deployment '{self.deployment}' of application '{self.app}' was deleted"
+        )
+
+    # --- no replica able to serve --------------------------------------------------
+
+    def _no_replica(self) -> None:
+        """The router has no connected replica: bound the wait of the requests queued."""
+        if self._no_replica_since is None:
+            self._no_replica_since = self.loop.time()
+        if self._expiry is None and self._waiters:
+            self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        """Time the failure of the longest-waiting request (waiters expire in FIFO order)."""
+        self._expiry = None
+        if self._no_replica_since is None or not self._waiters:
+            return
+        started = next(iter(self._waiters.values()))
+        deadline = max(started, self._no_replica_since) + self.no_replica_timeout_s
+        self._expiry = self.loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        since = self._no_replica_since
+        if since is None:
+            return
+        now = self.loop.time()
+        timeout = self.no_replica_timeout_s
+        while self._waiters:
+            waiter, started = next(iter(self._waiters.items()))
+            waited = now - max(started, since)
+            if waited < timeout - _TIMER_SLACK_S:
+                break
+            del self._waiters[waiter]
+            if not waiter.done():
+                waiter.set_exception(self._unavailable(waited))
+        self._arm_expiry()
+
+    def _unavailable(self, waited: float) -> DeploymentUnavailableError:
+        return DeploymentUnavailableError(
+            f"deployment '{self.deployment}' of application '{self.app}' had no replica able "
+            f"to take the request for {waited:.3g} s (no_replica_timeout_s="
+            f"{self.no_replica_timeout_s:g}); the request was not sent. serve.status() says "
+            "why (replicas starting, failing, or num_replicas=0); raise no_replica_timeout_s "
+            "if its replicas need longer to start"
+        )
+
+
+def _woken(waiter: asyncio.Future[None]) -> bool:
+    """Whether ``waiter`` was given a turn (not cancelled, not failed)."""
+    return waiter.done() and not waiter.cancelled() and waiter.exception() is None
 
 
 class _CountedStream:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
+from shoal._config import NO_REPLICA_TIMEOUT_S
+
 _REGISTRY: dict[int, type[Message]] = {}
 _M = TypeVar("_M", bound="Message")
 
@@ -147,7 +149,8 @@ class ReplicaSetUpdate(Message):
     """The full replica set of one deployment; ``exists=False`` means it was deleted.
 
     ``ingress`` says whether the deployment is its application's ingress, so that
-    ``serve.get_app_handle`` works in every process, not only the driver.
+    ``serve.get_app_handle`` works in every process, not only the driver. The two
+    limits are the deployment's options every router applies on its own.
     """
 
     app: str
@@ -155,6 +158,8 @@ class ReplicaSetUpdate(Message):
     replicas: list[ReplicaInfo]
     exists: bool = True
     ingress: bool = False
+    max_queued_requests: int = -1
+    no_replica_timeout_s: float = NO_REPLICA_TIMEOUT_S
 
 
 @message(22)
