@@ -69,10 +69,13 @@ def server(tmp_path: Path) -> Iterator[ServerInfo]:
     try:
         yield info
     finally:
-        if not wait_stopped(info, 0):
-            os.kill(info.pid, signal.SIGTERM)
-            if not wait_stopped(info, 40):
-                os.kill(info.pid, signal.SIGKILL)
+        # This server, and any a test started after it in the same state directory
+        # (a restart), even when the test failed half-way.
+        for running in {info, read_server_info() or info}:
+            if not wait_stopped(running, 0):
+                os.kill(running.pid, signal.SIGTERM)
+                if not wait_stopped(running, 40):
+                    os.kill(running.pid, signal.SIGKILL)
         shutil.rmtree(os.environ["SHOAL_HOME"], ignore_errors=True)
         if previous is None:
             del os.environ["SHOAL_HOME"]
