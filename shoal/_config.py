@@ -15,28 +15,97 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shoal._errors import ConfigError
 
+#: Ray Serve's request-based policy (``shoal/_controller/policy.py``).
+DEFAULT_POLICY = "shoal.serve.autoscaling_policy:replica_queue_length_autoscaling_policy"
+
 
 class _Strict(BaseModel):
     # strict: "2" is not silently turned into 2, nor 2.5 into a truncated 2
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
-class AutoscalingConfig(_Strict):
-    """Ray Serve-compatible autoscaling options (validated now, acted on by the autoscaler)."""
+class AutoscalingPolicy(_Strict):
+    """Which function decides a deployment's replica count (Ray Serve's ``policy``).
 
-    min_replicas: int = Field(1, ge=0)
-    initial_replicas: int | None = Field(None, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    metrics_interval_s: float = Field(10.0, gt=0)
-    look_back_period_s: float = Field(30.0, gt=0)
-    smoothing_factor: float = Field(1.0, gt=0)
-    upscale_smoothing_factor: float | None = Field(None, gt=0)
-    downscale_smoothing_factor: float | None = Field(None, gt=0)
-    upscaling_factor: float | None = Field(None, gt=0)
-    downscaling_factor: float | None = Field(None, gt=0)
-    upscale_delay_s: float = Field(30.0, ge=0)
-    downscale_delay_s: float = Field(600.0, ge=0)
+    ``policy_function`` is an import path (``"module:function"`` or
+    ``"module.function"``) of ``f(ctx: AutoscalingContext) -> (replicas, state)``;
+    the default is Ray Serve's request-based policy.
+    """
+
+    policy_function: str = Field(
+        DEFAULT_POLICY, min_length=1, description="Import path of the policy function."
+    )
+
+    @field_validator("policy_function", mode="before")
+    @classmethod
+    def _import_path(cls, value: Any) -> Any:
+        # A function given in Python is kept as its import path: the controller imports
+        # it (in the driver's process, so a function of the driver's __main__ works too).
+        if callable(value) and hasattr(value, "__module__") and hasattr(value, "__qualname__"):
+            if "<locals>" in value.__qualname__:
+                raise ValueError(
+                    f"{value.__qualname__} is defined inside a function: define the policy "
+                    "at module level so the controller can import it"
+                )
+            return f"{value.__module__}:{value.__qualname__}"
+        return value
+
+
+class AutoscalingConfig(_Strict):
+    """Autoscaling options, with Ray Serve's names, meanings and defaults."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0: scale to zero).")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas started at deploy (null: min_replicas)."
+    )
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ongoing plus queued requests per replica the policy aims at."
+    )
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="How often each router reports its load to the controller."
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which load reports are averaged."
+    )
+    smoothing_factor: float = Field(
+        1.0, gt=0, description="Deprecated in Ray: both scaling factors at once."
+    )
+    upscale_smoothing_factor: float | None = Field(
+        None, gt=0, description="Deprecated in Ray: use upscaling_factor."
+    )
+    downscale_smoothing_factor: float | None = Field(
+        None, gt=0, description="Deprecated in Ray: use downscaling_factor."
+    )
+    upscaling_factor: float | None = Field(
+        None, gt=0, description="Gain applied to each upscaling step (null: 1)."
+    )
+    downscaling_factor: float | None = Field(
+        None, gt=0, description="Gain applied to each downscaling step (null: 1)."
+    )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="How long a higher count must be wanted before scaling up."
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="How long a lower count must be wanted before scaling down."
+    )
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Delay of the 1 -> 0 step (null: downscale_delay_s)."
+    )
+    policy: AutoscalingPolicy = Field(
+        default_factory=AutoscalingPolicy, description="The policy deciding the replica count."
+    )
+
+    def get_upscaling_factor(self) -> float:
+        """The gain of upscaling steps (Ray's precedence among the three options)."""
+        return self.upscaling_factor or self.upscale_smoothing_factor or self.smoothing_factor
+
+    def get_downscaling_factor(self) -> float:
+        """The gain of downscaling steps (Ray's precedence among the three options)."""
+        return self.downscaling_factor or self.downscale_smoothing_factor or self.smoothing_factor
+
+    def get_target_ongoing_requests(self) -> float:
+        return self.target_ongoing_requests
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -52,6 +121,14 @@ class AutoscalingConfig(_Strict):
                 f"({self.min_replicas}) and max_replicas ({self.max_replicas})"
             )
         return self
+
+
+#: Ray Serve's defaults for ``num_replicas="auto"``; options the user sets win.
+AUTO_DEFAULTS: dict[str, Any] = {
+    "min_replicas": 1,
+    "max_replicas": 100,
+    "target_ongoing_requests": 2.0,
+}
 
 
 class RayActorOptions(_Strict):
@@ -126,7 +203,9 @@ class DeploymentConfig(_Strict):
         None, min_length=1, description="Unique within the application (default: the class name)."
     )
     num_replicas: int | Literal["auto"] | None = Field(
-        None, description="How many replicas run (null: 1); 'auto' is refused until issue 11."
+        None,
+        description="How many replicas run (null: 1); 'auto': autoscale with Ray's defaults "
+        "(min 1, max 100, target_ongoing_requests 2), overridden by autoscaling_config.",
     )
     max_ongoing_requests: int = Field(
         5, ge=1, description="Most requests one router sends a replica at once; more wait."
@@ -150,7 +229,7 @@ class DeploymentConfig(_Strict):
         default_factory=RayActorOptions, description="What each replica reserves, its runtime_env."
     )
     autoscaling_config: AutoscalingConfig | None = Field(
-        None, description="Autoscaling bounds and targets; refused until issue 11."
+        None, description="Autoscale between bounds (see docs/autoscaling.md)."
     )
     health_check_period_s: float = Field(
         10.0, gt=0, description="Seconds between two health checks of a replica."
@@ -209,14 +288,27 @@ class DeploymentConfig(_Strict):
             )
         return self
 
+    def autoscaling(self) -> AutoscalingConfig | None:
+        """The autoscaling options in effect (``num_replicas="auto"`` adds Ray's
+        defaults under the user's), or None for a fixed replica count."""
+        if self.num_replicas == "auto":
+            given = (
+                self.autoscaling_config.model_dump(exclude_unset=True)
+                if (self.autoscaling_config is not None)
+                else {}
+            )
+            return AutoscalingConfig(**{**AUTO_DEFAULTS, **given})
+        return self.autoscaling_config
+
     def target_replicas(self) -> int:
-        """How many replicas to run now (autoscaling starts at its initial/min count)."""
+        """How many replicas to start with: ``num_replicas``, or, when autoscaling, as Ray
+        Serve does, ``initial_replicas`` (``min_replicas`` when unset; 0 is allowed)."""
         if isinstance(self.num_replicas, int):
             return self.num_replicas
-        auto = self.autoscaling_config or AutoscalingConfig()
-        if auto.initial_replicas is not None:
-            return auto.initial_replicas
-        return max(auto.min_replicas, 1 if self.num_replicas is None else auto.min_replicas)
+        auto = self.autoscaling()
+        if auto is None:
+            return 1
+        return auto.min_replicas if auto.initial_replicas is None else auto.initial_replicas
 
 
 class ServeStartOptions(_Strict):
@@ -300,9 +392,6 @@ def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
 # keywords. The issue that implements one removes its line (and its test in test_options.py).
 NOT_SUPPORTED_YET: dict[str, str] = {
     "grpc_options": "the gRPC proxy comes with issue 14",
-    "target_capacity": "it scales applications through autoscaling (issue 11); leave it null",
-    "autoscaling_config": "autoscaling comes with issue 11; set a fixed num_replicas",
-    "num_replicas='auto'": "autoscaling comes with issue 11; set a fixed num_replicas",
     "logging_config": "it comes with issue 12 (observability); configure Python's logging "
     "meanwhile (in a deployment's constructor for its replicas)",
     "placement_group_bundles": "placement groups need the Ray runtime (issue 13)",
@@ -419,6 +508,7 @@ def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
 
 _MODELS: dict[str, type[BaseModel]] = {
     "AutoscalingConfig": AutoscalingConfig,
+    "AutoscalingPolicy": AutoscalingPolicy,
     "RayActorOptions": RayActorOptions,
     "DeploymentConfig": DeploymentConfig,
     "HTTPOptions": HTTPOptions,

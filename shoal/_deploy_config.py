@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from shoal._config import (
     NOT_SUPPORTED_YET,
+    AutoscalingPolicy,
     DeploymentConfig,
     HTTPOptions,
     _Strict,
@@ -184,6 +185,11 @@ class ServeApplicationSchema(_Strict):
     logging_config: LoggingConfig | None = Field(
         None, description="Ray's logging options: accepted with Ray's defaults only (issue 12)."
     )
+    autoscaling_policy: AutoscalingPolicy | None = Field(
+        None,
+        description="One policy deciding every autoscaled deployment of the application "
+        "(see docs/autoscaling.md); null: each deployment's own.",
+    )
 
     @field_validator("route_prefix")
     @classmethod
@@ -248,7 +254,11 @@ class ServeDeploySchema(_Strict):
         None, description="Ray's logging options: accepted with Ray's defaults only (issue 12)."
     )
     target_capacity: float | None = Field(
-        None, ge=0, le=100, description="Ray's target capacity (percent): null only (issue 11)."
+        None,
+        ge=0,
+        le=100,
+        description="Percent of every deployment's replicas to run (and of its autoscaling "
+        "bounds), as in Ray; null: 100.",
     )
     applications: list[ServeApplicationSchema] = Field(
         description="The applications to run (required, as in Ray; [] runs none): "
@@ -258,11 +268,6 @@ class ServeDeploySchema(_Strict):
     @model_validator(mode="after")
     def _checks(self) -> ServeDeploySchema:
         found: list[Problem] = []
-        if self.target_capacity is not None:
-            reason = NOT_SUPPORTED_YET["target_capacity"]
-            found.append(
-                ("target_capacity", self.target_capacity, f"is not supported yet: {reason}")
-            )
         apps = self.applications
         found += _duplicates(apps, "applications", "name")
         found += _duplicates(apps, "applications", "route_prefix")

@@ -82,6 +82,57 @@ def run_driver(tmp_path: Path, source: str, *args: str) -> subprocess.CompletedP
     return result
 
 
+class Driver:
+    """``run_driver`` in two halves: the driver starts now and runs on its own (its own
+    shoal) while the test process does other work; ``result()`` waits. Unlike with
+    ``run_driver`` there is no port in argv: the test process binds ports meanwhile, so
+    the driver takes its own (``from conftest import free_port``) just before binding."""
+
+    def __init__(self, tmp_path: Path, source: str, *args: str) -> None:
+        script = tmp_path / "driver.py"
+        script.write_text(source)
+        self.args = [sys.executable, str(script), *args]
+        self.process = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        )  # fmt: skip
+        self._result: subprocess.CompletedProcess[str] | None = None
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        """What ``run_driver`` returns, once the driver exited; fails the test if it exited
+        non-zero."""
+        if self._result is None:
+            try:
+                stdout, stderr = self.process.communicate(timeout=120)
+            finally:
+                self.stop()
+            self._result = subprocess.CompletedProcess(
+                self.args, self.process.returncode, stdout, stderr
+            )
+        assert self._result.returncode == 0, self._result.stderr
+        return self._result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def start_early(request: pytest.FixtureRequest, *fixtures: str) -> None:
+    """For a module-scoped autouse fixture: set up the module-scoped ``fixtures`` (say, ones
+    starting a ``Driver``) now, before the module's first test, when a test selected in
+    this module uses them: what they start then runs alongside the module's other tests."""
+    used = {
+        name
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+        for name in getattr(item, "fixturenames", ())
+    }
+    for fixture in fixtures:
+        if fixture in used:
+            request.getfixturevalue(fixture)
+
+
 @pytest.fixture(scope="session")
 def http_port() -> Iterator[int]:
     """Port of the HTTP proxy of the session's multi-process shoal (started lazily)."""

@@ -2,7 +2,8 @@
 
 Starts one reference Starlette server on a free 127.0.0.1 port, drives it for about a
 second with each load generator, checks the hand-written W3 batcher, the ramp and the
-streaming clients against it, and checks the report writer and the process helpers.
+streaming clients against it, and checks the report writer and the process helpers;
+bench.overload's load clients run against the same server, its figures on synthetic data.
 """
 
 from __future__ import annotations
@@ -407,3 +408,107 @@ def test_control_plane_report_has_verdicts_and_says_what_was_not_available() -> 
     assert "| controller kill -9 under c=16 | not available |" in text
     assert "- controller kill -9 under c=16: no restart recovery in this tree" in text
     assert "40% (load 3.5)" in text and "DEPLOY_FAILED: x: boom" in text
+
+
+# --- bench.overload: its load clients against the reference server, its figures ------------------
+def test_overload_clients_against_starlette(starlette_port: int) -> None:
+    """The three client processes of bench.overload (open loop, retrying clients with a
+    timeout, closed-loop steps) drive GET /w4 (5 ms) and record every request."""
+    from bench.overload_analysis import failed, latency, rate, statuses
+    from bench.overload_clients import run_client
+
+    out = run_client("open", 1, port=starlette_port, path="/w4", rate=200.0, duration_s=0.5, pool=4)
+    assert 50 <= out["sent"] <= 200 and out["not_sent"] == 0
+    assert statuses(out["records"]) == {"200": out["sent"]}
+    assert 5.0 <= latency(out["records"])["p50_ms"] < 500
+    out = run_client(
+        "retry", 1, port=starlette_port, path="/missing", clients=3, duration_s=0.3,
+        timeout_s=1.0, backoff_s=[0.01, 0.02],
+    )  # fmt: skip
+    assert set(statuses(out["records"])) == {"404"} and len(out["records"]) >= 3
+    out = run_client("steps", 1, port=starlette_port, path="/w4", steps=[[1, 0.3], [3, 0.3]])
+    records, starts = out["records"], out["starts"]
+    assert len(starts) == 2 and failed(records) == 0
+    first = rate(records, starts[0], starts[1])
+    second = rate(records, starts[1], out["end"])
+    assert 0 < first < second  # 3 clients serve more than 1
+
+
+def test_overload_step_analysis() -> None:
+    """bench.overload's scale-up/down figures from a synthetic replica timeline."""
+    from bench.overload_analysis import analyse_steps
+
+    config = {"upscale_delay_s": 1.0, "downscale_delay_s": 5.0}
+    states = {"a": "RUNNING"}
+    samples: list[tuple[float, int | None, dict[str, str]]] = [(0.0, 1, dict(states))]
+    for t in (11.5, 12.0):  # 8x from 10 s: 7 replicas listed at 11.5, RUNNING at 12.0 (+ 0.5 s)
+        states = {"a": "RUNNING", **{f"r{i}": "STARTING" if t < 12 else "RUNNING"
+                                     for i in range(7)}}  # fmt: skip
+        samples.append((t, 8, dict(states)))
+    samples.append((25.2, 8, {**states, "r0": "STOPPING"}))  # 1x from 20 s: a drain
+    samples.append((25.4, 1, {"a": "RUNNING"}))
+    records = [(t / 10, 0.05, 200) for t in range(300)] + [(15.0, 0.05, 503)]
+    decisions = [
+        {"time": 100.0 + 15.0, "from_replicas": 8, "to_replicas": 7, "reason": "flap"},
+        {"time": 100.0 + 25.1, "from_replicas": 7, "to_replicas": 1, "reason": "x"},
+    ]  # times are time.time(): 100 s ahead of the samples' clock
+    out = analyse_steps(samples, records, [0.0, 10.0, 20.0], 30.0, 8, config, decisions, 100.0)
+    assert out["running_at_1x"] == 1 and out["up_s"] == 2.0
+    assert out["replica_start_s"] == {"n": 7, "max": 0.5, "median": 0.5}
+    assert out["up_bound_s"] == 2.5 and out["up_met"] is True and out["overshoot"] == 0
+    assert (out["failed_1x"], out["failed_up"], out["failed_down"]) == (0, 1, 0)
+    assert out["first_removal_s"] == 5.1 and out["down_s"] == 5.4 and out["down_met"] is True
+    assert out["decisions"] == [[15.0, 8, 7, "flap"], [25.1, 7, 1, "x"]]
+    assert out["downscales_at_8x"] == [5.0]
+    assert out["timeline"][0] == [0.0, 1, 1, 1] and out["timeline"][-1] == [25.4, 1, 1, 1]
+    early = analyse_steps(samples, records, [0.0, 10.0, 22.0], 30.0, 8, config)
+    assert early["down_met"] is False  # 3.4 s after the step down: before downscale_delay_s
+
+
+def test_overload_report_has_verdicts_and_marks_invalid_runs() -> None:
+    from bench import overload_report
+
+    quiet = {"foreign_cpu_pct": 2.0, "foreign_core_pct": 4.0, "invalid": False, "loadavg_1m": 0.5}
+    busy = {"foreign_cpu_pct": 40.0, "foreign_core_pct": 80.0, "invalid": True, "loadavg_1m": 3.0}
+    lat = {"n": 100, "p50_ms": 1.0, "p99_ms": 4.0, "max_ms": 5.0}
+    results: dict[str, Any] = {
+        "overload": {
+            "duration_s": 60.0, "offered_rps": 1000.0, "capacity": {"capacity_rps": 100.0},
+            "statuses": {"200": 6000, "503": 54000, "timeout": 2}, "refused": lat,
+            "accepted": {**lat, "p99_ms": 150.0}, "accepted_rps": 99.0,
+            "unloaded": {"p99_ms": 22.0}, "queue_wait_bound_ms": 100.0,
+            "accepted_p99_bound_ms": 144.0,
+            "proxy": {"start": {"rss_mb": 50.0}, "end": {"rss_mb": 52.0}, "rss_growth_mb": 2.0,
+                      "pss_growth_mb": 1.5, "rss_growth_from_10s_mb": 0.1},
+            **quiet,
+        },
+        "goodput": {
+            "capacity": {"capacity_rps": 100.0}, "max_queued_requests": 10, "clients": 200,
+            "timeout_s": 1.0,
+            "limited": {"statuses": {"200": 1900}, "attempts_rps": 1000.0, "wasted_runs": 0,
+                        "goodput_rps": 95.0, "goodput_share": 0.95, **busy},
+            "unlimited": {"statuses": {"200": 40}, "attempts_rps": 200.0, "wasted_runs": 900,
+                          "goodput_rps": 2.0, "goodput_share": 0.02, **busy},
+        },
+        "autoscale": {"available": False, "reason": "not in this tree"},
+        "zero": {"error": "TimeoutError: zero replicas: not within 60 s"},
+    }  # fmt: skip
+    rows = overload_report.rows(results)
+    verdicts = [(row["scenario"], row["value"], row["met"]) for row in rows]
+    assert verdicts == [
+        ("overload", "4.00 ms", True), ("overload", "150.00 ms", False),
+        ("overload", "2.0 MB", True), ("overload", '{"timeout": 2}', False),
+        ("goodput", "95.0 req/s = 95.0%", True), ("goodput", "2.0 req/s = 2.0%", "info"),
+        ("autoscale", "not available", None), ("zero", "error", False),
+    ]  # fmt: skip
+    env = {"date": "d", "machine": {"nproc": 2, "cpu_model": "cpu"},
+           "python": {"version": "3"}, "packages": {}}  # fmt: skip
+    settings = {"foreign_core_pct": 30.0, "invalid": True, "loadavg_start": [1.0],
+                "loadavg_end": [2.0], "wall_s": 300.0}  # fmt: skip
+    text = overload_report.render(
+        {"environment": env, "settings": settings, "rows": rows, **results}
+    )
+    assert "**INVALID**" in text and "| PASS (INVALID) |" in text and "| MISS |" in text
+    assert "**INVALID**: 80.0% of a core (load 3.0)" in text and "4.0% of a core" in text
+    assert "- autoscale: not available: not in this tree" in text
+    assert "- zero: TimeoutError: zero replicas" in text

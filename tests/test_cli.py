@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -86,60 +87,97 @@ BROKEN_MODULES = {
 }
 
 
-def _run_failing(tmp_path: Path, *args: str) -> str:
-    """Run ``shoal run ARGS`` in ``tmp_path``; check it fails cleanly; return its stderr."""
-    (tmp_path / "hello_app.py").write_text(APP)
+BAD_TARGETS = [
+    ("missing_module:app", ["no module named 'missing_module'", "from the directory"]),
+    ("hello_app", ["expected MODULE:ATTRIBUTE", "got 'hello_app'"]),
+    ("hello_app.py:app", ["name the module, not its file: hello_app:app"]),
+    ("hello_app:ap", ["module 'hello_app' has no attribute 'ap'", "its applications: app"]),
+    (
+        "needs_dep:app",
+        ["needs_dep.py, line 2", "No module named 'shoal_test_no_such_dependency'",
+         "import shoal_test_no_such_dependency"],
+    ),
+    ("bad_syntax:app", ["syntax error in", "bad_syntax.py, line 3", "def f(:"]),
+]  # fmt: skip
+
+
+@dataclass
+class FailingRuns:
+    """``shoal run``s meant to fail, run side by side."""
+
+    directory: Path  # where they ran, holding the modules
+    busy_port: int  # a port in use while they ran
+    results: dict[str, tuple[int, str]]  # (exit code, stderr): by bad target,
+    # "failing_ctor:app" and "busy port"
+
+    def stderr(self, run: str) -> str:
+        """The stderr of ``run``, once checked that it failed cleanly."""
+        code, stderr = self.results[run]
+        assert code == 1, stderr
+        assert "never retrieved" not in stderr
+        assert f'File "{SHOAL_DIR}' not in stderr  # no frame of shoal's own code
+        return stderr
+
+
+@pytest.fixture(scope="module")
+def failing_runs(tmp_path_factory: pytest.TempPathFactory) -> FailingRuns:
+    """``shoal run`` of each bad target, of a constructor that raises and on a busy port:
+    each its own process, all started at once."""
+    directory = tmp_path_factory.mktemp("failing")
+    (directory / "hello_app.py").write_text(APP)
     for name, source in BROKEN_MODULES.items():
-        (tmp_path / name).write_text(source)
-    result = subprocess.run(
-        [sys.executable, "-m", "shoal", "run", *args],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 1, result.stderr
-    assert "never retrieved" not in result.stderr
-    assert f'File "{SHOAL_DIR}' not in result.stderr  # no frame of shoal's own code
-    return result.stderr
+        (directory / name).write_text(source)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        runs = {target: [target, "--port", str(free_port())] for target, _ in BAD_TARGETS}
+        runs["failing_ctor:app"] = ["failing_ctor:app", "--port", str(free_port())]
+        runs["busy port"] = ["hello_app:app", "--port", str(port)]
+        processes = {name: _start_run(directory, args) for name, args in runs.items()}
+        try:
+            results = {name: _outcome(process) for name, process in processes.items()}
+        finally:
+            for process in processes.values():
+                process.kill()
+                process.wait(timeout=10)
+    return FailingRuns(directory, port, results)
 
 
-@pytest.mark.parametrize(
-    ("target", "expected"),
-    [
-        ("missing_module:app", ["no module named 'missing_module'", "from the directory"]),
-        ("hello_app", ["expected MODULE:ATTRIBUTE", "got 'hello_app'"]),
-        ("hello_app.py:app", ["name the module, not its file: hello_app:app"]),
-        ("hello_app:ap", ["module 'hello_app' has no attribute 'ap'", "its applications: app"]),
-        (
-            "needs_dep:app",
-            ["needs_dep.py, line 2", "No module named 'shoal_test_no_such_dependency'",
-             "import shoal_test_no_such_dependency"],
-        ),
-        ("bad_syntax:app", ["syntax error in", "bad_syntax.py, line 3", "def f(:"]),
-    ],
-)  # fmt: skip
+def _start_run(directory: Path, args: list[str]) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "shoal", "run", *args]
+    return subprocess.Popen(
+        command, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _outcome(process: subprocess.Popen[str]) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize(("target", "expected"), BAD_TARGETS)
 def test_shoal_run_explains_a_bad_target_in_one_message(
-    tmp_path: Path, target: str, expected: list[str]
+    failing_runs: FailingRuns, target: str, expected: list[str]
 ) -> None:
-    stderr = _run_failing(tmp_path, target, "--port", str(free_port()))
+    stderr = failing_runs.stderr(target)
     assert stderr.startswith("shoal run: ") and stderr.count("shoal run: ") == 1, stderr
     assert "Traceback" not in stderr
     for fragment in expected:
         assert fragment in stderr, stderr
 
 
-def test_shoal_run_names_port_option_when_port_is_busy(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        stderr = _run_failing(tmp_path, "hello_app:app", "--port", str(port))
+def test_shoal_run_names_port_option_when_port_is_busy(failing_runs: FailingRuns) -> None:
+    stderr, port = failing_runs.stderr("busy port"), failing_runs.busy_port
     assert f"port {port} on 127.0.0.1 is already in use" in stderr and "--port" in stderr
     assert "Traceback" not in stderr
 
 
-def test_shoal_run_reports_a_failing_constructor_with_its_line(tmp_path: Path) -> None:
-    stderr = _run_failing(tmp_path, "failing_ctor:app", "--port", str(free_port()))
+def test_shoal_run_reports_a_failing_constructor_with_its_line(failing_runs: FailingRuns) -> None:
+    stderr = failing_runs.stderr("failing_ctor:app")
     assert "deployment 'Model' raised RuntimeError: weights not found" in stderr
-    assert f'File "{tmp_path / "failing_ctor.py"}", line 7, in __init__' in stderr
+    path = failing_runs.directory / "failing_ctor.py"
+    assert f'File "{path}", line 7, in __init__' in stderr
     assert stderr.count("raise RuntimeError('weights not found')") == 1, stderr
 
 

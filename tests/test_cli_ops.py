@@ -126,13 +126,28 @@ def instance() -> Iterator[_Instance]:
 def shoal(
     cwd: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    return finish(start_shoal(cwd, *args, env=env))
+
+
+def start_shoal(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``shoal ARGS`` started in the background (``finish`` waits for it), so that
+    independent commands run side by side."""
     environment = {
         k: v for k, v in os.environ.items() if k not in ("SHOAL_ADDRESS", "RAY_DASHBOARD_ADDRESS")
     }
-    return subprocess.run(
-        [sys.executable, "-m", "shoal", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=60, env={**environment, **(env or {})},
+    return subprocess.Popen(
+        [sys.executable, "-m", "shoal", *args], cwd=cwd, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**environment, **(env or {})},
     )  # fmt: skip
+
+
+def finish(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _failed(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -156,7 +171,15 @@ def test_deploy_status_config_delete_over_rest(project: Path, instance: _Instanc
     [(call, config)] = instance.calls
     assert call == "apply" and config == parse_config(yaml.safe_load(CONFIG), "x")
 
-    status = yaml.safe_load(shoal(project, "status", "-a", instance.address).stdout)
+    # The commands that only read run side by side.
+    reading = [
+        start_shoal(project, "status", "-a", instance.address),
+        start_shoal(project, "config", "--name", "hello", env={"SHOAL_ADDRESS": instance.address}),
+        start_shoal(project, "config", "--name", "nope", "-a", instance.address),
+        start_shoal(project, "delete", "nope", "-a", instance.address),
+    ]
+    status_run, shown, config_nope, delete_nope = map(finish, reading)
+    status = yaml.safe_load(status_run.stdout)
     assert status == {
         "proxies": {"node-1": "HEALTHY"},
         "applications": {"hello": {
@@ -170,14 +193,10 @@ def test_deploy_status_config_delete_over_rest(project: Path, instance: _Instanc
         "target_capacity": None,
     }  # fmt: skip
 
-    shown = shoal(project, "config", "--name", "hello", env={"SHOAL_ADDRESS": instance.address})
     assert yaml.safe_load(shown.stdout)["import_path"] == "hello_app:app"
-    _failed(
-        shoal(project, "config", "--name", "nope", "-a", instance.address),
-        "no application named 'nope' (deployed: hello)",
-    )
+    _failed(config_nope, "no application named 'nope' (deployed: hello)")
 
-    _failed(shoal(project, "delete", "nope", "-a", instance.address), "deployed: hello")
+    _failed(delete_nope, "deployed: hello")
     assert shoal(project, "delete", "hello", "-a", instance.address).returncode == 0
     assert instance.calls[-1] == ("delete_app", "hello")
 
@@ -186,12 +205,14 @@ def test_deploy_reports_bad_config_locally_and_server_refusals(
     project: Path, instance: _Instance
 ) -> None:
     (project / "bad.yaml").write_text(CONFIG.replace("num_replicas: 1", "num_replicas: -1"))
-    _failed(
-        shoal(project, "deploy", "bad.yaml", "-a", instance.address),
-        "shoal deploy: bad.yaml: applications[0].deployments[0].num_replicas: -1",
-    )
+    running = [
+        start_shoal(project, "deploy", "bad.yaml", "-a", instance.address),
+        start_shoal(project, "deploy", "missing.yaml", "-a", instance.address),
+    ]
+    bad, missing = map(finish, running)
+    _failed(bad, "shoal deploy: bad.yaml: applications[0].deployments[0].num_replicas: -1")
     assert instance.calls == []  # refused before sending
-    _failed(shoal(project, "deploy", "missing.yaml", "-a", instance.address), "missing.yaml")
+    _failed(missing, "missing.yaml")
 
 
 def test_a_400_from_the_server_is_printed(project: Path, instance: _Instance) -> None:
@@ -207,11 +228,10 @@ def test_a_400_from_the_server_is_printed(project: Path, instance: _Instance) ->
 
 def test_nothing_listening_is_a_clear_message(project: Path) -> None:
     address = f"http://127.0.0.1:{free_port()}"
-    for command in (["deploy", "serve.yaml"], ["shutdown", "-y"]):
-        _failed(
-            shoal(project, *command, env={"SHOAL_ADDRESS": address}),
-            f"no shoal instance answers at {address}; start one with `shoal start`",
-        )
+    env = {"SHOAL_ADDRESS": address}
+    commands = (["deploy", "serve.yaml"], ["shutdown", "-y"])
+    for result in map(finish, [start_shoal(project, *command, env=env) for command in commands]):
+        _failed(result, f"no shoal instance answers at {address}; start one with `shoal start`")
 
 
 def test_shutdown_waits_until_the_instance_stops(project: Path, instance: _Instance) -> None:
@@ -225,13 +245,18 @@ def test_shutdown_waits_until_the_instance_stops(project: Path, instance: _Insta
 
 
 def test_build_writes_a_config_that_parses_back(project: Path) -> None:
-    printed = shoal(project, "build", "hello_app:app")
+    running = [
+        start_shoal(project, "build", "hello_app:app"),
+        start_shoal(project, "build", "hello_app:app", "-o", "out.yaml"),
+        start_shoal(project, "build", "hello_app:nope"),
+    ]
+    printed, written, nope = map(finish, running)
     assert printed.returncode == 0, printed.stderr
     config = parse_config(yaml.safe_load(printed.stdout), "stdout")
     assert [app.import_path for app in config.applications] == ["hello_app:app"]
-    assert shoal(project, "build", "hello_app:app", "-o", "out.yaml").returncode == 0
+    assert written.returncode == 0, written.stderr
     assert (project / "out.yaml").read_text() == printed.stdout
-    _failed(shoal(project, "build", "hello_app:nope"), "shoal build: module 'hello_app' has no")
+    _failed(nope, "shoal build: module 'hello_app' has no")
 
 
 def _serve(cwd: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
@@ -256,12 +281,13 @@ def _stop(server: subprocess.Popen[str]) -> None:
 
 
 def test_run_passes_builder_arguments(project: Path) -> None:
+    refused = start_shoal(project, "run", "hello_app:app", "greeting=hey")  # meanwhile
     server, base = _serve(project, "hello_app:builder", "greeting=hey")
     try:
         assert httpx.post(base + "/", json={"name": "a"}, timeout=30).json() == {"hey": "a"}
     finally:
         _stop(server)
-    _failed(shoal(project, "run", "hello_app:app", "greeting=hey"), "takes no args")
+    _failed(finish(refused), "takes no args")
 
 
 def test_run_config_file_with_reload_redeploys_on_change(project: Path) -> None:
@@ -301,8 +327,9 @@ def test_start_deploy_status_delete_shutdown_on_a_real_server(
     try:
         assert started.returncode == 0, started.stderr
         assert f"admin API {admin}" in started.stdout
-        _failed(shoal(project, "start", env=env), "already running", "shoal shutdown")
+        again = start_shoal(project, "start", env=env)  # meanwhile
         assert shoal(project, "deploy", "serve.yaml", env=env).returncode == 0
+        _failed(finish(again), "already running", "shoal shutdown")
 
         def running() -> bool:
             apps = httpx.get(f"{admin}/api/serve/applications/").json()["applications"]
@@ -311,11 +338,13 @@ def test_start_deploy_status_delete_shutdown_on_a_real_server(
         wait_until(running, 30, "the deployed application to be RUNNING")
         reply = httpx.post(f"http://127.0.0.1:{http_port}/hello", json={"name": "a"}, timeout=30)
         assert reply.json() == {"hello": "a"}
-        status = yaml.safe_load(shoal(project, "status", env=env).stdout)
+        reading = [start_shoal(project, "status", env=env), start_shoal(project, "config", env=env)]
+        status_run, config_run = map(finish, reading)
+        status = yaml.safe_load(status_run.stdout)
         assert status["applications"]["hello"]["deployments"]["Hello"]["replica_states"] == {
             "RUNNING": 1
         }
-        assert yaml.safe_load(shoal(project, "config", env=env).stdout)["name"] == "hello"
+        assert yaml.safe_load(config_run.stdout)["name"] == "hello"
         assert shoal(project, "delete", "hello", env=env).returncode == 0
         stopped = shoal(project, "shutdown", "-y", env=env)
         assert stopped.returncode == 0 and "has stopped" in stopped.stdout, stopped.stderr
@@ -343,3 +372,32 @@ def test_address_order_and_the_local_token_stays_local(monkeypatch: pytest.Monke
     assert is_local_server(info, "http://localhost:8265")
     assert not is_local_server(info, "http://10.0.0.7:8265")  # never send our token away
     assert not is_local_server(info, "http://127.0.0.1:9000")
+
+
+def test_status_shows_an_autoscaled_deployments_target_and_last_decisions() -> None:
+    from shoal._cli.ops import status_of
+
+    decisions = [
+        {"time": 1700000000.0 + i, "from_replicas": i, "to_replicas": i + 1, "reason": f"r{i}"}
+        for i in range(7)
+    ]
+    details = {
+        "applications": {
+            "app": {
+                "status": "RUNNING",
+                "deployments": {
+                    "Scaled": {"status": "HEALTHY", "replicas": [], "target_num_replicas": 7,
+                               "scaling_decisions": decisions},
+                    "Fixed": {"status": "HEALTHY", "replicas": [], "target_num_replicas": 1,
+                              "scaling_decisions": []},
+                },
+            }
+        }
+    }  # fmt: skip
+    deployments = status_of(details)["applications"]["app"]["deployments"]
+    scaled = deployments["Scaled"]
+    assert scaled["target_num_replicas"] == 7
+    assert [line.split(" ", 1)[1] for line in scaled["scaling_decisions"]] == [
+        f"{i} -> {i + 1}: r{i}" for i in range(2, 7)
+    ]  # the last five, each "HH:MM:SS from -> to: reason"
+    assert "scaling_decisions" not in deployments["Fixed"]  # a fixed count says nothing more

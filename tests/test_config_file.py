@@ -145,7 +145,8 @@ ERRORS = [
     (
         _with({}, {"imprt_path": "x:y"}),
         "applications[0].imprt_path: unknown key (did you mean 'import_path'?); valid keys: "
-        "args, deployments, import_path, logging_config, name, route_prefix, runtime_env",
+        "args, autoscaling_policy, deployments, import_path, logging_config, name, route_prefix, "
+        "runtime_env",
     ),
     (
         _with({}, {"deployments": [{"name": "A", "ray_actor_options": {"num_gpu": 1}}]}),
@@ -203,14 +204,8 @@ ERRORS = [
         "remote URIs need the Ray runtime (issue 13)",
     ),
     (
-        _with({}, {"deployments": [{"name": "A", "num_replicas": "auto"}]}),
-        "applications[0].deployments[0].num_replicas: 'auto' is not supported yet: autoscaling "
-        "comes with issue 11",
-    ),
-    (
-        _with({}, {"deployments": [{"name": "A", "autoscaling_config": {"max_replicas": 3}}]}),
-        "applications[0].deployments[0].autoscaling_config: {'max_replicas': 3} is not "
-        "supported yet: autoscaling comes with issue 11",
+        _with({}, {"deployments": [{"name": "A", "autoscaling_config": {"max_replicas": 0}}]}),
+        "applications[0].deployments[0].autoscaling_config.max_replicas: 0",
     ),
     (
         _with({}, {"deployments": [{"name": "A", "ray_actor_options": {"memory": 1e9}}]}),
@@ -236,9 +231,8 @@ ERRORS = [
         "supported yet: it comes with issue 12",
     ),
     (
-        _with({"target_capacity": 50}),
-        "target_capacity: 50.0 is not supported yet: it scales applications through "
-        "autoscaling (issue 11); leave it null",
+        _with({"target_capacity": 150}),
+        "target_capacity: 150 is not <= 100.0",
     ),
     (
         _with({}, {"deployments": [{"name": "A", "user_config": {"f": {1, 2}}}]}),

@@ -252,6 +252,38 @@ def test_load_shedding_example_refuses_the_burst_beyond_the_queue() -> None:
     assert served + refused == 40 and 6 <= served <= 12, proc.stdout
 
 
+def test_deadlines_example_times_out_and_cancels_the_slow_calls() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.deadlines", "--port", str(free_port())],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("fast request: 200 {'frontend_remaining_s': "), proc.stdout
+    assert lines[1].startswith("slow request: 504 after "), proc.stdout
+    assert lines[1].endswith(": Request timed out after 0.5 s (http_options.request_timeout_s).")
+    assert lines[2].startswith("handle call with timeout_s=0.2: RequestTimeoutError"), proc.stdout
+    assert lines[3] == "model calls cancelled at their deadline: 2", proc.stdout
+
+
+def test_autoscaling_example_scales_up_under_load_and_back_to_zero() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.autoscaling", "--port", str(free_port())],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "idle: 0 replicas", proc.stdout
+    # 10 clients, 2 requests per replica: 4 replicas (3 if the machine is so slow that
+    # the clients' own turnaround leaves fewer than 7 requests in the server on average).
+    under_load = re.match(r"under load: (\d) replicas running after .* s; \d+ answered, 0 failed",
+                          lines[1])  # fmt: skip
+    assert under_load is not None and int(under_load.group(1)) >= 3, proc.stdout
+    assert "idle again: 0 replicas" in lines, proc.stdout
+    steps = [tuple(map(int, m.groups())) for m in re.finditer(r"(\d+) -> (\d+):", proc.stdout)]
+    assert steps[0] == (0, 1) and max(to for _, to in steps) >= 3 and steps[-1] == (1, 0), steps
+
+
 def drain(lines: queue.Queue[str | None], output: list[str]) -> str:
     """Everything the demo printed so far, for failure messages."""
     while True:
@@ -407,3 +439,17 @@ def test_status_shows_apps_and_replicas(served: Served) -> None:
     # The predictor was declared with num_replicas=2, the featurizer with one.
     assert deployments["Predictor"].replica_states.get("RUNNING") == 2
     assert deployments["Featurizer"].replica_states.get("RUNNING") == 1
+
+
+def test_priorities_example_serves_the_high_priority_requests_first() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.priorities", "--port", str(free_port())],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    high = re.fullmatch(r"high-priority requests served at positions (\d+), (\d+) of 10", lines[1])
+    assert high is not None, proc.stdout
+    # Right after the low request running when they arrived (before it, if a slow machine
+    # let them arrive before any low one reached the replica): never behind the backlog.
+    assert max(map(int, high.groups())) <= 3, proc.stdout

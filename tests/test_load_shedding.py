@@ -251,3 +251,19 @@ print(*[reply.status_code for reply in replies], replies[-1].headers["retry-afte
 print(_calls(handle))
 serve.shutdown()
 """
+
+
+def test_changing_the_queue_limit_keeps_the_replicas_and_applies_at_once(deploy: Deploy) -> None:
+    handle = deploy(Gate.bind(), name="requeue")
+    before = serve.status().applications["requeue"].deployments["Gate"].replicas
+    handle = deploy(Gate.options(max_queued_requests=1, no_replica_timeout_s=5).bind(),
+                    name="requeue")  # fmt: skip
+    after = serve.status().applications["requeue"].deployments["Gate"].replicas
+    assert [r.replica_id for r in after] == [r.replica_id for r in before]  # not replaced
+    _ready(handle)
+    responses = [handle.remote(i) for i in range(3)]  # 2 run, 1 waits
+    with pytest.raises(BackPressureError) as refused:
+        handle.remote("one too many").result(timeout_s=DONE_S)
+    assert refused.value.max_queued_requests == 1
+    _release(handle)
+    assert [r.result(timeout_s=DONE_S) for r in responses] == ["ok"] * 3

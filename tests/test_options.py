@@ -83,8 +83,6 @@ def test_run_accepts_rays_positional_order() -> None:
 @pytest.mark.parametrize(
     ("options", "option"),
     [
-        ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}, "autoscaling_config"),
-        ({"num_replicas": "auto"}, "num_replicas='auto'"),
         ({"logging_config": {"log_level": "DEBUG"}}, "logging_config"),
         ({"placement_group_bundles": [{"CPU": 1}]}, "placement_group_bundles"),
         ({"placement_group_strategy": "PACK"}, "placement_group_strategy"),

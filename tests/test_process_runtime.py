@@ -10,11 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_until
+from conftest import Driver, start_early, wait_until
 
 from shoal import serve
 
@@ -100,37 +101,50 @@ def test_shutdown_then_start_again_in_the_same_process(http_port: int) -> None:
 
 DRIVER = textwrap.dedent(
     """
-    import sys, threading
+    import threading
+    from conftest import free_port
     from shoal import serve
 
     @serve.deployment(num_replicas=2)
     def model(request):
         return "ok"
 
-    serve.start(http_options={"port": int(sys.argv[1])})
+    port = free_port()
+    serve.start(http_options={"port": port})
     serve.run(model.bind(), route_prefix="/m")
     pids = [r.pid for d in serve.status().applications["default"].deployments.values()
             for r in d.replicas]
-    print(" ".join(map(str, pids)), flush=True)
+    print(port, *pids, flush=True)  # the port, then the replicas' pids
     threading.Event().wait()
     """
 )
 
 
-def test_no_process_outlives_a_killed_driver(tmp_path: Path) -> None:
-    from conftest import free_port
-
-    port = free_port()
-    script = tmp_path / "driver.py"
+@pytest.fixture(scope="module")
+def serving_driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[str]]:
+    """DRIVER, started, and killed at the latest when the module ends."""
+    script = tmp_path_factory.mktemp("serving") / "driver.py"
     script.write_text(DRIVER)
     driver = subprocess.Popen(
-        [sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True,
-        cwd=os.getcwd(),
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
     )  # fmt: skip
+    yield driver
+    driver.kill()
+    driver.wait(timeout=10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_the_drivers_first(request: pytest.FixtureRequest) -> None:
+    start_early(request, "serving_driver", "main_classes")  # they start while tests run
+
+
+def test_no_process_outlives_a_killed_driver(serving_driver: subprocess.Popen[str]) -> None:
+    driver = serving_driver
     try:
         assert driver.stdout is not None
         line = driver.stdout.readline()
-        replica_pids = [int(pid) for pid in line.split()]
+        port, *replica_pids = [int(number) for number in line.split()]
         assert len(replica_pids) == 2, line
         assert httpx.get(f"http://127.0.0.1:{port}/m", timeout=30).text == "ok"
         children = _children(driver.pid)
@@ -163,8 +177,8 @@ def test_many_workers_do_not_starve_shutdown(http_port: int) -> None:
 
 MAIN_CLASSES = textwrap.dedent(
     """
-    import sys
     from dataclasses import dataclass
+    from conftest import free_port
     from shoal import serve
 
     @dataclass
@@ -176,7 +190,7 @@ MAIN_CLASSES = textwrap.dedent(
         def move(self, point):
             return Point(point.x + 1)
 
-    serve.start(http_options={"port": int(sys.argv[1])})
+    serve.start(http_options={"port": free_port()})
     handle = serve.run(Mover.bind(), route_prefix=None)
     print(handle.move.remote(Point(1)).result(timeout_s=30))
     serve.shutdown()
@@ -184,8 +198,12 @@ MAIN_CLASSES = textwrap.dedent(
 )
 
 
-def test_classes_defined_in_main_travel_by_value(tmp_path: Path) -> None:
-    from conftest import run_driver
+@pytest.fixture(scope="module")
+def main_classes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
+    driver = Driver(tmp_path_factory.mktemp("main-classes"), MAIN_CLASSES)
+    yield driver
+    driver.stop()
 
-    result = run_driver(tmp_path, MAIN_CLASSES)
-    assert result.stdout.strip() == "Point(x=2)"
+
+def test_classes_defined_in_main_travel_by_value(main_classes: Driver) -> None:
+    assert main_classes.result().stdout.strip() == "Point(x=2)"

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Deploy, run_driver, wait_until
+from conftest import Deploy, Driver, start_early, wait_until
 from fastapi import FastAPI
 
 from shoal import serve
@@ -224,18 +225,23 @@ def test_three_failed_health_checks_in_a_row_replace_the_replica(
 # --- /-/healthz --------------------------------------------------------------------------------
 
 
-HEALTHZ_DRIVER = """
-import sys
+# One driver takes its shoal through every state the two tests below look at: before any
+# route, running, deleted, then shutting down with a request in flight.
+PROXY_STATES_DRIVER = """
+import pathlib, sys, threading
 import httpx
+from conftest import free_port, wait_until
 from shoal import serve
 
-port = int(sys.argv[1])
+marker = pathlib.Path(sys.argv[1])
+started = pathlib.Path(sys.argv[1] + ".started")
+port = free_port()
 serve.start(http_options={"host": "127.0.0.1", "port": port})
-url = f"http://127.0.0.1:{port}"
+base = f"http://127.0.0.1:{port}"
 
 def probe(label):
     for path in ("/-/healthz", "/-/routes"):
-        response = httpx.get(url + path, timeout=30)
+        response = httpx.get(base + path, timeout=30)
         print(label, path, response.status_code, response.text)
 
 @serve.deployment
@@ -247,30 +253,6 @@ serve.run(hello.bind(), name="hello", route_prefix="/hello")
 probe("running")
 serve.delete("hello")
 probe("deleted")
-serve.shutdown()
-"""
-
-
-def test_healthz_answers_rays_status_codes_in_each_state(tmp_path: Path) -> None:
-    lines = run_driver(tmp_path, HEALTHZ_DRIVER).stdout.splitlines()
-    assert lines == [
-        "before /-/healthz 503 Route table is not populated yet.",
-        "before /-/routes 503 Route table is not populated yet.",
-        "running /-/healthz 200 success",
-        'running /-/routes 200 {"/hello":"hello"}',
-        "deleted /-/healthz 200 success",  # populated once: ready (Ray's head-node proxy)
-        "deleted /-/routes 200 {}",
-    ]
-
-
-DRAIN_DRIVER = """
-import pathlib, sys, threading
-import httpx
-from conftest import wait_until
-from shoal import serve
-
-port, marker = int(sys.argv[1]), pathlib.Path(sys.argv[2])
-started = pathlib.Path(sys.argv[2] + ".started")
 
 
 @serve.deployment(graceful_shutdown_timeout_s=60)
@@ -283,9 +265,7 @@ class Slow:
         return "finished"
 
 
-serve.start(http_options={"port": port})
 serve.run(Slow.bind(), route_prefix="/slow")
-base = f"http://127.0.0.1:{port}"
 answers = {}
 client = threading.Thread(target=lambda: answers.update(slow=httpx.get(base + "/slow", timeout=60)))
 client.start()
@@ -306,11 +286,40 @@ print("stopped", not stopper.is_alive())
 """
 
 
+@pytest.fixture(scope="module")
+def proxy_states_driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
+    directory = tmp_path_factory.mktemp("proxy-states")
+    driver = Driver(directory, PROXY_STATES_DRIVER, str(directory / "release"))
+    yield driver
+    driver.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_the_driver_first(request: pytest.FixtureRequest) -> None:
+    start_early(request, "proxy_states_driver")  # it runs while the tests above do
+
+
+@pytest.fixture(scope="module")
+def proxy_states(proxy_states_driver: Driver) -> list[str]:
+    """What PROXY_STATES_DRIVER printed, line by line."""
+    return proxy_states_driver.result().stdout.splitlines()
+
+
+def test_healthz_answers_rays_status_codes_in_each_state(proxy_states: list[str]) -> None:
+    assert proxy_states[:6] == [
+        "before /-/healthz 503 Route table is not populated yet.",
+        "before /-/routes 503 Route table is not populated yet.",
+        "running /-/healthz 200 success",
+        'running /-/routes 200 {"/hello":"hello"}',
+        "deleted /-/healthz 200 success",  # populated once: ready (Ray's head-node proxy)
+        "deleted /-/routes 200 {}",
+    ]
+
+
 def test_while_shutting_down_the_proxy_drains_and_serves_what_it_accepted(
-    tmp_path: Path,
+    proxy_states: list[str],
 ) -> None:
-    lines = run_driver(tmp_path, DRAIN_DRIVER, str(tmp_path / "release")).stdout.splitlines()
-    assert lines == [
+    assert proxy_states[6:] == [
         "healthz 503 This node is being drained.",
         "new request 503 1",  # not 404: the route is gone because shoal is stopping
         "in flight 200 finished",

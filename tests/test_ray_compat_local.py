@@ -168,8 +168,12 @@ async def test_streaming_generators_iterate_sync_and_async() -> None:
     assert [i async for i in handle.count.remote(3)] == [0, 1, 2]
     assert [i async for i in handle.acount.remote(3)] == [0, 1, 2]
     assert await asyncio.to_thread(lambda: list(handle.acount.remote(4))) == [0, 1, 2, 3]
+    unread = handle.count.remote(3)
     with pytest.raises(RuntimeError):  # sync iteration in a running loop: Ray's RuntimeError
-        next(iter(handle.count.remote(3)))
+        next(iter(unread))
+    # Sent at call time (as in Ray): a stream nobody reads holds its replica's slot until it
+    # is cancelled or collected, and the app's deletion would wait for it to drain.
+    unread.cancel()
 
 
 # --- user_config ---------------------------------------------------------------------------

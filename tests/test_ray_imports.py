@@ -62,7 +62,10 @@ print("ok")
 
 SUBMODULES = {
     "handle": ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"],
-    "config": ["AutoscalingConfig", "DeploymentConfig", "HTTPOptions"],
+    "config": [
+        "AutoscalingConfig", "AutoscalingContext", "AutoscalingPolicy", "DeploymentConfig",
+        "DeploymentID", "HTTPOptions",
+    ],
     "schema": [
         "ApplicationStatus", "ApplicationStatusOverview", "DeploymentSchema", "DeploymentStatus",
         "DeploymentStatusOverview", "ReplicaState", "ServeApplicationSchema", "ServeDeploySchema",

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from conftest import Driver, start_early
 
 from shoal import serve
 
@@ -119,17 +120,9 @@ def _assert_answers(url: str, expected: str) -> None:
         assert [client.get(url).text for _ in range(5)] == [expected] * 5
 
 
-def test_the_script_from_the_issue(tmp_path: object) -> None:
-    """The reproduction from the bug report, as a driver of its own (default port 8000 aside)."""
-    from pathlib import Path
-
-    from conftest import run_driver
-
-    assert isinstance(tmp_path, Path)
-    result = run_driver(
-        tmp_path,
-        """
-import sys, httpx
+ISSUE_SCRIPT = """
+import httpx
+from conftest import free_port
 from shoal import serve
 
 @serve.deployment
@@ -137,11 +130,27 @@ class Echo:
     def __init__(self, s): self.s = s
     def __call__(self, request): return self.s
 
-serve.start(http_options={"port": int(sys.argv[1])})
+port = free_port()
+serve.start(http_options={"port": port})
 for s in ["foo", "bar", "baz"]:
     serve.run(Echo.bind(s))
-    print(httpx.get(f"http://127.0.0.1:{sys.argv[1]}/", timeout=10).text)
+    print(httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text)
 serve.shutdown()
-""",
-    )
-    assert result.stdout.split() == ["foo", "bar", "baz"]
+"""
+
+
+@pytest.fixture(scope="module")
+def issue_script(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
+    driver = Driver(tmp_path_factory.mktemp("issue"), ISSUE_SCRIPT)
+    yield driver
+    driver.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_the_script_first(request: pytest.FixtureRequest) -> None:
+    start_early(request, "issue_script")  # it runs while the test above does
+
+
+def test_the_script_from_the_issue(issue_script: Driver) -> None:
+    """The reproduction from the bug report, as a driver of its own (default port 8000 aside)."""
+    assert issue_script.result().stdout.split() == ["foo", "bar", "baz"]

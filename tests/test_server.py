@@ -7,6 +7,7 @@ drivers are separate processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -52,35 +53,101 @@ app = Greeter.bind()
 """
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerInfo]:
-    """A `shoal start` server with its own state directory and free ports."""
+@contextlib.contextmanager
+def _shoal_home(home: str) -> Iterator[None]:
+    """SHOAL_HOME is ``home`` inside the block (``read_server_info`` and attaching use it)."""
     previous = os.environ.get("SHOAL_HOME")
-    # Short: Unix socket paths under it must fit in 107 bytes.
-    os.environ["SHOAL_HOME"] = tempfile.mkdtemp(prefix="shoal-home-")
-    cwd = os.getcwd()
-    os.chdir(tmp_path)  # the server resolves import paths from its working directory
+    os.environ["SHOAL_HOME"] = home
     try:
-        info = start_server(
-            HTTPOptions(port=free_port()), AdminOptions(port=free_port()), timeout_s=60
-        )
+        yield
     finally:
-        os.chdir(cwd)
-    try:
-        yield info
-    finally:
-        # This server, and any a test started after it in the same state directory
-        # (a restart), even when the test failed half-way.
+        if previous is None:
+            del os.environ["SHOAL_HOME"]
+        else:
+            os.environ["SHOAL_HOME"] = previous
+
+
+def _start(home: str, cwd: Path) -> ServerInfo:
+    """Start a `shoal start` server keeping its state in ``home``, with free ports."""
+    with _shoal_home(home):
+        previous = os.getcwd()
+        os.chdir(cwd)  # the server resolves import paths from its working directory
+        try:
+            return start_server(
+                HTTPOptions(port=free_port()), AdminOptions(port=free_port()), timeout_s=60
+            )
+        finally:
+            os.chdir(previous)
+
+
+def _stop(home: str, info: ServerInfo) -> None:
+    """Stop ``info``'s server, and any a test started after it in ``home`` (a restart),
+    even when the test failed half-way; then remove ``home``."""
+    with _shoal_home(home):
         for running in {info, read_server_info() or info}:
             if not wait_stopped(running, 0):
                 os.kill(running.pid, signal.SIGTERM)
                 if not wait_stopped(running, 40):
                     os.kill(running.pid, signal.SIGKILL)
-        shutil.rmtree(os.environ["SHOAL_HOME"], ignore_errors=True)
-        if previous is None:
-            del os.environ["SHOAL_HOME"]
-        else:
-            os.environ["SHOAL_HOME"] = previous
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _new_home() -> str:
+    return tempfile.mkdtemp(prefix="shoal-home-")  # short: socket paths must fit in 107 bytes
+
+
+@pytest.fixture(scope="module")
+def _shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Any]]:
+    """[home, info]: the server the tests that leave it running share (replaced if one of
+    them stopped it after all)."""
+    home = _new_home()
+    shared = [home, _start(home, tmp_path_factory.mktemp("server"))]
+    try:
+        yield shared
+    finally:
+        _stop(*shared)
+
+
+@pytest.fixture
+def server(_shared_server: list[Any], tmp_path: Path) -> Iterator[ServerInfo]:
+    """The module's `shoal start` server, left as found: every application is deleted
+    after the test. SHOAL_HOME names its state directory during the test. A test that
+    stops the server takes ``own_server`` instead."""
+    home, info = _shared_server
+    with _shoal_home(home):
+        running = read_server_info() == info and _answers(info)
+    if not running:  # a test stopped it after all: the next ones get a new one
+        _stop(home, info)
+        home = _new_home()
+        info = _start(home, tmp_path)
+        _shared_server[:] = [home, info]
+    with _shoal_home(home):
+        try:
+            yield info
+        finally:
+            response = httpx.delete(f"{info.admin_url}/api/serve/applications/", timeout=30)
+            assert response.status_code == 200, response.text
+            wait_until(lambda: not _details(info)["applications"], 30, "all deleted")
+
+
+def _answers(info: ServerInfo) -> bool:
+    try:
+        return httpx.get(f"{info.admin_url}/api/serve/applications/", timeout=30).is_success
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[ServerInfo]:
+    """A `shoal start` server of the test's own (with its own state directory and free
+    ports), for tests that stop it. SHOAL_HOME names its state directory during the test."""
+    home = _new_home()
+    info = _start(home, tmp_path)
+    try:
+        with _shoal_home(home):
+            yield info
+    finally:
+        _stop(home, info)
 
 
 def _config(tmp_path: Path, **app: Any) -> dict[str, Any]:
@@ -247,16 +314,16 @@ def test_a_second_python_process_attaches_and_deploys(server: ServerInfo, tmp_pa
     assert "['greet']" in run_driver(tmp_path, remover).stdout
 
 
-def test_sigterm_stops_the_server_in_order(server: ServerInfo, tmp_path: Path) -> None:
+def test_sigterm_stops_the_server_in_order(own_server: ServerInfo, tmp_path: Path) -> None:
     (tmp_path / "greeter.py").write_text(APP_SOURCE)
-    assert _put(server, _config(tmp_path)).status_code == 200
-    pids = [r["pid"] for r in _running(server, "greet")["deployments"]["Greeter"]["replicas"]]
-    os.kill(server.pid, signal.SIGTERM)
-    assert wait_stopped(server, 40)
+    assert _put(own_server, _config(tmp_path)).status_code == 200
+    pids = [r["pid"] for r in _running(own_server, "greet")["deployments"]["Greeter"]["replicas"]]
+    os.kill(own_server.pid, signal.SIGTERM)
+    assert wait_stopped(own_server, 40)
     assert read_server_info() is None
     assert not any(_alive(pid) for pid in pids)
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{server.admin_url}/api/serve/applications/", timeout=5)
+        httpx.get(f"{own_server.admin_url}/api/serve/applications/", timeout=5)
     # A shutdown asked for deletes the applications (as Ray's does): a new start is empty.
     again = start_server(HTTPOptions(port=free_port()), AdminOptions(port=free_port()))
     try:
@@ -282,14 +349,14 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_killed_server_restarts_and_adopts_its_replicas_without_failing_requests(
-    server: ServerInfo, tmp_path: Path
+    own_server: ServerInfo, tmp_path: Path
 ) -> None:
     """kill -9 of the server under 16 concurrent clients: the proxy and replicas keep
     serving; a restarted `shoal start` adopts them (same replica ids) from its checkpoint."""
     (tmp_path / "greeter.py").write_text(APP_SOURCE)
     config = _config(tmp_path, deployments=[{"name": "Greeter", "num_replicas": 2}])
-    assert _put(server, config).status_code == 200
-    replicas = _replica_ids(_running(server, "greet"))
+    assert _put(own_server, config).status_code == 200
+    replicas = _replica_ids(_running(own_server, "greet"))
     failures: list[str] = []
     served = [0]
     stop = threading.Event()
@@ -298,7 +365,7 @@ def test_a_killed_server_restarts_and_adopts_its_replicas_without_failing_reques
         with httpx.Client(timeout=30) as http:
             while not stop.is_set():
                 try:
-                    response = http.get(f"http://127.0.0.1:{server.http_port}/greet")
+                    response = http.get(f"http://127.0.0.1:{own_server.http_port}/greet")
                 except httpx.HTTPError as exc:
                     failures.append(repr(exc))
                     continue
@@ -312,15 +379,15 @@ def test_a_killed_server_restarts_and_adopts_its_replicas_without_failing_reques
         thread.start()
     try:
         wait_until(lambda: served[0] > 50, 30, "traffic flowing")
-        os.kill(server.pid, signal.SIGKILL)
-        assert wait_stopped(server, 10)
+        os.kill(own_server.pid, signal.SIGKILL)
+        assert wait_stopped(own_server, 10)
         during = served[0]
         wait_until(lambda: served[0] > during + 50, 30, "served without a controller")
         cwd = os.getcwd()
         os.chdir(tmp_path)
         try:
             restarted = start_server(
-                HTTPOptions(port=server.http_port), AdminOptions(port=_admin_port(server))
+                HTTPOptions(port=own_server.http_port), AdminOptions(port=_admin_port(own_server))
             )
         finally:
             os.chdir(cwd)

@@ -130,3 +130,21 @@ async def test_slow_consumer_bounds_what_the_replica_produces(deploy: Deploy) ->
     await async_wait_until(producer_stopped, 30, "the producer to stop")
     assert counts[-1] <= 200, f"replica produced {counts[-1]} items for a consumer that read 1"
     stream.cancel()
+
+
+@serve.deployment(max_ongoing_requests=1)
+class OneAtATime:
+    def numbers(self, count: int) -> Iterator[int]:
+        yield from range(count)
+
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_a_stream_cancelled_as_soon_as_it_is_made_releases_its_replica(deploy: Deploy) -> None:
+    handle = deploy(OneAtATime.bind())
+    assert handle.ping.remote().result(timeout_s=10) == "pong"  # the router is connected
+    for _ in range(20):  # the cancel races the stream's opening: try it many times
+        handle.options(stream=True).numbers.remote(3).cancel()
+        # The replica takes one request at a time: a leaked stream would hold it for ever.
+        assert handle.ping.remote().result(timeout_s=5) == "pong"

@@ -9,6 +9,13 @@ Guarantees:
 - a failing batch fails only its own callers, with the handler's exception;
 - a caller cancelled before its batch runs leaves the batch; one cancelled
   while it runs has its result discarded; the other callers are unaffected;
+- a caller whose request has a deadline (``get_request_context().deadline``)
+  leaves the queue when it passes (RequestTimeoutError) and is never part of a
+  batch; a batch runs with the latest deadline of its callers (none if one has
+  none), so that the handle calls it makes serve every caller still waiting;
+- callers of a higher priority (``get_request_context().priority``) are taken into
+  a batch first, those of one class in arrival order; a batch runs in its first
+  caller's context, so its handle calls have the highest priority of its callers;
 - one batcher per instance (per free function), created on the running loop
   at the first call; the setters take effect from the next batch.
 
@@ -41,7 +48,9 @@ from shoal._api.batch_options import (
     check_wait,
 )
 from shoal._api.context import request_context
-from shoal._errors import ConfigTypeError, RequestCancelledError, ShoalError
+from shoal._errors import ConfigTypeError, RequestCancelledError, RequestTimeoutError, ShoalError
+from shoal._router.queue import RANKS
+from shoal._seam.loops import on_loop
 
 # --- the callers waiting for their batch ----------------------------------------------------
 
@@ -49,14 +58,15 @@ from shoal._errors import ConfigTypeError, RequestCancelledError, ShoalError
 class _Item:
     """One caller's request waiting in (or running in) a batch."""
 
-    __slots__ = ("arguments", "arrived", "closed", "context", "first", "future", "key", "queue",
-                 "queued", "stream")  # fmt: skip
+    __slots__ = ("arguments", "arrived", "closed", "context", "deadline", "first", "future", "key",
+                 "priority", "queue", "queued", "stream", "timer")  # fmt: skip
 
-    def __init__(self, arguments: dict[str, Any], first: Any, key: str,
+    def __init__(self, arguments: dict[str, Any], first: Any, key: str, priority: int,
                  loop: asyncio.AbstractEventLoop, streaming: bool) -> None:  # fmt: skip
         self.arguments = arguments
         self.first = first  # what batch_size_fn measures
         self.key = key
+        self.priority = priority  # its rank: lower is served first
         self.arrived = time.monotonic()
         self.context = contextvars.copy_context()  # the batch runs in its first caller's context
         self.future: asyncio.Future[Any] | None = None if streaming else loop.create_future()
@@ -66,11 +76,19 @@ class _Item:
         # streaming: the caller's stream; it dies unread if the caller drops it unstarted
         # (an async generator that never started runs no ``finally``)
         self.stream: weakref.ref[Any] | None = None
+        self.deadline: float | None = None  # the request's, on the time.monotonic() clock
+        self.timer: asyncio.TimerHandle | None = None  # takes it out of the queue at the deadline
+
+    def unqueue(self) -> None:
+        self.queued = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     @property
     def dropped(self) -> bool:
         if self.future is not None:
-            return self.future.cancelled()
+            return self.future.done()  # cancelled, or failed at its deadline
         if self.closed:
             return True
         # A stream closed or dropped before it started (it runs no ``finally``).
@@ -84,13 +102,33 @@ class _Item:
 
 
 class _Group:
-    """The queued items of one multiplexed model, and how many of them fit in a batch."""
+    """The queued items of one multiplexed model, in the order they join batches (by
+    priority, then arrival), and how many of them fit in a batch."""
 
     __slots__ = ("fitted", "full", "items", "limit", "measure", "values")
 
     def __init__(self) -> None:
         self.items: deque[_Item] = deque()
         self.reset()
+
+    def add(self, item: _Item) -> None:
+        """Queue ``item`` after the items of its class and of higher ones."""
+        items = self.items
+        if not items or items[-1].priority <= item.priority:
+            items.append(item)  # the common case (one class): nothing moves
+            return
+        index = len(items) - 1
+        while index > 0 and items[index - 1].priority > item.priority:
+            index -= 1
+        items.insert(index, item)
+        self.reset()  # the prefix known to fit has changed
+
+    def oldest(self) -> float:
+        """When its longest-waiting item arrived (not always the first one to run)."""
+        items = self.items
+        if items[0].priority == items[-1].priority:
+            return items[0].arrived  # one class: in arrival order
+        return min(item.arrived for item in items)
 
     def reset(self) -> None:
         self.fitted = self.measure = self.limit = 0
@@ -137,17 +175,22 @@ class _Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def submit(self, arguments: dict[str, Any], streaming: bool) -> _Item:
-        key = request_context.get().multiplexed_model_id
+        context = request_context.get()
         state = self.state
         first = state.handler.first(arguments) if state.options.batch_size_fn else None
-        item = _Item(arguments, first, key, self.loop, streaming)
+        item = _Item(arguments, first, context.multiplexed_model_id, RANKS[context.priority],
+                     self.loop, streaming)  # fmt: skip
+        if context.deadline is not None:
+            item.deadline = context.deadline
+            delay = context.deadline - time.monotonic()
+            item.timer = self.loop.call_later(delay, self._expire, item)
         planner = state.planner
         if planner is not None:
             planner.on_arrival(item.arrived, busy=bool(self.queued or self.running))
         group = self.groups.get(item.key)
         if group is None:
             group = self.groups[item.key] = _Group()
-        group.items.append(item)
+        group.add(item)
         self.queued += 1
         self.wakeup.set()
         if self._scheduler is None:
@@ -159,13 +202,29 @@ class _Batcher:
         """Take a cancelled caller's item out of its queue (no-op once its batch started)."""
         if not item.queued:
             return
-        item.queued = False
+        item.unqueue()
         group = self.groups[item.key]
         group.items.remove(item)
         group.reset()
         self.queued -= 1
         self.state.stats.cancelled += 1
         self.wakeup.set()
+
+    def _expire(self, item: _Item) -> None:
+        """A queued caller's deadline passed: it leaves the queue with RequestTimeoutError."""
+        item.timer = None
+        if item.queued:
+            self.discard(item)
+            self._time_out(item)
+
+    def _time_out(self, item: _Item) -> None:
+        error = RequestTimeoutError(
+            f"the call of @serve.batch {self.state.handler.name} reached its request's "
+            "deadline before its batch started; it left the queue"
+        )
+        if item.future is not None and not item.future.done():
+            item.future.set_exception(error)
+        item.put(ERROR, error)
 
     async def _schedule(self) -> None:
         try:
@@ -188,18 +247,20 @@ class _Batcher:
             self._scheduler = None
 
     def _ready(self, now: float) -> tuple[_Group | None, float | None]:
-        """The group whose batch should start now (oldest first), else the next deadline."""
+        """The group whose batch should start now (its first caller's priority first, then
+        the oldest), else the next deadline."""
         options, planner = self.state.options, self.state.planner
         best: _Group | None = None
+        best_key = (0, 0.0)
         next_deadline: float | None = None
         for key, group in list(self.groups.items()):
             if not group.items:
                 del self.groups[key]
                 continue
-            head = group.items[0]
+            arrived = group.oldest()
             limit = options.max_batch_size
             if planner is not None:
-                limit = planner.batch_limit(limit, now - head.arrived)
+                limit = planner.batch_limit(limit, now - arrived)
             try:
                 group.fit(limit, options.batch_size_fn)
             except Exception as exc:  # batch_size_fn raised: fail these callers, keep serving
@@ -208,12 +269,13 @@ class _Batcher:
             if group.full:
                 due = now
             elif planner is not None:
-                due = planner.start_by(head.arrived, group.measure, group.fitted, now)
+                due = planner.start_by(arrived, group.measure, group.fitted, now)
             else:
-                due = head.arrived + options.batch_wait_timeout_s
+                due = arrived + options.batch_wait_timeout_s
             if due <= now:
-                if best is None or head.arrived < best.items[0].arrived:
-                    best = group
+                rank = (group.items[0].priority, arrived)
+                if best is None or rank < best_key:
+                    best, best_key = group, rank
             elif next_deadline is None or due < next_deadline:
                 next_deadline = due
         return best, next_deadline
@@ -222,7 +284,7 @@ class _Batcher:
         del self.groups[key]
         self.queued -= len(group.items)
         for item in group.items:
-            item.queued = False
+            item.unqueue()
             if item.future is not None and not item.future.done():
                 item.future.set_exception(exc)
             item.put(ERROR, exc)
@@ -233,7 +295,9 @@ class _Batcher:
         group.reset()
         self.queued -= len(taken)
         for item in taken:
-            item.queued = False
+            if item.timer is not None and item.deadline is not None and item.deadline <= now:
+                self._time_out(item)  # its timer is due but has not run yet
+            item.unqueue()
         batch = [item for item in taken if not item.dropped]
         if len(batch) < len(taken):  # callers cancelled a moment ago (their task has not run)
             self.state.stats.cancelled += len(taken) - len(batch)
@@ -242,8 +306,8 @@ class _Batcher:
         if not batch:
             return
         self.running += 1
-        wait = now - batch[0].arrived
-        task = self.loop.create_task(self._run(batch, measure, wait), context=batch[0].context)
+        wait = now - min(item.arrived for item in batch)
+        task = self.loop.create_task(self._run(batch, measure, wait), context=_context_of(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -317,6 +381,25 @@ class _Batcher:
         return True
 
 
+def _context_of(batch: list[_Item]) -> contextvars.Context:
+    """The context a batch runs in: its first caller's, with the latest deadline of its
+    callers (None when one has none)."""
+    context = batch[0].context
+    if batch[0].deadline is None:
+        return context
+    deadlines = [item.deadline for item in batch]
+    latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+    if latest == batch[0].deadline:
+        return context
+    context = context.copy()
+    context.run(_set_deadline, latest)
+    return context
+
+
+def _set_deadline(deadline: float | None) -> None:
+    request_context.set(dataclasses.replace(request_context.get(), deadline=deadline))
+
+
 # --- per-instance state, the callers, the decorator ---------------------------------------
 
 
@@ -364,11 +447,7 @@ class _State:
         batcher = self._batcher
         if batcher is None or batcher.loop.is_closed():
             return
-        try:
-            on_loop = asyncio.get_running_loop() is batcher.loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
+        if on_loop(batcher.loop):
             batcher.wakeup.set()
         else:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +30,28 @@ class ReplicaContext:
 
 @dataclass(frozen=True)
 class RequestContext:
-    """The request being served: its id (from ``x-request-id`` or generated) and route."""
+    """The request being served: its id (from ``x-request-id`` or generated) and route.
+
+    ``deadline``: when the request's time runs out, on this process's
+    ``time.monotonic()`` clock, or None when it has none (see docs/deadlines.md).
+    ``priority``: its class, ``"high"``, ``"normal"`` or ``"low"`` (docs/priorities.md).
+    Handle calls made while serving the request inherit both.
+    """
 
     request_id: str = ""
     app_name: str = ""
     multiplexed_model_id: str = ""
+    deadline: float | None = None
+    priority: str = "normal"
+
+    @property
+    def remaining_s(self) -> float | None:
+        """Seconds left before the request's deadline (0.0 once it passed), or None
+        when the request has no deadline."""
+        deadline = self.deadline
+        if deadline is None:
+            return None
+        return max(0.0, deadline - time.monotonic())
 
 
 replica_context: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(

@@ -16,9 +16,15 @@ from shoal._router.router import RouterRegistry
 from shoal._seam.code import UserCode
 from shoal._seam.specs import AppSpec, DeploymentSpec
 
-# Options that change without replacing replicas: user_config via reconfigure(),
-# the replica count by starting or stopping replicas.
-_LIGHTWEIGHT = {"user_config", "num_replicas", "autoscaling_config"}
+# Options that change without replacing replicas (as in Ray Serve): user_config via
+# reconfigure(), the replica count by starting or stopping replicas, the limits routers
+# apply (republished with the replica set), and what only the controller reads
+# (health checks, graceful shutdown).
+_LIGHTWEIGHT = {
+    "user_config", "num_replicas", "autoscaling_config", "max_queued_requests",
+    "no_replica_timeout_s", "health_check_period_s", "health_check_timeout_s",
+    "graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s",
+}  # fmt: skip
 
 
 def build_app(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from shoal._api.context import default_registry, request_context
 from shoal._errors import (
+    ConfigError,
     DeploymentUnavailableError,
     ReplicaDiedError,
     RequestCancelledError,
@@ -17,7 +20,9 @@ from shoal._errors import (
     SyncCallInEventLoopError,
     TransportError,
 )
-from shoal._router.router import Router, RouterRegistry
+from shoal._router.queue import CHOICES, PRIORITIES, RANKS, rank_of
+from shoal._router.router import REPLY_GRACE_S, Router, RouterRegistry
+from shoal._seam.loops import on_loop
 from shoal._seam.protocols import Stream
 from shoal._transport.failures import exception_from
 from shoal._transport.messages import Failure, Message, Request, Result, StreamEnd, StreamItem
@@ -30,9 +35,19 @@ class DeploymentHandle:
 
     ``handle.remote(...)`` calls ``__call__``; ``handle.name.remote(...)`` calls
     method ``name``. Handles can be passed to other deployments and pickled.
+
+    A call has a deadline when the handle has ``timeout_s`` (counted from the call)
+    or when it is made while serving a request that has one (the earlier of the two):
+    see docs/deadlines.md. Without either, a call costs nothing more.
+
+    A call's priority is the handle's ``priority``, else that of the request it is
+    made while serving, else "normal": see docs/priorities.md.
     """
 
-    __slots__ = ("_app", "_deployment", "_method", "_mux", "_registry", "_router", "_stream")
+    __slots__ = (
+        "_app", "_deployment", "_method", "_mux", "_priority", "_registry", "_router",
+        "_stream", "_timeout_s",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -43,6 +58,8 @@ class DeploymentHandle:
         stream: bool = False,
         multiplexed_model_id: str = "",
         registry: RouterRegistry | None = None,
+        timeout_s: float | None = None,
+        priority: str | None = None,
     ) -> None:
         self._deployment = deployment_name
         self._app = app_name
@@ -51,6 +68,8 @@ class DeploymentHandle:
         self._mux = multiplexed_model_id
         self._registry = registry
         self._router: Router | None = None
+        self._timeout_s = timeout_s
+        self._priority = None if priority is None else _checked_priority(priority)
 
     @property
     def deployment_name(self) -> str:
@@ -67,8 +86,20 @@ class DeploymentHandle:
         stream: bool = _UNSET,
         multiplexed_model_id: str = _UNSET,
         use_new_handle_api: bool = True,
+        timeout_s: float | None = _UNSET,
+        priority: str | None = _UNSET,
     ) -> DeploymentHandle:
-        """A copy of this handle with some call options changed."""
+        """A copy of this handle with some call options changed.
+
+        ``timeout_s`` (a shoal extension): the deadline of every call made through the
+        copy, in seconds from the call; None removes it. A call past its deadline fails
+        with RequestTimeoutError and is cancelled in the replica (docs/deadlines.md).
+
+        ``priority`` (a shoal extension): "high", "normal" or "low", the class of every
+        call made through the copy; None (the default): the priority of the request the
+        call is made while serving, else "normal". Waiting calls of a higher class are
+        sent first (docs/priorities.md); anything else raises ConfigError.
+        """
         return DeploymentHandle(
             self._deployment,
             self._app,
@@ -78,7 +109,13 @@ class DeploymentHandle:
             if multiplexed_model_id is _UNSET
             else multiplexed_model_id,
             registry=self._registry,
+            timeout_s=self._timeout_s if timeout_s is _UNSET else _checked_timeout(timeout_s),
+            priority=self._priority_name() if priority is _UNSET else priority,
         )
+
+    def _priority_name(self) -> str | None:
+        # Not a public property: ``handle.priority`` must stay the method of that name.
+        return None if self._priority is None else PRIORITIES[self._priority]
 
     def __getattr__(self, name: str) -> DeploymentHandle:
         if name.startswith("_"):
@@ -88,14 +125,18 @@ class DeploymentHandle:
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_handle,
-            (self._deployment, self._app, self._method, self._stream, self._mux),
-        )
+            (self._deployment, self._app, self._method, self._stream, self._mux, self._timeout_s,
+             self._priority_name()),
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"DeploymentHandle(deployment={self._deployment!r}, app={self._app!r})"
 
-    def _key(self) -> tuple[str, str, str, bool, str]:
-        return (self._app, self._deployment, self._method, self._stream, self._mux)
+    def _key(self) -> tuple[Any, ...]:
+        return (
+            self._app, self._deployment, self._method, self._stream, self._mux, self._timeout_s,
+            self._priority,
+        )  # fmt: skip
 
     def __eq__(self, other: object) -> bool:
         """Handles are equal when they target the same deployment with the same options."""
@@ -135,15 +176,19 @@ class DeploymentHandle:
         """Send a request; returns a DeploymentResponse (or a generator with ``stream=True``)."""
         router = self._get_router()
         context = request_context.get()
-        request = Request(self._method, args, kwargs, context.request_id, self._stream, self._mux)
+        priority = self._priority
+        if priority is None:  # inherited from the request being served (or "normal")
+            priority = RANKS[context.priority]
+        request = Request(
+            self._method, args, kwargs, context.request_id, self._stream, self._mux, None, priority
+        )
+        if self._timeout_s is not None or context.deadline is not None:
+            return self._remote_by(router, request, context.deadline)
         loop = router.loop
-        try:
-            on_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
+        on_router_loop = on_loop(loop)
         if self._stream:
-            return DeploymentResponseGenerator(router, request, on_loop)
-        if not on_loop:
+            return DeploymentResponseGenerator(router, request, on_router_loop)
+        if not on_router_loop:
             return DeploymentResponse(
                 asyncio.run_coroutine_threadsafe(_assign(router, request), loop), loop
             )
@@ -154,6 +199,24 @@ class DeploymentHandle:
                 if not future.done():
                     return DeploymentResponse(future, loop)
         return DeploymentResponse(loop.create_task(_assign(router, request)), loop)
+
+    def _remote_by(self, router: Router, request: Request, inherited: float | None) -> Any:
+        """``remote()`` of a call with a deadline: the earlier of the inherited one and
+        ``timeout_s`` from now. Always through a task, which enforces the deadline."""
+        deadline = inherited
+        if self._timeout_s is not None:
+            own = time.monotonic() + self._timeout_s
+            if deadline is None or own < deadline:
+                deadline = own
+        assert deadline is not None
+        loop = router.loop
+        on_router_loop = on_loop(loop)
+        if self._stream:
+            return DeploymentResponseGenerator(router, request, on_router_loop, deadline)
+        assigning = _assign(router, request, deadline)
+        if on_router_loop:
+            return DeploymentResponse(loop.create_task(assigning), loop)
+        return DeploymentResponse(asyncio.run_coroutine_threadsafe(assigning, loop), loop)
 
     def broadcast(self, *args: Any, **kwargs: Any) -> DeploymentResponse:
         """Call the method on every replica of the deployment (a shoal extension).
@@ -166,12 +229,9 @@ class DeploymentHandle:
         context = request_context.get()
         request = Request(self._method, args, kwargs, context.request_id, False, self._mux)
         loop = router.loop
-        try:
-            on_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
+        on_router_loop = on_loop(loop)
         coroutine = _broadcast(router, request)
-        if on_loop:
+        if on_router_loop:
             return DeploymentResponse(loop.create_task(coroutine), loop)
         return DeploymentResponse(asyncio.run_coroutine_threadsafe(coroutine, loop), loop)
 
@@ -189,11 +249,44 @@ async def _broadcast(router: Router, request: Request) -> Message:
 
 
 def _rebuild_handle(
-    deployment: str, app: str, method: str, stream: bool, mux: str
+    deployment: str,
+    app: str,
+    method: str,
+    stream: bool,
+    mux: str,
+    timeout_s: float | None = None,
+    priority: str | None = None,
 ) -> DeploymentHandle:
     return DeploymentHandle(
-        deployment, app, method_name=method, stream=stream, multiplexed_model_id=mux
-    )
+        deployment, app, method_name=method, stream=stream, multiplexed_model_id=mux,
+        timeout_s=timeout_s, priority=priority,
+    )  # fmt: skip
+
+
+def _checked_priority(priority: Any) -> int:
+    rank = rank_of(priority)
+    if rank is None:
+        raise ConfigError(
+            f"handle.options(priority=...) takes one of {CHOICES} (or None: the priority of "
+            f"the request being served, else 'normal'), got {priority!r}"
+        )
+    return rank
+
+
+def _checked_timeout(timeout_s: Any) -> float | None:
+    if timeout_s is None:
+        return None
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, int | float)
+        or not timeout_s > 0
+        or math.isinf(timeout_s)
+    ):
+        raise ConfigError(
+            f"handle.options(timeout_s=...) takes a positive, finite number of seconds "
+            f"or None (no deadline), got {timeout_s!r}"
+        )
+    return float(timeout_s)
 
 
 def _has_responses(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -205,16 +298,30 @@ def _has_responses(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     )
 
 
-async def _assign(router: Router, request: Request) -> Message:
+async def _assign(router: Router, request: Request, deadline: float | None = None) -> Message:
     if _has_responses(request.args, request.kwargs):
-        request.args = tuple(
-            [await arg if isinstance(arg, DeploymentResponse) else arg for arg in request.args]
-        )
-        request.kwargs = {
-            key: await value if isinstance(value, DeploymentResponse) else value
-            for key, value in request.kwargs.items()
-        }
-    return await router.assign(request)
+        if deadline is None:
+            await _resolve_arguments(request)
+        else:  # waiting for the arguments counts against the deadline too
+            timeout = asyncio.timeout(deadline - time.monotonic())
+            try:
+                async with timeout:
+                    await _resolve_arguments(request)
+            except TimeoutError:
+                if not timeout.expired():
+                    raise  # an argument's own RequestTimeoutError
+                raise router.timed_out("while it waited for its arguments") from None
+    return await router.assign(request, deadline)
+
+
+async def _resolve_arguments(request: Request) -> None:
+    request.args = tuple(
+        [await arg if isinstance(arg, DeploymentResponse) else arg for arg in request.args]
+    )
+    request.kwargs = {
+        key: await value if isinstance(value, DeploymentResponse) else value
+        for key, value in request.kwargs.items()
+    }
 
 
 def _unwrap(msg: Message) -> Any:
@@ -249,9 +356,7 @@ class DeploymentResponse:
     def __await__(self) -> Any:
         inner = self._inner
         try:
-            if not isinstance(inner, concurrent.futures.Future) and (
-                asyncio.get_running_loop() is self._loop
-            ):
+            if not isinstance(inner, concurrent.futures.Future) and on_loop(self._loop):
                 msg = yield from inner.__await__()
             else:
                 msg = yield from asyncio.wrap_future(self._concurrent()).__await__()
@@ -272,6 +377,8 @@ class DeploymentResponse:
             )
         try:
             msg = self._concurrent().result(timeout_s)
+        except RequestTimeoutError:
+            raise  # the request's own deadline (concurrent's TimeoutError is the builtin one)
         except concurrent.futures.TimeoutError:
             raise RequestTimeoutError(f"no result within timeout_s={timeout_s}") from None
         except concurrent.futures.CancelledError:
@@ -302,9 +409,7 @@ class DeploymentResponse:
         Serve, unless the request had already finished.
         """
         inner = self._inner
-        if isinstance(inner, concurrent.futures.Future) or (
-            _in_event_loop() and asyncio.get_running_loop() is self._loop
-        ):
+        if isinstance(inner, concurrent.futures.Future) or (on_loop(self._loop)):
             inner.cancel()
         else:
             self._loop.call_soon_threadsafe(inner.cancel)
@@ -326,29 +431,51 @@ def _caller_cancelling() -> bool:
 class DeploymentResponseGenerator:
     """The stream of items from a generator method (``handle.options(stream=True)``).
 
-    Iterate with ``async for`` in async code or ``for`` in sync code.
+    Iterate with ``async for`` in async code or ``for`` in sync code. With a
+    deadline, the whole stream must end by then: a read past it (and a grace for the
+    replica's own timeout) closes the stream, which cancels the replica's generator,
+    and raises RequestTimeoutError.
     """
 
-    def __init__(self, router: Router, request: Request, on_loop: bool) -> None:
+    def __init__(
+        self, router: Router, request: Request, on_router_loop: bool, deadline: float | None = None
+    ) -> None:
         self._router = router
         self._stream: Stream | None = None
         self._done = False
+        self._deadline = deadline
         # The request is sent at call time, as in Ray (a batched generator joins its batch
         # when called, not when first read); the stream is picked up on the first read.
-        opening = _open_stream(router, request)
-        if on_loop:
+        opening = self._open(request, deadline)
+        if on_router_loop:
             self._opening: Any = router.loop.create_task(opening)
         else:
             self._opening = asyncio.run_coroutine_threadsafe(opening, router.loop)
-        self._opening.add_done_callback(self._opened)
 
-    def _opened(self, future: Any) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return  # read (and raised) by the first _next_message
-        if self._done:  # cancelled or dropped before it opened: release the replica's slot
-            self._router.loop.call_soon_threadsafe(future.result().close)
+    async def _open(self, request: Request, deadline: float | None) -> Stream:
+        stream = await self._router.open_stream(request, deadline)
+        if self._done:  # cancelled (or dropped) while it opened: release the replica's slot
+            stream.close()
+            raise asyncio.CancelledError
+        return stream
 
     async def _next_message(self) -> Message:
+        deadline = self._deadline
+        if deadline is None:
+            return await self._receive()
+        timeout = asyncio.timeout(deadline - time.monotonic() + REPLY_GRACE_S)
+        try:
+            async with timeout:
+                return await self._receive()
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the router's RequestTimeoutError (it left the queue)
+        self._done = True
+        if self._stream is not None:
+            self._stream.close()  # cancels the replica's generator
+        raise self._router.timed_out("before the stream ended; it was cancelled")
+
+    async def _receive(self) -> Message:
         if self._stream is None:
             opening = self._opening
             if isinstance(opening, concurrent.futures.Future):
@@ -378,7 +505,7 @@ class DeploymentResponseGenerator:
             raise StopAsyncIteration
         loop = self._router.loop
         try:
-            if asyncio.get_running_loop() is loop:
+            if on_loop(loop):
                 msg = await self._next_message()
             else:
                 msg = await asyncio.wrap_future(
@@ -413,22 +540,22 @@ class DeploymentResponseGenerator:
         return item
 
     def cancel(self) -> None:
-        """Stop the stream; the replica's generator is cancelled."""
+        """Stop the stream; the replica's generator is cancelled (and its slot released),
+        whether the stream is still opening, opened, or being read."""
         self._done = True
+        self._router.loop.call_soon_threadsafe(self._abandon)
+
+    def _abandon(self) -> None:
+        # On the router's loop, where the opening's outcome is settled: stop it, or close
+        # what it opened. One that opens after this sees ``_done`` (``_open``).
         opening = self._opening
-        if not opening.done():
-            self._router.loop.call_soon_threadsafe(opening.cancel)
-        elif not opening.cancelled() and opening.exception() is None:
-            self._router.loop.call_soon_threadsafe(opening.result().close)
+        if not opening.cancel() and not opening.cancelled() and opening.exception() is None:
+            opening.result().close()
 
     def __del__(self) -> None:
         # A stream nobody reads any more must not hold its replica slot for ever.
         if hasattr(self, "_opening") and not self._done and not self._router.loop.is_closed():
             self.cancel()
-
-
-async def _open_stream(router: Router, request: Request) -> Stream:
-    return await router.open_stream(request)
 
 
 _END = object()

@@ -83,6 +83,7 @@ def status_of(details: dict[str, Any]) -> dict[str, Any]:
                 "status_trigger": dep.get("status_trigger"),
                 "replica_states": dict(Counter(r.get("state") for r in dep.get("replicas") or [])),
                 "message": dep.get("message", ""),
+                **_scaling(dep),
             }
             for dep_name, dep in (app.get("deployments") or {}).items()
         }
@@ -98,6 +99,21 @@ def status_of(details: dict[str, Any]) -> dict[str, Any]:
         },
         "applications": applications,
         "target_capacity": details.get("target_capacity"),
+    }
+
+
+def _scaling(deployment: dict[str, Any]) -> dict[str, Any]:
+    """An autoscaled deployment's target and last decisions, for ``shoal status``."""
+    decisions = deployment.get("scaling_decisions") or []
+    if not decisions:
+        return {}
+    return {
+        "target_num_replicas": deployment.get("target_num_replicas"),
+        "scaling_decisions": [
+            f"{time.strftime('%H:%M:%S', time.localtime(d['time']))} "
+            f"{d['from_replicas']} -> {d['to_replicas']}: {d['reason']}"
+            for d in decisions[-5:]
+        ],
     }
 
 

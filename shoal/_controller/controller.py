@@ -23,12 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal._config import HTTPOptions
-from shoal._controller.deployment_state import (
-    DeploymentState,
-    failure_message,
-    is_user_startup_error,
-    replica_set,
-)
+from shoal._controller.autoscaler import AppAutoscaler
+from shoal._controller.deployment_state import DeploymentState, replica_set
+from shoal._controller.policy import load_policy
 from shoal._controller.resources import Demand, Ledger
 from shoal._controller.status import (
     ApplicationStatus,
@@ -48,7 +45,8 @@ from shoal._router.router import RouterRegistry
 from shoal._runtime.node import local_node_id
 from shoal._seam.protocols import ReplicaHandle, Runtime
 from shoal._seam.specs import AppSpec
-from shoal._transport.messages import ReplicaSetUpdate
+from shoal._seam.startup import failure_message, is_user_startup_error
+from shoal._transport.messages import LoadReport, ReplicaSetUpdate
 
 logger = logging.getLogger("shoal.controller")
 
@@ -67,6 +65,7 @@ class _App:
     deployed_at: float = 0.0
     deployments: dict[str, DeploymentState] = field(default_factory=dict)
     routed: bool = False
+    autoscaler: AppAutoscaler | None = None  # its application-level policy, if any
 
 
 class Controller:
@@ -77,6 +76,8 @@ class Controller:
         self.registry = registry
         self.ledger = ledger
         self.apps: dict[str, _App] = {}
+        #: Ray Serve's target_capacity (percent of every deployment's replicas; None: 100).
+        self.target_capacity: float | None = None
         self.proxy: ProxyStatus | None = None
         self._proxy_starting: asyncio.Future[None] | None = None
         self._proxy_died = asyncio.Event()
@@ -98,7 +99,8 @@ class Controller:
         With ``adopt_window_s`` (a restarted server), workers of the previous
         controller are given that long to rejoin first; a proxy among them is kept.
         """
-        await self.runtime.start(self._replica_died)
+        self.registry.load.sink = self.record_load  # the routers of this process
+        await self.runtime.start(self._replica_died, self.record_load)
         if adopt_window_s > 0:
             await self.runtime.rejoined.settle(adopt_window_s)  # type: ignore[attr-defined]
             if http is not None and self._adopt_proxy(http):
@@ -182,6 +184,12 @@ class Controller:
         if they can never fit this machine.
         """
         self._check_fits(spec)
+        for deployment in spec.deployments.values():
+            auto = deployment.config.autoscaling()
+            if auto is not None:
+                load_policy(auto.policy.policy_function)  # ConfigError before anything starts
+        if spec.autoscaling_policy is not None:
+            load_policy(spec.autoscaling_policy, "autoscaling_policy.policy_function")
         async with self._lock(spec.name):
             try:
                 await self._deploy_locked(spec)
@@ -211,6 +219,7 @@ class Controller:
             raise
         app.status, app.deployed_at = ApplicationStatus.RUNNING, time.time()
         app.routed = spec.route_prefix is not None
+        self._autoscale_app(app)
         await self._publish_routes()
 
     def _check_fits(self, spec: AppSpec) -> None:
@@ -249,9 +258,7 @@ class Controller:
         for name in spec.deployments:
             state = app.deployments.get(name)
             if state is None:
-                state = app.deployments[name] = DeploymentState(
-                    spec.name, self.runtime, self.publish, name == spec.ingress, self.ledger
-                )
+                state = app.deployments[name] = self.new_state(spec.name, name == spec.ingress)
                 state.spec = None
                 # Announce the deployment before any replica starts, so handles to it resolve.
                 announce = replica_set(spec.name, spec.deployments[name], [], state.is_ingress)
@@ -272,6 +279,20 @@ class Controller:
         for state in removed:
             await state.delete()
             app.deployments.pop(state.name, None)
+
+    def new_state(self, app: str, is_ingress: bool) -> DeploymentState:
+        state = DeploymentState(app, self.runtime, self.publish, is_ingress, self.ledger)
+        state.capacity = self.target_capacity
+        return state
+
+    def set_target_capacity(self, target_capacity: float | None) -> None:
+        """Scale every deployment to ``target_capacity`` percent of its replicas (Ray
+        Serve's option of a config file; None: 100)."""
+        self.target_capacity = target_capacity
+        for app in self.apps.values():
+            for state in app.deployments.values():
+                state.set_capacity(target_capacity)
+        self.on_change()
 
     async def _roll_back(self, app: _App) -> None:
         """After a failed update, make ``app.spec`` (the version still serving) every
@@ -331,7 +352,19 @@ class Controller:
             finally:
                 self.on_change()
 
+    def _autoscale_app(self, app: _App) -> None:
+        """Start, replace or stop the application's own autoscaling policy."""
+        if app.autoscaler is not None:
+            app.autoscaler.stop()
+            app.autoscaler = None
+        path = app.spec.autoscaling_policy
+        if path is not None:
+            app.autoscaler = AppAutoscaler(app.spec.name, path, lambda: app.deployments)
+            app.autoscaler.start()
+
     async def _teardown(self, app: _App) -> None:
+        if app.autoscaler is not None:
+            app.autoscaler.stop()
         app.routed = False
         await self._publish_routes()
         await asyncio.gather(*(d.delete() for d in app.deployments.values()))
@@ -355,6 +388,13 @@ class Controller:
                 f"application '{name}' does not exist; running: {', '.join(self.apps) or 'none'}"
             )
         return app.spec.ingress
+
+    def record_load(self, report: LoadReport) -> None:
+        """A process's routers' load on an autoscaled deployment (ignored once it is gone)."""
+        app = self.apps.get(report.app)
+        state = app.deployments.get(report.deployment) if app is not None else None
+        if state is not None and state.autoscaler is not None:
+            state.autoscaler.record_load(report)
 
     def _replica_died(self, handle: ReplicaHandle) -> None:
         for app in self.apps.values():
@@ -389,7 +429,7 @@ class Controller:
                 status, app.message, app.spec.route_prefix, app.deployed_at, deployments
             )
         proxies = {local_node_id(): self.proxy} if self.proxy else {}
-        return ServeStatus(proxies, apps)
+        return ServeStatus(proxies, apps, self.target_capacity)
 
     async def shutdown(self, timeout_s: float) -> None:
         """Fixed order, all within ``timeout_s``: the proxy drains (new requests get 503
@@ -397,6 +437,7 @@ class Controller:
         ``graceful_shutdown_timeout_s`` and half of ``timeout_s``), then routes go and
         applications drain, then the runtime stops (proxy last)."""
         deadline = time.monotonic() + timeout_s
+        self.registry.load.stop()
         self.ledger.close("shoal is shutting down")  # deploys waiting for resources give up
         if self._proxy_starting is not None:
             try:

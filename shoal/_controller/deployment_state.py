@@ -7,10 +7,12 @@ Guarantees:
 - a replica that dies or fails its health check is replaced, with backoff
   when replacements keep failing;
 - a replica whose event loop answers nothing for ``health_check_timeout_s``
-  leaves routing at once and is killed soon after (see :meth:`_supervise`);
+  leaves routing at once and is killed soon after (see :class:`.supervision.Supervisor`);
 - a failed update leaves the previous spec as the desired one: replacements
   start the version still serving;
 - routers stop picking a replica before it is asked to stop;
+- an autoscaled deployment runs ``target`` replicas, the autoscaler's latest
+  decision (:mod:`.autoscaler`); replicas it removes are drained like any other;
 - a replica starts only once the ledger grants its resources (until then it is
   PENDING, with the short resource in the deployment's message) and gives them
   back once it has stopped or died.
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal._config import DeploymentConfig
+from shoal._controller.autoscaler import Autoscaler
+from shoal._controller.policy import capacity_adjusted
 from shoal._controller.resources import Demand, Grant, Ledger
 from shoal._controller.status import (
     DeploymentStatus,
@@ -35,26 +39,27 @@ from shoal._controller.status import (
     ReplicaState,
     ReplicaStatus,
 )
-from shoal._errors import DeploymentError, ShoalError, TransportError
+from shoal._controller.supervision import Supervisor
+from shoal._errors import DeploymentError
 from shoal._seam.protocols import ReplicaHandle, Runtime
 from shoal._seam.specs import DeploymentSpec, ReplicaSpec
-from shoal._seam.startup import RECONFIGURE, mark_startup_step, startup_failed, startup_step
-from shoal._transport.failures import failure_from
+from shoal._seam.startup import (
+    RECONFIGURE,
+    failure_message,
+    is_user_startup_error,
+    mark_startup_step,
+    startup_failed,
+    traceback_text,
+)
 from shoal._transport.messages import ReplicaInfo, ReplicaSetUpdate
 
 logger = logging.getLogger("shoal.controller")
 
 _RECONFIGURE_TIMEOUT_S = 60.0
-_MAX_BACKOFF_S = 30.0
-#: Consecutive failed health checks after which a replica is replaced (Ray Serve's
-#: REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD).
-_UNHEALTHY_THRESHOLD = 3
-#: A replica silent for health_check_timeout_s is out of routing; it is killed unless
-#: its event loop answers within this much more (then it is drained, not killed).
-_UNRESPONSIVE_KILL_GRACE_S = 2.0
-#: Bounds of how often the supervisor looks at a deployment's replicas.
-_MIN_TICK_S = 0.05
-_MAX_TICK_S = 5.0
+MAX_BACKOFF_S = 30.0
+_SCALING = (DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING)
+#: How often a rescale looks again while replicas it asked for are starting.
+_RESCALE_POLL_S = 0.1
 
 
 @dataclass
@@ -90,7 +95,7 @@ class DeploymentState:
         self.replicas: list[ReplicaRecord] = []
         self._runtime = runtime
         self._publish_update = publish
-        self._deleting = False
+        self.deleting = False
         self._failures = 0
         self.config_version = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -99,6 +104,15 @@ class DeploymentState:
         self.starting: set[str] = set()  # replica ids whose process is starting
         self._acquiring: set[asyncio.Task[Grant]] = set()
         self._abort: str | None = None
+        #: How many replicas should run: num_replicas, or the autoscaler's latest decision.
+        self.target = 0
+        self.autoscaler: Autoscaler | None = None
+        self._deploying = False
+        self._rescaling: asyncio.Task[None] | None = None
+        self._adding: list[asyncio.Task[Any]] = []  # replicas the autoscaler asked for
+        self.supervisor = Supervisor(self)
+        #: The instance's ``target_capacity`` (percent; None: 100), set by the controller.
+        self.capacity: float | None = None
 
     @property
     def name(self) -> str:
@@ -107,12 +121,28 @@ class DeploymentState:
 
     # --- deploying -----------------------------------------------------------------
 
+    @property
+    def updating(self) -> bool:
+        """Whether a deploy (or update) of this deployment is under way."""
+        return self._deploying
+
     async def deploy(self, spec: DeploymentSpec) -> None:
         """Bring replicas to ``spec``; raises DeploymentError, leaving old replicas serving."""
+        self._deploying = True
+        if self._rescaling is not None:
+            self._rescaling.cancel()  # the deploy sets the count; the autoscaler resumes after
+        try:
+            await self._deploy(spec)
+        finally:
+            self._deploying = False
+        self._autoscale(spec)
+        self.set_capacity(self.capacity)  # in case it changed while deploying
+
+    async def _deploy(self, spec: DeploymentSpec) -> None:
         previous, self.spec = self.spec, spec
-        previous_config_version = self.config_version
+        previous_config_version, previous_target = self.config_version, self.target
         self.status, self.message = DeploymentStatus.UPDATING, ""
-        target = spec.config.target_replicas()
+        target = self.target = self._initial_target(previous, spec)
         try:
             if previous is None or previous.code_version != spec.code_version:
                 if previous is not None and spec.config.user_config != previous.config.user_config:
@@ -123,16 +153,18 @@ class DeploymentState:
                     self.config_version += 1
                     await self._reconfigure(spec.config.user_config)
                 await self._scale(target)
+                await self.publish()  # routers apply the options they enforce at once
         except (Exception, asyncio.CancelledError) as exc:
             # A DeploymentError, a constructor's own (local testing), or serve.run gave up.
             self.status, self.message = DeploymentStatus.DEPLOY_FAILED, failure_message(exc)
             if previous is not None:
+                self.target = previous_target
                 await self._roll_back(previous, previous_config_version)
             raise
         self.status, self.message = DeploymentStatus.HEALTHY, ""
         self._failures = 0
         if not any(t.get_name() == "supervise" for t in self._tasks):
-            self._spawn(self._supervise(), "supervise")
+            self.spawn(self.supervisor.run(), "supervise")
 
     async def _roll_back(self, previous: DeploymentSpec, config_version: int) -> None:
         """Make ``previous`` (the spec still serving) the desired one again after a
@@ -152,12 +184,135 @@ class DeploymentState:
             if isinstance(result, BaseException):
                 logger.warning("replica %s kept a failed user_config (%s); replacing it",
                                record.handle.info.replica_id, result)  # fmt: skip
-                self._spawn(self._retire(record), "retire")
+                self.spawn(self.supervisor.retire(record), "retire")
             else:
                 record.config_version = config_version
         replacing = sum(1 for t in self._tasks if t.get_name() == "replace" and not t.done())
-        for _ in range(previous.config.target_replicas() - len(running) - replacing):
-            self._spawn(self._replace_dead(), "replace")
+        for _ in range(self.target - len(running) - replacing):
+            self.spawn(self.add_replica(), "replace")
+
+    def _initial_target(self, previous: DeploymentSpec | None, spec: DeploymentSpec) -> int:
+        """How many replicas a deploy runs: ``target_replicas()`` (scaled by the instance's
+        ``target_capacity``); an update of an autoscaled deployment keeps the current
+        count, within the new bounds (as Ray)."""
+        auto = spec.config.autoscaling()
+        if auto is None or previous is None or previous.config.autoscaling() is None:
+            return capacity_adjusted(spec.config.target_replicas(), self.capacity)
+        low, high = self._bounds_of(spec)
+        return max(low, min(high, self.target))
+
+    def bounds(self) -> tuple[int, int]:
+        """The autoscaling bounds (min_replicas, max_replicas) scaled by target_capacity."""
+        assert self.spec is not None
+        return self._bounds_of(self.spec)
+
+    def _bounds_of(self, spec: DeploymentSpec) -> tuple[int, int]:
+        auto = spec.config.autoscaling()
+        if auto is None:
+            count = capacity_adjusted(spec.config.target_replicas(), self.capacity)
+            return count, count
+        low = capacity_adjusted(auto.min_replicas, self.capacity)
+        return low, capacity_adjusted(auto.max_replicas, self.capacity)
+
+    def set_capacity(self, target_capacity: float | None) -> None:
+        """Scale to the instance's new ``target_capacity`` (a fixed count is scaled by it;
+        an autoscaled one is kept within the scaled bounds)."""
+        self.capacity = target_capacity
+        if self.spec is None or self._deploying or self.deleting:
+            return  # a deploy under way reads it when it ends
+        low, high = self.bounds()
+        count = max(low, min(high, self.target))
+        if count != self.target:
+            if self.autoscaler is not None:
+                why = f"target_capacity={target_capacity}% scales the bounds to {low}..{high}"
+                self.autoscaler.decided(self.target, count, why)
+            self.scale_to(count)
+
+    # --- autoscaling ---------------------------------------------------------------
+
+    def _autoscale(self, spec: DeploymentSpec) -> None:
+        """Start, reconfigure or stop the autoscaler after a deploy of ``spec``."""
+        auto = spec.config.autoscaling() if self.spec is spec else None
+        if auto is None:
+            if self.autoscaler is not None and self.spec is spec:
+                self.autoscaler.stop()
+                self.autoscaler = None
+            return
+        if self.autoscaler is None:
+            self.autoscaler = Autoscaler(self, auto)
+        self.autoscaler.configure(auto)
+        self.autoscaler.start()
+
+    def running(self) -> list[ReplicaHandle]:
+        """The handles of the replicas in routing."""
+        return [r.handle for r in self.replicas if r.state is ReplicaState.RUNNING]
+
+    def scale_to(self, count: int) -> None:
+        """Run ``count`` replicas from now on (an autoscaler's decision, target_capacity)."""
+        self.target = count
+        if self._rescaling is None or self._rescaling.done():
+            self._rescaling = asyncio.ensure_future(self._rescale())
+
+    def policy_failed(self, message: str) -> None:
+        self.message = message
+
+    async def _rescale(self) -> None:
+        """Start or stop replicas until ``target`` run. Each missing replica starts on its
+        own (retried with backoff); replicas being started that are no longer needed are
+        cancelled first; a replica removed leaves routing at once and finishes its
+        requests (``graceful_shutdown_timeout_s``) in the background, the least loaded
+        first, so a new decision is acted on while others drain."""
+        while not self.deleting and not self._deploying:
+            running = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
+            coming = len(self.starting) + len(self.pending)
+            missing = self.target - len(running) - coming
+            if missing < 0 and coming:
+                self._cancel_starts(min(-missing, coming))  # cheaper than stopping them later
+            if missing > 0:
+                self.status = DeploymentStatus.UPSCALING
+                for _ in range(missing):
+                    self._adding.append(self.spawn(self.add_replica("scaling up"), "replace"))
+            elif len(running) > self.target:
+                self.status = DeploymentStatus.DOWNSCALING
+                victims = self._least_loaded(running, len(running) - self.target)
+                for record in victims:  # out of the count now: the loop must not pick them again
+                    record.state = ReplicaState.STOPPING
+                self.spawn(self._scale_down(victims), "stop")
+                continue
+            elif coming == 0:
+                break
+            await asyncio.sleep(_RESCALE_POLL_S)  # replicas are starting: look again
+        self._settle_status()
+
+    async def _scale_down(self, records: list[ReplicaRecord]) -> None:
+        await self.stop_replicas(records)
+        self._settle_status()
+
+    def _settle_status(self) -> None:
+        """HEALTHY again once a scaling decision is carried out (``target`` run, none
+        starting or stopping)."""
+        if self._deploying or self.status not in _SCALING:
+            return
+        states = [r.state for r in self.replicas]
+        done = states.count(ReplicaState.RUNNING) == self.target and len(states) == self.target
+        if done and not self.starting and not self.pending:
+            self.status, self.message = DeploymentStatus.HEALTHY, ""
+
+    def _cancel_starts(self, count: int) -> None:
+        """Stop starting ``count`` of the replicas being started, the most recently asked
+        for first (their processes end)."""
+        self._adding = [task for task in self._adding if not task.done()]
+        for task in self._adding[-count:]:
+            task.cancel()
+
+    def _least_loaded(self, running: list[ReplicaRecord], count: int) -> list[ReplicaRecord]:
+        """The ``count`` replicas with the fewest requests (the newest on a tie)."""
+        load = self.autoscaler.last_load if self.autoscaler is not None else {}
+        order = sorted(
+            enumerate(running), key=lambda item: (load.get(item[1].handle.info.replica_id, 0.0),
+                                                  -item[0]),
+        )  # fmt: skip
+        return [record for _index, record in order[:count]]
 
     def adopt(self, spec: DeploymentSpec, candidates: list[tuple[ReplicaHandle, Any]]) -> list[Any]:
         """Take over running replicas of ``spec`` that rejoined a restarted controller
@@ -177,6 +332,8 @@ class DeploymentState:
             self.replicas.append(
                 ReplicaRecord(handle, spec.code_version, self.config_version, grant=grant)
             )
+        auto = spec.config.autoscaling()
+        self.target = len(self.replicas) if auto is not None else spec.config.target_replicas()
         return rejected
 
     async def _replace_all(self, target: int) -> None:
@@ -191,18 +348,18 @@ class DeploymentState:
                 "(not enough free resources to run both)",
                 self.name,
             )
-            await self._stop(old)
+            await self.stop_replicas(old)
             await self._start(target)
             return
         await self._start(target)
-        await self._stop([record for record in old if record in self.replicas])
+        await self.stop_replicas([record for record in old if record in self.replicas])
 
     async def _scale(self, target: int) -> None:
         running = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
         if len(running) < target:
             await self._start(target - len(running))
         elif len(running) > target:
-            await self._stop(running[target:])
+            await self.stop_replicas(running[target:])
 
     async def _reconfigure(self, user_config: Any) -> None:
         records = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
@@ -217,7 +374,7 @@ class DeploymentState:
         if errors:
             error = errors[0]
             mark_startup_step(error, RECONFIGURE)
-            raise startup_failed(self.name, error, _traceback_text(error)) from error
+            raise startup_failed(self.name, error, traceback_text(error)) from error
 
     async def _start(self, count: int) -> list[ReplicaRecord]:
         """Start ``count`` replicas concurrently; all or none (started ones are stopped)."""
@@ -229,7 +386,7 @@ class DeploymentState:
         started = [r for r in results if isinstance(r, ReplicaRecord)]
         errors = [e for e in results if isinstance(e, BaseException)]
         if errors:
-            await self._stop(started)
+            await self.stop_replicas(started)
             error = errors[0]
             if isinstance(error, DeploymentError) or is_user_startup_error(error):
                 raise error
@@ -254,7 +411,7 @@ class DeploymentState:
         finally:
             self.starting.discard(replica_id)
         record = ReplicaRecord(handle, spec.code_version, self.config_version, grant=grant)
-        if self._deleting or self.spec is not spec:  # superseded while starting
+        if self.deleting or self.spec is not spec:  # superseded while starting
             await handle.stop(0.0, 0.0)
             self._ledger.release(grant)
             raise DeploymentError(f"deployment '{spec.name}' changed while starting a replica")
@@ -294,7 +451,7 @@ class DeploymentState:
         for task in list(self._acquiring):
             task.cancel()
 
-    async def _stop(self, records: list[ReplicaRecord]) -> None:
+    async def stop_replicas(self, records: list[ReplicaRecord]) -> None:
         if not records:
             return
         for record in records:
@@ -323,11 +480,13 @@ class DeploymentState:
 
     async def delete(self) -> None:
         """Stop every replica (gracefully) and tell routers the deployment is gone."""
-        self._deleting = True
+        self.deleting = True
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
         self.abort_pending(f"deployment '{self.spec.name if self.spec else ''}' was deleted")
         for task in list(self._tasks):
             task.cancel()
-        await self._stop(list(self.replicas))
+        await self.stop_replicas(list(self.replicas))
         await self._publish_update(ReplicaSetUpdate(self.app, self.name, [], False))
 
     # --- supervision ---------------------------------------------------------------
@@ -339,152 +498,47 @@ class DeploymentState:
             return False
         self.replicas.remove(record)
         self._ledger.release(record.grant)
-        if record.state is ReplicaState.STOPPING or self._deleting:
+        if record.state is ReplicaState.STOPPING or self.deleting:
+            return True
+        self.spawn(self.publish(), "publish")
+        if self._count() >= self.target:
+            logger.warning("replica %s died; not replaced (the deployment was scaled down)",
+                           handle.info.replica_id)  # fmt: skip
             return True
         logger.warning("replica %s died; starting a replacement", handle.info.replica_id)
-        self._spawn(self.publish(), "publish")
-        self._spawn(self._replace_dead(), "replace")
+        self.spawn(self.add_replica(), "replace")
         return True
 
-    async def _replace_dead(self) -> None:
-        while not self._deleting:
+    def _count(self) -> int:
+        """Replicas running, starting or waiting for resources (not those stopping)."""
+        running = sum(1 for r in self.replicas if r.state is ReplicaState.RUNNING)
+        return running + len(self.starting) + len(self.pending)
+
+    async def add_replica(self, why: str = "replacing a dead replica") -> None:
+        """Start one replica if fewer than ``target`` run or start; retried with backoff."""
+        while not self.deleting and self._count() < self.target:
             try:
                 await self._start(1)
-                self._failures = 0
-                self.status, self.message = DeploymentStatus.HEALTHY, ""
-                return
             except Exception as exc:  # keep trying, with backoff, whatever the failure
                 self._failures += 1
                 self.status = DeploymentStatus.UNHEALTHY
-                self.message = f"replacing a dead replica failed: {exc}"
-                await asyncio.sleep(min(_MAX_BACKOFF_S, 0.5 * 2**self._failures))
-
-    async def _supervise(self) -> None:
-        """Watch every running replica, each on its own schedule (a slow or blocked
-        one never delays the others, the controller, or another deployment):
-
-        - Liveness. Its event loop is pinged every tick (no user code runs). A
-          replica that has answered nothing for ``health_check_timeout_s`` has a
-          blocked loop or a hung process: it cannot serve, so it leaves routing at
-          once (the silent process itself is not waited for), its replacement
-          starts, and it is killed unless it answers within
-          ``_UNRESPONSIVE_KILL_GRACE_S`` more (then it is drained instead). So it
-          is out of routing at most ``health_check_timeout_s`` after its loop
-          blocked, and killed about ``_UNRESPONSIVE_KILL_GRACE_S`` later.
-        - Health. Every ``health_check_period_s`` the user's ``check_health`` runs
-          (within ``health_check_timeout_s``). As in Ray Serve, after
-          ``_UNHEALTHY_THRESHOLD`` consecutive failures (raised, or timed out while
-          the loop still answers) the replica is replaced, then drained; a success
-          resets the count.
-
-        A replica whose process died is replaced at once (the runtime reports it).
-        """
-        while not self._deleting and self.spec is not None:
-            config = self.spec.config
-            tick = _tick_s(config)
-            await asyncio.sleep(tick)
-            now = time.monotonic()
-            for record in self.replicas:
-                if record.state is not ReplicaState.RUNNING:
-                    continue
-                if not record.pinging:
-                    record.pinging = True
-                    self._spawn(self._ping(record, config.health_check_timeout_s, tick), "ping")
-                if not record.checking and now - record.checked_at >= config.health_check_period_s:
-                    record.checking = True
-                    self._spawn(self._check(record, config.health_check_timeout_s), "check")
-
-    async def _ping(self, record: ReplicaRecord, silence_limit_s: float, tick_s: float) -> None:
-        """One ping, answered or not by the time the replica has been silent for
-        ``silence_limit_s`` (at least ``tick_s``: a stalled controller is not the
-        replica's fault); if not, the replica is retired as unresponsive."""
-        try:
-            budget = record.alive_at + silence_limit_s - time.monotonic()
-            await record.handle.ping(max(budget, tick_s))
-            record.alive_at = time.monotonic()
-        except TimeoutError:
-            if record in self.replicas and record.state is ReplicaState.RUNNING:
-                self._spawn(self._retire_unresponsive(record), "retire")
-        except (ShoalError, TransportError):
-            pass  # its process is gone: the runtime reports the death
-        finally:
-            record.pinging = False
-
-    async def _check(self, record: ReplicaRecord, timeout_s: float) -> None:
-        result: Exception | None = None
-        try:
-            await record.handle.check_health(timeout_s)
-        except Exception as exc:
-            result = exc
-        finally:
-            record.checking, record.checked_at = False, time.monotonic()
-        if not isinstance(result, TimeoutError):
-            record.alive_at = record.checked_at  # an answer, even a failure, proves liveness
-        if record in self.replicas and record.state is ReplicaState.RUNNING:
-            self._health_checked(record, result)
-
-    async def _retire_unresponsive(self, record: ReplicaRecord) -> None:
-        """Out of routing and replaced at once; killed unless its loop answers soon."""
-        replica_id = record.handle.info.replica_id
-        logger.warning(
-            "replica %s has answered nothing for %.1f s (health_check_timeout_s): its event "
-            "loop is blocked or it hangs; taking it out of routing and replacing it",
-            replica_id, time.monotonic() - record.alive_at,
-        )  # fmt: skip
-        record.state = ReplicaState.STOPPING
-        self.status = DeploymentStatus.UNHEALTHY
-        self.message = f"replica {replica_id} stopped answering (blocked event loop?); replacing it"
-        self._spawn(self.publish(), "publish")  # routers drop it; its own ack is not awaited
-        self._spawn(self._replace_dead(), "replace")
-        try:
-            await record.handle.ping(_UNRESPONSIVE_KILL_GRACE_S)
-        except (ShoalError, TransportError):
-            logger.warning("killing replica %s (pid %s): still no answer", replica_id,
-                           record.handle.pid)  # fmt: skip
-            record.handle.kill()  # its death, reported by the runtime, drops its record
+                self.message = f"{why} failed: {failure_message(exc)}"
+                await asyncio.sleep(min(MAX_BACKOFF_S, 0.5 * 2**self._failures))
+                continue
+            self._failures = 0
+            if self.status in _SCALING:
+                self._settle_status()
+            elif sum(r.state is ReplicaState.RUNNING for r in self.replicas) >= self.target:
+                self.status, self.message = DeploymentStatus.HEALTHY, ""
             return
-        await self._stop([record])  # its loop is back: drain it like any replaced replica
 
-    def _health_checked(self, record: ReplicaRecord, result: Any) -> None:
-        replica_id = record.handle.info.replica_id
-        if not isinstance(result, Exception):
-            if record.health_failures:
-                logger.info(
-                    "replica %s passed the health check after %d consecutive failures",
-                    replica_id,
-                    record.health_failures,
-                )
-            record.health_failures = 0
-            return
-        record.health_failures += 1
-        dead = isinstance(result, TransportError)  # its process is gone: no point in waiting
-        if not dead and record.health_failures < _UNHEALTHY_THRESHOLD:
-            logger.warning(
-                "replica %s failed its health check (%d in a row): %s",
-                replica_id,
-                record.health_failures,
-                result,
-            )
-            return
-        logger.warning(
-            "replica %s failed the health check %d times in a row (%s); replacing it",
-            replica_id,
-            record.health_failures,
-            result,
-        )
-        self._spawn(self._retire(record), "retire")
-
-    async def _retire(self, record: ReplicaRecord) -> None:
-        """Take an unhealthy replica out of routing, start its replacement, then stop it."""
-        self.status, self.message = DeploymentStatus.UNHEALTHY, "a replica failed its health check"
-        self._spawn(self._replace_dead(), "replace")
-        await self._stop([record])  # graceful; a hung replica is killed after the timeout
-
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background; cancelled when the deployment is deleted."""
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- status --------------------------------------------------------------------
 
@@ -509,17 +563,11 @@ class DeploymentState:
                     replica_id, ReplicaState.PENDING, None, version, self.config_version, reason
                 )
             )
-        target = self.spec.config.target_replicas() if self.spec else 0
+        decisions = list(self.autoscaler.decisions) if self.autoscaler is not None else []
         return DeploymentStatusOverview(
-            self.status, self.message, dict(states), replicas, target, self.config_version
-        )
-
-
-def _tick_s(config: DeploymentConfig) -> float:
-    """How often the supervisor looks at replicas: a fifth of the silence a replica
-    may keep, and twice per health-check period."""
-    wanted = min(config.health_check_timeout_s / 5, config.health_check_period_s / 2)
-    return min(max(wanted, _MIN_TICK_S), _MAX_TICK_S)
+            self.status, self.message, dict(states), replicas, self.target, self.config_version,
+            self.autoscaler is not None, decisions,
+        )  # fmt: skip
 
 
 def _with_gpus(config: DeploymentConfig, grant: Grant) -> DeploymentConfig:
@@ -534,33 +582,14 @@ def _with_gpus(config: DeploymentConfig, grant: Grant) -> DeploymentConfig:
     )
 
 
-def is_user_startup_error(exc: BaseException) -> bool:
-    """True for a user's own exception raised by a startup step and passed on as itself
-    (the constructor's, in local testing mode, as in Ray Serve)."""
-    return startup_step(exc) is not None and not isinstance(exc, ShoalError)
-
-
-def failure_message(exc: BaseException) -> str:
-    """The deployment status message for a failed deploy."""
-    if is_user_startup_error(exc):
-        return f"{startup_step(exc)} raised {type(exc).__name__}: {exc}"
-    return str(exc)
-
-
-def _traceback_text(exc: BaseException) -> str:
-    """The user's traceback for ``exc``: its own frames if raised in this process,
-    else the remote traceback the transport put in its notes."""
-    if exc.__traceback__ is not None:
-        return failure_from(exc).traceback
-    return "".join(n for n in getattr(exc, "__notes__", []) if isinstance(n, str))
-
-
 def replica_set(
     app: str, spec: DeploymentSpec, infos: list[ReplicaInfo], is_ingress: bool
 ) -> ReplicaSetUpdate:
     """The update routers get for ``spec``'s replicas: the set and the limits they apply."""
     config = spec.config
+    auto = config.autoscaling()
     return ReplicaSetUpdate(
         app, spec.name, infos, True, is_ingress,
         config.max_queued_requests, config.no_replica_timeout_s,
+        auto.metrics_interval_s if auto is not None else 0.0,
     )  # fmt: skip

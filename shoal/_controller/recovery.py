@@ -13,7 +13,6 @@ import logging
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from shoal._controller.deployment_state import DeploymentState
 from shoal._seam.specs import AppSpec
 
 if TYPE_CHECKING:
@@ -34,10 +33,7 @@ async def restore(controller: Controller, apps: list[AppSpec]) -> None:
     for spec in apps:
         app = controller.apps[spec.name] = _App(spec)
         for name, deployment in spec.deployments.items():
-            state = DeploymentState(
-                spec.name, controller.runtime, controller.publish,
-                name == spec.ingress, controller.ledger,
-            )  # fmt: skip
+            state = controller.new_state(spec.name, name == spec.ingress)
             app.deployments[name] = state
             stale += state.adopt(deployment, rejoined.pop((spec.name, name), []))
     stale += [handle for candidates in rejoined.values() for handle, _ in candidates]

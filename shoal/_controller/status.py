@@ -44,6 +44,17 @@ class ReplicaStatus:
 
 
 @dataclass(frozen=True)
+class ScalingDecision:
+    """One change of an autoscaled deployment's replica count: when (``time.time()``),
+    from and to how many replicas, and why."""
+
+    time: float
+    from_replicas: int
+    to_replicas: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class DeploymentStatusOverview:
     status: DeploymentStatus
     message: str = ""
@@ -51,6 +62,8 @@ class DeploymentStatusOverview:
     replicas: list[ReplicaStatus] = field(default_factory=list)
     target_replicas: int = 0
     config_version: int = 0  # bumped by every user_config change
+    autoscaling: bool = False  # whether the replica count is the autoscaler's
+    scaling_decisions: list[ScalingDecision] = field(default_factory=list)  # oldest first
 
 
 @dataclass(frozen=True)
@@ -112,3 +125,4 @@ _PROXY_STATUSES = ("STARTING", "HEALTHY", "UNHEALTHY", "DRAINING", "DRAINED")
 class ServeStatus:
     proxies: dict[str, ProxyStatus] = field(default_factory=dict)
     applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
+    target_capacity: float | None = None  # percent of every deployment's replicas

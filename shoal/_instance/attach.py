@@ -132,9 +132,13 @@ class AttachedInstance:
                 ready.set_result(None)  # every current replica set is applied
 
         path = os.path.join(self.info.directory, "run", "controller.sock")
-        self._routing = await connect_unix(path, on_control, "controller")
-        self._routing.send(0, Hello(f"{SUBSCRIBER_PREFIX}{uuid.uuid4().hex[:8]}", os.getpid()))
+        routing = self._routing = await connect_unix(path, on_control, "controller")
+        source = f"{SUBSCRIBER_PREFIX}{uuid.uuid4().hex[:8]}"
+        routing.send(0, Hello(source, os.getpid()))
         await ready
+        # This process's handles count for autoscaling: their load goes to the controller.
+        self.registry.load.source = source
+        self.registry.load.sink = lambda report: routing.send(0, report)
 
     def _call(self, msg: Message, timeout_s: float = TIMEOUTS.admin_call_s) -> Any:
         async def call() -> Any:

@@ -28,6 +28,7 @@ class DesiredState:
 
     apps: list[AppSpec] = field(default_factory=list)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    target_capacity: float | None = None  # of the last config file applied
 
 
 class Checkpoint:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,7 @@ def instance_details(
         },
         "deploy_mode": "MULTI_APP",
         "applications": applications,
-        "target_capacity": None,
+        "target_capacity": status.target_capacity,
     }
 
 
@@ -82,6 +83,8 @@ def _deployment(name: str, overview: DeploymentStatusOverview, spec: Any) -> dic
         "deployment_config": config,
         "target_num_replicas": overview.target_replicas,
         "required_resources": _resources(config),
+        # shoal's own: the autoscaler's recent decisions, oldest first
+        "scaling_decisions": [dataclasses.asdict(d) for d in overview.scaling_decisions],
         "replicas": [
             {
                 "node_id": NODE_ID,
@@ -102,6 +105,8 @@ def _trigger(status: str) -> str:
         "HEALTHY": "CONFIG_UPDATE_COMPLETED",
         "UPDATING": "CONFIG_UPDATE_STARTED",
         "UNHEALTHY": "HEALTH_CHECK_FAILED",
+        "UPSCALING": "AUTOSCALING",
+        "DOWNSCALING": "AUTOSCALING",
         "DEPLOY_FAILED": "REPLICA_STARTUP_FAILED",
     }.get(status, "UNSPECIFIED")
 

@@ -96,13 +96,15 @@ class Instance:
         if desired is not None and (desired.apps or desired.configs):
             if self.services is not None:
                 self.services.plane.restore_configs(desired.configs)
+            self.controller.target_capacity = desired.target_capacity
             await restore(self.controller, desired.apps)
         self.controller.on_change = lambda: server.checkpoint.save(self._desired())
         self.controller.on_change()
 
     def _desired(self) -> DesiredState:
         configs = self.services.plane.configs() if self.services is not None else {}
-        return DesiredState([app.spec for app in self.controller.apps.values()], configs)
+        apps = [app.spec for app in self.controller.apps.values()]
+        return DesiredState(apps, configs, self.controller.target_capacity)
 
     def run(self, coro: Any, timeout_s: float = TIMEOUTS.deploy_s) -> Any:
         return self.thread.run(coro, timeout_s)

@@ -145,6 +145,7 @@ class InstanceControlPlane:
             if self._closing:
                 return
             controller = self._instance.controller
+            controller.set_target_capacity(config.target_capacity)
             names = {app.name for app in config.applications}
             for name in [n for n in controller.apps if n not in names]:
                 if name not in self._configs:
@@ -171,6 +172,8 @@ class InstanceControlPlane:
             return
         self._configs[result.name] = app_config.model_dump(mode="json", exclude_unset=True)
         self._waiting.pop(result.name, None)
+        if app_config.autoscaling_policy is not None:
+            result.spec.autoscaling_policy = app_config.autoscaling_policy.policy_function
         try:
             await self._instance.controller.deploy(result.spec)
         except Exception as exc:

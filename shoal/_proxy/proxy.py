@@ -10,7 +10,17 @@ Load shedding: beyond ``http_options.max_ongoing_requests`` held requests, and
 beyond the ingress's ``max_queued_requests`` waiting in this proxy's router, a
 request gets 503 with ``Retry-After`` at once, before anything is sent to a
 replica. A request waiting for a replica whose client disconnects leaves the
-queue at once and is never sent (one already sent is cancelled in its replica).
+queue at once and is never sent (one already sent is cancelled in its replica),
+also while the proxy still waits for its first route table.
+
+Deadlines: ``http_options.request_timeout_s`` is the request's deadline. It
+travels with the request (the ingress and every handle call it makes inherit
+what is left), a request still waiting for a replica leaves the queue when it
+passes, and the client gets 504 then, whichever process noticed first.
+
+Priorities: the ``x-request-priority`` header (``high``, ``normal`` or ``low``; none:
+normal) is the request's class in the proxy's queue, and travels with it (the
+ingress's handle calls inherit it); any other value gets 400 and is never sent.
 
 Draining (shoal is shutting down): every request that arrives from then on gets
 503 with ``Retry-After``; requests accepted before are served to the end
@@ -25,12 +35,14 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
 from shoal._config import HTTPOptions
 from shoal._errors import BackPressureError, RequestCancelledError, ShoalError, UnavailableError
 from shoal._json import dumps as json_dumps
+from shoal._router.queue import CHOICES, NORMAL, rank_of
 from shoal._router.router import Router, RouterRegistry
 from shoal._seam.protocols import Stream
 from shoal._transport.http import (
@@ -39,7 +51,7 @@ from shoal._transport.http import (
     HttpResponseData,
     HttpResponseStart,
 )
-from shoal._transport.messages import Request, Result, StreamEnd, StreamItem
+from shoal._transport.messages import Failure, Request, Result, StreamEnd, StreamItem
 from shoal._transport.tcp import listen_tcp
 
 logger = logging.getLogger("shoal.proxy")
@@ -56,6 +68,20 @@ _PROXY_FULL = (
     "Service unavailable: the proxy holds too many requests "
     "(http_options.max_ongoing_requests); retry later."
 )
+_UNREAD = object()  # the request's body, before it is read
+#: The request header naming an HTTP request's priority class (docs/priorities.md).
+PRIORITY_HEADER = b"x-request-priority"
+_FIRST = asyncio.FIRST_COMPLETED
+
+
+def _timed_out(timeout: float) -> str:
+    return f"Request timed out after {timeout:g} s (http_options.request_timeout_s)."
+
+
+def _is_timeout(message: Any) -> bool:
+    return type(message) is Failure and message.kind == "RequestTimeoutError"
+
+
 #: Environment variable naming a listening socket's file descriptor the proxy inherits.
 LISTEN_FD_ENV = "SHOAL_PROXY_LISTEN_FD"
 #: How long a request that arrives before the first route table waits for it (a
@@ -127,26 +153,48 @@ class Proxy:
             if self._idle is not None and self._in_flight == 0:
                 self._idle.set()
 
-    async def _routes_known(self) -> None:
-        """Wait (briefly) for the first route table, rather than answer 404 without one."""
+    async def _routes_known(self, receive: Any = None) -> bool:
+        """Wait (briefly) for the first route table, rather than answer 404 without one.
+
+        With ``receive`` (the request's body was read: its next message is the client
+        leaving), a client that disconnects ends the wait at once: returns True.
+        """
+        routes = asyncio.ensure_future(self._routes_received.wait())
+        left = asyncio.ensure_future(receive()) if receive is not None else routes
         try:
-            await asyncio.wait_for(self._routes_received.wait(), _ROUTES_WAIT_S)
-        except TimeoutError:
+            await asyncio.wait({routes, left}, timeout=_ROUTES_WAIT_S, return_when=_FIRST)
+        finally:
+            routes.cancel()
+            left.cancel()
+        if left is not routes and left.done() and not left.cancelled():
+            return True
+        if not self._routes_received.is_set():
             logger.warning("no route table after %.0f s; answering without one", _ROUTES_WAIT_S)
             self._routes_received.set()
+        return False
 
     async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
-        if not self._routes_received.is_set():
-            await self._routes_known()
+        limit = self.options.max_request_body_bytes
+        body: bytes | object | None = _UNREAD
+        if not self._routes_received.is_set():  # (rare: a proxy's first moments)
+            body = await _read_body(scope, receive, limit)  # then a disconnect can be seen
+            if await self._routes_known(receive if body is not None else None):
+                return  # the client left: nobody to answer
         path: str = scope["path"]
         route = self.match(path)
         if route is None:
             await _reply(send, 404, f"Path '{path}' not found. Routes are listed at /-/routes.")
             return
         prefix, app, ingress = route
-        limit = self.options.max_request_body_bytes
-        body = await _read_body(scope, receive, limit)
-        if body is None:
+        priority = _priority(scope)
+        if priority is None:
+            named = _header(scope, PRIORITY_HEADER)
+            await _reply(send, 400, f"Invalid {PRIORITY_HEADER.decode()} header {named!r}: "
+                                    f"use one of {CHOICES}.")  # fmt: skip
+            return
+        if body is _UNREAD:
+            body = await _read_body(scope, receive, limit)
+        if not isinstance(body, bytes):
             await _reply(send, 413, f"Request body is larger than {limit} bytes "
                                     "(http_options.max_request_body_bytes).")  # fmt: skip
             return
@@ -157,30 +205,33 @@ class Proxy:
             scope["headers"], body, scope.get("client"), scope.get("server"),
             scope.get("http_version", "1.1"),
         )  # fmt: skip
-        request = Request("__call__", (data,), {}, request_id, True)
+        request = Request("__call__", (data,), {}, request_id, True, "", None, priority)
         timeout = self.options.request_timeout_s
         if timeout is None:
             await self._forward(app, ingress, request, receive, send)
             return
+        deadline = time.monotonic() + timeout  # travels with the request (remaining_s)
         started = _StartTracker(send)
         try:
-            await asyncio.wait_for(self._forward(app, ingress, request, receive, started), timeout)
+            await asyncio.wait_for(
+                self._forward(app, ingress, request, receive, started, deadline), timeout
+            )
         except TimeoutError:
             if started.sent:
                 raise  # mid-stream: abort the connection; the client sees a truncated body
             logger.warning("request %s timed out after %.3g s", request_id, timeout)
-            await _reply(send, 504, f"Request timed out after {timeout:g} s "
-                                    "(http_options.request_timeout_s).")  # fmt: skip
+            await _reply(send, 504, _timed_out(timeout))
 
     async def _forward(
-        self, app: str, ingress: str, request: Request, receive: Any, send: Any
-    ) -> None:
+        self, app: str, ingress: str, request: Request, receive: Any, send: Any,
+        deadline: float | None = None,
+    ) -> None:  # fmt: skip
         """Send the request to the ingress; relay its complete or streamed response."""
         request_id = request.request_id.encode()
         router = self.registry.get(app, ingress)
-        stream = router.try_open_stream(request)  # the fast path: no task, no wait
+        stream = router.try_open_stream(request, deadline)  # the fast path: no task, no wait
         if stream is None:
-            stream = await self._open_queued(router, request, receive, send)
+            stream = await self._open_queued(router, request, receive, send, deadline)
             if stream is None:
                 return  # refused (answered) or the client left
         watch = _DisconnectWatch(receive, stream)
@@ -194,6 +245,9 @@ class Proxy:
                 await send({"type": "http.response.body", "body": response.body})
             elif type(first) is StreamItem and type(first.value) is HttpResponseStart:
                 await self._relay(first.value, stream, request_id, watch, send)
+            elif deadline is not None and _is_timeout(first):
+                # The replica's deadline ran out a moment before ours: the same 504.
+                await _reply(send, 504, _timed_out(self.options.request_timeout_s or 0.0))
             else:
                 logger.error("request %s to '%s' failed: %s", request.request_id, app, first)
                 await _reply(send, 500, "Internal Server Error")
@@ -207,17 +261,17 @@ class Proxy:
             stream.close()
 
     async def _open_queued(
-        self, router: Router, request: Request, receive: Any, send: Any
+        self, router: Router, request: Request, receive: Any, send: Any, deadline: float | None
     ) -> Stream | None:
         """Wait in the router's queue for a replica while watching the client: one that
         disconnects takes its request out of the queue at once (it is never sent). None
         if the request was refused (503 sent) or its client left."""
-        if router.queue_full:  # refused without a task: overload must stay cheap
+        if router.refuses(request.priority):  # refused without a task: overload stays cheap
             await _reply(
                 send, 503, _QUEUE_FULL.format(app=router.app), extra_headers=[_RETRY_AFTER]
             )
             return None
-        opening = asyncio.ensure_future(router.open_stream(request))
+        opening = asyncio.ensure_future(router.open_stream(request, deadline))
         left = asyncio.ensure_future(receive())  # the body was read: the next is a disconnect
         try:
             await asyncio.wait((opening, left), return_when=asyncio.FIRST_COMPLETED)
@@ -492,6 +546,13 @@ def _close_opened(opening: asyncio.Future[Any]) -> None:
     """Release a stream opened for a request nobody waits for any more."""
     if not opening.cancelled() and opening.exception() is None:
         opening.result().close()
+
+
+def _priority(scope: Scope) -> int | None:
+    """The rank named by the request's priority header (in any case; normal without
+    one), or None if it names no class."""
+    named = _header(scope, PRIORITY_HEADER)
+    return rank_of(named.lower()) if named else NORMAL
 
 
 def _header(scope: Scope, name: bytes) -> str:

@@ -6,7 +6,10 @@ the reply messages it produces. Guarantees:
   generators run in a thread pool sized by ``max_ongoing_requests``, so they
   never block the loop;
 - every user call runs with the replica's context (``get_replica_context()``)
-  and the request's context (request id);
+  and the request's context (request id, deadline);
+- a request with ``remaining_s`` runs at most that long: then it is cancelled and
+  fails with RequestTimeoutError (a sync method's thread cannot be stopped: it runs
+  on, and its result is dropped);
 - a user exception becomes a Failure reply; the replica keeps serving.
 """
 
@@ -18,6 +21,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,6 +31,7 @@ from shoal._api.handle import DeploymentResponseGenerator
 from shoal._api.ingress import asgi_app_of
 from shoal._errors import NotFoundError, RequestTimeoutError, ShoalError
 from shoal._replica.asgi import Lifespan, asgi_parts, request_scope, websocket_messages
+from shoal._router.queue import PRIORITIES
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import (
     CONSTRUCTOR,
@@ -156,9 +161,14 @@ class Replica:
     def _enter(self, request: Request) -> None:
         self.ongoing += 1
         self._idle.clear()
+        remaining = request.remaining_s
+        deadline = None if remaining is None else time.monotonic() + remaining
         request_context.set(
-            RequestContext(request.request_id, self.spec.app, request.multiplexed_model_id)
-        )
+            RequestContext(
+                request.request_id, self.spec.app, request.multiplexed_model_id, deadline,
+                PRIORITIES[request.priority],
+            )
+        )  # fmt: skip
 
     def _leave(self) -> None:
         self.ongoing -= 1
@@ -169,13 +179,34 @@ class Replica:
         """Run one request; returns Result or Failure. Run it in a task made by task_context()."""
         self._enter(request)
         try:
-            return Result(await self._invoke(request))
+            if request.remaining_s is None:
+                return Result(await self._invoke(request))
+            return Result(await self._invoke_within(request, request.remaining_s))
         except Exception as exc:
             if isinstance(exc, TypeError | KeyError | AttributeError):
                 self._note_input_mismatch(request, exc)
             return failure_from(exc, f"in replica {self.spec.replica_id}:")
         finally:
             self._leave()
+
+    async def _invoke_within(self, request: Request, remaining_s: float) -> Any:
+        """``_invoke``, cancelled when the request's deadline passes (RequestTimeoutError)."""
+        timeout = asyncio.timeout(remaining_s)
+        try:
+            async with timeout:
+                return await self._invoke(request)
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the user's own TimeoutError
+            raise self.timed_out(request) from None
+
+    def timed_out(self, request: Request) -> RequestTimeoutError:
+        """The error of a request whose deadline passed in this replica."""
+        return RequestTimeoutError(
+            f"method '{request.method}' of deployment '{self.spec.deployment}' did not finish "
+            f"by the request's deadline ({request.remaining_s:.3g} s were left when it was "
+            f"sent); replica {self.spec.replica_id} cancelled it"
+        )
 
     def _note_input_mismatch(self, request: Request, exc: Exception) -> None:
         """Explain a data-vs-Request mix-up in the error (only on the error path)."""
@@ -314,8 +345,9 @@ class Replica:
     ) -> AsyncIterator[Message]:
         """Serve one HTTP request: a Result, or a response start, body chunks and StreamEnd.
 
-        A failure before anything was sent becomes a 500 response; after the start, a
-        Failure (the proxy then closes the connection: the response is incomplete).
+        A failure before anything was sent becomes a 500 response (504 for a
+        RequestTimeoutError: a handle call it made reached its deadline); after the
+        start, a Failure (the proxy then closes the connection: the response is incomplete).
         """
         from shoal._replica import http
 
@@ -354,6 +386,8 @@ class Replica:
             )
             if started:
                 yield failure_from(exc)
+            elif isinstance(exc, RequestTimeoutError):  # a call it made reached its deadline
+                yield Result(http.error_response(504, "Gateway Timeout"))
             else:
                 yield Result(http.error_response(500, "Internal Server Error"))
 
@@ -372,6 +406,23 @@ class Replica:
         method = getattr(self.instance, "check_health", None)
         if method is not None:
             await self._call_user(method)
+
+    async def autoscaling_stats(self) -> dict[str, float] | None:
+        """The user's ``record_autoscaling_stats()`` (Ray Serve's custom autoscaling
+        metrics), checked: names to numbers. None when the class defines no such method."""
+        method = getattr(self.instance, "record_autoscaling_stats", None)
+        if method is None:
+            return None
+        stats = await self._call_user(method)
+        if not isinstance(stats, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in stats.items()
+        ):
+            raise TypeError(
+                "record_autoscaling_stats() must return a dict of metric names (str) to "
+                f"numbers, got {stats!r}"
+            )
+        return {name: float(value) for name, value in stats.items()}
 
     async def _call_user(self, method: Callable[..., Any], *args: Any) -> Any:
         if _kind(method) is _ASYNC:

@@ -10,6 +10,9 @@ A host (the process runtime's worker today, a Ray actor later) starts a
   replaced by a Failure saying so;
 - a Cancel cancels that request's task and nothing is sent back; a unary call
   whose user code raises CancelledError without a Cancel still gets a Failure;
+- a request with ``remaining_s`` (a deadline) is cancelled when it runs out and
+  gets a Failure (RequestTimeoutError); for a stream, the deadline covers the whole
+  stream, so a stream past it ends with that Failure;
 - a stream sends at most the credit its consumer granted (``STREAM_WINDOW``,
   topped up by StreamCredit), so a slow consumer slows the generator down;
 - StreamInput values reach the running stream's inbox (a websocket's client
@@ -19,6 +22,7 @@ A host (the process runtime's worker today, a Ray actor later) starts a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from shoal._errors import RequestCancelledError
@@ -106,17 +110,34 @@ class ReplicaServer:
         credit = self._credits[key] = _Credit(STREAM_WINDOW)
         stream = self.replica.handle_stream(request, self._inboxes.get(key))
         try:
-            async for reply in stream:
-                if type(reply) is StreamItem:
-                    await credit.take()
-                _send_reply(conn, corr, reply)
-                if conn.closed:
-                    break
+            if request.remaining_s is None:
+                await _relay(conn, corr, stream, credit)
+            else:
+                timeout = asyncio.timeout(request.remaining_s)
+                try:
+                    async with timeout:
+                        await _relay(conn, corr, stream, credit)
+                except TimeoutError:
+                    if not timeout.expired():
+                        raise
+                    _send_reply(conn, corr, failure_from(self.replica.timed_out(request)))
         finally:
             await stream.aclose()
             self._credits.pop(key, None)
             self._inboxes.pop(key, None)
             self._tasks.pop(key, None)
+
+
+async def _relay(
+    conn: Connection, corr: int, stream: AsyncIterator[Message], credit: _Credit
+) -> None:
+    """Send a stream's messages, each item within the credit its consumer granted."""
+    async for reply in stream:
+        if type(reply) is StreamItem:
+            await credit.take()
+        _send_reply(conn, corr, reply)
+        if conn.closed:
+            break
 
 
 def takes_input(request: Request) -> bool:

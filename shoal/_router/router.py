@@ -8,16 +8,26 @@ replica (its connection was already gone) is retried on another one; a
 request a replica had accepted fails with :class:`ReplicaDiedError` if that
 replica dies, because it may have had side effects.
 
+Priorities (``Request.priority``, see :mod:`shoal._router.queue`): waiting requests
+of a higher class leave the queue first; within a class, in arrival order.
+
 Load shedding (the queue's guarantees):
 
-- at most ``max_queued_requests`` requests wait here; one more is refused at
-  once with :class:`BackPressureError` (nothing is sent);
-- a new request never overtakes one already waiting;
+- at most ``max_queued_requests`` requests wait here, whatever their class; one
+  more is refused at once with :class:`BackPressureError` (nothing is sent), unless
+  a request of lower priority waits: then the most recent of the lowest class is
+  pushed out instead, with the same error (it was never sent either);
+- a new request never overtakes one of its class (or a higher one) already waiting;
 - a waiting request whose caller gives up (its task is cancelled: a timeout,
   ``response.cancel()``, an HTTP client gone) leaves the queue at once and is
   never sent;
 - while the deployment has no replica able to serve, a request waits at most
-  ``no_replica_timeout_s``, then fails with :class:`DeploymentUnavailableError`.
+  ``no_replica_timeout_s`` (whatever its class), then fails with
+  :class:`DeploymentUnavailableError`;
+- a request with a deadline (``time.monotonic()``) leaves the queue unsent when it
+  passes, and one whose deadline passed before it could be sent fails at once: both
+  with :class:`RequestTimeoutError`. It is sent with the time it has left
+  (``Request.remaining_s``), measured when it is sent.
 
 None of this costs anything on the fast path (a free replica, nobody waiting):
 no task, no timer, no allocation beyond the request's own future.
@@ -26,10 +36,10 @@ no task, no timer, no allocation beyond the request's own future.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import logging
 import random
+import time
 from typing import Any
 
 from shoal._config import NO_REPLICA_TIMEOUT_S
@@ -38,8 +48,11 @@ from shoal._errors import (
     DeploymentUnavailableError,
     NotFoundError,
     ReplicaDiedError,
+    RequestTimeoutError,
     TransportError,
 )
+from shoal._router.load import LoadReporter
+from shoal._router.queue import PRIORITIES, WaitQueue
 from shoal._seam.protocols import Connector, ReplicaClient, Stream
 from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request, StreamItem
 
@@ -47,6 +60,9 @@ logger = logging.getLogger("shoal.router")
 
 #: Timers may fire this much early; a waiter this close to its deadline counts as expired.
 _TIMER_SLACK_S = 0.001
+#: How long past a request's deadline its caller waits for the replica's own timeout reply
+#: before it gives up and cancels the request (a hung replica must not hold the caller).
+REPLY_GRACE_S = 0.05
 
 
 class _Slot:
@@ -66,19 +82,19 @@ class Router:
         self.app = app
         self.deployment = deployment
         self.loop = registry.loop
+        self._registry = registry
         self._connector = registry.connector
         self._infos: dict[str, ReplicaInfo] = {}
         self._slots: list[_Slot] = []
         self._connecting: set[str] = set()
-        # Waiting requests in FIFO order: each one's wake-up future -> when it started
-        # waiting (an ordered dict: a cancelled one leaves from the middle in O(1)).
-        self._waiters: collections.OrderedDict[asyncio.Future[None], float] = (
-            collections.OrderedDict()
-        )
+        # Waiting requests: one FIFO per priority class of wake-up futures.
+        self._waiters = WaitQueue()
         #: Requests waiting for a replica (in ``_waiters``, or woken and about to pick one).
         self.waiting = 0
         self.max_queued_requests = -1
         self.no_replica_timeout_s = NO_REPLICA_TIMEOUT_S
+        #: > 0: the deployment autoscales; this process reports its load that often.
+        self.metrics_interval_s = 0.0
         self._no_replica_since: float | None = self.loop.time()  # None: a replica is connected
         self._expiry: asyncio.TimerHandle | None = None  # fails waiters past no_replica_timeout_s
         self._active = False
@@ -90,6 +106,7 @@ class Router:
         self.exists = update.exists
         self.max_queued_requests = update.max_queued_requests
         self.no_replica_timeout_s = update.no_replica_timeout_s
+        self.metrics_interval_s = update.metrics_interval_s
         self._infos = {info.replica_id: info for info in update.replicas}
         self._slots = [slot for slot in self._slots if slot.info.replica_id in self._infos]
         if not self.exists:
@@ -102,12 +119,16 @@ class Router:
             self._arm_expiry()
         if self._active:
             self._connect_missing()
+            if self.metrics_interval_s > 0:
+                self._registry.load.track(self)
 
     def activate(self) -> None:
         """Start connecting to replicas (routers connect only once they are used)."""
         if not self._active:
             self._active = True
             self._connect_missing()
+            if self.metrics_interval_s > 0:
+                self._registry.load.track(self)
 
     def _connect_missing(self) -> None:
         present = {slot.info.replica_id for slot in self._slots}
@@ -147,6 +168,10 @@ class Router:
             if not self._slots:
                 self._no_replica()
 
+    def load_sample(self) -> tuple[int, dict[str, int]]:
+        """Requests waiting here, and requests sent to each replica not yet answered."""
+        return self.waiting, {slot.info.replica_id: slot.in_flight for slot in self._slots}
+
     # --- assignment ----------------------------------------------------------------
 
     def choose(self) -> _Slot | None:
@@ -174,18 +199,27 @@ class Router:
 
     def _finished(self, slot: _Slot, _future: Any) -> None:
         slot.in_flight -= 1
-        if self._waiters:
+        if self._waiters.size:
             self._wake(1)
 
-    async def assign(self, request: Request) -> Message:
-        """Send ``request`` as soon as a replica has room; return its reply message."""
+    async def assign(self, request: Request, deadline: float | None = None) -> Message:
+        """Send ``request`` as soon as a replica has room; return its reply message.
+
+        With a ``deadline`` (``time.monotonic()``), the reply is awaited until the
+        deadline plus :data:`REPLY_GRACE_S` (time for the replica's own timeout reply);
+        then the request is cancelled in the replica and RequestTimeoutError raised.
+        """
         while True:
-            slot = await self._wait_for_slot()
+            slot = await self._wait_for_slot(deadline, request.priority)
+            if deadline is not None:
+                self._stamp(request, deadline)
             future = self.send(slot, request)
             if future.done() and isinstance(future.exception(), TransportError):
                 continue  # never reached the replica: safe to send elsewhere
             try:
-                return await future
+                if deadline is None:
+                    return await future
+                return await self._reply_by(future, deadline)
             except TransportError as exc:
                 raise ReplicaDiedError(
                     f"replica {slot.info.replica_id} of deployment '{self.deployment}' died "
@@ -228,14 +262,19 @@ class Router:
             results[replica_id] = reply
         return results
 
-    async def open_stream(self, request: Request) -> Stream:
-        """Start a streaming request; the slot stays busy until the stream ends."""
-        slot = await self._wait_for_slot()
+    async def open_stream(self, request: Request, deadline: float | None = None) -> Stream:
+        """Start a streaming request; the slot stays busy until the stream ends.
+
+        A ``deadline`` bounds the wait for a replica and travels with the request; the
+        caller enforces it on the stream itself (it covers the whole response)."""
+        slot = await self._wait_for_slot(deadline, request.priority)
+        if deadline is not None:
+            self._stamp(request, deadline)
         stream = slot.client.stream(request)
         slot.in_flight += 1
         return _CountedStream(stream, functools.partial(self._finished, slot, None))
 
-    def try_open_stream(self, request: Request) -> Stream | None:
+    def try_open_stream(self, request: Request, deadline: float | None = None) -> Stream | None:
         """Open a stream at once if a replica has room and nobody waits; else None
         (then :meth:`open_stream` waits, or refuses). Never suspends."""
         if self.waiting or not self.exists:
@@ -244,48 +283,111 @@ class Router:
         slot = self.choose()
         if slot is None:
             return None
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None  # open_stream refuses it
+            request.remaining_s = remaining
         stream = slot.client.stream(request)
         slot.in_flight += 1
         return _CountedStream(stream, functools.partial(self._finished, slot, None))
 
-    async def _wait_for_slot(self) -> _Slot:
+    async def _wait_for_slot(self, deadline: float | None, priority: int) -> _Slot:
         self.activate()
         if not self.exists:
             raise self._deleted()
+        if deadline is not None and deadline <= time.monotonic():
+            raise self.timed_out("before it could be sent")
         if not self.waiting:  # nobody waits: take a free replica without queueing
             slot = self.choose()
             if slot is not None:
                 return slot
-        return await self._queue()
+        return await self._queue(deadline, priority)
 
-    @property
-    def queue_full(self) -> bool:
-        """Whether a request that has to wait would be refused (``max_queued_requests``)."""
-        return 0 <= self.max_queued_requests <= self.waiting
+    def _stamp(self, request: Request, deadline: float) -> None:
+        """Give ``request`` the time it has left, now that it is sent (or fail it unsent)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if self._waiters.size:
+                self._wake(1)  # we took a turn we cannot use: pass it on
+            raise self.timed_out("before it could be sent")
+        request.remaining_s = remaining
 
-    async def _queue(self) -> _Slot:
-        """Wait in FIFO order for a free replica; see the module's guarantees."""
-        if self.queue_full:
-            raise BackPressureError(
-                self.waiting, self.max_queued_requests, self.deployment, self.app
+    async def _reply_by(self, future: asyncio.Future[Message], deadline: float) -> Message:
+        """The reply, if it comes by the deadline (and a grace); else cancel the request
+        (the replica gets a Cancel). A timer rather than ``wait_for``, which costs a
+        future and its callbacks more on every call."""
+        delay = deadline - time.monotonic() + REPLY_GRACE_S
+        timer = self.loop.call_later(delay, future.cancel)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller gave up (the future was cancelled with it)
+            raise self.timed_out("before the replica answered; it was cancelled") from None
+        finally:
+            timer.cancel()
+
+    def timed_out(self, when: str) -> RequestTimeoutError:
+        """The error of a request to this deployment that reached its deadline ``when``."""
+        return RequestTimeoutError(
+            f"the request to deployment '{self.deployment}' of application '{self.app}' "
+            f"reached its deadline {when} (handle.options(timeout_s=...), "
+            "http_options.request_timeout_s, or the deadline of the request calling it)"
+        )
+
+    def refuses(self, priority: int) -> bool:
+        """Whether a request of ``priority`` that has to wait would be refused: the queue
+        is full (``max_queued_requests``) and no request of lower priority waits in it."""
+        full = 0 <= self.max_queued_requests <= self.waiting
+        return full and not self._waiters.has_below(priority)
+
+    def _admit(self, priority: int) -> None:
+        """Make room in the queue for a request of ``priority``, or refuse it."""
+        if not 0 <= self.max_queued_requests <= self.waiting:
+            return
+        pushed_out = self._waiters.pop_newest_below(priority)
+        error = BackPressureError(self.waiting, self.max_queued_requests, self.deployment, self.app)
+        if pushed_out is None:
+            raise error
+        # The newest of the lowest class leaves unsent (still counted in ``waiting`` until
+        # its task runs, so the queue holds one fewer meanwhile, never one more). One
+        # already cancelled is leaving anyway.
+        if not pushed_out.done():
+            error.add_note(
+                f"it was pushed out of the queue by a {PRIORITIES[priority]}-priority request"
             )
+            pushed_out.set_exception(error)
+
+    async def _queue(self, deadline: float | None, priority: int) -> _Slot:
+        """Wait for a free replica, by class then in FIFO order; see the module's guarantees."""
+        self._admit(priority)
         self.waiting += 1
+        if not self._slots and self.metrics_interval_s > 0:
+            self._registry.load.starved(self)  # an autoscaler at zero replicas must know now
         started = self.loop.time()
         woken = False
         try:
             while True:
                 waiter: asyncio.Future[None] = self.loop.create_future()
-                self._waiters[waiter] = started
-                if woken:  # woken, but its replica was lost meanwhile: keep its place
-                    self._waiters.move_to_end(waiter, last=False)
+                # Woken, but its replica was lost meanwhile: it keeps its place (first).
+                self._waiters.push(waiter, started, priority, first=woken)
                 if not self._slots and self._expiry is None:
                     self._no_replica()
+                timer = None
+                if deadline is not None:  # leaves the queue unsent when the deadline passes
+                    delay = deadline - time.monotonic()
+                    timer = self.loop.call_later(delay, self._leave_at_deadline, waiter, priority)
                 try:
                     await waiter
                 except asyncio.CancelledError:
-                    if self._waiters.pop(waiter, None) is None and _woken(waiter):
+                    if not self._waiters.remove(waiter, priority) and _woken(waiter):
                         self._wake(1)  # we were woken but leave: pass the turn on
                     raise
+                finally:
+                    if timer is not None:
+                        timer.cancel()
                 if not self.exists:
                     raise self._deleted()
                 slot = self.choose()
@@ -295,10 +397,14 @@ class Router:
         finally:
             self.waiting -= 1
 
+    def _leave_at_deadline(self, waiter: asyncio.Future[None], priority: int) -> None:
+        if self._waiters.remove(waiter, priority) and not waiter.done():
+            waiter.set_exception(self.timed_out("while it waited for a replica; it was not sent"))
+
     def _wake(self, count: int) -> None:
+        """Give ``count`` waiting requests a turn: the highest class first, FIFO in each."""
         waiters = self._waiters
-        while count > 0 and waiters:
-            waiter, _started = waiters.popitem(last=False)
+        while count > 0 and (waiter := waiters.pop_next()) is not None:
             if not waiter.done():
                 waiter.set_result(None)
                 count -= 1
@@ -307,8 +413,7 @@ class Router:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        while self._waiters:
-            waiter, _started = self._waiters.popitem(last=False)
+        for waiter in self._waiters.drain():
             if not waiter.done():
                 waiter.set_result(None)  # the waiter re-checks ``exists`` and raises
 
@@ -323,16 +428,17 @@ class Router:
         """The router has no connected replica: bound the wait of the requests queued."""
         if self._no_replica_since is None:
             self._no_replica_since = self.loop.time()
-        if self._expiry is None and self._waiters:
+        if self._expiry is None and self._waiters.size:
             self._arm_expiry()
 
     def _arm_expiry(self) -> None:
-        """Time the failure of the longest-waiting request (waiters expire in FIFO order)."""
+        """Time the failure of the longest-waiting request (waiters expire in arrival
+        order, whatever their class)."""
         self._expiry = None
-        if self._no_replica_since is None or not self._waiters:
+        oldest = self._waiters.oldest()
+        if self._no_replica_since is None or oldest is None:
             return
-        started = next(iter(self._waiters.values()))
-        deadline = max(started, self._no_replica_since) + self.no_replica_timeout_s
+        deadline = max(oldest[1], self._no_replica_since) + self.no_replica_timeout_s
         self._expiry = self.loop.call_at(deadline, self._expire)
 
     def _expire(self) -> None:
@@ -342,12 +448,12 @@ class Router:
             return
         now = self.loop.time()
         timeout = self.no_replica_timeout_s
-        while self._waiters:
-            waiter, started = next(iter(self._waiters.items()))
+        while (oldest := self._waiters.oldest()) is not None:
+            waiter, started, priority = oldest
             waited = now - max(started, since)
             if waited < timeout - _TIMER_SLACK_S:
                 break
-            del self._waiters[waiter]
+            self._waiters.remove(waiter, priority)
             if not waiter.done():
                 waiter.set_exception(self._unavailable(waited))
         self._arm_expiry()
@@ -402,6 +508,7 @@ class RouterRegistry:
     def __init__(self, connector: Connector, loop: asyncio.AbstractEventLoop) -> None:
         self.connector = connector
         self.loop = loop
+        self.load = LoadReporter(loop)
         self._routers: dict[tuple[str, str], Router] = {}
         self._ingress: dict[str, str] = {}  # app -> its ingress deployment, from the updates
 

@@ -30,7 +30,7 @@ from shoal._seam.protocols import ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import constructor_failed
 from shoal._transport.failures import failure_from
-from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
+from shoal._transport.messages import LoadReport, Message, ReplicaInfo, ReplicaSetUpdate, Request
 
 
 class _LocalReplica:
@@ -53,6 +53,9 @@ class _LocalReplica:
 
     async def check_health(self, timeout_s: float) -> None:
         await asyncio.wait_for(self.replica.check_health(), timeout_s)
+
+    async def autoscaling_stats(self, timeout_s: float) -> dict[str, float] | None:
+        return await asyncio.wait_for(self.replica.autoscaling_stats(), timeout_s)
 
     async def ping(self, timeout_s: float) -> None:
         """Always alive: the replica runs on the controller's own loop."""
@@ -189,7 +192,7 @@ def copy_arguments(request: Request) -> Request:
     args, kwargs = _Unpickler(io.BytesIO(data), kept).load()
     return Request(
         request.method, args, kwargs, request.request_id, request.stream,
-        request.multiplexed_model_id,
+        request.multiplexed_model_id, request.remaining_s, request.priority,
     )  # fmt: skip
 
 
@@ -220,7 +223,12 @@ class InProcessRuntime:
         self.connector = self
         self.on_died: Callable[[ReplicaHandle], None] = lambda handle: None
 
-    async def start(self, on_replica_died: Callable[[ReplicaHandle], None]) -> None:
+    async def start(
+        self,
+        on_replica_died: Callable[[ReplicaHandle], None],
+        on_load: Callable[[LoadReport], None],
+    ) -> None:
+        """Every router is in this process: its registry reports load to ``on_load`` itself."""
         self.on_died = on_replica_died
         configure_serve_logger()
 

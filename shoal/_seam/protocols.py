@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from shoal._config import HTTPOptions
 from shoal._seam.specs import ReplicaSpec
-from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
+from shoal._transport.messages import LoadReport, Message, ReplicaInfo, ReplicaSetUpdate, Request
 
 
 class Stream(Protocol):
@@ -91,6 +91,10 @@ class ReplicaHandle(Protocol):
         """Drain ongoing requests (at most ``timeout_s``), then end the replica."""
         ...
 
+    async def autoscaling_stats(self, timeout_s: float) -> dict[str, float] | None:
+        """The replica's ``record_autoscaling_stats()`` (None: its class has none)."""
+        ...
+
     def kill(self) -> None: ...
 
 
@@ -104,7 +108,13 @@ class Runtime(Protocol):
         """How routers in this process reach this runtime's replicas."""
         ...
 
-    async def start(self, on_replica_died: Callable[[ReplicaHandle], None]) -> None: ...
+    async def start(
+        self,
+        on_replica_died: Callable[[ReplicaHandle], None],
+        on_load: Callable[[LoadReport], None],
+    ) -> None:
+        """Start; ``on_load`` receives the load reports of routers in other processes."""
+        ...
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:
         """Start a replica (``Replica.initialize``) and return once it can take requests.

@@ -29,6 +29,8 @@ class AppSpec:
     route_prefix: str | None
     ingress: str
     deployments: dict[str, DeploymentSpec]
+    #: Import path of an application-level autoscaling policy (a config file's), or None.
+    autoscaling_policy: str | None = None
 
 
 @dataclass

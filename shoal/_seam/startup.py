@@ -70,3 +70,28 @@ def user_frames(tb: TracebackType | None) -> TracebackType | None:
     while user is not None and is_internal(user.tb_frame.f_code.co_filename):
         user = user.tb_next
     return user or tb
+
+
+def is_user_startup_error(exc: BaseException) -> bool:
+    """True for a user's own exception raised by a startup step and passed on as itself
+    (the constructor's, in local testing mode, as in Ray Serve)."""
+    from shoal._errors import ShoalError
+
+    return startup_step(exc) is not None and not isinstance(exc, ShoalError)
+
+
+def failure_message(exc: BaseException) -> str:
+    """The deployment status message for a failed deploy."""
+    if is_user_startup_error(exc):
+        return f"{startup_step(exc)} raised {type(exc).__name__}: {exc}"
+    return str(exc)
+
+
+def traceback_text(exc: BaseException) -> str:
+    """The user's traceback for ``exc``: its own frames if raised in this process,
+    else the remote traceback the transport put in its notes."""
+    from shoal._transport.failures import failure_from
+
+    if exc.__traceback__ is not None:
+        return failure_from(exc).traceback
+    return "".join(n for n in getattr(exc, "__notes__", []) if isinstance(n, str))

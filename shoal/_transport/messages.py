@@ -64,7 +64,16 @@ def from_wire(data: tuple[Any, ...]) -> Message:
 
 @message(1)
 class Request(Message):
-    """Call ``method`` on a replica. ``stream`` asks for StreamItem replies."""
+    """Call ``method`` on a replica. ``stream`` asks for StreamItem replies.
+
+    ``remaining_s``: the seconds the request had left before its deadline when it was
+    sent (relative, so that no two machines need to share a clock), or None when it
+    has no deadline. The replica counts it down from the moment it receives it.
+
+    ``priority``: the request's class, by rank (an index into
+    ``shoal._router.queue.PRIORITIES``: 0 high, 1 normal, 2 low); routers serve the
+    waiting requests of a higher class first. A small int keeps the wire cheap.
+    """
 
     method: str
     args: tuple[Any, ...]
@@ -72,6 +81,8 @@ class Request(Message):
     request_id: str = ""
     stream: bool = False
     multiplexed_model_id: str = ""
+    remaining_s: float | None = None
+    priority: int = 1
 
 
 @message(2)
@@ -151,6 +162,8 @@ class ReplicaSetUpdate(Message):
     ``ingress`` says whether the deployment is its application's ingress, so that
     ``serve.get_app_handle`` works in every process, not only the driver. The two
     limits are the deployment's options every router applies on its own.
+    ``metrics_interval_s`` > 0 asks routers to report their load every that many
+    seconds (the deployment autoscales); 0: they report nothing.
     """
 
     app: str
@@ -160,6 +173,7 @@ class ReplicaSetUpdate(Message):
     ingress: bool = False
     max_queued_requests: int = -1
     no_replica_timeout_s: float = NO_REPLICA_TIMEOUT_S
+    metrics_interval_s: float = 0.0
 
 
 @message(22)
@@ -214,6 +228,29 @@ class Ping(Message):
 class ProxyIdle(Message):
     """Reply once no request the proxy accepted is still in flight, or after ``timeout_s``;
     the reply's value is how many are still in flight."""
+
+    timeout_s: float
+
+
+@message(31)
+class LoadReport(Message):
+    """A process's routers' load on one autoscaled deployment, averaged over the
+    ``period_s`` before it was sent: requests waiting in the router (``queued``) and
+    requests sent to each replica and not yet answered (``running``, by replica id).
+    Sent unsolicited to the controller (no reply); ``source`` names the process."""
+
+    app: str
+    deployment: str
+    source: str
+    queued: float
+    running: dict[str, float]
+    period_s: float
+
+
+@message(32)
+class AutoscalingStats(Message):
+    """Replies with the replica's ``record_autoscaling_stats()`` (a dict of floats),
+    or None when its deployment defines no such method."""
 
     timeout_s: float
 

@@ -41,10 +41,12 @@ from shoal._seam.startup import startup_failed
 from shoal._transport.connection import Connection, serve_unix
 from shoal._transport.failures import exception_from
 from shoal._transport.messages import (
+    AutoscalingStats,
     DrainProxy,
     Failure,
     HealthCheck,
     Hello,
+    LoadReport,
     Message,
     Ping,
     ProxyIdle,
@@ -218,6 +220,12 @@ class _ProcessReplica:
     async def ping(self, timeout_s: float) -> None:
         await self.worker.request(Ping(), timeout_s)
 
+    async def autoscaling_stats(self, timeout_s: float) -> dict[str, float] | None:
+        stats: dict[str, float] | None = await self.worker.request(
+            AutoscalingStats(timeout_s), timeout_s + _STOP_REPLY_SLACK_S
+        )
+        return stats
+
     async def stop(self, wait_loop_s: float, timeout_s: float) -> None:
         self.worker.stopping = True
         try:
@@ -255,6 +263,7 @@ class ProcessRuntime:
         self._subscribers: dict[str, Any] = {}  # id -> _Subscriber (attached processes)
         self._server: asyncio.AbstractServer | None = None
         self._on_died: Callable[[ReplicaHandle], None] = lambda handle: None
+        self._on_load: Callable[[LoadReport], None] = lambda report: None
         self._lagging: set[str] = set()  # ids of processes that missed an acknowledgement
         self._proxy_options: HTTPOptions | None = None
         self._listener: socket.socket | None = None  # the proxy's, kept across restarts
@@ -263,13 +272,20 @@ class ProcessRuntime:
         self._routes: dict[str, tuple[str, str]] = {}
         self._on_proxy_died: Callable[[], None] = lambda: None
 
-    async def start(self, on_replica_died: Callable[[ReplicaHandle], None]) -> None:
+    async def start(
+        self,
+        on_replica_died: Callable[[ReplicaHandle], None],
+        on_load: Callable[[LoadReport], None],
+    ) -> None:
         self._on_died = on_replica_died
+        self._on_load = on_load
         path = os.path.join(self.directory, "controller.sock")
         self._server = await serve_unix(path, self._on_control, "controller")
 
     def _on_control(self, conn: Connection, corr: int, msg: Message) -> None:
-        if type(msg) is Hello:
+        if type(msg) is LoadReport:  # unsolicited, no reply: the routers of another process
+            self._on_load(msg)
+        elif type(msg) is Hello:
             waiter = self._hellos.pop(msg.worker_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(conn)
@@ -339,7 +355,12 @@ class ProcessRuntime:
         snapshot = [
             worker.request(update, _CONTROL_TIMEOUT_S) for update in self._membership.values()
         ]
-        await asyncio.gather(*snapshot)
+        try:
+            await asyncio.gather(*snapshot)
+        except BaseException:  # cancelled (a scale-down, serve.run gave up) or it died
+            worker.stopping = True
+            worker.process.kill()
+            raise
         return worker
 
     async def _launch(
@@ -361,12 +382,15 @@ class ProcessRuntime:
         )
         worker = self._workers[worker_id] = _WorkerProcess(worker_id, process)
         exited: asyncio.Future[Any] = asyncio.shield(worker.exited)
-        done, _ = await asyncio.wait({hello, exited}, timeout=_SPAWN_TIMEOUT_S,
-                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        try:
+            done, _ = await asyncio.wait({hello, exited}, timeout=_SPAWN_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            if not hello.done():  # it exited, timed out, or we were cancelled: none is left
+                self._hellos.pop(worker_id, None)
+                self._workers.pop(worker_id, None)
+                process.kill()
         if hello not in done:
-            self._hellos.pop(worker_id, None)
-            self._workers.pop(worker_id, None)
-            process.kill()
             why = f"exited with code {process.returncode}" if exited in done else "did not start"
             raise ShoalError(f"worker process {worker_id} {why} within {_SPAWN_TIMEOUT_S:.0f} s")
         return worker, hello.result()

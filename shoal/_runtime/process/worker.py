@@ -32,6 +32,7 @@ from shoal._runtime.process.client import UnixConnector
 from shoal._transport.connection import Connection, connect_unix
 from shoal._transport.failures import failure_from
 from shoal._transport.messages import (
+    AutoscalingStats,
     DrainProxy,
     HealthCheck,
     Hello,
@@ -82,7 +83,13 @@ class Worker:
         control = await connect_unix(path, self._on_control, "controller")
         control.close_callbacks.append(lambda _conn: self._controller_gone())
         control.send(0, Hello(self.worker_id, os.getpid()))
+        self._report_load_to(control)
         await self.done
+
+    def _report_load_to(self, control: Connection) -> None:
+        """This process's routers report their load to the controller on ``control``."""
+        self.registry.load.source = self.worker_id
+        self.registry.load.sink = lambda report: control.send(0, report)
 
     def _controller_gone(self) -> None:
         if self.orphan_grace_s <= 0:
@@ -105,6 +112,7 @@ class Worker:
                 await asyncio.sleep(_REJOIN_RETRY_S)
                 continue
             control.close_callbacks.append(lambda _conn: self._controller_gone())
+            self._report_load_to(control)
             logger.warning("rejoined the restarted controller")
             return
         logger.warning("no controller came back within %.0f s; exiting", self.orphan_grace_s)
@@ -158,6 +166,9 @@ class Worker:
                 await self._stop(msg)
             case ProxyIdle():
                 return await self._hosted_proxy().wait_idle(msg.timeout_s)
+            case AutoscalingStats():
+                replica = self._hosted_replica()
+                return await asyncio.wait_for(replica.autoscaling_stats(), msg.timeout_s)
             case _:
                 raise TypeError(f"unexpected control message {type(msg).__name__}")
         return None
