@@ -8,9 +8,11 @@ both runtimes with small delays, and drives load through handles or the proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +346,31 @@ def test_a_custom_policy_reads_custom_metrics_from_replicas(deploy: Deploy) -> N
     assert "test_autoscaling:backlog_policy" in decision.reason
 
 
+class TwoAfterThreeCalls:
+    """A policy object: the controller calls the same instance, so it keeps its state."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, ctx: AutoscalingContext) -> tuple[float, dict[str, Any]]:
+        self.calls += 1
+        return (2 if self.calls > 3 else 1), {}
+
+
+two_after_three_calls = TwoAfterThreeCalls()
+
+
+def test_a_policy_object_keeps_its_own_state_between_calls(deploy: Deploy) -> None:
+    config = {
+        **FAST,
+        "max_replicas": 3,
+        "policy": {"policy_function": "test_autoscaling:two_after_three_calls"},
+    }
+    handle = deploy(Slow.options(autoscaling_config=config).bind())
+    wait_until(lambda: _running(_app_name(handle)) == 2, 30, "2 replicas after 3 calls")
+    assert two_after_three_calls.calls > 3
+
+
 def test_a_failing_policy_keeps_the_count_and_says_why(deploy: Deploy) -> None:
     config = {**FAST, "max_replicas": 3, "policy": {"policy_function": failing_policy}}
     handle = deploy(Slow.options(autoscaling_config=config).bind())
@@ -381,6 +408,27 @@ def test_http_load_through_the_proxy_scales_the_ingress(base_url: str) -> None:
         serve.delete(name)
 
 
+@contextlib.contextmanager
+def _local_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str
+) -> Iterator[tuple[Any, httpx.Client]]:
+    """An in-process instance with its admin REST API (and a client for it), serving
+    config files that import ``module`` (written from ``source`` into ``tmp_path``)."""
+    from shoal._config import AdminOptions
+    from shoal._instance.instance import Instance
+
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)  # the build child imports from the working directory
+    monkeypatch.syspath_prepend(str(tmp_path))  # the controller imports policies from it
+    instance = Instance("local", None, admin=AdminOptions(port=0))
+    try:
+        assert instance.services is not None and instance.services.admin_url is not None
+        with httpx.Client(base_url=instance.services.admin_url, timeout=30) as http:
+            yield instance, http
+    finally:
+        instance.stop()
+
+
 CAPACITY_APP = """
 from shoal import serve
 
@@ -404,44 +452,33 @@ app = Scaled.bind(Fixed.bind())
 def test_target_capacity_scales_fixed_counts_and_autoscaling_bounds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shoal._config import AdminOptions
-    from shoal._instance.instance import Instance
-
-    (tmp_path / "capacity_app.py").write_text(CAPACITY_APP)
-    monkeypatch.chdir(tmp_path)  # the build child imports from the working directory
-    monkeypatch.syspath_prepend(str(tmp_path))
-    instance = Instance("local", None, admin=AdminOptions(port=0))
-    assert instance.services is not None and instance.services.admin_url is not None
     app = {"name": "cap", "route_prefix": None, "import_path": "capacity_app:app"}
-    try:
-        with httpx.Client(base_url=instance.services.admin_url, timeout=30) as http:
+    with _local_instance(tmp_path, monkeypatch, "capacity_app", CAPACITY_APP) as (instance, http):
 
-            def counts() -> dict[str, Any]:
-                details = http.get("/api/serve/applications/").json()
-                deployments = (details["applications"].get("cap") or {}).get("deployments", {})
-                running = {
-                    name: sum(r["state"] == "RUNNING" for r in d["replicas"])
-                    for name, d in deployments.items()
-                }
-                return {"capacity": details["target_capacity"], **running}
+        def counts() -> dict[str, Any]:
+            details = http.get("/api/serve/applications/").json()
+            deployments = (details["applications"].get("cap") or {}).get("deployments", {})
+            running = {
+                name: sum(r["state"] == "RUNNING" for r in d["replicas"])
+                for name, d in deployments.items()
+            }
+            return {"capacity": details["target_capacity"], **running}
 
-            def apply(**extra: Any) -> None:
-                reply = http.put("/api/serve/applications/", json={"applications": [app], **extra})
-                assert reply.status_code == 200, reply.text
+        def apply(**extra: Any) -> None:
+            reply = http.put("/api/serve/applications/", json={"applications": [app], **extra})
+            assert reply.status_code == 200, reply.text
 
-            apply()
-            wait_until(lambda: counts() == {"capacity": None, "Fixed": 4, "Scaled": 4}, 30)
-            # 50%: 4 fixed -> 2; bounds 2..6 -> 1..3, so the 4 running are cut to 3.
-            apply(target_capacity=50)
-            wait_until(lambda: counts() == {"capacity": 50.0, "Fixed": 2, "Scaled": 3}, 30)
-            scaled = instance.status().applications["cap"].deployments["Scaled"]
-            assert "target_capacity=50.0%" in scaled.scaling_decisions[-1].reason
-            apply(target_capacity=0)  # Ray's rule: 0% runs nothing
-            wait_until(lambda: counts() == {"capacity": 0.0, "Fixed": 0, "Scaled": 0}, 30)
-            apply()  # a file without it: back to 100% (the autoscaled one to its min)
-            wait_until(lambda: counts() == {"capacity": None, "Fixed": 4, "Scaled": 2}, 30)
-    finally:
-        instance.stop()
+        apply()
+        wait_until(lambda: counts() == {"capacity": None, "Fixed": 4, "Scaled": 4}, 30)
+        # 50%: 4 fixed -> 2; bounds 2..6 -> 1..3, so the 4 running are cut to 3.
+        apply(target_capacity=50)
+        wait_until(lambda: counts() == {"capacity": 50.0, "Fixed": 2, "Scaled": 3}, 30)
+        scaled = instance.status().applications["cap"].deployments["Scaled"]
+        assert "target_capacity=50.0%" in scaled.scaling_decisions[-1].reason
+        apply(target_capacity=0)  # Ray's rule: 0% runs nothing
+        wait_until(lambda: counts() == {"capacity": 0.0, "Fixed": 0, "Scaled": 0}, 30)
+        apply()  # a file without it: back to 100% (the autoscaled one to its min)
+        wait_until(lambda: counts() == {"capacity": None, "Fixed": 4, "Scaled": 2}, 30)
 
 
 APP_POLICY_MODULE = """
@@ -479,30 +516,22 @@ def coordinated(contexts):
 def test_an_application_policy_decides_for_every_autoscaled_deployment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shoal._config import AdminOptions
-    from shoal._instance.instance import Instance
-
-    (tmp_path / "app_policy.py").write_text(APP_POLICY_MODULE)
-    monkeypatch.chdir(tmp_path)  # the build child imports from the working directory
-    monkeypatch.syspath_prepend(str(tmp_path))  # the controller imports the policy
-    instance = Instance("local", None, admin=AdminOptions(port=0))
-    assert instance.services is not None and instance.services.admin_url is not None
     app = {
         "name": "coordinated", "route_prefix": None, "import_path": "app_policy:app",
         "autoscaling_policy": {"policy_function": "app_policy:coordinated"},
     }  # fmt: skip
-    try:
-        with httpx.Client(base_url=instance.services.admin_url, timeout=30) as http:
-            reply = http.put("/api/serve/applications/", json={"applications": [app]})
-            assert reply.status_code == 200, reply.text
+    with _local_instance(tmp_path, monkeypatch, "app_policy", APP_POLICY_MODULE) as (
+        instance,
+        http,
+    ):
+        reply = http.put("/api/serve/applications/", json={"applications": [app]})
+        assert reply.status_code == 200, reply.text
 
-            def running() -> dict[str, int]:
-                status = instance.status().applications.get("coordinated")
-                deployments = status.deployments if status is not None else {}
-                return {n: d.replica_states.get("RUNNING", 0) for n, d in deployments.items()}
+        def running() -> dict[str, int]:
+            status = instance.status().applications.get("coordinated")
+            deployments = status.deployments if status is not None else {}
+            return {n: d.replica_states.get("RUNNING", 0) for n, d in deployments.items()}
 
-            wait_until(lambda: running() == {"Front": 1, "Back": 2}, 30, "the policy's counts")
-            back = instance.status().applications["coordinated"].deployments["Back"]
-            assert "application policy app_policy:coordinated" in back.scaling_decisions[-1].reason
-    finally:
-        instance.stop()
+        wait_until(lambda: running() == {"Front": 1, "Back": 2}, 30, "the policy's counts")
+        back = instance.status().applications["coordinated"].deployments["Back"]
+        assert "application policy app_policy:coordinated" in back.scaling_decisions[-1].reason
