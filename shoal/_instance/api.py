@@ -44,6 +44,7 @@ from shoal._errors import (
 )
 from shoal._instance.home import default_admin_options
 from shoal._instance.instance import Instance
+from shoal._observe.options import Telemetry
 from shoal._router.router import RouterRegistry
 from shoal._seam.startup import user_frames
 
@@ -61,6 +62,8 @@ def start(
     *,
     resources: dict[str, float] | None = None,
     admin_options: dict[str, Any] | AdminOptions | None = None,
+    metrics_options: dict[str, Any] | None = None,
+    tracing_options: dict[str, Any] | None = None,
     _blocking: bool = True,
     _attach: bool = True,
     **kwargs: Any,
@@ -88,6 +91,7 @@ def start(
     )
     options = _http_options(http_options)
     admin = _admin_options(admin_options)
+    telemetry = _telemetry(metrics_options, tracing_options)
     with _lock:
         instance = _instances.get("process")
         if instance is None and _attach and _attach_to_server():
@@ -108,7 +112,9 @@ def start(
                 )
             return
         http = None if settings.proxy_location == "Disabled" else options
-        _instances["process"] = Instance("process", http, _blocking, settings, admin)
+        _instances["process"] = Instance(
+            "process", http, _blocking, settings, admin, telemetry=telemetry
+        )
         set_default_registry(_instances["process"].registry)
 
 
@@ -128,6 +134,17 @@ def _attach_to_server() -> bool:
     return True
 
 
+def _telemetry(metrics: dict[str, Any] | None, tracing: dict[str, Any] | None) -> Telemetry:
+    """The observability options of ``serve.start`` (shoal's own keywords), validated."""
+    options: dict[str, Any] = {}
+    if metrics is not None:
+        options["metrics"] = dict(metrics)
+    if tracing is not None:
+        options["tracing"] = dict(tracing)
+    telemetry: Telemetry = validate(Telemetry, options, "serve.start()")
+    return telemetry
+
+
 def _admin_options(value: dict[str, Any] | AdminOptions | None) -> AdminOptions:
     if isinstance(value, AdminOptions):
         return value
@@ -139,7 +156,7 @@ def _admin_options(value: dict[str, Any] | AdminOptions | None) -> AdminOptions:
 
 _START_KEYWORDS = (
     "proxy_location", "http_options", "grpc_options", "logging_config", "resources",
-    "admin_options", "_blocking", "_attach",
+    "admin_options", "metrics_options", "tracing_options", "_blocking", "_attach",
 )  # fmt: skip
 _RUN_KEYWORDS = ("target", "blocking", "name", "route_prefix", "logging_config",
                  "_local_testing_mode")  # fmt: skip

@@ -16,6 +16,8 @@ from shoal._controller.controller import Controller
 from shoal._controller.resources import Capacity, Ledger
 from shoal._controller.status import ServeStatus
 from shoal._instance.checkpoint import Checkpoint, DesiredState
+from shoal._observe.options import Telemetry
+from shoal._observe.process import configure_process
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import LoopThread
 from shoal._runtime.registry import create_runtime
@@ -47,8 +49,10 @@ class Instance:
         options: ServeStartOptions | None = None,
         admin: AdminOptions | None = None,
         server: ServerRole | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.kind = kind
+        self.telemetry = telemetry or Telemetry()
         self.http = http
         self.options = options or ServeStartOptions()
         self.admin_options = admin
@@ -79,6 +83,9 @@ class Instance:
         server, options = self.server, {}
         if server is not None:
             options = {"directory": server.directory, "orphan_grace_s": server.orphan_grace_s}
+        configure_process(self.telemetry, "controller")
+        if self.kind == "process":
+            options["telemetry"] = self.telemetry
         runtime = create_runtime(self.kind, **options)
         registry = RouterRegistry(runtime.connector, self.thread.loop)
         capacity = Capacity.detect(self.options.resources, TIMEOUTS.gpu_probe_s)

@@ -255,6 +255,14 @@ class AutoscalingStats(Message):
     timeout_s: float
 
 
+@message(33)
+class ConfigureProcess(Message):
+    """The instance's observability settings (``shoal._observe.options.Telemetry``, as a
+    dict); sent to every worker process right after its hello, before anything else."""
+
+    telemetry: dict[str, Any]
+
+
 # --- admin: a process attached to an instance -> that instance's control plane ------
 # Peers are same-user processes (SO_PEERCRED on the instance's admin socket).
 

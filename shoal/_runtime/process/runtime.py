@@ -30,6 +30,7 @@ from typing import Any
 
 from shoal._config import HTTPOptions
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
+from shoal._observe.options import Telemetry
 from shoal._proxy.proxy import LISTEN_FD_ENV, bind_listener
 from shoal._runtime.node import local_node_id
 from shoal._runtime.process.adopt import AdoptedProcess, Rejoined
@@ -42,6 +43,7 @@ from shoal._transport.connection import Connection, serve_unix
 from shoal._transport.failures import exception_from
 from shoal._transport.messages import (
     AutoscalingStats,
+    ConfigureProcess,
     DrainProxy,
     Failure,
     HealthCheck,
@@ -244,12 +246,19 @@ class ProcessRuntime:
 
     supports_http = True
 
-    def __init__(self, directory: str | None = None, orphan_grace_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        directory: str | None = None,
+        orphan_grace_s: float = 0.0,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         """``directory``: where the sockets go, used as is (a server's fixed directory);
         by default a new one of this process (see :mod:`.directory`), removed at shutdown.
         ``orphan_grace_s`` > 0: workers outlive this controller that long, serving, and
         rejoin its successor on the same directory (see :mod:`.adopt`)."""
         self._orphan_grace_s = orphan_grace_s
+        # Sent to every worker before anything else (ConfigureProcess).
+        self._telemetry = (telemetry or Telemetry()).model_dump()
         self.rejoined = Rejoined()
         self._spawn_slots = asyncio.Semaphore(_SPAWN_SLOTS)
         self._owns_directory = directory is None
@@ -352,7 +361,8 @@ class ProcessRuntime:
             worker, hello = await self._launch(kind, env_vars, pass_fds)
         worker.conn = hello
         worker.conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
-        snapshot = [
+        snapshot = [worker.request(ConfigureProcess(self._telemetry), _CONTROL_TIMEOUT_S)]
+        snapshot += [
             worker.request(update, _CONTROL_TIMEOUT_S) for update in self._membership.values()
         ]
         try:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from shoal._api.context import set_default_registry
 from shoal._config import HTTPOptions
 from shoal._errors import ShoalError
+from shoal._observe.options import Telemetry
+from shoal._observe.process import configure_process
 from shoal._replica.logs import configure_worker_logging, set_process_component
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import new_event_loop
@@ -33,6 +35,7 @@ from shoal._transport.connection import Connection, connect_unix
 from shoal._transport.failures import failure_from
 from shoal._transport.messages import (
     AutoscalingStats,
+    ConfigureProcess,
     DrainProxy,
     HealthCheck,
     Hello,
@@ -136,6 +139,8 @@ class Worker:
                 self._hosted_proxy().drain()
             case Ping():
                 pass  # liveness: answered by this loop itself, no user code runs
+            case ConfigureProcess():
+                configure_process(Telemetry.model_validate(msg.telemetry), self.worker_id)
             case _:
                 self.loop.create_task(self._control(conn, corr, msg))
                 return
