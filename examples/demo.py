@@ -97,10 +97,9 @@ def main(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run every app in ``APPS`` over HTTP until Ctrl-C, then shut shoal down."""
     serve.start(http_options={"host": host, "port": port})
     try:
-        for name, route_prefix, app in APPS:
-            # Each serve.run returns once that app's replicas are ready and
-            # HTTP answers, so every URL printed below already works.
-            serve.run(app, name=name, route_prefix=route_prefix)
+        # The apps deploy side by side; run_many returns once every replica is ready
+        # and HTTP answers, so every URL printed below already works.
+        serve.run_many([serve.RunTarget(app, name, prefix) for name, prefix, app in APPS])
         base_url = f"http://{host}:{port}"
         for name, route_prefix, _ in APPS:
             print(f"{name:<9} {base_url}{route_prefix}")

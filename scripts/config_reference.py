@@ -58,10 +58,12 @@ Rules:
 * Validation is strict: an unknown key is an error (with its close matches), and
   values are not converted (`port: "8000"` is refused). Every problem is reported at
   once, one line each: `applications[1].deployments[0].num_replicas: -1 is not >= 0`.
-* Sections shoal does not implement yet (`grpc_options`, `logging_config`,
-  `target_capacity`, and the deployment options refused in [options.md](options.md))
-  are accepted with exactly Ray's default values, and refused with the issue that
-  brings them otherwise.
+* Sections shoal does not implement yet (`grpc_options`, and the deployment options
+  refused in [options.md](options.md)) are accepted with exactly Ray's default
+  values, and refused with the issue that brings them otherwise.
+* `logging_config` ([logging.md](logging.md)): a deployment's own wins, else its
+  application's, else the file's top level (one equal to Ray's defaults changes
+  nothing).
 * A deployment entry overrides only the keys it sets; a key's value replaces the
   code's whole value, as in Ray (`ray_actor_options: {num_cpus: 1}` drops a
   `num_gpus` set in code). A name that matches no deployment of the application is

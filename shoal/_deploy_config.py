@@ -1,10 +1,10 @@
 """Ray Serve's config file (``serve deploy`` / ``serve build`` format), strictly validated.
 
 A file Ray Serve accepts is accepted here unchanged, as long as it only uses what
-shoal implements: sections shoal does not implement yet (gRPC, logging,
-``target_capacity``) are accepted with exactly Ray's default values and refused
-otherwise, naming the issue that brings them. Every problem is reported as one
-line ``<field path>: <value> <what is wrong>`` in a single :class:`ConfigError`.
+shoal implements: a section shoal does not implement yet (gRPC) is accepted with
+exactly Ray's default values and refused otherwise, naming the issue that brings
+them. Every problem is reported as one line ``<field path>: <value> <what is
+wrong>`` in a single :class:`ConfigError`.
 Deployment overrides reuse :class:`shoal._config.DeploymentConfig`'s fields, so
 an option has the same type, bounds and refusals in code and in a file.
 """
@@ -27,6 +27,8 @@ from shoal._config import (
     AutoscalingPolicy,
     DeploymentConfig,
     HTTPOptions,
+    LoggingConfig,
+    TracingOptions,
     _Strict,
     refusals,
     runtime_env_problems,
@@ -62,20 +64,6 @@ class _DefaultsOnly(_Strict):
         return self
 
 
-class LoggingConfig(_DefaultsOnly):
-    """Ray's ``logging_config``: accepted with Ray's defaults only (issue 12 brings logging)."""
-
-    _refused_because = NOT_SUPPORTED_YET["logging_config"]
-
-    encoding: str = Field("TEXT", description="Log encoding (Ray: TEXT or JSON).")
-    log_level: str | int = Field("INFO", description="Log level of the replicas' loggers.")
-    logs_dir: str | None = Field(None, description="Directory for log files.")
-    enable_access_log: bool = Field(True, description="Whether requests are logged.")
-    additional_log_standard_attrs: list[str] = Field(
-        default_factory=list, description="Extra LogRecord attributes in each line."
-    )
-
-
 class gRPCOptionsSchema(_DefaultsOnly):  # Ray's name
     """Ray's ``grpc_options``: accepted with Ray's defaults only (issue 14 brings gRPC)."""
 
@@ -100,17 +88,12 @@ class DeploymentSchema(DeploymentConfig):
         description="The deployment to override, as named in the application (the class or "
         "function name unless the code sets name=); required.",
     )
-    logging_config: LoggingConfig | None = Field(  # type: ignore[assignment]
-        None, description="Ray's logging options: accepted with Ray's defaults only (issue 12)."
-    )
 
     @model_validator(mode="after")
     def _supported(self) -> DeploymentSchema:
         found: list[Problem] = []
         for line in refusals(self):
             option, _, reason = line.partition(" is not supported yet: ")
-            if option == "logging_config":
-                continue  # LoggingConfig refuses its own non-default values, by key
             path, value = ("num_replicas", "auto") if option.startswith("num_replicas") else (
                 option, _dotted(self, option)
             )  # fmt: skip
@@ -183,7 +166,9 @@ class ServeApplicationSchema(_Strict):
         default_factory=list, description="Overrides of the options the code sets."
     )
     logging_config: LoggingConfig | None = Field(
-        None, description="Ray's logging options: accepted with Ray's defaults only (issue 12)."
+        None,
+        description="How the application's deployments log, unless one sets its own "
+        "(docs/logging.md); null: the file's top-level logging_config.",
     )
     autoscaling_policy: AutoscalingPolicy | None = Field(
         None,
@@ -251,7 +236,14 @@ class ServeDeploySchema(_Strict):
         None, description="Ray's gRPC proxy options: accepted with Ray's defaults only (issue 14)."
     )
     logging_config: LoggingConfig | None = Field(
-        None, description="Ray's logging options: accepted with Ray's defaults only (issue 12)."
+        None,
+        description="How the deployments of every application log, unless the application or "
+        "the deployment sets its own (docs/logging.md).",
+    )
+    tracing_options: TracingOptions | None = Field(
+        None,
+        description="OpenTelemetry tracing of the instance (a shoal extension; "
+        "docs/tracing.md), applied where the file starts it (shoal run); null: off.",
     )
     target_capacity: float | None = Field(
         None,

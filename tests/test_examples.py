@@ -9,6 +9,7 @@ which owns ``serve.start``/``serve.shutdown``), and delete them afterwards.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -266,6 +267,44 @@ def test_deadlines_example_times_out_and_cancels_the_slow_calls() -> None:
     assert lines[3] == "model calls cancelled at their deadline: 2", proc.stdout
 
 
+def test_tracing_example_assembles_the_tree_of_every_process(tmp_path: Path) -> None:
+    """Also test_tracing's multi-process case: the proxy's and three replicas' spans,
+    each process appending its own to one JSON-lines file, make one tree."""
+    pytest.importorskip("opentelemetry.sdk", reason="tracing needs pip install 'shoal[tracing]'")
+    from examples.tracing import CLIENT_SPAN_ID, TRACE_ID
+
+    path = tmp_path / "spans.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.tracing", "--port", str(free_port()),
+         "--spans", str(path)],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[2:] == [
+        "SERVER POST /embed [proxy]",
+        "  SERVER Ingress/__call__ [replica]",
+        "    CLIENT Tokenize/__call__ [replica]",
+        "      SERVER Tokenize/__call__ [replica]",
+        "        CLIENT Embed/__call__ [replica]",
+        "          SERVER Embed/__call__ [replica]",
+        "            INTERNAL embed-tokens [replica]",
+    ], proc.stdout
+    spans = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {span["trace_id"] for span in spans} == {TRACE_ID}
+    ids = {span["span_id"]: span for span in spans}
+    (root,) = [span for span in spans if span["parent_span_id"] not in ids]
+    assert root["name"] == "POST /embed" and root["parent_span_id"] == CLIENT_SPAN_ID
+    for span in spans:  # a CLIENT span and its SERVER child run in different processes
+        parent = ids.get(span["parent_span_id"])
+        if parent is not None and parent["kind"] == "CLIENT":
+            assert span["resource"]["shoal.process"] != parent["resource"]["shoal.process"]
+    assert len({span["resource"]["shoal.process"] for span in spans}) == 4  # proxy, 3 replicas
+    request_id = re.search(r"request (\w+):", proc.stdout)
+    assert request_id is not None, proc.stdout
+    servers = [span for span in spans if span["kind"] == "SERVER"]
+    assert {s["attributes"]["shoal.request_id"] for s in servers} == {request_id.group(1)}
+
+
 def test_autoscaling_example_scales_up_under_load_and_back_to_zero() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "examples.autoscaling", "--port", str(free_port())],
@@ -453,3 +492,30 @@ def test_priorities_example_serves_the_high_priority_requests_first() -> None:
     # Right after the low request running when they arrived (before it, if a slow machine
     # let them arrive before any low one reached the replica): never behind the backlog.
     assert max(map(int, high.groups())) <= 3, proc.stdout
+
+
+def test_observability_example_shows_metrics_status_logs_and_the_failed_request(
+    tmp_path: Path,
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.observability", "--port", str(free_port()),
+         "--admin-port", str(free_port()), "--logs-dir", str(tmp_path)],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    failed = re.search(r"HTTP 500, request id (\w+)", out)
+    assert failed is not None, out
+    # The metrics: HTTP counts by status, each deployment's calls, the custom counter.
+    assert 'route="/score",status_code="200"} 3.0' in out
+    assert 'route="/score",status_code="500"} 1.0' in out
+    assert re.search(r'ray_scorer_positive_answers_total\{.*deployment="Scorer".*\} 2\.0', out)
+    # The readable status with the scorer's own details.
+    assert "Scorer: HEALTHY, 1 RUNNING (target 1)" in out
+    assert re.search(r"scoring#Scorer#\w+: \{threshold: 0.5, answered: 3\}", out)
+    # The log file: the user's lines tagged with the replica id and the request id.
+    assert re.search(
+        r"INFO \S+ \S+ scoring Scorer scoring#Scorer#\w+ \[\w+\] .* - scoring 0.90", out
+    )
+    # The dashboard lists the failed request by its id.
+    assert f"recent error: {failed.group(1)} ValueError: score must be within [0, 1]" in out

@@ -206,4 +206,4 @@ serve.shutdown()
 def test_replica_log_lines_carry_the_request_id(tmp_path: Path) -> None:
     result = run_driver(tmp_path, LOGGING_DRIVER)
     line = next(li for li in result.stderr.splitlines() if "scoring with the new weights" in li)
-    assert "WARNING my.model [rid-7]:" in line
+    assert line.startswith("WARNING ") and " [rid-7] " in line, line  # docs/logging.md

@@ -83,7 +83,6 @@ def test_run_accepts_rays_positional_order() -> None:
 @pytest.mark.parametrize(
     ("options", "option"),
     [
-        ({"logging_config": {"log_level": "DEBUG"}}, "logging_config"),
         ({"placement_group_bundles": [{"CPU": 1}]}, "placement_group_bundles"),
         ({"placement_group_strategy": "PACK"}, "placement_group_strategy"),
         ({"max_replicas_per_node": 1}, "max_replicas_per_node"),
@@ -134,22 +133,27 @@ def test_defaults_of_refused_options_are_accepted() -> None:
 @pytest.mark.parametrize(
     ("call", "option"),
     [
-        (lambda: serve.run(_app(), logging_config={"log_level": "DEBUG"}), "logging_config"),
         (
             lambda: serve.start(http_options={"port": free_port()}, grpc_options={"port": 9000}),
             "grpc_options",
-        ),
-        (
-            lambda: serve.start(
-                http_options={"port": free_port()}, logging_config={"encoding": "JSON"}
-            ),
-            "logging_config",
         ),
     ],
 )
 def test_unsupported_run_and_start_keywords_are_refused(call: Any, option: str) -> None:
     with pytest.raises(serve.ConfigError, match=f"{option} is not supported yet"):
         call()
+
+
+def test_logging_config_is_accepted_and_validated_by_field() -> None:
+    """logging_config works (docs/logging.md); a bad value names its field and value."""
+    config = serve.deployment(logging_config={"log_level": "debug", "encoding": "json"})(
+        lambda: None
+    ).config.logging_config
+    assert config is not None and (config.log_level, config.encoding) == ("DEBUG", "JSON")
+    with pytest.raises(serve.ConfigError, match=r"logging_config\.log_level='LOUD'.*DEBUG"):
+        serve.deployment(lambda: None).options(logging_config={"log_level": "LOUD"})
+    with pytest.raises(serve.ConfigError, match=r"encoding='XML'.*'TEXT' or 'JSON'"):
+        serve.run(_app(), logging_config={"encoding": "XML"})
 
 
 # --- (c) graceful_shutdown_wait_loop_s ------------------------------------------------------

@@ -49,6 +49,9 @@ from shoal.serve.exceptions import RequestCancelledError
 from shoal.serve.config import AutoscalingConfig, HTTPOptions
 from shoal.serve.schema import ApplicationStatus, DeploymentStatus, ServeStatus
 from shoal.serve.context import ReplicaContext
+from shoal.serve.metrics import Counter, Gauge, Histogram
+from shoal.serve import metrics
+assert metrics.Counter is Counter
 assert serve.handle.DeploymentHandle is DeploymentHandle  # attribute access, as with Ray
 assert serve.config.HTTPOptions is serve.HTTPOptions
 print("ok")
@@ -68,10 +71,11 @@ SUBMODULES = {
     ],
     "schema": [
         "ApplicationStatus", "ApplicationStatusOverview", "DeploymentSchema", "DeploymentStatus",
-        "DeploymentStatusOverview", "ReplicaState", "ServeApplicationSchema", "ServeDeploySchema",
-        "ServeStatus",
+        "DeploymentStatusOverview", "LoggingConfig", "ReplicaState", "ServeApplicationSchema",
+        "ServeDeploySchema", "ServeStatus",
     ],
     "context": ["ReplicaContext"],
+    "metrics": ["Counter", "Gauge", "Histogram"],
 }  # fmt: skip
 
 

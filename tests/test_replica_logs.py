@@ -1,8 +1,10 @@
 """Replica log lines on the driver's terminal, with the multi-process runtime.
 
 A replica's ``logging.getLogger("ray.serve")`` writes at INFO, in Ray Serve's replica
-format (the same as local testing mode): level, time, deployment, the replica id as
-``serve.status()`` shows it, the request id while serving one, file:line, message.
+format (the same as local testing mode): level, time, application, deployment, the
+replica id as ``serve.status()`` shows it, the request id while serving one,
+file:line, message. The user's own loggers and print() get the same prefix
+(docs/logging.md; tests/test_logging.py covers logging_config).
 """
 
 from __future__ import annotations
@@ -79,12 +81,14 @@ def test_ray_serve_logger_lines_reach_the_driver_with_the_replica_id(tmp_path: P
 
     (hello,) = lines_with("Hello world!")
     assert re.fullmatch(
-        rf"INFO {TIME} SayHello {re.escape(say_hello)} \[rid-7\] driver\.py:\d+ - Hello world!",
+        rf"INFO {TIME} default SayHello {re.escape(say_hello)} \[rid-7\] driver\.py:\d+ - "
+        "Hello world!",
         hello,
     ), hello
     (constructed,) = lines_with("constructed")
     assert re.fullmatch(
-        rf"INFO {TIME} SayHello {re.escape(say_hello)} driver\.py:\d+ - constructed", constructed
+        rf"INFO {TIME} default SayHello {re.escape(say_hello)} driver\.py:\d+ - constructed",
+        constructed,
     ), constructed
     (threaded,) = lines_with("from a thread")
     assert f" SayHello {say_hello} " in threaded, threaded
@@ -93,10 +97,11 @@ def test_ray_serve_logger_lines_reach_the_driver_with_the_replica_id(tmp_path: P
     assert not lines_with("quiet info")
     (warning,) = lines_with("quiet warning")
     assert warning.startswith("WARNING ") and f" Quiet {quiet} [rid-8] " in warning, warning
-    # Other loggers keep their format and request id; print() still reaches the terminal.
+    # The user's loggers and print() get the same prefix; print() stays on its stream.
     (scoring,) = lines_with("scoring")
-    assert re.fullmatch(
-        r"\(shoal replica-[0-9a-f]{8}\) WARNING my\.model \[rid-7\]: scoring", scoring
-    )
-    assert "printed to stdout" in result.stdout
-    assert lines_with("printed to stderr") == ["printed to stderr"]
+    prefix = rf"{TIME} default SayHello {re.escape(say_hello)} \[rid-7\] driver\.py:\d+ - "
+    assert re.fullmatch(rf"WARNING {prefix}scoring", scoring), scoring
+    (printed,) = [line for line in result.stdout.splitlines() if "printed to stdout" in line]
+    assert re.fullmatch(rf"INFO {prefix}printed to stdout", printed), printed
+    (printed,) = lines_with("printed to stderr")
+    assert re.fullmatch(rf"ERROR {prefix}printed to stderr", printed), printed

@@ -11,7 +11,11 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from shoal._api.context import replica_context
+from shoal._observe.metrics import histogram
 
 logger = logging.getLogger("shoal.batch")
 
@@ -75,6 +79,67 @@ class BatchStats:
     wait_s: Summary
     duration_s: Summary
     latency: LatencyPlan | None
+
+
+#: Bucket upper bounds of ``shoal_batch_size`` (items, or batch_size_fn units).
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Bucket upper bounds of ``shoal_batch_wait_ms``: waits are often below a millisecond.
+WAIT_BUCKETS_MS = (0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+_LABELS = ("application", "deployment", "replica", "method")
+
+
+class BatchRecorder:
+    """One batcher's metrics: ``shoal_batch_size`` and ``shoal_batch_wait_ms`` (how long
+    each batch's oldest request waited), recorded once per batch on the batcher's loop.
+    Built with the batcher (at its first call, in the replica: never at import)."""
+
+    __slots__ = ("size", "wait")
+
+    def __init__(self, method: str) -> None:
+        context = replica_context.get()
+        labels = ("", "", "") if context is None else (
+            context.app_name, context.deployment, context.replica_id,
+        )  # fmt: skip
+        sizes = histogram(
+            "shoal_batch_size", "Size of each batch a @serve.batch batcher ran.",
+            _LABELS, buckets=SIZE_BUCKETS,
+        )  # fmt: skip
+        waits = histogram(
+            "shoal_batch_wait_ms",
+            "How long each batch's oldest request waited before the batch started (ms).",
+            _LABELS, buckets=WAIT_BUCKETS_MS,
+        )  # fmt: skip
+        self.size = sizes.labels(*labels, method)
+        self.wait = waits.labels(*labels, method)
+
+    def observe(self, size: int, wait_s: float) -> None:
+        self.size.observe(size)
+        self.wait.observe(wait_s * 1000)
+
+
+def describe(stats: BatchStats) -> dict[str, Any]:
+    """A batcher's stats as the JSON values status shows (``batching`` in a replica's
+    details): counters, the recent size and wait percentiles, and the latency plan."""
+    described: dict[str, Any] = {
+        "batches": stats.batches,
+        "requests": stats.requests,
+        "failed_batches": stats.failed_batches,
+        "queued": stats.queued,
+        "max_batch_size": stats.max_batch_size,
+        "batch_wait_timeout_s": stats.batch_wait_timeout_s,
+        "size": {"p50": stats.size.p50, "p99": stats.size.p99, "max": stats.size.max},
+        "wait_ms": {
+            "p50": round(stats.wait_s.p50 * 1000, 3),
+            "p99": round(stats.wait_s.p99 * 1000, 3),
+        },
+    }
+    if stats.latency is not None:
+        described["plan"] = {key: _rounded(value) for key, value in asdict(stats.latency).items()}
+    return described
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 6) if isinstance(value, float) and math.isfinite(value) else value
 
 
 class Stats:

@@ -40,7 +40,15 @@ from typing import Any
 
 from shoal._api.batch_callers import END, ERROR, ITEM, make_caller
 from shoal._api.batch_handler import Handler, as_list, take_names
-from shoal._api.batch_metrics import BatchStats, LatencyPlan, Planner, Stats, Summary, summarize
+from shoal._api.batch_metrics import (
+    BatchRecorder,
+    BatchStats,
+    LatencyPlan,
+    Planner,
+    Stats,
+    Summary,
+    summarize,
+)
 from shoal._api.batch_options import (
     Options,
     check_known,
@@ -173,6 +181,7 @@ class _Batcher:
         self.wakeup = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics = BatchRecorder(state.handler.fn.__name__)  # on the loop, in the replica
 
     def submit(self, arguments: dict[str, Any], streaming: bool) -> _Item:
         context = request_context.get()
@@ -324,6 +333,7 @@ class _Batcher:
             duration = time.monotonic() - started
             self.running -= 1
             state.stats.record(len(batch), measure, wait, duration, ok)
+            self.metrics.observe(measure, wait)
             if ok and state.planner is not None and not state.handler.streaming:
                 state.planner.observe(measure, duration)
             self.wakeup.set()
@@ -519,6 +529,12 @@ class _BatchMethod:
             f"each instance has its own batcher: call self.{name}.{setter}(...) on an "
             "instance (for example in reconfigure), not on the class"
         )
+
+
+def batchers_of(instance: Any) -> dict[str, BatchStats]:
+    """The stats of each batcher an instance has used, by method name (status details)."""
+    callers = getattr(instance, "__dict__", {}).get("_shoal_batchers", {})
+    return {method.__name__: caller.batch_stats() for method, caller in list(callers.items())}
 
 
 def batch(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shoal._errors import NotRunningError, ShoalError
+from shoal._observe.metrics.custom import set_identity_provider
 
 if TYPE_CHECKING:
     from shoal._router.router import RouterRegistry
@@ -62,6 +63,18 @@ request_context: contextvars.ContextVar[RequestContext] = contextvars.ContextVar
     "shoal_request_context",
     default=_NO_REQUEST,
 )
+
+
+def _replica_identity() -> tuple[str, str, str] | None:
+    """(application, deployment, replica id) of the replica running the caller, or None."""
+    context = replica_context.get()
+    if context is None:
+        return None
+    return (context.app_name, context.deployment, context.replica_id)
+
+
+# Users' custom metrics (shoal.serve.metrics) get the replica's tags from here.
+set_identity_provider(_replica_identity)
 
 
 def get_replica_context() -> ReplicaContext:

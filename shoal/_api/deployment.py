@@ -62,7 +62,9 @@ class Deployment:
 
     @property
     def logging_config(self) -> dict[str, Any] | None:
-        return self._config.logging_config
+        """As Ray's: a dict (its fields are ``shoal.serve.schema.LoggingConfig``'s), or None."""
+        config = self._config.logging_config
+        return None if config is None else config.model_dump()
 
     @property
     def init_args(self) -> tuple[Any, ...]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from shoal._api.deployment import Application
 from shoal._api.handle import DeploymentHandle
-from shoal._config import DeploymentConfig
+from shoal._config import DeploymentConfig, LoggingConfig
 from shoal._errors import ConfigError
 from shoal._router.router import RouterRegistry
 from shoal._seam.code import UserCode
@@ -28,9 +28,15 @@ _LIGHTWEIGHT = {
 
 
 def build_app(
-    app: Application, name: str, route_prefix: str | None, registry: RouterRegistry | None
+    app: Application,
+    name: str,
+    route_prefix: str | None,
+    registry: RouterRegistry | None,
+    logging_config: LoggingConfig | None = None,
 ) -> AppSpec:
-    """Walk the graph from the ingress; every distinct bound deployment becomes a spec."""
+    """Walk the graph from the ingress; every distinct bound deployment becomes a spec.
+
+    ``logging_config`` (``serve.run``'s) is given to every deployment that sets none."""
     if not isinstance(app, Application):
         raise ConfigError(
             f"serve.run() takes an application built with Deployment.bind(), got {app!r}"
@@ -65,6 +71,8 @@ def build_app(
         args = _substitute(node.args, to_handle, set())
         kwargs = _substitute(node.kwargs, to_handle, set())
         config = node.deployment.config
+        if logging_config is not None and config.logging_config is None:
+            config = config.model_copy(update={"logging_config": logging_config})
         dep_name = names[id(node)]
         code = UserCode(node.deployment.func_or_class, args, kwargs)
         specs[dep_name] = DeploymentSpec(dep_name, code, config, _code_version(code, config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,7 @@ from shoal._errors import (
     SyncCallInEventLoopError,
     TransportError,
 )
+from shoal._observe import tracing
 from shoal._router.queue import CHOICES, PRIORITIES, RANKS, rank_of
 from shoal._router.router import REPLY_GRACE_S, Router, RouterRegistry
 from shoal._seam.loops import on_loop
@@ -182,8 +184,15 @@ class DeploymentHandle:
         request = Request(
             self._method, args, kwargs, context.request_id, self._stream, self._mux, None, priority
         )
-        if self._timeout_s is not None or context.deadline is not None:
-            return self._remote_by(router, request, context.deadline)
+        if tracing.on:
+            return self._traced(router, request, context.deadline)
+        return self._send(router, request, context.deadline)
+
+    def _send(self, router: Router, request: Request, inherited: float | None) -> Any:
+        """Send the request ``remote()`` built: now if a replica has room, else through a
+        task (or as a stream); ``inherited``: the deadline of the request being served."""
+        if self._timeout_s is not None or inherited is not None:
+            return self._remote_by(router, request, inherited)
         loop = router.loop
         on_router_loop = on_loop(loop)
         if self._stream:
@@ -192,13 +201,29 @@ class DeploymentHandle:
             return DeploymentResponse(
                 asyncio.run_coroutine_threadsafe(_assign(router, request), loop), loop
             )
-        if not router.waiting and not _has_responses(args, kwargs):
+        if not router.waiting and not _has_responses(request.args, request.kwargs):
             slot = router.choose()
             if slot is not None:  # fast path: a replica has room, send now without a task
                 future = router.send(slot, request)
                 if not future.done():
                     return DeploymentResponse(future, loop)
         return DeploymentResponse(loop.create_task(_assign(router, request)), loop)
+
+    def _traced(self, router: Router, request: Request, inherited: float | None) -> Any:
+        """``_send`` within the call's CLIENT span (docs/tracing.md), which ends with the
+        reply, or when the stream ends."""
+        span = tracing.start_call(self._app, self._deployment, self._method, request)
+        try:
+            response = self._send(router, request, inherited)
+        except BaseException as exc:
+            tracing.fail(span, exc)
+            span.end()
+            raise
+        if type(response) is DeploymentResponse:
+            response._inner.add_done_callback(functools.partial(tracing.end_call, span))
+        else:
+            response._span = span
+        return response
 
     def _remote_by(self, router: Router, request: Request, inherited: float | None) -> Any:
         """``remote()`` of a call with a deadline: the earlier of the inherited one and
@@ -228,6 +253,8 @@ class DeploymentHandle:
         router = self._get_router()
         context = request_context.get()
         request = Request(self._method, args, kwargs, context.request_id, False, self._mux)
+        if tracing.on:  # every replica's span is a child of the caller's current span
+            request.traceparent = tracing.current_traceparent()
         loop = router.loop
         on_router_loop = on_loop(loop)
         coroutine = _broadcast(router, request)
@@ -444,6 +471,7 @@ class DeploymentResponseGenerator:
         self._stream: Stream | None = None
         self._done = False
         self._deadline = deadline
+        self._span: Any = None  # the call's span when tracing (ends with the stream)
         # The request is sent at call time, as in Ray (a batched generator joins its batch
         # when called, not when first read); the stream is picked up on the first read.
         opening = self._open(request, deadline)
@@ -473,7 +501,9 @@ class DeploymentResponseGenerator:
         self._done = True
         if self._stream is not None:
             self._stream.close()  # cancels the replica's generator
-        raise self._router.timed_out("before the stream ended; it was cancelled")
+        if self._span is not None:
+            self._end_span(TimeoutError("the stream's deadline passed"))
+        raise self._router.timed_out("before the stream ended; it was cancelled", "reply")
 
     async def _receive(self) -> Message:
         if self._stream is None:
@@ -487,9 +517,22 @@ class DeploymentResponseGenerator:
         if type(msg) is StreamItem:
             return msg.value
         self._done = True
+        if self._span is not None:
+            self._end_span(msg)
         if type(msg) is StreamEnd:
             return _END
         return _unwrap(msg)
+
+    def _end_span(self, outcome: Any = None) -> None:
+        """End the call's span, if tracing: with the last message, an error, or nothing."""
+        span, self._span = self._span, None
+        if span is None:
+            return
+        if isinstance(outcome, BaseException):
+            tracing.fail(span, outcome)
+            span.end()
+        else:
+            tracing.end_reply(span, outcome)
 
     def __await__(self) -> Any:
         raise TypeError(
@@ -543,6 +586,7 @@ class DeploymentResponseGenerator:
         """Stop the stream; the replica's generator is cancelled (and its slot released),
         whether the stream is still opening, opened, or being read."""
         self._done = True
+        self._end_span()
         self._router.loop.call_soon_threadsafe(self._abandon)
 
     def _abandon(self) -> None:
@@ -556,6 +600,8 @@ class DeploymentResponseGenerator:
         # A stream nobody reads any more must not hold its replica slot for ever.
         if hasattr(self, "_opening") and not self._done and not self._router.loop.is_closed():
             self.cancel()
+        if getattr(self, "_span", None) is not None:
+            self._end_span()
 
 
 _END = object()

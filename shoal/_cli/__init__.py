@@ -3,7 +3,8 @@
 Serving in this process: ``shoal run CONFIG|MODULE:APP [key=value ...] [--reload]``
 and ``shoal demo`` (``embedded.py``). Operating an instance over its admin REST
 API: ``shoal start``, ``deploy``, ``status``, ``config``, ``delete``,
-``shutdown``, and ``shoal build`` to write a config file (``ops.py``).
+``shutdown``, and ``shoal build`` to write a config file (``ops.py``); ``shoal
+logs`` reads the running server's log files (``logs.py``).
 
 Options come from the one config schema (:mod:`shoal._config`), so the CLI
 never lists an option's default or bounds a second time. Every error is one
@@ -16,7 +17,7 @@ import argparse
 import logging
 from typing import Any
 
-from shoal._cli import embedded, ops
+from shoal._cli import embedded, logs, ops
 from shoal._cli.client import DEFAULT_ADDRESS
 from shoal._config import AdminOptions, HTTPOptions
 
@@ -74,6 +75,16 @@ def _operating_commands(commands: Any) -> None:
     start.add_argument("--admin-port", type=int, help=f"admin API port (default: {admin.port})")
     start.add_argument("--proxy-location", choices=["Disabled", "HeadOnly", "EveryNode"])
     start.add_argument("--resources", help="custom resources as JSON, e.g. '{\"GPU\": 1}'")
+    start.add_argument(
+        "--tracing-options",
+        help="OpenTelemetry tracing as JSON (docs/tracing.md), e.g. "
+        '\'{"enabled": true, "exporter": "otlp"}\'',
+    )
+    start.add_argument(
+        "--logging-config",
+        help="the instance's logging_config as JSON (docs/logging.md), e.g. "
+        '\'{"encoding": "JSON"}\'',
+    )
     start.add_argument("--timeout", type=float, help=argparse.SUPPRESS)
     start.set_defaults(func=ops.start)
     deploy = commands.add_parser("deploy", help="deploy a config file (YAML or JSON)")
@@ -101,6 +112,7 @@ def _operating_commands(commands: Any) -> None:
     build.add_argument("--name", default="default", help="application name (default: default)")
     build.add_argument("--route-prefix", default="/", help="route prefix (default: /)")
     build.set_defaults(func=ops.build)
+    logs.add_command(commands)
 
 
 def main(argv: list[str] | None = None) -> None:

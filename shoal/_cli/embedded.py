@@ -78,6 +78,8 @@ class _Target:
     apps: list[tuple[str, str | None, Any]]
     host: str
     port: int
+    tracing: dict[str, Any] | None = None  # a config file's tracing_options
+    logging: dict[str, Any] | None = None  # a config file's top-level logging_config
 
 
 def _is_config(target: str) -> bool:
@@ -119,7 +121,9 @@ def _resolve(args: argparse.Namespace) -> _Target:
     host = args.host or getattr(http, "host", None) or default.host
     port = args.port if args.port is not None else getattr(http, "port", default.port)
     apps = [(b.name, b.route_prefix, b.app) for b in built]
-    return _Target(apps, host, port)
+    tracing = config.tracing_options
+    logging = None if config.logging_config is None else config.logging_config.model_dump()
+    return _Target(apps, host, port, None if tracing is None else tracing.model_dump(), logging)
 
 
 def _deploy(target: _Target) -> None:
@@ -139,7 +143,9 @@ def run(args: argparse.Namespace) -> None:
         # The proxy process starts while the application's replicas start (cold start).
         serve.start(
             http_options={"host": target.host, "port": target.port},
-            admin_options=_admin_options(args), _blocking=False, _attach=False,
+            admin_options=_admin_options(args), tracing_options=target.tracing,
+            logging_config=target.logging,
+            _blocking=False, _attach=False,
         )  # fmt: skip
         _deploy(target)
     except ShoalError as exc:

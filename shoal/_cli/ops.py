@@ -84,11 +84,13 @@ def status_of(details: dict[str, Any]) -> dict[str, Any]:
                 "replica_states": dict(Counter(r.get("state") for r in dep.get("replicas") or [])),
                 "message": dep.get("message", ""),
                 **_scaling(dep),
+                **_details(dep),
             }
             for dep_name, dep in (app.get("deployments") or {}).items()
         }
         applications[name] = {
             "status": app.get("status"),
+            **({"route_prefix": app["route_prefix"]} if "route_prefix" in app else {}),
             "message": app.get("message", ""),
             "last_deployed_time_s": app.get("last_deployed_time_s"),
             "deployments": deployments,
@@ -102,19 +104,32 @@ def status_of(details: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _details(deployment: dict[str, Any]) -> dict[str, Any]:
+    """What the replicas reported (``status_details()``, batchers), by replica id."""
+    details = {
+        replica.get("replica_id"): replica["details"]
+        for replica in deployment.get("replicas") or []
+        if replica.get("details") is not None
+    }
+    return {"details": details} if details else {}
+
+
 def _scaling(deployment: dict[str, Any]) -> dict[str, Any]:
-    """An autoscaled deployment's target and last decisions, for ``shoal status``."""
+    """The target replica count, whether the autoscaler sets it, and its last decisions
+    (as ``print(serve.status())`` shows them), for ``shoal status``."""
+    scaling: dict[str, Any] = {}
+    if "target_num_replicas" in deployment:
+        scaling["target_num_replicas"] = deployment["target_num_replicas"]
+    if deployment.get("autoscaling"):
+        scaling["autoscaling"] = True
     decisions = deployment.get("scaling_decisions") or []
-    if not decisions:
-        return {}
-    return {
-        "target_num_replicas": deployment.get("target_num_replicas"),
-        "scaling_decisions": [
+    if decisions:
+        scaling["scaling_decisions"] = [
             f"{time.strftime('%H:%M:%S', time.localtime(d['time']))} "
             f"{d['from_replicas']} -> {d['to_replicas']}: {d['reason']}"
             for d in decisions[-5:]
-        ],
-    }
+        ]
+    return scaling
 
 
 def status(args: argparse.Namespace) -> None:
@@ -225,6 +240,42 @@ def _combine(apps: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
+def _tracing_options(text: str | None) -> Any:
+    """``--tracing-options`` (JSON), validated: a TracingOptions, or None if not given."""
+    from shoal._config import TracingOptions, validate
+
+    if text is None:
+        return None
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(
+            f"shoal start: --tracing-options is not JSON ({exc}); "
+            "e.g. --tracing-options '{\"enabled\": true}'"
+        ) from None
+    if not isinstance(given, dict):
+        raise SystemExit(f"shoal start: --tracing-options must be a JSON object, got {text}")
+    return validate(TracingOptions, given, "shoal start --tracing-options")
+
+
+def _logging_config(text: str | None) -> Any:
+    """``--logging-config`` (JSON), validated: a LoggingConfig, or None if not given."""
+    from shoal._config import LoggingConfig, validate
+
+    if text is None:
+        return None
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(
+            f"shoal start: --logging-config is not JSON ({exc}); "
+            'e.g. --logging-config \'{"encoding": "JSON"}\''
+        ) from None
+    if not isinstance(given, dict):
+        raise SystemExit(f"shoal start: --logging-config must be a JSON object, got {text}")
+    return validate(LoggingConfig, given, "shoal start --logging-config")
+
+
 def start(args: argparse.Namespace) -> None:
     from shoal._config import TIMEOUTS, AdminOptions, HTTPOptions, validate
     from shoal._errors import ShoalError
@@ -249,11 +300,14 @@ def start(args: argparse.Namespace) -> None:
         admin = validate(
             AdminOptions, _given(host=args.admin_host, port=args.admin_port), "admin_options"
         )
+        tracing = _tracing_options(args.tracing_options)
+        logging_config = _logging_config(args.logging_config)
         from shoal._instance.server import start_server
 
         info = start_server(
             http=http, admin=admin, proxy_location=args.proxy_location,
-            resources={k: float(v) for k, v in resources.items()},
+            resources={k: float(v) for k, v in resources.items()}, tracing=tracing,
+            logging_config=logging_config,
             timeout_s=args.timeout or TIMEOUTS.server_start_s,
         )  # fmt: skip
     except ShoalError as exc:

@@ -161,6 +161,8 @@ class Autoscaler:
         self.last_load: dict[str, float] = {}  # requests per replica at the last decision
         self.last_scale_up: float | None = None
         self.last_scale_down: float | None = None
+        #: The policy's last answer before bounds (a metric); None before the first.
+        self.desired: float | None = None
 
     def configure(self, config: AutoscalingConfig) -> None:
         """New options (a redeploy); raises ConfigError if the policy cannot be loaded."""
@@ -213,6 +215,7 @@ class Autoscaler:
         except Exception as exc:
             self.failed(_policy_error(path, exc))
             return
+        self.desired = desired
         count, reason = settle(desired, state, ctx, self.delays, now)
         if path != DEFAULT_POLICY:
             reason = f"policy {path}: {reason}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from shoal._config import HTTPOptions
 from shoal._controller.autoscaler import AppAutoscaler
 from shoal._controller.deployment_state import DeploymentState, replica_set
+from shoal._controller.metrics import controller_collector
 from shoal._controller.policy import load_policy
 from shoal._controller.resources import Demand, Ledger
 from shoal._controller.status import (
@@ -41,6 +42,8 @@ from shoal._errors import (
     ShoalError,
     TransportError,
 )
+from shoal._observe import metrics
+from shoal._observe.metrics.store import MetricsStore
 from shoal._router.router import RouterRegistry
 from shoal._runtime.node import local_node_id
 from shoal._seam.protocols import ReplicaHandle, Runtime
@@ -85,6 +88,9 @@ class Controller:
         self._locks: dict[str, asyncio.Lock] = {}
         # Called after every deploy and delete (success or not): a server checkpoints here.
         self.on_change: Callable[[], None] = lambda: None
+        #: Every process's metrics (this one's read directly), served at /metrics.
+        self.metrics = MetricsStore()
+        self._collector = controller_collector(self._deployment_states)
 
     def _lock(self, app: str) -> asyncio.Lock:
         return self._locks.setdefault(app, asyncio.Lock())
@@ -100,7 +106,8 @@ class Controller:
         controller are given that long to rejoin first; a proxy among them is kept.
         """
         self.registry.load.sink = self.record_load  # the routers of this process
-        await self.runtime.start(self._replica_died, self.record_load)
+        metrics.add_collector(self._collector)
+        await self.runtime.start(self._replica_died, self.record_load, self.metrics)
         if adopt_window_s > 0:
             await self.runtime.rejoined.settle(adopt_window_s)  # type: ignore[attr-defined]
             if http is not None and self._adopt_proxy(http):
@@ -396,6 +403,9 @@ class Controller:
         if state is not None and state.autoscaler is not None:
             state.autoscaler.record_load(report)
 
+    def _deployment_states(self) -> list[DeploymentState]:
+        return [state for app in list(self.apps.values()) for state in app.deployments.values()]
+
     def _replica_died(self, handle: ReplicaHandle) -> None:
         for app in self.apps.values():
             for state in app.deployments.values():
@@ -438,6 +448,7 @@ class Controller:
         applications drain, then the runtime stops (proxy last)."""
         deadline = time.monotonic() + timeout_s
         self.registry.load.stop()
+        metrics.remove_collector(self._collector)
         self.ledger.close("shoal is shutting down")  # deploys waiting for resources give up
         if self._proxy_starting is not None:
             try:

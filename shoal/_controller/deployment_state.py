@@ -74,6 +74,7 @@ class ReplicaRecord:
     checked_at: float = field(default_factory=time.monotonic)  # its last health check ended
     pinging: bool = False
     checking: bool = False
+    details: dict[str, Any] | None = None  # what its last passed health check reported
 
 
 class DeploymentState:
@@ -546,7 +547,12 @@ class DeploymentState:
         states = Counter(str(r.state) for r in self.replicas)
         replicas = [
             ReplicaStatus(
-                r.handle.info.replica_id, r.state, r.handle.pid, r.code_version, r.config_version
+                r.handle.info.replica_id,
+                r.state,
+                r.handle.pid,
+                r.code_version,
+                r.config_version,
+                details=r.details,
             )
             for r in self.replicas
         ]

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from shoal._controller.status_text import render_application, render_deployment, render_status
+
 
 class ApplicationStatus(StrEnum):
     NOT_STARTED = "NOT_STARTED"
@@ -41,6 +43,9 @@ class ReplicaStatus:
     code_version: str
     config_version: int = 0  # which user_config (counted from 0) the replica has applied
     message: str = ""  # why a PENDING replica waits (the short resource)
+    #: What the replica reported at its last health check: its ``status_details()`` and
+    #: its batchers (JSON values; docs/status-details.md). None: nothing to report.
+    details: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,17 @@ class DeploymentStatusOverview:
     autoscaling: bool = False  # whether the replica count is the autoscaler's
     scaling_decisions: list[ScalingDecision] = field(default_factory=list)  # oldest first
 
+    @property
+    def details(self) -> dict[str, dict[str, Any]]:
+        """Each replica's reported details, by replica id (replicas with none left out)."""
+        return {r.replica_id: r.details for r in self.replicas if r.details is not None}
+
+    def __str__(self) -> str:
+        return render_deployment("deployment", self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self))  # IPython and Jupyter show the summary
+
 
 @dataclass(frozen=True)
 class ApplicationStatusOverview:
@@ -73,6 +89,12 @@ class ApplicationStatusOverview:
     route_prefix: str | None = None
     last_deployed_time_s: float = 0.0
     deployments: dict[str, DeploymentStatusOverview] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return render_application("application", self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self))
 
 
 class ProxyStatus(str):
@@ -126,3 +148,11 @@ class ServeStatus:
     proxies: dict[str, ProxyStatus] = field(default_factory=dict)
     applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
     target_capacity: float | None = None  # percent of every deployment's replicas
+
+    def __str__(self) -> str:
+        """The indented summary ``print(serve.status())`` shows (``shoal._controller.
+        status_text``); ``repr()`` stays the structured dataclass repr."""
+        return render_status(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self))

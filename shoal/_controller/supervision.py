@@ -93,7 +93,8 @@ class Supervisor:
     async def _check(self, record: ReplicaRecord, timeout_s: float) -> None:
         result: Exception | None = None
         try:
-            await record.handle.check_health(timeout_s)
+            # A passed check brings the replica's status details (serve.status() shows them).
+            record.details = await record.handle.check_health(timeout_s)
         except Exception as exc:
             result = exc
         finally:
@@ -155,14 +156,18 @@ class Supervisor:
             record.health_failures,
             result,
         )
-        self.state.spawn(self.retire(record), "retire")
+        reason = (
+            f"replica {replica_id} failed its health check {record.health_failures} times in "
+            f"a row: {type(result).__name__}: {result}"
+        )  # the why, for serve.status() and shoal status
+        self.state.spawn(self.retire(record, reason), "retire")
 
-    async def retire(self, record: ReplicaRecord) -> None:
+    async def retire(self, record: ReplicaRecord, reason: str = "") -> None:
         """Take an unhealthy replica out of routing, start its replacement, then stop it."""
         state = self.state
         state.status, state.message = (
             DeploymentStatus.UNHEALTHY,
-            "a replica failed its health check",
+            reason or "a replica failed its health check",
         )
         state.spawn(state.add_replica(), "replace")
         await state.stop_replicas([record])  # graceful; a hung replica is killed after the timeout

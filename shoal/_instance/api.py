@@ -31,6 +31,7 @@ from shoal._config import (
     AdminOptions,
     DeploymentConfig,
     HTTPOptions,
+    LoggingConfig,
     ServeStartOptions,
     validate,
 )
@@ -46,6 +47,7 @@ from shoal._instance.home import default_admin_options
 from shoal._instance.instance import Instance
 from shoal._observe.options import Telemetry
 from shoal._router.router import RouterRegistry
+from shoal._seam.specs import AppSpec
 from shoal._seam.startup import user_frames
 
 logger = logging.getLogger("shoal")
@@ -58,7 +60,7 @@ def start(
     proxy_location: str | None = None,
     http_options: dict[str, Any] | HTTPOptions | None = None,
     grpc_options: dict[str, Any] | None = None,
-    logging_config: dict[str, Any] | None = None,
+    logging_config: dict[str, Any] | LoggingConfig | None = None,
     *,
     resources: dict[str, float] | None = None,
     admin_options: dict[str, Any] | AdminOptions | None = None,
@@ -83,7 +85,7 @@ def start(
     ``_attach=False`` (``shoal run``/``shoal demo``) never attaches: it serves here.
     """
     _refuse_extra("serve.start", kwargs, _START_KEYWORDS)
-    _refuse_set("serve.start", grpc_options=grpc_options, logging_config=logging_config)
+    _refuse_set("serve.start", grpc_options=grpc_options)
     settings: ServeStartOptions = validate(
         ServeStartOptions,
         {"resources": dict(resources or {}), "proxy_location": proxy_location},
@@ -91,7 +93,7 @@ def start(
     )
     options = _http_options(http_options)
     admin = _admin_options(admin_options)
-    telemetry = _telemetry(metrics_options, tracing_options)
+    telemetry = _telemetry(metrics_options, tracing_options, logging_config)
     with _lock:
         instance = _instances.get("process")
         if instance is None and _attach and _attach_to_server():
@@ -134,9 +136,16 @@ def _attach_to_server() -> bool:
     return True
 
 
-def _telemetry(metrics: dict[str, Any] | None, tracing: dict[str, Any] | None) -> Telemetry:
-    """The observability options of ``serve.start`` (shoal's own keywords), validated."""
+def _telemetry(
+    metrics: dict[str, Any] | None,
+    tracing: dict[str, Any] | None,
+    logging_config: dict[str, Any] | LoggingConfig | None = None,
+) -> Telemetry:
+    """The observability options of ``serve.start`` (shoal's own keywords and Ray's
+    ``logging_config``), validated."""
     options: dict[str, Any] = {}
+    if logging_config is not None:
+        options["logging"] = _logging_config(logging_config, "serve.start()").model_dump()
     if metrics is not None:
         options["metrics"] = dict(metrics)
     if tracing is not None:
@@ -205,7 +214,7 @@ def run(
     blocking: bool = False,
     name: str = "default",
     route_prefix: str | None = "/",
-    logging_config: dict[str, Any] | None = None,
+    logging_config: dict[str, Any] | LoggingConfig | None = None,
     _local_testing_mode: bool = False,
     **kwargs: Any,
 ) -> DeploymentHandle:
@@ -233,7 +242,7 @@ class RunTarget:
     target: Application
     name: str = "default"
     route_prefix: str | None = "/"
-    logging_config: dict[str, Any] | None = None
+    logging_config: dict[str, Any] | LoggingConfig | None = None
 
 
 def run_many(
@@ -245,21 +254,33 @@ def run_many(
 ) -> list[DeploymentHandle]:
     """Deploy several applications; return their ingress handles, in order (Ray Serve's API).
 
-    Every target is checked before any deploys. Deploys always wait until the
-    applications run, whatever the ``wait_for_*`` flags say.
+    Every target is checked before any deploys; then they deploy side by side. Deploys
+    always wait until the applications run, whatever the ``wait_for_*`` flags say.
     """
     if not targets:
         raise ConfigError("No applications provided.")
     for target in targets:
         _check_target(target)
-    handles = [_deploy(target, _local_testing_mode) for target in targets]
+    handles = _deploy_all(targets, _local_testing_mode)
     if blocking:
         _block_until_interrupted()
     return handles
 
 
+def _logging_config(value: dict[str, Any] | LoggingConfig, what: str) -> LoggingConfig:
+    if isinstance(value, LoggingConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigTypeError(
+            f"{what}: logging_config must be a dict or a LoggingConfig, got {value!r}"
+        )
+    config: LoggingConfig = validate(LoggingConfig, dict(value), f"{what} logging_config")
+    return config
+
+
 def _check_target(target: RunTarget) -> None:
-    _refuse_set("serve.run", logging_config=target.logging_config)
+    if target.logging_config is not None:
+        _logging_config(target.logging_config, "serve.run()")
     if not isinstance(target.target, Application):
         raise ConfigTypeError(
             "`serve.run` expects an `Application` returned by `Deployment.bind()`, "
@@ -272,23 +293,42 @@ def _check_target(target: RunTarget) -> None:
 
 def _deploy(target: RunTarget, local: bool) -> DeploymentHandle:
     """Deploy one application (or update it in place); its ingress handle."""
+    return _deploy_all([target], local)[0]
+
+
+def _prepare(target: RunTarget, local: bool) -> tuple[Instance, AppSpec, str | None]:
+    """Build ``target``'s spec and check it: (instance, spec, the previous ingress or None)."""
     instance, name, route_prefix = _instance(local), target.name, target.route_prefix
     if target.target.deployment.config.route_prefix is not None and route_prefix == "/":
         route_prefix = target.target.deployment.config.route_prefix
-    spec = build_app(target.target, name, route_prefix, instance.registry)
+    logging_config = None
+    if target.logging_config is not None:
+        logging_config = _logging_config(target.logging_config, "serve.run()")
+    spec = build_app(target.target, name, route_prefix, instance.registry, logging_config)
     for deployment in spec.deployments.values():
         _check_supported(deployment.name, deployment.config, local)
     previous = instance.ingress_of(name) if name in instance.app_names() else None
+    return instance, spec, previous
+
+
+def _deploy_all(targets: Sequence[RunTarget], local: bool) -> list[DeploymentHandle]:
+    """Deploy ``targets`` side by side (each is checked before any deploys); their ingress
+    handles, in order. If some fail, the others still deploy; the first failure is raised."""
+    prepared = [_prepare(target, local) for target in targets]
+    instance = prepared[0][0]
     try:
-        instance.deploy(spec)
+        instance.deploy_many([spec for _instance, spec, _previous in prepared])
     except DeploymentError as exc:
         # The frames of shoal's loop thread say nothing to the user; the cause has theirs.
         raise exc.with_traceback(None) from exc.__cause__
     except Exception as exc:  # local testing mode: the constructor's own exception, as Ray
         raise exc.with_traceback(user_frames(exc.__traceback__)) from exc.__cause__
-    if previous is not None and previous != spec.ingress:
-        _forget_handles(name)
-    return _cached_handle(instance.registry, name, spec.ingress)
+    handles = []
+    for _instance, spec, previous in prepared:
+        if previous is not None and previous != spec.ingress:
+            _forget_handles(spec.name)
+        handles.append(_cached_handle(instance.registry, spec.name, spec.ingress))
+    return handles
 
 
 def _check_supported(deployment: str, config: DeploymentConfig, local: bool) -> None:

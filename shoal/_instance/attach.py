@@ -23,6 +23,7 @@ from shoal._config import TIMEOUTS
 from shoal._controller.status import ServeStatus
 from shoal._errors import NotFoundError, ShoalError
 from shoal._instance.home import ServerInfo
+from shoal._observe.metrics.reporter import REPORTER
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import LoopThread
 from shoal._runtime.process.client import UnixConnector
@@ -86,10 +87,7 @@ class AttachServer:
                 return controller.status()
             case AttachDeploy(apps=blob):
                 specs: list[AppSpec] = pickle.loads(blob)  # same-user peer (SO_PEERCRED)
-                for spec in specs:
-                    await controller.deploy(spec)
-                    if self._instance.services is not None:
-                        self._instance.services.plane.deployed_imperatively(spec.name)
+                await self._instance.deploy_many_async(specs)
                 return None
             case AttachDelete(name=name):
                 if name in controller.apps:
@@ -139,6 +137,8 @@ class AttachedInstance:
         # This process's handles count for autoscaling: their load goes to the controller.
         self.registry.load.source = source
         self.registry.load.sink = lambda report: routing.send(0, report)
+        # Its routers' and custom metrics too (the server's options apply: see metrics.md).
+        REPORTER.connect(asyncio.get_running_loop(), source, lambda r: routing.send(0, r))
 
     def _call(self, msg: Message, timeout_s: float = TIMEOUTS.admin_call_s) -> Any:
         async def call() -> Any:
@@ -166,9 +166,13 @@ class AttachedInstance:
         return str(apps[name])
 
     def deploy(self, spec: AppSpec) -> None:
+        self.deploy_many([spec])
+
+    def deploy_many(self, specs: list[AppSpec]) -> None:
+        """Deploy ``specs`` side by side in the server; raises the first failure."""
         import cloudpickle
 
-        self._call(AttachDeploy(cloudpickle.dumps([spec])), TIMEOUTS.deploy_s)
+        self._call(AttachDeploy(cloudpickle.dumps(specs)), TIMEOUTS.deploy_s)
 
     def delete(self, name: str) -> None:
         self._call(AttachDelete(name))

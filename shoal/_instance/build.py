@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from shoal._api.deployment import Application, Deployment
 from shoal._api.graph import _substitute
-from shoal._config import HTTPOptions
+from shoal._config import HTTPOptions, LoggingConfig
 from shoal._deploy_config import ServeApplicationSchema, ServeDeploySchema, validation_lines
 from shoal._errors import ConfigError
 from shoal._transport.failures import is_internal
@@ -62,7 +62,12 @@ def build_application(config: ServeDeploySchema, index: int) -> BuiltApp:
     env = _absolute_env(schema.runtime_env, f"{where}.runtime_env")
     with _importable(env):
         app = load_target(schema.import_path, schema.args, where=where)
-    app = _apply_overrides(app, schema, env, where)
+    # Ray's rule: a deployment's own logging_config, else its application's, else the
+    # file's (which `shoal run` also makes the instance's); a top-level one with Ray's
+    # defaults (as `serve build` writes) leaves the instance's in place.
+    top = config.logging_config if config.logging_config != LoggingConfig() else None
+    logging_config = schema.logging_config or top
+    app = _apply_overrides(app, schema, env, where, logging_config)
     return BuiltApp(schema.name, schema.route_prefix, app, index)
 
 
@@ -285,10 +290,15 @@ def _merge_env(app_env: dict[str, Any], own: dict[str, Any] | None) -> dict[str,
 
 
 def _apply_overrides(
-    app: Application, schema: ServeApplicationSchema, env: dict[str, Any], where: str
+    app: Application,
+    schema: ServeApplicationSchema,
+    env: dict[str, Any],
+    where: str,
+    logging_config: LoggingConfig | None = None,
 ) -> Application:
     """A copy of the graph with each listed deployment's options overridden (and the app's
-    runtime_env merged into every deployment's); untouched nodes are shared."""
+    runtime_env merged into every deployment's; ``logging_config`` given to every
+    deployment that sets none); untouched nodes are shared."""
     nodes = deployment_names(app)
     by_name = {name: node for node, name in nodes}
     overrides: dict[int, tuple[int, dict[str, Any]]] = {}
@@ -299,9 +309,8 @@ def _apply_overrides(
                 f"{schema.import_path}; its deployments: {', '.join(by_name)}"
             )
         options = entry.model_dump(exclude_unset=True, exclude={"name"})
-        options.pop("logging_config", None)  # only Ray's defaults get here: nothing to apply
         overrides[id(by_name[entry.name])] = (position, options)
-    if not overrides and not env:
+    if not overrides and not env and logging_config is None:
         return app
     memo: dict[int, Application] = {}
 
@@ -315,6 +324,11 @@ def _apply_overrides(
             actor = options.get("ray_actor_options", node.deployment.ray_actor_options)
             own_env = actor.get("runtime_env")
             options["ray_actor_options"] = {**actor, "runtime_env": _merge_env(env, own_env)}
+        if (
+            logging_config is not None
+            and options.get("logging_config", node.deployment.config.logging_config) is None
+        ):
+            options["logging_config"] = logging_config
         deployment = node.deployment
         if options:
             try:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from shoal._deploy_config import ServeDeploySchema
+    from shoal._observe.metrics.store import MetricsStore
 
 
 class ControlPlane(Protocol):
@@ -38,6 +39,13 @@ class ControlPlane(Protocol):
         """The instance in the JSON shape of Ray's ``GET /api/serve/applications/``
         (``ServeInstanceDetails``): proxy location, HTTP options, proxies, and per
         application its status, message, route prefix, deployed config and deployments."""
+        ...
+
+    def metrics(self) -> MetricsStore:
+        """Every process's metrics and recent request failures: ``collect()`` yields the
+        merged prometheus_client families (what ``GET /metrics`` exports),
+        ``recent_errors()`` the failures, newest first (dicts with keys time,
+        application, deployment, replica, request_id, type, message, traceback)."""
         ...
 
     async def shutdown(self) -> None:

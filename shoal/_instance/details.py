@@ -83,7 +83,9 @@ def _deployment(name: str, overview: DeploymentStatusOverview, spec: Any) -> dic
         "deployment_config": config,
         "target_num_replicas": overview.target_replicas,
         "required_resources": _resources(config),
-        # shoal's own: the autoscaler's recent decisions, oldest first
+        # shoal's own: whether the autoscaler sets the target, its recent decisions (oldest
+        # first)
+        "autoscaling": overview.autoscaling,
         "scaling_decisions": [dataclasses.asdict(d) for d in overview.scaling_decisions],
         "replicas": [
             {
@@ -93,6 +95,8 @@ def _deployment(name: str, overview: DeploymentStatusOverview, spec: Any) -> dic
                 "state": str(replica.state),
                 "pid": replica.pid,
                 "message": replica.message,
+                # shoal's own: what the replica reported (status_details(), its batchers)
+                "details": replica.details,
             }
             for replica in overview.replicas
         ],

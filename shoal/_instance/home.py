@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 
 from shoal._config import AdminOptions, validate
@@ -23,6 +24,7 @@ ADMIN_SOCKET = "admin.sock"
 CHECKPOINT = "state.sqlite"
 TOKEN = "admin.token"
 LOG = "server.log"
+LOGS = "logs"  # the directory of the log files of the server's components (docs/logging.md)
 
 
 def state_root() -> str:
@@ -95,6 +97,50 @@ def pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True  # no /proc: trust kill(0)
     return state not in ("Z", "X")
+
+
+def log_directory(server_directory: str | None = None) -> str:
+    """Where an instance writes its log files (created 0700): a ``shoal start`` server's
+    ``<server dir>/logs``; an embedded instance's ``<root>/logs/<time>-<pid>``, also
+    reachable as ``<root>/logs/latest``. Kept after the instance stops, for the operator;
+    only the newest ``KEPT_LOG_DIRECTORIES`` of embedded instances are kept (older ones
+    are removed when an instance starts, unless their process still runs)."""
+    if server_directory is not None:
+        path = os.path.join(server_directory, LOGS)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+    parent = os.path.join(state_root(), LOGS)
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    _prune_log_directories(parent)
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    path = os.path.join(parent, name)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    latest = os.path.join(parent, "latest")
+    temporary = f"{latest}.{os.getpid()}.tmp"
+    with contextlib.suppress(OSError):
+        os.symlink(name, temporary)
+        os.replace(temporary, latest)
+    return path
+
+
+#: How many embedded instances' log directories are kept (a script run a thousand times
+#: must not leave a thousand directories).
+KEPT_LOG_DIRECTORIES = 20
+
+
+def _prune_log_directories(parent: str) -> None:
+    """Remove all but the newest ``KEPT_LOG_DIRECTORIES - 1`` of ``parent``'s instance
+    directories (``<time>-<pid>``), except those whose process still runs."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        names = sorted(
+            name for name in os.listdir(parent)
+            if name.rpartition("-")[2].isdigit() and not os.path.islink(os.path.join(parent, name))
+        )  # fmt: skip
+        for name in names[: max(0, len(names) - (KEPT_LOG_DIRECTORIES - 1))]:
+            if not pid_alive(int(name.rpartition("-")[2])):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def default_admin_options() -> AdminOptions:

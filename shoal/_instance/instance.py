@@ -7,6 +7,7 @@ it also serves the admin REST API and the socket other processes attach to.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,8 @@ class Instance:
     ) -> None:
         self.kind = kind
         self.telemetry = telemetry or Telemetry()
+        if kind == "process":  # local testing mode writes no log files
+            self.telemetry = _with_log_directory(self.telemetry, server)
         self.http = http
         self.options = options or ServeStartOptions()
         self.admin_options = admin
@@ -83,8 +86,10 @@ class Instance:
         server, options = self.server, {}
         if server is not None:
             options = {"directory": server.directory, "orphan_grace_s": server.orphan_grace_s}
-        configure_process(self.telemetry, "controller")
         if self.kind == "process":
+            # Local testing mode keeps what this process was configured with: a second,
+            # local instance in a driver must not undo the process instance's options.
+            configure_process(self.telemetry, "controller")
             options["telemetry"] = self.telemetry
         runtime = create_runtime(self.kind, **options)
         registry = RouterRegistry(runtime.connector, self.thread.loop)
@@ -125,9 +130,22 @@ class Instance:
         return self.controller.ingress_of(name)
 
     def deploy(self, spec: AppSpec) -> None:
-        self.run(self.controller.deploy(spec))
-        if self.services is not None:
-            self.services.plane.deployed_imperatively(spec.name)
+        self.deploy_many([spec])
+
+    def deploy_many(self, specs: list[AppSpec]) -> None:
+        """Deploy ``specs`` side by side; raises the first failure once all have finished."""
+        self.run(self.deploy_many_async(specs))
+
+    async def deploy_many_async(self, specs: list[AppSpec]) -> None:
+        results = await asyncio.gather(
+            *(self.controller.deploy(spec) for spec in specs), return_exceptions=True
+        )
+        for spec, result in zip(specs, results, strict=True):
+            if not isinstance(result, BaseException) and self.services is not None:
+                self.services.plane.deployed_imperatively(spec.name)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def delete(self, name: str) -> None:
         self.run(self.controller.delete(name))
@@ -149,3 +167,13 @@ class Instance:
 
 async def _snapshot(controller: Controller) -> ServeStatus:
     return controller.status()
+
+
+def _with_log_directory(telemetry: Telemetry, server: ServerRole | None) -> Telemetry:
+    """``telemetry`` naming the directory of this instance's log files (docs/logging.md)."""
+    from shoal._instance.home import log_directory, server_dir
+
+    # A server's files outlive its runtime's directory (removed at shutdown): its own dir.
+    directory = log_directory(server_dir() if server is not None else None)
+    logging = telemetry.logging.model_copy(update={"directory": directory})
+    return telemetry.model_copy(update={"logging": logging})

@@ -29,6 +29,7 @@ from shoal._seam.specs import AppSpec
 if TYPE_CHECKING:
     from shoal._deploy_config import ServeDeploySchema
     from shoal._instance.instance import Instance
+    from shoal._observe.metrics.store import MetricsStore
 
 logger = logging.getLogger("shoal.controller")
 
@@ -92,6 +93,9 @@ class InstanceControlPlane:
     def details(self) -> dict[str, Any]:
         return instance_details(self._instance, self._configs, self._waiting_status())
 
+    def metrics(self) -> MetricsStore:
+        return self._instance.controller.metrics
+
     async def shutdown(self) -> None:
         self._closing = True
         on_shutdown = self._instance.on_shutdown_requested
@@ -122,7 +126,16 @@ class InstanceControlPlane:
     def _check_instance_options(self, config: ServeDeploySchema) -> None:
         """Warn about instance-wide HTTP options that differ from the running instance's:
         they are fixed when it starts. Ray Serve deploys such a file with a warning too
-        (so files written for another port deploy); `shoal deploy` prints it as well."""
+        (so files written for another port deploy); `shoal deploy` prints it as well.
+        The same for ``tracing_options``."""
+        tracing = config.tracing_options
+        running = getattr(self._instance, "telemetry", None)
+        if tracing is not None and running is not None and tracing != running.tracing:
+            logger.warning(
+                "tracing_options in the config differ from the running instance's and are "
+                "ignored: tracing is set when the instance starts (shoal run CONFIG, or "
+                "shoal start --tracing-options)"
+            )
         http, wanted = self._instance.http, config.http_options
         if http is None or wanted is None:
             return

@@ -11,7 +11,11 @@ Ray's API, so Ray's ``serve deploy/status/config/shutdown`` and other tooling wo
 Shoal's extensions:
 
 - ``DELETE /api/serve/applications/{name}``: delete one application;
-- ``POST /api/shoal/shutdown``: stop the instance (answers first, then stops).
+- ``POST /api/shoal/shutdown``: stop the instance (answers first, then stops);
+- ``GET /metrics``: every process's metrics in the Prometheus text format
+  (docs/metrics.md);
+- ``GET /``: the dashboard, and its ``/api/shoal/dashboard/...`` time series and
+  recent errors (``shoal._dashboard``, docs/dashboard.md).
 
 Errors are ``text/plain`` messages saying what to fix: 400 for a body that is
 not JSON or a config that does not validate (the field path and value), 403
@@ -35,6 +39,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import shoal
+from shoal._dashboard.server import Dashboard
 from shoal._errors import ConfigError
 from shoal._instance.control import ControlPlane
 from shoal._instance.peer import PeerGuard
@@ -44,6 +49,7 @@ logger = logging.getLogger("shoal")
 
 APPLICATIONS = "/api/serve/applications/"
 SHUTDOWN = "/api/shoal/shutdown"
+METRICS = "/metrics"
 #: The Ray Serve REST API level shoal speaks; Ray's CLI refuses a cluster below 1.12.
 RAY_API_VERSION = "2.9.0"
 DEFAULT_TIMEOUT_S = 60.0
@@ -153,6 +159,17 @@ class _Api:
             return _text(f"shutting the instance down failed: {error}", status)
         return _json({"message": "shutting down"})
 
+    async def metrics(self, request: Request) -> Response:
+        from shoal._observe.metrics.store import content_type
+
+        store = self.control.metrics()
+        try:
+            body = store.exposition()
+        except Exception as exc:
+            logger.exception("admin API: exporting the metrics failed")
+            return _text(f"exporting the metrics failed: {type(exc).__name__}: {exc}", 500)
+        return Response(body, 200, media_type=content_type())
+
     def _shutdown_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -186,7 +203,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def admin_app(
     control: ControlPlane, token: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> Starlette:
-    """The admin API for ``control``, guarded by :class:`~shoal._instance.peer.PeerGuard`."""
+    """The admin API for ``control``, guarded by :class:`~shoal._instance.peer.PeerGuard`.
+
+    ``app.state.dashboard`` is its :class:`~shoal._dashboard.server.Dashboard`: the
+    caller serving the app starts its sampler (``start()``) and stops it (``close()``).
+    """
     api = _Api(control, timeout_s)
     routes = []
     # Both spellings: a redirect would make clients resend a PUT body.
@@ -196,11 +217,16 @@ def admin_app(
         Route(APPLICATIONS + "{name}", api.delete_app, methods=["DELETE"]),
         Route("/api/ray/version", api.version, methods=["GET"]),
         Route(SHUTDOWN, api.shutdown, methods=["POST"]),
+        Route(METRICS, api.metrics, methods=["GET"]),
     ]
+    # The sampler is started and stopped by whoever serves the app (AdminServices).
+    dashboard = Dashboard(control.details, lambda: control.metrics())
+    routes += dashboard.routes()
     app = Starlette(
         routes=routes,
         middleware=[Middleware(PeerGuard, token=token)],
         exception_handlers={404: _not_found, 405: _not_allowed, HTTPException: _http_error},
     )
     app.router.redirect_slashes = False
+    app.state.dashboard = dashboard
     return app

@@ -21,7 +21,14 @@ import threading
 import time
 from typing import Any
 
-from shoal._config import TIMEOUTS, AdminOptions, HTTPOptions, ServeStartOptions
+from shoal._config import (
+    TIMEOUTS,
+    AdminOptions,
+    HTTPOptions,
+    LoggingConfig,
+    ServeStartOptions,
+    TracingOptions,
+)
 from shoal._errors import ShoalError
 from shoal._instance.home import (
     ADMIN_SOCKET,
@@ -47,6 +54,8 @@ def start_server(
     proxy_location: str | None = None,
     resources: dict[str, float] | None = None,
     timeout_s: float = TIMEOUTS.server_start_s,
+    tracing: TracingOptions | None = None,
+    logging_config: LoggingConfig | None = None,
 ) -> ServerInfo:
     """Start a server in the background; returns once it serves (HTTP, admin, attach).
 
@@ -67,6 +76,8 @@ def start_server(
         "http": http.model_dump(mode="json"),
         "admin": admin.model_dump(mode="json"),
         "start": {"proxy_location": proxy_location, "resources": resources or {}},
+        "tracing": None if tracing is None else tracing.model_dump(mode="json"),
+        "logging": None if logging_config is None else logging_config.model_dump(mode="json"),
     }
     log_path = os.path.join(directory, LOG)
     with open(log_path, "ab") as log:
@@ -104,6 +115,7 @@ def serve_forever(options: dict[str, Any]) -> None:
     from shoal._instance.checkpoint import Checkpoint, DesiredState
     from shoal._instance.instance import Instance, ServerRole
     from shoal._instance.services import new_token
+    from shoal._observe.options import LoggingOptions, Telemetry
     from shoal._runtime.process.directory import check_socket_directory
 
     directory = server_dir()
@@ -128,6 +140,10 @@ def serve_forever(options: dict[str, Any]) -> None:
         options=start,
         admin=AdminOptions(**options["admin"]),
         server=role,
+        telemetry=Telemetry(
+            tracing=TracingOptions(**(options.get("tracing") or {})),
+            logging=LoggingOptions(**(options.get("logging") or {})),
+        ),
     )
     instance.on_shutdown_requested = stop.set
     proxy = instance.controller.proxy

@@ -24,6 +24,7 @@ class AdminServices:
         self.admin_url: str | None = None
         self._http: Any = None
         self._attach: Any = None
+        self._dashboard: Any = None  # its sampler runs while the admin API is served
 
     @classmethod
     async def start(
@@ -40,8 +41,11 @@ class AdminServices:
 
         services = cls(InstanceControlPlane(instance))
         try:
-            server, host, port = await serve_admin(admin_app(services.plane, token), options, token)
+            app = admin_app(services.plane, token)
+            server, host, port = await serve_admin(app, options, token)
             services._http = server
+            services._dashboard = app.state.dashboard
+            services._dashboard.start()
             services.admin_url = f"http://{_url_host(host)}:{port}"
             if attach_socket is not None:
                 from shoal._instance.attach import AttachServer
@@ -59,6 +63,8 @@ class AdminServices:
             await self._attach.close()
         if self._http is not None:
             await self._http.stop()
+        if self._dashboard is not None:
+            await self._dashboard.close()
         await self.plane.close()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shoal._config import _Strict
+from shoal._config import LoggingConfig, TracingOptions, _Strict, describe_fields_of
 
 
 class MetricsOptions(_Strict):
@@ -21,12 +21,16 @@ class MetricsOptions(_Strict):
     )
 
 
-class TracingOptions(_Strict):
-    """OpenTelemetry tracing (off by default)."""
+class LoggingOptions(LoggingConfig):
+    """Instance-wide logging: Ray's ``logging_config`` given to ``serve.start`` (the
+    proxy's and the controller's, and the default of deployments that set none), and
+    where the instance writes its log files (see docs/logging.md)."""
 
-
-class LoggingOptions(_Strict):
-    """Instance-wide logging (Ray's ``logging_config`` given to ``serve.start``)."""
+    directory: str | None = Field(
+        None,
+        description="The instance's log directory, chosen by shoal when it starts "
+        "(logs_dir overrides it); null: no log files.",
+    )
 
 
 class Telemetry(_Strict):
@@ -35,3 +39,6 @@ class Telemetry(_Strict):
     metrics: MetricsOptions = Field(default_factory=MetricsOptions)
     tracing: TracingOptions = Field(default_factory=TracingOptions)
     logging: LoggingOptions = Field(default_factory=LoggingOptions)
+
+
+describe_fields_of(MetricsOptions, LoggingOptions, Telemetry)

@@ -12,6 +12,16 @@ def configure_process(telemetry: Telemetry, source: str) -> None:
     or "controller"). Idempotent: the last call wins."""
     global _current
     _current = telemetry
+    from shoal._observe import metrics  # lazily: a process that never configures pays nothing
+
+    metrics.configure(telemetry.metrics, source)
+    from shoal._observe import tracing
+
+    tracing.configure(telemetry.tracing, source)
+    from shoal._observe import logs
+
+    options = telemetry.logging
+    logs.configure(options, options.directory, source)
 
 
 def current_telemetry() -> Telemetry:

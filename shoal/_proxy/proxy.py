@@ -42,6 +42,10 @@ from typing import Any
 from shoal._config import HTTPOptions
 from shoal._errors import BackPressureError, RequestCancelledError, ShoalError, UnavailableError
 from shoal._json import dumps as json_dumps
+from shoal._observe import tracing
+from shoal._observe.logs import access_log_enabled
+from shoal._proxy.metrics import proxy_metrics
+from shoal._proxy.observe import observed
 from shoal._router.queue import CHOICES, NORMAL, rank_of
 from shoal._router.router import Router, RouterRegistry
 from shoal._seam.protocols import Stream
@@ -108,6 +112,11 @@ class Proxy:
         self._in_flight = 0
         self._max_in_flight = options.max_ongoing_requests
         self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
+        # None: disabled. Reads _in_flight when collected (Ray's ongoing HTTP requests).
+        self._metrics = proxy_metrics(socket.gethostname(), options.host, lambda: self._in_flight)
+        # Chosen once: a process is configured (metrics, access lines, tracing) before it
+        # hosts a proxy. With none of them on, this is _http itself.
+        self._serve_http = observed(self._http, self.match, self._metrics, access_log_enabled())
 
     def set_routes(self, routes: dict[str, tuple[str, str]]) -> None:
         table = [(prefix, app, ingress) for prefix, (app, ingress) in routes.items()]
@@ -143,11 +152,13 @@ class Proxy:
             await self._websocket(scope, receive, send)
             return
         if self._in_flight >= self._max_in_flight:
+            if self._metrics is not None:
+                self._metrics.proxy_full(scope, self.match)
             await _reply(send, 503, _PROXY_FULL, extra_headers=[_RETRY_AFTER])
             return
         self._in_flight += 1
         try:
-            await self._http(scope, receive, send)
+            await self._serve_http(scope, receive, send)
         finally:
             self._in_flight -= 1
             if self._idle is not None and self._in_flight == 0:
@@ -206,6 +217,8 @@ class Proxy:
             scope.get("http_version", "1.1"),
         )  # fmt: skip
         request = Request("__call__", (data,), {}, request_id, True, "", None, priority)
+        if tracing.on:
+            tracing.bind_http(request)
         timeout = self.options.request_timeout_s
         if timeout is None:
             await self._forward(app, ingress, request, receive, send)
@@ -267,6 +280,7 @@ class Proxy:
         disconnects takes its request out of the queue at once (it is never sent). None
         if the request was refused (503 sent) or its client left."""
         if router.refuses(request.priority):  # refused without a task: overload stays cheap
+            router.count_shed("queue_full")
             await _reply(
                 send, 503, _QUEUE_FULL.format(app=router.app), extra_headers=[_RETRY_AFTER]
             )

@@ -1,15 +1,14 @@
-"""Log lines of replicas and the proxy: one setup for every runtime.
+"""Log lines of replicas and the proxy: which replica and request a record belongs to.
 
-* The ``"ray.serve"`` logger, which Ray Serve applications log to, writes to stderr
-  at INFO (unless the program set a level) in Ray Serve's replica format: level,
-  time, deployment, replica id (as ``serve.status()`` shows it), the request id in
-  brackets while one is served, file:line and the message::
+The lines themselves (format, levels, files, captured ``print()``) are set up by
+:mod:`shoal._observe.logs` from the instance's and the deployment's
+``logging_config`` (docs/logging.md). This module, which knows the replica and
+request contexts, tells it whose record it is. In local testing mode (replicas in
+the driver) only the ``"ray.serve"`` logger is set up, to stderr at INFO (unless the
+program set a level; a deployment's ``log_level`` applies to its replicas' records),
+in the same format::
 
-      INFO 2026-01-05 10:00:00,123 SayHello default#SayHello#a1b2c3 [rid-7] app.py:12 - Hello world!
-
-  Local testing mode (in the driver) and worker processes use the same handler.
-* In a worker process every other record (shoal's, the user's own loggers) goes to
-  the root handler, at WARNING: ``(shoal replica-1a2b3c4d) WARNING my.model [rid-7]: ...``.
+    INFO 2026-01-05 10:00:00,123 default SayHello default#SayHello#a1b2c3 [rid-7] app.py:12 - Hello!
 """
 
 from __future__ import annotations
@@ -19,88 +18,89 @@ import sys
 from typing import Any
 
 from shoal._api.context import replica_context, request_context
+from shoal._config import LoggingConfig
+from shoal._observe import logs
+from shoal._observe.logs import SERVE_LOGGER_NAME, Component
 
-SERVE_LOGGER_NAME = "ray.serve"
-
-#: Ray Serve's replica log format; ``request`` is "[<request id>] " while serving one, else "".
-SERVE_LOG_FORMAT = (
-    "%(levelname)s %(asctime)s %(deployment)s %(replica)s "
-    "%(request)s%(filename)s:%(lineno)d - %(message)s"
-)
-
-# Who logs when no replica context is set (a thread the user started, or the proxy):
-# the worker process's replica or proxy; in the driver, local testing mode's name.
-_process_component = ("local_test", "-")
+__all__ = [
+    "SERVE_LOGGER_NAME",
+    "configure_serve_logger",
+    "configure_worker_logging",
+    "set_local_replica_level",
+]
 
 
-def set_process_component(deployment: str, replica_id: str) -> None:
-    """Name this process's replica (or proxy) on lines logged outside its context."""
-    global _process_component
-    _process_component = (deployment, replica_id)
+def _context() -> tuple[str, str, str, str] | None:
+    context = replica_context.get()
+    if context is None:
+        return None
+    return (
+        context.app_name,
+        context.deployment,
+        context.replica_id,
+        request_context.get().request_id,
+    )
 
 
-class ServeContextFilter(logging.Filter):
-    """Adds ``deployment``, ``replica`` and ``request`` (see SERVE_LOG_FORMAT) to a record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        context = replica_context.get()
-        if context is not None:
-            record.deployment, record.replica = context.deployment, context.replica_id
-        else:
-            record.deployment, record.replica = _process_component
-        request_id = request_context.get().request_id
-        record.request = f"[{request_id}] " if request_id else ""
-        return True
+logs.set_context_provider(_context)
 
 
-class RequestIdFilter(logging.Filter):
-    """Adds ``request_id`` (the request being served, or "-") to every log record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_context.get().request_id or "-"
-        return True
-
-
-class _ServeLogHandler(logging.StreamHandler):
-    """Writes to the current ``sys.stderr`` (which test runners replace), tagging each record."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(logging.Formatter(SERVE_LOG_FORMAT))
-        self.addFilter(ServeContextFilter())
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value: Any) -> None:
-        pass
+# Local testing mode: each replica's log_level (its deployment's logging_config), and
+# the level of every other record (INFO, or the program's level for "ray.serve").
+_local_levels: dict[str, int] = {}
+_driver_level = [logging.INFO]
 
 
 def configure_serve_logger() -> None:
-    """Set up the ``"ray.serve"`` logger as Ray Serve sets it up in replicas.
-
-    Its records go to stderr only (``propagate`` off) at INFO, unless the program
-    already set a level. Idempotent.
-    """
+    """Set up the ``"ray.serve"`` logger in the driver for local testing mode: its records
+    go to stderr only (``propagate`` off) at INFO, unless the program already set a
+    level. Idempotent."""
     logger = logging.getLogger(SERVE_LOGGER_NAME)
-    if any(isinstance(handler, _ServeLogHandler) for handler in logger.handlers):
+    if any(isinstance(handler, _DriverHandler) for handler in logger.handlers):
         return
-    logger.addHandler(_ServeLogHandler())
+    logger.addHandler(_DriverHandler())
     logger.propagate = False
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+    _driver_level[0] = logger.level
+
+
+def set_local_replica_level(replica_id: str, config: LoggingConfig | None) -> None:
+    """Local testing mode: the ``"ray.serve"`` records of ``replica_id`` are kept from its
+    deployment's ``log_level`` (no files, no access lines: nothing else applies)."""
+    if config is None:
+        return
+    _local_levels[replica_id] = config.level
+    logger = logging.getLogger(SERVE_LOGGER_NAME)
+    if config.level < logger.getEffectiveLevel():
+        logger.setLevel(config.level)  # the handler drops what other replicas do not keep
+
+
+def _keep(record: logging.LogRecord) -> bool:
+    return record.levelno >= _local_levels.get(getattr(record, "replica", ""), _driver_level[0])
+
+
+class _DriverHandler(logging.StreamHandler[Any]):
+    """Writes to the current ``sys.stderr`` (which test runners replace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logs.TextFormatter())
+        self.addFilter(logs.ContextFilter())
+        self.addFilter(_keep)
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
 
 
 def configure_worker_logging(worker_id: str) -> None:
-    """Logging of a worker process (``worker_id`` is "replica-…" or "proxy-…")."""
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"(shoal {worker_id}) %(levelname)s %(name)s [%(request_id)s]: %(message)s",
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RequestIdFilter())
-    # Until a replica starts (its module-level code), or for good in the proxy.
-    set_process_component(worker_id.partition("-")[0], worker_id)
-    configure_serve_logger()
+    """Logging of a worker process (``worker_id`` is "replica-…" or "proxy-…") until the
+    instance's settings arrive (``ConfigureProcess``): Ray's defaults, no file."""
+    kind = worker_id.partition("-")[0]
+    logs.set_process_component(Component(kind, "-", kind, worker_id))
+    logs.configure(logs.effective(None), None, worker_id)

@@ -30,7 +30,10 @@ from shoal._api.context import ReplicaContext, RequestContext, replica_context, 
 from shoal._api.handle import DeploymentResponseGenerator
 from shoal._api.ingress import asgi_app_of
 from shoal._errors import NotFoundError, RequestTimeoutError, ShoalError
+from shoal._observe import tracing
 from shoal._replica.asgi import Lifespan, asgi_parts, request_scope, websocket_messages
+from shoal._replica.details import DetailsReporter, hook_timeout_s
+from shoal._replica.metrics import replica_metrics, route_of
 from shoal._router.queue import PRIORITIES
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import (
@@ -81,6 +84,8 @@ class Replica:
         self.context = contextvars.copy_context()
         self.context.run(replica_context.set, self._replica_context(None))
         self._stopped = False
+        self._details = DetailsReporter(self._call_user)
+        self._metrics = replica_metrics(spec, lambda: self.ongoing)  # None: disabled
 
     def _replica_context(self, servable: Any) -> ReplicaContext:
         spec = self.spec
@@ -158,7 +163,9 @@ class Replica:
         names = [n for n in dir(self.instance) if not n.startswith("_")]
         return [n for n in names if callable(getattr(self.instance, n, None))]
 
-    def _enter(self, request: Request) -> None:
+    def _enter(self, request: Request) -> float:
+        """Count the request in and set its context; returns when it started
+        (``perf_counter``)."""
         self.ongoing += 1
         self._idle.clear()
         remaining = request.remaining_s
@@ -169,15 +176,24 @@ class Replica:
                 PRIORITIES[request.priority],
             )
         )  # fmt: skip
+        return 0.0 if self._metrics is None else time.perf_counter()
 
-    def _leave(self) -> None:
+    def _leave(self, request: Request, started: float) -> None:
         self.ongoing -= 1
         if self.ongoing == 0:
             self._idle.set()
+        if self._metrics is not None:
+            self._metrics.done(request, started)
+
+    def _failed(self, route: str, exc: BaseException) -> None:
+        """User code (or a call it made) failed a request: a metric and a recent error."""
+        if self._metrics is not None:
+            self._metrics.failed(route, request_context.get().request_id, exc)
 
     async def handle(self, request: Request) -> Message:
         """Run one request; returns Result or Failure. Run it in a task made by task_context()."""
-        self._enter(request)
+        started = self._enter(request)
+        span = self._traced(request) if tracing.on else None
         try:
             if request.remaining_s is None:
                 return Result(await self._invoke(request))
@@ -185,9 +201,19 @@ class Replica:
         except Exception as exc:
             if isinstance(exc, TypeError | KeyError | AttributeError):
                 self._note_input_mismatch(request, exc)
+            if span is not None:
+                tracing.fail(span, exc)
+            self._failed(route_of(request), exc)
             return failure_from(exc, f"in replica {self.spec.replica_id}:")
         finally:
-            self._leave()
+            self._leave(request, started)
+            if span is not None:
+                span.end()
+
+    def _traced(self, request: Request) -> Any:
+        """The request's span, current in its task's context while the user's code runs."""
+        spec = self.spec
+        return tracing.start_replica(spec.app, spec.deployment, spec.replica_id, request)
 
     async def _invoke_within(self, request: Request, remaining_s: float) -> Any:
         """``_invoke``, cancelled when the request's deadline passes (RequestTimeoutError)."""
@@ -201,7 +227,9 @@ class Replica:
             raise self.timed_out(request) from None
 
     def timed_out(self, request: Request) -> RequestTimeoutError:
-        """The error of a request whose deadline passed in this replica."""
+        """The error of a request whose deadline passed in this replica (counted)."""
+        if self._metrics is not None:
+            self._metrics.expired()
         return RequestTimeoutError(
             f"method '{request.method}' of deployment '{self.spec.deployment}' did not finish "
             f"by the request's deadline ({request.remaining_s:.3g} s were left when it was "
@@ -297,7 +325,8 @@ class Replica:
 
         An HTTP request may instead produce one Result (a complete response).
         """
-        self._enter(request)
+        started = self._enter(request)
+        span = self._traced(request) if tracing.on else None
         try:
             args, kwargs = request.args, request.kwargs
             if args and type(args[0]) is HttpRequestData:
@@ -314,9 +343,14 @@ class Replica:
                 yield StreamItem(item)
             yield StreamEnd()
         except Exception as exc:
+            if span is not None:
+                tracing.fail(span, exc)
+            self._failed(route_of(request), exc)
             yield failure_from(exc, f"in replica {self.spec.replica_id}:")
         finally:
-            self._leave()
+            self._leave(request, started)
+            if span is not None:
+                span.end()  # when the stream ends, however it ends
 
     async def _websocket(
         self, data: HttpRequestData, inbox: asyncio.Queue[Any] | None
@@ -379,6 +413,9 @@ class Replica:
             yield StreamEnd()
         except Exception as exc:
             http.note_input_mismatch(method if kind != "asgi" else None, request, exc)
+            if tracing.on:
+                tracing.fail_current(exc)  # the request's span: a 500 is a failure
+            self._failed(data.root_path or "/", exc)
             logger.exception(
                 "request %s to deployment '%s' failed",
                 request_context.get().request_id,
@@ -406,6 +443,13 @@ class Replica:
         method = getattr(self.instance, "check_health", None)
         if method is not None:
             await self._call_user(method)
+
+    async def health_report(self) -> dict[str, Any] | None:
+        """A periodic health check: the user's ``check_health`` (raising what it raises),
+        then the replica's status details (``shoal._replica.details``; never raises)."""
+        await self.check_health()
+        timeout_s = hook_timeout_s(self.spec.config.health_check_timeout_s)
+        return await self._details.collect(self.instance, timeout_s)
 
     async def autoscaling_stats(self) -> dict[str, float] | None:
         """The user's ``record_autoscaling_stats()`` (Ray Serve's custom autoscaling
@@ -461,6 +505,9 @@ class Replica:
         if self._stopped:
             return
         self._stopped = True
+        self._details.close()  # a hook call still running
+        if self._metrics is not None:
+            self._metrics.close()
         if self._lifespan is not None:
             await self._lifespan.shutdown()
         destructor = getattr(type(self.instance), "__del__", None)

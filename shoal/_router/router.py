@@ -51,6 +51,7 @@ from shoal._errors import (
     RequestTimeoutError,
     TransportError,
 )
+from shoal._observe.metrics.standard import deadline_expired, queued_queries, requests_shed
 from shoal._router.load import LoadReporter
 from shoal._router.queue import PRIORITIES, WaitQueue
 from shoal._seam.protocols import Connector, ReplicaClient, Stream
@@ -99,6 +100,8 @@ class Router:
         self._expiry: asyncio.TimerHandle | None = None  # fails waiters past no_replica_timeout_s
         self._active = False
         self.exists = True
+        self._shed = requests_shed()
+        self._expired = deadline_expired()
 
     # --- membership ----------------------------------------------------------------
 
@@ -110,8 +113,10 @@ class Router:
         self._infos = {info.replica_id: info for info in update.replicas}
         self._slots = [slot for slot in self._slots if slot.info.replica_id in self._infos]
         if not self.exists:
+            queued_queries().remove(self.deployment, self.app)  # a deleted one's series goes
             self._fail_waiters()
             return
+        queued_queries().watch(self._waiting, self.deployment, self.app)  # read when collected
         if not self._slots:
             self._no_replica()
         if self._expiry is not None:  # the timeout may have changed
@@ -121,6 +126,9 @@ class Router:
             self._connect_missing()
             if self.metrics_interval_s > 0:
                 self._registry.load.track(self)
+
+    def _waiting(self) -> int:
+        return self.waiting
 
     def activate(self) -> None:
         """Start connecting to replicas (routers connect only once they are used)."""
@@ -325,17 +333,23 @@ class Router:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # our caller gave up (the future was cancelled with it)
-            raise self.timed_out("before the replica answered; it was cancelled") from None
+            raise self.timed_out("before the replica answered; it was cancelled", "reply") from None
         finally:
             timer.cancel()
 
-    def timed_out(self, when: str) -> RequestTimeoutError:
-        """The error of a request to this deployment that reached its deadline ``when``."""
+    def timed_out(self, when: str, where: str = "queue") -> RequestTimeoutError:
+        """The error of a request to this deployment that reached its deadline ``when``
+        (counted: ``where`` is "queue" before it was sent, "reply" after)."""
+        self._expired.labels(self.app, self.deployment, where).inc()
         return RequestTimeoutError(
             f"the request to deployment '{self.deployment}' of application '{self.app}' "
             f"reached its deadline {when} (handle.options(timeout_s=...), "
             "http_options.request_timeout_s, or the deadline of the request calling it)"
         )
+
+    def count_shed(self, reason: str) -> None:
+        """Count a request of this deployment refused by load shedding (a metric)."""
+        self._shed.labels(self.app, self.deployment, reason).inc()
 
     def refuses(self, priority: int) -> bool:
         """Whether a request of ``priority`` that has to wait would be refused: the queue
@@ -349,6 +363,7 @@ class Router:
             return
         pushed_out = self._waiters.pop_newest_below(priority)
         error = BackPressureError(self.waiting, self.max_queued_requests, self.deployment, self.app)
+        self.count_shed("queue_full")  # this request, or the one it pushes out
         if pushed_out is None:
             raise error
         # The newest of the lowest class leaves unsent (still counted in ``waiting`` until
@@ -455,6 +470,7 @@ class Router:
                 break
             self._waiters.remove(waiter, priority)
             if not waiter.done():
+                self.count_shed("no_replica_timeout")
                 waiter.set_exception(self._unavailable(waited))
         self._arm_expiry()
 

@@ -22,11 +22,11 @@ from typing import Any
 from shoal._api.handle import DeploymentHandle
 from shoal._config import HTTPOptions
 from shoal._errors import NotFoundError, SerializationError, ShoalError, TransportError
-from shoal._replica.logs import configure_serve_logger
+from shoal._replica.logs import configure_serve_logger, set_local_replica_level
 from shoal._replica.replica import Replica
 from shoal._replica.server import takes_input
 from shoal._runtime.node import local_node_id
-from shoal._seam.protocols import ReplicaHandle
+from shoal._seam.protocols import MetricsSink, ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import constructor_failed
 from shoal._transport.failures import failure_from
@@ -51,8 +51,8 @@ class _LocalReplica:
     async def reconfigure(self, user_config: Any, timeout_s: float) -> None:
         await asyncio.wait_for(self.replica.reconfigure(user_config), timeout_s)
 
-    async def check_health(self, timeout_s: float) -> None:
-        await asyncio.wait_for(self.replica.check_health(), timeout_s)
+    async def check_health(self, timeout_s: float) -> dict[str, Any] | None:
+        return await asyncio.wait_for(self.replica.health_report(), timeout_s)
 
     async def autoscaling_stats(self, timeout_s: float) -> dict[str, float] | None:
         return await asyncio.wait_for(self.replica.autoscaling_stats(), timeout_s)
@@ -193,6 +193,7 @@ def copy_arguments(request: Request) -> Request:
     return Request(
         request.method, args, kwargs, request.request_id, request.stream,
         request.multiplexed_model_id, request.remaining_s, request.priority,
+        request.traceparent,
     )  # fmt: skip
 
 
@@ -227,12 +228,15 @@ class InProcessRuntime:
         self,
         on_replica_died: Callable[[ReplicaHandle], None],
         on_load: Callable[[LoadReport], None],
+        metrics: MetricsSink | None = None,
     ) -> None:
-        """Every router is in this process: its registry reports load to ``on_load`` itself."""
+        """Every router is in this process: its registry reports load to ``on_load`` itself,
+        and the controller reads this process's metrics directly (``metrics`` gets nothing)."""
         self.on_died = on_replica_died
         configure_serve_logger()
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:
+        set_local_replica_level(spec.replica_id, spec.config.logging_config)
         replica = Replica(spec)
         try:
             await replica.initialize()

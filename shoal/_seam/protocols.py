@@ -14,7 +14,14 @@ from typing import Any, Protocol
 
 from shoal._config import HTTPOptions
 from shoal._seam.specs import ReplicaSpec
-from shoal._transport.messages import LoadReport, Message, ReplicaInfo, ReplicaSetUpdate, Request
+from shoal._transport.messages import (
+    LoadReport,
+    Message,
+    MetricsReport,
+    ReplicaInfo,
+    ReplicaSetUpdate,
+    Request,
+)
 
 
 class Stream(Protocol):
@@ -80,7 +87,10 @@ class ReplicaHandle(Protocol):
 
     async def reconfigure(self, user_config: Any, timeout_s: float) -> None: ...
 
-    async def check_health(self, timeout_s: float) -> None: ...
+    async def check_health(self, timeout_s: float) -> dict[str, Any] | None:
+        """Run the user's ``check_health`` (raising what it raises); returns the replica's
+        status details (``status_details()`` and batchers; None: none to report)."""
+        ...
 
     async def ping(self, timeout_s: float) -> None:
         """Return once the replica's event loop answers (no user code runs); raises
@@ -98,6 +108,18 @@ class ReplicaHandle(Protocol):
     def kill(self) -> None: ...
 
 
+class MetricsSink(Protocol):
+    """Where a runtime delivers the metrics reports of other processes."""
+
+    def record(self, report: MetricsReport) -> None:
+        """The latest report of ``report.source``."""
+        ...
+
+    def forget(self, source: str) -> None:
+        """The process ``source`` stopped or died."""
+        ...
+
+
 class Runtime(Protocol):
     """Starts and stops replicas and the proxy, and tells every process about replica sets."""
 
@@ -112,8 +134,11 @@ class Runtime(Protocol):
         self,
         on_replica_died: Callable[[ReplicaHandle], None],
         on_load: Callable[[LoadReport], None],
+        metrics: MetricsSink | None = None,
     ) -> None:
-        """Start; ``on_load`` receives the load reports of routers in other processes."""
+        """Start; ``on_load`` receives the load reports of routers in other processes,
+        ``metrics`` their metrics reports (and hears when a reporting process is gone).
+        A runtime whose replicas share the controller's process sends it none."""
         ...
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:

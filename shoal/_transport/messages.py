@@ -73,6 +73,9 @@ class Request(Message):
     ``priority``: the request's class, by rank (an index into
     ``shoal._router.queue.PRIORITIES``: 0 high, 1 normal, 2 low); routers serve the
     waiting requests of a higher class first. A small int keeps the wire cheap.
+
+    ``traceparent``: the W3C traceparent of the caller's span (the parent of the
+    replica's), or "" when tracing is off (``shoal._observe.tracing``).
     """
 
     method: str
@@ -83,6 +86,7 @@ class Request(Message):
     multiplexed_model_id: str = ""
     remaining_s: float | None = None
     priority: int = 1
+    traceparent: str = ""
 
 
 @message(2)
@@ -191,7 +195,8 @@ class Reconfigure(Message):
 
 @message(24)
 class HealthCheck(Message):
-    pass
+    """Run the replica's ``check_health``; replies with its status details (a dict of
+    JSON values, or None: see ``shoal._replica.details``), so they cost no extra trip."""
 
 
 @message(25)
@@ -261,6 +266,22 @@ class ConfigureProcess(Message):
     dict); sent to every worker process right after its hello, before anything else."""
 
     telemetry: dict[str, Any]
+
+
+@message(34)
+class MetricsReport(Message):
+    """A process's metrics and recent request failures, sent unsolicited to the controller
+    (no reply) every ``report_interval_s``; ``source`` names the process (its worker id).
+
+    ``families``: ``(name, type, help, [(sample name, ((label, value), ...), value)])``
+    per metric family; ``recent_errors``: ``(unix time, application, deployment, replica,
+    request_id, error type, message, traceback)`` per failure, oldest first. Plain
+    tuples (see ``shoal._observe.metrics``): cheap to pickle, no class to import.
+    """
+
+    source: str
+    families: list[tuple[str, str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]]
+    recent_errors: list[tuple[float, str, str, str, str, str, str, str]]
 
 
 # --- admin: a process attached to an instance -> that instance's control plane ------

@@ -12,7 +12,8 @@ block stands wherever a model stands. Every block answers
 * ``await handle.remote(*args, **kwargs)``: the plain answer, as a member gives it;
 * ``await handle.with_metadata.remote(*args, **kwargs)``: an :class:`EnsembleResult`
   or :class:`RoutedResult` (the answer and what the block did);
-* ``await handle.stats.remote()``: this replica's counters;
+* ``await handle.stats.remote()``: this replica's counters; a summary of them shows
+  in ``serve.status()`` (``status_details()``), and counters on ``/metrics``;
 * HTTP, as an ingress: the JSON body is passed on as the one argument (an empty
   body as none); the answer is the body, the metadata the ``x-shoal-metadata``
   header (JSON); ``GET <prefix>/stats``; for a bandit, ``POST <prefix>/feedback``.

@@ -23,7 +23,9 @@ from starlette.responses import JSONResponse, Response
 from shoal._api.deployment import deployment
 from shoal._api.handle import DeploymentHandle
 from shoal._errors import ConfigError
+from shoal._observe.metrics import counter
 from shoal.patterns._common import (
+    METRIC_LABELS,
     KeyFunction,
     Members,
     PatternBase,
@@ -32,6 +34,7 @@ from shoal.patterns._common import (
     current_request_id,
     deployment_name,
     error_response,
+    metric_labels,
     named_members,
     relative_path,
     replica_id,
@@ -173,6 +176,30 @@ class BanditState:
         self.counts["rewarded"] += 1
         return arm
 
+    async def status_details(self) -> dict[str, Any]:
+        """What ``serve.status()`` shows: the policy and each arm's totals over all contexts."""
+        arms: dict[str, ArmStats] = {}
+        for table in self.contexts.values():
+            for name, arm in table.items():
+                total = arms.setdefault(name, ArmStats())
+                total.chosen += arm.chosen
+                total.rewarded += arm.rewarded
+                total.reward_sum += arm.reward_sum
+        return {
+            "policy": self.policy,
+            "contexts": len(self.contexts),
+            "pending": len(self.pending),
+            **self.counts,
+            "arms": {
+                name: {
+                    "chosen": arm.chosen,
+                    "rewarded": arm.rewarded,
+                    "mean_reward": None if arm.mean_reward is None else round(arm.mean_reward, 4),
+                }
+                for name, arm in arms.items()
+            },
+        }
+
     async def stats(self, max_contexts: int = 100) -> dict[str, Any]:
         """Policy, counters, and per-arm statistics of the ``max_contexts`` most recent contexts."""
         recent = list(self.contexts.items())[-max_contexts:]
@@ -232,17 +259,22 @@ class BanditRouter(PatternBase):
         self.failure_reward = (
             None if failure_reward is None else _check_reward_config(failure_reward, self.what)
         )
+        self._metrics = _BanditMetrics(self.name, self.names)
+        self.pulls = dict.fromkeys(self.names, 0)
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: Any) -> Any:
         request_id = current_request_id()
         context = sticky_key(self.context_key, args, kwargs) or ""
         arm = await self.state.choose.remote(request_id, self.names, context)
+        self.pulls[arm] += 1
+        self._metrics.pulls[arm].inc()
         try:
             value = await self.members[arm].remote(*args, **kwargs)
         except Exception:
             if self.failure_reward is not None:
                 with contextlib.suppress(Exception):  # the member's error matters more
-                    await self.state.feedback.remote(request_id, self.failure_reward)
+                    if await self.state.feedback.remote(request_id, self.failure_reward):
+                        self._metrics.rewarded(arm, self.failure_reward)
             raise
         return RoutedResult(value, arm, request_id, {"context": context} if context else {})
 
@@ -250,7 +282,14 @@ class BanditRouter(PatternBase):
         """Report the reward of request ``request_id``; returns the member credited, or None."""
         _check_reward(reward)  # fail here, with the caller's context, not in the state replica
         result: str | None = await self.state.feedback.remote(request_id, reward)
+        if result is not None:
+            self._metrics.rewarded(result, reward)
         return result
+
+    async def status_details(self) -> dict[str, Any]:
+        """What ``serve.status()`` shows for this router replica: the requests it sent to
+        each arm (what was learned is in the BanditState deployment's details)."""
+        return {"pulls": dict(self.pulls)}
 
     async def stats(self) -> dict[str, Any]:
         """The shared state's statistics (the same from every router replica)."""
@@ -287,3 +326,24 @@ def _check_reward_config(reward: Any, what: str) -> float:
         return _check_reward(reward)
     except FeedbackError as exc:
         raise ConfigError(f"{what}: failure_reward: {exc}") from None
+
+
+class _BanditMetrics:
+    """A bandit router's counters, children cached per arm: ``shoal_bandit_pulls`` (requests
+    sent to the arm), ``shoal_bandit_feedback`` (rewards credited to it) and
+    ``shoal_bandit_reward`` (their sum: reward / feedback is the arm's mean reward)."""
+
+    def __init__(self, name: str, arms: list[str]) -> None:
+        labels = metric_labels(name)
+        names = (*METRIC_LABELS, "arm")
+        pulls = counter("shoal_bandit_pulls", "Requests a BanditRouter sent to each arm.", names)
+        rewards = counter("shoal_bandit_feedback", "Rewards credited to each arm.", names)
+        sums = counter("shoal_bandit_reward", "Sum of the rewards credited to each arm.", names)
+        self.pulls = {arm: pulls.labels(*labels, arm) for arm in arms}
+        self._rewards = {arm: rewards.labels(*labels, arm) for arm in arms}
+        self._sums = {arm: sums.labels(*labels, arm) for arm in arms}
+
+    def rewarded(self, arm: str, reward: float) -> None:
+        if arm in self._rewards:
+            self._rewards[arm].inc()
+            self._sums[arm].inc(reward)

@@ -12,7 +12,9 @@ from typing import Any
 from shoal._api.deployment import deployment
 from shoal._api.handle import DeploymentHandle
 from shoal._errors import ConfigError
+from shoal._observe.metrics import counter
 from shoal.patterns._common import (
+    METRIC_LABELS,
     KeyFunction,
     LatencyWindow,
     PatternBase,
@@ -23,6 +25,7 @@ from shoal.patterns._common import (
     current_request_id,
     deployment_name,
     describe_error,
+    metric_labels,
     named_members,
     replica_id,
     sticky_key,
@@ -84,6 +87,18 @@ class Canary(PatternBase):
         self.errors = {"stable": 0, "candidate": 0}
         self.last_candidate_error: str | None = None
         self.latency = {"stable": LatencyWindow(), "candidate": LatencyWindow()}
+        requests = counter(
+            "shoal_canary_requests",
+            "Requests a Canary routed, by arm (stable, candidate) and result (ok, error: "
+            "raised, or check() returned False).",
+            (*METRIC_LABELS, "arm", "result"),
+        )
+        labels = metric_labels(self.name)
+        self._routed = {
+            (arm, failed): requests.labels(*labels, arm, "error" if failed else "ok")
+            for arm in ("stable", "candidate")
+            for failed in (False, True)
+        }
         self.weight, self.max_error_rate, self.window_s, self.min_requests = 0.0, 0.1, 60.0, 20
         self._configure(
             weight=weight,
@@ -165,19 +180,38 @@ class Canary(PatternBase):
             value = await member.remote(*args, **kwargs)
         except Exception as exc:
             self.errors[side] += 1
+            self._routed[side, True].inc()
             if side == "candidate":
                 self.last_candidate_error = describe_error(exc)
                 self._record_candidate(True, self.last_candidate_error)
             raise
         self.latency[side].add((time.perf_counter() - started) * 1000)
+        ok = True
         if side == "candidate":
             ok = self.check is None or bool(await call_user(self.check, value))
             if not ok:
                 self.errors[side] += 1
                 self.last_candidate_error = "check() returned False"
             self._record_candidate(not ok, "check() returned False")
+        self._routed[side, not ok].inc()
         name = self.candidate_name if side == "candidate" else self.stable_name
         return RoutedResult(value, name, current_request_id())
+
+    async def status_details(self) -> dict[str, Any]:
+        """What ``serve.status()`` shows for this replica: the weights in force and why."""
+        count = len(self.outcomes)
+        details: dict[str, Any] = {
+            "stable": self.stable_name,
+            "candidate": self.candidate_name,
+            "weight": self.weight,
+            "effective_weight": 0.0 if self.rollback_reason else self.weight,
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+            "window_error_rate": round(self.window_failures / count, 4) if count else None,
+        }
+        if self.rollback_reason is not None:
+            details["rolled_back"] = self.rollback_reason
+        return details
 
     async def stats(self) -> dict[str, Any]:
         """Weight, rollback state, the candidate's window, and per-side counts of this replica."""

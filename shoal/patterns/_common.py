@@ -146,6 +146,21 @@ def deployment_name(default: str) -> str:
         return default
 
 
+#: The labels every block's metrics start with (then the block's own, e.g. ``arm``).
+METRIC_LABELS = ("application", "deployment", "replica")
+
+
+def metric_labels(name: str) -> tuple[str, str, str]:
+    """This replica's (application, deployment, replica): the first labels of a block's
+    metrics. Blocks build their metric children in ``__init__``, once, so that a request
+    only increments a cached child (docs/patterns.md lists the metrics)."""
+    try:
+        context = get_replica_context()
+    except ShoalError:
+        return "", name, ""
+    return context.app_name, context.deployment, context.replica_id
+
+
 # --- sticky assignment -----------------------------------------------------------------------
 
 
@@ -277,6 +292,8 @@ class PatternBase:
     * ``await handle.with_metadata.remote(*args, **kwargs)``: the answer and
       what the block did (an ``EnsembleResult`` or ``RoutedResult``);
     * ``await handle.stats.remote()``: counters of this replica, JSON-able;
+    * ``status_details()``: a short summary of them that ``serve.status()`` and
+      ``shoal status`` show per replica (docs/status-details.md);
     * as an HTTP ingress: the JSON request body is passed on as the one
       positional argument (an empty body as no argument); the answer is the
       response body and the metadata is in the ``x-shoal-metadata`` header.

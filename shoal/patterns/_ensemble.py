@@ -285,6 +285,18 @@ class Ensemble(PatternBase):
             f"min_responses={self.min_responses} required. Left out: {reasons}"
         )
 
+    async def status_details(self) -> dict[str, Any]:
+        """What ``serve.status()`` shows for this replica: calls, and each member's answers."""
+        details: dict[str, Any] = {
+            "calls": self.calls,
+            "quorum_failures": self.quorum_failures,
+            "min_responses": self.min_responses,
+            "members": {name: dict(counts) for name, counts in self.counts.items()},
+        }
+        if self.weights is not None:
+            details["weights"] = dict(self.weights)
+        return details
+
     async def stats(self) -> dict[str, Any]:
         """Calls, quorum failures and per-member answered/failed counts of this replica."""
         return {

@@ -118,6 +118,13 @@ class Selector(PatternBase):
         value = await self.members[name].remote(*args, **kwargs)
         return RoutedResult(value, name, current_request_id())
 
+    async def status_details(self) -> dict[str, Any]:
+        """What ``serve.status()`` shows for this replica: requests per member, the weights."""
+        details: dict[str, Any] = {"requests": dict(self.counts)}
+        if self.weights is not None:
+            details["weights"] = dict(self.weights)
+        return details
+
     async def stats(self) -> dict[str, Any]:
         """Requests sent to each member by this replica, and the current weights."""
         return {

@@ -11,7 +11,9 @@ from typing import Any
 from shoal._api.deployment import deployment
 from shoal._api.handle import DeploymentHandle
 from shoal._errors import ConfigError
+from shoal._observe.metrics import counter
 from shoal.patterns._common import (
+    METRIC_LABELS,
     LatencyWindow,
     PatternBase,
     RoutedResult,
@@ -21,11 +23,15 @@ from shoal.patterns._common import (
     current_request_id,
     deployment_name,
     describe_error,
+    metric_labels,
     named_members,
     replica_id,
 )
 
 _OPTIONS = {"fraction", "max_in_flight", "timeout_s"}
+#: ``result`` of shoal_shadow_comparisons: compare() said True / False, gave a number,
+#: or there was nothing to compare (the candidate failed or timed out, compare() raised).
+_RESULTS = ("agree", "disagree", "scored", "error")
 
 
 def same(primary: Any, candidate: Any) -> bool:
@@ -94,6 +100,14 @@ class Shadow(PatternBase):
         self.metric_sum, self.metric_count = 0.0, 0
         self.last_candidate_error: str | None = None
         self.latency = {"primary": LatencyWindow(window), "candidate": LatencyWindow(window)}
+        comparisons = counter(
+            "shoal_shadow_comparisons",
+            "Mirrored requests of a Shadow by result: agree, disagree, scored (compare() gave "
+            "a number), error (the candidate failed or timed out, or compare() raised).",
+            (*METRIC_LABELS, "result"),
+        )
+        labels = metric_labels(self.name)
+        self._compared = {result: comparisons.labels(*labels, result) for result in _RESULTS}
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
         check_keys(config, _OPTIONS, self.what)
@@ -138,10 +152,12 @@ class Shadow(PatternBase):
         except TimeoutError:
             self.counts["candidate_timeouts"] += 1
             self.last_candidate_error = f"TimeoutError: no answer within {self.timeout_s} s"
+            self._compared["error"].inc()
             return
         except Exception as exc:
             self.counts["candidate_errors"] += 1
             self.last_candidate_error = describe_error(exc)
+            self._compared["error"].inc()
             return
         finally:
             self.counts["completed"] += 1
@@ -150,19 +166,40 @@ class Shadow(PatternBase):
             verdict = await call_user(self.compare or same, primary, value)
         except Exception:
             self.counts["compare_errors"] += 1
+            self._compared["error"].inc()
             return
         if isinstance(verdict, bool) or type(verdict).__name__ == "bool_":  # numpy.bool_ too
             self.counts["compared"] += 1
             self.counts["agreements"] += bool(verdict)
+            self._compared["agree" if verdict else "disagree"].inc()
         else:
             self.metric_sum += float(verdict)
             self.metric_count += 1
+            self._compared["scored"].inc()
 
     async def wait_for_mirrors(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Wait (at most ``timeout_s``) for this replica's running mirrors; then ``stats()``."""
         if self.mirrors:
             await asyncio.wait(set(self.mirrors), timeout=timeout_s)
         return await self.stats()
+
+    async def status_details(self) -> dict[str, Any]:
+        """What ``serve.status()`` shows for this replica: the agreement so far."""
+        counts = self.counts
+        details: dict[str, Any] = {
+            "primary": self.primary_name,
+            "candidate": self.candidate_name,
+            "fraction": self.fraction,
+            **{key: counts[key] for key in ("requests", "mirrored", "dropped", "compared")},
+            "agreement_rate": _rate(counts["agreements"], counts["compared"]),
+            "candidate_errors": counts["candidate_errors"],
+            "candidate_timeouts": counts["candidate_timeouts"],
+        }
+        if self.metric_count:
+            details["metric_mean"] = self.metric_sum / self.metric_count
+        if self.last_candidate_error is not None:
+            details["last_candidate_error"] = self.last_candidate_error
+        return details
 
     async def stats(self) -> dict[str, Any]:
         """Mirroring counters, agreement or metric, latencies, candidate errors (this replica)."""
@@ -183,3 +220,7 @@ class Shadow(PatternBase):
             "last_candidate_error": self.last_candidate_error,
             "latency_ms": {side: window.summary() for side, window in self.latency.items()},
         }
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None

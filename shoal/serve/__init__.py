@@ -3,7 +3,7 @@
 Written so that a Ray Serve program runs after changing ``from ray import serve``
 to ``from shoal import serve``. Ray Serve's public submodules exist under the
 same names (``shoal.serve.handle``, ``.exceptions``, ``.config``, ``.schema``,
-``.context``) and re-export what shoal has of theirs.
+``.context``, ``.metrics``) and re-export what shoal has of theirs.
 """
 
 # Ray's serve imports starlette.requests; programs rely on `import starlette` then
@@ -44,7 +44,14 @@ from shoal._instance.api import (
     start,
     status,
 )
-from shoal.serve import config, context, exceptions, handle, schema  # noqa: F401 - serve.handle.X
+from shoal.serve import (  # noqa: F401 - serve.handle.X
+    config,
+    context,
+    exceptions,
+    handle,
+    metrics,
+    schema,
+)
 
 __all__ = [
     "Application",

@@ -2,9 +2,11 @@
 
 The status classes ``serve.status()`` returns, and the config-file schemas
 (``ServeDeploySchema`` for a whole file, ``ServeApplicationSchema`` for one of its
-applications, ``DeploymentSchema`` for a deployment's overrides), with Ray's names.
+applications, ``DeploymentSchema`` for a deployment's overrides, ``LoggingConfig`` for
+``logging_config``), with Ray's names.
 """
 
+from shoal._config import LoggingConfig
 from shoal._controller.status import (
     ApplicationStatus,
     ApplicationStatusOverview,
@@ -21,6 +23,7 @@ __all__ = [
     "DeploymentSchema",
     "DeploymentStatus",
     "DeploymentStatusOverview",
+    "LoggingConfig",
     "ReplicaState",
     "ServeApplicationSchema",
     "ServeDeploySchema",

@@ -36,7 +36,8 @@ from shoal._runtime.node import local_node_id
 from shoal._runtime.process.adopt import AdoptedProcess, Rejoined
 from shoal._runtime.process.client import UnixConnector
 from shoal._runtime.process.directory import new_instance_directory, remove_sockets
-from shoal._seam.protocols import ReplicaHandle
+from shoal._runtime.process.reports import MetricsReports
+from shoal._seam.protocols import MetricsSink, ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import startup_failed
 from shoal._transport.connection import Connection, serve_unix
@@ -50,6 +51,7 @@ from shoal._transport.messages import (
     Hello,
     LoadReport,
     Message,
+    MetricsReport,
     Ping,
     ProxyIdle,
     Reconfigure,
@@ -216,8 +218,9 @@ class _ProcessReplica:
     async def reconfigure(self, user_config: Any, timeout_s: float) -> None:
         await self.worker.request(Reconfigure(user_config), timeout_s)
 
-    async def check_health(self, timeout_s: float) -> None:
-        await self.worker.request(HealthCheck(), timeout_s)
+    async def check_health(self, timeout_s: float) -> dict[str, Any] | None:
+        details: dict[str, Any] | None = await self.worker.request(HealthCheck(), timeout_s)
+        return details
 
     async def ping(self, timeout_s: float) -> None:
         await self.worker.request(Ping(), timeout_s)
@@ -273,6 +276,7 @@ class ProcessRuntime:
         self._server: asyncio.AbstractServer | None = None
         self._on_died: Callable[[ReplicaHandle], None] = lambda handle: None
         self._on_load: Callable[[LoadReport], None] = lambda report: None
+        self._metrics = MetricsReports()  # other processes' metrics, to the controller
         self._lagging: set[str] = set()  # ids of processes that missed an acknowledgement
         self._proxy_options: HTTPOptions | None = None
         self._listener: socket.socket | None = None  # the proxy's, kept across restarts
@@ -285,15 +289,19 @@ class ProcessRuntime:
         self,
         on_replica_died: Callable[[ReplicaHandle], None],
         on_load: Callable[[LoadReport], None],
+        metrics: MetricsSink | None = None,
     ) -> None:
         self._on_died = on_replica_died
         self._on_load = on_load
+        self._metrics.sink = metrics
         path = os.path.join(self.directory, "controller.sock")
         self._server = await serve_unix(path, self._on_control, "controller")
 
     def _on_control(self, conn: Connection, corr: int, msg: Message) -> None:
         if type(msg) is LoadReport:  # unsolicited, no reply: the routers of another process
             self._on_load(msg)
+        elif type(msg) is MetricsReport:  # unsolicited, no reply: another process's metrics
+            self._metrics.record(conn, msg)
         elif type(msg) is Hello:
             waiter = self._hellos.pop(msg.worker_id, None)
             if waiter is not None and not waiter.done():

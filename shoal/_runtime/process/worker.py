@@ -25,9 +25,12 @@ from typing import TYPE_CHECKING, Any
 from shoal._api.context import set_default_registry
 from shoal._config import HTTPOptions
 from shoal._errors import ShoalError
+from shoal._observe import tracing
+from shoal._observe.logs import Component, configure_component, flush_files
+from shoal._observe.metrics.reporter import REPORTER
 from shoal._observe.options import Telemetry
 from shoal._observe.process import configure_process
-from shoal._replica.logs import configure_worker_logging, set_process_component
+from shoal._replica.logs import configure_worker_logging
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import new_event_loop
 from shoal._runtime.process.client import UnixConnector
@@ -93,10 +96,13 @@ class Worker:
         """This process's routers report their load to the controller on ``control``."""
         self.registry.load.source = self.worker_id
         self.registry.load.sink = lambda report: control.send(0, report)
+        REPORTER.connect(self.loop, self.worker_id, lambda report: control.send(0, report))
 
     def _controller_gone(self) -> None:
         if self.orphan_grace_s <= 0:
-            # The driver died or dropped us: leave now, without waiting for user code.
+            # The driver died or dropped us: leave now, without waiting for user code
+            # (the lines logged until now are written first).
+            flush_files()
             os._exit(0)
         self.loop.create_task(self._rejoin())
 
@@ -119,6 +125,7 @@ class Worker:
             logger.warning("rejoined the restarted controller")
             return
         logger.warning("no controller came back within %.0f s; exiting", self.orphan_grace_s)
+        flush_files()
         os._exit(0)
 
     def _exit(self) -> None:
@@ -140,7 +147,11 @@ class Worker:
             case Ping():
                 pass  # liveness: answered by this loop itself, no user code runs
             case ConfigureProcess():
-                configure_process(Telemetry.model_validate(msg.telemetry), self.worker_id)
+                try:
+                    configure_process(Telemetry.model_validate(msg.telemetry), self.worker_id)
+                except Exception as exc:  # e.g. a tracing setup_hook this process cannot import
+                    conn.send(corr, failure_from(exc))  # the start fails with its message
+                    return
             case _:
                 self.loop.create_task(self._control(conn, corr, msg))
                 return
@@ -157,9 +168,9 @@ class Worker:
 
     async def _handle_control(self, msg: Message) -> Any:
         match msg:
-            case HealthCheck():
+            case HealthCheck():  # the reply carries the replica's status details
                 if self.replica is not None:
-                    await self.replica.check_health()
+                    return await self.replica.health_report()
             case Reconfigure():
                 await self._hosted_replica().reconfigure(msg.user_config)
                 self.hosting.user_config = msg.user_config
@@ -194,7 +205,9 @@ class Worker:
         """Start the replica, then serve it on this worker's socket; returns its path."""
         spec = pickle.loads(msg.spec)
         spec.code.prepare_imports(spec.config.ray_actor_options.runtime_env)
-        set_process_component(spec.deployment, spec.replica_id)
+        # Before any user code runs: its records carry the replica and go to its file.
+        component = Component("replica", spec.app, spec.deployment, spec.replica_id)
+        configure_component(component, spec.config.logging_config)
         # Imported here: a proxy worker never loads the replica's modules.
         from shoal._replica.replica import Replica
         from shoal._replica.server import ReplicaServer
@@ -215,6 +228,7 @@ class Worker:
     async def _start_proxy(self, msg: StartProxy) -> tuple[str, int]:
         from shoal._proxy.proxy import Proxy
 
+        configure_component(Component("proxy", "-", "proxy", self.worker_id), None)
         self.proxy = Proxy(self.registry, HTTPOptions(**msg.http_options))
         host, port = await self.proxy.serve()
         self.hosting = Rejoin(self.worker_id, os.getpid(), proxy=(host, port))
@@ -242,6 +256,7 @@ def main() -> None:
     try:
         loop.run_until_complete(run())
     finally:
+        tracing.flush()  # spans a batching exporter still holds: os._exit skips atexit
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(0)  # do not wait for the replica's threads: it has been drained

@@ -11,17 +11,17 @@ import difflib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+# Re-exported: the one place every layer imports options from.
+from shoal._config.strict import _Strict as _Strict
+from shoal._config.telemetry import LOG_LEVELS as LOG_LEVELS
+from shoal._config.telemetry import LoggingConfig as LoggingConfig
+from shoal._config.telemetry import TracingOptions as TracingOptions
 from shoal._errors import ConfigError
 
 #: Ray Serve's request-based policy (``shoal/_controller/policy.py``).
 DEFAULT_POLICY = "shoal.serve.autoscaling_policy:replica_queue_length_autoscaling_policy"
-
-
-class _Strict(BaseModel):
-    # strict: "2" is not silently turned into 2, nor 2.5 into a truncated 2
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 class AutoscalingPolicy(_Strict):
@@ -249,8 +249,10 @@ class DeploymentConfig(_Strict):
     version: str | None = Field(
         None, description="Replicas are replaced when it changes (null: when code/options do)."
     )
-    logging_config: dict[str, Any] | None = Field(
-        None, description="Ray's logging options; refused until issue 12."
+    logging_config: LoggingConfig | None = Field(
+        None,
+        description="How the replicas log (docs/logging.md); null: the application's, "
+        "else the instance's.",
     )
     placement_group_bundles: list[dict[str, float]] | None = Field(
         None, description="Ray placement group bundles; refused until issue 13."
@@ -392,8 +394,6 @@ def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
 # keywords. The issue that implements one removes its line (and its test in test_options.py).
 NOT_SUPPORTED_YET: dict[str, str] = {
     "grpc_options": "the gRPC proxy comes with issue 14",
-    "logging_config": "it comes with issue 12 (observability); configure Python's logging "
-    "meanwhile (in a deployment's constructor for its replicas)",
     "placement_group_bundles": "placement groups need the Ray runtime (issue 13)",
     "placement_group_strategy": "placement groups need the Ray runtime (issue 13)",
     "max_replicas_per_node": "it needs the Ray runtime (issue 13); on one machine every "
@@ -509,12 +509,21 @@ def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
 _MODELS: dict[str, type[BaseModel]] = {
     "AutoscalingConfig": AutoscalingConfig,
     "AutoscalingPolicy": AutoscalingPolicy,
+    "LoggingConfig": LoggingConfig,
     "RayActorOptions": RayActorOptions,
     "DeploymentConfig": DeploymentConfig,
     "HTTPOptions": HTTPOptions,
     "AdminOptions": AdminOptions,
     "ServeStartOptions": ServeStartOptions,
+    "TracingOptions": TracingOptions,
 }
+
+
+def describe_fields_of(*models: type[BaseModel]) -> None:
+    """Let :func:`validate` name the fields of ``models`` (defined in higher layers, such
+    as the observability options) in its errors, nested ones included."""
+    for model in models:
+        _MODELS[model.__name__] = model
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

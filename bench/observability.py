@@ -1,0 +1,245 @@
+"""``python -m bench.observability``: what metrics, logs and traces cost (issue 12's targets).
+
+W1 (the echo deployment of ``bench.apps``, over HTTP through the proxy) is served three
+ways, by three servers started side by side from the same build, each a
+``python -m bench.observability --serve VARIANT PORT`` process (``serve.start`` with the
+variant's options, then ``serve.run``):
+
+* **off**: metrics disabled, no access log (``metrics_options={"enabled": False}``,
+  ``logging_config={"enable_access_log": False}``), tracing off;
+* **default**: shoal's defaults (metrics and the access log on, tracing off);
+* **tracing**: the defaults plus tracing at 100% sampling, spans exported by the SDK's
+  batch processor to a JSON-lines file (``exporter="file"``).
+
+Each round measures every variant at c=1 and c=64 (wrk, or the Python load generator),
+the variants interleaved so that drift in the machine hits all three alike; the figures
+are the medians over the rounds. Targets: *default* within 5% of *off* (throughput at
+c=64, p50 at c=1); *tracing* costs at most 15%. The foreign CPU (used by anything but
+this script and its servers) is measured per run; a run above 15% of one core is marked
+not valid. Results go to ``bench/results/observability-<UTC timestamp>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import ECHO_BODY
+from bench.control_plane import ForeignCpu, _dirty
+from bench.loadgen import LoadSpec, run_load, wrk_path
+from bench.procs import HOST, ServerProcess, free_port
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+INVALID_CORE_PCT = 15.0
+CONCURRENCIES = (1, 64)
+
+
+def variants(trace_file: str) -> dict[str, dict[str, Any]]:
+    """The ``serve.start`` keywords of each variant."""
+    return {
+        "off": {
+            "metrics_options": {"enabled": False},
+            "logging_config": {"enable_access_log": False},
+        },
+        "default": {},
+        "tracing": {
+            "tracing_options": {
+                "enabled": True,
+                "sampling_ratio": 1.0,
+                "exporter": "file",
+                "path": trace_file,
+            }
+        },
+    }
+
+
+def serve_main(variant_json: str, port: int) -> int:
+    """A server process: W1 on ``port`` with the variant's options, until SIGTERM."""
+    from bench.apps import w1
+    from shoal import serve
+
+    options = json.loads(variant_json)
+    serve.start(
+        http_options={"host": HOST, "port": port}, admin_options={"port": 0}, _attach=False,
+        **options,
+    )  # fmt: skip
+    serve.run(w1, name="w1", route_prefix="/")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return 0
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    meter = ForeignCpu()
+    loadgen = "wrk" if wrk_path() and args.loadgen != "python" else "python"
+    servers: dict[str, tuple[ServerProcess, int]] = {}
+    runs: list[dict[str, Any]] = []
+    try:
+        for name, options in variants(str(work / "spans.jsonl")).items():
+            port = free_port()
+            argv = [sys.executable, "-m", "bench.observability", "--serve", json.dumps(options)]
+            proc = ServerProcess(f"shoal-{name}", [*argv, str(port)], work)
+            proc.start()
+            meter.roots.add(proc.pid)
+            servers[name] = (proc, port)
+        for proc, port in servers.values():
+            proc.wait_http_ok(port, "POST", "/echo", ECHO_BODY, 120.0)
+        for round_ in range(args.rounds):
+            for concurrency in CONCURRENCIES:
+                for name, (_proc, port) in servers.items():
+                    spec = LoadSpec(port, "/echo", "POST", ECHO_BODY, concurrency, args.warmup)
+                    run_load(spec, loadgen)  # warm-up, not recorded
+                    meter.window()
+                    spec = LoadSpec(port, "/echo", "POST", ECHO_BODY, concurrency, args.duration)
+                    result = run_load(spec, loadgen)
+                    cpu = meter.window()
+                    core_pct = cpu["foreign_cpu_pct"] * (os.cpu_count() or 1)
+                    runs.append({
+                        "round": round_, "variant": name, "concurrency": concurrency,
+                        "valid": core_pct <= INVALID_CORE_PCT, "foreign_core_pct": core_pct,
+                        **result.to_dict(),
+                    })  # fmt: skip
+                    line = (f"round {round_} {name} c={concurrency}: "
+                            f"{result.throughput_rps:.0f} req/s p50 {result.p50_ms:.3f} ms "
+                            f"(foreign {core_pct:.0f}% of a core)")  # fmt: skip
+                    print(line, file=sys.stderr, flush=True)
+    finally:
+        for proc, _port in servers.values():
+            proc.stop()
+        meter.close()
+    return {"loadgen": loadgen, "runs": runs, "summary": summarize(runs)}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    valid = [r for r in runs if r["valid"]]
+    points: dict[str, dict[str, float | None]] = {}
+    for name in ("off", "default", "tracing"):
+        mine = [r for r in valid if r["variant"] == name]
+        points[name] = {
+            "c64_rps": _median([r["throughput_rps"] for r in mine if r["concurrency"] == 64]),
+            "c1_p50_ms": _median([r["p50_ms"] for r in mine if r["concurrency"] == 1]),
+        }
+    off, default, tracing = points["off"], points["default"], points["tracing"]
+    return {
+        "points": points,
+        "default_vs_off_c64": _ratio(default["c64_rps"], off["c64_rps"]),
+        "default_vs_off_c1_p50": _ratio(default["c1_p50_ms"], off["c1_p50_ms"]),
+        "tracing_vs_default_c64": _ratio(tracing["c64_rps"], default["c64_rps"]),
+        "tracing_vs_default_c1_p50": _ratio(tracing["c1_p50_ms"], default["c1_p50_ms"]),
+        "valid_runs": len(valid),
+        "runs": len(runs),
+    }
+
+
+def render(results: dict[str, Any]) -> str:
+    env, s = results["environment"], results["summary"]
+    lines = [
+        f"# Observability cost ({results['started']})",
+        "",
+        f"- commit {env['git_commit']} (dirty tree: {results['dirty']}); "
+        f"{env['machine']['cpu_model']}, {env['machine']['nproc']} cores; Python "
+        f"{env['python']['version']}; packages {env['packages']}; load generator "
+        f"{results['loadgen']}; {results['rounds']} rounds of {results['duration_s']:g} s",
+        f"- valid runs {s['valid_runs']} of {s['runs']} (foreign CPU ≤ {INVALID_CORE_PCT:g}% "
+        "of a core)",
+        "",
+        "| variant | W1 c=64 req/s | W1 c=1 p50 ms |",
+        "| --- | --- | --- |",
+    ]
+    for name, point in s["points"].items():
+        rps, p50 = point["c64_rps"], point["c1_p50_ms"]
+        lines.append(f"| {name} | {_f(rps, 0)} | {_f(p50, 3)} |")
+    lines += [
+        "",
+        "| target | ratio | verdict |",
+        "| --- | --- | --- |",
+        _target("default / off, c=64 throughput", s["default_vs_off_c64"], 0.95, higher=True),
+        _target("default / off, c=1 p50", s["default_vs_off_c1_p50"], 1.05, higher=False),
+        _target("tracing / default, c=64 throughput", s["tracing_vs_default_c64"], 0.85, True),
+        _target("tracing / default, c=1 p50", s["tracing_vs_default_c1_p50"], 1.15, False),
+        "",
+        "Per run (foreign CPU in % of one core):",
+        "",
+        "| round | variant | c | req/s | p50 ms | p99 ms | foreign | valid |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['round']} | {r['variant']} | {r['concurrency']} | "
+            f"{_f(r['throughput_rps'], 0)} | {_f(r['p50_ms'], 3)} | {_f(r['p99_ms'], 3)} | "
+            f"{r['foreign_core_pct']:.0f}% | {'yes' if r['valid'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _f(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _target(what: str, ratio: float | None, limit: float, higher: bool) -> str:
+    if ratio is None:
+        return f"| {what} | n/a | no valid data |"
+    met = ratio >= limit if higher else ratio <= limit
+    bound = f"≥ {limit:g}" if higher else f"≤ {limit:g}"
+    return f"| {what} | {ratio:.3f} ({bound}) | {'PASS' if met else 'FAIL'} |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:
+        return serve_main(argv[1], int(argv[2]))
+    parser = argparse.ArgumentParser(prog="python -m bench.observability")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--loadgen", choices=("auto", "python"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="1 round of 1 s (smoke test)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 1.0, 0.3
+    from bench import report
+
+    started = datetime.now(UTC)
+    env = report.environment({"name": "wrk or bench.loadgen"}, started)
+    work = Path(tempfile.mkdtemp(prefix="shoal-bench-observability-"))
+    try:
+        measured = measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results = {
+        "started": started.isoformat(timespec="seconds"), "environment": env,
+        "dirty": _dirty(), "rounds": args.rounds, "duration_s": args.duration, **measured,
+    }  # fmt: skip
+    text = render(results)
+    print(text)
+    if not args.quick:
+        stamp = started.strftime("%Y%m%dT%H%M%SZ")
+        RESULTS_DIR.mkdir(exist_ok=True)
+        (RESULTS_DIR / f"observability-{stamp}.json").write_text(json.dumps(results, indent=1))
+        (RESULTS_DIR / f"observability-{stamp}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Shoal's own spans: recorded on the request path in a few microseconds each.
+
+The OpenTelemetry SDK's spans cost tens of microseconds each to start and end
+(attribute validation, a lock per span, the sampler and processor chain): several
+times more than shoal's whole proxy-to-replica hop. Shoal's spans are plain objects
+instead; they become SDK ``ReadableSpan`` objects only in the export thread, which
+hands them to the same span processor (and exporter) as the user's own SDK spans.
+Guarantees:
+- a :class:`FastSpan` is an ``opentelemetry.trace.Span``: current in a context, it is
+  the parent of the user's SDK spans; ``set_attribute``, ``add_event``,
+  ``set_status``, ``record_exception`` work on it as on an SDK span;
+- sampling is the SDK's ``ParentBased(TraceIdRatioBased(ratio))``: a span with a parent
+  follows the parent's sampled flag; a root is sampled when the low 64 bits of its
+  trace id are below ``ratio * 2**64``; an unsampled span still has ids (its
+  traceparent says "not sampled") but records nothing;
+- ended spans wait in a bounded queue (the oldest dropped past ``max_queue``) and are
+  handed to the processor every ``delay_s``, and by :meth:`Recorder.flush`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+import traceback
+from typing import Any
+
+from opentelemetry import trace as api
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+
+logger = logging.getLogger("shoal.tracing")
+
+_LOW_64 = (1 << 64) - 1
+_SAMPLED, _NOT_SAMPLED = TraceFlags(TraceFlags.SAMPLED), TraceFlags(TraceFlags.DEFAULT)
+_UNSET = Status(StatusCode.UNSET)
+#: How long a flush waits for the exporter (a collector that does not answer must not
+#: hold a stopping worker for the SDK's default of 30 s).
+_FLUSH_TIMEOUT_MS = 2000
+
+
+class Recorder:
+    """Starts shoal's spans and hands the ended ones to ``processor`` (an SDK span
+    processor: its ``on_end`` takes ReadableSpans) from a thread of its own."""
+
+    def __init__(
+        self,
+        ratio: float,
+        resource: Any,
+        processor: Any,
+        delay_s: float,
+        max_queue: int = 8192,
+        writer: Any = None,
+    ) -> None:
+        """``writer``: a function given the ended spans themselves, which then skip the
+        processor (the file exporter writes them without making SDK spans first)."""
+        self._bound = round(ratio * (_LOW_64 + 1))
+        self._writer = writer
+        self.resource = resource
+        self._processor = processor
+        self._scope = InstrumentationScope("shoal")
+        self.ended: collections.deque[FastSpan] = collections.deque(maxlen=max_queue)
+        self._delay_s = delay_s
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._run, name="shoal-spans", daemon=True).start()
+
+    def start(
+        self, name: str, kind: Any, parent: SpanContext | None, attributes: dict[str, Any]
+    ) -> FastSpan:
+        """A started span; ``parent`` None: the root of a new trace."""
+        if parent is None:
+            trace_id = random.getrandbits(128) or 1
+            sampled = (trace_id & _LOW_64) < self._bound
+        else:
+            trace_id = parent.trace_id
+            sampled = bool(parent.trace_flags & TraceFlags.SAMPLED)
+        return FastSpan(self, name, kind, trace_id, parent, sampled, attributes)
+
+    def stop(self) -> None:
+        """Stop the export thread (after handing its last spans over)."""
+        self._stopped.set()
+        self._hand_over()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._delay_s):
+            self._hand_over()
+
+    def flush(self) -> None:
+        """Hand every ended span over, then make the processor export what it holds (the
+        user's own spans too)."""
+        self._hand_over()
+        try:
+            self._processor.force_flush(_FLUSH_TIMEOUT_MS)
+        except Exception:
+            logger.exception("flushing the span processor failed")
+
+    def _hand_over(self) -> None:
+        """Give the ended spans to the writer, or to the processor (which exports them on
+        its own schedule)."""
+        with self._lock:
+            ended, batch = self.ended, []
+            while ended:
+                batch.append(ended.popleft())
+            if not batch:
+                return
+            try:
+                if self._writer is not None:
+                    self._writer(batch)
+                    return
+                for span in batch:
+                    self._processor.on_end(self._readable(span))
+            except Exception:  # an exporter's trouble must not end the thread
+                logger.exception("exporting %d spans failed", len(batch))
+
+    def _readable(self, span: FastSpan) -> ReadableSpan:
+        return ReadableSpan(
+            name=span.name,
+            context=span.get_span_context(),
+            parent=span.parent,
+            resource=self.resource,
+            attributes=span.attributes,
+            events=span.events or (),
+            kind=span.kind,
+            status=span.status or _UNSET,
+            start_time=span.start_ns,
+            end_time=span.end_ns,
+            instrumentation_scope=self._scope,
+        )
+
+
+class FastSpan(api.Span):
+    """One of shoal's spans (see the module's guarantees)."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        name: str,
+        kind: Any,
+        trace_id: int,
+        parent: SpanContext | None,
+        sampled: bool,
+        attributes: dict[str, Any],
+    ) -> None:
+        self._recorder = recorder
+        self.name = name
+        self.kind = kind
+        self.trace_id = trace_id
+        self.span_id = random.getrandbits(64) or 1
+        self.parent = parent
+        self.sampled = sampled
+        # The W3C tracestate the parent came with (an HTTP client's), kept by its children.
+        self.trace_state = None if parent is None else parent.trace_state
+        self.attributes = attributes
+        self.start_ns = time.time_ns()
+        self.end_ns: int | None = None
+        self.status: Status | None = None
+        self.events: list[Event] | None = None
+        self._context: SpanContext | None = None
+
+    def traceparent(self) -> str:
+        flags = "01" if self.sampled else "00"
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{flags}"
+
+    def get_span_context(self) -> SpanContext:
+        context = self._context
+        if context is None:
+            flags = _SAMPLED if self.sampled else _NOT_SAMPLED
+            context = self._context = SpanContext(
+                self.trace_id, self.span_id, False, flags, self.trace_state
+            )
+        return context
+
+    def is_recording(self) -> bool:
+        return self.sampled and self.end_ns is None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self.sampled:
+            self.attributes[key] = value
+
+    def set_attributes(self, attributes: Any) -> None:
+        if self.sampled:
+            self.attributes.update(attributes)
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        if self.sampled:
+            if self.events is None:
+                self.events = []
+            self.events.append(Event(name, attributes or {}, timestamp or time.time_ns()))
+
+    def update_name(self, name: str) -> None:
+        self.name = name
+
+    def set_status(self, status: Any, description: str | None = None) -> None:
+        self.status = status if isinstance(status, Status) else Status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Any = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        recorded = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        recorded.update(attributes or {})
+        self.add_event("exception", recorded, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.end_ns is None:
+            self.end_ns = end_time or time.time_ns()
+            if self.sampled:
+                self._recorder.ended.append(self)
+
+
+class SdkStarter:
+    """The same ``start`` as :class:`Recorder`, with a TracerProvider's tracer (the
+    provider a ``setup_hook`` installed: its spans cost what the SDK's cost)."""
+
+    def __init__(self, tracer: Any) -> None:
+        self._tracer = tracer
+        self._empty = api.set_span_in_context(api.INVALID_SPAN)
+
+    def start(
+        self, name: str, kind: Any, parent: SpanContext | None, attributes: dict[str, Any]
+    ) -> Any:
+        context = self._empty
+        if parent is not None:
+            context = api.set_span_in_context(api.NonRecordingSpan(parent))
+        return self._tracer.start_span(name, context=context, kind=kind, attributes=attributes)
