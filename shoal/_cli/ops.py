@@ -242,25 +242,21 @@ def _combine(apps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _tracing_options(text: str | None) -> Any:
     """``--tracing-options`` (JSON), validated: a TracingOptions, or None if not given."""
-    from shoal._config import TracingOptions, validate
+    from shoal._config import TracingOptions
 
-    if text is None:
-        return None
-    try:
-        given = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(
-            f"shoal start: --tracing-options is not JSON ({exc}); "
-            "e.g. --tracing-options '{\"enabled\": true}'"
-        ) from None
-    if not isinstance(given, dict):
-        raise SystemExit(f"shoal start: --tracing-options must be a JSON object, got {text}")
-    return validate(TracingOptions, given, "shoal start --tracing-options")
+    return _json_option(text, TracingOptions, "--tracing-options", '{"enabled": true}')
 
 
 def _logging_config(text: str | None) -> Any:
     """``--logging-config`` (JSON), validated: a LoggingConfig, or None if not given."""
-    from shoal._config import LoggingConfig, validate
+    from shoal._config import LoggingConfig
+
+    return _json_option(text, LoggingConfig, "--logging-config", '{"encoding": "JSON"}')
+
+
+def _json_option(text: str | None, model: Any, flag: str, example: str) -> Any:
+    """A ``shoal start`` option given as a JSON object, validated as ``model``."""
+    from shoal._config import validate
 
     if text is None:
         return None
@@ -268,12 +264,11 @@ def _logging_config(text: str | None) -> Any:
         given = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SystemExit(
-            f"shoal start: --logging-config is not JSON ({exc}); "
-            'e.g. --logging-config \'{"encoding": "JSON"}\''
+            f"shoal start: {flag} is not JSON ({exc}); e.g. {flag} '{example}'"
         ) from None
     if not isinstance(given, dict):
-        raise SystemExit(f"shoal start: --logging-config must be a JSON object, got {text}")
-    return validate(LoggingConfig, given, "shoal start --logging-config")
+        raise SystemExit(f"shoal start: {flag} must be a JSON object, got {text}")
+    return validate(model, given, f"shoal start {flag}")
 
 
 def start(args: argparse.Namespace) -> None:

@@ -85,18 +85,24 @@ def process_component() -> Component:
     return _process
 
 
+def _fill_context(fields: dict[str, Any]) -> None:
+    """Set the application, deployment and replica of the current replica context (or
+    of this process's component) in ``fields``, and its request id unless given."""
+    context = _context_of()
+    if context is None:
+        process = _process
+        context = (process.application, process.deployment, process.replica, "")
+    fields["application"], fields["deployment"], fields["replica"] = context[:3]
+    fields.setdefault("request_id", context[3])
+
+
 class ContextFilter(logging.Filter):
     """Adds the :data:`CONTEXT_FIELDS` a record was not given with ``extra=``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         fields = record.__dict__
         if "replica" not in fields:
-            context = _context_of()
-            if context is None:
-                process = _process
-                context = (process.application, process.deployment, process.replica, "")
-            fields["application"], fields["deployment"], fields["replica"] = context[:3]
-            fields.setdefault("request_id", context[3])
+            _fill_context(fields)
         else:
             fields.setdefault("request_id", "")
         return True
@@ -450,12 +456,7 @@ def log_access(
         logger.handle(record)
         return
     if "replica" not in fields:
-        context = _context_of()
-        if context is None:
-            process = _process
-            context = (process.application, process.deployment, process.replica, "")
-        fields["application"], fields["deployment"], fields["replica"] = context[:3]
-        fields.setdefault("request_id", context[3])
+        _fill_context(fields)
     created = time.time()
     text = message % args
     request_id = fields.get("request_id")

@@ -77,6 +77,11 @@ _CONTROL_TIMEOUT_S = 30.0
 _EXIT_GRACE_S = 3.0
 #: How long a standby proxy process may take to start serving before a new one is used.
 _STANDBY_START_TIMEOUT_S = 2.0
+# The standby proxy process starts this long after the proxy serves: spawned at once it
+# would take a core and a spawn slot from the first replicas of the instance, and an
+# instance that lives less than this (a test, a script) never needs one. A proxy that
+# dies before is replaced by a new process (about 1 s instead of about 0.1 s).
+_STANDBY_DELAY_S = 3.0
 #: How long an update (replica set, routes) waits for each process's acknowledgement.
 _ACK_TIMEOUT_S = 1.0
 #: A stopping replica answers StopReplica after draining (at most its graceful timeout);
@@ -282,6 +287,7 @@ class ProcessRuntime:
         self._listener: socket.socket | None = None  # the proxy's, kept across restarts
         # The next proxy's process, started ahead: a restart only has to start serving.
         self._standby: asyncio.Future[_WorkerProcess] | None = None
+        self._standby_timer: asyncio.TimerHandle | None = None  # when the next one starts
         self._routes: dict[str, tuple[str, str]] = {}
         self._on_proxy_died: Callable[[], None] = lambda: None
 
@@ -538,6 +544,7 @@ class ProcessRuntime:
         """Make the standby process the proxy (or a new one, if it is not there or does
         not start serving within ``_STANDBY_START_TIMEOUT_S``); then prepare the next."""
         standby, self._standby = self._standby, None
+        self._cancel_standby_timer()
         worker = await _started(standby) if standby is not None else None
         if worker is not None:
             try:
@@ -561,9 +568,20 @@ class ProcessRuntime:
             proxy.process.kill()
             raise
         self._proxy = proxy
+        self._standby_timer = asyncio.get_running_loop().call_later(
+            _STANDBY_DELAY_S, self._spawn_standby
+        )
+        return host, port
+
+    def _spawn_standby(self) -> None:
+        self._standby_timer = None
         self._standby = asyncio.ensure_future(self._spawn_proxy_process())
         self._standby.add_done_callback(_ignore_failure)  # a new one is spawned if needed
-        return host, port
+
+    def _cancel_standby_timer(self) -> None:
+        if self._standby_timer is not None:
+            self._standby_timer.cancel()
+            self._standby_timer = None
 
     async def _spawn_proxy_process(self) -> _WorkerProcess:
         assert self._listener is not None
@@ -601,6 +619,7 @@ class ProcessRuntime:
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop the proxy, end every remaining worker, remove the socket directory."""
+        self._cancel_standby_timer()
         if self._standby is not None:
             self._standby.cancel()  # if still spawning; a started one is a worker below
         if self._proxy is not None:
