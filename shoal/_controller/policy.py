@@ -20,7 +20,6 @@ back as ``ctx.policy_state`` on the next call. Whatever it returns, as in Ray Se
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 from shoal._config import DEFAULT_POLICY, AutoscalingConfig
 from shoal._errors import ConfigError
+from shoal._seam.imports import import_attribute
 
 PolicyFunction = Callable[["AutoscalingContext"], tuple[float, dict[str, Any]]]
 
@@ -212,9 +212,7 @@ def load_policy(path: str, option: str = "autoscaling_config.policy.policy_funct
             f"invalid {option}={path!r}: expected 'module:function' or 'module.function'"
         )
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
+        target = import_attribute(module_name, attribute)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(
             f"{option}={path!r} cannot be imported by the "

@@ -18,7 +18,6 @@ Imported only when tracing is enabled (it imports the OpenTelemetry SDK). Guaran
 from __future__ import annotations
 
 import atexit
-import importlib
 import json
 import os
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 
 from shoal._config import TracingOptions
 from shoal._errors import ConfigError
+from shoal._seam.imports import import_attribute
 
 try:
     from opentelemetry import trace
@@ -139,9 +139,7 @@ def _call_hook(path: str) -> Any:
     """Import and call the user's ``module:function``; what it returns if a provider."""
     module_name, _, function_name = path.partition(":")
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in function_name.split("."):
-            target = getattr(target, part)
+        target = import_attribute(module_name, function_name)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(
             f"tracing_options.setup_hook={path!r} cannot be imported in process "
