@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from bench import loadgen, report
-from bench.procs import BackgroundCpu, ServerProcess
+from bench.procs import INVALID_CORE_PCT, BackgroundCpu, ServerProcess
 from bench.stream import run_stream
 from bench.suite import WORKLOADS, Settings, run_cold_start, run_handle, run_workload
 from bench.w3 import run_w3
@@ -165,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = report.write_results(report.finalize(results), args.out)
     print(md_path.read_text())
     log(f"bench: wrote {json_path} and {md_path} (+ latest.json/.md)")
+    measured = [p for p in results["points"] if "error" not in p]
+    invalid = [p for p in measured if not p.get("valid", True)]
+    if invalid:
+        log(
+            f"bench: {len(invalid)} of {len(measured)} points NOT VALID (every run had more "
+            f"than {INVALID_CORE_PCT:g}% of a core of foreign CPU): the machine was not quiet"
+        )
     if _failed(results):
         log(f"bench: some measurements failed; server logs kept in {log_dir}")
     else:

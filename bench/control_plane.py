@@ -54,7 +54,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from bench.procs import HOST, REPO_ROOT, _stat_fields, descendants, free_port, is_alive
+from bench.procs import HOST, REPO_ROOT, ForeignCpu, descendants, free_port, is_alive
+from bench.procs import git_dirty as _dirty  # also imported from here by oip, startup, overload
 from shoal import serve
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -91,72 +92,6 @@ class Blocking:
 
 hello_app = Hello.bind()
 blocking_app = Blocking.bind()
-
-
-# --- CPU accounting -----------------------------------------------------------------------------
-def _busy_jiffies() -> int:
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return user + nice + system + irq + softirq + steal
-
-
-class ForeignCpu:
-    """Share of the machine's CPU used by processes that are neither this script (and the
-    commands it ran) nor a server it started, sampled every 0.2 s (a process's last 0.2 s
-    before it dies is missed, so ``foreign`` errs high by a little)."""
-
-    def __init__(self) -> None:
-        self.roots: set[int] = set()  # server pids; their descendants are found by scanning
-        self.seen: dict[int, tuple[int, int]] = {}  # pid -> (first, last) utime+stime
-        self._stop = threading.Event()
-        self.wall, self.busy, self.own = time.monotonic(), _busy_jiffies(), self._self()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _self() -> int:
-        fields = _stat_fields(os.getpid())
-        return sum(int(x) for x in fields[11:15]) if fields else 0  # + reaped children
-
-    def _sample(self) -> None:
-        pids = set(self.roots)
-        for root in list(self.roots):
-            pids.update(descendants(root))
-        pids.update(p for p in self.seen if is_alive(p))
-        for pid in pids:
-            fields = _stat_fields(pid)
-            if fields is None:
-                continue
-            jiffies = int(fields[11]) + int(fields[12])
-            first, _ = self.seen.get(pid, (jiffies, jiffies))
-            self.seen[pid] = (first, jiffies)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            with contextlib.suppress(Exception):
-                self._sample()
-
-    def window(self) -> dict[str, float]:
-        """Foreign CPU (% of the machine) and load average since the last call, then reset."""
-        with contextlib.suppress(Exception):
-            self._sample()
-        seconds = time.monotonic() - self.wall
-        busy, own = _busy_jiffies(), self._self()
-        servers = sum(last - first for first, last in self.seen.values())
-        foreign = (busy - self.busy) - (own - self.own) - servers
-        capacity = seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        pct = min(100.0, max(0.0, 100.0 * foreign / capacity)) if capacity > 0 else 0.0
-        ours = 100.0 * ((own - self.own) + servers) / capacity if capacity > 0 else 0.0
-        self.wall, self.busy, self.own = time.monotonic(), busy, own
-        self.seen = {pid: (last, last) for pid, (_first, last) in self.seen.items()}
-        return {
-            "foreign_cpu_pct": round(pct, 1),
-            "own_cpu_pct": round(ours, 1),
-            "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
-        }
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 METER: ForeignCpu | None = None
@@ -678,14 +613,6 @@ def render(results: dict[str, Any]) -> str:
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
-
-
-def _dirty() -> bool | None:
-    with contextlib.suppress(Exception):
-        done = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
-                              capture_output=True, text=True, timeout=20)  # fmt: skip
-        return bool(done.stdout.strip())
-    return None
 
 
 def _exit(signum: int, frame: FrameType | None) -> None:

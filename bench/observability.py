@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ECHO_BODY
-from bench.control_plane import ForeignCpu, _dirty
 from bench.loadgen import LoadSpec, run_load, wrk_path
-from bench.procs import HOST, ServerProcess, free_port
+from bench.procs import HOST, INVALID_CORE_PCT, ForeignCpu, ServerProcess, free_port
+from bench.procs import git_dirty as _dirty
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-INVALID_CORE_PCT = 15.0
 CONCURRENCIES = (1, 64)
 
 

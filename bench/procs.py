@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -69,6 +71,11 @@ def is_alive(pid: int) -> bool:
 
 def descendants(root: int) -> list[int]:
     """All live descendants of ``root`` (children, grandchildren, ...), from /proc ppids."""
+    return descendants_of([root])
+
+
+def descendants_of(roots: Iterable[int]) -> list[int]:
+    """The live descendants of every root, in one scan of /proc (a scan costs ~15 ms)."""
     children: dict[int, list[int]] = defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -76,10 +83,12 @@ def descendants(root: int) -> list[int]:
             if fields is not None:
                 children[int(fields[1])].append(int(entry))
     found: list[int] = []
-    stack = [root]
+    seen: set[int] = set()
+    stack = list(roots)
     while stack:
         for child in children.get(stack.pop(), []):
-            if child not in found:
+            if child not in seen:
+                seen.add(child)
                 found.append(child)
                 stack.append(child)
     return found
@@ -152,12 +161,146 @@ class BackgroundCpu:
         return min(100.0, max(0.0, 100.0 * foreign / capacity))
 
 
-def _cmdline(pid: int) -> str:
+# A measurement with more foreign CPU than this (% of one core) is not valid.
+INVALID_CORE_PCT = 15.0
+
+
+def _uptime_jiffies() -> float:
+    """Now, in clock ticks since boot (the clock of /proc/<pid>/stat's starttime)."""
+    return float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK")
+
+
+class ForeignCpu:
+    """CPU used by processes that are neither this script (with the commands it ran and
+    reaped: load generators) nor a server it started (``roots`` and their descendants).
+
+    ``window()`` returns the figures since its last call and starts a new window. With
+    ``interval_s`` a thread samples the servers' processes (so that one that dies within a
+    window still counts: its last ``interval_s`` is missed, and ``foreign`` errs high by a
+    little); with ``None`` they are read only by ``window()`` (no thread, no CPU taken
+    from the servers meanwhile: right for windows in which no server process comes or
+    goes; one born within the window counts from its start). ``processes`` holds the CPU
+    seconds of every server process in the last window, by pid.
+    """
+
+    def __init__(self, interval_s: float | None = 0.2) -> None:
+        self.roots: set[int] = set()  # server pids; their descendants are found by scanning
+        self.seen: dict[int, tuple[int, int]] = {}  # pid -> (first, last) utime+stime
+        self.processes: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.wall, self.busy, self.own = time.monotonic(), _system_busy_jiffies(), self._self()
+        self.since = _uptime_jiffies()
+        self._thread: threading.Thread | None = None
+        if interval_s is not None:
+            self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+            self._thread.start()
+
+    @staticmethod
+    def _self() -> int:
+        fields = _stat_fields(os.getpid())
+        return sum(int(x) for x in fields[11:15]) if fields else 0  # + reaped children
+
+    def _sample(self) -> None:
+        with self._lock:
+            roots = list(self.roots)  # other threads may add roots meanwhile
+            pids = set(roots) | set(descendants_of(roots))
+            pids.update(p for p in self.seen if is_alive(p))
+            for pid in pids:
+                fields = _stat_fields(pid)
+                if fields is None:
+                    continue
+                jiffies = int(fields[11]) + int(fields[12])
+                born_within = int(fields[19]) >= self.since  # starttime
+                start = 0 if born_within else jiffies
+                first, _ = self.seen.get(pid, (start, jiffies))
+                self.seen[pid] = (first, jiffies)
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            with contextlib.suppress(Exception):
+                self._sample()
+
+    def window(self) -> dict[str, float]:
+        """Foreign CPU (% of the machine, and of one core), this script's and its servers'
+        (% of the machine) and the load average since the last call, then reset."""
+        with contextlib.suppress(Exception):
+            self._sample()
+        seconds = time.monotonic() - self.wall
+        busy, own = _system_busy_jiffies(), self._self()
+        tick = os.sysconf("SC_CLK_TCK")
+        with self._lock:
+            self.processes = {
+                pid: (last - first) / tick for pid, (first, last) in self.seen.items()
+            }
+            self.seen = {pid: (last, last) for pid, (_first, last) in self.seen.items()
+                         if is_alive(pid)}  # fmt: skip
+        servers = sum(self.processes.values()) * tick
+        foreign = (busy - self.busy) - (own - self.own) - servers
+        capacity = seconds * tick * (os.cpu_count() or 1)
+        pct = min(100.0, max(0.0, 100.0 * foreign / capacity)) if capacity > 0 else 0.0
+        ours = 100.0 * ((own - self.own) + servers) / capacity if capacity > 0 else 0.0
+        self.wall, self.busy, self.own = time.monotonic(), busy, own
+        self.since = _uptime_jiffies()
+        return {
+            "foreign_cpu_pct": round(pct, 1),
+            "foreign_core_pct": round(pct * (os.cpu_count() or 1), 1),
+            "own_cpu_pct": round(ours, 1),
+            "seconds": round(seconds, 3),
+            "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def process_roles(root: int, pids: Iterable[int]) -> dict[int, str]:
+    """A label per process of a server's tree, from its command line: ``server`` (the root),
+    ``proxy``, ``replica``, ``fork-server`` (shoal), ``worker`` and ``resource-tracker``
+    (uvicorn --workers), else ``other``; numbered (``replica-1``, ``replica-2``, by pid)
+    when a role has several."""
+    by_role: dict[str, list[int]] = defaultdict(list)
+    for pid in sorted(set(pids) - {root}):
+        cmd = _full_cmdline(pid)
+        if "shoal._runtime.process.proxy_worker" in cmd:
+            role = "proxy"
+        elif "shoal._runtime.process.worker" in cmd:
+            role = "replica"
+        elif "shoal._runtime.process.zygote" in cmd:
+            role = "fork-server"
+        elif "multiprocessing.spawn" in cmd or "spawn_main" in cmd:
+            role = "worker"
+        elif "multiprocessing.resource_tracker" in cmd:
+            role = "resource-tracker"
+        else:
+            role = "other"
+        by_role[role].append(pid)
+    labels = {root: "server"}
+    for role, members in by_role.items():
+        for i, pid in enumerate(members, 1):
+            labels[pid] = role if len(members) == 1 else f"{role}-{i}"
+    return labels
+
+
+def git_dirty(repo: Path = REPO_ROOT) -> bool | None:
+    """Whether the checkout has uncommitted changes (None: not a git checkout / no git)."""
+    with contextlib.suppress(Exception):
+        done = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"],
+                              capture_output=True, text=True, timeout=20, check=True)  # fmt: skip
+        return bool(done.stdout.strip())
+    return None
+
+
+def _full_cmdline(pid: int) -> str:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return "?"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[-160:]
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _cmdline(pid: int) -> str:
+    return _full_cmdline(pid)[-160:]
 
 
 def _mb(kb: int | None) -> float | None:

@@ -7,6 +7,10 @@ W3 through the hand-written batcher of ``bench.batcher`` (``POST /w3``, counters
 
     python -m bench.reference starlette --port 8001
     python -m bench.reference fastapi --port 8002
+    python -m bench.reference starlette --port 8003 --workers 2   # uvicorn --workers 2
+
+With ``--workers N`` (N > 1) uvicorn's supervisor process spawns N worker processes that
+share the listening socket (as ``uvicorn --workers N`` does).
 """
 
 from __future__ import annotations
@@ -112,6 +116,9 @@ def fastapi_app() -> FastAPI:
     return app
 
 
+FACTORIES = {name: f"bench.reference:{name}_app" for name in FRAMEWORKS}
+
+
 def build_app(framework: str) -> Starlette | FastAPI:
     if framework == "starlette":
         return starlette_app()
@@ -127,9 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("framework", choices=FRAMEWORKS)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (default 1: no supervisor)"
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    # More than one worker: uvicorn's supervisor spawns processes that import the app.
+    app: Any = build_app(args.framework) if args.workers == 1 else FACTORIES[args.framework]
     uvicorn.run(
-        build_app(args.framework),
+        app,
+        factory=args.workers > 1,
+        workers=args.workers if args.workers > 1 else None,
         host=args.host,
         port=args.port,
         loop="uvloop",

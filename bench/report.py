@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.procs import INVALID_CORE_PCT, git_dirty
 from bench.targets import TARGETS
 
 PACKAGES = ("shoal", "uvicorn", "starlette", "fastapi", "uvloop", "httptools", "pydantic")
@@ -90,6 +91,7 @@ def environment(loadgen: dict[str, object], started: datetime) -> dict[str, Any]
         },
         "packages": {name: _version(name) for name in PACKAGES},
         "git_commit": _git_commit(RESULTS_DIR.parent.parent),
+        "git_dirty": git_dirty(RESULTS_DIR.parent.parent),  # uncommitted changes measured
         "loadgen": loadgen,
     }
 
@@ -117,15 +119,25 @@ def ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         shoal.get("throughput_rps"), ref.get("throughput_rps")
                     ),
                     "p50_ratio": _ratio(shoal.get("p50_ms"), ref.get("p50_ms")),
+                    "valid": shoal.get("valid", True) and ref.get("valid", True),
                 }
             )
     return out
+
+
+def _points_valid(results: dict[str, Any], uses: tuple[tuple[str, int], ...]) -> bool:
+    return all(
+        p.get("valid", True)
+        for p in results.get("points", [])
+        if (p["workload"], p["concurrency"]) in uses
+    )
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for t in TARGETS:
         value = t.value(results)
+        valid = _points_valid(results, getattr(t.value, "uses", ()))
         met = (
             None
             if value is None
@@ -139,6 +151,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "value": value,
                 "unit": t.unit,
                 "met": met,
+                "valid": valid,
             }
         )
     return out
@@ -161,8 +174,20 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _verdict(met: bool | None) -> str:
-    return {True: "met", False: "**missed**", None: "not measured"}[met]
+def _verdict(met: bool | None, valid: bool = True) -> str:
+    verdict = {True: "met", False: "**missed**", None: "not measured"}[met]
+    return verdict if valid or met is None else f"{verdict} (NOT VALID)"
+
+
+def _valid(point: dict[str, Any]) -> str:
+    return "yes" if point.get("valid", True) else "**NOT VALID**"
+
+
+def _foreign(point: dict[str, Any]) -> str:
+    values = point.get("foreign_core_pct")
+    if not isinstance(values, list):
+        return "-"
+    return " / ".join(f"{v:.0f}" for v in values)
 
 
 def _header(results: dict[str, Any]) -> list[str]:
@@ -174,43 +199,106 @@ def _header(results: dict[str, Any]) -> list[str]:
         "",
         f"- Machine: {m['nproc']} CPUs, {m['cpu_model']}, {_f(m['mem_total_mb'], 0)} MB RAM",
         f"- Python {env['python']['version']}; {pkgs}",
-        f"- Git commit: {env.get('git_commit') or '-'}",
+        f"- Git commit: {env.get('git_commit') or '-'}"
+        + {True: " + **uncommitted changes** (dirty tree)", False: " (clean tree)"}.get(
+            env.get("git_dirty"), " (tree state unknown)"
+        ),
         f"- Load generator: {lg.get('name')} ({lg.get('version')})",
         f"- Each point: {settings['warmup_s']} s warm-up, then {settings['repeats']} x "
         f"{settings['duration_s']} s; medians reported, requests/errors summed.",
         f"- Load average (1/5/15 min) at start {settings.get('loadavg_start') or '-'}, "
         f"at end {settings.get('loadavg_end') or '-'}; wall time {settings.get('wall_s', '-')} s",
         f"- Background CPU (processes outside the bench, share of all CPUs): "
-        f"{_pct(settings.get('background_cpu_pct'))} over the run; per point in the `bg CPU` "
-        "column. Above a few % the figures are skewed by other work.",
+        f"{_pct(settings.get('background_cpu_pct'))} over the whole run.",
+        f"- Foreign CPU (used by processes that are neither the bench, nor its servers, nor "
+        f"the load generator), in % of one core, per measured run: the `foreign` column. A "
+        f"run above {INVALID_CORE_PCT:g}% is **not valid** and left out of its point's "
+        "medians; a point without a valid run shows the medians of all its runs, marked "
+        "NOT VALID, and so are the ratios and targets computed from it.",
+        *_validity_banner(results),
         "",
     ]
+
+
+def _validity_banner(results: dict[str, Any]) -> list[str]:
+    points = [p for p in results.get("points", []) if "error" not in p]
+    invalid = [p for p in points if not p.get("valid", True)]
+    partial = [p for p in points if p.get("valid", True) and _some_invalid(p)]
+    lines = []
+    if invalid:
+        lines.append(
+            f"- **NOT VALID: {len(invalid)} of {len(points)} points had no run with at most "
+            f"{INVALID_CORE_PCT:g}% of a core foreign CPU** (the machine was not quiet)."
+        )
+    if partial:
+        lines.append(f"- {len(partial)} points had runs left out of their medians (not valid).")
+    if points and not invalid and not partial:
+        lines.append(f"- All {len(points)} points valid.")
+    return lines
+
+
+def _some_invalid(point: dict[str, Any]) -> bool:
+    return "runs_valid" in point and int(point["runs_valid"]) < len(point.get("runs", []))
 
 
 def _points_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "## HTTP workloads",
         "",
-        "| workload | server | c | requests | errors | req/s | p50 ms | p90 ms | p99 ms | bg CPU |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "Medians over the valid runs; `foreign`: foreign CPU of each run, % of one core.",
+        "",
+        "| workload | server | c | requests | errors | req/s | p50 ms | p90 ms | p99 ms "
+        "| foreign % core | valid runs | valid |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for p in results.get("points", []):
         if "error" in p:
             msg = p["error"].splitlines()[0][:80].replace("|", "/")
             lines.append(f"| {p['workload']} | {p['server']} | {p['concurrency']} | "
-                         f"failed: {msg} | | | | | | |")  # fmt: skip
+                         f"failed: {msg} | | | | | | | | |")  # fmt: skip
             continue
         lines.append(
             f"| {p['workload']} | {p['server']} | {p['concurrency']} | {p['requests']} | "
             f"{p['errors']} | {_f(p['throughput_rps'], 0)} | {_f(p['p50_ms'], 3)} | "
-            f"{_f(p['p90_ms'], 3)} | {_f(p['p99_ms'], 3)} | {_pct(p.get('background_cpu_pct'))} |"
+            f"{_f(p['p90_ms'], 3)} | {_f(p['p99_ms'], 3)} | {_foreign(p)} | "
+            f"{p.get('runs_valid', '-')}/{len(p.get('runs', []))} | {_valid(p)} |"
         )
     lines += ["", "## Ratios (shoal ÷ reference, same run)", ""]
-    lines += ["| workload | c | reference | throughput | p50 latency |", "|---|--:|---|--:|--:|"]
+    lines += [
+        "`starlette` is one uvicorn process; `starlette-2w` is `uvicorn --workers 2` (a "
+        "supervisor and two worker processes sharing the port).",
+        "",
+        "| workload | c | reference | throughput | p50 latency | valid |",
+        "|---|--:|---|--:|--:|---|",
+    ]
     for r in results.get("ratios", []):
         lines.append(
             f"| {r['workload']} | {r['concurrency']} | {r['reference']} | "
-            f"{_x(r['throughput_ratio'])} | {_x(r['p50_ratio'])} |"
+            f"{_x(r['throughput_ratio'])} | {_x(r['p50_ratio'])} | {_valid(r)} |"
+        )
+    return [*lines, ""]
+
+
+def _cpu_table(results: dict[str, Any]) -> list[str]:
+    points = [p for p in results.get("points", []) if p.get("cpu_us_per_request")]
+    if not points:
+        return []
+    lines = [
+        "## CPU per request, per process",
+        "",
+        "CPU time (user + system) each process used during the measured runs the medians use, "
+        "÷ the requests they served, in µs. `total`: all the server's processes; `cores`: "
+        "their CPU ÷ wall time; `loadgen`: the load generator (its own process).",
+        "",
+        "| workload | server | c | total µs | cores | per process µs | loadgen µs | valid |",
+        "|---|---|--:|--:|--:|---|--:|---|",
+    ]
+    for p in points:
+        each = ", ".join(f"{k} {_f(v, 0)}" for k, v in p["cpu_us_per_request"].items())
+        lines.append(
+            f"| {p['workload']} | {p['server']} | {p['concurrency']} | "
+            f"{_f(p.get('server_cpu_us_per_request'), 0)} | {_f(p.get('server_cores'), 2)} | "
+            f"{each} | {_f(p.get('loadgen_cpu_us_per_request'), 0)} | {_valid(p)} |"
         )
     return [*lines, ""]
 
@@ -295,15 +383,16 @@ def _ramp_table(ramp: dict[str, Any]) -> list[str]:
         "(`batch_stats().latency`) is read right after each step.",
         "",
         "| step | connections | req/s | p50 ms | p99 ms | errors | mean batch size "
-        "| planned size | planned max wait ms | arrival rate /s |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| planned size | planned max wait ms | arrival rate /s | foreign % core | valid |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for i, r in enumerate(ramp["steps"], 1):
         lines.append(
             f"| {i} | {r['concurrency']} | {_f(r['throughput_rps'], 0)} | {_f(r['p50_ms'], 2)} | "
             f"{_f(r['p99_ms'], 2)} | {r['errors']} | {_f(r['batch_size_mean'], 1)} | "
             f"{_f(r['plan_batch_size'])} | {_f(r['plan_max_wait_ms'], 2)} | "
-            f"{_f(r['arrival_rate_per_s'], 0)} |"
+            f"{_f(r['arrival_rate_per_s'], 0)} | {_f(r.get('foreign_core_pct'), 0)} | "
+            f"{'-' if r.get('valid') is None else _valid(r)} |"
         )
     return [*lines, ""]
 
@@ -344,9 +433,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["## Targets", "", "| target | threshold | value | result |", "|---|---|--:|---|"]
     for t in results.get("targets", []):
         value = "-" if t["value"] is None else f"{_f(float(t['value']), 3)} {t['unit']}"
-        lines.append(f"| {t['description']} | {t['threshold']} | {value} | {_verdict(t['met'])} |")
+        verdict = _verdict(t["met"], t.get("valid", True))
+        lines.append(f"| {t['description']} | {t['threshold']} | {value} | {verdict} |")
     lines.append("")
     lines += _points_table(results)
+    lines += _cpu_table(results)
     lines += _w3_sections(results)
     lines += _stream_section(results)
     lines += _other_sections(results)

@@ -4,18 +4,30 @@ and idle RSS. Each section starts its own server processes and always stops them
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench.common import BUSINESS_DB_ENV, ECHO_BODY, median_or_none
 from bench.loadgen import LoadResult, LoadSpec, run_load
-from bench.procs import HOST, BackgroundCpu, ServerProcess, free_port, http_request, tree_memory
+from bench.procs import (
+    HOST,
+    INVALID_CORE_PCT,
+    ForeignCpu,
+    ServerProcess,
+    descendants,
+    free_port,
+    http_request,
+    process_roles,
+    tree_memory,
+)
 
 READY_DEADLINE_S = 60.0
 
@@ -54,7 +66,10 @@ class Workload:
 PREDICT_BODY = b'{"user_id": 7, "context": {"petal_length_cm": 5.1}}'
 
 WORKLOADS: dict[str, Workload] = {
-    "W1": Workload("W1", "w1", "POST", "/echo", ECHO_BODY, (1, 8, 64), ("starlette", "fastapi")),
+    "W1": Workload(
+        "W1", "w1", "POST", "/echo", ECHO_BODY, (1, 8, 64),
+        ("starlette", "starlette-2w", "fastapi"),
+    ),
     "W1-fastapi": Workload(
         "W1-fastapi", "bench.apps_fastapi:w1_fastapi", "POST", "/echo", ECHO_BODY, (1, 64),
         ("fastapi",),
@@ -72,14 +87,29 @@ def shoal_server(app: str, port: int, log_dir: Path, tag: str = "") -> ServerPro
     """``python -m shoal run <module:attr>``; a bare name is an attribute of bench.apps."""
     target = app if ":" in app else f"bench.apps:{app}"
     argv = [sys.executable, "-m", "shoal", "run", target]
-    argv += ["--host", HOST, "--port", str(port)]
+    # Any free admin port: servers run side by side (and other shoal instances may hold 8265).
+    argv += ["--host", HOST, "--port", str(port), "--admin-port", "0"]
     env = {BUSINESS_DB_ENV: str(log_dir / f"business{tag}.sqlite3")}  # read by apps_fastapi only
     return ServerProcess(f"shoal-{app.rpartition(':')[2]}{tag}", argv, log_dir, env)
 
 
-def reference_server(framework: str, port: int, log_dir: Path, tag: str = "") -> ServerProcess:
+# Reference server name -> (framework of bench.reference, uvicorn worker processes).
+REFERENCES: dict[str, tuple[str, int]] = {
+    "starlette": ("starlette", 1),
+    "starlette-2w": ("starlette", 2),  # uvicorn --workers 2: a supervisor and 2 workers
+    "fastapi": ("fastapi", 1),
+}
+
+
+def reference_server(name: str, port: int, log_dir: Path, tag: str = "") -> ServerProcess:
+    """A reference of ``REFERENCES`` (``python -m bench.reference FRAMEWORK [--workers N]``)."""
+    if name not in REFERENCES:
+        raise ValueError(f"unknown reference server {name!r}; choose from {sorted(REFERENCES)}")
+    framework, workers = REFERENCES[name]
     argv = [sys.executable, "-m", "bench.reference", framework, "--port", str(port)]
-    return ServerProcess(f"{framework}{tag}", argv, log_dir)
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    return ServerProcess(f"{name}{tag}", argv, log_dir)
 
 
 def error_text(exc: BaseException) -> str:
@@ -105,6 +135,95 @@ def fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+# --- one measured load run: foreign CPU (validity) and CPU per process ------------------------
+@dataclass(frozen=True)
+class Measured:
+    """A measured load run, with the foreign CPU during it (% of one core), the CPU seconds
+    of each process of the server under load (by role) and of the load generator."""
+
+    result: LoadResult
+    foreign_core_pct: float
+    cpu_s: dict[str, float]
+    loadgen_cpu_s: float
+
+    @property
+    def valid(self) -> bool:
+        return self.foreign_core_pct <= INVALID_CORE_PCT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.result.to_dict(),
+            "foreign_core_pct": self.foreign_core_pct,
+            "valid": self.valid,
+            "cpu_s": self.cpu_s,
+            "loadgen_cpu_s": round(self.loadgen_cpu_s, 4),
+        }
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured_load(meter: ForeignCpu, root: int, run: Callable[[], LoadResult]) -> Measured:
+    """Run ``run`` (one load run against the server whose pid is ``root``) in a window of
+    ``meter`` (whose roots are every server up: idle ones are the bench's, not foreign)."""
+    meter.window()  # starts the window
+    children = _children_cpu_s()
+    result = run()
+    loadgen = _children_cpu_s() - children  # the load generator: the only child reaped meanwhile
+    cpu = meter.window()
+    roles = process_roles(root, [root, *descendants(root)])
+    per_role = {role: round(meter.processes.get(pid, 0.0), 3) for pid, role in roles.items()}
+    return Measured(result, cpu["foreign_core_pct"], per_role, loadgen)
+
+
+def aggregate_measured(measured: list[Measured]) -> dict[str, Any]:
+    """``aggregate`` over the valid runs (all of them, marked not valid, when none is);
+    requests and errors summed over all runs; CPU per request per process over the runs
+    the medians use: their CPU seconds / their successful requests, in microseconds."""
+    valid = [m for m in measured if m.valid]
+    used = valid or measured
+    out = aggregate([m.result for m in used])
+    served = sum(m.result.requests - m.result.errors for m in used)
+    seconds = sum(m.result.duration_s for m in used)
+    roles = sorted({role for m in used for role in m.cpu_s}, key=_role_order)
+    per_role = {r: sum(m.cpu_s.get(r, 0.0) for m in used) for r in roles}
+    total = sum(per_role.values())
+
+    def us(cpu: float) -> float | None:
+        return round(cpu / served * 1e6, 1) if served else None
+
+    out.update(
+        requests=sum(m.result.requests for m in measured),
+        errors=sum(m.result.errors for m in measured),
+        valid=bool(valid),
+        runs_valid=len(valid),
+        foreign_core_pct=[m.foreign_core_pct for m in measured],
+        cpu_us_per_request={r: us(cpu) for r, cpu in per_role.items()},
+        server_cpu_us_per_request=us(total),
+        loadgen_cpu_us_per_request=us(sum(m.loadgen_cpu_s for m in used)),
+        server_cores=round(total / seconds, 2) if seconds else None,
+        runs=[m.to_dict() for m in measured],
+    )
+    return out
+
+
+def _role_order(role: str) -> tuple[int, str]:
+    order = ("server", "proxy", "replica", "worker", "fork-server")
+    first = role.rpartition("-")[0] if role[-1:].isdigit() else role
+    return (order.index(first) if first in order else len(order), role)
+
+
+def validity_note(point: dict[str, Any]) -> str:
+    runs = point.get("runs", [])
+    foreign = "/".join(f"{v:.0f}" for v in point.get("foreign_core_pct", []))
+    note = f"foreign {foreign}% of a core"
+    if point.get("runs_valid", len(runs)) < len(runs):
+        note += f", valid runs {point['runs_valid']}/{len(runs)}"
+    return note + ("" if point.get("valid", True) else " NOT VALID")
+
+
 @dataclass
 class _Live:
     """One server of a workload section, with its runs for the current concurrency."""
@@ -112,7 +231,7 @@ class _Live:
     name: str
     proc: ServerProcess
     port: int
-    runs: list[LoadResult]
+    runs: list[Measured]
     error: str | None = None
 
 
@@ -150,8 +269,10 @@ def _round(
     duration: float,
     settings: Settings,
     log: Log,
-) -> list[tuple[_Live, LoadResult]]:
-    """One load run against each live server, one after the other."""
+    meter: ForeignCpu | None = None,
+) -> list[tuple[_Live, Measured]]:
+    """One load run against each live server, one after the other (measured with ``meter``;
+    without it a warm-up whose figures are dropped)."""
     out = []
     for server in servers:
         if server.error is not None:
@@ -160,7 +281,11 @@ def _round(
             server.port, wl.path, wl.method, wl.body, concurrency, duration, headers=wl.headers
         )
         try:
-            out.append((server, run_load(spec, settings.loadgen)))
+            if meter is None:
+                run_load(spec, settings.loadgen)
+                continue
+            run = measured_load(meter, server.proc.pid, partial(run_load, spec, settings.loadgen))
+            out.append((server, run))
         except Exception as exc:
             _fail(server, exc, wl, log)
     return out  # fmt: skip
@@ -172,27 +297,27 @@ def _measure_concurrency(
     """Warm every live server up, then run the repeats round-robin across the servers."""
     for server in servers:
         server.runs = []
-    meter = BackgroundCpu()
+    meter = ForeignCpu(interval_s=None)  # read between runs only: no sampling during them
+    meter.roots.update(s.proc.pid for s in servers if s.error is None)
     if settings.warmup_s > 0:
         _round(wl, servers, concurrency, settings.warmup_s, settings, log)  # not measured
     for _ in range(settings.repeats):
-        for server, result in _round(wl, servers, concurrency, settings.duration_s, settings, log):
-            server.runs.append(result)
-    background = meter.percent()
+        rounds = _round(wl, servers, concurrency, settings.duration_s, settings, log, meter)
+        for server, run in rounds:
+            server.runs.append(run)
     points = []
     for server in servers:
         point: dict[str, Any] = {"workload": wl.key, "server": server.name}
         point["concurrency"] = concurrency
-        point["background_cpu_pct"] = background
         if server.error is not None:
             points.append({**point, "error": server.error})
             continue
-        points.append({**point, **aggregate(server.runs)})
+        points.append({**point, **aggregate_measured(server.runs)})
         log(
-            f"  {wl.key} {server.name:<9} c={concurrency:<3} "
+            f"  {wl.key} {server.name:<12} c={concurrency:<3} "
             f"{fmt(points[-1]['throughput_rps'], 0):>8} req/s  "
             f"p50 {fmt(points[-1]['p50_ms'], 3)} ms  p99 {fmt(points[-1]['p99_ms'], 3)} ms  "
-            f"errors {points[-1]['errors']}  background CPU {background:.0f}%"
+            f"errors {points[-1]['errors']}  {validity_note(points[-1])}"
         )
     return points
 

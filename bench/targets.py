@@ -19,6 +19,18 @@ class Target:
     value: Getter
 
 
+@dataclass(frozen=True)
+class PointGetter:
+    """A getter that reads the HTTP points ``uses`` ((workload, concurrency), any server):
+    its target is not valid when one of them is not (too much foreign CPU)."""
+
+    get: Getter
+    uses: tuple[tuple[str, int], ...]
+
+    def __call__(self, results: dict[str, Any]) -> float | None:
+        return self.get(results)
+
+
 def find_point(points: list[dict[str, Any]], wl: str, server: str, c: int) -> dict[str, Any] | None:
     for point in points:
         if (point["workload"], point["server"], point["concurrency"]) == (wl, server, c):
@@ -31,18 +43,18 @@ def _point_value(wl: str, c: int, field: str) -> Getter:
         point = find_point(results.get("points", []), wl, "shoal", c)
         return None if point is None else point.get(field)
 
-    return get
+    return PointGetter(get, ((wl, c),))
 
 
-def _ratio_value(wl: str, c: int, ref: str) -> Getter:
+def _ratio_value(wl: str, c: int, ref: str, field: str = "throughput_ratio") -> Getter:
     def get(results: dict[str, Any]) -> float | None:
         for r in results.get("ratios", []):
             if (r["workload"], r["concurrency"], r["reference"]) == (wl, c, ref):
-                value: float | None = r["throughput_ratio"]
+                value: float | None = r[field]
                 return value
         return None
 
-    return get
+    return PointGetter(get, ((wl, c),))
 
 
 def _shoal_ratio(wl: str, other_wl: str, c: int) -> Getter:
@@ -53,7 +65,7 @@ def _shoal_ratio(wl: str, other_wl: str, c: int) -> Getter:
         b = _point_value(other_wl, c, "throughput_rps")(results)
         return a / b if a is not None and b else None
 
-    return get
+    return PointGetter(get, ((wl, c), (other_wl, c)))
 
 
 def _section_value(section: str, *path: str) -> Getter:
@@ -66,18 +78,21 @@ def _section_value(section: str, *path: str) -> Getter:
     return get
 
 
+# Issue 15's thresholds where it sets one (W1, W2, W3, W4, handle, cold start), else earlier ones.
 TARGETS: tuple[Target, ...] = (
-    Target("W1-thr-c64", "W1 throughput c=64 vs Starlette", "x", 0.5, True,
+    Target("W1-thr-c64", "W1 throughput c=64 vs Starlette (1 process)", "x", 0.8, True,
            _ratio_value("W1", 64, "starlette")),
+    Target("W1-p50r-c1", "W1 p50 latency c=1 vs Starlette's (1 process)", "x", 1.5, False,
+           _ratio_value("W1", 1, "starlette", "p50_ratio")),
     Target("W1-p50-c1", "W1 p50 latency c=1", "ms", 0.5, False, _point_value("W1", 1, "p50_ms")),
     Target("W1F-thr-c64", "W1 via FastAPI ingress: throughput c=64 vs FastAPI", "x", 0.4, True,
            _ratio_value("W1-fastapi", 64, "fastapi")),
     Target("W1F-p50-c1", "W1 via FastAPI ingress: p50 latency c=1", "ms", 0.7, False,
            _point_value("W1-fastapi", 1, "p50_ms")),
-    Target("W2-thr-c64", "W2 throughput c=64 vs FastAPI", "x", 0.3, True,
+    Target("W2-thr-c64", "W2 throughput c=64 vs FastAPI", "x", 1.0, True,
            _ratio_value("W2", 64, "fastapi")),
-    Target("W2-p50-c1", "W2 p50 latency c=1", "ms", 1.0, False, _point_value("W2", 1, "p50_ms")),
-    Target("W3-thr-c64", "W3 batching: throughput c=64 vs hand-written batcher", "x", 0.95, True,
+    Target("W2-p50-c1", "W2 p50 latency c=1", "ms", 0.5, False, _point_value("W2", 1, "p50_ms")),
+    Target("W3-thr-c64", "W3 batching: throughput c=64 vs hand-written batcher", "x", 1.0, True,
            _ratio_value("W3", 64, "starlette")),
     Target("W3-size-c64", "W3 batching: mean batch size c=64", "", 30.0, True,
            _point_value("W3", 64, "batch_size_mean")),
@@ -85,16 +100,16 @@ TARGETS: tuple[Target, ...] = (
            _point_value("W3-latency", 1, "p50_ms")),
     Target("W3L-thr-c64", "W3 latency-target mode: throughput c=64 vs fixed", "x", 1.0, True,
            _shoal_ratio("W3-latency", "W3", 64)),
-    Target("W4-p50-c1", "W4 p50 latency c=1", "ms", 6.5, False, _point_value("W4", 1, "p50_ms")),
-    Target("W4-thr-c32", "W4 throughput c=32 vs FastAPI", "x", 0.8, True,
+    Target("W4-p50-c1", "W4 p50 latency c=1", "ms", 5.6, False, _point_value("W4", 1, "p50_ms")),
+    Target("W4-thr-c32", "W4 throughput c=32 vs FastAPI", "x", 0.95, True,
            _ratio_value("W4", 32, "fastapi")),
     Target("stream-first", "stream: time to first chunk above the generator's (p50)", "ms", 2.0,
            False, _section_value("stream", "first_chunk", "shoal", "overhead_p50_ms")),
     Target("stream-rate", "stream: small chunks per second through one stream", "/s", 20_000.0,
            True, _section_value("stream", "rate", "shoal", "items_per_s")),
-    Target("handle-p50", "handle round trip p50", "us", 150.0, False,
+    Target("handle-p50", "handle round trip p50", "us", 100.0, False,
            _section_value("handle", "p50_us")),
-    Target("cold-start", "cold start (median)", "s", 1.0, False,
+    Target("cold-start", "cold start (median)", "s", 0.4, False,
            _section_value("cold_start", "median_s")),
     Target("idle-rss", "idle RSS, driver + descendants", "MB", 200.0, False,
            _section_value("idle_rss", "rss_mb")),

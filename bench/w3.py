@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from bench.common import ECHO_BODY
 from bench.loadgen import LoadResult, LoadSpec, run_load
-from bench.procs import BackgroundCpu, ServerProcess, free_port, http_request
+from bench.procs import INVALID_CORE_PCT, ForeignCpu, ServerProcess, free_port, http_request
 from bench.suite import (
     READY_DEADLINE_S,
     Log,
+    Measured,
     Settings,
-    aggregate,
+    aggregate_measured,
     error_text,
     fmt,
+    measured_load,
     reference_server,
     shoal_server,
+    validity_note,
 )
 
 W3_PATH = "/w3"
@@ -71,12 +75,18 @@ def measured_run(port: int, concurrency: int, duration: float, kind: str) -> tup
     return result, batch_delta(before, after), after
 
 
-def run_ramp(port: int, steps: tuple[int, ...], step_s: float, kind: str) -> list[dict[str, Any]]:
+def run_ramp(
+    port: int, steps: tuple[int, ...], step_s: float, kind: str, meter: ForeignCpu | None = None
+) -> list[dict[str, Any]]:
     """Drive ``POST /w3`` at each concurrency in turn; after each step, read what the batcher
-    did (mean size of the batches formed in the step) and chose (its latency plan)."""
+    did (mean size of the batches formed in the step) and chose (its latency plan); with
+    ``meter``, each step's foreign CPU (% of one core) and validity too."""
     out = []
     for concurrency in steps:
+        if meter is not None:
+            meter.window()
         result, (batches, requests), after = measured_run(port, concurrency, step_s, kind)
+        foreign = None if meter is None else meter.window()["foreign_core_pct"]
         plan = after.get("latency") or {}
         wait = plan.get("max_wait_s")
         out.append(
@@ -93,6 +103,8 @@ def run_ramp(port: int, steps: tuple[int, ...], step_s: float, kind: str) -> lis
                 "plan_max_wait_ms": None if wait is None else wait * 1e3,
                 "arrival_rate_per_s": plan.get("arrival_rate_per_s"),
                 "cost_fitted": plan.get("cost_fitted"),
+                "foreign_core_pct": foreign,
+                "valid": None if foreign is None else foreign <= INVALID_CORE_PCT,
             }
         )
     return out
@@ -104,7 +116,7 @@ class _Server:
     name: str
     proc: ServerProcess
     port: int
-    runs: list[LoadResult] = field(default_factory=list)
+    runs: list[Measured] = field(default_factory=list)
     deltas: list[tuple[int, int]] = field(default_factory=list)
     error: str | None = None
 
@@ -139,39 +151,45 @@ def _block(
     servers: list[_Server], concurrency: int, settings: Settings, log: Log
 ) -> list[dict[str, Any]]:
     """Warm-up, then the repeats round-robin over the servers; one point per server."""
-    meter = BackgroundCpu()
+    meter = ForeignCpu(interval_s=None)  # read between runs only
+    meter.roots.update(s.proc.pid for s in servers if s.error is None)
     for server in servers:
         server.runs, server.deltas = [], []
     rounds = [(settings.warmup_s, False)] if settings.warmup_s > 0 else []
     rounds += [(settings.duration_s, True)] * settings.repeats
     for duration, measured in rounds:
         for server in (s for s in servers if s.error is None):
+            spec = LoadSpec(server.port, W3_PATH, "POST", ECHO_BODY, concurrency, duration)
             try:
-                kind = settings.loadgen
-                result, delta, _ = measured_run(server.port, concurrency, duration, kind)
+                before = get_stats(server.port)
+                run = measured_load(
+                    meter, server.proc.pid, partial(run_load, spec, settings.loadgen)
+                )
+                after = get_stats(server.port)
             except Exception as exc:
                 _fail(server, exc, log)
                 continue
             if measured:
-                server.runs.append(result)
-                server.deltas.append(delta)
-    background = meter.percent()
+                server.runs.append(run)
+                server.deltas.append(batch_delta(before, after))
     points = []
     for server in servers:
         point: dict[str, Any] = {"workload": server.workload, "server": server.name}
-        point.update(concurrency=concurrency, background_cpu_pct=background)
+        point.update(concurrency=concurrency)
         if server.error is not None:
             points.append({**point, "error": server.error})
             continue
-        point.update(aggregate(server.runs))
-        point["batches"] = sum(b for b, _ in server.deltas)
-        point["batch_size_mean"] = mean_size(server.deltas)
+        point.update(aggregate_measured(server.runs))
+        valid = [d for run, d in zip(server.runs, server.deltas, strict=True) if run.valid]
+        deltas = valid or server.deltas  # the runs the medians use
+        point["batches"] = sum(b for b, _ in deltas)
+        point["batch_size_mean"] = mean_size(deltas)
         points.append(point)
         log(
             f"  {server.workload:<10} {server.name:<9} c={concurrency:<3} "
             f"{fmt(point['throughput_rps'], 0):>6} req/s  p50 {fmt(point['p50_ms'], 2)} ms  "
             f"p99 {fmt(point['p99_ms'], 2)} ms  mean batch {fmt(point['batch_size_mean'], 1)}  "
-            f"errors {point['errors']}  background CPU {background:.0f}%"
+            f"errors {point['errors']}  {validity_note(point)}"
         )
     return points
 
@@ -194,21 +212,23 @@ def run_w3(settings: Settings, log: Log, fixed: bool, latency: bool) -> dict[str
             shoal_only = [s for s in servers if s.name == "shoal"]
             out["points"] += _block(shoal_only, LOW_C, settings, log)
             target = servers[-1]
-            out["ramp"] = _ramp(target, settings, log)
+            meter = ForeignCpu(interval_s=None)  # every W3 server up is the bench's
+            meter.roots.update(s.proc.pid for s in servers if s.error is None)
+            out["ramp"] = _ramp(target, settings, log, meter)
         return out
     finally:
         for server in servers:
             server.proc.stop()
 
 
-def _ramp(server: _Server, settings: Settings, log: Log) -> dict[str, Any]:
+def _ramp(server: _Server, settings: Settings, log: Log, meter: ForeignCpu) -> dict[str, Any]:
     steps = settings.ramp_steps
     step_s = settings.duration_s
     log(f"  W3-latency ramp: {list(steps)} connections, {step_s:g} s each")
     if server.error is not None:
         return {"error": server.error}
     try:
-        rows = run_ramp(server.port, steps, step_s, settings.loadgen)
+        rows = run_ramp(server.port, steps, step_s, settings.loadgen, meter)
     except Exception as exc:
         _fail(server, exc, log)
         return {"error": error_text(exc)}
@@ -217,6 +237,8 @@ def _ramp(server: _Server, settings: Settings, log: Log) -> dict[str, Any]:
             f"    c={row['concurrency']:<3} {fmt(row['throughput_rps'], 0):>6} req/s  "
             f"p50 {fmt(row['p50_ms'], 2)} ms  p99 {fmt(row['p99_ms'], 2)} ms  "
             f"mean batch {fmt(row['batch_size_mean'], 1)}  plan size {row['plan_batch_size']} "
-            f"wait {fmt(row['plan_max_wait_ms'], 2)} ms"
+            f"wait {fmt(row['plan_max_wait_ms'], 2)} ms  "
+            f"foreign {fmt(row['foreign_core_pct'], 0)}% of a core"
+            f"{'' if row['valid'] else ' NOT VALID'}"
         )
     return {"server": "W3-latency shoal", "step_s": step_s, "steps": rows}

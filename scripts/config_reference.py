@@ -58,9 +58,12 @@ Rules:
 * Validation is strict: an unknown key is an error (with its close matches), and
   values are not converted (`port: "8000"` is refused). Every problem is reported at
   once, one line each: `applications[1].deployments[0].num_replicas: -1 is not >= 0`.
-* Sections shoal does not implement yet (`grpc_options`, and the deployment options
-  refused in [options.md](options.md)) are accepted with exactly Ray's default
-  values, and refused with the issue that brings them otherwise.
+* Options shoal does not implement yet (the deployment options refused in
+  [options.md](options.md)) are accepted with exactly Ray's default values, and
+  refused with the issue that brings them otherwise.
+* `grpc_options` ([grpc.md](grpc.md)) applies where the file starts the instance
+  (`shoal run CONFIG`); `shoal deploy` to a running server warns that its gRPC
+  options (`shoal start --grpc-port/--grpc-servicer-functions`) stay.
 * `logging_config` ([logging.md](logging.md)): a deployment's own wins, else its
   application's, else the file's top level (one equal to Ray's defaults changes
   nothing).

@@ -1,9 +1,8 @@
 """Ray Serve's config file (``serve deploy`` / ``serve build`` format), strictly validated.
 
 A file Ray Serve accepts is accepted here unchanged, as long as it only uses what
-shoal implements: a section shoal does not implement yet (gRPC) is accepted with
-exactly Ray's default values and refused otherwise, naming the issue that brings
-them. Every problem is reported as one line ``<field path>: <value> <what is
+shoal implements: an option shoal does not implement yet is refused, naming the issue
+that brings it. Every problem is reported as one line ``<field path>: <value> <what is
 wrong>`` in a single :class:`ConfigError`.
 Deployment overrides reuse :class:`shoal._config.DeploymentConfig`'s fields, so
 an option has the same type, bounds and refusals in code and in a file.
@@ -16,20 +15,20 @@ import inspect
 import json
 import re
 import typing
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from shoal._config import (
-    NOT_SUPPORTED_YET,
     AutoscalingPolicy,
     DeploymentConfig,
     HTTPOptions,
     LoggingConfig,
     TracingOptions,
     _Strict,
+    gRPCOptions,
     refusals,
     runtime_env_problems,
 )
@@ -47,33 +46,8 @@ def _problems(problems: list[Problem]) -> PydanticCustomError:
     })  # fmt: skip
 
 
-class _DefaultsOnly(_Strict):
-    """A Ray section shoal accepts only with Ray's default values until its issue lands."""
-
-    _refused_because: ClassVar[str]
-
-    @model_validator(mode="after")
-    def _only_defaults(self) -> _DefaultsOnly:
-        found = []
-        for name, field in type(self).model_fields.items():
-            value = getattr(self, name)
-            if value != field.get_default(call_default_factory=True):
-                found.append((name, value, f"is not supported yet: {self._refused_because}"))
-        if found:
-            raise _problems(found)
-        return self
-
-
-class gRPCOptionsSchema(_DefaultsOnly):  # Ray's name
-    """Ray's ``grpc_options``: accepted with Ray's defaults only (issue 14 brings gRPC)."""
-
-    _refused_because = NOT_SUPPORTED_YET["grpc_options"]
-
-    port: int = Field(9000, description="Port of the gRPC proxy.")
-    grpc_servicer_functions: list[str] = Field(
-        default_factory=list, description="Import paths of the servicer functions to add."
-    )
-    request_timeout_s: float | None = Field(None, description="Timeout of a gRPC request.")
+class gRPCOptionsSchema(gRPCOptions):  # Ray's name; the same fields as serve.start's
+    """Ray's ``grpc_options``: the gRPC proxy (docs/grpc.md)."""
 
 
 class DeploymentSchema(DeploymentConfig):
@@ -233,7 +207,9 @@ class ServeDeploySchema(_Strict):
         default_factory=HTTPOptions, description="Options of the HTTP proxy."
     )
     grpc_options: gRPCOptionsSchema | None = Field(
-        None, description="Ray's gRPC proxy options: accepted with Ray's defaults only (issue 14)."
+        None,
+        description="Options of the gRPC proxy (docs/grpc.md), applied where the file starts "
+        "the instance (shoal run); null: no gRPC server.",
     )
     logging_config: LoggingConfig | None = Field(
         None,

@@ -74,6 +74,11 @@ class DeploymentUnavailableError(UnavailableError):
     """
 
 
+class ForkServerUnavailable(ShoalError):
+    """The fork server cannot start a worker (it died, hangs, or an import made forking
+    unsafe): the runtime starts it with ``python -m`` instead. Never reaches a user."""
+
+
 class ReplicaDiedError(UnavailableError):
     """The replica handling a request died before it answered."""
 
@@ -241,6 +246,48 @@ class InvalidInputError(ShoalError, ValueError):
         return (type(self), (self.errors,))  # rebuilt with its errors in the caller's process
 
 
+# --- shoal.oip (the Open Inference Protocol) ---------------------------------------------------
+
+
+class InferenceError(ShoalError):
+    """An Open Inference Protocol request failed. ``status`` is its HTTP status; the message
+    is the v2 error body's ``"error"``. Raise a subclass in a model's code to answer with it."""
+
+    status = 500
+
+
+class InferenceRequestError(InferenceError, ValueError):
+    """The request does not fit the protocol or the model (shape, datatype, data, JSON): 400."""
+
+    status = 400
+
+
+class ModelNotFoundError(InferenceError, LookupError):
+    """No model (or version of it) is served under that name: 404."""
+
+    status = 404
+
+
+class MethodNotAllowedError(InferenceError):
+    """An OIP path asked with the wrong HTTP method (``GET .../infer``): 405, ``allow`` names
+    the right one."""
+
+    status = 405
+
+    def __init__(self, message: str, allow: str = "") -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.allow))
+
+
+class UnsupportedExtensionError(InferenceError):
+    """A protocol extension shoal does not implement (the model repository): 501 / UNIMPLEMENTED."""
+
+    status = 501
+
+
 __all__ = [
     "BackPressureError",
     "BatchResultTypeError",
@@ -251,8 +298,13 @@ __all__ = [
     "DeploymentUnavailableError",
     "DirectCallError",
     "FeedbackError",
+    "ForkServerUnavailable",
     "GenerationNotFoundError",
+    "InferenceError",
+    "InferenceRequestError",
     "InvalidInputError",
+    "MethodNotAllowedError",
+    "ModelNotFoundError",
     "NotFoundError",
     "NotRunningError",
     "PatternError",
@@ -270,4 +322,5 @@ __all__ = [
     "SyncCallInEventLoopError",
     "TransportError",
     "UnavailableError",
+    "UnsupportedExtensionError",
 ]

@@ -228,17 +228,23 @@ class SlowToStart:
 
 
 def _worker_processes() -> set[int]:
-    """Live worker processes this test process started (the multi-process runtime's)."""
-    found = set()
+    """Live worker processes this test process started (the multi-process runtime's,
+    forked by its fork server or started by it with python -m)."""
+    processes = {}
     for entry in Path("/proc").iterdir():
         try:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes()
+            processes[int(entry.name)] = (parent, (entry / "cmdline").read_bytes())
         except (OSError, ValueError, IndexError):
             continue
-        if parent == os.getpid() and b"shoal._runtime.process.worker" in command:
-            found.add(int(entry.name))
-    return found
+    ours = {os.getpid()} | {
+        pid for pid, (parent, command) in processes.items()
+        if parent == os.getpid() and b"shoal._runtime.process.zygote" in command
+    }  # fmt: skip
+    return {
+        pid for pid, (parent, command) in processes.items()
+        if parent in ours and b"shoal._runtime.process.worker" in command
+    }  # fmt: skip
 
 
 def test_a_scale_down_cancels_replicas_still_starting(deploy: Deploy) -> None:

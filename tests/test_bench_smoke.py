@@ -32,33 +32,49 @@ from bench.__main__ import parse_only  # noqa: E402
 from bench.batcher import Batcher  # noqa: E402
 from bench.common import percentile  # noqa: E402
 from bench.procs import (  # noqa: E402
+    INVALID_CORE_PCT,
     BackgroundCpu,
+    ForeignCpu,
     ServerProcess,
     descendants,
     free_port,
     http_request,
     is_alive,
+    process_roles,
     tree_memory,
 )
 from bench.stream import count_stream, first_chunks, run_async  # noqa: E402
-from bench.suite import aggregate, reference_server  # noqa: E402
+from bench.suite import (  # noqa: E402
+    Measured,
+    aggregate,
+    aggregate_measured,
+    measured_load,
+    reference_server,
+)
 from bench.w3 import get_stats, run_ramp  # noqa: E402
 
 BODY = b'{"x": 1}'
 
 
 @pytest.fixture(scope="module")
-def starlette_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def starlette_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ServerProcess, int]]:
     port = free_port()
     server = reference_server("starlette", port, tmp_path_factory.mktemp("logs"))
     server.start()
     pid = server.pid
     try:
         server.wait_http_ok(port, "POST", "/echo", BODY, deadline_s=15.0)
-        yield port
+        yield server, port
     finally:
         server.stop()
     assert not is_alive(pid)
+
+
+@pytest.fixture(scope="module")
+def starlette_port(starlette_server: tuple[ServerProcess, int]) -> int:
+    return starlette_server[1]
 
 
 def _check_clean_run(result: loadgen.LoadResult) -> None:
@@ -157,18 +173,7 @@ def _burn(pid: int, since: int) -> int:
 
 
 def test_background_cpu_counts_a_busy_process_outside_the_bench() -> None:
-    # Double fork: the burner's parent exits at once, so it is nobody's child here.
-    launcher = (
-        "import os\n"
-        "if os.fork():\n    os._exit(0)\n"
-        "os.setsid()\n"
-        "print(os.getpid(), flush=True)\n"
-        "null = os.open(os.devnull, os.O_RDWR)\n"
-        "for fd in (0, 1, 2):\n    os.dup2(null, fd)\n" + BURN
-    )
-    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True,
-                         timeout=30, check=True).stdout  # fmt: skip
-    burner = int(out)
+    burner = _outside_burner()  # double fork: its parent exits at once
     try:
         assert burner not in descendants(os.getpid())
         meter = BackgroundCpu()
@@ -199,6 +204,143 @@ def test_background_cpu_leaves_out_the_bench_and_its_children() -> None:
     # (this window contains the meter's), with 3 jiffies for the counters' granularity.
     bound = 100.0 * (busy - burnt + 3) / (seconds * TICK * CPUS)
     assert measured <= bound, (measured, bound, busy, burnt)
+
+
+def _outside_burner() -> int:
+    """A busy process that is nobody's child here (double fork); returns its pid."""
+    launcher = (
+        "import os\n"
+        "if os.fork():\n    os._exit(0)\n"
+        "os.setsid()\n"
+        "print(os.getpid(), flush=True)\n"
+        "null = os.open(os.devnull, os.O_RDWR)\n"
+        "for fd in (0, 1, 2):\n    os.dup2(null, fd)\n" + BURN
+    )
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True,
+                         timeout=30, check=True).stdout  # fmt: skip
+    return int(out)
+
+
+def test_foreign_cpu_counts_outside_work_and_leaves_out_the_servers() -> None:
+    """bench.procs.ForeignCpu (one meter for every bench script): a busy process outside
+    is foreign; a busy server (a root) and a process its tree starts within the window are
+    not, and their CPU seconds are in ``processes``."""
+    burner = _outside_burner()
+    # The "server": starts a busy child of its own after a moment (born within the window).
+    code = (
+        "import subprocess, sys, time\n"
+        f"time.sleep(0.3)\nsubprocess.Popen([sys.executable, '-c', {BURN!r}])\n" + BURN
+    )
+    server = subprocess.Popen([sys.executable, "-c", code])
+    meter = ForeignCpu(interval_s=None)
+    try:
+        meter.roots.add(server.pid)
+        busy_before = _machine_busy_jiffies()
+        meter.window()  # the window starts now
+        child = wait_until(lambda: descendants(server.pid), 10, "the server's child")[0]
+        burnt_out = _burn(burner, _cpu_jiffies(burner))
+        _burn(child, 0)
+        server_j, child_j = _cpu_jiffies(server.pid), _cpu_jiffies(child)
+        cpu = meter.window()
+        busy = _machine_busy_jiffies() - busy_before
+    finally:
+        os.kill(burner, signal.SIGKILL)
+        for pid in (*descendants(server.pid), server.pid):
+            os.kill(pid, signal.SIGKILL)
+        server.wait()
+    share = 100.0 * burnt_out / (cpu["seconds"] * TICK)  # % of one core
+    assert cpu["foreign_core_pct"] >= 0.8 * share > 0, (cpu, share)
+    assert cpu["foreign_core_pct"] == pytest.approx(cpu["foreign_cpu_pct"] * CPUS, abs=0.2)
+    assert meter.processes[child] >= 0.9 * child_j / TICK  # counted from its birth
+    assert meter.processes[server.pid] >= 0.9 * server_j / TICK > 0
+    # The servers' CPU is not foreign: at most what the whole machine did minus theirs, over
+    # this test's window (which contains the meter's), 3 jiffies for the counters' grain.
+    mine = (meter.processes[child] + meter.processes[server.pid]) * TICK
+    bound = 100.0 * (busy - mine + 3) / (cpu["seconds"] * TICK)
+    assert cpu["foreign_core_pct"] <= bound, (cpu, bound)
+    meter.close()
+
+
+def test_process_roles_from_command_lines() -> None:
+    """Labels of a server's tree from /proc/<pid>/cmdline (shoal's workers keep their
+    ``python -m`` module in their command line), numbered when a role has several."""
+    sleep = "import time; time.sleep(30)"
+    modules = ["shoal._runtime.process.proxy_worker", "shoal._runtime.process.worker",
+               "shoal._runtime.process.worker", "shoal._runtime.process.zygote", "x.y"]  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", sleep, m, "arg"]) for m in modules]
+    try:
+        pids = [p.pid for p in procs]
+        roles = process_roles(os.getpid(), pids)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert roles == {
+        os.getpid(): "server", pids[0]: "proxy", pids[1]: "replica-1", pids[2]: "replica-2",
+        pids[3]: "fork-server", pids[4]: "other",
+    }  # fmt: skip
+
+
+def test_measured_load_against_starlette(starlette_server: tuple[ServerProcess, int]) -> None:
+    """One measured run: foreign CPU and validity, the server's and the load generator's
+    CPU seconds; aggregate_measured turns them into µs per request."""
+    server, port = starlette_server
+    meter = ForeignCpu(interval_s=None)
+    meter.roots.add(server.pid)
+    spec = loadgen.LoadSpec(port, "/echo", "POST", BODY, concurrency=4, duration_s=1.0)
+    run = measured_load(meter, server.pid, lambda: loadgen.run_load(spec, "python"))
+    _check_clean_run(run.result)
+    assert set(run.cpu_s) == {"server"} and run.cpu_s["server"] > 0.05
+    assert run.loadgen_cpu_s > 0.05  # the python client is busy for a second
+    assert run.foreign_core_pct >= 0 and run.valid == (run.foreign_core_pct <= INVALID_CORE_PCT)
+    data = run.to_dict()
+    assert {"foreign_core_pct", "valid", "cpu_s", "loadgen_cpu_s", "p50_ms"} <= set(data)
+    point = aggregate_measured([run])
+    served = run.result.requests - run.result.errors
+    assert point["cpu_us_per_request"]["server"] == pytest.approx(
+        run.cpu_s["server"] / served * 1e6, rel=0.01
+    )
+    assert point["loadgen_cpu_us_per_request"] > 0 and point["server_cores"] > 0
+    meter.close()
+
+
+def test_uvicorn_two_workers_reference(tmp_path: Path) -> None:
+    """The `starlette-2w` reference: uvicorn's supervisor and two worker processes."""
+    port = free_port()
+    server = reference_server("starlette-2w", port, tmp_path)
+    assert server.argv[-2:] == ["--workers", "2"]
+    server.start()
+    try:
+        server.wait_http_ok(port, "POST", "/echo", BODY, deadline_s=30.0)
+        roles = process_roles(server.pid, descendants(server.pid))
+    finally:
+        server.stop()
+    assert {"server", "worker-1", "worker-2"} <= set(roles.values()), roles
+    with pytest.raises(ValueError, match="unknown reference server 'tornado'"):
+        reference_server("tornado", port, tmp_path)
+
+
+def _measured(rps: float, p50: float, foreign: float, proxy_s: float) -> Measured:
+    result = loadgen.LoadResult(1000, 0, 1.0, rps, p50, p50, p50, p50, "wrk")
+    return Measured(result, foreign, {"server": 0.01, "proxy": proxy_s, "replica": 0.2}, 0.05)
+
+
+def test_aggregate_measured_leaves_invalid_runs_out() -> None:
+    runs = [_measured(900.0, 0.5, 3.0, 0.3), _measured(100.0, 5.0, 40.0, 0.9),
+            _measured(1000.0, 0.4, 15.0, 0.5)]  # fmt: skip
+    point = aggregate_measured(runs)
+    assert point["valid"] is True and point["runs_valid"] == 2
+    assert point["throughput_rps"] == pytest.approx(950.0)  # median of the two valid runs
+    assert point["p50_ms"] == pytest.approx(0.45)
+    assert (point["requests"], len(point["runs"])) == (3000, 3)  # counts over all runs
+    assert point["foreign_core_pct"] == [3.0, 40.0, 15.0]
+    assert [r["valid"] for r in point["runs"]] == [True, False, True]
+    assert point["cpu_us_per_request"] == {"server": 10.0, "proxy": 400.0, "replica": 200.0}
+    assert point["server_cpu_us_per_request"] == pytest.approx(610.0)
+    assert point["loadgen_cpu_us_per_request"] == pytest.approx(50.0)
+    assert point["server_cores"] == pytest.approx(0.61)
+    none_valid = aggregate_measured([runs[1]])
+    assert none_valid["valid"] is False and none_valid["throughput_rps"] == 100.0
 
 
 def test_parse_wrk_output_and_script() -> None:
@@ -237,12 +379,18 @@ def test_batcher_forms_batches() -> None:
     assert (stats["batches"], stats["requests"]) == (2, 40)  # 32, then 8 after the 5 ms wait
 
 
-def test_reference_batcher_and_ramp(starlette_port: int) -> None:
+def test_reference_batcher_and_ramp(starlette_server: tuple[ServerProcess, int]) -> None:
+    server, starlette_port = starlette_server
     status, payload = http_request(starlette_port, "POST", "/w3", b'{"x": 3}')
     assert (status, json.loads(payload)) == (200, {"y": 3})
     before = get_stats(starlette_port)
-    steps = run_ramp(starlette_port, (1, 16), 0.5, "python")
+    meter = ForeignCpu(interval_s=None)
+    meter.roots.add(server.pid)
+    steps = run_ramp(starlette_port, (1, 16), 0.5, "python", meter)
     assert [s["concurrency"] for s in steps] == [1, 16]
+    for step in steps:  # each step's foreign CPU and validity
+        assert step["foreign_core_pct"] >= 0
+        assert step["valid"] == (step["foreign_core_pct"] <= INVALID_CORE_PCT)
     assert steps[0]["batch_size_mean"] == pytest.approx(1.0)
     assert steps[1]["batch_size_mean"] > 4  # 16 clients, 5 ms wait: batches fill up
     assert steps[1]["plan_batch_size"] == 32 and steps[1]["plan_max_wait_ms"] is None
@@ -278,10 +426,13 @@ def _fake_results() -> dict[str, Any]:
     run = loadgen.LoadResult(1000, 0, 1.0, 1000.0, 0.4, 0.6, 0.9, 0.45, "wrk")
     slow = loadgen.LoadResult(500, 2, 1.0, 498.0, 0.8, 1.0, math.nan, 0.8, "wrk")
     points = []
-    for server, result in (("shoal", slow), ("starlette", run)):
+    for server, result in (("shoal", slow), ("starlette", run), ("starlette-2w", run)):
         for c in (1, 64):
             point = {"workload": "W1", "server": server, "concurrency": c}
-            points.append({**point, **aggregate([result])})
+            foreign = 40.0 if (server, c) == ("shoal", 1) else 2.0  # shoal c=1: not valid
+            cpu = {"server": 0.01, "proxy": 0.3, "replica": 0.2} if server == "shoal" else {}
+            measured = Measured(result, foreign, cpu or {"server": 0.2}, 0.05)
+            points.append({**point, **aggregate_measured([measured])})
     points.append({"workload": "W2", "server": "shoal", "concurrency": 1, "error": "Boom\nmore"})
     w3 = loadgen.LoadResult(6000, 0, 3.0, 2000.0, 30.0, 35.0, 50.0, 31.0, "wrk")
     for wl, server, thr, size in (
@@ -323,6 +474,8 @@ def _fake_results() -> dict[str, Any]:
         "plan_max_wait_ms": 22.5,
         "arrival_rate_per_s": 380.0,
         "cost_fitted": True,
+        "foreign_core_pct": 3.0,
+        "valid": True,
     }
     first = {
         "requests": 50,
@@ -338,7 +491,7 @@ def _fake_results() -> dict[str, Any]:
         "environment": report.environment({"name": "wrk", "version": "test"}, datetime.now(UTC)),
         "settings": {"duration_s": 1.0, "repeats": 1, "warmup_s": 0.0},
         "points": points,
-        "handle": {"p50_us": 120.0, "p90_us": 150.0, "p99_us": 300.0, "sequential_calls": 10,
+        "handle": {"p50_us": 90.0, "p90_us": 150.0, "p99_us": 300.0, "sequential_calls": 10,
                    "calls_per_s": 9000.0},
         "cold_start": {"runs": [1.2], "median_s": 1.2},
         "idle_rss": {"error": "RuntimeError: nope"},
@@ -358,9 +511,20 @@ def test_report_writer(tmp_path: Path) -> None:
     assert (tmp_path / "latest.md").read_text() == md_path.read_text()
     assert data["environment"]["machine"]["nproc"] == os.cpu_count()
     assert data["points"][0]["p99_ms"] is None  # NaN became null
+    assert isinstance(data["environment"]["git_dirty"], bool)  # this is a git checkout
+    assert data["environment"]["git_commit"]
+    shoal_c1 = data["points"][0]
+    assert (shoal_c1["valid"], shoal_c1["runs_valid"], shoal_c1["foreign_core_pct"]) == (
+        False, 0, [40.0]
+    )  # fmt: skip
+    assert shoal_c1["runs"][0]["valid"] is False and shoal_c1["runs"][0]["cpu_s"]["proxy"] == 0.3
+    assert shoal_c1["cpu_us_per_request"]["proxy"] == pytest.approx(0.3 / 498 * 1e6, abs=0.1)
+    assert shoal_c1["loadgen_cpu_us_per_request"] is not None
     verdicts = {t["key"]: t["met"] for t in data["targets"]}
-    assert verdicts["W1-thr-c64"] is False  # 498 / 1000 < 0.5
-    assert verdicts["W1-p50-c1"] is False
+    valid = {t["key"]: t["valid"] for t in data["targets"]}
+    assert verdicts["W1-thr-c64"] is False and valid["W1-thr-c64"] is True  # 498 / 1000 < 0.8
+    assert verdicts["W1-p50-c1"] is False and valid["W1-p50-c1"] is False
+    assert verdicts["W1-p50r-c1"] is False  # 0.8 / 0.4 = 2x > 1.5x
     assert verdicts["handle-p50"] is True
     assert verdicts["cold-start"] is False
     assert verdicts["idle-rss"] is None
@@ -371,10 +535,27 @@ def test_report_writer(tmp_path: Path) -> None:
     assert verdicts["stream-first"] is True and verdicts["stream-rate"] is False
     assert verdicts["W1F-thr-c64"] is None
     ratio = next(r for r in data["ratios"] if r["concurrency"] == 64)
-    assert ratio["throughput_ratio"] == pytest.approx(0.498)
+    assert ratio["throughput_ratio"] == pytest.approx(0.498) and ratio["valid"] is True
+    two = {
+        (r["concurrency"], r["valid"]) for r in data["ratios"] if r["reference"] == "starlette-2w"
+    }
+    assert two == {(1, False), (64, True)}
     text = md_path.read_text()
+    assert "(clean tree)" in text or "**uncommitted changes**" in text
+    assert "- **NOT VALID: 1 of 10 points had no run" in text
+    assert "points had runs left out" not in text
+    assert (
+        "| W1 | shoal | 1 | 500 | 2 | 498 | 0.800 | 1.000 | - | 40 | 0/1 | **NOT VALID** |" in text
+    )
+    assert "| W1 | 64 | starlette-2w | 0.50x | 2.00x | yes |" in text
+    assert "| W1 p50 latency c=1 | <= 0.5 ms | 0.800 ms | **missed** (NOT VALID) |" in text
+    assert "## CPU per request, per process" in text
+    assert (
+        "| W1 | shoal | 64 | 1,024 | 0.51 | server 20, proxy 602, replica 402 | 100 | yes |" in text
+    )
     assert "| W1 | shoal | 64 |" in text and "failed: Boom" in text and "**missed**" in text
     assert "## W3-latency load ramp" in text and "| 1 | 8 | 400 | 19.00 |" in text
+    assert "| 22.50 | 380 | 3 | yes |" in text  # the ramp step's foreign CPU and validity
     assert "| W3-latency | shoal | 64 | 2,100 |" in text
     assert "| shoal | 50 | 21.50 | 20.20 | 1.30 |" in text and "| starlette | failed: Down" in text
 

@@ -19,7 +19,7 @@ def test_public_names_are_pinned() -> None:
         "RunTarget", "ShoalError", "TransportError", "UnavailableError", "batch", "delete",
         "deployment",
         "get_app_handle", "get_deployment_handle", "get_replica_context", "get_request_context",
-        "ingress",
+        "get_multiplexed_model_id", "ingress", "multiplexed",
         "run", "run_many", "serve", "shutdown", "start", "status",
     }  # fmt: skip
     assert set(shoal.__all__) == expected

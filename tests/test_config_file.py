@@ -213,8 +213,8 @@ ERRORS = [
         "supported yet: memory reservations need the Ray runtime (issue 13)",
     ),
     (
-        _with({"grpc_options": {"port": 9001, "grpc_servicer_functions": []}}),
-        "grpc_options.port: 9001 is not supported yet: the gRPC proxy comes with issue 14",
+        _with({"grpc_options": {"port": 70000, "grpc_servicer_functions": []}}),
+        "grpc_options.port: 70000",
     ),
     (
         _with({"logging_config": {"log_level": "LOUD"}}),

@@ -267,6 +267,37 @@ def test_deadlines_example_times_out_and_cancels_the_slow_calls() -> None:
     assert lines[3] == "model calls cancelled at their deadline: 2", proc.stdout
 
 
+def test_grpc_ingress_example_calls_both_applications_over_grpc() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.grpc_ingress", "--port", str(free_port()),
+         "--grpc-port", str(free_port())],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "english: Hello, Ada! (request_id english)",
+        "french: Bonjour, Ada ! (request_id french)",
+        "stream: Hello #1, Ada! / Hello #2, Ada! / Hello #3, Ada!",
+        "error: INTERNAL: ValueError: a name is required",
+        "applications: ['english', 'french']; healthz: success",
+    ], proc.stdout
+
+
+def test_multiplexing_example_loads_each_model_once_where_it_is_used() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.multiplexing", "--port", str(free_port())],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "alice(3) = 7.0",
+        "alice, 4 more requests: served by 1 replica",
+        "bob(3) = 1.0",
+        "carol(3) = 1.5 (through a handle)",
+        "loads per model: {'alice': 1, 'bob': 1, 'carol': 1}",
+    ], proc.stdout
+
+
 def test_tracing_example_assembles_the_tree_of_every_process(tmp_path: Path) -> None:
     """Also test_tracing's multi-process case: the proxy's and three replicas' spans,
     each process appending its own to one JSON-lines file, make one tree."""
@@ -519,3 +550,21 @@ def test_observability_example_shows_metrics_status_logs_and_the_failed_request(
     )
     # The dashboard lists the failed request by its id.
     assert f"recent error: {failed.group(1)} ValueError: score must be within [0, 1]" in out
+
+
+def test_oip_example_serves_the_classifier_to_the_triton_clients() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.oip", "--port", str(free_port()),
+         "--grpc-port", str(free_port())],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "server ready: True, model ready: True",
+        "metadata: [{'name': 'features', 'datatype': 'FP64', 'shape': [-1, 2]}]",
+        "REST (binary data False): labels [0, 1], id binary-False",
+        "REST (binary data True): labels [0, 1], id binary-True",
+        "gRPC: labels [0, 1], rows of proba sum to [1.0, 1.0]",
+        "wrong shape: 400 {'error': \"input 'features' has shape [1, 3]; model 'classifier' "
+        'expects [-1, 2] (-1: any size)"}',
+    ], proc.stdout

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import threading
 import time
+from typing import Any
 
 import pytest
 from conftest import Deploy, wait_until
@@ -95,6 +96,27 @@ def test_bound_deployments_nested_anywhere_arrive_as_handles(deploy: Deploy) -> 
     handle = deploy(app)
     assert handle.remote(3).result(timeout_s=30) == [6, 4, 103, 6]
     assert handle.chained.remote(3).result(timeout_s=30) == 8
+
+
+@serve.deployment
+class ModuleHolder:
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __call__(self, _: object) -> str:
+        return str(self.module.__name__)
+
+
+def test_a_module_passed_as_an_argument_is_not_searched_for_applications(
+    deploy: Deploy,
+) -> None:
+    # examples.pipeline binds an application at module level: searching the module (its
+    # globals reach sys.modules and every application bound anywhere) once failed with
+    # "cannot pickle 'module' object".
+    import examples.pipeline
+
+    handle = deploy(ModuleHolder.bind(examples.pipeline))
+    assert handle.remote(None).result(timeout_s=30) == "examples.pipeline"
 
 
 async def test_await_responses_from_async_code(deploy: Deploy) -> None:

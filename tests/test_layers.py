@@ -16,7 +16,8 @@ ROOT = pathlib.Path(shoal.__file__).parent
 #: From the bottom up; a package may import only from packages listed before it.
 LAYERS = [
     "_errors", "_config", "_deploy_config", "_json", "_transport", "_seam", "_observe", "_router",
-    "_api", "_replica", "_proxy", "_runtime", "_controller", "_dashboard", "_instance", "serve",
+    "_api", "_replica", "_oip", "_proxy", "_runtime", "_controller", "_dashboard", "_instance",
+    "serve",
 ]  # fmt: skip
 
 

@@ -41,6 +41,31 @@ def _children(parent: int) -> list[int]:
     return pids
 
 
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def _descendants(parent: int) -> list[int]:
+    """``parent``'s children, their children, and so on."""
+    found, todo = [], [parent]
+    while todo:
+        children = _children(todo.pop())
+        found += children
+        todo += children
+    return found
+
+
+def _workers(driver: int) -> list[int]:
+    """The worker processes (replicas, proxies) of ``driver``'s instance: forked by its
+    fork server, or its own children when started with python -m."""
+    return [
+        pid for pid in _descendants(driver) if "shoal._runtime.process.zygote" not in _command(pid)
+    ]
+
+
 @serve.deployment(max_ongoing_requests=1)
 class Worker:
     async def hold(self, marker: str) -> str:
@@ -78,7 +103,7 @@ def test_killed_replica_is_replaced_and_queued_requests_survive(
 def test_socket_directory_is_private(http_port: int) -> None:
     handle = serve.run(Worker.bind(), name="private", route_prefix=None)
     pid = handle.pid.remote().result(timeout_s=30)
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()
     directory = Path(argv[argv.index(b"shoal._runtime.process.worker") + 1].decode())
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     sockets = [p for p in directory.iterdir() if p.is_socket()]
@@ -148,11 +173,12 @@ def test_no_process_outlives_a_killed_driver(serving_driver: subprocess.Popen[st
         assert len(replica_pids) == 2, line
         assert httpx.get(f"http://127.0.0.1:{port}/m", timeout=30).text == "ok"
         # + the proxy and the standby process of its replacement (started a moment later)
-        children = wait_until(
-            lambda: found if len(found := _children(driver.pid)) == 4 else None,
+        workers = wait_until(
+            lambda: found if len(found := _workers(driver.pid)) == 4 else None,
             15, "the standby proxy process",
         )  # fmt: skip
-        assert set(replica_pids) <= set(children)
+        assert set(replica_pids) <= set(workers)
+        children = _descendants(driver.pid)  # the workers and the fork server
         driver.kill()
         driver.wait(timeout=10)
         wait_until(lambda: not any(_alive(pid) for pid in children), 15, "workers to exit")

@@ -67,7 +67,7 @@ SUBMODULES = {
     "handle": ["DeploymentHandle", "DeploymentResponse", "DeploymentResponseGenerator"],
     "config": [
         "AutoscalingConfig", "AutoscalingContext", "AutoscalingPolicy", "DeploymentConfig",
-        "DeploymentID", "HTTPOptions",
+        "DeploymentID", "HTTPOptions", "gRPCOptions",
     ],
     "schema": [
         "ApplicationStatus", "ApplicationStatusOverview", "DeploymentSchema", "DeploymentStatus",

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import pickle
+import subprocess
+import sys
+import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy
 import pytest
 
 from shoal._errors import RequestTimeoutError, TransportError
+from shoal._transport import codec
 from shoal._transport.codec import SerializationError, decode, encode
 from shoal._transport.connection import Connection, connect_unix, serve_unix
+from shoal._transport.http import HttpResponseData
+from shoal._transport.ids import new_request_id
 from shoal._transport.messages import Request, Result, StreamEnd, StreamItem
 
 
@@ -130,3 +139,142 @@ def test_messages_are_typed_dataclasses() -> None:
     assert pickle.loads(pickle.dumps(request.to_wire()))[0] == Request.tag
     with pytest.raises(AttributeError):
         request.unknown_field = 1  # type: ignore[attr-defined]
+
+
+_MAIN_SCRIPT = """
+import sys
+from shoal._transport.codec import encode
+from shoal._transport.messages import Request
+
+class Point:  # a class of the driver's script: its __main__ is not the replica's
+    def __init__(self, x):
+        self.x = x
+
+def double(value):
+    return 2 * value
+
+body = b"__main__" * int(sys.argv[1])
+chunks = encode(3, Request("m", (Point(21), double, [Point(1)], body), {"text": "__main__"}))
+sys.stdout.buffer.write(b"".join(bytes(chunk) for chunk in chunks))
+"""
+
+
+@pytest.mark.parametrize("size", [1, 1 << 17])  # a pickle scanned; one checked object by object
+def test_objects_of_the_drivers_main_module_reach_another_process(
+    tmp_path: Path, size: int
+) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(_MAIN_SCRIPT)
+    frame = subprocess.run(
+        [sys.executable, str(script), str(size)], capture_output=True, check=True, timeout=60
+    ).stdout
+    decoded = decode(memoryview(bytearray(frame[14:])), int.from_bytes(frame[12:14], "little"))
+    assert isinstance(decoded, Request)
+    point, double, points, body = decoded.args
+    assert (point.x, double(point.x), points[0].x, body) == (21, 42, 1, b"__main__" * size)
+    assert type(point).__name__ == "Point" and decoded.kwargs == {"text": "__main__"}
+
+
+def test_data_that_mentions_main_is_still_pickled_plainly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_cloudpickle(*args: object) -> bytes:
+        raise AssertionError("fell back to cloudpickle")
+
+    monkeypatch.setattr(codec, "_cloud_dumps", no_cloudpickle)
+    for size in (1, 1 << 14):  # a pickle scanned (a match is checked again); a large one
+        message = Request("m", (b"__main__" * size, HttpResponseData(200, [], b"__main__")), {})
+        assert _roundtrip(message).args == message.args
+
+
+def test_large_bytes_are_written_from_their_own_memory() -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB, an HTTP body
+    chunks = encode(1, Request("m", (body, b"small"), {}))
+    assert any(chunk is body for chunk in chunks)  # never copied into the pickle or frame
+    assert _roundtrip(Request("m", (body, b"small"), {})).args == (body, b"small")
+
+
+def test_the_reusable_pickler_keeps_no_reference_to_what_it_sent() -> None:
+    class Payload:
+        pass
+
+    payload = Payload()
+    ref = weakref.ref(payload)
+    encode(1, Request("m", (payload,), {}))
+    del payload
+    gc.collect()
+    assert ref() is None
+
+
+class _RecordingTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+    def writelines(self, chunks: list[Any]) -> None:
+        self.written.append(b"".join(bytes(chunk) for chunk in chunks))
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+
+async def test_an_idle_connection_writes_at_once_a_busy_one_coalesces_in_order() -> None:
+    conn = Connection()
+    transport = _RecordingTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.send(1, Result("first"))
+    assert len(transport.written) == 1  # written now, not on the loop's next turn
+    for i in range(2, 50):
+        conn.send(i, Result(i))  # same loop iteration: queued behind the first
+    assert len(transport.written) == 1
+    await asyncio.sleep(0)
+    assert len(transport.written) == 2  # the burst: one writelines
+    receiver = Connection(lambda conn, corr, msg: got.append((corr, msg.value)))  # type: ignore[attr-defined]
+    got: list[tuple[int, Any]] = []
+    for data in transport.written:
+        receiver.get_buffer(len(data))[: len(data)] = data
+        receiver.buffer_updated(len(data))
+    assert got == [(1, "first"), *((i, i) for i in range(2, 50))]
+    conn.send(50, Result(50))  # busy (the last iteration sent a burst): queued
+    assert len(transport.written) == 2
+    await asyncio.sleep(0)
+    assert len(transport.written) == 3  # an iteration with one message: idle again
+    conn.send(51, Result(51))
+    assert len(transport.written) == 4  # at once
+
+
+async def test_replies_from_concurrent_tasks_keep_their_order_per_stream(echo_server: str) -> None:
+    conn = await connect_unix(echo_server, None, "echo")
+    streams = [conn.open_stream(Request("stream", (300,), {}))[1] for _ in range(8)]
+    calls = [conn.call(Request("echo", (i,), {})) for i in range(200)]
+
+    async def drain(stream: Any) -> list[int]:
+        items = []
+        while isinstance(message := await stream.next(), StreamItem):
+            items.append(message.value)
+        return items
+
+    results = await asyncio.gather(*(drain(stream) for stream in streams))
+    assert results == [list(range(300))] * 8
+    replies = await asyncio.gather(*calls)
+    assert [reply.value for reply in replies] == list(range(200))  # type: ignore[attr-defined]
+    conn.close()
+
+
+def test_request_ids_are_32_hex_digits_unique_even_across_forks() -> None:
+    ids = [new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a forked worker
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    mine = new_request_id()
+    assert len(child) == 32 and child[12:] != mine[12:]  # its own random suffix

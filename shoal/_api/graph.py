@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import types
 import uuid
 from typing import Any
 
@@ -79,11 +80,16 @@ def build_app(
     return AppSpec(name, route_prefix, names[id(app)], specs)
 
 
+#: Never searched for Applications: scalars, classes, and modules (a module passed as an
+#: argument reaches sys.modules, and every application bound anywhere, through its globals).
+_OPAQUE = (str, bytes, int, float, bool, type(None), type, types.ModuleType)
+
+
 def _substitute(obj: Any, to_handle: Any, seen: set[int]) -> Any:
     """Return ``obj`` with every nested Application replaced; unchanged parts are shared."""
     if isinstance(obj, Application):
         return to_handle(obj)
-    if id(obj) in seen or isinstance(obj, str | bytes | int | float | bool | type(None) | type):
+    if id(obj) in seen or isinstance(obj, _OPAQUE):
         return obj
     seen.add(id(obj))
     if isinstance(obj, list | tuple | set | frozenset):

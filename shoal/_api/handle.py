@@ -109,7 +109,7 @@ class DeploymentHandle:
             stream=self._stream if stream is _UNSET else bool(stream),
             multiplexed_model_id=self._mux
             if multiplexed_model_id is _UNSET
-            else multiplexed_model_id,
+            else _checked_model_id(multiplexed_model_id),
             registry=self._registry,
             timeout_s=self._timeout_s if timeout_s is _UNSET else _checked_timeout(timeout_s),
             priority=self._priority_name() if priority is _UNSET else priority,
@@ -202,7 +202,7 @@ class DeploymentHandle:
                 asyncio.run_coroutine_threadsafe(_assign(router, request), loop), loop
             )
         if not router.waiting and not _has_responses(request.args, request.kwargs):
-            slot = router.choose()
+            slot = router.choose(request.multiplexed_model_id)
             if slot is not None:  # fast path: a replica has room, send now without a task
                 future = router.send(slot, request)
                 if not future.done():
@@ -298,6 +298,15 @@ def _checked_priority(priority: Any) -> int:
             f"the request being served, else 'normal'), got {priority!r}"
         )
     return rank
+
+
+def _checked_model_id(model_id: Any) -> str:
+    if type(model_id) is not str:
+        raise ConfigError(
+            "handle.options(multiplexed_model_id=...) takes a str (an empty one: no "
+            f"model), got {model_id!r}"
+        )
+    return model_id
 
 
 def _checked_timeout(timeout_s: Any) -> float | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from shoal._cli import embedded, logs, ops
 from shoal._cli.client import DEFAULT_ADDRESS
-from shoal._config import AdminOptions, HTTPOptions
+from shoal._config import AdminOptions, HTTPOptions, gRPCOptions
 
 _ADDRESS_HELP = (
     f"admin API address (default: $SHOAL_ADDRESS, $RAY_DASHBOARD_ADDRESS or {DEFAULT_ADDRESS})"
@@ -74,6 +74,15 @@ def _operating_commands(commands: Any) -> None:
     start.add_argument("--admin-host", help=f"admin API host (default: {admin.host})")
     start.add_argument("--admin-port", type=int, help=f"admin API port (default: {admin.port})")
     start.add_argument("--proxy-location", choices=["Disabled", "HeadOnly", "EveryNode"])
+    start.add_argument(
+        "--grpc-port", type=int,
+        help=f"gRPC proxy port (default: {gRPCOptions().port}; docs/grpc.md)",
+    )  # fmt: skip
+    start.add_argument(
+        "--grpc-servicer-functions", action="append", metavar="IMPORT_PATH",
+        help="a generated add_XServicer_to_server function to serve over gRPC (repeat for "
+        "more; none: no gRPC server)",
+    )  # fmt: skip
     start.add_argument("--resources", help="custom resources as JSON, e.g. '{\"GPU\": 1}'")
     start.add_argument(
         "--tracing-options",

@@ -80,6 +80,7 @@ class _Target:
     port: int
     tracing: dict[str, Any] | None = None  # a config file's tracing_options
     logging: dict[str, Any] | None = None  # a config file's top-level logging_config
+    grpc: dict[str, Any] | None = None  # a config file's grpc_options (docs/grpc.md)
 
 
 def _is_config(target: str) -> bool:
@@ -123,7 +124,10 @@ def _resolve(args: argparse.Namespace) -> _Target:
     apps = [(b.name, b.route_prefix, b.app) for b in built]
     tracing = config.tracing_options
     logging = None if config.logging_config is None else config.logging_config.model_dump()
-    return _Target(apps, host, port, None if tracing is None else tracing.model_dump(), logging)
+    grpc = None if config.grpc_options is None else config.grpc_options.model_dump()
+    return _Target(
+        apps, host, port, None if tracing is None else tracing.model_dump(), logging, grpc
+    )
 
 
 def _deploy(target: _Target) -> None:
@@ -144,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
         serve.start(
             http_options={"host": target.host, "port": target.port},
             admin_options=_admin_options(args), tracing_options=target.tracing,
-            logging_config=target.logging,
+            logging_config=target.logging, grpc_options=target.grpc,
             _blocking=False, _attach=False,
         )  # fmt: skip
         _deploy(target)
@@ -226,8 +230,10 @@ def demo(args: argparse.Namespace) -> None:
             http_options={"host": args.host, "port": args.port},
             admin_options=_admin_options(args), _attach=False,
         )  # fmt: skip
-        for name, prefix, app in demo_module.APPS:
-            serve.run(app, name=name, route_prefix=prefix)
+        # Side by side: run_many returns once every application runs.
+        apps = demo_module.APPS
+        serve.run_many([serve.RunTarget(app, name, prefix) for name, prefix, app in apps])
+        for name, prefix, _ in apps:
             print(f"shoal demo: {name:<10} http://{args.host}:{args.port}{prefix}", flush=True)
     except ShoalError as exc:
         raise SystemExit(f"shoal demo: {exc}") from None

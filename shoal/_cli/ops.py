@@ -272,7 +272,7 @@ def _json_option(text: str | None, model: Any, flag: str, example: str) -> Any:
 
 
 def start(args: argparse.Namespace) -> None:
-    from shoal._config import TIMEOUTS, AdminOptions, HTTPOptions, validate
+    from shoal._config import TIMEOUTS, AdminOptions, HTTPOptions, gRPCOptions, validate
     from shoal._errors import ShoalError
 
     try:
@@ -297,12 +297,17 @@ def start(args: argparse.Namespace) -> None:
         )
         tracing = _tracing_options(args.tracing_options)
         logging_config = _logging_config(args.logging_config)
+        grpc = None
+        if args.grpc_servicer_functions or args.grpc_port is not None:
+            grpc = validate(gRPCOptions, _given(
+                port=args.grpc_port, grpc_servicer_functions=args.grpc_servicer_functions,
+            ), "grpc_options")  # fmt: skip
         from shoal._instance.server import start_server
 
         info = start_server(
             http=http, admin=admin, proxy_location=args.proxy_location,
             resources={k: float(v) for k, v in resources.items()}, tracing=tracing,
-            logging_config=logging_config,
+            logging_config=logging_config, grpc=grpc,
             timeout_s=args.timeout or TIMEOUTS.server_start_s,
         )  # fmt: skip
     except ShoalError as exc:

@@ -349,6 +349,57 @@ class HTTPOptions(_Strict):
     )
 
 
+class gRPCOptions(_Strict):  # Ray's name (ray.serve.config.gRPCOptions)
+    """Options of the gRPC proxy (docs/grpc.md), Ray Serve's ``grpc_options``.
+
+    It serves only when ``grpc_servicer_functions`` lists at least one function (as in
+    Ray), in the HTTP proxy's process, on ``http_options.host``.
+    """
+
+    port: int = Field(
+        9000, ge=0, le=65535, description="Port of the gRPC proxy (0: a free one, shoal's own)."
+    )
+    grpc_servicer_functions: list[str] = Field(
+        default_factory=list,
+        description="Import paths of the generated add_XServicer_to_server functions to "
+        "serve ([]: no gRPC server).",
+    )
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="Seconds a gRPC call may take (null: no limit but the client's)."
+    )
+
+    @field_validator("grpc_servicer_functions")
+    @classmethod
+    def _import_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            module, _, name = path.replace(":", ".").rpartition(".")
+            if not module or not name or not all(p.isidentifier() for p in module.split(".")):
+                raise ValueError(
+                    f"{path!r} is not an import path; give 'module.function' or "
+                    "'module:function', e.g. 'my_pb2_grpc.add_MyServiceServicer_to_server'"
+                )
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a gRPC server runs (Ray's rule: some servicer function is listed)."""
+        return bool(self.grpc_servicer_functions)
+
+
+class ProxyOptions(HTTPOptions):
+    """What a proxy process is started with: the HTTP options and, when gRPC is served,
+    the gRPC options (shoal's own; ``Runtime.start_proxy`` takes it as HTTPOptions)."""
+
+    grpc_options: gRPCOptions | None = None
+
+
+def proxy_options(http: HTTPOptions, grpc: gRPCOptions | None) -> HTTPOptions:
+    """``http``, with ``grpc`` when it serves (a ProxyOptions), for ``start_proxy``."""
+    if grpc is None or not grpc.enabled:
+        return http
+    return ProxyOptions(**http.model_dump(), grpc_options=grpc)
+
+
 class Timeouts(_Strict):
     """The time limits of an instance's control plane, in one place."""
 
@@ -393,7 +444,6 @@ def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
 # Deployment options (dotted paths into DeploymentConfig) and serve.start/serve.run
 # keywords. The issue that implements one removes its line (and its test in test_options.py).
 NOT_SUPPORTED_YET: dict[str, str] = {
-    "grpc_options": "the gRPC proxy comes with issue 14",
     "placement_group_bundles": "placement groups need the Ray runtime (issue 13)",
     "placement_group_strategy": "placement groups need the Ray runtime (issue 13)",
     "max_replicas_per_node": "it needs the Ray runtime (issue 13); on one machine every "
@@ -513,6 +563,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "RayActorOptions": RayActorOptions,
     "DeploymentConfig": DeploymentConfig,
     "HTTPOptions": HTTPOptions,
+    "gRPCOptions": gRPCOptions,
     "AdminOptions": AdminOptions,
     "ServeStartOptions": ServeStartOptions,
     "TracingOptions": TracingOptions,

@@ -27,12 +27,12 @@ from shoal._api.deployment import Application
 from shoal._api.graph import build_app
 from shoal._api.handle import DeploymentHandle
 from shoal._config import (
-    NOT_SUPPORTED_YET,
     AdminOptions,
     DeploymentConfig,
     HTTPOptions,
     LoggingConfig,
     ServeStartOptions,
+    gRPCOptions,
     validate,
 )
 from shoal._controller.status import ServeStatus
@@ -59,7 +59,7 @@ _lock = threading.RLock()
 def start(
     proxy_location: str | None = None,
     http_options: dict[str, Any] | HTTPOptions | None = None,
-    grpc_options: dict[str, Any] | None = None,
+    grpc_options: dict[str, Any] | gRPCOptions | None = None,
     logging_config: dict[str, Any] | LoggingConfig | None = None,
     *,
     resources: dict[str, float] | None = None,
@@ -85,22 +85,23 @@ def start(
     ``_attach=False`` (``shoal run``/``shoal demo``) never attaches: it serves here.
     """
     _refuse_extra("serve.start", kwargs, _START_KEYWORDS)
-    _refuse_set("serve.start", grpc_options=grpc_options)
     settings: ServeStartOptions = validate(
         ServeStartOptions,
         {"resources": dict(resources or {}), "proxy_location": proxy_location},
         "serve.start()",
     )
     options = _http_options(http_options)
+    grpc = _grpc_options(grpc_options)
     admin = _admin_options(admin_options)
     telemetry = _telemetry(metrics_options, tracing_options, logging_config)
     with _lock:
         instance = _instances.get("process")
         if instance is None and _attach and _attach_to_server():
             instance = _instances["process"]
-            if http_options is not None:
-                logger.warning("serve.start(): attached to the running shoal server, whose "
-                               "HTTP options apply; ignoring http_options")  # fmt: skip
+            for given, name in ((http_options, "http_options"), (grpc_options, "grpc_options")):
+                if given is not None:
+                    logger.warning("serve.start(): attached to the running shoal server, whose "
+                                   "proxy options apply; ignoring %s", name)  # fmt: skip
             return
         if instance is not None:
             if instance.kind == "process" and settings.resources != instance.options.resources:
@@ -112,10 +113,14 @@ def start(
                 logger.warning(
                     "shoal is already running with HTTP %s; ignoring new options", instance.http
                 )
+            if grpc_options is not None and grpc != instance.grpc and instance.kind == "process":
+                logger.warning(
+                    "shoal is already running with gRPC %s; ignoring new options", instance.grpc
+                )
             return
         http = None if settings.proxy_location == "Disabled" else options
         _instances["process"] = Instance(
-            "process", http, _blocking, settings, admin, telemetry=telemetry
+            "process", http, _blocking, settings, admin, telemetry=telemetry, grpc=grpc
         )
         set_default_registry(_instances["process"].registry)
 
@@ -183,16 +188,21 @@ def _refuse_extra(function: str, kwargs: dict[str, Any], known: tuple[str, ...])
     raise ConfigError(f"{'; '.join(problems)} (it accepts: {', '.join(known)})")
 
 
-def _refuse_set(function: str, **values: Any) -> None:
-    for name, value in values.items():
-        if value is not None:
-            raise ConfigError(f"{function}: {name} is not supported yet: {NOT_SUPPORTED_YET[name]}")
-
-
 def _http_options(value: dict[str, Any] | HTTPOptions | None) -> HTTPOptions:
     if isinstance(value, HTTPOptions):
         return value
     options: HTTPOptions = validate(HTTPOptions, dict(value or {}), "http_options")
+    return options
+
+
+def _grpc_options(value: dict[str, Any] | gRPCOptions | None) -> gRPCOptions | None:
+    if value is None or isinstance(value, gRPCOptions):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigTypeError(
+            f"grpc_options must be a dict or a gRPCOptions, got {type(value).__name__}"
+        )
+    options: gRPCOptions = validate(gRPCOptions, dict(value), "grpc_options")
     return options
 
 
@@ -301,6 +311,9 @@ def _prepare(target: RunTarget, local: bool) -> tuple[Instance, AppSpec, str | N
     instance, name, route_prefix = _instance(local), target.name, target.route_prefix
     if target.target.deployment.config.route_prefix is not None and route_prefix == "/":
         route_prefix = target.target.deployment.config.route_prefix
+    elif route_prefix == "/":  # an OIP model's own prefix, /v2/models/{name} (docs/oip.md)
+        func_or_class = target.target.deployment.func_or_class
+        route_prefix = getattr(func_or_class, "__shoal_route_prefix__", route_prefix)
     logging_config = None
     if target.logging_config is not None:
         logging_config = _logging_config(target.logging_config, "serve.run()")

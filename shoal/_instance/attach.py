@@ -27,7 +27,7 @@ from shoal._observe.metrics.reporter import REPORTER
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import LoopThread
 from shoal._runtime.process.client import UnixConnector
-from shoal._runtime.process.runtime import SUBSCRIBER_PREFIX
+from shoal._runtime.process.workers import SUBSCRIBER_PREFIX
 from shoal._seam.specs import AppSpec
 from shoal._transport.connection import Connection, connect_unix, serve_unix
 from shoal._transport.failures import exception_from, failure_from

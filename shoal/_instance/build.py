@@ -369,7 +369,7 @@ def deployment_names(app: Application) -> list[tuple[Application, str]]:
 
 # --- serve build ------------------------------------------------------------------------------
 
-# What Ray's `serve build` writes for the sections shoal accepts with their defaults only.
+# What Ray's `serve build` writes for the sections the code of an application does not set.
 RAY_GRPC_DEFAULTS: dict[str, Any] = {"port": 9000, "grpc_servicer_functions": []}
 RAY_LOGGING_DEFAULTS: dict[str, Any] = {
     "encoding": "TEXT", "log_level": "INFO", "logs_dir": None, "enable_access_log": True,

@@ -8,7 +8,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from shoal._config import HTTPOptions
+from shoal._config import HTTPOptions, gRPCOptions
 
 if TYPE_CHECKING:
     from shoal._controller.status import DeploymentStatusOverview
@@ -59,7 +59,7 @@ def instance_details(
         "controller_info": {"node_id": NODE_ID, "node_ip": "127.0.0.1", "pid": os.getpid()},
         "proxy_location": "Disabled" if http is None else "EveryNode",
         "http_options": (http or HTTPOptions()).model_dump(mode="json"),
-        "grpc_options": {"port": 9000, "grpc_servicer_functions": []},
+        "grpc_options": (getattr(instance, "grpc", None) or gRPCOptions()).model_dump(mode="json"),
         "proxies": {
             node: {"node_id": node, "node_ip": proxy.host, "status": str(proxy)}
             for node, proxy in status.proxies.items()

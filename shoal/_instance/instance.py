@@ -12,7 +12,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from shoal._config import TIMEOUTS, AdminOptions, HTTPOptions, ServeStartOptions
+from shoal._config import (
+    TIMEOUTS,
+    AdminOptions,
+    HTTPOptions,
+    ServeStartOptions,
+    gRPCOptions,
+    proxy_options,
+)
 from shoal._controller.controller import Controller
 from shoal._controller.resources import Capacity, Ledger
 from shoal._controller.status import ServeStatus
@@ -51,12 +58,22 @@ class Instance:
         admin: AdminOptions | None = None,
         server: ServerRole | None = None,
         telemetry: Telemetry | None = None,
+        grpc: gRPCOptions | None = None,
     ) -> None:
         self.kind = kind
         self.telemetry = telemetry or Telemetry()
         if kind == "process":  # local testing mode writes no log files
             self.telemetry = _with_log_directory(self.telemetry, server)
         self.http = http
+        # gRPC is served by the HTTP proxy's process: none without it. A port of 0 is
+        # chosen here, once, so that a replacement proxy serves the same one. A server
+        # may adopt a proxy that still holds its port: then the proxy reports a busy one.
+        self.grpc = None
+        if http is not None and grpc is not None and grpc.enabled:
+            from shoal._proxy.grpc_proxy import check_port
+
+            probe = server is None or grpc.port == 0
+            self.grpc = check_port(grpc, http.host) if probe else grpc
         self.options = options or ServeStartOptions()
         self.admin_options = admin
         self.server = server
@@ -96,7 +113,8 @@ class Instance:
         capacity = Capacity.detect(self.options.resources, TIMEOUTS.gpu_probe_s)
         controller = Controller(runtime, registry, Ledger(capacity))
         adopt_window_s = server.adopt_window_s if server is not None else 0.0
-        await controller.start(self.http, self._wait_for_proxy, adopt_window_s)
+        proxy = None if self.http is None else proxy_options(self.http, self.grpc)
+        await controller.start(proxy, self._wait_for_proxy, adopt_window_s)
         return controller
 
     async def _recover(self, server: ServerRole) -> None:

@@ -53,6 +53,16 @@ class _Waiting:
     route_prefix: str | None
 
 
+def _grpc_differs(wanted: Any, running: Any) -> bool:
+    """Whether a config's ``grpc_options`` ask for another gRPC server than the running one."""
+    if wanted is None or not wanted.enabled:
+        return False
+    if running is None:
+        return True
+    port_differs = wanted.port not in (0, running.port)
+    return port_differs or wanted.grpc_servicer_functions != running.grpc_servicer_functions
+
+
 class InstanceControlPlane:
     """Implements :class:`shoal._instance.control.ControlPlane` on one instance's loop."""
 
@@ -135,6 +145,12 @@ class InstanceControlPlane:
                 "tracing_options in the config differ from the running instance's and are "
                 "ignored: tracing is set when the instance starts (shoal run CONFIG, or "
                 "shoal start --tracing-options)"
+            )
+        if _grpc_differs(config.grpc_options, getattr(self._instance, "grpc", None)):
+            logger.warning(
+                "grpc_options in the config differ from the running instance's and are "
+                "ignored: gRPC is set when the instance starts (shoal run CONFIG, or "
+                "shoal start --grpc-port/--grpc-servicer-functions)"
             )
         http, wanted = self._instance.http, config.http_options
         if http is None or wanted is None:

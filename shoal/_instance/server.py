@@ -28,6 +28,7 @@ from shoal._config import (
     LoggingConfig,
     ServeStartOptions,
     TracingOptions,
+    gRPCOptions,
 )
 from shoal._errors import ShoalError
 from shoal._instance.home import (
@@ -56,6 +57,7 @@ def start_server(
     timeout_s: float = TIMEOUTS.server_start_s,
     tracing: TracingOptions | None = None,
     logging_config: LoggingConfig | None = None,
+    grpc: gRPCOptions | None = None,
 ) -> ServerInfo:
     """Start a server in the background; returns once it serves (HTTP, admin, attach).
 
@@ -78,6 +80,7 @@ def start_server(
         "start": {"proxy_location": proxy_location, "resources": resources or {}},
         "tracing": None if tracing is None else tracing.model_dump(mode="json"),
         "logging": None if logging_config is None else logging_config.model_dump(mode="json"),
+        "grpc": None if grpc is None else grpc.model_dump(mode="json"),
     }
     log_path = os.path.join(directory, LOG)
     with open(log_path, "ab") as log:
@@ -144,6 +147,7 @@ def serve_forever(options: dict[str, Any]) -> None:
             tracing=TracingOptions(**(options.get("tracing") or {})),
             logging=LoggingOptions(**(options.get("logging") or {})),
         ),
+        grpc=None if options.get("grpc") is None else gRPCOptions(**options["grpc"]),
     )
     instance.on_shutdown_requested = stop.set
     proxy = instance.controller.proxy

@@ -36,7 +36,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 from typing import Any
 
 from shoal._config import HTTPOptions
@@ -44,6 +43,17 @@ from shoal._errors import BackPressureError, RequestCancelledError, ShoalError, 
 from shoal._json import dumps as json_dumps
 from shoal._observe import tracing
 from shoal._observe.logs import access_log_enabled
+from shoal._oip import server as oip_server
+from shoal._proxy.exchange import (
+    DisconnectWatch,
+    Scope,
+    StartTracker,
+    client_to_replica,
+    close_opened,
+    header,
+    read_body,
+    reply,
+)
 from shoal._proxy.metrics import proxy_metrics
 from shoal._proxy.observe import observed
 from shoal._router.queue import CHOICES, NORMAL, rank_of
@@ -55,12 +65,12 @@ from shoal._transport.http import (
     HttpResponseData,
     HttpResponseStart,
 )
+from shoal._transport.ids import new_request_id
 from shoal._transport.messages import Failure, Request, Result, StreamEnd, StreamItem
 from shoal._transport.tcp import listen_tcp
 
 logger = logging.getLogger("shoal.proxy")
 
-_TEXT = (b"content-type", b"text/plain; charset=utf-8")
 _JSON = (b"content-type", b"application/json")
 _RETRY_AFTER = (b"retry-after", b"1")
 _CLOSE = (b"connection", b"close")
@@ -75,6 +85,8 @@ _PROXY_FULL = (
 _UNREAD = object()  # the request's body, before it is read
 #: The request header naming an HTTP request's priority class (docs/priorities.md).
 PRIORITY_HEADER = b"x-request-priority"
+#: The request header naming its multiplexed model (Ray Serve's; docs/multiplexing.md).
+MODEL_ID_HEADER = b"serve_multiplexed_model_id"
 _FIRST = asyncio.FIRST_COMPLETED
 
 
@@ -91,7 +103,6 @@ LISTEN_FD_ENV = "SHOAL_PROXY_LISTEN_FD"
 #: How long a request that arrives before the first route table waits for it (a
 #: replacement proxy accepts connections queued meanwhile, then gets its routes at once).
 _ROUTES_WAIT_S = 5.0
-Scope = dict[str, Any]
 
 
 class Proxy:
@@ -101,6 +112,7 @@ class Proxy:
         self.registry = registry
         self.options = options
         self._routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
+        self._oip = False  # an app is routed under /v2/models/: the proxy answers /v2 paths
         self._server: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
         # Ray Serve's readiness states for /-/healthz and /-/routes (see _unready_reason).
@@ -117,12 +129,14 @@ class Proxy:
         # Chosen once: a process is configured (metrics, access lines, tracing) before it
         # hosts a proxy. With none of them on, this is _http itself.
         self._serve_http = observed(self._http, self.match, self._metrics, access_log_enabled())
+        self._grpc: Any = None  # the gRPC server (grpc_proxy.GrpcServer), if gRPC is served
 
     def set_routes(self, routes: dict[str, tuple[str, str]]) -> None:
         table = [(prefix, app, ingress) for prefix, (app, ingress) in routes.items()]
         table.sort(key=lambda route: len(route[0]), reverse=True)
         self._routes = table
         self._routes_populated = self._routes_populated or bool(table)
+        self._oip = any(oip_server.is_oip_route(prefix) for prefix, _, _ in table)
         self._routes_received.set()
         for _prefix, app, ingress in table:
             self.registry.get(app, ingress).activate()  # connect before the first request
@@ -145,7 +159,7 @@ class Proxy:
             if kind == "websocket":
                 await send({"type": "websocket.close", "code": 1013})  # try again later
                 return
-            await _reply(send, 503, "Service unavailable: shoal is shutting down.",
+            await reply(send, 503, "Service unavailable: shoal is shutting down.",
                          extra_headers=[_RETRY_AFTER, _CLOSE])  # fmt: skip
             return
         if kind == "websocket":
@@ -154,7 +168,7 @@ class Proxy:
         if self._in_flight >= self._max_in_flight:
             if self._metrics is not None:
                 self._metrics.proxy_full(scope, self.match)
-            await _reply(send, 503, _PROXY_FULL, extra_headers=[_RETRY_AFTER])
+            await reply(send, 503, _PROXY_FULL, extra_headers=[_RETRY_AFTER])
             return
         self._in_flight += 1
         try:
@@ -188,35 +202,38 @@ class Proxy:
         limit = self.options.max_request_body_bytes
         body: bytes | object | None = _UNREAD
         if not self._routes_received.is_set():  # (rare: a proxy's first moments)
-            body = await _read_body(scope, receive, limit)  # then a disconnect can be seen
+            body = await read_body(scope, receive, limit)  # then a disconnect can be seen
             if await self._routes_known(receive if body is not None else None):
                 return  # the client left: nobody to answer
         path: str = scope["path"]
         route = self.match(path)
+        if self._oip and path.startswith("/v2") and await self._oip_server(scope, route, send):
+            return
         if route is None:
-            await _reply(send, 404, f"Path '{path}' not found. Routes are listed at /-/routes.")
+            await reply(send, 404, f"Path '{path}' not found. Routes are listed at /-/routes.")
             return
         prefix, app, ingress = route
         priority = _priority(scope)
         if priority is None:
-            named = _header(scope, PRIORITY_HEADER)
-            await _reply(send, 400, f"Invalid {PRIORITY_HEADER.decode()} header {named!r}: "
+            named = header(scope, PRIORITY_HEADER)
+            await reply(send, 400, f"Invalid {PRIORITY_HEADER.decode()} header {named!r}: "
                                     f"use one of {CHOICES}.")  # fmt: skip
             return
         if body is _UNREAD:
-            body = await _read_body(scope, receive, limit)
+            body = await read_body(scope, receive, limit)
         if not isinstance(body, bytes):
-            await _reply(send, 413, f"Request body is larger than {limit} bytes "
+            await reply(send, 413, f"Request body is larger than {limit} bytes "
                                     "(http_options.max_request_body_bytes).")  # fmt: skip
             return
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        request_id = header(scope, b"x-request-id") or new_request_id()
         data = HttpRequestData(
             scope["method"], scope.get("scheme", "http"), path,
             "" if prefix == "/" else prefix, scope.get("query_string", b""),
             scope["headers"], body, scope.get("client"), scope.get("server"),
             scope.get("http_version", "1.1"),
         )  # fmt: skip
-        request = Request("__call__", (data,), {}, request_id, True, "", None, priority)
+        model_id = header(scope, MODEL_ID_HEADER)  # "" when absent: nothing allocated
+        request = Request("__call__", (data,), {}, request_id, True, model_id, None, priority)
         if tracing.on:
             tracing.bind_http(request)
         timeout = self.options.request_timeout_s
@@ -224,7 +241,7 @@ class Proxy:
             await self._forward(app, ingress, request, receive, send)
             return
         deadline = time.monotonic() + timeout  # travels with the request (remaining_s)
-        started = _StartTracker(send)
+        started = StartTracker(send)
         try:
             await asyncio.wait_for(
                 self._forward(app, ingress, request, receive, started, deadline), timeout
@@ -233,7 +250,7 @@ class Proxy:
             if started.sent:
                 raise  # mid-stream: abort the connection; the client sees a truncated body
             logger.warning("request %s timed out after %.3g s", request_id, timeout)
-            await _reply(send, 504, _timed_out(timeout))
+            await reply(send, 504, _timed_out(timeout))
 
     async def _forward(
         self, app: str, ingress: str, request: Request, receive: Any, send: Any,
@@ -247,7 +264,7 @@ class Proxy:
             stream = await self._open_queued(router, request, receive, send, deadline)
             if stream is None:
                 return  # refused (answered) or the client left
-        watch = _DisconnectWatch(receive, stream)
+        watch = DisconnectWatch(receive, stream)
         try:
             first = await stream.next()
             if type(first) is Result and type(first.value) is HttpResponseData:
@@ -260,15 +277,15 @@ class Proxy:
                 await self._relay(first.value, stream, request_id, watch, send)
             elif deadline is not None and _is_timeout(first):
                 # The replica's deadline ran out a moment before ours: the same 504.
-                await _reply(send, 504, _timed_out(self.options.request_timeout_s or 0.0))
+                await reply(send, 504, _timed_out(self.options.request_timeout_s or 0.0))
             else:
                 logger.error("request %s to '%s' failed: %s", request.request_id, app, first)
-                await _reply(send, 500, "Internal Server Error")
+                await reply(send, 500, "Internal Server Error")
         except RequestCancelledError:
             pass  # the client disconnected
         except ShoalError as exc:
             logger.error("request %s to '%s' failed: %s", request.request_id, app, exc)
-            await _reply(send, 500, "Internal Server Error")
+            await reply(send, 500, "Internal Server Error")
         finally:
             watch.stop()
             stream.close()
@@ -281,9 +298,7 @@ class Proxy:
         if the request was refused (503 sent) or its client left."""
         if router.refuses(request.priority):  # refused without a task: overload stays cheap
             router.count_shed("queue_full")
-            await _reply(
-                send, 503, _QUEUE_FULL.format(app=router.app), extra_headers=[_RETRY_AFTER]
-            )
+            await reply(send, 503, _QUEUE_FULL.format(app=router.app), extra_headers=[_RETRY_AFTER])
             return None
         opening = asyncio.ensure_future(router.open_stream(request, deadline))
         left = asyncio.ensure_future(receive())  # the body was read: the next is a disconnect
@@ -294,7 +309,7 @@ class Proxy:
                 await asyncio.wait((opening,))
         except BaseException:  # our own task was cancelled (request_timeout_s, shutdown)
             opening.cancel()
-            opening.add_done_callback(_close_opened)
+            opening.add_done_callback(close_opened)
             raise
         finally:
             left.cancel()
@@ -313,7 +328,7 @@ class Proxy:
             text = _NO_REPLICA.format(app=router.app)
         else:
             raise error
-        await _reply(send, 503, text, extra_headers=[_RETRY_AFTER])
+        await reply(send, 503, text, extra_headers=[_RETRY_AFTER])
         return None
 
     async def _relay(
@@ -343,7 +358,7 @@ class Proxy:
             await send({"type": "websocket.close", "code": 1008})  # uvicorn answers 403
             return
         prefix, app, ingress = route
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        request_id = header(scope, b"x-request-id") or new_request_id()
         data = HttpRequestData(
             WEBSOCKET, scope.get("scheme", "ws"), path, "" if prefix == "/" else prefix,
             scope.get("query_string", b""), scope["headers"], b"", scope.get("client"),
@@ -356,7 +371,7 @@ class Proxy:
         except (UnavailableError, BackPressureError):
             await send({"type": "websocket.close", "code": 1013})  # try again later
             return
-        pump = asyncio.ensure_future(_client_to_replica(receive, stream))
+        pump = asyncio.ensure_future(client_to_replica(receive, stream))
         try:
             while type(message := await stream.next()) is StreamItem:
                 await send(message.value)
@@ -368,16 +383,33 @@ class Proxy:
 
     async def _builtin(self, path: str, send: Any) -> None:
         if path not in ("/-/routes", "/-/healthz"):
-            await _reply(send, 404, f"Path '{path}' not found.")
+            await reply(send, 404, f"Path '{path}' not found.")
             return
         unready = self._unready_reason()
         if unready is not None:
-            await _reply(send, 503, unready)
+            await reply(send, 503, unready)
         elif path == "/-/routes":
             table = {prefix: app for prefix, app, _ in sorted(self._routes)}
-            await _reply(send, 200, json_dumps(table).decode(), _JSON)
+            await reply(send, 200, json_dumps(table).decode(), _JSON)
         else:
-            await _reply(send, 200, "success")
+            await reply(send, 200, "success")
+
+    async def _oip_server(self, scope: Scope, route: Any, send: Any) -> bool:
+        """Answer the Open Inference Protocol's server-level paths (docs/oip.md); True if
+        answered."""
+        answer = oip_server.server_answer(
+            scope["path"], scope["method"], None if route is None else route[0], self._oip_ready
+        )
+        if answer is None:
+            return False
+        await reply(send, answer[0], answer[1].decode(), _JSON)
+        return True
+
+    def _oip_ready(self) -> bool:
+        if self._draining:
+            return False
+        routers = {prefix: self.registry.get(app, ingress) for prefix, app, ingress in self._routes}
+        return oip_server.all_ready(routers, lambda prefix: bool(routers[prefix]._slots))
 
     def _unready_reason(self) -> str | None:
         """Why /-/healthz and /-/routes answer 503 (Ray Serve's states and texts), or None.
@@ -395,6 +427,8 @@ class Proxy:
         """Enter the draining state: health checks and new requests get 503 (with
         ``Retry-After``), while the requests already accepted still run."""
         self._draining = True
+        if self._grpc is not None:
+            self._grpc.drain()  # new gRPC calls get UNAVAILABLE
         if self._idle is None:
             self._idle = asyncio.Event()
             if self._in_flight == 0:
@@ -405,15 +439,20 @@ class Proxy:
         answered; returns how many are still in flight."""
         self.drain()
         assert self._idle is not None
+        grpc_left = 0
+        if self._grpc is not None:  # gRPC calls in flight (docs/grpc.md), then HTTP's
+            started = time.monotonic()
+            grpc_left = await self._grpc.wait_idle(timeout_s)
+            timeout_s = max(0.0, timeout_s - (time.monotonic() - started))
         if self._in_flight == 0:
-            return 0
+            return grpc_left
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
             logger.warning(
                 "%d request(s) still in flight after %.1f s of draining", self._in_flight, timeout_s
             )
-        return self._in_flight
+        return self._in_flight + grpc_left
 
     # --- serving -------------------------------------------------------------------
 
@@ -434,11 +473,19 @@ class Proxy:
         self._server.lifespan = config.lifespan_class(config)  # what Server.serve() would set
         await self._server.startup(sockets=[sock])
         self._tasks.append(asyncio.get_running_loop().create_task(self._server.main_loop()))
+        grpc_options = getattr(options, "grpc_options", None)  # a ProxyOptions' (docs/grpc.md)
+        if grpc_options is not None:
+            from shoal._proxy.grpc_proxy import GrpcServer
+
+            self._grpc = GrpcServer(self.registry, grpc_options, self)
+            await self._grpc.start(options.host, options.max_request_body_bytes)
         host, port = sock.getsockname()[:2]
         return host, port
 
     async def stop(self, timeout_s: float) -> None:
         self.drain()  # a health check racing the shutdown sees 503, not "success"
+        if self._grpc is not None:
+            await self._grpc.stop(timeout_s)
         if self._server is None:
             return
         self._server.should_exit = True
@@ -483,107 +530,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
         ) from None
 
 
-async def _client_to_replica(receive: Any, stream: Any) -> None:
-    while True:
-        message = await receive()
-        stream.send_input(message)
-        if message["type"] == "websocket.disconnect":
-            return
-
-
-async def _read_body(scope: Scope, receive: Any, limit: int) -> bytes | None:
-    """The whole request body, or None if it is larger than ``limit`` bytes."""
-    declared = _header(scope, b"content-length")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body if len(body) <= limit else None
-    chunks, size = [body], len(body)
-    while message.get("more_body", False):
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class _StartTracker:
-    """Wraps ASGI ``send`` to know whether the response has started."""
-
-    __slots__ = ("_send", "sent")
-
-    def __init__(self, send: Any) -> None:
-        self._send = send
-        self.sent = False
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        self.sent = True
-        await self._send(message)
-
-
-class _DisconnectWatch:
-    """Closes the request's stream (cancelling the replica's work) if the client leaves.
-
-    Watching costs a task, so it starts only for requests still running after
-    ``delay_s``, or at once for streamed responses.
-    """
-
-    __slots__ = ("_receive", "_stream", "_task", "_timer")
-
-    def __init__(self, receive: Any, stream: Any, delay_s: float = 0.05) -> None:
-        self._receive = receive
-        self._stream = stream
-        self._task: asyncio.Future[Any] | None = None
-        self._timer = asyncio.get_running_loop().call_later(delay_s, self.start)
-
-    def start(self) -> None:
-        self._timer.cancel()
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._receive())
-            self._task.add_done_callback(self._received)
-
-    def _received(self, task: asyncio.Future[Any]) -> None:
-        if not task.cancelled():
-            self._stream.close()
-
-    def stop(self) -> None:
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-
-
-def _close_opened(opening: asyncio.Future[Any]) -> None:
-    """Release a stream opened for a request nobody waits for any more."""
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().close()
-
-
 def _priority(scope: Scope) -> int | None:
     """The rank named by the request's priority header (in any case; normal without
     one), or None if it names no class."""
-    named = _header(scope, PRIORITY_HEADER)
+    named = header(scope, PRIORITY_HEADER)
     return rank_of(named.lower()) if named else NORMAL
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return ""
-
-
-async def _reply(
-    send: Any,
-    status: int,
-    text: str,
-    content_type: tuple[bytes, bytes] = _TEXT,
-    extra_headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    body = text.encode()
-    headers = [content_type, (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -29,6 +29,7 @@ from typing import Any
 
 from shoal._api.batch_metrics import describe
 from shoal._api.batching import batchers_of
+from shoal._api.multiplex import models_of
 from shoal._json import to_jsonable
 
 #: The method a deployment class defines to report its own details.
@@ -68,6 +69,9 @@ class DetailsReporter:
         batchers = batchers_of(instance)
         if batchers and "batching" not in details:
             details["batching"] = {name: describe(stats) for name, stats in batchers.items()}
+        models = models_of(instance)
+        if models and "multiplexed" not in details:
+            details["multiplexed"] = models
         return details or None
 
     def close(self) -> None:

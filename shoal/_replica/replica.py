@@ -29,11 +29,13 @@ from typing import Any
 from shoal._api.context import ReplicaContext, RequestContext, replica_context, request_context
 from shoal._api.handle import DeploymentResponseGenerator
 from shoal._api.ingress import asgi_app_of
+from shoal._api.multiplex import close_replica, replica_models
 from shoal._errors import NotFoundError, RequestTimeoutError, ShoalError
 from shoal._observe import tracing
 from shoal._replica.asgi import Lifespan, asgi_parts, request_scope, websocket_messages
 from shoal._replica.details import DetailsReporter, hook_timeout_s
 from shoal._replica.metrics import replica_metrics, route_of
+from shoal._router.models import WATCH_METHOD
 from shoal._router.queue import PRIORITIES
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import (
@@ -44,12 +46,14 @@ from shoal._seam.startup import (
     mark_startup_step,
 )
 from shoal._transport.failures import failure_from
+from shoal._transport.grpc import GrpcRequestData
 from shoal._transport.http import WEBSOCKET, HttpRequestData, HttpResponseData
 from shoal._transport.messages import Message, Request, Result, StreamEnd, StreamItem
 
 logger = logging.getLogger("shoal.replica")
 
 _ASYNC, _SYNC, _ASYNC_GEN, _SYNC_GEN = "async", "sync", "async generator", "generator"
+_CALL_DATA = (HttpRequestData, GrpcRequestData)  # what the proxies send
 _DONE = object()
 
 
@@ -242,7 +246,7 @@ class Replica:
 
         args, kwargs = request.args, request.kwargs
         argument = args[0] if args else next(iter(kwargs.values()), None)
-        if type(argument) is not HttpRequestData and (args or len(kwargs) == 1):
+        if type(argument) not in _CALL_DATA and (args or len(kwargs) == 1):
             method = self._methods.get(request.method, (None,))[0]
             http.note_input_mismatch(method, argument, exc)
 
@@ -254,6 +258,10 @@ class Replica:
         args, kwargs = request.args, request.kwargs
         if args and type(args[0]) is HttpRequestData:
             return await self._invoke_http(*self._http_target(request), args[0])
+        if args and type(args[0]) is GrpcRequestData:
+            from shoal._replica import grpc
+
+            return await grpc.invoke(self, request.method, args[0])
         method, kind = self._resolve(request.method)
         if kind is _ASYNC_GEN or kind is _SYNC_GEN:
             raise TypeError(_NEEDS_STREAM.format(_name_of(method)))  # before it runs, as Ray
@@ -325,6 +333,11 @@ class Replica:
 
         An HTTP request may instead produce one Result (a complete response).
         """
+        if request.method == WATCH_METHOD:  # a router watches our multiplexed models
+            async for held in replica_models(self.spec.replica_id).watch():
+                yield StreamItem(held)
+            yield StreamEnd()
+            return
         started = self._enter(request)
         span = self._traced(request) if tracing.on else None
         try:
@@ -336,6 +349,12 @@ class Replica:
                     else self._http_stream(*self._http_target(request), args[0])
                 )
                 async for message in messages:
+                    yield message
+                return
+            if args and type(args[0]) is GrpcRequestData:
+                from shoal._replica import grpc
+
+                async for message in grpc.stream(self, request.method, args[0]):
                     yield message
                 return
             method, kind = self._resolve(request.method)
@@ -510,6 +529,7 @@ class Replica:
             self._metrics.close()
         if self._lifespan is not None:
             await self._lifespan.shutdown()
+        await close_replica(self.spec.replica_id)  # multiplexed models released
         destructor = getattr(type(self.instance), "__del__", None)
         if destructor is not None:
             try:

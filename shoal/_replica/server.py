@@ -150,8 +150,9 @@ class ReplicaServer:
             self._tasks.pop(key, None)
 
     def _after_reply(self, request: Request, reply: Message | None, started: float) -> None:
-        """Write the access line once the reply is on its way: the connection writes
-        on the loop's next turn (call_soon), so a line written now would delay it."""
+        """Write the access line on the loop's next turn: an idle connection has written
+        the reply already, a busy one writes it this turn (its queue is flushed before
+        callbacks scheduled later), so the line never delays a reply."""
         latency_ms = (time.perf_counter() - started) * 1000
         self.replica.loop.call_soon(self._log_access, request, reply, latency_ms)
 

@@ -11,6 +11,9 @@ replica dies, because it may have had side effects.
 Priorities (``Request.priority``, see :mod:`shoal._router.queue`): waiting requests
 of a higher class leave the queue first; within a class, in arrival order.
 
+Multiplexed models (``Request.multiplexed_model_id``, see :mod:`shoal._router.models`):
+a request for a model goes to a replica holding it when one has room.
+
 Load shedding (the queue's guarantees):
 
 - at most ``max_queued_requests`` requests wait here, whatever their class; one
@@ -53,6 +56,7 @@ from shoal._errors import (
 )
 from shoal._observe.metrics.standard import deadline_expired, queued_queries, requests_shed
 from shoal._router.load import LoadReporter
+from shoal._router.models import ModelRouting
 from shoal._router.queue import PRIORITIES, WaitQueue
 from shoal._seam.protocols import Connector, ReplicaClient, Stream
 from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request, StreamItem
@@ -102,6 +106,8 @@ class Router:
         self.exists = True
         self._shed = requests_shed()
         self._expired = deadline_expired()
+        #: Which replica holds which multiplexed model (created by the first such request).
+        self.models: ModelRouting | None = None
 
     # --- membership ----------------------------------------------------------------
 
@@ -112,6 +118,8 @@ class Router:
         self.metrics_interval_s = update.metrics_interval_s
         self._infos = {info.replica_id: info for info in update.replicas}
         self._slots = [slot for slot in self._slots if slot.info.replica_id in self._infos]
+        if self.models is not None:
+            self.models.retain(self._infos)
         if not self.exists:
             queued_queries().remove(self.deployment, self.app)  # a deleted one's series goes
             self._fail_waiters()
@@ -171,6 +179,8 @@ class Router:
         self._wake(slot.limit)
 
     def _lost(self, slot: _Slot) -> None:
+        if self.models is not None:
+            self.models.forget(slot.info.replica_id)
         if slot in self._slots:
             self._slots.remove(slot)
             if not self._slots:
@@ -182,9 +192,14 @@ class Router:
 
     # --- assignment ----------------------------------------------------------------
 
-    def choose(self) -> _Slot | None:
-        """Power of two choices among replicas below their limit; None if all are full."""
+    def choose(self, model_id: str = "") -> _Slot | None:
+        """Power of two choices among replicas below their limit; None if all are full.
+        With a multiplexed ``model_id``: a replica holding the model first (models.py)."""
         slots = self._slots
+        if model_id:
+            if self.models is None:
+                self.models = ModelRouting(self.loop)
+            return self.models.choose(slots, model_id)
         count = len(slots)
         if count == 1:
             only = slots[0]
@@ -218,7 +233,8 @@ class Router:
         then the request is cancelled in the replica and RequestTimeoutError raised.
         """
         while True:
-            slot = await self._wait_for_slot(deadline, request.priority)
+            model_id = request.multiplexed_model_id
+            slot = await self._wait_for_slot(deadline, request.priority, model_id)
             if deadline is not None:
                 self._stamp(request, deadline)
             future = self.send(slot, request)
@@ -275,7 +291,7 @@ class Router:
 
         A ``deadline`` bounds the wait for a replica and travels with the request; the
         caller enforces it on the stream itself (it covers the whole response)."""
-        slot = await self._wait_for_slot(deadline, request.priority)
+        slot = await self._wait_for_slot(deadline, request.priority, request.multiplexed_model_id)
         if deadline is not None:
             self._stamp(request, deadline)
         stream = slot.client.stream(request)
@@ -288,7 +304,7 @@ class Router:
         if self.waiting or not self.exists:
             return None
         self.activate()
-        slot = self.choose()
+        slot = self.choose(request.multiplexed_model_id)
         if slot is None:
             return None
         if deadline is not None:
@@ -300,17 +316,19 @@ class Router:
         slot.in_flight += 1
         return _CountedStream(stream, functools.partial(self._finished, slot, None))
 
-    async def _wait_for_slot(self, deadline: float | None, priority: int) -> _Slot:
+    async def _wait_for_slot(
+        self, deadline: float | None, priority: int, model_id: str = ""
+    ) -> _Slot:
         self.activate()
         if not self.exists:
             raise self._deleted()
         if deadline is not None and deadline <= time.monotonic():
             raise self.timed_out("before it could be sent")
         if not self.waiting:  # nobody waits: take a free replica without queueing
-            slot = self.choose()
+            slot = self.choose(model_id)
             if slot is not None:
                 return slot
-        return await self._queue(deadline, priority)
+        return await self._queue(deadline, priority, model_id)
 
     def _stamp(self, request: Request, deadline: float) -> None:
         """Give ``request`` the time it has left, now that it is sent (or fail it unsent)."""
@@ -375,7 +393,7 @@ class Router:
             )
             pushed_out.set_exception(error)
 
-    async def _queue(self, deadline: float | None, priority: int) -> _Slot:
+    async def _queue(self, deadline: float | None, priority: int, model_id: str = "") -> _Slot:
         """Wait for a free replica, by class then in FIFO order; see the module's guarantees."""
         self._admit(priority)
         self.waiting += 1
@@ -405,7 +423,7 @@ class Router:
                         timer.cancel()
                 if not self.exists:
                     raise self._deleted()
-                slot = self.choose()
+                slot = self.choose(model_id)
                 if slot is not None:
                     return slot
                 woken = True
@@ -531,6 +549,10 @@ class RouterRegistry:
     def ingress_of(self, app: str) -> str | None:
         """The ingress deployment of ``app`` as known in this process, or None."""
         return self._ingress.get(app)
+
+    def applications(self) -> dict[str, str]:
+        """Every application known in this process -> its ingress deployment (a copy)."""
+        return dict(self._ingress)
 
     def apply(self, update: ReplicaSetUpdate) -> None:
         if update.ingress and update.exists:

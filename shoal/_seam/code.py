@@ -24,7 +24,7 @@ from typing import Any
 class UserCode:
     """A deployment's ``(target, init_args, init_kwargs)``, live or as a blob."""
 
-    __slots__ = ("_blob", "_live", "cwd", "sys_path")
+    __slots__ = ("_blob", "_imports", "_live", "cwd", "sys_path")
 
     def __init__(
         self,
@@ -40,6 +40,7 @@ class UserCode:
             init_kwargs,
         )
         self._blob: bytes | None = None
+        self._imports: list[str] | None = None
         self.sys_path = list(sys.path) if sys_path is None else sys_path
         self.cwd = os.getcwd() if cwd is None else cwd
 
@@ -47,6 +48,7 @@ class UserCode:
     def from_blob(cls, blob: bytes, sys_path: list[str], cwd: str) -> UserCode:
         code = cls.__new__(cls)
         code._live, code._blob, code.sys_path, code.cwd = None, blob, sys_path, cwd
+        code._imports = None
         return code
 
     def blob(self) -> bytes:
@@ -60,9 +62,24 @@ class UserCode:
     def __reduce__(self) -> tuple[Any, ...]:
         return (UserCode.from_blob, (self.blob(), self.sys_path, self.cwd))
 
+    def imports(self) -> list[str]:
+        """The modules that loading this code imports (those the blob refers to), without
+        loading it: a process can import them ahead (the fork server does, once for all
+        the replicas it forks)."""
+        if self._imports is None:
+            self._imports = referenced_modules(self.blob())
+        return self._imports
+
     def prepare_imports(self, runtime_env: dict[str, Any] | None = None) -> None:
         """Make this process import as the building one did: its sys.path and cwd, with
-        ``runtime_env``'s local paths first.
+        ``runtime_env``'s local paths first (see :meth:`import_path`)."""
+        path, cwd = self.import_path(runtime_env)
+        sys.path[:] = path
+        if cwd:
+            os.chdir(cwd)
+
+    def import_path(self, runtime_env: dict[str, Any] | None = None) -> tuple[list[str], str]:
+        """The ``sys.path`` and cwd the user's code imports with.
 
         ``working_dir`` becomes the cwd and the first sys.path entry; a ``py_modules``
         directory or ``.py`` file is importable by its name (its parent goes on
@@ -78,9 +95,7 @@ class UserCode:
             path = os.path.join(self.cwd, module)
             zipped = os.path.isfile(path) and path.endswith((".zip", ".whl"))
             front.append(path if zipped else os.path.dirname(path.rstrip(os.sep)))
-        sys.path[:] = [os.path.abspath(p) for p in front] + self.sys_path
-        if cwd:
-            os.chdir(cwd)
+        return [os.path.abspath(p) for p in front] + self.sys_path, cwd
 
     def load(self) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
         """The live ``(target, init_args, init_kwargs)``, unpickling the blob if needed."""
@@ -134,6 +149,55 @@ def _without_class_ids(blob: bytes) -> bytes:
         return b"\x8c\x20" + b"%032d" % order.setdefault(match.group(1), len(order))
 
     return _CLASS_ID.sub(renumber, blob)
+
+
+#: Opcodes that push a string (the operands of STACK_GLOBAL are two of them, or memo gets).
+_STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+                      "BINSTRING", "SHORT_BINSTRING"})  # fmt: skip
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_NOT_PUSHING = frozenset({"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "STOP"})
+_NOT_IMPORTED = frozenset({"__main__", "__mp_main__", "builtins", "copyreg"})
+
+
+def referenced_modules(blob: bytes) -> list[str]:
+    """The modules unpickling ``blob`` imports: those of its globals (classes and
+    functions pickled by reference) and of the modules cloudpickle sends by name
+    (``subimport``), in order of appearance. Read off the opcodes; nothing is loaded."""
+    import pickletools
+
+    found: dict[str, None] = {}
+    # What each pushing opcode pushed: a string, a global (module, name), or something else.
+    pushed: list[str | tuple[str, str] | None] = []
+    memo: dict[int, str | tuple[str, str] | None] = {}
+    subimport = False  # cloudpickle's subimport was pushed: the next string names a module
+    for opcode, arg, _ in pickletools.genops(blob):
+        name = opcode.name
+        if name in _NOT_PUSHING:
+            if name != "STOP" and name not in ("PROTO", "FRAME"):
+                memo[len(memo) if name == "MEMOIZE" else int(str(arg))] = (
+                    pushed[-1] if pushed else None
+                )
+            continue
+        value: str | tuple[str, str] | None = None
+        if name == "GLOBAL":
+            module, _, attribute = str(arg).partition(" ")
+            value = (module, attribute)
+        elif name == "STACK_GLOBAL":  # its operands: the two strings pushed just before
+            module, attribute = str(pushed[-2]), str(pushed[-1])
+            value = (module, attribute)
+        elif name in _STRINGS:
+            value = str(arg)
+        elif name in _MEMO_GETS:
+            value = memo.get(int(str(arg)))
+        if isinstance(value, tuple):
+            if value[0] not in _NOT_IMPORTED:
+                found[value[0]] = None
+            subimport = value[1] in ("subimport", "dynamic_subimport")
+        elif isinstance(value, str) and subimport:
+            found[value] = None
+            subimport = False
+        pushed.append(value)
+    return list(found)
 
 
 def _read(path: str) -> bytes | None:

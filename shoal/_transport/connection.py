@@ -5,7 +5,8 @@ Guarantees:
   request's future, however replies interleave;
 - when the peer dies or the socket closes, every pending request and stream
   fails at once with :class:`TransportError` (never a hang);
-- writes issued in one event-loop iteration are coalesced into one ``writev``;
+- an idle connection writes a message at once; messages issued after it in the
+  same event-loop iteration, or while busy, are coalesced into one ``writev``;
 - servers accept only peers running as the same user (``SO_PEERCRED``), on top
   of the socket directory's 0700 mode.
 """
@@ -101,6 +102,8 @@ class Connection(asyncio.BufferedProtocol):
         self._next_corr = 0
         self._out: list[Any] = []
         self._flush_scheduled = False
+        self._queued = 0  # messages sent in this loop iteration
+        self._busy = False  # the last iteration sent more than one: queue them all
         self._paused: asyncio.Future[None] | None = None
         self._buf = bytearray(_INITIAL_BUFFER)
         self._view = memoryview(self._buf)
@@ -115,17 +118,37 @@ class Connection(asyncio.BufferedProtocol):
     # --- sending -----------------------------------------------------------------
 
     def send(self, corr: int, msg: Message) -> None:
-        """Queue ``msg``; raises SerializationError if it cannot be encoded."""
+        """Write ``msg``; raises SerializationError if it cannot be encoded.
+
+        An idle connection writes a message at once, without waiting for the loop's
+        next turn; messages sent after it in the same loop iteration are queued and
+        written together, in order, with one ``writev`` on the next turn. A connection
+        that sent more than one message in its last iteration is busy: it queues every
+        message (one ``writev`` per iteration) until an iteration sends only one.
+        """
         chunks = encode(corr, msg)
         if self.closed:
             return
-        self._out.extend(chunks)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        self._queued += 1
+        if self._flush_scheduled or self._busy or self._transport is None:
+            self._out.extend(chunks)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+            return
+        self._flush_scheduled = True  # what follows in this iteration waits for _flush
+        self.loop.call_soon(self._flush)
+        if len(chunks) == 1:
+            self._transport.write(chunks[0])
+        else:
+            self._transport.writelines(chunks)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._busy = self._queued > 1
+        self._queued = 0
+        if not self._out:
+            return
         out, self._out = self._out, []
         if self._transport is not None and not self.closed:
             self._transport.writelines(out)

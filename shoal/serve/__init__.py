@@ -15,6 +15,7 @@ from shoal._api.context import ReplicaContext, RequestContext, get_request_conte
 from shoal._api.deployment import Application, Deployment, deployment
 from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from shoal._api.ingress import ingress
+from shoal._api.multiplex import get_multiplexed_model_id, multiplexed
 from shoal._config import AutoscalingConfig, DeploymentConfig, HTTPOptions
 from shoal._controller.status import ApplicationStatus, DeploymentStatus, ReplicaState
 from shoal._errors import (
@@ -86,9 +87,11 @@ __all__ = [
     "deployment",
     "get_app_handle",
     "get_deployment_handle",
+    "get_multiplexed_model_id",
     "get_replica_context",
     "get_request_context",
     "ingress",
+    "multiplexed",
     "run",
     "run_many",
     "shutdown",

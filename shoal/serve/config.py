@@ -1,6 +1,12 @@
 """``from shoal.serve.config import HTTPOptions``: Ray Serve's ``ray.serve.config``."""
 
-from shoal._config import AutoscalingConfig, AutoscalingPolicy, DeploymentConfig, HTTPOptions
+from shoal._config import (
+    AutoscalingConfig,
+    AutoscalingPolicy,
+    DeploymentConfig,
+    HTTPOptions,
+    gRPCOptions,
+)
 from shoal._controller.policy import AutoscalingContext, DeploymentID
 
 __all__ = [
@@ -10,4 +16,5 @@ __all__ = [
     "DeploymentConfig",
     "DeploymentID",
     "HTTPOptions",
+    "gRPCOptions",
 ]

@@ -16,6 +16,7 @@ made while none runs wait in the socket's backlog instead of being refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -23,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -36,25 +36,37 @@ from shoal._runtime.node import local_node_id
 from shoal._runtime.process.adopt import AdoptedProcess, Rejoined
 from shoal._runtime.process.client import UnixConnector
 from shoal._runtime.process.directory import new_instance_directory, remove_sockets
+from shoal._runtime.process.forks import (
+    ForkServer,
+    ForkServerUnavailable,
+    fork_server_supported,
+    fork_server_wanted,
+)
 from shoal._runtime.process.reports import MetricsReports
+from shoal._runtime.process.workers import (
+    EXIT_GRACE_S,
+    SUBSCRIBER_PREFIX,
+    ProcessReplica,
+    Subscriber,
+    WorkerProcess,
+    ignore_failure,
+    started,
+)
+from shoal._runtime.process.zygote import ENTRY_MODULES
 from shoal._seam.protocols import MetricsSink, ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import startup_failed
 from shoal._transport.connection import Connection, serve_unix
-from shoal._transport.failures import exception_from
 from shoal._transport.messages import (
-    AutoscalingStats,
     ConfigureProcess,
     DrainProxy,
     Failure,
-    HealthCheck,
     Hello,
     LoadReport,
     Message,
     MetricsReport,
     Ping,
     ProxyIdle,
-    Reconfigure,
     Rejoin,
     ReplicaInfo,
     ReplicaSetUpdate,
@@ -67,14 +79,10 @@ from shoal._transport.messages import (
 
 logger = logging.getLogger("shoal.runtime")
 
-_WORKER = "shoal._runtime.process.worker"
-#: Worker entry points by kind: a proxy's imports its modules before saying hello.
-_ENTRY_POINTS = {"proxy": "shoal._runtime.process.proxy_worker"}
 
 _SPAWN_TIMEOUT_S = 60.0
 _SPAWN_SLOTS = (os.cpu_count() or 1) + 2  # worker processes importing at the same time
 _CONTROL_TIMEOUT_S = 30.0
-_EXIT_GRACE_S = 3.0
 #: How long a standby proxy process may take to start serving before a new one is used.
 _STANDBY_START_TIMEOUT_S = 2.0
 # The standby proxy process starts this long after the proxy serves: spawned at once it
@@ -84,169 +92,6 @@ _STANDBY_START_TIMEOUT_S = 2.0
 _STANDBY_DELAY_S = 3.0
 #: How long an update (replica set, routes) waits for each process's acknowledgement.
 _ACK_TIMEOUT_S = 1.0
-#: A stopping replica answers StopReplica after draining (at most its graceful timeout);
-#: how much longer than that the controller waits before killing it.
-_STOP_REPLY_SLACK_S = 5.0
-
-
-class _WorkerProcess:
-    """A worker OS process and its control connection (controller side)."""
-
-    def __init__(self, worker_id: str, process: subprocess.Popen[bytes]) -> None:
-        self.worker_id = worker_id
-        self.process = process
-        self.conn: Connection | None = None
-        self.stopping = False
-        self.exited: asyncio.Future[int] = _exit_future(process)
-
-    async def request(self, msg: Message, timeout_s: float) -> Any:
-        if self.conn is None or self.conn.closed:
-            raise TransportError(f"worker {self.worker_id} is not connected")
-        reply = await _ask(self.conn, msg, timeout_s)
-        if isinstance(reply, Failure):
-            raise exception_from(reply)
-        return reply.value  # type: ignore[attr-defined]
-
-    async def wait_exit(self, timeout_s: float) -> None:
-        """Wait for the process to end; SIGKILL it after ``timeout_s``."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self.exited), timeout_s)
-        except TimeoutError:
-            self.process.kill()
-            await asyncio.wait_for(asyncio.shield(self.exited), _EXIT_GRACE_S)
-
-
-async def _ask(conn: Connection, msg: Message, timeout_s: float) -> Message:
-    """Send ``msg``; its reply within ``timeout_s``, else RequestTimeoutError.
-
-    A reply that has already arrived when the time is up still counts: if this
-    loop itself was stalled, the timer may fire before the socket is read, and
-    the worker must not be blamed for the controller's stall.
-    """
-    future = conn.call(msg)
-    try:
-        done, _ = await asyncio.wait({future}, timeout=timeout_s)
-        if not done:
-            for _ in range(2):  # one I/O poll, whether the loop runs timers or I/O first
-                await asyncio.sleep(0)
-        if not future.done():
-            raise RequestTimeoutError(
-                f"{type(msg).__name__} to {conn.name} got no reply within {timeout_s:g} s"
-            )
-        return future.result()
-    finally:
-        if not future.done():
-            future.cancel()  # a late reply is dropped by the connection
-
-
-async def _started(standby: asyncio.Future[_WorkerProcess]) -> _WorkerProcess | None:
-    """The standby proxy process once started (shoal and the proxy's modules imported,
-    replica sets applied; not serving), or None if it failed or has died since."""
-    try:
-        worker = await asyncio.shield(standby)  # cancelling the caller leaves it running
-    except asyncio.CancelledError:
-        if not standby.cancelled():
-            raise
-        return None
-    except (ShoalError, OSError) as exc:
-        logger.debug("the standby proxy process failed to start: %r", exc)
-        return None
-    return worker if worker.conn is not None and not worker.conn.closed else None
-
-
-def _ignore_failure(future: asyncio.Future[Any]) -> None:
-    """Retrieve a background future's exception (it is dealt with where it is awaited)."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _exit_future(process: subprocess.Popen[bytes]) -> asyncio.Future[int]:
-    """A future resolved with the exit code once ``process`` ends (and is reaped).
-
-    Uses a pidfd watched by the event loop: no thread is parked per worker (a
-    blocking ``wait()`` per worker in the default executor would exhaust it).
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[int] = loop.create_future()
-    try:
-        pidfd = os.pidfd_open(process.pid)
-    except (AttributeError, OSError):  # not Linux >= 5.3: one daemon thread per worker
-        threading.Thread(target=lambda: _resolve(loop, future, process.wait()), daemon=True).start()
-        return future
-
-    def on_exit() -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        _resolve(loop, future, process.wait())
-
-    loop.add_reader(pidfd, on_exit)
-    return future
-
-
-def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[int], code: int) -> None:
-    def set_code() -> None:
-        if not future.done():
-            future.set_result(code)
-
-    loop.call_soon_threadsafe(set_code)
-
-
-#: Hello ids of processes that attach to an instance to route (not workers it started).
-SUBSCRIBER_PREFIX = "attached-"
-
-
-class _Subscriber:
-    """An attached process's control connection: it receives replica-set updates."""
-
-    stopping = False
-
-    def __init__(self, worker_id: str, conn: Connection) -> None:
-        self.worker_id = worker_id
-        self.conn: Connection | None = conn
-
-    async def request(self, msg: Message, timeout_s: float) -> Any:
-        assert self.conn is not None
-        reply = await self.conn.request(msg, timeout_s)
-        if isinstance(reply, Failure):
-            raise exception_from(reply)
-        return None
-
-
-class _ProcessReplica:
-    """ReplicaHandle for a replica in a worker process."""
-
-    def __init__(self, worker: _WorkerProcess, info: ReplicaInfo) -> None:
-        self.worker = worker
-        self.info = info
-        self.pid: int | None = worker.process.pid
-
-    async def reconfigure(self, user_config: Any, timeout_s: float) -> None:
-        await self.worker.request(Reconfigure(user_config), timeout_s)
-
-    async def check_health(self, timeout_s: float) -> dict[str, Any] | None:
-        details: dict[str, Any] | None = await self.worker.request(HealthCheck(), timeout_s)
-        return details
-
-    async def ping(self, timeout_s: float) -> None:
-        await self.worker.request(Ping(), timeout_s)
-
-    async def autoscaling_stats(self, timeout_s: float) -> dict[str, float] | None:
-        stats: dict[str, float] | None = await self.worker.request(
-            AutoscalingStats(timeout_s), timeout_s + _STOP_REPLY_SLACK_S
-        )
-        return stats
-
-    async def stop(self, wait_loop_s: float, timeout_s: float) -> None:
-        self.worker.stopping = True
-        try:
-            stop = StopReplica(wait_loop_s, timeout_s)
-            await self.worker.request(stop, timeout_s + _STOP_REPLY_SLACK_S)
-        except (ShoalError, TransportError) as exc:
-            logger.debug("replica %s did not stop cleanly: %s", self.info.replica_id, exc)
-        await self.worker.wait_exit(_EXIT_GRACE_S)
-
-    def kill(self) -> None:
-        self.worker.process.kill()
 
 
 class ProcessRuntime:
@@ -259,11 +104,18 @@ class ProcessRuntime:
         directory: str | None = None,
         orphan_grace_s: float = 0.0,
         telemetry: Telemetry | None = None,
+        fork_server: bool | None = None,
     ) -> None:
         """``directory``: where the sockets go, used as is (a server's fixed directory);
         by default a new one of this process (see :mod:`.directory`), removed at shutdown.
         ``orphan_grace_s`` > 0: workers outlive this controller that long, serving, and
-        rejoin its successor on the same directory (see :mod:`.adopt`)."""
+        rejoin its successor on the same directory (see :mod:`.adopt`).
+        ``fork_server``: start workers by forking a process that has imported shoal
+        (see :mod:`.zygote`; Linux only), not each with ``python -m``; by default as
+        ``SHOAL_FORK_SERVER`` says (``1``, the default, or ``0``)."""
+        if fork_server is None:
+            fork_server = fork_server_wanted()
+        self._forks = ForkServer() if fork_server and fork_server_supported() else None
         self._orphan_grace_s = orphan_grace_s
         # Sent to every worker before anything else (ConfigureProcess).
         self._telemetry = (telemetry or Telemetry()).model_dump()
@@ -272,11 +124,11 @@ class ProcessRuntime:
         self._owns_directory = directory is None
         self.directory = new_instance_directory() if directory is None else directory
         self.connector = UnixConnector()
-        self._workers: dict[str, _WorkerProcess] = {}
+        self._workers: dict[str, WorkerProcess] = {}
         self._hellos: dict[str, asyncio.Future[Connection]] = {}
         self._membership: dict[tuple[str, str], ReplicaSetUpdate] = {}
-        self._replicas: dict[str, _ProcessReplica] = {}
-        self._proxy: _WorkerProcess | None = None
+        self._replicas: dict[str, ProcessReplica] = {}
+        self._proxy: WorkerProcess | None = None
         self._subscribers: dict[str, Any] = {}  # id -> _Subscriber (attached processes)
         self._server: asyncio.AbstractServer | None = None
         self._on_died: Callable[[ReplicaHandle], None] = lambda handle: None
@@ -286,7 +138,7 @@ class ProcessRuntime:
         self._proxy_options: HTTPOptions | None = None
         self._listener: socket.socket | None = None  # the proxy's, kept across restarts
         # The next proxy's process, started ahead: a restart only has to start serving.
-        self._standby: asyncio.Future[_WorkerProcess] | None = None
+        self._standby: asyncio.Future[WorkerProcess] | None = None
         self._standby_timer: asyncio.TimerHandle | None = None  # when the next one starts
         self._routes: dict[str, tuple[str, str]] = {}
         self._on_proxy_died: Callable[[], None] = lambda: None
@@ -300,6 +152,8 @@ class ProcessRuntime:
         self._on_died = on_replica_died
         self._on_load = on_load
         self._metrics.sink = metrics
+        if self._forks is not None:
+            self._forks.start()  # it imports while the controller starts
         path = os.path.join(self.directory, "controller.sock")
         self._server = await serve_unix(path, self._on_control, "controller")
 
@@ -321,14 +175,14 @@ class ProcessRuntime:
     def _adopt(self, conn: Connection, msg: Rejoin) -> None:
         """A worker of the controller before this one rejoined: take it over (a standby
         proxy process is not needed: it is stopped)."""
-        worker = _WorkerProcess(msg.worker_id, AdoptedProcess(msg.pid))  # type: ignore[arg-type]
+        worker = WorkerProcess(msg.worker_id, AdoptedProcess(msg.pid))
         worker.conn = conn
         conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
         self._workers[msg.worker_id] = worker
         if msg.replica is not None:
             info = ReplicaInfo(msg.replica.replica_id, msg.replica.address,
                                msg.replica.max_ongoing_requests, local_node_id())  # fmt: skip
-            handle = self._replicas[info.replica_id] = _ProcessReplica(worker, info)
+            handle = self._replicas[info.replica_id] = ProcessReplica(worker, info)
             self.rejoined.replicas.append((handle, msg))
         elif msg.proxy is not None:
             self.rejoined.proxy = (worker, msg)
@@ -354,7 +208,7 @@ class ProcessRuntime:
     async def _subscribe(self, subscriber_id: str, conn: Connection) -> None:
         """A process that attached to this instance holds routers too: it gets every
         replica set (the current ones first, before its hello is answered)."""
-        subscriber = _Subscriber(subscriber_id, conn)
+        subscriber = Subscriber(subscriber_id, conn)
         self._subscribers[subscriber_id] = subscriber
         conn.close_callbacks.append(lambda _conn: self._subscribers.pop(subscriber_id, None))
         try:
@@ -367,12 +221,12 @@ class ProcessRuntime:
         conn.send(0, Result())  # the snapshot is applied: the process may route
 
     async def _spawn(
-        self, kind: str, env_vars: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
-    ) -> _WorkerProcess:
+        self, kind: str, env_vars: dict[str, str] | None = None, listen_fd: int | None = None
+    ) -> WorkerProcess:
         # At most a few processes import at once: forty starting together on two cores
         # would each take longer than the hello timeout, and none would start sooner.
         async with self._spawn_slots:
-            worker, hello = await self._launch(kind, env_vars, pass_fds)
+            worker, hello = await self._launch(kind, env_vars, listen_fd)
         worker.conn = hello
         worker.conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
         snapshot = [worker.request(ConfigureProcess(self._telemetry), _CONTROL_TIMEOUT_S)]
@@ -388,23 +242,21 @@ class ProcessRuntime:
         return worker
 
     async def _launch(
-        self, kind: str, env_vars: dict[str, str] | None, pass_fds: tuple[int, ...]
-    ) -> tuple[_WorkerProcess, Connection]:
+        self, kind: str, env_vars: dict[str, str] | None, listen_fd: int | None
+    ) -> tuple[WorkerProcess, Connection]:
         """Start a worker process; returns it once it said hello, with its connection."""
         worker_id = f"{kind}-{uuid.uuid4().hex[:8]}"
         loop = asyncio.get_running_loop()
         hello: asyncio.Future[Connection] = loop.create_future()
         self._hellos[worker_id] = hello
-        entry = _ENTRY_POINTS.get(kind, _WORKER)
-        process = subprocess.Popen(
-            [sys.executable, "-m", entry, self.directory, worker_id, str(self._orphan_grace_s)],
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-            pass_fds=pass_fds,
-            # runtime_env env_vars: set before the worker imports anything (shoal or user code).
-            env={**os.environ, **env_vars} if env_vars else None,
-        )
-        worker = self._workers[worker_id] = _WorkerProcess(worker_id, process)
+        argv = [self.directory, worker_id, str(self._orphan_grace_s)]
+        try:
+            worker = await self._start_process(kind, argv, env_vars, listen_fd)
+        except BaseException:
+            self._hellos.pop(worker_id, None)
+            raise
+        process = worker.process
+        self._workers[worker_id] = worker
         exited: asyncio.Future[Any] = asyncio.shield(worker.exited)
         try:
             done, _ = await asyncio.wait({hello, exited}, timeout=_SPAWN_TIMEOUT_S,
@@ -419,12 +271,41 @@ class ProcessRuntime:
             raise ShoalError(f"worker process {worker_id} {why} within {_SPAWN_TIMEOUT_S:.0f} s")
         return worker, hello.result()
 
-    def _worker_lost(self, worker: _WorkerProcess) -> None:
+    async def _start_process(
+        self, kind: str, argv: list[str], env_vars: dict[str, str] | None, listen_fd: int | None
+    ) -> WorkerProcess:
+        """A forked worker if the fork server can make one, else one started with
+        ``python -m``. A runtime_env's ``env_vars`` must be set before the worker
+        imports anything (numpy reads some at import): such workers are never forked."""
+        entry = ENTRY_MODULES[kind]  # a proxy's imports its modules before saying hello
+        worker_id = argv[1]
+        # The proxy does not wait for the fork server's imports (more than its own): the
+        # first one of an instance starts with python -m, beside it.
+        forks = self._forks
+        if forks is not None and not env_vars and (kind != "proxy" or forks.ready):
+            try:
+                forked = await forks.spawn(kind, argv, listen_fd, LISTEN_FD_ENV)
+                return WorkerProcess(worker_id, forked, forked.exited)
+            except ForkServerUnavailable:
+                pass  # logged once by the fork server; python -m below
+        environ = {**os.environ, **(env_vars or {})}
+        if listen_fd is not None:
+            environ[LISTEN_FD_ENV] = str(listen_fd)
+        process = subprocess.Popen(
+            [sys.executable, "-m", entry, *argv],
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            pass_fds=(listen_fd,) if listen_fd is not None else (),
+            env=environ,
+        )
+        return WorkerProcess(worker_id, process)
+
+    def _worker_lost(self, worker: WorkerProcess) -> None:
         self._workers.pop(worker.worker_id, None)
         self._lagging.discard(worker.worker_id)
         if worker is self._proxy and not worker.stopping:
             self._on_proxy_died()
-        asyncio.get_running_loop().create_task(worker.wait_exit(_EXIT_GRACE_S))
+        asyncio.get_running_loop().create_task(worker.wait_exit(EXIT_GRACE_S))
         for replica_id, replica in list(self._replicas.items()):
             if replica.worker is worker:
                 del self._replicas[replica_id]
@@ -435,6 +316,10 @@ class ProcessRuntime:
         import cloudpickle
 
         env = spec.config.ray_actor_options.runtime_env or {}
+        if self._forks is not None and not env.get("env_vars"):
+            path, cwd = spec.code.import_path(env)
+            with contextlib.suppress(ForkServerUnavailable):  # then it is not forked either
+                await self._forks.preload(spec.code.imports(), path, cwd)
         worker = await self._spawn("replica", env.get("env_vars"))
         try:
             start = StartReplica(cloudpickle.dumps(spec))
@@ -449,7 +334,7 @@ class ProcessRuntime:
         info = ReplicaInfo(
             spec.replica_id, address, spec.config.max_ongoing_requests, local_node_id()
         )
-        replica = self._replicas[spec.replica_id] = _ProcessReplica(worker, info)
+        replica = self._replicas[spec.replica_id] = ProcessReplica(worker, info)
         return replica
 
     async def publish(self, update: ReplicaSetUpdate) -> None:
@@ -533,7 +418,7 @@ class ProcessRuntime:
             old.stopping = True  # its end is expected now, not a death to report
             if old.process.poll() is None:
                 old.process.kill()
-            await old.wait_exit(_EXIT_GRACE_S)
+            await old.wait_exit(EXIT_GRACE_S)
         if self._listener is None and self._proxy_options is not None:
             # An adopted proxy held the socket: its port is free now that it is gone.
             options = self._proxy_options
@@ -545,7 +430,7 @@ class ProcessRuntime:
         not start serving within ``_STANDBY_START_TIMEOUT_S``); then prepare the next."""
         standby, self._standby = self._standby, None
         self._cancel_standby_timer()
-        worker = await _started(standby) if standby is not None else None
+        worker = await started(standby) if standby is not None else None
         if worker is not None:
             try:
                 return await self._serve_with(worker, _STANDBY_START_TIMEOUT_S)
@@ -553,7 +438,7 @@ class ProcessRuntime:
                 logger.warning("the standby proxy process did not start serving: %s", exc)
         return await self._serve_with(await self._spawn_proxy_process(), _CONTROL_TIMEOUT_S)
 
-    async def _serve_with(self, proxy: _WorkerProcess, timeout_s: float) -> tuple[str, int]:
+    async def _serve_with(self, proxy: WorkerProcess, timeout_s: float) -> tuple[str, int]:
         """Start the proxy in ``proxy``'s process and give it the current routes."""
         assert self._proxy_options is not None
         try:
@@ -576,17 +461,16 @@ class ProcessRuntime:
     def _spawn_standby(self) -> None:
         self._standby_timer = None
         self._standby = asyncio.ensure_future(self._spawn_proxy_process())
-        self._standby.add_done_callback(_ignore_failure)  # a new one is spawned if needed
+        self._standby.add_done_callback(ignore_failure)  # a new one is spawned if needed
 
     def _cancel_standby_timer(self) -> None:
         if self._standby_timer is not None:
             self._standby_timer.cancel()
             self._standby_timer = None
 
-    async def _spawn_proxy_process(self) -> _WorkerProcess:
+    async def _spawn_proxy_process(self) -> WorkerProcess:
         assert self._listener is not None
-        fd = self._listener.fileno()
-        return await self._spawn("proxy", {LISTEN_FD_ENV: str(fd)}, pass_fds=(fd,))
+        return await self._spawn("proxy", listen_fd=self._listener.fileno())
 
     async def check_proxy(self, timeout_s: float) -> None:
         """Return once the proxy's event loop answers; TransportError if it is gone,
@@ -635,6 +519,8 @@ class ProcessRuntime:
         await asyncio.gather(*(w.wait_exit(timeout_s) for w in list(self._workers.values())))
         if self._proxy is not None:
             await self._proxy.wait_exit(timeout_s)
+        if self._forks is not None:
+            await self._forks.stop(EXIT_GRACE_S)
         if self._server is not None:
             self._server.close()
         if self._listener is not None:

@@ -23,7 +23,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from shoal._api.context import set_default_registry
-from shoal._config import HTTPOptions
+from shoal._config import ProxyOptions
 from shoal._errors import ShoalError
 from shoal._observe import tracing
 from shoal._observe.logs import Component, configure_component, flush_files
@@ -229,7 +229,7 @@ class Worker:
         from shoal._proxy.proxy import Proxy
 
         configure_component(Component("proxy", "-", "proxy", self.worker_id), None)
-        self.proxy = Proxy(self.registry, HTTPOptions(**msg.http_options))
+        self.proxy = Proxy(self.registry, ProxyOptions(**msg.http_options))  # gRPC's too
         host, port = await self.proxy.serve()
         self.hosting = Rejoin(self.worker_id, os.getpid(), proxy=(host, port))
         return host, port

@@ -1,0 +1,215 @@
+"""``python -m bench.startup``: how fast the demo starts and how much memory it holds.
+
+Issue 15's start-up targets: ``python -m shoal demo`` from launch to every application
+RUNNING (the line ``shoal demo: serving`` it prints once ``serve.run_many`` returned,
+then a first 200 from its ensemble) in ≤ 3 s, and the memory of all its processes
+(PSS, which divides each shared page among the processes sharing it) ≤ 700 MB; and
+the W1 cold start (``python -m shoal run bench.apps:w1``, launch to first 200) ≤ 0.4 s.
+
+Each is measured two ways in the same run, interleaved round by round so that drift in
+the machine hits both alike: **fork** (workers forked from the fork server, the
+default) and **spawn** (``SHOAL_FORK_SERVER=0``: every worker starts with
+``python -m``). The foreign CPU (used by anything but this script and its servers) is
+measured per launch; a launch above 15% of one core is marked not valid and left out
+of the medians. Results go to ``bench/results/startup-<UTC timestamp>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import ECHO_BODY
+from bench.control_plane import ForeignCpu, _dirty
+from bench.procs import HOST, ServerProcess, free_port, tree_memory
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+INVALID_CORE_PCT = 15.0
+VARIANTS = {"fork": {"SHOAL_FORK_SERVER": "1"}, "spawn": {"SHOAL_FORK_SERVER": "0"}}
+READY_DEADLINE_S = 180.0
+#: After the demo runs, how long it idles before its memory is read (the standby proxy
+#: process starts 3 s after the proxy; the figure includes it).
+SETTLE_S = 5.0
+
+
+def _demo(variant: str, work: Path, meter: ForeignCpu, tag: str) -> dict[str, Any]:
+    port = free_port()
+    argv = [sys.executable, "-m", "shoal", "demo", "--host", HOST, "--port", str(port)]
+    proc = ServerProcess(f"demo-{variant}-{tag}", argv, work, env=VARIANTS[variant])
+    meter.window()
+    started = time.perf_counter()
+    proc.start()
+    meter.roots.add(proc.pid)
+    try:
+        _wait_for_line(proc, "shoal demo: serving", READY_DEADLINE_S)
+        running = time.perf_counter() - started
+        proc.wait_http_ok(port, "POST", "/ensemble", b'{"x": 3}', 30.0)
+        first_200 = time.perf_counter() - started
+        cpu = meter.window()
+        time.sleep(SETTLE_S)  # a fixed idle period before the memory reading, by design
+        memory = tree_memory(proc.pid)
+    finally:
+        proc.stop()
+    return {
+        "running_s": running, "first_200_s": first_200, "pss_mb": memory["pss_mb"],
+        "rss_mb": memory["rss_mb"], "processes": memory["processes"], **_validity(cpu),
+    }  # fmt: skip
+
+
+def _cold(variant: str, work: Path, meter: ForeignCpu, tag: str) -> dict[str, Any]:
+    port = free_port()
+    argv = [sys.executable, "-m", "shoal", "run", "bench.apps:w1", "--route-prefix", "/",
+            "--host", HOST, "--port", str(port)]  # fmt: skip
+    proc = ServerProcess(f"cold-{variant}-{tag}", argv, work, env=VARIANTS[variant])
+    meter.window()
+    started = time.perf_counter()
+    proc.start()
+    meter.roots.add(proc.pid)
+    try:
+        ready = proc.wait_http_ok(port, "POST", "/echo", ECHO_BODY, READY_DEADLINE_S)
+        cpu = meter.window()
+    finally:
+        proc.stop()
+    return {"first_200_s": ready - started, **_validity(cpu)}
+
+
+def _validity(cpu: dict[str, float]) -> dict[str, Any]:
+    core_pct = cpu["foreign_cpu_pct"] * (os.cpu_count() or 1)  # % of the machine -> of a core
+    return {"foreign_core_pct": core_pct, "valid": core_pct <= INVALID_CORE_PCT}
+
+
+def _wait_for_line(proc: ServerProcess, text: str, deadline_s: float) -> None:
+    """Until the server's log holds ``text`` (RuntimeError with its tail if it exits or
+    the deadline passes)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if text in proc.log_path.read_text(errors="replace"):
+            return
+        if not proc.running():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+        time.sleep(0.01)
+    raise RuntimeError(f"{proc.name}: no {text!r} within {deadline_s:g} s:\n{proc.log_tail()}")
+
+
+def measure(rounds: int, work: Path) -> dict[str, Any]:
+    meter = ForeignCpu()
+    runs: list[dict[str, Any]] = []
+    try:
+        for round_ in range(rounds):
+            for kind, launch in (("demo", _demo), ("cold", _cold)):
+                for variant in VARIANTS:
+                    run = {"round": round_, "kind": kind, "variant": variant,
+                           **launch(variant, work, meter, str(round_))}  # fmt: skip
+                    runs.append(run)
+                    print(json.dumps(run), file=sys.stderr, flush=True)
+    finally:
+        meter.close()
+    return {"runs": runs, "summary": summarize(runs)}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(kind: str, variant: str, key: str) -> float | None:
+        values = [r[key] for r in runs if r["kind"] == kind and r["variant"] == variant
+                  and r["valid"] and r.get(key) is not None]  # fmt: skip
+        return statistics.median(values) if values else None
+
+    return {
+        variant: {
+            "demo_running_s": median("demo", variant, "running_s"),
+            "demo_first_200_s": median("demo", variant, "first_200_s"),
+            "demo_pss_mb": median("demo", variant, "pss_mb"),
+            "demo_rss_mb": median("demo", variant, "rss_mb"),
+            "cold_first_200_s": median("cold", variant, "first_200_s"),
+        }
+        for variant in VARIANTS
+    } | {"valid_runs": sum(r["valid"] for r in runs), "runs": len(runs)}
+
+
+def render(results: dict[str, Any]) -> str:
+    env, s = results["environment"], results["summary"]
+    fork, spawn = s["fork"], s["spawn"]
+    rows = [
+        ("demo: launch → all apps RUNNING (s)", "demo_running_s", 3.0, 2),
+        ("demo: launch → first 200 (s)", "demo_first_200_s", None, 2),
+        ("demo: memory, PSS of all processes (MB)", "demo_pss_mb", 700.0, 0),
+        ("demo: memory, RSS summed (MB)", "demo_rss_mb", None, 0),
+        ("W1 cold start: launch → first 200 (s)", "cold_first_200_s", 0.4, 2),
+    ]
+    lines = [
+        f"# Start-up and memory ({results['started']})",
+        "",
+        f"- commit {env['git_commit']} (dirty tree: {results['dirty']}); "
+        f"{env['machine']['cpu_model']}, {env['machine']['nproc']} cores; Python "
+        f"{env['python']['version']}; packages {env['packages']}; {results['rounds']} rounds",
+        f"- valid launches {s['valid_runs']} of {s['runs']} (foreign CPU ≤ "
+        f"{INVALID_CORE_PCT:g}% of a core); medians of the valid ones",
+        "",
+        "| measure | fork (default) | spawn (SHOAL_FORK_SERVER=0) | fork / spawn | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, key, target, digits in rows:
+        a, b = fork[key], spawn[key]
+        ratio = f"{a / b:.2f}" if a is not None and b else "n/a"
+        verdict = "" if target is None or a is None else (
+            f"≤ {target:g}: {'PASS' if a <= target else 'FAIL'}"
+        )  # fmt: skip
+        lines.append(f"| {label} | {_f(a, digits)} | {_f(b, digits)} | {ratio} | {verdict} |")
+    lines += [
+        "",
+        "Per launch (foreign CPU in % of one core):",
+        "",
+        "| round | kind | variant | running s | first 200 s | PSS MB | processes | foreign "
+        "| valid |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['round']} | {r['kind']} | {r['variant']} | {_f(r.get('running_s'), 2)} | "
+            f"{_f(r['first_200_s'], 2)} | {_f(r.get('pss_mb'), 0)} | {r.get('processes', '')} | "
+            f"{r['foreign_core_pct']:.0f}% | {'yes' if r['valid'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _f(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.startup")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 round, results not written")
+    args = parser.parse_args(argv)
+    rounds = 1 if args.quick else args.rounds
+    from bench import report
+
+    started = datetime.now(UTC)
+    env = report.environment({"name": "none"}, started)
+    work = Path(tempfile.mkdtemp(prefix="shoal-bench-startup-"))
+    try:
+        measured = measure(rounds, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results = {"started": started.isoformat(timespec="seconds"), "environment": env,
+               "dirty": _dirty(), "rounds": rounds, **measured}  # fmt: skip
+    text = render(results)
+    print(text)
+    if not args.quick:
+        stamp = started.strftime("%Y%m%dT%H%M%SZ")
+        RESULTS_DIR.mkdir(exist_ok=True)
+        (RESULTS_DIR / f"startup-{stamp}.json").write_text(json.dumps(results, indent=1))
+        (RESULTS_DIR / f"startup-{stamp}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The multi-process runtime forks its workers from a fork server (shoal._runtime.process.zygote).
+
+What a user relies on: a forked replica behaves as one started with ``python -m``
+(the driver's environment, working directory and import path of the moment it
+is started, its own random state, the same command line in ``ps``), and a fork
+server that dies or hangs costs speed, never a replica.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_driver, wait_until
+
+from shoal import serve
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _command(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+@serve.deployment(num_replicas=2)
+class Probe:
+    def __call__(self, module: str) -> dict[str, Any]:
+        import importlib
+
+        import numpy as np
+
+        return {
+            "pid": os.getpid(),
+            "marker": os.environ.get("SHOAL_FORK_TEST_MARKER"),
+            "cwd": os.getcwd(),
+            "imported": importlib.import_module(module).VALUE,
+            "random": float(np.random.random()),
+        }
+
+
+def _ask_every_replica(handle: Any, module: str) -> list[dict[str, Any]]:
+    """One answer from each of the two replicas."""
+    answers: dict[int, dict[str, Any]] = {}
+
+    def both() -> bool:
+        answer = handle.remote(module).result(timeout_s=30)
+        answers[answer["pid"]] = answer
+        return len(answers) == 2
+
+    wait_until(both, 30, "answers from both replicas")
+    return list(answers.values())
+
+
+def test_a_forked_replica_runs_in_the_drivers_present_environment(
+    http_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fork server of the session's instance started long ago, in another directory
+    # and environment: the replicas must see the ones of the moment they start.
+    (tmp_path / "fork_test_module.py").write_text("VALUE = 'from the new directory'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # replicas import as the driver does
+    monkeypatch.setenv("SHOAL_FORK_TEST_MARKER", "set after the fork server started")
+    handle = serve.run(Probe.bind(), name="fork-probe", route_prefix=None)
+    try:
+        answers = _ask_every_replica(handle, "fork_test_module")
+        parents = [_parent(answer["pid"]) for answer in answers]
+        commands = [_command(answer["pid"]) for answer in answers]
+    finally:
+        serve.delete("fork-probe")
+    for answer, fork_server, command in zip(answers, parents, commands, strict=True):
+        assert answer["marker"] == "set after the fork server started"
+        assert answer["cwd"] == str(tmp_path)
+        assert answer["imported"] == "from the new directory"
+        assert "shoal._runtime.process.zygote" in _command(fork_server)
+        assert _parent(fork_server) == os.getpid()
+        assert f"{sys.executable} -m shoal._runtime.process.worker " in command  # as in ps
+    # Each replica has its own numpy random state, as a new process would.
+    assert answers[0]["random"] != answers[1]["random"]
+
+
+@serve.deployment(ray_actor_options={"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}})
+def threads(_: object) -> dict[str, Any]:
+    return {"pid": os.getpid(), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+
+def test_a_replica_with_env_vars_starts_with_python_m(http_port: int) -> None:
+    # numpy reads OMP_NUM_THREADS when imported: it cannot apply in a process forked from
+    # one that imported numpy already, so such a replica is not forked.
+    handle = serve.run(threads.bind(), name="fork-env", route_prefix=None)
+    try:
+        answer = handle.remote(None).result(timeout_s=30)
+        parent, command = _parent(answer["pid"]), _command(answer["pid"])
+    finally:
+        serve.delete("fork-env")
+    assert answer["omp"] == "1"
+    assert parent == os.getpid()
+    assert f"{sys.executable} -m shoal._runtime.process.worker " in command
+
+
+DRIVER = """
+import json, os, signal, sys
+from pathlib import Path
+from conftest import wait_until
+from shoal import serve
+
+def parent(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+@serve.deployment
+def whoami(_):
+    return os.getpid()
+
+serve.start(http_options={"port": int(sys.argv[1])})
+first = serve.run(whoami.bind(), name="first", route_prefix=None)
+forked = first.remote(None).result(timeout_s=30)
+fork_server = parent(forked)
+os.kill(fork_server, signal.SIGKILL)
+wait_until(lambda: parent(forked) != fork_server, 10, "the orphan to be reparented")
+# The forked replica still serves; a new one starts without the fork server.
+still = first.remote(None).result(timeout_s=30)
+second = serve.run(whoami.bind(), name="second", route_prefix=None)
+unforked = second.remote(None).result(timeout_s=30)
+# A forked replica's death is still seen: it is replaced.
+os.kill(forked, signal.SIGKILL)
+
+def replacement():
+    try:
+        pid = first.remote(None).result(timeout_s=30)
+    except serve.exceptions.RayServeException:  # sent to the dying replica
+        return None
+    return pid if pid != forked else None
+
+replaced = wait_until(replacement, 30, "a replacement of the killed replica")
+found = {
+    "driver": os.getpid(), "fork_server_was_parent": fork_server != os.getpid(),
+    "forked": forked, "still": still, "unforked_parent": parent(unforked),
+    "replaced_parent": parent(replaced), "pids": [forked, unforked, replaced],
+}
+serve.shutdown()
+print(json.dumps(found))
+"""
+
+
+def test_a_dead_fork_server_costs_speed_not_replicas(tmp_path: Path) -> None:
+    result = run_driver(tmp_path, DRIVER)
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["fork_server_was_parent"]
+    assert found["still"] == found["forked"]  # it kept serving without its parent
+    assert found["unforked_parent"] == found["driver"]  # started with python -m
+    assert found["replaced_parent"] == found["driver"]
+    for pid in found["pids"]:  # serve.shutdown() ended them all, forked or not
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_shutdown_ends_the_fork_server(tmp_path: Path) -> None:
+    source = """
+import json, os, sys
+from pathlib import Path
+from shoal import serve
+
+@serve.deployment
+def whoami(_):
+    return os.getpid()
+
+serve.start(http_options={"port": int(sys.argv[1])})
+pid = serve.run(whoami.bind(), name="a", route_prefix=None).remote(None).result(timeout_s=30)
+fork_server = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+serve.shutdown()
+alive = Path(f"/proc/{fork_server}").exists()
+print(json.dumps({"fork_server": fork_server, "driver": os.getpid(), "alive": alive}))
+"""
+    found = json.loads(run_driver(tmp_path, source).stdout.strip().splitlines()[-1])
+    assert found["fork_server"] != found["driver"]
+    assert not found["alive"], "serve.shutdown() left the fork server running"
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytestmark = pytest.mark.skip("the fork server is Linux only")
+
+
+MODULE = """
+import os
+
+with open(os.environ["SHOAL_FORK_TEST_IMPORTS"], "a") as imports:
+    imports.write(f"{os.getpid()}\\n")  # who imported this module
+
+VERSION = %d
+"""
+
+
+@serve.deployment(num_replicas=2)
+class Versioned:
+    """Holds a module: unpickling it imports the module (cloudpickle sends it by name)."""
+
+    def __init__(self, module: Any, generation: int) -> None:
+        self.module = module  # generation: new arguments make serve.run replace the replicas
+
+    def __call__(self, _: object) -> dict[str, Any]:
+        return {"version": self.module.VERSION, "pid": os.getpid()}
+
+
+def test_replicas_share_their_module_imported_once_and_see_its_edits(
+    http_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "fork_shared_module.py"
+    imports = tmp_path / "imports.txt"
+    monkeypatch.setenv("SHOAL_FORK_TEST_IMPORTS", str(imports))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module.write_text(MODULE % 1)
+    import fork_shared_module
+
+    try:
+        handle = serve.run(Versioned.bind(fork_shared_module, 1), name="shared", route_prefix=None)
+        first = _ask_every_replica(handle, None)
+        importers = {int(line) for line in imports.read_text().split()} - {os.getpid()}
+        # Imported by the fork server, before it forked the two replicas: not by each.
+        assert len(importers) == 1, importers
+        (fork_server,) = importers
+        assert all(_parent(answer["pid"]) == fork_server for answer in first)
+        assert {answer["version"] for answer in first} == {1}
+        # A redeploy of edited code runs the new code, though the fork server holds the old.
+        module.write_text(MODULE % 2)
+        sys.modules.pop("fork_shared_module")
+        import fork_shared_module as edited
+
+        handle = serve.run(Versioned.bind(edited, 2), name="shared", route_prefix=None)
+        second = _ask_every_replica(handle, None)
+        assert {answer["version"] for answer in second} == {2}
+    finally:
+        sys.modules.pop("fork_shared_module", None)
+        serve.delete("shared")
+
+
+THREAD_DRIVER = """
+import os, sys
+from pathlib import Path
+from shoal import serve
+
+Path(sys.argv[2], "threaded_module.py").write_text(
+    "import threading, os\\n"
+    "threading.Thread(target=threading.Event().wait, daemon=True).start()\\n"
+    "def pid(_):\\n"
+    "    return os.getpid()\\n"
+)
+sys.path.insert(0, sys.argv[2])
+import threaded_module
+
+serve.start(http_options={"port": int(sys.argv[1])})
+pid = serve.run(serve.deployment(threaded_module.pid).bind(), name="t", route_prefix=None)
+pid = pid.remote(None).result(timeout_s=30)
+parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+print(pid, parent, os.getpid())
+serve.shutdown()
+"""
+
+
+def test_a_module_that_starts_a_thread_is_not_forked(tmp_path: Path) -> None:
+    # Forking a process with threads can deadlock the child (a lock held by a thread
+    # that does not exist there): once an import started one, nothing more is forked.
+    result = run_driver(tmp_path, THREAD_DRIVER, str(tmp_path))
+    pid, parent, driver = (int(n) for n in result.stdout.split()[-3:])
+    assert parent == driver != pid  # started with python -m by the driver itself
+
+
+def test_the_fork_server_is_turned_off_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoal._errors import ConfigError
+    from shoal._runtime.process.forks import fork_server_wanted
+
+    monkeypatch.delenv("SHOAL_FORK_SERVER", raising=False)
+    assert fork_server_wanted()
+    monkeypatch.setenv("SHOAL_FORK_SERVER", "0")
+    assert not fork_server_wanted()
+    monkeypatch.setenv("SHOAL_FORK_SERVER", "off")
+    with pytest.raises(ConfigError, match="SHOAL_FORK_SERVER='off': use 1"):
+        fork_server_wanted()
