@@ -19,6 +19,41 @@ from conftest import run_driver, wait_until
 
 from shoal import serve
 
+#: Driver code: start the instance's fork server (it starts with a second replica) and
+#: wait until it can fork.
+FORK_SERVER_READY = """
+from shoal import serve
+
+def fork_server_ready():
+    from shoal._instance import api
+    from conftest import wait_until
+
+    @serve.deployment(num_replicas=2)
+    def warm(_):
+        return 0
+
+    serve.run(warm.bind(), name="warm", route_prefix=None)
+    forks = api._instances["process"].controller.runtime._forks
+    wait_until(lambda: forks.ready, 60, "the fork server")
+    serve.delete("warm")
+"""
+
+
+@serve.deployment(num_replicas=2)
+def warm(_: object) -> int:
+    return 0
+
+
+@pytest.fixture(scope="module")
+def forking(http_port: int) -> None:
+    """The session instance's fork server, ready: it starts with a second replica."""
+    from shoal._instance import api
+
+    serve.run(warm.bind(), name="fork-warm", route_prefix=None)
+    forks = api._instances["process"].controller.runtime._forks  # type: ignore[attr-defined]
+    wait_until(lambda: forks.ready, 60, "the fork server")
+    serve.delete("fork-warm")
+
 
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -58,7 +93,7 @@ def _ask_every_replica(handle: Any, module: str) -> list[dict[str, Any]]:
 
 
 def test_a_forked_replica_runs_in_the_drivers_present_environment(
-    http_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    forking: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The fork server of the session's instance started long ago, in another directory
     # and environment: the replicas must see the ones of the moment they start.
@@ -89,7 +124,7 @@ def threads(_: object) -> dict[str, Any]:
     return {"pid": os.getpid(), "omp": os.environ.get("OMP_NUM_THREADS")}
 
 
-def test_a_replica_with_env_vars_starts_with_python_m(http_port: int) -> None:
+def test_a_replica_with_env_vars_starts_with_python_m(forking: None) -> None:
     # numpy reads OMP_NUM_THREADS when imported: it cannot apply in a process forked from
     # one that imported numpy already, so such a replica is not forked.
     handle = serve.run(threads.bind(), name="fork-env", route_prefix=None)
@@ -103,7 +138,9 @@ def test_a_replica_with_env_vars_starts_with_python_m(http_port: int) -> None:
     assert f"{sys.executable} -m shoal._runtime.process.worker " in command
 
 
-DRIVER = """
+DRIVER = (
+    FORK_SERVER_READY
+    + """
 import json, os, signal, sys
 from pathlib import Path
 from conftest import wait_until
@@ -117,6 +154,7 @@ def whoami(_):
     return os.getpid()
 
 serve.start(http_options={"port": int(sys.argv[1])})
+fork_server_ready()
 first = serve.run(whoami.bind(), name="first", route_prefix=None)
 forked = first.remote(None).result(timeout_s=30)
 fork_server = parent(forked)
@@ -145,6 +183,7 @@ found = {
 serve.shutdown()
 print(json.dumps(found))
 """
+)
 
 
 def test_a_dead_fork_server_costs_speed_not_replicas(tmp_path: Path) -> None:
@@ -166,7 +205,9 @@ def _zombie(pid: int) -> bool:
 
 
 def test_shutdown_ends_the_fork_server(tmp_path: Path) -> None:
-    source = """
+    source = (
+        FORK_SERVER_READY
+        + """
 import json, os, sys
 from pathlib import Path
 from shoal import serve
@@ -176,12 +217,14 @@ def whoami(_):
     return os.getpid()
 
 serve.start(http_options={"port": int(sys.argv[1])})
+fork_server_ready()
 pid = serve.run(whoami.bind(), name="a", route_prefix=None).remote(None).result(timeout_s=30)
 fork_server = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 serve.shutdown()
 alive = Path(f"/proc/{fork_server}").exists()
 print(json.dumps({"fork_server": fork_server, "driver": os.getpid(), "alive": alive}))
 """
+    )
     found = json.loads(run_driver(tmp_path, source).stdout.strip().splitlines()[-1])
     assert found["fork_server"] != found["driver"]
     assert not found["alive"], "serve.shutdown() left the fork server running"
@@ -213,7 +256,7 @@ class Versioned:
 
 
 def test_replicas_share_their_module_imported_once_and_see_its_edits(
-    http_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    forking: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     module = tmp_path / "fork_shared_module.py"
     imports = tmp_path / "imports.txt"
@@ -244,7 +287,9 @@ def test_replicas_share_their_module_imported_once_and_see_its_edits(
         serve.delete("shared")
 
 
-THREAD_DRIVER = """
+THREAD_DRIVER = (
+    FORK_SERVER_READY
+    + """
 import os, sys
 from pathlib import Path
 from shoal import serve
@@ -258,21 +303,32 @@ Path(sys.argv[2], "threaded_module.py").write_text(
 sys.path.insert(0, sys.argv[2])
 import threaded_module
 
+def parent(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+def started(app, name):
+    return serve.run(app, name=name, route_prefix=None).remote(None).result(timeout_s=30)
+
 serve.start(http_options={"port": int(sys.argv[1])})
-pid = serve.run(serve.deployment(threaded_module.pid).bind(), name="t", route_prefix=None)
-pid = pid.remote(None).result(timeout_s=30)
-parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-print(pid, parent, os.getpid())
+fork_server_ready()
+def after(_):
+    return os.getpid()
+
+threaded = started(serve.deployment(threaded_module.pid).bind(), "t")
+after = started(serve.deployment(after).bind(), "after")
+print(parent(threaded), parent(after), os.getpid())
 serve.shutdown()
 """
+)
 
 
 def test_a_module_that_starts_a_thread_is_not_forked(tmp_path: Path) -> None:
     # Forking a process with threads can deadlock the child (a lock held by a thread
     # that does not exist there): once an import started one, nothing more is forked.
     result = run_driver(tmp_path, THREAD_DRIVER, str(tmp_path))
-    pid, parent, driver = (int(n) for n in result.stdout.split()[-3:])
-    assert parent == driver != pid  # started with python -m by the driver itself
+    threaded_parent, after_parent, driver = (int(n) for n in result.stdout.split()[-3:])
+    assert threaded_parent == driver  # started with python -m by the driver itself
+    assert after_parent == driver  # and so is every replica after it
 
 
 def test_the_fork_server_is_turned_off_by_name(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -177,9 +177,15 @@ class ForkServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def started(self) -> bool:
+        return self._process is not None
+
     def start(self) -> None:
-        """Start the fork server process; it imports in the background (:meth:`spawn`
-        waits for it)."""
+        """Start the fork server process (once); it imports in the background
+        (:meth:`spawn` waits for it; :attr:`ready` says when it is done)."""
+        if self._process is not None or self.broken is not None:
+            return
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:

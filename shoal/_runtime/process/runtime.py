@@ -79,6 +79,11 @@ from shoal._transport.messages import (
 
 logger = logging.getLogger("shoal.runtime")
 
+#: The replica whose start starts the fork server (see _start_process): with the first,
+#: its imports would compete for the cores with those of the first workers, and a cold
+#: start of one replica would take longer, not shorter.
+_FORK_SERVER_AFTER = 2
+
 
 _SPAWN_TIMEOUT_S = 60.0
 _SPAWN_SLOTS = (os.cpu_count() or 1) + 2  # worker processes importing at the same time
@@ -116,6 +121,7 @@ class ProcessRuntime:
         if fork_server is None:
             fork_server = fork_server_wanted()
         self._forks = ForkServer() if fork_server and fork_server_supported() else None
+        self._replicas_started = 0  # the fork server starts with the second
         self._orphan_grace_s = orphan_grace_s
         # Sent to every worker before anything else (ConfigureProcess).
         self._telemetry = (telemetry or Telemetry()).model_dump()
@@ -152,8 +158,6 @@ class ProcessRuntime:
         self._on_died = on_replica_died
         self._on_load = on_load
         self._metrics.sink = metrics
-        if self._forks is not None:
-            self._forks.start()  # it imports while the controller starts
         path = os.path.join(self.directory, "controller.sock")
         self._server = await serve_unix(path, self._on_control, "controller")
 
@@ -279,10 +283,10 @@ class ProcessRuntime:
         imports anything (numpy reads some at import): such workers are never forked."""
         entry = ENTRY_MODULES[kind]  # a proxy's imports its modules before saying hello
         worker_id = argv[1]
-        # The proxy does not wait for the fork server's imports (more than its own): the
-        # first one of an instance starts with python -m, beside it.
+        # Nothing waits for the fork server's imports (more than any one worker's): until
+        # it is ready, workers start with python -m beside it.
         forks = self._forks
-        if forks is not None and not env_vars and (kind != "proxy" or forks.ready):
+        if forks is not None and not env_vars and forks.ready:
             try:
                 forked = await forks.spawn(kind, argv, listen_fd, LISTEN_FD_ENV)
                 return WorkerProcess(worker_id, forked, forked.exited)
@@ -316,7 +320,10 @@ class ProcessRuntime:
         import cloudpickle
 
         env = spec.config.ray_actor_options.runtime_env or {}
-        if self._forks is not None and not env.get("env_vars"):
+        self._replicas_started += 1
+        if self._forks is not None and self._replicas_started == _FORK_SERVER_AFTER:
+            self._forks.start()  # an instance of one replica never pays for its imports
+        if self._forks is not None and self._forks.ready and not env.get("env_vars"):
             path, cwd = spec.code.import_path(env)
             with contextlib.suppress(ForkServerUnavailable):  # then it is not forked either
                 await self._forks.preload(spec.code.imports(), path, cwd)
