@@ -283,10 +283,12 @@ class ProcessRuntime:
         imports anything (numpy reads some at import): such workers are never forked."""
         entry = ENTRY_MODULES[kind]  # a proxy's imports its modules before saying hello
         worker_id = argv[1]
-        # Nothing waits for the fork server's imports (more than any one worker's): until
-        # it is ready, workers start with python -m beside it.
+        # Once the fork server runs, replicas wait for it: its imports take about as long
+        # as one worker's, and the many replicas that started it then fork in
+        # milliseconds. The proxy never waits (it is the instance's first process).
         forks = self._forks
-        if forks is not None and not env_vars and forks.ready:
+        waits = forks is not None and (forks.ready or (kind != "proxy" and forks.started))
+        if forks is not None and waits and not env_vars:
             try:
                 forked = await forks.spawn(kind, argv, listen_fd, LISTEN_FD_ENV)
                 return WorkerProcess(worker_id, forked, forked.exited)
@@ -323,7 +325,7 @@ class ProcessRuntime:
         self._replicas_started += 1
         if self._forks is not None and self._replicas_started == _FORK_SERVER_AFTER:
             self._forks.start()  # an instance of one replica never pays for its imports
-        if self._forks is not None and self._forks.ready and not env.get("env_vars"):
+        if self._forks is not None and self._forks.started and not env.get("env_vars"):
             path, cwd = spec.code.import_path(env)
             with contextlib.suppress(ForkServerUnavailable):  # then it is not forked either
                 await self._forks.preload(spec.code.imports(), path, cwd)
