@@ -39,7 +39,6 @@ from bench.loadgen import LoadSpec, run_load, wrk_path
 from bench.procs import HOST, INVALID_CORE_PCT, ForeignCpu, ServerProcess, free_port
 from bench.procs import git_dirty as _dirty
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONCURRENCIES = (1, 64)
 
 
@@ -233,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results)
     print(text)
     if not args.quick:
-        stamp = started.strftime("%Y%m%dT%H%M%SZ")
-        RESULTS_DIR.mkdir(exist_ok=True)
-        (RESULTS_DIR / f"observability-{stamp}.json").write_text(json.dumps(results, indent=1))
-        (RESULTS_DIR / f"observability-{stamp}.md").write_text(text)
+        report.write_named_results("observability", started, results, text)
     return 0
 
 

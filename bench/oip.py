@@ -36,7 +36,6 @@ from bench.common import ECHO_BODY
 from bench.loadgen import LoadSpec, run_load, wrk_path
 from bench.procs import HOST, INVALID_CORE_PCT, ForeignCpu, ServerProcess, free_port, git_dirty
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OIP_PATH = "/v2/models/bench-echo/infer"
 OIP_BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
                                    "data": [1.0, 2.0, 3.0, 4.0]}]}).encode()  # fmt: skip
@@ -290,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results)
     print(text)
     if not args.quick:
-        stamp = started.strftime("%Y%m%dT%H%M%SZ")
-        RESULTS_DIR.mkdir(exist_ok=True)
-        (RESULTS_DIR / f"oip-{stamp}.json").write_text(json.dumps(results, indent=1))
-        (RESULTS_DIR / f"oip-{stamp}.md").write_text(text)
+        report.write_named_results("oip", started, results, text)
     return 0
 
 

@@ -21,6 +21,17 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # --- environment -----------------------------------------------------------------------------
+def write_named_results(name: str, started: datetime, results: dict[str, Any], text: str) -> Path:
+    """Write a scenario's ``results`` and their Markdown ``text`` to
+    ``bench/results/<name>-<UTC timestamp of started>.json`` and ``.md``; the .md path."""
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{name}-{stamp}.json").write_text(json.dumps(results, indent=1))
+    markdown = RESULTS_DIR / f"{name}-{stamp}.md"
+    markdown.write_text(text)
+    return markdown
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -32,7 +32,6 @@ from bench.common import ECHO_BODY
 from bench.control_plane import ForeignCpu, _dirty
 from bench.procs import HOST, ServerProcess, free_port, tree_memory
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 INVALID_CORE_PCT = 15.0
 VARIANTS = {"fork": {"SHOAL_FORK_SERVER": "1"}, "spawn": {"SHOAL_FORK_SERVER": "0"}}
 READY_DEADLINE_S = 180.0
@@ -204,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results)
     print(text)
     if not args.quick:
-        stamp = started.strftime("%Y%m%dT%H%M%SZ")
-        RESULTS_DIR.mkdir(exist_ok=True)
-        (RESULTS_DIR / f"startup-{stamp}.json").write_text(json.dumps(results, indent=1))
-        (RESULTS_DIR / f"startup-{stamp}.md").write_text(text)
+        report.write_named_results("startup", started, results, text)
     return 0
 
 

@@ -297,9 +297,21 @@ def test_queued_ongoing_and_shed_requests(served: Served, tmp_path: Path) -> Non
         thread.start()
     labels = {"application": "gate", "deployment": "Gate"}
     try:
-        samples = _settled(served, "ray_serve_deployment_queued_queries", 1, **labels)
-        assert total(samples, "ray_serve_replica_processing_queries", **labels) == 1
-        assert total(samples, "ray_serve_num_ongoing_http_requests") == 2
+        # The proxy and the replica report at their own moments: wait for both reports.
+        expected = {
+            ("ray_serve_deployment_queued_queries", True): 1,
+            ("ray_serve_replica_processing_queries", True): 1,
+            ("ray_serve_num_ongoing_http_requests", False): 2,
+        }
+
+        def all_reported() -> bool:
+            samples = served.scrape()
+            return all(
+                total(samples, name, **(labels if labelled else {})) == value
+                for (name, labelled), value in expected.items()
+            )
+
+        wait_until(all_reported, 15, f"{expected} in one scrape")
         assert served.http.get("/gate", params={"until": str(gate)}).status_code == 503
     finally:
         gate.touch()
