@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import ECHO_BODY
+from bench.common import ECHO_BODY, median_or_none
 from bench.loadgen import LoadSpec, run_load, wrk_path
 from bench.procs import HOST, INVALID_CORE_PCT, ForeignCpu, ServerProcess, free_port
 from bench.procs import git_dirty as _dirty
@@ -77,11 +76,6 @@ def serve_main(variant_json: str, port: int) -> int:
     stop.wait()
     serve.shutdown()
     return 0
-
-
-def _median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -135,8 +129,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for name in ("off", "default", "tracing"):
         mine = [r for r in valid if r["variant"] == name]
         points[name] = {
-            "c64_rps": _median([r["throughput_rps"] for r in mine if r["concurrency"] == 64]),
-            "c1_p50_ms": _median([r["p50_ms"] for r in mine if r["concurrency"] == 1]),
+            "c64_rps": median_or_none(
+                [r["throughput_rps"] for r in mine if r["concurrency"] == 64]
+            ),
+            "c1_p50_ms": median_or_none([r["p50_ms"] for r in mine if r["concurrency"] == 1]),
         }
     off, default, tracing = points["off"], points["default"], points["tracing"]
     return {

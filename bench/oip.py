@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ECHO_BODY
+from bench.common import ECHO_BODY, median_or_none
 from bench.loadgen import LoadSpec, run_load, wrk_path
 from bench.procs import HOST, INVALID_CORE_PCT, ForeignCpu, ServerProcess, free_port, git_dirty
 
@@ -75,11 +75,6 @@ def serve_main(http_port: int, grpc_port: int) -> int:
     stop.wait()
     serve.shutdown()
     return 0
-
-
-def _median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
 
 
 def measure_http(args: argparse.Namespace, port: int, meter: ForeignCpu) -> list[dict[str, Any]]:
@@ -193,8 +188,8 @@ def summarize(all_runs: list[dict[str, Any]]) -> dict[str, Any]:
         for c in (1, 64):
             mine = [r for r in runs if r["workload"] == name and r["concurrency"] == c]
             points[f"{name} c={c}"] = {
-                "p50_ms": _median([r["p50_ms"] for r in mine]),
-                "rps": _median([r["throughput_rps"] for r in mine]),
+                "p50_ms": median_or_none([r["p50_ms"] for r in mine]),
+                "rps": median_or_none([r["throughput_rps"] for r in mine]),
             }
     gaps = []  # per round: runs of one round are back to back, so they share its load
     for round_ in sorted({r["round"] for r in runs}):
