@@ -30,6 +30,9 @@ _names = itertools.count()
 # never meet each other's instances or a developer's running server. Tests of the
 # defaults remove these variables in the process they start.
 os.environ["SHOAL_ADMIN_PORT"] = "0"
+# Ray clusters the tests start (tests/test_ray_runtime.py) bind 127.0.0.1 only: Ray reads
+# this when it is imported, in this process and the ones it starts.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["SHOAL_HOME"] = tempfile.mkdtemp(prefix="shoal-test-home-")
 
 

@@ -693,3 +693,68 @@ def test_overload_report_has_verdicts_and_marks_invalid_runs() -> None:
     assert "**INVALID**: 80.0% of a core (load 3.0)" in text and "4.0% of a core" in text
     assert "- autoscale: not available: not in this tree" in text
     assert "- zero: TimeoutError: zero replicas" in text
+
+
+# --- bench.ray_cluster: its settings, its "not available" rule and its report (no cluster) -------
+def _ray_cluster_runs(side: str, rps: float, p50_ms: float, handle_us: float) -> list[Any]:
+    runs: list[dict[str, Any]] = []
+    for workload in ("W1", "W2"):
+        for c in (64, 1):
+            foreign = 40.0 if (workload, c) == ("W2", 1) else 2.0  # W2 c=1: not valid
+            p50 = p50_ms
+            result = loadgen.LoadResult(int(rps), 0, 1.0, rps, p50, p50, p50, p50, "wrk")
+            runs.append({"round": 0, "side": side, "workload": workload, "concurrency": c,
+                         "foreign_core_pct": foreign, "valid": foreign <= INVALID_CORE_PCT,
+                         "system_cpu_s": 0.5, **result.to_dict()})  # fmt: skip
+    runs.append({"round": 0, "side": side, "workload": "handle", "concurrency": 1,
+                 "foreign_core_pct": 1.0, "valid": True, "system_cpu_s": 0.1, "n": 300,
+                 "p50_us": handle_us, "p90_us": handle_us, "p99_us": handle_us,
+                 "mean_us": handle_us})  # fmt: skip
+    return runs
+
+
+def test_ray_cluster_settings_and_report_without_a_cluster() -> None:
+    """python -m bench.ray_cluster without Ray running: --quick and normal settings, which
+    shoal failures mean "no Ray runtime", and the table from synthetic runs: verdicts when
+    both sides ran, "not measured" with shoal's reason when its side was not available."""
+    from bench import ray_cluster, ray_cluster_report
+    from shoal._errors import ConfigError
+
+    parser = ray_cluster.build_parser()
+    quick = ray_cluster.make_settings(parser.parse_args(["--quick"]))
+    assert (quick.rounds, quick.duration_s, quick.warmup_s, quick.quick) == (1, 2.0, 0.0, True)
+    normal = ray_cluster.make_settings(parser.parse_args(["--sides", "shoal,ray"]))
+    assert (normal.rounds, normal.duration_s, normal.sides) == (3, 3.0, ("shoal", "ray"))
+    with pytest.raises(ValueError, match="spark"):
+        ray_cluster.make_settings(parser.parse_args(["--sides", "ray,spark"]))
+    assert ray_cluster.is_unavailable(ConfigError("unknown runtime 'ray'; known runtimes: local"))
+    assert ray_cluster.is_unavailable(TypeError("start() got an unexpected keyword 'runtime'"))
+    assert not ray_cluster.is_unavailable(ConfigError("http_options.port: 70000 is not a port"))
+    assert not ray_cluster.is_unavailable(RuntimeError("unknown runtime"))
+
+    started = datetime.now(UTC)
+    env = ray_cluster_report.environment({"name": "wrk"}, started)
+    assert env["packages"]["ray"] and isinstance(env["git_dirty"], bool)
+    ray_side = {"side": "ray", "round": 0, "state": "measured", "start_s": 30.0,
+                "placement": {"caller_node": "a", "callee_node": "b"},
+                "settle": {"seconds": 4.0, "tree_core_pct": 12.0, "quiet": True},
+                "runs": _ray_cluster_runs("ray", 100.0, 8.0, 2300.0)}  # fmt: skip
+    shoal_side = {"side": "shoal", "round": 0, "state": "measured", "start_s": 9.0,
+                  "placement": {"caller_node": "a", "callee_node": "b"},
+                  "runs": _ray_cluster_runs("shoal", 1200.0, 0.8, 250.0)}  # fmt: skip
+    results = ray_cluster_report.build_results(normal, env, started, [ray_side, shoal_side])
+    json.dumps(results)
+    text = ray_cluster_report.render(results)
+    assert "| W1 throughput c=64 (req/s) | 100 | 1,200 | 12.00x | ≥ 10x Ray Serve | met |" in text
+    assert "| W2 p50 c=1 (ms) | 8.000 | 0.800 | 0.10x | ≤ 1 ms | met (NOT VALID) |" in text
+    assert "| handle round trip across nodes, p50 (µs) | 2,300.0 | 250.0 |" in text
+    row = "| W2 c=1 | shoal-on-Ray | 1,200 | 0.800 ms | 0.800 ms | 0 | 40 | 0/1 **NOT VALID**"
+    assert row in text
+    assert "different nodes in every round: yes" in text and "quiet after: 4 s (12%)" in text
+
+    absent = {"side": "shoal", "round": 0, "state": "not available",
+              "reason": "ConfigError: unknown runtime 'ray'; known runtimes: local"}  # fmt: skip
+    results = ray_cluster_report.build_results(quick, env, started, [ray_side, absent])
+    text = ray_cluster_report.render(results)
+    assert "| W1 p50 c=1 (ms) | 8.000 | n/a | n/a | ≤ 1 ms | not measured (shoal-on-Ray " in text
+    assert "- **shoal-on-Ray: not available**: round 0: ConfigError: unknown runtime 'ray'" in text

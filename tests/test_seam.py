@@ -20,8 +20,10 @@ from shoal._transport.messages import Request, StreamItem
 
 
 def test_unknown_runtime_names_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="unknown runtime 'ray'; known runtimes: local, process"):
-        create_runtime("ray")
+    with pytest.raises(
+        ConfigError, match="unknown runtime 'rey'; known runtimes: local, process, ray, simulated"
+    ):
+        create_runtime("rey")
 
 
 def test_registered_runtime_gets_its_options(monkeypatch: pytest.MonkeyPatch) -> None:

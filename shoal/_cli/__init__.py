@@ -85,6 +85,15 @@ def _operating_commands(commands: Any) -> None:
     )  # fmt: skip
     start.add_argument("--resources", help="custom resources as JSON, e.g. '{\"GPU\": 1}'")
     start.add_argument(
+        "--ray", action="store_true",
+        help="run replicas as Ray actors on a Ray cluster (docs/ray.md; pip install shoal[ray])",
+    )  # fmt: skip
+    start.add_argument(
+        "--address", metavar="RAY_ADDRESS",
+        help="with --ray: the cluster's address (auto, ray://host:port, host:port; default: "
+        "RAY_ADDRESS, or a new local cluster)",
+    )  # fmt: skip
+    start.add_argument(
         "--tracing-options",
         help="OpenTelemetry tracing as JSON (docs/tracing.md), e.g. "
         '\'{"enabled": true, "exporter": "otlp"}\'',

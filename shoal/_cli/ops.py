@@ -272,7 +272,14 @@ def _json_option(text: str | None, model: Any, flag: str, example: str) -> Any:
 
 
 def start(args: argparse.Namespace) -> None:
-    from shoal._config import TIMEOUTS, AdminOptions, HTTPOptions, gRPCOptions, validate
+    from shoal._config import (
+        TIMEOUTS,
+        AdminOptions,
+        HTTPOptions,
+        ServeStartOptions,
+        gRPCOptions,
+        validate,
+    )
     from shoal._errors import ShoalError
 
     try:
@@ -295,6 +302,10 @@ def start(args: argparse.Namespace) -> None:
         admin = validate(
             AdminOptions, _given(host=args.admin_host, port=args.admin_port), "admin_options"
         )
+        runtime = "ray" if args.ray else "process"
+        validate(ServeStartOptions, _given(
+            runtime=runtime, address=args.address, resources=resources or None,
+        ), "shoal start")  # fmt: skip
         tracing = _tracing_options(args.tracing_options)
         logging_config = _logging_config(args.logging_config)
         grpc = None
@@ -307,7 +318,7 @@ def start(args: argparse.Namespace) -> None:
         info = start_server(
             http=http, admin=admin, proxy_location=args.proxy_location,
             resources={k: float(v) for k, v in resources.items()}, tracing=tracing,
-            logging_config=logging_config, grpc=grpc,
+            logging_config=logging_config, grpc=grpc, runtime=runtime, address=args.address,
             timeout_s=args.timeout or TIMEOUTS.server_start_s,
         )  # fmt: skip
     except ShoalError as exc:

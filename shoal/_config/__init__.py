@@ -319,6 +319,26 @@ class ServeStartOptions(_Strict):
     # Custom resources this machine offers to replicas (CPUs and GPUs are detected).
     resources: dict[str, float] = Field(default_factory=dict)
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] | None = None
+    # Where replicas run: "process" (one process each on this machine) or "ray" (one
+    # Ray actor each, on a Ray cluster: docs/ray.md).
+    runtime: Literal["process", "ray"] = "process"
+    # The Ray cluster's address ("auto", "ray://host:port", "host:port"); only with
+    # runtime="ray". None: the cluster this process is connected to, RAY_ADDRESS's,
+    # or a new local one, as ray.init() decides.
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> ServeStartOptions:
+        if self.address is not None and self.runtime != "ray":
+            raise ValueError(
+                f"address={self.address!r} is a Ray cluster's address: it needs runtime='ray'"
+            )
+        if self.resources and self.runtime == "ray":
+            raise ValueError(
+                f"resources={self.resources!r} declares this machine's resources, but on "
+                "runtime='ray' the Ray nodes declare theirs (ray start --resources=...)"
+            )
+        return self
 
     @field_validator("resources")
     @classmethod
@@ -409,6 +429,8 @@ class Timeouts(_Strict):
     build_s: float = Field(120.0, gt=0)  # importing and building a config file's applications
     admin_call_s: float = Field(30.0, gt=0)  # one call of an attached process to its instance
     server_start_s: float = Field(60.0, gt=0)  # `shoal start` until the server answers
+    # A TCP peer proves the instance secret within this (shoal._transport.auth), else dropped.
+    transport_handshake_s: float = Field(5.0, gt=0)
 
 
 TIMEOUTS = Timeouts()

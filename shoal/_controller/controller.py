@@ -342,11 +342,17 @@ class Controller:
                 if state.spec is not None:
                     await state.publish()
 
-    async def delete(self, name: str) -> None:
+    def abort_pending(self, name: str) -> None:
+        """Make the replicas of application ``name`` that wait for resources (or for the
+        runtime's cluster to place them) give up: a deploy waiting on them fails."""
         existed = self.apps.get(name)
-        if existed is not None:  # a deploy waiting for resources gives up, releasing the lock
+        if existed is not None:
             for state in existed.deployments.values():
                 state.abort_pending(f"application '{name}' was deleted while its replicas waited")
+
+    async def delete(self, name: str) -> None:
+        existed = self.apps.get(name)
+        self.abort_pending(name)  # a deploy waiting for resources gives up, releasing the lock
         async with self._lock(name):
             app = self.apps.get(name)
             if app is None:

@@ -32,6 +32,7 @@ from typing import Any
 from shoal._config import DeploymentConfig
 from shoal._controller.autoscaler import Autoscaler
 from shoal._controller.policy import capacity_adjusted
+from shoal._controller.publisher import Publisher
 from shoal._controller.resources import Demand, Grant, Ledger
 from shoal._controller.status import (
     DeploymentStatus,
@@ -62,7 +63,7 @@ _SCALING = (DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING)
 _RESCALE_POLL_S = 0.1
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: `record in replicas` must not compare every field
 class ReplicaRecord:
     handle: ReplicaHandle
     code_version: str
@@ -104,6 +105,8 @@ class DeploymentState:
         self.pending: dict[str, str] = {}  # replica id -> the resource it waits for
         self.starting: set[str] = set()  # replica ids whose process is starting
         self._acquiring: set[asyncio.Task[Grant]] = set()
+        # Starts of replicas the runtime's cluster cannot place yet: replica id -> task.
+        self._placing: dict[str, asyncio.Task[Any]] = {}
         self._abort: str | None = None
         #: How many replicas should run: num_replicas, or the autoscaler's latest decision.
         self.target = 0
@@ -112,6 +115,7 @@ class DeploymentState:
         self._rescaling: asyncio.Task[None] | None = None
         self._adding: list[asyncio.Task[Any]] = []  # replicas the autoscaler asked for
         self.supervisor = Supervisor(self)
+        self.publisher = Publisher(self._current_set, publish)  # coalesces updates
         #: The instance's ``target_capacity`` (percent; None: 100), set by the controller.
         self.capacity: float | None = None
 
@@ -405,12 +409,19 @@ class DeploymentState:
         )  # fmt: skip
         self.starting.add(replica_id)
         try:
-            handle = await self._runtime.start_replica(replica_spec)
-        except BaseException:
+            handle = await self._runtime.start_replica(
+                replica_spec, lambda reason: self._placement_waits(replica_id, reason)
+            )
+        except BaseException as exc:
             self._ledger.release(grant)
+            placing = self._placing.pop(replica_id, None)
+            if isinstance(exc, asyncio.CancelledError) and placing and self._abort is not None:
+                raise DeploymentError(self._abort) from None
             raise
         finally:
             self.starting.discard(replica_id)
+            self.pending.pop(replica_id, None)
+            self._placing.pop(replica_id, None)
         record = ReplicaRecord(handle, spec.code_version, self.config_version, grant=grant)
         if self.deleting or self.spec is not spec:  # superseded while starting
             await handle.stop(0.0, 0.0)
@@ -446,10 +457,26 @@ class DeploymentState:
             self._acquiring.discard(task)
             self.pending.pop(replica_id, None)
 
+    def _placement_waits(self, replica_id: str, reason: str | None) -> None:
+        """The runtime's cluster cannot place the replica yet (``reason``: why; None: it
+        is placed now): it is listed as PENDING, not STARTING, meanwhile."""
+        if reason is None:
+            if self.pending.pop(replica_id, None) is not None:
+                self.starting.add(replica_id)
+            return
+        if replica_id not in self.pending:
+            logger.warning("replica %s is pending: %s", replica_id, reason)
+        task = asyncio.current_task()  # the replica's start: abort_pending cancels it
+        if task is not None:
+            self._placing[replica_id] = task
+        self.starting.discard(replica_id)
+        self.pending[replica_id] = reason
+        self.message = f"{len(self.pending)} replica(s) pending: {reason}"
+
     def abort_pending(self, reason: str) -> None:
         """Make every replica waiting for resources fail with DeploymentError(reason)."""
         self._abort = reason
-        for task in list(self._acquiring):
+        for task in [*self._acquiring, *self._placing.values()]:
             task.cancel()
 
     async def stop_replicas(self, records: list[ReplicaRecord]) -> None:
@@ -475,9 +502,13 @@ class DeploymentState:
                 self._ledger.release(record.grant)
 
     async def publish(self) -> None:
+        """Deliver the running replicas to every router (coalesced: :mod:`.publisher`)."""
+        await self.publisher.publish()
+
+    def _current_set(self) -> ReplicaSetUpdate:
         assert self.spec is not None
         infos = [r.handle.info for r in self.replicas if r.state is ReplicaState.RUNNING]
-        await self._publish_update(replica_set(self.app, self.spec, infos, self.is_ingress))
+        return replica_set(self.app, self.spec, infos, self.is_ingress)
 
     async def delete(self) -> None:
         """Stop every replica (gracefully) and tell routers the deployment is gone."""
@@ -488,6 +519,7 @@ class DeploymentState:
         for task in list(self._tasks):
             task.cancel()
         await self.stop_replicas(list(self.replicas))
+        await self.publisher.idle()  # no set of it may arrive after the deletion
         await self._publish_update(ReplicaSetUpdate(self.app, self.name, [], False))
 
     # --- supervision ---------------------------------------------------------------
@@ -553,6 +585,7 @@ class DeploymentState:
                 r.code_version,
                 r.config_version,
                 details=r.details,
+                node_id=r.handle.info.node_id,
             )
             for r in self.replicas
         ]

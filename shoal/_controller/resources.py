@@ -225,3 +225,23 @@ class Ledger:
             return (min(fits, key=lambda g: self.free_gpus[g]),) if fits else None
         whole = [g for g, free in self.free_gpus.items() if free >= 1.0 - _EPS]
         return tuple(whole[: int(amount)]) if len(whole) >= int(amount) else None
+
+
+class UnaccountedLedger(Ledger):
+    """A ledger that grants every demand at once: the runtime's cluster (Ray) places
+    replicas and accounts their resources, and says why one waits."""
+
+    def __init__(self) -> None:
+        super().__init__(Capacity(0.0, (), {}))
+
+    def never_fits(self, demand: Demand) -> str | None:
+        return None
+
+    def shortage(self, demand: Demand) -> str | None:
+        return None
+
+    def try_acquire(self, demand: Demand) -> Grant | None:
+        return Grant(demand)
+
+    def release(self, grant: Grant | None) -> None:
+        pass

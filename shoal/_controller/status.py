@@ -46,6 +46,8 @@ class ReplicaStatus:
     #: What the replica reported at its last health check: its ``status_details()`` and
     #: its batchers (JSON values; docs/status-details.md). None: nothing to report.
     details: dict[str, Any] | None = None
+    #: The node (machine, or Ray node) it runs on; "" while it has none.
+    node_id: str = ""
 
 
 @dataclass(frozen=True)

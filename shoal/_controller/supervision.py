@@ -61,18 +61,30 @@ class Supervisor:
             config = self.state.spec.config
             tick = _tick_s(config)
             await asyncio.sleep(tick)
-            now = time.monotonic()
-            for record in self.state.replicas:
-                if record.state is not ReplicaState.RUNNING:
-                    continue
-                if not record.pinging:
-                    record.pinging = True
-                    self.state.spawn(
-                        self._ping(record, config.health_check_timeout_s, tick), "ping"
-                    )
-                if not record.checking and now - record.checked_at >= config.health_check_period_s:
-                    record.checking = True
-                    self.state.spawn(self._check(record, config.health_check_timeout_s), "check")
+            self.tick(config, tick, time.monotonic())
+
+    def tick(self, config: DeploymentConfig, tick_s: float, now: float) -> list[asyncio.Task[Any]]:
+        """One look at every running replica (its cost is linear in their number): a health
+        check to each one due at ``now``, a ping to each other one not being pinged.
+        Returns the tasks it started.
+
+        A replica whose check starts is not also pinged in this tick: its answer proves
+        liveness as well, and a loop that blocks meanwhile is still caught by the next
+        tick's ping, whose deadline counts from the last answer (``alive_at``), not from
+        when it is sent. So one task per replica per tick, not two (docs/scaling.md)."""
+        started = []
+        for record in self.state.replicas:
+            if record.state is not ReplicaState.RUNNING:
+                continue
+            if not record.checking and now - record.checked_at >= config.health_check_period_s:
+                record.checking = True
+                check = self._check(record, config.health_check_timeout_s)
+                started.append(self.state.spawn(check, "check"))
+            elif not record.pinging:
+                record.pinging = True
+                ping = self._ping(record, config.health_check_timeout_s, tick_s)
+                started.append(self.state.spawn(ping, "ping"))
+        return started
 
     async def _ping(self, record: ReplicaRecord, silence_limit_s: float, tick_s: float) -> None:
         """One ping, answered or not by the time the replica has been silent for

@@ -66,6 +66,8 @@ def start(
     admin_options: dict[str, Any] | AdminOptions | None = None,
     metrics_options: dict[str, Any] | None = None,
     tracing_options: dict[str, Any] | None = None,
+    runtime: str = "process",
+    address: str | None = None,
     _blocking: bool = True,
     _attach: bool = True,
     **kwargs: Any,
@@ -77,8 +79,10 @@ def start(
     ``proxy_location="Disabled"`` starts no proxy ("EveryNode" and "HeadOnly" both
     mean the one proxy of this machine). ``resources`` declares the custom
     resources this machine offers replicas (CPUs and GPUs are detected).
-    ``admin_options`` place the admin REST API (127.0.0.1:8265 by default;
-    ``{"enabled": False}`` turns it off; a busy port is a ConfigError).
+    ``runtime="ray"`` runs every replica as a Ray actor on the Ray cluster at
+    ``address`` (docs/ray.md). ``admin_options`` place the admin REST API
+    (127.0.0.1:8265 by default; ``{"enabled": False}`` turns it off; a busy port is a
+    ConfigError).
     Calling it again while running is a no-op (a warning if the HTTP options
     differ; a ConfigError if the resources differ).
     ``_blocking=False`` returns before the proxy is up; ``serve.run`` waits for it.
@@ -87,7 +91,12 @@ def start(
     _refuse_extra("serve.start", kwargs, _START_KEYWORDS)
     settings: ServeStartOptions = validate(
         ServeStartOptions,
-        {"resources": dict(resources or {}), "proxy_location": proxy_location},
+        {
+            "resources": dict(resources or {}),
+            "proxy_location": proxy_location,
+            "runtime": runtime,
+            "address": address,
+        },
         "serve.start()",
     )
     options = _http_options(http_options)
@@ -98,12 +107,23 @@ def start(
         instance = _instances.get("process")
         if instance is None and _attach and _attach_to_server():
             instance = _instances["process"]
-            for given, name in ((http_options, "http_options"), (grpc_options, "grpc_options")):
+            asked = (
+                (http_options, "http_options"),
+                (grpc_options, "grpc_options"),
+                (address, "address"),
+                (None if runtime == "process" else runtime, "runtime"),
+            )
+            for given, name in asked:
                 if given is not None:
                     logger.warning("serve.start(): attached to the running shoal server, whose "
                                    "proxy options apply; ignoring %s", name)  # fmt: skip
             return
         if instance is not None:
+            if instance.kind == "process" and settings.runtime != instance.options.runtime:
+                raise ConfigError(
+                    f"shoal is already running with runtime={instance.options.runtime!r}; "
+                    f"call serve.shutdown() first to start it with runtime={settings.runtime!r}"
+                )
             if instance.kind == "process" and settings.resources != instance.options.resources:
                 raise ConfigError(
                     f"shoal is already running with resources={instance.options.resources}; "
@@ -170,7 +190,8 @@ def _admin_options(value: dict[str, Any] | AdminOptions | None) -> AdminOptions:
 
 _START_KEYWORDS = (
     "proxy_location", "http_options", "grpc_options", "logging_config", "resources",
-    "admin_options", "metrics_options", "tracing_options", "_blocking", "_attach",
+    "admin_options", "metrics_options", "tracing_options", "runtime", "address", "_blocking",
+    "_attach",
 )  # fmt: skip
 _RUN_KEYWORDS = ("target", "blocking", "name", "route_prefix", "logging_config",
                  "_local_testing_mode")  # fmt: skip

@@ -89,7 +89,7 @@ def _deployment(name: str, overview: DeploymentStatusOverview, spec: Any) -> dic
         "scaling_decisions": [dataclasses.asdict(d) for d in overview.scaling_decisions],
         "replicas": [
             {
-                "node_id": NODE_ID,
+                "node_id": replica.node_id or NODE_ID,
                 "node_ip": "127.0.0.1",
                 "replica_id": replica.replica_id,
                 "state": str(replica.state),

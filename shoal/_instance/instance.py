@@ -21,7 +21,7 @@ from shoal._config import (
     proxy_options,
 )
 from shoal._controller.controller import Controller
-from shoal._controller.resources import Capacity, Ledger
+from shoal._controller.resources import Capacity, Ledger, UnaccountedLedger
 from shoal._controller.status import ServeStatus
 from shoal._instance.checkpoint import Checkpoint, DesiredState
 from shoal._observe.options import Telemetry
@@ -108,10 +108,18 @@ class Instance:
             # local instance in a driver must not undo the process instance's options.
             configure_process(self.telemetry, "controller")
             options["telemetry"] = self.telemetry
-        runtime = create_runtime(self.kind, **options)
+        name = self.kind
+        if self.kind == "process" and self.options.runtime == "ray":
+            name = "ray"
+            if self.options.address is not None:
+                options["address"] = self.options.address
+        runtime = create_runtime(name, **options)
         registry = RouterRegistry(runtime.connector, self.thread.loop)
-        capacity = Capacity.detect(self.options.resources, TIMEOUTS.gpu_probe_s)
-        controller = Controller(runtime, registry, Ledger(capacity))
+        if runtime.places_replicas:
+            ledger: Ledger = UnaccountedLedger()  # the runtime's cluster places replicas
+        else:
+            ledger = Ledger(Capacity.detect(self.options.resources, TIMEOUTS.gpu_probe_s))
+        controller = Controller(runtime, registry, ledger)
         adopt_window_s = server.adopt_window_s if server is not None else 0.0
         proxy = None if self.http is None else proxy_options(self.http, self.grpc)
         await controller.start(proxy, self._wait_for_proxy, adopt_window_s)

@@ -73,6 +73,7 @@ class InstanceControlPlane:
         self._applying = asyncio.Lock()  # configs apply one after the other, in order
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._listed: set[str] = set()  # the applications the latest config lists
 
     # --- ControlPlane ------------------------------------------------------------------
 
@@ -84,6 +85,12 @@ class InstanceControlPlane:
         for name in list(self._waiting):
             if name not in names:
                 del self._waiting[name]
+        self._listed = set(names)  # an apply still running deploys nothing else
+        # An application the new config drops must not keep the previous apply (which
+        # holds the apply lock) waiting for its replicas' resources.
+        for name in [n for n in self._instance.controller.apps if n not in names]:
+            self._configs.pop(name, None)
+            self._instance.controller.abort_pending(name)
         self._spawn(self._apply(config))
 
     async def delete_app(self, name: str) -> None:
@@ -191,6 +198,8 @@ class InstanceControlPlane:
             await asyncio.gather(*(self._deploy_built(config, r) for r in results))
 
     async def _deploy_built(self, config: ServeDeploySchema, result: BuildResult) -> None:
+        if result.name not in self._listed:
+            return  # a config applied since this one was built no longer lists it
         app_config = config.applications[result.index]
         if result.spec is None:
             message = result.error or "the build failed"
@@ -207,7 +216,8 @@ class InstanceControlPlane:
             await self._instance.controller.deploy(result.spec)
         except Exception as exc:
             logger.error("application '%s' failed to deploy: %s", result.name, exc)
-            if result.name not in self._instance.controller.apps:
+            dropped = result.name not in self._configs  # by a config applied since
+            if result.name not in self._instance.controller.apps and not dropped:
                 # A failed first deploy leaves nothing running: keep saying why.
                 self._waiting[result.name] = _Waiting(
                     ApplicationStatus.DEPLOY_FAILED, str(exc), app_config.route_prefix

@@ -58,8 +58,12 @@ def start_server(
     tracing: TracingOptions | None = None,
     logging_config: LoggingConfig | None = None,
     grpc: gRPCOptions | None = None,
+    runtime: str = "process",
+    address: str | None = None,
 ) -> ServerInfo:
     """Start a server in the background; returns once it serves (HTTP, admin, attach).
+
+    ``runtime="ray"``: its replicas are Ray actors on the cluster at ``address``.
 
     Raises ShoalError if one already runs for this state root, or if the server
     exits or does not answer within ``timeout_s`` (with the end of its log).
@@ -77,7 +81,12 @@ def start_server(
     options = {
         "http": http.model_dump(mode="json"),
         "admin": admin.model_dump(mode="json"),
-        "start": {"proxy_location": proxy_location, "resources": resources or {}},
+        "start": {
+            "proxy_location": proxy_location,
+            "resources": resources or {},
+            "runtime": runtime,
+            "address": address,
+        },
         "tracing": None if tracing is None else tracing.model_dump(mode="json"),
         "logging": None if logging_config is None else logging_config.model_dump(mode="json"),
         "grpc": None if grpc is None else grpc.model_dump(mode="json"),

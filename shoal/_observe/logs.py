@@ -108,15 +108,33 @@ class ContextFilter(logging.Filter):
         return True
 
 
-_second: list[Any] = [-1, ""]  # the last second formatted, and its text
+# The last second formatted and its text; the last millisecond's [start, end) (of
+# time.time() values) and its text. Tuples, replaced whole: threads may format at once.
+_second: tuple[int, str] = (-1, "")
+_millisecond: tuple[float, float, str] = (0.0, 0.0, "")
 
 
 def format_time(created: float) -> str:
-    """``2026-01-05 10:00:00,123`` (local time, as Ray's lines): strftime once a second."""
+    """``2026-01-05 10:00:00,123`` (local time, as Ray's lines): strftime once a second,
+    the text once a millisecond (lines written in the same millisecond share it)."""
+    start, end, text = _millisecond
+    if start <= created < end:
+        return text
+    return _format_millisecond(created)
+
+
+def _format_millisecond(created: float) -> str:
+    global _second, _millisecond
     second = int(created)
-    if second != _second[0]:
-        _second[:] = [second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))]
-    return f"{_second[1]},{int((created - second) * 1000):03d}"
+    known, day_time = _second
+    if second != known:
+        day_time = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        _second = (second, day_time)
+    millis = int((created - second) * 1000)
+    text = f"{day_time},{millis:03d}"
+    start = second + millis / 1000
+    _millisecond = (start, start + 0.001, text) if start <= created else (0.0, 0.0, "")
+    return text
 
 
 class TextFormatter(logging.Formatter):
@@ -184,16 +202,59 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(fields, default=str)
 
 
+class Pending:
+    """Lines waiting to be written to one stream or file: appended (under the GIL, in
+    order) by any handler writing there and by access lines, taken and written under
+    ``lock`` (every ``_FLUSH_S``, for WARNING and above, at exit).
+
+    A line is its text, or an access line still to be formatted (a list whose second
+    item has ``text(line, offset)`` and ``json(line, offset)``: see
+    ``shoal._observe.access_lines``), formatted when taken, as TEXT, or as JSON when
+    ``json``. ``offset`` turns its ``perf_counter()`` time into ``time.time()``'s."""
+
+    __slots__ = ("json", "lines", "lock")
+
+    def __init__(self, lock: Any, json: bool = False) -> None:
+        self.lines: list[Any] = []
+        self.lock = lock
+        self.json = json
+
+    def take(self) -> str:
+        """The text of the lines appended so far (forgotten here); hold ``lock``."""
+        lines = self.lines
+        count = len(lines)
+        if not count:
+            return ""
+        taken = lines[:count]
+        del lines[:count]  # lines appended meanwhile (another thread) stay
+        try:
+            return "".join(taken)
+        except TypeError:  # access lines to format
+            offset = time.time() - time.perf_counter()
+            if self.json:
+                return "".join([t if type(t) is str else t[1].json(t, offset) for t in taken])
+            return "".join([t if type(t) is str else t[1].text(t, offset) for t in taken])
+
+
+# "stderr"/"stdout" -> its lines: one list per stream, however many handlers write there.
+_stream_pending: dict[str, Pending] = {}
+
+
 class _StreamHandler(logging.StreamHandler[TextIO]):
-    """Writes to ``stream_of()`` when emitting (test runners replace ``sys.stderr``).
+    """Writes to the process's ``sys.stderr`` or ``sys.stdout`` (``name``) as it is when
+    flushed (test runners replace ``sys.stderr``).
 
-    Not flushed per record (a system call per line would cost more than the line):
-    flushed with the files, at least every ``_FLUSH_S``, and at once for WARNING and
-    above."""
+    Not written per record (a system call per line would cost more than the line): a
+    line waits in its stream's :class:`Pending`, written with the files, at least every
+    ``_FLUSH_S``, and at once for WARNING and above."""
 
-    def __init__(self, stream_of: Callable[[], TextIO]) -> None:
+    def __init__(self, name: str) -> None:
         super().__init__()
-        self._stream_of = stream_of
+        self._stream_of = _stream(name)
+        pending = _stream_pending.get(name)
+        if pending is None:
+            pending = _stream_pending[name] = Pending(threading.Lock())
+        self.pending = pending
         _streams.append(self)
         _start_flusher()
 
@@ -201,14 +262,25 @@ class _StreamHandler(logging.StreamHandler[TextIO]):
         pass  # flush_now(): every _FLUSH_S, for WARNING and above, and at exit
 
     def emit(self, record: logging.LogRecord) -> None:
-        super().emit(record)
+        try:
+            self.pending.lines.append(self.format(record) + self.terminator)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+            return
         if record.levelno >= logging.WARNING:
             self.flush_now()
 
     def flush_now(self) -> None:
-        # A stream a test runner closed, or a broken pipe: nothing left to flush into.
-        with self.lock, contextlib.suppress(ValueError, OSError):  # type: ignore[union-attr]
-            self.stream.flush()
+        pending = self.pending
+        # A stream a test runner closed, or a broken pipe: nothing left to write into.
+        with pending.lock, contextlib.suppress(ValueError, OSError):
+            text = pending.take()
+            stream = self.stream
+            if text:
+                stream.write(text)
+            stream.flush()
 
     def close(self) -> None:
         # Still flushed afterwards (_uninstall forgets it): uvicorn's logging setup closes
@@ -234,8 +306,6 @@ _defaults = LoggingConfig()  # the instance-wide logging_config
 _directory: str | None = None  # the instance's log directory
 _access_enabled = False
 _took_over_root = False
-# The "ray.serve" handlers log_access may write to directly, and whether files are JSON.
-_fast: list[tuple[tuple[logging.Handler, ...], bool] | None] = [None]
 
 
 def _stream(name: str) -> Callable[[], TextIO]:
@@ -272,34 +342,48 @@ BACKUP_COUNT = 5
 
 class _BufferedFileHandler(logging.handlers.RotatingFileHandler):
     """A log file written through a buffer: a write system call per flush, not per line.
-    Flushed at least every ``_FLUSH_S`` (by one daemon thread), at once for WARNING and
-    above, and whenever the process flushes ``sys.stdout``/``sys.stderr``; rotated when
-    a flush leaves it at ``maxBytes`` or more (checked per flush, not per line)."""
+    A line waits in the file's :class:`Pending`, written at least every ``_FLUSH_S`` (by
+    one daemon thread), at once for WARNING and above, and whenever the process flushes
+    ``sys.stdout``/``sys.stderr``; rotated when a flush leaves it at ``maxBytes`` or
+    more (checked per flush, not per line)."""
+
+    def __init__(self, filename: str, maxBytes: int, backupCount: int, encoding: str) -> None:
+        super().__init__(filename, maxBytes=maxBytes, backupCount=backupCount, encoding=encoding)
+        self.pending = Pending(self.lock)  # taken under the handler's lock (emit holds it)
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:
         return False  # checked in flush_now(): a tell() per line would cost a system call
 
     def flush(self) -> None:
-        pass  # not per record: flush_files() writes the buffer (0.1 s, WARNING+, exit)
+        pass  # not per record: flush_files() writes the lines (0.1 s, WARNING+, exit)
 
     def emit(self, record: logging.LogRecord) -> None:
-        super().emit(record)
+        try:
+            self.pending.lines.append(self.format(record) + self.terminator)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+            return
         if record.levelno >= logging.WARNING:
             self.flush_now()
 
     def flush_now(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            if self.stream is not None:
-                self.stream.flush()
-                if self.maxBytes > 0 and self.stream.tell() >= self.maxBytes:
-                    self.doRollover()
-
-    def write_line(self, line: str) -> None:
-        """Write a formatted line (``log_access``'s fast path)."""
-        with self.lock:  # type: ignore[union-attr]
+            text = self.pending.take()
             if self.stream is None:  # closed by logging.config (uvicorn calls it): reopen
+                if not text:
+                    return
                 self.stream = self._open()
-            self.stream.write(line)
+            if text:
+                self.stream.write(text)
+            self.stream.flush()
+            if self.maxBytes > 0 and self.stream.tell() >= self.maxBytes:
+                self.doRollover()
+
+    def close(self) -> None:
+        self.flush_now()
+        super().close()
 
 
 _files: list[_BufferedFileHandler] = []
@@ -337,6 +421,7 @@ def _file_handler(path: str, config: LoggingConfig, text: TextFormatter) -> logg
     )
     attrs = tuple(config.additional_log_standard_attrs)
     handler.setFormatter(JsonFormatter(attrs) if config.encoding == "JSON" else text)
+    handler.pending.json = config.encoding == "JSON"
     _files.append(handler)
     _start_flusher()
     return handler
@@ -421,7 +506,7 @@ def _apply(component: Component, config: LoggingConfig, file: str | None) -> Non
     path = os.path.join(directory, file) if file is not None and directory else None
     to_file = _file_handler(path, config, console) if path is not None else None
     for logger, stream in ((root, "stderr"), (serve, "stderr"), *_print_loggers()):
-        handler = _StreamHandler(_stream(stream))
+        handler = _StreamHandler(stream)
         handler.setFormatter(console)
         _install(logger, handler)
         if to_file is not None:
@@ -430,64 +515,34 @@ def _apply(component: Component, config: LoggingConfig, file: str | None) -> Non
     serve.setLevel(config.level)
     serve.propagate = False
     _access_enabled = config.enable_access_log and component.kind in ("replica", "proxy")
-    _fast[0] = None if attrs else (tuple(serve.handlers), config.encoding == "JSON")
+    _set_direct(serve, attrs)
 
 
-def log_access(
-    logger: logging.Logger,
-    where: tuple[str, int],
-    message: str,
-    args: tuple[Any, ...],
-    fields: dict[str, Any],
-) -> None:
-    """One access line at INFO, as a record of ``logger`` (``where``: its file's name
-    and line).
+class Direct:
+    """Where an access line goes without a LogRecord (``shoal._observe.access_lines``):
+    the pending lines of the ``"ray.serve"`` handlers shoal installed (``appends``),
+    valid while they are the logger's only handlers (``handlers``)."""
 
-    While ``logger`` has only the handlers shoal installed (the user added none), the
-    line is written straight to them, as they would write it, without a LogRecord: a
-    few microseconds rather than tens."""
-    if not logger.isEnabledFor(logging.INFO):
-        return
-    fast = _fast[0]
-    if fast is None or tuple(logger.handlers) != fast[0]:
-        record = logger.makeRecord(
-            logger.name, logging.INFO, where[0], where[1], message, args, None, extra=fields
-        )
-        logger.handle(record)
-        return
-    if "replica" not in fields:
-        _fill_context(fields)
-    created = time.time()
-    text = message % args
-    request_id = fields.get("request_id")
-    line = (
-        f"INFO {format_time(created)} {fields['application']} {fields['deployment']} "
-        f"{fields['replica']} {f'[{request_id}] ' if request_id else ''}"
-        f"{where[0]}:{where[1]} - {text}\n"
-    )
-    for handler in fast[0]:
-        if isinstance(handler, _BufferedFileHandler):
-            json_line = _json_line(created, text, where[0], where[1], fields) if fast[1] else ""
-            handler.write_line(json_line or line)
-        else:
-            with handler.lock:  # type: ignore[union-attr]
-                handler.stream.write(line)  # type: ignore[attr-defined]
+    __slots__ = ("appends", "handlers")
+
+    def __init__(self, handlers: list[logging.Handler], appends: tuple[Any, ...]) -> None:
+        self.handlers = handlers
+        self.appends = appends
 
 
-def _json_line(created: float, text: str, file: str, line: int, fields: dict[str, Any]) -> str:
-    """What :class:`JsonFormatter` writes for an access line."""
-    record = {
-        "asctime": format_time(created), "levelname": "INFO", "message": text,
-        "application": fields["application"], "deployment": fields["deployment"],
-        "replica": fields["replica"], "component_name": _process.kind,
-        "logger": SERVE_LOGGER_NAME, "filename": file, "lineno": line,
-        "timestamp_ns": int(created * 1e9),
-    }  # fmt: skip
-    if fields.get("request_id"):
-        record["request_id"] = fields["request_id"]
-    for name in _ACCESS_FIELDS:
-        record[name] = fields.get(name)
-    return json.dumps(record) + "\n"
+#: The direct way for access lines, or None (extra attributes shown: the formatters' way).
+direct: Direct | None = None
+
+
+def _set_direct(serve: logging.Logger, attrs: tuple[str, ...]) -> None:
+    global direct
+    appends = []
+    for handler in serve.handlers:
+        if not isinstance(handler, _StreamHandler | _BufferedFileHandler):
+            direct = None
+            return
+        appends.append(handler.pending.lines.append)
+    direct = None if attrs else Direct(list(serve.handlers), tuple(appends))
 
 
 def access_log_enabled() -> bool:

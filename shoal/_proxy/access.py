@@ -3,41 +3,32 @@
 ``METHOD ROUTE STATUS LATENCYms`` on the ``"ray.serve"`` logger at INFO, with the
 application, the proxy's id and the request id as fields, once the request is answered
 (or failed: status 500). Written by ``shoal._proxy.observe`` only when access lines are
-on, so they cost nothing when off.
+on, so they cost nothing when off; when on, a line's unchanging parts are prepared once
+per route, method and status (``shoal._observe.access_lines``).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import time
-from typing import Any
 
-from shoal._observe.logs import SERVE_LOGGER_NAME, log_access, process_component
+from shoal._observe.access_lines import AccessLine, AccessLog
+from shoal._observe.logs import process_component
 
-_access = logging.getLogger(SERVE_LOGGER_NAME)
-_LINE = "%s %s %s %.1fms"  # Ray's: method, route, status, latency
+Route = tuple[str, str, str]  # (prefix, app, ingress)
 
 
-def write_access_line(
-    scope: dict[str, Any],
-    route: tuple[str, str, str] | None,
-    status: int,
-    started: float,
-    request_id: bytes,
-) -> None:
-    """The access line of the request ``scope`` that matched ``route`` (prefix, app,
-    ingress; None: no route), answered ``status``, started at ``perf_counter()``
-    ``started``."""
-    latency_ms = (time.perf_counter() - started) * 1000
-    prefix, app = (route[0], route[1]) if route is not None else (scope["path"], "-")
-    method = scope["method"]
-    fields = {
-        "application": app, "deployment": "proxy", "replica": process_component().replica,
-        "request_id": request_id.decode("latin-1"), "method": method, "route": prefix,
-        "status_code": status, "latency_ms": latency_ms,
-    }  # fmt: skip
-    log_access(_access, _WHERE, _LINE, (method, prefix, status, latency_ms), fields)
+def access_line(
+    log: AccessLog, path: str, method: str, route: Route | None, status: int
+) -> AccessLine:
+    """The prepared line of a request for ``path`` that matched ``route`` (None: no
+    route) and was answered ``status`` (0: none was: 500)."""
+    prefix, app = (route[0], route[1]) if route is not None else (path, "-")
+    return log.line(app, "proxy", process_component().replica, method, prefix, status or 500)
 
 
-_WHERE = (os.path.basename(__file__), write_access_line.__code__.co_firstlineno)
+def proxy_access_log() -> AccessLog:
+    """The proxy's access lines (logged, as their file and line say, here)."""
+    return AccessLog(_WHERE)
+
+
+_WHERE = (os.path.basename(__file__), access_line.__code__.co_firstlineno)

@@ -4,8 +4,10 @@ Labels as Ray's: ``route`` is the matched route prefix (never the full path: the
 number of series stays bounded), ``application`` its application ("" for a path no
 route matches), ``method`` the HTTP method, ``status_code`` the response's status
 (499, as in Ray, when the client left before any response). A response is an error when its
-status is 400 or more. Children are cached per label combination, so a request
-costs three cached updates (``shoal._proxy.observe`` calls :meth:`ProxyMetrics.record`).
+status is 400 or more. Children are made once per label combination
+(:meth:`ProxyMetrics.children`, kept by ``shoal._proxy.observe`` per path, method and
+status), and the request counter counts the latency histogram's observations, so a
+request that succeeds costs one histogram update.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from shoal._observe.metrics.standard import requests_shed
 Scope = dict[str, Any]
 Route = tuple[str, str, str]  # (prefix, app, ingress)
 NO_ROUTE: Route = ("", "", "")  # a path no route matches
+#: What one request updates: the latency histogram's child, the error counters' children.
+Children = tuple[Any, tuple[Any, ...]]
 
 
 class ProxyMetrics:
@@ -53,19 +57,24 @@ class ProxyMetrics:
         ).watch(ongoing, node_id, node_ip_address)  # read when collected: free per request
         self._shed = requests_shed()
         # (route, method, status) -> the children one request updates
-        self._children: dict[tuple[Route, str, int], tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[tuple[Route, str, int], Children] = {}
 
-    def record(self, route: Route, method: str, status: int, started: float) -> None:
+    def children(self, route: Route, method: str, status: int) -> Children:
+        """What a request to ``route`` (NO_ROUTE: none matched) answered ``status`` (0:
+        the client left first) updates: its latency histogram's child (which the request
+        counter counts) and, for an error, the two error counters' children."""
         key = (route, method, status)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = self._new_children(key)
-        requests, latency, errors, deployment_errors = children
-        requests.inc()
+        return children
+
+    def record(self, route: Route, method: str, status: int, started: float) -> None:
+        """One request, started at ``perf_counter()`` ``started``."""
+        latency, errors = self.children(route, method, status)
         latency.observe((time.perf_counter() - started) * 1000.0)
-        if errors is not None:
-            errors.inc()
-            deployment_errors.inc()
+        for child in errors:
+            child.inc()
 
     def proxy_full(self, scope: Scope, match: Callable[[str], Route | None]) -> None:
         """A request refused because the proxy holds ``max_ongoing_requests`` already."""
@@ -73,16 +82,16 @@ class ProxyMetrics:
         self._shed.labels(route[1], route[2], "proxy_max_ongoing_requests").inc()
         self.record(route, scope["method"], 503, time.perf_counter())
 
-    def _new_children(self, key: tuple[Route, str, int]) -> tuple[Any, Any, Any, Any]:
+    def _new_children(self, key: tuple[Route, str, int]) -> Children:
         (prefix, app, ingress), method, status = key
         code = str(status or 499)
-        requests = self._requests.labels(prefix, method, app, code)
         latency = self._latency.labels(method, prefix, app, code)
+        self._requests.count_of(latency, prefix, method, app, code)
         if 0 < status < 400:
-            return requests, latency, None, None
+            return latency, ()
         errors = self._errors.labels(prefix, code, method, app)
         deployment_errors = self._deployment_errors.labels(ingress, code, method, prefix, app)
-        return requests, latency, errors, deployment_errors
+        return latency, (errors, deployment_errors)
 
 
 def proxy_metrics(

@@ -1,10 +1,13 @@
 """What the proxy observes of each HTTP request: metrics, its access line and its span.
 
-One wrapper around the proxy's request handler does all three, so a request pays
-for one status capture, one route match and one clock read however many are on;
-with none on (metrics disabled, no access lines, no tracing) the proxy serves
-without any wrapper. What each records is described where it is recorded:
-``shoal._proxy.metrics``, ``shoal._proxy.access`` and ``shoal._observe.tracing``.
+One wrapper around the proxy's request handler does all three, so a request pays for
+keeping its response's first message (status, request id), two clock reads and one
+look-up of what to record, however many are on: what a request records is prepared
+once per path, method and status (the route matched, the metric children, the access
+line's unchanging parts) and found again by one dictionary look-up. With none on
+(metrics disabled, no access lines, no tracing) the proxy serves without any wrapper.
+What each records is described where it is recorded: ``shoal._proxy.metrics``,
+``shoal._proxy.access`` and ``shoal._observe.tracing``.
 """
 
 from __future__ import annotations
@@ -14,33 +17,56 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from shoal._observe import tracing
-from shoal._proxy.access import write_access_line
+from shoal._observe.access_lines import AccessLine, AccessLog
+from shoal._proxy.access import access_line, proxy_access_log
 from shoal._proxy.metrics import NO_ROUTE, ProxyMetrics
 
 Scope = dict[str, Any]
+Message = dict[str, Any]
 Route = tuple[str, str, str]  # (prefix, app, ingress)
 Serve = Callable[[Scope, Any, Any], Coroutine[Any, Any, None]]
+# Paths remembered with what their requests record: beyond, a request finds it anew (a
+# service whose paths carry ids, /items/123, still records the same few children).
+_MAX_PATHS = 1024
+_START = "http.response.start"
+_REQUEST_ID = b"x-request-id"
 
 
-class Exchange:
-    """Passes a request's ASGI messages on, remembering the response's status and request
-    id (0 and b"" until a response starts)."""
+class Recording:
+    """What a request of one path, method and status records: a latency histogram's child
+    (None: no metrics), the error counters' children, the access line (None: none)."""
 
-    __slots__ = ("request_id", "send", "status")
+    __slots__ = ("errors", "line", "observe")
 
-    def __init__(self, send: Any) -> None:
-        self.send = send
-        self.status = 0
-        self.request_id = b""
+    def __init__(self, observe: Any, errors: tuple[Any, ...], line: AccessLine | None) -> None:
+        self.observe = observe
+        self.errors = errors
+        self.line = line
 
-    def __call__(self, message: dict[str, Any]) -> Awaitable[None]:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            headers = message.get("headers")
-            if headers and headers[-1][0] == b"x-request-id":  # the proxy appends it last
-                self.request_id = headers[-1][1]
-        result: Awaitable[None] = self.send(message)
-        return result
+
+class Recordings:
+    """The :class:`Recording` of each path, method and status, made when first needed."""
+
+    def __init__(
+        self, match: Callable[[str], Route | None], metrics: ProxyMetrics | None, access: bool
+    ) -> None:
+        self._match = match
+        self._metrics = metrics
+        self.access: AccessLog | None = proxy_access_log() if access else None
+        self.known: dict[tuple[str, str, int], Recording] = {}
+
+    def find(self, path: str, method: str, status: int) -> Recording:
+        route = self._match(path)
+        observe, errors, line = None, (), None
+        if self._metrics is not None:
+            latency, errors = self._metrics.children(route or NO_ROUTE, method, status)
+            observe = latency.observe
+        if self.access is not None:
+            line = access_line(self.access, path, method, route, status)
+        recording = Recording(observe, errors, line)
+        if len(self.known) < _MAX_PATHS:
+            self.known[(path, method, status)] = recording
+        return recording
 
 
 def observed(
@@ -54,25 +80,65 @@ def observed(
     traced = tracing.on
     if metrics is None and not access and not traced:
         return serve
+    recordings = Recordings(match, metrics, access)
+    known, find, log = recordings.known, recordings.find, recordings.access
+    perf_counter = time.perf_counter
+
+    def record(scope: Scope, start: Message | None, started: float) -> int:
+        """Record a request whose response started with ``start`` (None: it did not);
+        returns its status (0: none)."""
+        latency_ms = (perf_counter() - started) * 1000.0
+        status = start["status"] if start is not None and start["type"] == _START else 0
+        path, method = scope["path"], scope["method"]
+        recording = known.get((path, method, status)) or find(path, method, status)
+        if recording.observe is not None:
+            recording.observe(latency_ms)
+            for child in recording.errors:
+                child.inc()
+        if recording.line is not None:
+            headers = start.get("headers") if status else None  # type: ignore[union-attr]
+            # The proxy appends the request id last.
+            rid = headers[-1][1] if headers and headers[-1][0] == _REQUEST_ID else b""
+            log.write(recording.line, rid.decode("latin-1"), latency_ms)  # type: ignore[union-attr]
+        return status
 
     async def serve_observed(scope: Scope, receive: Any, send: Any) -> None:
-        started = time.perf_counter()
+        started = perf_counter()
+        start: Message | None = None
+
+        def capture(message: Message) -> Awaitable[None]:
+            nonlocal start  # the response's first message: its status and request id
+            if start is None:
+                start = message
+            result: Awaitable[None] = send(message)
+            return result
+
+        try:
+            await serve(scope, receive, capture)
+        finally:
+            record(scope, start, started)
+
+    async def serve_traced(scope: Scope, receive: Any, send: Any) -> None:
+        started = perf_counter()
         route = match(scope["path"])
-        exchange = Exchange(send)
-        span = tracing.start_http(scope, route[0] if route else None) if traced else None
+        start: Message | None = None
+
+        def capture(message: Message) -> Awaitable[None]:
+            nonlocal start
+            if start is None:
+                start = message
+            result: Awaitable[None] = send(message)
+            return result
+
+        span = tracing.start_http(scope, route[0] if route else None)
         error: BaseException | None = None
         try:
-            await serve(scope, receive, exchange)
+            await serve(scope, receive, capture)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            status = exchange.status
-            if metrics is not None:
-                metrics.record(route or NO_ROUTE, scope["method"], status, started)
-            if access:
-                write_access_line(scope, route, status or 500, started, exchange.request_id)
-            if span is not None:
-                tracing.end_http(span, status or None, error)
+            status = record(scope, start, started)
+            tracing.end_http(span, status or None, error)
 
-    return serve_observed
+    return serve_traced if traced else serve_observed

@@ -20,10 +20,15 @@ from typing import Any
 from shoal._api.context import replica_context, request_context
 from shoal._config import LoggingConfig
 from shoal._observe import logs
+from shoal._observe.access_lines import AccessLine, AccessLog
 from shoal._observe.logs import SERVE_LOGGER_NAME, Component
+from shoal._seam.specs import ReplicaSpec
+from shoal._transport.http import HttpRequestData, HttpResponseData, HttpResponseStart
+from shoal._transport.messages import Message, Result, StreamItem
 
 __all__ = [
     "SERVE_LOGGER_NAME",
+    "ReplicaAccessLog",
     "configure_serve_logger",
     "configure_worker_logging",
     "set_local_replica_level",
@@ -104,3 +109,38 @@ def configure_worker_logging(worker_id: str) -> None:
     kind = worker_id.partition("-")[0]
     logs.set_process_component(Component(kind, "-", kind, worker_id))
     logs.configure(logs.effective(None), None, worker_id)
+
+
+# Prepared lines a replica keeps, by method, route and status (see AccessLog).
+_MAX_LINES = 4096
+
+
+class ReplicaAccessLog:
+    """A replica's access lines (``enable_access_log``), Ray's: ``METHOD ROUTE STATUS
+    LATENCYms`` for an HTTP request (500 when it failed), ``CALL method OK`` (or
+    ``ERROR``) for a handle call; logged at ``where`` (the replica server's file, line)."""
+
+    def __init__(self, spec: ReplicaSpec, where: tuple[str, int]) -> None:
+        self._log = AccessLog(where)
+        self._replica = (spec.app, spec.deployment, spec.replica_id)
+        self._lines: dict[tuple[str, str, Any], AccessLine] = {}
+
+    def write(self, request: Any, reply: Message | None, latency_ms: float) -> None:
+        """The line of ``request`` (a ``Request``), whose reply (or first stream message)
+        was ``reply`` (None: none was sent), ``latency_ms`` after it arrived."""
+        args = request.args
+        value = reply.value if type(reply) is Result or type(reply) is StreamItem else None
+        if args and type(args[0]) is HttpRequestData:
+            method, route = args[0].method, args[0].path
+            ok = type(value) is HttpResponseData or type(value) is HttpResponseStart
+            status: Any = value.status if ok else 500  # type: ignore[union-attr]
+        else:
+            method, route = "CALL", request.method
+            status = "OK" if type(reply) is Result or type(reply) is StreamItem else "ERROR"
+        key = (method, route, status)
+        line = self._lines.get(key)
+        if line is None:
+            line = self._log.line(*self._replica, method, route, status)
+            if len(self._lines) < _MAX_LINES:
+                self._lines[key] = line
+        self._log.write(line, request.request_id, latency_ms)

@@ -39,18 +39,19 @@ class ReplicaMetrics:
         self._errors = standard.replica_error_counter()
         self._latency = standard.replica_processing_latency()
         self._expired = standard.deadline_expired().labels(spec.app, spec.deployment, "running")
-        self._by_route: dict[str, tuple[Any, Any]] = {}  # route -> (requests, latency)
+        # route -> its latency histogram's observe (the request counter counts them)
+        self._by_route: dict[str, Any] = {}
 
     def done(self, request: Request, started: float) -> None:
         """A request ended (successfully or not) ``started`` (``perf_counter``) ago."""
         route = route_of(request)
-        children = self._by_route.get(route)
-        if children is None:
+        observe = self._by_route.get(route)
+        if observe is None:
             labels = (route, *self._labels)
-            children = (self._requests.labels(*labels), self._latency.labels(*labels))
-            self._by_route[route] = children
-        children[0].inc()
-        children[1].observe((time.perf_counter() - started) * 1000.0)
+            latency = self._latency.labels(*labels)
+            self._requests.count_of(latency, *labels)
+            observe = self._by_route[route] = latency.observe
+        observe((time.perf_counter() - started) * 1000.0)
 
     def failed(self, route: str, request_id: str, exc: BaseException) -> None:
         """User code raised ``exc`` serving a request: count it, keep it among the recent."""

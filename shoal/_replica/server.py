@@ -2,7 +2,8 @@
 
 A host (the process runtime's worker today, a Ray actor later) starts a
 :class:`~shoal._replica.replica.Replica`, then points a server at a
-:class:`ReplicaServer` (``listen`` for a Unix socket, or ``on_message`` as any
+:class:`ReplicaServer` (``listen`` for a Unix socket, ``listen_tcp`` as well for
+authenticated TCP from other nodes, or ``on_message`` as any
 :class:`~shoal._transport.connection.Connection`'s handler). Guarantees:
 - every Request runs in its own task, in a fresh copy of the replica's context,
   and gets exactly one reply (Result or Failure), or a stream of StreamItem
@@ -25,29 +26,25 @@ A host (the process runtime's worker today, a Ray actor later) starts a
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
+import ssl as _ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from shoal._errors import RequestCancelledError
-from shoal._observe.logs import SERVE_LOGGER_NAME, access_log_enabled, log_access
+from shoal._observe.logs import access_log_enabled
+from shoal._replica.logs import ReplicaAccessLog
 from shoal._replica.replica import Replica
+from shoal._transport.auth import bound_address, serve_tcp
 from shoal._transport.codec import SerializationError
 from shoal._transport.connection import STREAM_WINDOW, Connection, serve_unix
 from shoal._transport.failures import failure_from
-from shoal._transport.http import (
-    WEBSOCKET,
-    HttpRequestData,
-    HttpResponseData,
-    HttpResponseStart,
-)
+from shoal._transport.http import WEBSOCKET, HttpRequestData
 from shoal._transport.messages import (
     Cancel,
     Message,
     Request,
-    Result,
     StreamCredit,
     StreamInput,
     StreamItem,
@@ -68,17 +65,30 @@ class ReplicaServer:
         # Messages a caller sends into its running stream (a websocket's client side).
         self._inboxes: dict[_Key, asyncio.Queue[Any]] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._tcp_server: asyncio.AbstractServer | None = None
         # Access lines: decided once (the worker's logging_config), not per request.
-        self._access = logging.getLogger(SERVE_LOGGER_NAME) if access_log_enabled() else None
+        enabled = access_log_enabled()
+        self._access = ReplicaAccessLog(replica.spec, _ACCESS_WHERE) if enabled else None
 
     async def listen(self, path: str) -> None:
         """Accept connections from same-user processes on the Unix socket ``path``."""
         self._server = await serve_unix(path, self.on_message, self.replica.spec.replica_id)
 
+    async def listen_tcp(
+        self, host: str, port: int, secret: bytes, *, ssl: _ssl.SSLContext | None = None
+    ) -> tuple[str, int]:
+        """Also accept TCP connections (routers on other nodes) from peers proving
+        ``secret`` (``shoal._transport.auth``); returns the bound (host, port) (``port=0``:
+        a free one). Advertise the node's address, not a wildcard such as 0.0.0.0."""
+        name = self.replica.spec.replica_id
+        self._tcp_server = await serve_tcp(host, port, secret, self.on_message, name, ssl=ssl)
+        return bound_address(self._tcp_server)
+
     def close(self) -> None:
         """Stop accepting connections (connections already open keep being served)."""
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._tcp_server):
+            if server is not None:
+                server.close()
 
     def on_message(self, conn: Connection, corr: int, msg: Message) -> None:
         """Handle one data-plane message (a connection's ``on_message``)."""
@@ -160,21 +170,7 @@ class ReplicaServer:
         """One access line, Ray's: ``METHOD ROUTE STATUS LATENCYms`` (``CALL method OK``
         for a handle call), formatted only if a handler takes it."""
         assert self._access is not None
-        args = request.args
-        value = reply.value if type(reply) is Result or type(reply) is StreamItem else None
-        if args and type(args[0]) is HttpRequestData:
-            method, route = args[0].method, args[0].path
-            ok = type(value) is HttpResponseData or type(value) is HttpResponseStart
-            status: Any = value.status if ok else 500  # type: ignore[union-attr]
-        else:
-            method, route = "CALL", request.method
-            status = "OK" if reply is not None and type(reply) in (Result, StreamItem) else "ERROR"
-        fields = {
-            "method": method, "route": route, "status_code": status,
-            "latency_ms": latency_ms,
-        }  # fmt: skip
-        log_access(self._access, _ACCESS_WHERE, "%s %s %s %.1fms",
-                   (method, route, status, latency_ms), fields)  # fmt: skip
+        self._access.write(request, reply, latency_ms)
 
 
 async def _relay(

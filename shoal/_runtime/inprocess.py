@@ -218,6 +218,7 @@ class InProcessRuntime:
     """Runtime whose replicas live in the driver's event loop."""
 
     supports_http = False
+    places_replicas = False
 
     def __init__(self) -> None:
         self._replicas: dict[str, _LocalReplica] = {}
@@ -235,7 +236,9 @@ class InProcessRuntime:
         self.on_died = on_replica_died
         configure_serve_logger()
 
-    async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start_replica(
+        self, spec: ReplicaSpec, on_waiting: Callable[[str | None], None] | None = None
+    ) -> ReplicaHandle:
         set_local_replica_level(spec.replica_id, spec.config.logging_config)
         replica = Replica(spec)
         try:

@@ -1,8 +1,11 @@
 """Runtimes by name: an instance asks for ``create_runtime("process")``, not for a class.
 
 Built-in names: ``"local"`` (every replica an object on the driver's loop:
-``_local_testing_mode``) and ``"process"`` (one OS process per replica, the
-default). Their modules are imported only when one is created, so a runtime
+``_local_testing_mode``), ``"process"`` (one OS process per replica, the
+default), ``"ray"`` (one Ray actor per replica, ``pip install "shoal[ray]"``) and
+``"simulated"`` (replicas as objects on simulated nodes: a capacity-planning and testing
+tool, never for serving; ``docs/scaling.md``).
+Their modules are imported only when one is created, so a runtime
 that needs optional packages (Ray) costs nothing until it is used.
 """
 
@@ -57,5 +60,22 @@ def _process(**options: Any) -> Runtime:
     return ProcessRuntime(**options)
 
 
+def _ray(**options: Any) -> Runtime:
+    from shoal._runtime.ray.runtime import RayRuntime
+
+    return RayRuntime(**options)
+
+
 register_runtime("local", _local)
 register_runtime("process", _process)
+register_runtime("ray", _ray)
+
+
+def _simulated(**options: Any) -> Runtime:
+    """A simulated cluster in memory, for capacity planning and tests (never serving)."""
+    from shoal._runtime.simulated import SimulatedRuntime
+
+    return SimulatedRuntime(**options)
+
+
+register_runtime("simulated", _simulated)

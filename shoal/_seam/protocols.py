@@ -124,6 +124,9 @@ class Runtime(Protocol):
     """Starts and stops replicas and the proxy, and tells every process about replica sets."""
 
     supports_http: bool
+    #: True: the runtime's cluster places replicas and accounts their resources (Ray);
+    #: False: the controller's resource ledger does, for this machine.
+    places_replicas: bool
 
     @property
     def connector(self) -> Connector:
@@ -141,8 +144,13 @@ class Runtime(Protocol):
         A runtime whose replicas share the controller's process sends it none."""
         ...
 
-    async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start_replica(
+        self, spec: ReplicaSpec, on_waiting: Callable[[str | None], None] | None = None
+    ) -> ReplicaHandle:
         """Start a replica (``Replica.initialize``) and return once it can take requests.
+
+        A runtime whose cluster places replicas calls ``on_waiting(reason)`` while it
+        cannot place this one yet, and ``on_waiting(None)`` once it is placed.
 
         Raises :func:`startup_failed`'s DeploymentError (naming the step that failed,
         with the user's traceback) if a startup step fails; in local testing mode, a

@@ -1,4 +1,5 @@
-"""A framed, multiplexed connection between two shoal processes over a Unix socket.
+"""A framed, multiplexed connection between two shoal processes over a Unix socket
+(or a TCP connection once both ends proved the instance secret: :mod:`shoal._transport.auth`).
 
 Guarantees:
 - every outgoing request gets a correlation id; its reply resolves exactly that

@@ -91,7 +91,25 @@ class HistogramChild:
         self.sum += value
 
 
-Child = CounterChild | GaugeChild | HistogramChild
+class CountOf:
+    """A counter child that counts what a histogram child observed (plus any ``inc``): a
+    request counted and timed pays for one update, the histogram's."""
+
+    __slots__ = ("extra", "histogram")
+
+    def __init__(self, histogram: HistogramChild) -> None:
+        self.histogram = histogram
+        self.extra = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.extra += amount
+
+    @property
+    def value(self) -> float:
+        return float(sum(self.histogram.counts)) + self.extra
+
+
+Child = CounterChild | GaugeChild | HistogramChild | CountOf
 
 
 class Family:
@@ -146,6 +164,26 @@ class Family:
                 f"per label {list(self.labelnames)}; got a {self.kind} and {list(values)}"
             )
         self.children[values] = WatchedGauge(fn)
+
+    def count_of(self, histogram: Any, *values: str) -> Any:
+        """A counter's child that counts what ``histogram`` (a histogram's child) observes:
+        nothing more to record per event. A null child when ``histogram`` is one."""
+        if self.kind != "counter" or len(values) != len(self.labelnames):
+            raise ConfigError(
+                f"metric {self.name!r}: only a counter can count a histogram's observations, "
+                f"with one value per label {list(self.labelnames)}; got a {self.kind} and "
+                f"{list(values)}"
+            )
+        if type(histogram) is not HistogramChild:
+            return self.labels(*values)
+        with self.lock:
+            child = self.children.get(values)
+            if type(child) is not CountOf or child.histogram is not histogram:
+                extra = child.value if child is not None else 0.0
+                child = CountOf(histogram)
+                child.extra = extra - sum(histogram.counts)
+                self.children[values] = child
+        return child
 
     def _new_child(self) -> Child:
         if self.kind == "counter":
@@ -266,6 +304,9 @@ class NullFamily:
 
     def watch(self, fn: Callable[[], float], *values: str) -> None:
         pass
+
+    def count_of(self, histogram: Any, *values: str) -> Any:
+        return NULL_CHILD
 
 
 NULL_FAMILY = NullFamily()

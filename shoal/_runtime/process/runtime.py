@@ -103,6 +103,10 @@ class ProcessRuntime:
     """Runtime with one process per replica and one for the HTTP proxy."""
 
     supports_http = True
+    #: Workers starting at once (see :meth:`_spawn`).
+    spawn_slots = _SPAWN_SLOTS
+    #: The controller's resource ledger places replicas (a Ray cluster places its own).
+    places_replicas = False
 
     def __init__(
         self,
@@ -126,7 +130,7 @@ class ProcessRuntime:
         # Sent to every worker before anything else (ConfigureProcess).
         self._telemetry = (telemetry or Telemetry()).model_dump()
         self.rejoined = Rejoined()
-        self._spawn_slots = asyncio.Semaphore(_SPAWN_SLOTS)
+        self._spawn_slots = asyncio.Semaphore(self.spawn_slots)
         self._owns_directory = directory is None
         self.directory = new_instance_directory() if directory is None else directory
         self.connector = UnixConnector()
@@ -225,12 +229,16 @@ class ProcessRuntime:
         conn.send(0, Result())  # the snapshot is applied: the process may route
 
     async def _spawn(
-        self, kind: str, env_vars: dict[str, str] | None = None, listen_fd: int | None = None
+        self,
+        kind: str,
+        env_vars: dict[str, str] | None = None,
+        listen_fd: int | None = None,
+        spec: ReplicaSpec | None = None,
     ) -> WorkerProcess:
         # At most a few processes import at once: forty starting together on two cores
         # would each take longer than the hello timeout, and none would start sooner.
         async with self._spawn_slots:
-            worker, hello = await self._launch(kind, env_vars, listen_fd)
+            worker, hello = await self._launch(kind, env_vars, listen_fd, spec)
         worker.conn = hello
         worker.conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
         snapshot = [worker.request(ConfigureProcess(self._telemetry), _CONTROL_TIMEOUT_S)]
@@ -246,7 +254,11 @@ class ProcessRuntime:
         return worker
 
     async def _launch(
-        self, kind: str, env_vars: dict[str, str] | None, listen_fd: int | None
+        self,
+        kind: str,
+        env_vars: dict[str, str] | None,
+        listen_fd: int | None,
+        spec: ReplicaSpec | None = None,
     ) -> tuple[WorkerProcess, Connection]:
         """Start a worker process; returns it once it said hello, with its connection."""
         worker_id = f"{kind}-{uuid.uuid4().hex[:8]}"
@@ -255,7 +267,7 @@ class ProcessRuntime:
         self._hellos[worker_id] = hello
         argv = [self.directory, worker_id, str(self._orphan_grace_s)]
         try:
-            worker = await self._start_process(kind, argv, env_vars, listen_fd)
+            worker = await self._start_process(kind, argv, env_vars, listen_fd, spec)
         except BaseException:
             self._hellos.pop(worker_id, None)
             raise
@@ -276,11 +288,17 @@ class ProcessRuntime:
         return worker, hello.result()
 
     async def _start_process(
-        self, kind: str, argv: list[str], env_vars: dict[str, str] | None, listen_fd: int | None
+        self,
+        kind: str,
+        argv: list[str],
+        env_vars: dict[str, str] | None,
+        listen_fd: int | None,
+        spec: ReplicaSpec | None = None,
     ) -> WorkerProcess:
         """A forked worker if the fork server can make one, else one started with
-        ``python -m``. A runtime_env's ``env_vars`` must be set before the worker
-        imports anything (numpy reads some at import): such workers are never forked."""
+        ``python -m`` (``spec``: the replica it will host, if it is a replica's). A
+        runtime_env's ``env_vars`` must be set before the worker imports anything (numpy
+        reads some at import): such workers are never forked."""
         entry = ENTRY_MODULES[kind]  # a proxy's imports its modules before saying hello
         worker_id = argv[1]
         # Once the fork server runs, replicas wait for it: its imports take about as long
@@ -318,7 +336,10 @@ class ProcessRuntime:
                 if not worker.stopping:
                     self._on_died(replica)
 
-    async def start_replica(self, spec: ReplicaSpec) -> ReplicaHandle:
+    async def start_replica(
+        self, spec: ReplicaSpec, on_waiting: Callable[[str | None], None] | None = None
+    ) -> ReplicaHandle:
+        """``on_waiting`` is not called: this machine's ledger placed the replica."""
         import cloudpickle
 
         env = spec.config.ray_actor_options.runtime_env or {}
@@ -329,7 +350,7 @@ class ProcessRuntime:
             path, cwd = spec.code.import_path(env)
             with contextlib.suppress(ForkServerUnavailable):  # then it is not forked either
                 await self._forks.preload(spec.code.imports(), path, cwd)
-        worker = await self._spawn("replica", env.get("env_vars"))
+        worker = await self._spawn("replica", env.get("env_vars"), spec=spec)
         try:
             start = StartReplica(cloudpickle.dumps(spec))
             address = await worker.request(start, _SPAWN_TIMEOUT_S * 10)
@@ -341,10 +362,14 @@ class ProcessRuntime:
             notes = "".join(getattr(exc, "__notes__", []))
             raise startup_failed(spec.deployment, exc, notes) from exc
         info = ReplicaInfo(
-            spec.replica_id, address, spec.config.max_ongoing_requests, local_node_id()
+            spec.replica_id, address, spec.config.max_ongoing_requests, self._node_of(worker)
         )
         replica = self._replicas[spec.replica_id] = ProcessReplica(worker, info)
         return replica
+
+    def _node_of(self, worker: WorkerProcess) -> str:
+        """The node a worker runs on (ReplicaInfo.node_id): this machine."""
+        return local_node_id()
 
     async def publish(self, update: ReplicaSetUpdate) -> None:
         key = (update.app, update.deployment)

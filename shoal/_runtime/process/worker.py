@@ -20,6 +20,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from shoal._api.context import set_default_registry
@@ -242,10 +243,17 @@ class Worker:
             await self.proxy.stop(msg.timeout_s)
 
 
-def main() -> None:
-    instance_dir, worker_id = sys.argv[1], sys.argv[2]
-    orphan_grace_s = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def run_worker(
+    instance_dir: str, worker_id: str, orphan_grace_s: float = 0.0, exit_process: bool = True
+) -> None:
+    """Run a worker on a new event loop in this thread until it is told to stop.
+
+    ``exit_process``: end the process then, without waiting for the replica's threads
+    (it has been drained); a worker hosted by a Ray actor returns instead, and the
+    runtime ends the actor.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_worker_logging(worker_id)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
@@ -259,7 +267,14 @@ def main() -> None:
         tracing.flush()  # spans a batching exporter still holds: os._exit skips atexit
         sys.stdout.flush()
         sys.stderr.flush()
-    os._exit(0)  # do not wait for the replica's threads: it has been drained
+    if exit_process:
+        os._exit(0)
+
+
+def main() -> None:
+    instance_dir, worker_id = sys.argv[1], sys.argv[2]
+    orphan_grace_s = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    run_worker(instance_dir, worker_id, orphan_grace_s)
 
 
 if __name__ == "__main__":

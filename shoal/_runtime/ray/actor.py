@@ -1,0 +1,94 @@
+"""The Ray actor that hosts one shoal worker (a replica), and the runtime's grip on it.
+
+Ray places the actor (its ``ray_actor_options``, placement group, runtime_env) and
+supervises its process; inside it, a thread runs the same :class:`Worker` as a
+``python -m shoal._runtime.process.worker`` process: it says hello on the controller's
+socket and obeys the same control messages, and its replica is served on its own
+socket. Requests never take Ray's task path.
+
+This module imports ``ray`` only inside functions: the actor class is plain Python,
+made remote by the runtime (``ray.remote(WorkerActor)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from typing import Any
+
+#: The exit code recorded for an actor Ray reports dead (killed, or its node lost).
+ACTOR_DIED = -9
+
+
+class WorkerActor:
+    """Runs a shoal worker on a thread of this actor's process, until it is told to stop."""
+
+    def __init__(self, instance_dir: str, worker_id: str, replica_id: str) -> None:
+        os.makedirs(instance_dir, mode=0o700, exist_ok=True)
+        self._replica_id = replica_id
+        self._ended = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(instance_dir, worker_id), name="shoal-worker", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, instance_dir: str, worker_id: str) -> None:
+        from shoal._runtime.process.worker import run_worker
+
+        try:
+            run_worker(instance_dir, worker_id, exit_process=False)
+        finally:
+            self._ended.set()
+
+    def __repr__(self) -> str:
+        # Ray prefixes the lines this actor prints with it: the replica id, as in status.
+        return f"Replica({self._replica_id})"
+
+    def where(self) -> tuple[int, str]:
+        """This actor's process id and Ray node id."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    async def wait(self) -> int:
+        """Return once the worker has ended (it was told to stop); 0."""
+        await asyncio.to_thread(self._ended.wait)
+        return 0
+
+
+class ActorProcess:
+    """What the process runtime needs of a ``subprocess.Popen``, for a worker actor.
+
+    ``kill()`` and ``terminate()`` end the actor through Ray (never restarted);
+    ``exited`` resolves with 0 once its worker stopped as told, or with
+    :data:`ACTOR_DIED` once Ray reports the actor dead.
+    """
+
+    def __init__(self, actor: Any, pid: int, node_id: str) -> None:
+        self.actor = actor
+        self.pid = pid
+        self.node_id = node_id
+        self.returncode: int | None = None
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        waited = asyncio.wrap_future(actor.wait.remote().future())
+        waited.add_done_callback(self._on_end)
+
+    def _on_end(self, waited: asyncio.Future[int]) -> None:
+        code = ACTOR_DIED if waited.cancelled() or waited.exception() else waited.result()
+        self.returncode = code
+        self.kill()  # a stopped worker's actor still holds its resources until it is killed
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def kill(self) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):  # already gone, or Ray is shutting down
+            ray.kill(self.actor, no_restart=True)
+
+    terminate = kill

@@ -1,0 +1,140 @@
+"""Clients of a replica's data plane: one multiplexed connection to its server.
+
+:class:`SocketClient` is a router's ``ReplicaClient`` over a
+:class:`~shoal._transport.connection.Connection`, whichever socket carries it.
+:class:`NetworkConnector` reaches a replica on this node over its Unix socket and
+one on another node over authenticated TCP (:mod:`shoal._transport.auth`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl as _ssl
+from collections.abc import Callable
+from typing import Any
+
+from shoal._transport.auth import check_secret, connect_tcp, split_host_port
+from shoal._transport.connection import Connection, StreamReceiver, connect_unix
+from shoal._transport.messages import (
+    Cancel,
+    Message,
+    ReplicaInfo,
+    Request,
+    StreamInput,
+    StreamItem,
+)
+
+
+class SocketClient:
+    """ReplicaClient over one multiplexed connection to a replica process."""
+
+    __slots__ = ("_conn", "replica_id")
+
+    def __init__(self, conn: Connection, replica_id: str) -> None:
+        self._conn = conn
+        self.replica_id = replica_id
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once when the connection is lost or closed (at once if it is)."""
+        if self._conn.closed:
+            callback()
+            return
+        called = False
+
+        def notify(_conn: Connection) -> None:
+            nonlocal called  # a connection can report its loss twice (a corrupt frame, then EOF)
+            if not called:
+                called = True
+                callback()
+
+        self._conn.close_callbacks.append(notify)
+
+    def call(self, request: Request) -> asyncio.Future[Message]:
+        future = self._conn.call(request)
+        future.add_done_callback(functools.partial(_cancel_remote, self._conn))
+        return future
+
+    def stream(self, request: Request) -> SocketStream:
+        corr, receiver = self._conn.open_stream(request)
+        return SocketStream(self._conn, corr, receiver)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _cancel_remote(conn: Connection, future: asyncio.Future[Message]) -> None:
+    if future.cancelled() and not conn.closed:
+        for corr, waiter in list(conn.pending.items()):
+            if waiter is future:
+                del conn.pending[corr]
+                conn.send(corr, Cancel())
+                return
+        # Already removed from pending: find nothing to cancel remotely.
+
+
+class SocketStream:
+    """A stream from a replica; closing it early cancels the replica's generator."""
+
+    __slots__ = ("_conn", "_corr", "_ended", "_receiver")
+
+    def __init__(self, conn: Connection, corr: int, receiver: StreamReceiver) -> None:
+        self._conn = conn
+        self._corr = corr
+        self._receiver = receiver
+        self._ended = False
+
+    async def next(self) -> Message:
+        msg = await self._receiver.next()
+        if type(msg) is not StreamItem:
+            self._ended = True
+        return msg
+
+    def send_input(self, value: Any) -> None:
+        """Send a message into the running stream (a websocket's client messages)."""
+        if not self._ended and not self._conn.closed:
+            self._conn.send(self._corr, StreamInput(value))
+
+    def close(self) -> None:
+        self._receiver.close()
+        if not self._ended and not self._conn.closed:
+            self._ended = True
+            self._conn.send(self._corr, Cancel())
+
+
+class NetworkConnector:
+    """A ``Connector`` for replicas spread over nodes: one connection per replica.
+
+    A replica on this node (``info.node_id == node_id``), or one with no
+    ``tcp_address``, is reached over its Unix socket (``info.address``); any other
+    over TCP to ``info.tcp_address``, proving ``secret`` (the instance's) and
+    checking the replica proves it too. ``ssl``: a client context for TLS.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        secret: bytes,
+        *,
+        ssl: _ssl.SSLContext | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        check_secret(secret)
+        self.node_id = node_id
+        self._secret = secret
+        self._ssl = ssl
+        self._timeout_s = timeout_s
+
+    async def connect(self, info: ReplicaInfo) -> SocketClient:
+        if info.node_id == self.node_id or not info.tcp_address:
+            conn = await connect_unix(info.address, None, info.replica_id, self._timeout_s)
+        else:
+            host, port = split_host_port(info.tcp_address)
+            conn = await connect_tcp(
+                host, port, self._secret, None, info.replica_id, self._timeout_s, ssl=self._ssl
+            )
+        return SocketClient(conn, info.replica_id)

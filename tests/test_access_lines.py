@@ -1,0 +1,95 @@
+"""The cheap per-request paths of observability (docs/observability.md, "What it costs").
+
+An access line written directly (no LogRecord) reads exactly as the formatter's line for
+the same record; a request counter that counts its histogram's observations reports the
+same totals; the transport's picklers do not keep paying for one large message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from shoal._observe import logs
+from shoal._observe.access_lines import MESSAGE, AccessLine
+from shoal._observe.metrics.registry import Registry
+
+
+def _record(
+    line: AccessLine, request_id: str, latency_ms: float, created: float
+) -> logging.LogRecord:
+    fields = {
+        "application": line.application, "deployment": line.deployment,
+        "replica": line.replica, "request_id": request_id, "method": line.method,
+        "route": line.route, "status_code": line.status, "latency_ms": latency_ms,
+    }  # fmt: skip
+    record = logging.LogRecord(
+        "ray.serve", logging.INFO, line.where[0], line.where[1], MESSAGE,
+        (line.method, line.route, line.status, latency_ms), None,
+    )  # fmt: skip
+    record.__dict__.update(fields)
+    record.created = created
+    return record
+
+
+def test_a_direct_access_line_reads_as_the_formatters_line() -> None:
+    line = AccessLine(("access.py", 20), "app", "proxy", "proxy-1a2b3c4d", "POST", "/echo", 200)
+    offset = time.time() - time.perf_counter()
+    for request_id, latency_ms in (("rid-7", 0.35), ("", 12.25), ("x" * 32, 1234.56)):
+        now = time.perf_counter()
+        waiting = [now, line, request_id, latency_ms, None]
+        text = line.text(waiting, offset)
+        record = _record(line, request_id, latency_ms, now + offset)
+        assert text == logs.TextFormatter().format(record) + "\n"
+        as_json = json.loads(line.json(waiting, offset))
+        expected = json.loads(logs.JsonFormatter().format(record))
+        assert as_json == expected
+
+
+def test_pending_lines_keep_their_order_and_format_access_lines_when_taken() -> None:
+    pending = logs.Pending(None)
+    line = AccessLine(("server.py", 9), "a", "D", "a#D#x", "CALL", "m", "OK")
+    pending.lines.append("first\n")
+    pending.lines.append([time.perf_counter(), line, "rid", 0.5, None])
+    pending.lines.append("last\n")
+    text = pending.take()
+    first, access, last = text.splitlines()
+    assert (first, last) == ("first", "last")
+    assert access.startswith("INFO ")
+    assert access.endswith(" a D a#D#x [rid] server.py:9 - CALL m OK 0.5ms")
+    assert pending.take() == "" and pending.lines == []
+
+
+def test_a_counter_counting_a_histogram_reports_its_observations() -> None:
+    registry = Registry()
+    latency = registry.family("latency_ms", "histogram", "h", ("route",), (1, 10)).labels("/")
+    requests = registry.family("requests", "counter", "c", ("route",))
+    requests.labels("/").inc(2)  # counted before: kept
+    child = requests.count_of(latency, "/")
+    for value in (0.5, 5, 50):
+        latency.observe(value)
+    child.inc()  # an increment of its own is kept too
+    (_name, _kind, _help, samples) = requests.data()
+    assert samples == [("requests_total", (("route", "/"),), 6.0)]
+
+
+def test_a_large_pickle_does_not_slow_the_next_small_ones() -> None:
+    from shoal._transport import codec
+
+    small = ("__call__", (1, "x"), {})
+
+    def cost() -> float:
+        best = float("inf")
+        for _ in range(5):
+            started = time.process_time()
+            for _ in range(200):
+                codec.dumps(small)
+            best = min(best, time.process_time() - started)
+        return best
+
+    before = cost()
+    codec.dumps([(f"name{i}", (str(i), f"v{i}"), float(i)) for i in range(20_000)])
+    after = cost()
+    # The memo table of a 20,000-object pickle made each later small pickle ~50x slower.
+    assert after < before * 5 + 0.002, (before, after)
