@@ -24,21 +24,19 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal._config import DeploymentConfig
 from shoal._controller.autoscaler import Autoscaler
 from shoal._controller.policy import capacity_adjusted
 from shoal._controller.publisher import Publisher
-from shoal._controller.resources import Demand, Grant, Ledger
+from shoal._controller.resources import Demand, Grant, Ledger, with_gpus
 from shoal._controller.status import (
     DeploymentStatus,
     DeploymentStatusOverview,
     ReplicaState,
-    ReplicaStatus,
+    deployment_overview,
 )
 from shoal._controller.supervision import Supervisor
 from shoal._errors import DeploymentError
@@ -404,7 +402,7 @@ class DeploymentState:
         replica_id = f"{self.app}#{spec.name}#{uuid.uuid4().hex[:6]}"
         grant = await self._reserve(replica_id, Demand.of(spec.config.ray_actor_options))
         replica_spec = ReplicaSpec(
-            self.app, spec.name, replica_id, spec.code, _with_gpus(spec.config, grant),
+            self.app, spec.name, replica_id, spec.code, with_gpus(spec.config, grant),
             self.is_ingress, spec.code_version,
         )  # fmt: skip
         self.starting.add(replica_id)
@@ -576,49 +574,7 @@ class DeploymentState:
     # --- status --------------------------------------------------------------------
 
     def overview(self) -> DeploymentStatusOverview:
-        states = Counter(str(r.state) for r in self.replicas)
-        replicas = [
-            ReplicaStatus(
-                r.handle.info.replica_id,
-                r.state,
-                r.handle.pid,
-                r.code_version,
-                r.config_version,
-                details=r.details,
-                node_id=r.handle.info.node_id,
-            )
-            for r in self.replicas
-        ]
-        version = self.spec.code_version if self.spec else ""
-        for replica_id in self.starting:
-            states[str(ReplicaState.STARTING)] += 1
-            replicas.append(
-                ReplicaStatus(replica_id, ReplicaState.STARTING, None, version, self.config_version)
-            )
-        for replica_id, reason in self.pending.items():
-            states[str(ReplicaState.PENDING)] += 1
-            replicas.append(
-                ReplicaStatus(
-                    replica_id, ReplicaState.PENDING, None, version, self.config_version, reason
-                )
-            )
-        decisions = list(self.autoscaler.decisions) if self.autoscaler is not None else []
-        return DeploymentStatusOverview(
-            self.status, self.message, dict(states), replicas, self.target, self.config_version,
-            self.autoscaler is not None, decisions,
-        )  # fmt: skip
-
-
-def _with_gpus(config: DeploymentConfig, grant: Grant) -> DeploymentConfig:
-    """``config`` with CUDA_VISIBLE_DEVICES set to the granted GPUs (if any) in its env_vars."""
-    if not grant.gpu_ids:
-        return config
-    actor = config.ray_actor_options
-    env = dict(actor.runtime_env or {})
-    env["env_vars"] = {**env.get("env_vars", {}), "CUDA_VISIBLE_DEVICES": ",".join(grant.gpu_ids)}
-    return config.model_copy(
-        update={"ray_actor_options": actor.model_copy(update={"runtime_env": env})}
-    )
+        return deployment_overview(self)
 
 
 def replica_set(

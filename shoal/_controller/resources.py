@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shoal._config import RayActorOptions
+from shoal._config import DeploymentConfig, RayActorOptions
 from shoal._errors import DeploymentError
 
 _EPS = 1e-9  # float sums of fractions (0.1 + 0.2) must not make a fitting replica short
@@ -245,3 +245,15 @@ class UnaccountedLedger(Ledger):
 
     def release(self, grant: Grant | None) -> None:
         pass
+
+
+def with_gpus(config: DeploymentConfig, grant: Grant) -> DeploymentConfig:
+    """``config`` with CUDA_VISIBLE_DEVICES set to the granted GPUs (if any) in its env_vars."""
+    if not grant.gpu_ids:
+        return config
+    actor = config.ray_actor_options
+    env = dict(actor.runtime_env or {})
+    env["env_vars"] = {**env.get("env_vars", {}), "CUDA_VISIBLE_DEVICES": ",".join(grant.gpu_ids)}
+    return config.model_copy(
+        update={"ray_actor_options": actor.model_copy(update={"runtime_env": env})}
+    )

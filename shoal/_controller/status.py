@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from shoal._controller.status_text import render_application, render_deployment, render_status
+
+if TYPE_CHECKING:
+    from shoal._controller.deployment_state import DeploymentState
 
 
 class ApplicationStatus(StrEnum):
@@ -158,3 +162,39 @@ class ServeStatus:
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(str(self))
+
+
+def deployment_overview(state: DeploymentState) -> DeploymentStatusOverview:
+    """What ``serve.status()`` says of one deployment: its replicas, running, starting
+    and pending, and the autoscaler's decisions."""
+    states = Counter(str(r.state) for r in state.replicas)
+    replicas = [
+        ReplicaStatus(
+            r.handle.info.replica_id,
+            r.state,
+            r.handle.pid,
+            r.code_version,
+            r.config_version,
+            details=r.details,
+            node_id=r.handle.info.node_id,
+        )
+        for r in state.replicas
+    ]
+    version = state.spec.code_version if state.spec else ""
+    for replica_id in state.starting:
+        states[str(ReplicaState.STARTING)] += 1
+        replicas.append(
+            ReplicaStatus(replica_id, ReplicaState.STARTING, None, version, state.config_version)
+        )
+    for replica_id, reason in state.pending.items():
+        states[str(ReplicaState.PENDING)] += 1
+        replicas.append(
+            ReplicaStatus(
+                replica_id, ReplicaState.PENDING, None, version, state.config_version, reason
+            )
+        )
+    decisions = list(state.autoscaler.decisions) if state.autoscaler is not None else []
+    return DeploymentStatusOverview(
+        state.status, state.message, dict(states), replicas, state.target, state.config_version,
+        state.autoscaler is not None, decisions,
+    )  # fmt: skip

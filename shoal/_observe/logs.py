@@ -25,7 +25,6 @@ below it.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import logging.handlers
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from shoal._config import LoggingConfig
+from shoal._observe.capture import capture_streams, print_loggers
 
 SERVE_LOGGER_NAME = "ray.serve"
 #: Record attributes a line shows, set by :class:`ContextFilter` (or by ``extra=``).
@@ -494,7 +494,7 @@ def _apply(component: Component, config: LoggingConfig, file: str | None) -> Non
     stdout/stderr captured; plus the component's file when ``file`` is named."""
     global _access_enabled, _took_over_root
     _uninstall()
-    _capture_streams()
+    capture_streams(_original, flush_files)
     root, serve = logging.getLogger(), logging.getLogger(SERVE_LOGGER_NAME)
     if not _took_over_root:  # the worker's first handlers (basicConfig's): ours replace them
         _took_over_root = True
@@ -505,7 +505,7 @@ def _apply(component: Component, config: LoggingConfig, file: str | None) -> Non
     directory = config.logs_dir or _directory
     path = os.path.join(directory, file) if file is not None and directory else None
     to_file = _file_handler(path, config, console) if path is not None else None
-    for logger, stream in ((root, "stderr"), (serve, "stderr"), *_print_loggers()):
+    for logger, stream in ((root, "stderr"), (serve, "stderr"), *print_loggers()):
         handler = _StreamHandler(stream)
         handler.setFormatter(console)
         _install(logger, handler)
@@ -548,78 +548,3 @@ def _set_direct(serve: logging.Logger, attrs: tuple[str, ...]) -> None:
 def access_log_enabled() -> bool:
     """Whether this worker's component writes access lines (``enable_access_log``)."""
     return _access_enabled
-
-
-# --- print() and stray writes -----------------------------------------------------------
-
-_busy = threading.local()
-
-
-def _print_loggers() -> list[tuple[logging.Logger, str]]:
-    loggers = []
-    for name in ("stdout", "stderr"):
-        logger = logging.getLogger(f"shoal.{name}")
-        logger.propagate = False
-        logger.setLevel(logging.DEBUG)  # printed lines are kept whatever the level
-        loggers.append((logger, name))
-    return loggers
-
-
-class _LineCapture(io.TextIOBase):
-    """A ``sys.stdout``/``sys.stderr`` that turns each line written into a record."""
-
-    def __init__(self, logger: logging.Logger, level: int, original: TextIO) -> None:
-        super().__init__()
-        self._logger, self._level, self._original = logger, level, original
-        self._partial = ""
-
-    def write(self, text: str) -> int:
-        if getattr(_busy, "active", False):  # a handler writing (or failing): straight out
-            return self._original.write(text)
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._emit(line, 3)
-        return len(text)
-
-    def _emit(self, line: str, stacklevel: int) -> None:
-        _busy.active = True
-        try:
-            # stacklevel: the code that called print() (or write()), not this module.
-            self._logger.log(self._level, "%s", line, stacklevel=stacklevel)
-        finally:
-            _busy.active = False
-
-    def flush(self) -> None:
-        if self._partial:
-            line, self._partial = self._partial, ""
-            self._emit(line, 3)
-        self._original.flush()
-        flush_files()  # a worker flushes its streams before it exits: its files too
-
-    def fileno(self) -> int:
-        return self._original.fileno()
-
-    def isatty(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self._original, "encoding", "utf-8") or "utf-8"
-
-
-def _capture_streams() -> None:
-    """Replace ``sys.stdout`` and ``sys.stderr`` by line captures (once per process)."""
-    if _original:
-        return
-    for name, level in (("stdout", logging.INFO), ("stderr", logging.ERROR)):
-        original = getattr(sys, name)
-        # Flushed by the handlers (every 0.1 s, WARNING+ at once), not at every newline:
-        # stderr writes through to an unbuffered file, a system call per line otherwise.
-        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
-            original.reconfigure(line_buffering=False, write_through=False)
-        _original[name] = original
-        setattr(sys, name, _LineCapture(logging.getLogger(f"shoal.{name}"), level, original))

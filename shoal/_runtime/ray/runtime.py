@@ -13,7 +13,9 @@ user's guide.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -91,6 +93,7 @@ class RayRuntime(ProcessRuntime):
                 log_to_driver=True,
             )
             self._started_ray = True
+        self._refuse_other_machines()
         self._actor_class = ray.remote(WorkerActor)
         resources = ray.cluster_resources()
         logger.info(
@@ -99,6 +102,28 @@ class RayRuntime(ProcessRuntime):
             resources.get("CPU", 0.0),
             resources.get("GPU", 0.0),
         )
+
+    def _refuse_other_machines(self) -> None:
+        """A ConfigError if a node of the cluster runs on another machine: replicas and
+        routers still talk over this machine's Unix sockets (authenticated TCP between
+        machines, ``shoal._transport.auth``, is not wired in yet)."""
+        ray = self._ray
+        here = {"127.0.0.1", "localhost", ray.util.get_node_ip_address()}
+        with contextlib.suppress(OSError):
+            here.add(socket.gethostbyname(socket.gethostname()))
+        remote = sorted(
+            node["NodeManagerAddress"]
+            for node in ray.nodes()
+            if node.get("Alive") and node["NodeManagerAddress"] not in here
+        )
+        if remote:
+            if self._started_ray:
+                ray.shutdown()
+            raise ConfigError(
+                f"the Ray cluster has nodes on other machines ({', '.join(remote)}): shoal's "
+                "Ray runtime runs on clusters whose nodes share this machine for now "
+                "(issue 13; docs/ray.md)"
+            )
 
     async def _start_process(
         self,
