@@ -20,18 +20,11 @@ from pathlib import Path
 import pytest
 from conftest import free_port, run_driver, wait_until
 
+from bench.procs import is_alive
 from shoal import serve
 from shoal._errors import ShoalError
 
 NODE = socket.gethostname()  # serve.status().proxies is keyed by node, as in Ray
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return True
-    return state == "Z"
 
 
 def _replicas(app: str, deployment: str) -> list[serve.schema.ReplicaStatus]:
@@ -118,7 +111,7 @@ def test_a_killed_or_hung_proxy_is_replaced_on_the_same_port(tmp_path: Path) -> 
         outcome = report[case]
         assert outcome["port"] == port and outcome["status"] == "HEALTHY", report
         assert outcome["new_pid"] != outcome["old_pid"], report
-        assert _gone(outcome["old_pid"]), report
+        assert not is_alive(outcome["old_pid"]), report
     assert report["kill"]["seconds"] <= 1.0, report
     # Hung: 1 s without an answer, checked every 0.2 s, then a restart like the kill's.
     assert report["hang"]["seconds"] <= 1.0 + 0.2 + 1.0, report
@@ -206,7 +199,7 @@ def test_a_blocked_replica_leaves_routing_and_is_killed(http_port: int, tmp_path
     wait_until(out_of_routing, 30, "the blocked replica to leave routing")
     out_s = time.monotonic() - blocked_at
     others = {handle.pid.remote().result(timeout_s=5) for _ in range(10)}  # the other serves
-    wait_until(lambda: _gone(blocked), 30, "the blocked replica to be killed")
+    wait_until(lambda: not is_alive(blocked), 30, "the blocked replica to be killed")
     killed_s = time.monotonic() - blocked_at
     with pytest.raises(serve.ReplicaDiedError):
         blocked_call.result(timeout_s=30)

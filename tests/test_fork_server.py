@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from conftest import run_driver, wait_until
 
+from bench.procs import is_alive
 from shoal import serve
 
 #: Driver code: start the instance's fork server (it starts with a second replica) and
@@ -194,14 +195,7 @@ def test_a_dead_fork_server_costs_speed_not_replicas(tmp_path: Path) -> None:
     assert found["unforked_parent"] == found["driver"]  # started with python -m
     assert found["replaced_parent"] == found["driver"]
     for pid in found["pids"]:  # serve.shutdown() ended them all, forked or not
-        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+        assert not is_alive(pid)
 
 
 def test_shutdown_ends_the_fork_server(tmp_path: Path) -> None:

@@ -17,15 +17,8 @@ import httpx
 import pytest
 from conftest import Driver, start_early, wait_until
 
+from bench.procs import is_alive
 from shoal import serve
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _children(parent: int) -> list[int]:
@@ -181,7 +174,7 @@ def test_no_process_outlives_a_killed_driver(serving_driver: subprocess.Popen[st
         children = _descendants(driver.pid)  # the workers and the fork server
         driver.kill()
         driver.wait(timeout=10)
-        wait_until(lambda: not any(_alive(pid) for pid in children), 15, "workers to exit")
+        wait_until(lambda: not any(is_alive(pid) for pid in children), 15, "workers to exit")
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/m", timeout=5)
     finally:

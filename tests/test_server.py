@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.procs import is_alive
 from shoal._config import AdminOptions, HTTPOptions
 from shoal._instance.home import ServerInfo, read_server_info
 from shoal._instance.server import start_server, wait_stopped
@@ -321,7 +322,7 @@ def test_sigterm_stops_the_server_in_order(own_server: ServerInfo, tmp_path: Pat
     os.kill(own_server.pid, signal.SIGTERM)
     assert wait_stopped(own_server, 40)
     assert read_server_info() is None
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(is_alive(pid) for pid in pids)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{own_server.admin_url}/api/serve/applications/", timeout=5)
     # A shutdown asked for deletes the applications (as Ray's does): a new start is empty.
@@ -338,14 +339,6 @@ def test_a_second_server_is_refused_with_what_to_do(server: ServerInfo) -> None:
     with pytest.raises(Exception, match=r"already running.*shoal shutdown"):
         start_server(HTTPOptions(port=free_port()), AdminOptions(port=free_port()))
     assert time.monotonic() - started < 5
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_killed_server_restarts_and_adopts_its_replicas_without_failing_requests(
