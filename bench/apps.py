@@ -22,63 +22,28 @@ from typing import Any
 
 from starlette.requests import Request
 
+from bench.apps_core import MAX_ONGOING, Echo, Featurizer, Pipeline, Predictor
 from bench.common import (
     MEMBER_VALUES,
     W3_MAX_BATCH,
     W3_MAX_ONGOING,
     W3_WAIT_S,
-    featurize,
     first_yield_stream,
     many_items_stream,
     mean,
     member,
-    predict,
     sleep_batch,
     summarize_us,
 )
 from shoal import serve
 
-# High enough that c=64 never queues in the router because of the per-replica limit.
-MAX_ONGOING = 1024
 MAX_CALLS = 200_000
-
-
-# --- W1: echo --------------------------------------------------------------------------
-@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
-class Echo:
-    async def __call__(self, request: Request) -> Any:
-        return await request.json()
 
 
 w1 = Echo.bind()
 
 
-# --- W2: ingress -> featurizer -> predictor -------------------------------------------
-@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
-class Featurizer:
-    async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
-        return featurize(body)
-
-
-@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
-class Predictor:
-    async def __call__(self, features: dict[str, Any]) -> float:
-        return predict(features)
-
-
-@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
-class Pipeline:
-    def __init__(self, featurizer: Any, predictor: Any) -> None:
-        self.featurizer = featurizer
-        self.predictor = predictor
-
-    async def __call__(self, request: Request) -> dict[str, float]:
-        body = await request.json()
-        feat = await self.featurizer.remote(body)
-        y = await self.predictor.remote(feat)
-        return {"y": y}
-
-
+# --- W2: ingress -> featurizer -> predictor (bench.apps_core) ----------------------
 w2 = Pipeline.bind(Featurizer.bind(), Predictor.bind())
 
 

@@ -1,10 +1,10 @@
 """The applications of ``python -m bench.ray_cluster``: one source for Ray Serve and shoal.
 
-The module imports ``serve`` from shoal (the default) or from Ray Serve when the
-environment variable ``SHOAL_BENCH_SERVE`` is ``ray``: the bench's driver process sets it
-before importing this module, so both frameworks run exactly this code on the same
-cluster. The handlers are those of ``bench.apps`` (W1 echo, W2 pipeline, handle round
-trip) with the same ``max_ongoing_requests``; everything else is each framework's default.
+Its ``serve`` is shoal's (the default) or Ray Serve's when the environment variable
+``SHOAL_BENCH_SERVE`` is ``ray`` (see ``bench.apps_core``, whose W1 and W2 it serves, the
+same code as ``bench.apps``): the bench's driver process sets it before importing this
+module, so both frameworks run exactly this code on the same cluster, with the same
+``max_ongoing_requests``; everything else is each framework's default.
 
 * ``/w1``: ``POST`` echoes its JSON body (``return await request.json()``);
 * ``/w2``: ingress -> featurizer -> predictor, composed with handles;
@@ -16,26 +16,14 @@ trip) with the same ``max_ongoing_requests``; everything else is each framework'
 
 from __future__ import annotations
 
-import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 
-from bench.common import featurize, predict, summarize_us
+from bench.apps_core import MAX_ONGOING, Echo, Featurizer, Pipeline, Predictor, serve
+from bench.common import summarize_us
 
-#: ``ray`` -> Ray Serve; anything else (or unset) -> shoal.
-FRAMEWORK_ENV = "SHOAL_BENCH_SERVE"
-
-if TYPE_CHECKING:  # the type checker reads shoal's API; both take this code unchanged
-    from shoal import serve
-elif os.environ.get(FRAMEWORK_ENV) == "ray":
-    from ray import serve
-else:
-    from shoal import serve
-
-# As in bench.apps: high enough that c=64 never queues on the per-replica limit.
-MAX_ONGOING = 1024
 MAX_CALLS = 200_000
 #: A sliver of the node's custom resource: it pins the replica without filling the node.
 PIN = 0.01
@@ -49,39 +37,6 @@ def node_id() -> str | None:
         return str(ray.get_runtime_context().get_node_id())
     except Exception:
         return None
-
-
-# --- W1: echo (bench.apps.Echo) -------------------------------------------------------------
-@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
-class Echo:
-    async def __call__(self, request: Request) -> Any:
-        return await request.json()
-
-
-# --- W2: ingress -> featurizer -> predictor (bench.apps.Pipeline) -----------------------------
-@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
-class Featurizer:
-    async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
-        return featurize(body)
-
-
-@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
-class Predictor:
-    async def __call__(self, features: dict[str, Any]) -> float:
-        return predict(features)
-
-
-@serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING)
-class Pipeline:
-    def __init__(self, featurizer: Any, predictor: Any) -> None:
-        self.featurizer = featurizer
-        self.predictor = predictor
-
-    async def __call__(self, request: Request) -> dict[str, float]:
-        body = await request.json()
-        feat = await self.featurizer.remote(body)
-        y = await self.predictor.remote(feat)
-        return {"y": y}
 
 
 # --- handle round trip across nodes -----------------------------------------------------------

@@ -5,7 +5,7 @@ shoal implements: an option shoal does not implement yet is refused, naming the 
 that brings it. Every problem is reported as one line ``<field path>: <value> <what is
 wrong>`` in a single :class:`ConfigError`.
 Deployment overrides reuse :class:`shoal._config.DeploymentConfig`'s fields, so
-an option has the same type, bounds and refusals in code and in a file.
+an option has the same type, bounds and checks in code and in a file.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from shoal._config import (
     TracingOptions,
     _Strict,
     gRPCOptions,
-    refusals,
     runtime_env_problems,
 )
 from shoal._errors import ConfigError
@@ -64,24 +63,11 @@ class DeploymentSchema(DeploymentConfig):
     )
 
     @model_validator(mode="after")
-    def _supported(self) -> DeploymentSchema:
-        found: list[Problem] = []
-        for line in refusals(self):
-            option, _, reason = line.partition(" is not supported yet: ")
-            path, value = ("num_replicas", "auto") if option.startswith("num_replicas") else (
-                option, _dotted(self, option)
-            )  # fmt: skip
-            found.append((path, value, f"is not supported yet: {reason}"))
-        found += _env_problems(self.ray_actor_options.runtime_env, "ray_actor_options.runtime_env")
+    def _runtime_env(self) -> DeploymentSchema:
+        found = _env_problems(self.ray_actor_options.runtime_env, "ray_actor_options.runtime_env")
         if found:
             raise _problems(found)
         return self
-
-
-def _dotted(model: Any, path: str) -> Any:
-    for part in path.split("."):
-        model = getattr(model, part)
-    return model
 
 
 def _env_problems(env: dict[str, Any] | None, path: str) -> list[Problem]:
@@ -89,11 +75,7 @@ def _env_problems(env: dict[str, Any] | None, path: str) -> list[Problem]:
     found: list[Problem] = []
     for key, value in (env or {}).items():
         for line in runtime_env_problems({key: value}):
-            if " is not supported yet: " in line:
-                message = "is not supported yet: " + line.split(" is not supported yet: ", 1)[1]
-            else:
-                message = "is invalid: " + line.rsplit(": ", 1)[1]
-            found.append((f"{path}.{key}", value, message))
+            found.append((f"{path}.{key}", value, "is invalid: " + line.rsplit(": ", 1)[1]))
     return found
 
 
@@ -221,6 +203,19 @@ class ServeDeploySchema(_Strict):
         description="OpenTelemetry tracing of the instance (a shoal extension; "
         "docs/tracing.md), applied where the file starts it (shoal run); null: off.",
     )
+    runtime: Literal["process", "ray"] | None = Field(
+        None,
+        description="Where the replicas run (a shoal extension; docs/ray.md): process (this "
+        "machine's processes) or ray (Ray actors on a Ray cluster), applied where the file "
+        "starts the instance (shoal run); a running instance with another runtime refuses "
+        "the file. null: process.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="With runtime: ray, the Ray cluster's address (auto, ray://host:port, "
+        "host:port; a shoal extension), applied where the file starts the instance "
+        "(shoal run). null: RAY_ADDRESS, or a new local cluster.",
+    )
     target_capacity: float | None = Field(
         None,
         ge=0,
@@ -239,6 +234,8 @@ class ServeDeploySchema(_Strict):
         apps = self.applications
         found += _duplicates(apps, "applications", "name")
         found += _duplicates(apps, "applications", "route_prefix")
+        if self.ray_address is not None and self.runtime != "ray":
+            found.append(("ray_address", self.ray_address, "needs runtime: ray"))
         if found:
             raise _problems(found)
         return self

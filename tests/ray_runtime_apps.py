@@ -90,3 +90,54 @@ class Echo:
 
 
 echo = Echo.bind()
+
+
+@serve.deployment(num_replicas=2, ray_actor_options={"resources": {"spread": 0.6}})
+class Spread:
+    """Two replicas that Ray must put on two nodes (each node declares "spread": 1)."""
+
+    def __call__(self, request: Any) -> str:
+        return _node()
+
+
+spread = Spread.bind()
+
+
+@serve.deployment
+class Where:
+    """Answers with the Ray node it runs on (it fails outside a Ray actor)."""
+
+    def __call__(self, request: Any) -> str:
+        return _node()
+
+
+where = Where.bind()
+
+
+@serve.deployment(
+    ray_actor_options={"resources": {"node_a": 0.1}, "memory": 10**8},
+    placement_group_bundles=[{"node_a": 0.1, "memory": 10**8}, {"node_b": 0.1}],
+    placement_group_strategy="SPREAD",
+)
+class Grouped:
+    """Runs in the first bundle (node_a) of a placement group that also holds node_b."""
+
+    def __call__(self, request: Any) -> dict[str, Any]:
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"node": _node(), "group": context.get_placement_group_id()}
+
+
+grouped = Grouped.bind()
+
+
+@serve.deployment(num_replicas=3, max_replicas_per_node=1)
+class PerNode:
+    """Three replicas, at most one per node: one on each node of the cluster."""
+
+    def __call__(self, request: Any) -> str:
+        return _node()
+
+
+per_node = PerNode.bind()

@@ -194,23 +194,12 @@ ERRORS = [
         "each name must be unique",
     ),
     (
-        _with({}, {"runtime_env": {"pip": ["torch"]}}),
-        "applications[0].runtime_env.pip: ['torch'] is not supported yet: it needs the Ray "
-        "runtime (issue 13)",
-    ),
-    (
-        _with({}, {"runtime_env": {"working_dir": "s3://bucket/code.zip"}}),
-        "applications[0].runtime_env.working_dir: 's3://bucket/code.zip' is not supported yet: "
-        "remote URIs need the Ray runtime (issue 13)",
+        _with({}, {"runtime_env": {"env_vars": {"A": 1}}}),
+        "applications[0].runtime_env.env_vars: {'A': 1} is invalid",
     ),
     (
         _with({}, {"deployments": [{"name": "A", "autoscaling_config": {"max_replicas": 0}}]}),
         "applications[0].deployments[0].autoscaling_config.max_replicas: 0",
-    ),
-    (
-        _with({}, {"deployments": [{"name": "A", "ray_actor_options": {"memory": 1e9}}]}),
-        "applications[0].deployments[0].ray_actor_options.memory: 1000000000.0 is not "
-        "supported yet: memory reservations need the Ray runtime (issue 13)",
     ),
     (
         _with({"grpc_options": {"port": 70000, "grpc_servicer_functions": []}}),
@@ -721,3 +710,13 @@ def test_the_schema_module_is_a_bottom_layer() -> None:
         if alias.name.startswith("shoal")
     }
     assert imported == {"shoal._config", "shoal._errors"}
+
+
+def test_the_runtime_fields_choose_ray_and_an_address_needs_it() -> None:
+    app = {"name": "a", "import_path": "config_fixture_apps:app"}
+    config = parse_config({"runtime": "ray", "ray_address": "auto", "applications": [app]}, "f")
+    assert (config.runtime, config.ray_address) == ("ray", "auto")
+    assert "serve.yaml: ray_address: 'auto' needs runtime: ray" in _error(
+        {"ray_address": "auto", "applications": [app]}
+    )
+    assert "runtime" in _error({"runtime": "kubernetes", "applications": [app]})

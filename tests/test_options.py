@@ -77,57 +77,62 @@ def test_run_accepts_rays_positional_order() -> None:
         serve.delete("positional")
 
 
-# --- (b) options that are not supported yet are refused by name ---------------------------
+# --- (b) options only Ray implements: refused by name by the local runtimes -----------
 
 
-@pytest.mark.parametrize(
-    ("options", "option"),
-    [
-        ({"placement_group_bundles": [{"CPU": 1}]}, "placement_group_bundles"),
-        ({"placement_group_strategy": "PACK"}, "placement_group_strategy"),
-        ({"max_replicas_per_node": 1}, "max_replicas_per_node"),
-        ({"ray_actor_options": {"memory": 2**30}}, "ray_actor_options.memory"),
-        ({"ray_actor_options": {"accelerator_type": "A100"}}, "ray_actor_options.accelerator_type"),
-        (
-            {"ray_actor_options": {"object_store_memory": 1}},
-            "ray_actor_options.object_store_memory",
-        ),
-        ({"ray_actor_options": {"runtime_env": {"pip": ["torch"]}}}, "runtime_env.pip"),
-        ({"ray_actor_options": {"runtime_env": {"conda": "env"}}}, "runtime_env.conda"),
-        ({"ray_actor_options": {"runtime_env": {"container": {}}}}, "runtime_env.container"),
-        ({"ray_actor_options": {"runtime_env": {"uv": ["x"]}}}, "runtime_env.uv"),
-        ({"ray_actor_options": {"runtime_env": {"envvars": {}}}}, "runtime_env.envvars"),
-        (
-            {"ray_actor_options": {"runtime_env": {"working_dir": "s3://bucket/app.zip"}}},
-            "runtime_env.working_dir='s3://bucket/app.zip'",
-        ),
-        (
-            {"ray_actor_options": {"runtime_env": {"py_modules": ["https://x/m.whl"]}}},
-            "runtime_env.py_modules",
-        ),
-    ],
-)
-def test_unsupported_options_are_refused_when_declared(
-    options: dict[str, Any], option: str
+RAY_ONLY = [
+    ({"placement_group_bundles": [{"CPU": 1}]}, "placement_group_bundles"),
+    ({"placement_group_bundles": [{"CPU": 1}], "placement_group_strategy": "SPREAD"},
+     "placement_group_strategy"),
+    ({"max_replicas_per_node": 1}, "max_replicas_per_node=1"),
+    ({"ray_actor_options": {"memory": 2**30}}, "ray_actor_options.memory"),
+    ({"ray_actor_options": {"accelerator_type": "A100"}}, "ray_actor_options.accelerator_type"),
+    ({"ray_actor_options": {"object_store_memory": 1}}, "ray_actor_options.object_store_memory"),
+    ({"ray_actor_options": {"runtime_env": {"pip": ["torch"]}}}, "runtime_env.pip"),
+    ({"ray_actor_options": {"runtime_env": {"conda": "env"}}}, "runtime_env.conda"),
+    ({"ray_actor_options": {"runtime_env": {"uv": ["x"]}}}, "runtime_env.uv"),
+    ({"ray_actor_options": {"runtime_env": {"envvars": {}}}}, "did you mean 'env_vars'"),
+    (
+        {"ray_actor_options": {"runtime_env": {"working_dir": "s3://bucket/app.zip"}}},
+        "runtime_env.working_dir='s3://bucket/app.zip': remote URIs",
+    ),
+    (
+        {"ray_actor_options": {"runtime_env": {"py_modules": ["https://x/m.whl"]}}},
+        "runtime_env.py_modules",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("options", "option"), RAY_ONLY)
+def test_ray_only_options_are_accepted_in_code_and_refused_by_a_local_runtime(
+    deploy: Deploy, options: dict[str, Any], option: str
 ) -> None:
-    with pytest.raises(serve.ConfigError, match="not supported yet") as declared:
-        serve.deployment(**options)(lambda: None)
-    assert option in str(declared.value)
-    with pytest.raises(serve.ConfigError, match="not supported yet") as changed:
-        serve.deployment(lambda: None).options(**options)
-    assert option in str(changed.value)
+    """Code that sets them may be deployed on Ray (docs/ray.md); the local runtimes
+    refuse them when they deploy it, naming the option and what to do."""
+    app = serve.deployment(**options)(lambda: None).bind()
+    with pytest.raises(serve.ConfigError, match="needs the Ray runtime") as refused:
+        deploy(app)
+    assert option in str(refused.value)
 
 
-def test_pip_refusal_says_it_needs_the_ray_runtime() -> None:
-    with pytest.raises(serve.ConfigError, match=r"needs the Ray runtime.*env_vars, working_dir"):
-        serve.deployment(ray_actor_options={"runtime_env": {"pip": ["torch"]}})(lambda: None)
+def test_a_placement_group_must_hold_what_the_replica_reserves() -> None:
+    with pytest.raises(serve.ConfigError, match="first placement group bundle"):
+        serve.deployment(ray_actor_options={"num_cpus": 2}, placement_group_bundles=[{"CPU": 1}])(
+            lambda: None
+        )
+    with pytest.raises(serve.ConfigError, match="needs placement_group_bundles"):
+        serve.deployment(placement_group_strategy="PACK")(lambda: None)
 
 
-def test_defaults_of_refused_options_are_accepted() -> None:
-    config = serve.deployment(max_replicas_per_node=None, ray_actor_options={"num_cpus": 0.5})(
-        lambda: None
-    ).config
-    assert config.max_replicas_per_node is None
+def test_ray_only_options_at_their_defaults_deploy_on_a_local_runtime(deploy: Deploy) -> None:
+    @serve.deployment(
+        max_replicas_per_node=None, placement_group_bundles=None,
+        ray_actor_options={"num_cpus": 0.5, "memory": None, "accelerator_type": None},
+    )  # fmt: skip
+    def hello() -> str:
+        return "hi"
+
+    assert deploy(hello.bind()).remote().result(timeout_s=30) == "hi"
 
 
 def test_grpc_options_are_validated_by_field() -> None:

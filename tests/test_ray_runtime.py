@@ -9,12 +9,14 @@ operator would.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,10 @@ import yaml
 from conftest import free_port, wait_until
 
 from shoal._config import AdminOptions, HTTPOptions
-from shoal._instance.home import ServerInfo, read_server_info
+from shoal._instance.home import ServerInfo, pid_alive, read_server_info
+from shoal._instance.ray_controller import CONTROLLER_NAME
 from shoal._instance.server import start_server, wait_stopped
+from shoal._runtime.ray.runtime import NAMESPACE
 
 ray = pytest.importorskip("ray", reason="the Ray runtime's tests need ray (the test extra)")
 
@@ -34,27 +38,34 @@ TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[str, dict[str, str]]]:
-    """(address, {resource name: Ray node id}) of a head and two worker nodes."""
+def ray_cluster() -> Iterator[Any]:
+    """A ``ray.cluster_utils.Cluster``: a head and two worker nodes (both declaring
+    "spread", which Spread's two replicas need 0.6 of: one per node)."""
     from ray.cluster_utils import Cluster
 
     head = {"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False}
     nodes = Cluster(initialize_head=True, head_node_args=head)
     try:
-        nodes.add_node(num_cpus=1, resources={"node_a": 1})
-        nodes.add_node(num_cpus=1, resources={"node_b": 1})
+        nodes.add_node(num_cpus=1, resources={"node_a": 1, "spread": 1})
+        nodes.add_node(num_cpus=1, resources={"node_b": 1, "spread": 1})
         nodes.wait_for_nodes()
         ray.init(address=nodes.address, namespace="shoal-tests", log_to_driver=False)
-        by_resource = {
-            name: node["NodeID"]
-            for node in ray.nodes()
-            for name in ("head", "node_a", "node_b")
-            if node["Alive"] and name in node["Resources"]
-        }
-        yield nodes.address, by_resource
+        yield nodes
     finally:
         ray.shutdown()
         nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster: Any) -> tuple[str, dict[str, str]]:
+    """(address, {resource name: Ray node id}) of the cluster's three nodes."""
+    by_resource = {
+        name: node["NodeID"]
+        for node in ray.nodes()
+        for name in ("head", "node_a", "node_b")
+        if node["Alive"] and name in node["Resources"]
+    }
+    return ray_cluster.address, by_resource
 
 
 @contextlib.contextmanager
@@ -84,12 +95,23 @@ def server(cluster: tuple[str, dict[str, str]]) -> Iterator[tuple[str, ServerInf
     try:
         yield home, info
     finally:
-        with _shoal_home(home):
-            if not wait_stopped(read_server_info() or info, 0):
-                os.kill(info.pid, signal.SIGTERM)
-                if not wait_stopped(info, 40):
-                    os.kill(info.pid, signal.SIGKILL)
+        with _shoal_home(home):  # the server now running (the controller restarted one)
+            current = read_server_info() or info
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(current.pid, signal.SIGTERM)
+                if not wait_stopped(current, 40):
+                    os.kill(current.pid, signal.SIGKILL)
+            # A server stopped as asked ends its controller actor for good.
+            wait_until(lambda: not _controller_alive(), 30, "the controller actor to end")
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _controller_alive() -> bool:
+    try:
+        ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def _deploy(info: ServerInfo, *apps: dict[str, Any]) -> None:
@@ -120,9 +142,16 @@ PATTERNS = {"name": "patterns", "route_prefix": "/", "import_path": "ray_runtime
 
 @pytest.fixture(scope="module")
 def patterns(server: tuple[str, ServerInfo]) -> dict[str, Any]:
-    """The patterns application deployed from a Ray Serve config, once it runs."""
-    _, info = server
-    _deploy(info, PATTERNS)
+    """The patterns application deployed with `shoal deploy` of a Ray Serve config
+    file, once it runs."""
+    home, info = server
+    config = Path(home) / "patterns.yaml"
+    config.write_text(yaml.safe_dump({"applications": [PATTERNS]}))
+    deployed = subprocess.run(
+        [sys.executable, "-m", "shoal", "deploy", str(config), "--address", info.admin_url],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "SHOAL_HOME": home},
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stderr
     return _running(info, "patterns")
 
 
@@ -163,6 +192,26 @@ def test_details_name_the_ray_node_of_every_replica(
         assert [r["node_id"] for r in replicas] == [nodes[resource]], deployment
 
 
+def test_the_metrics_endpoint_counts_the_replicas_of_every_node(
+    server: tuple[str, ServerInfo], patterns: dict[str, Any]
+) -> None:
+    _, info = server
+    assert _predict(info, 10).status_code == 200
+
+    def counted() -> set[str]:
+        text = httpx.get(f"{info.admin_url}/metrics", timeout=30).text
+        return {
+            deployment
+            for line in text.splitlines()
+            if line.startswith("ray_serve_deployment_request_counter_total{")
+            and not line.endswith(" 0.0")
+            for deployment in ("Gateway", "Scale", "SumModel", "MaxModel")
+            if f'deployment="{deployment}"' in line
+        }
+
+    wait_until(lambda: len(counted()) == 4, 30, "request counts of the four deployments")
+
+
 def test_a_killed_replica_actor_is_replaced(
     server: tuple[str, ServerInfo], patterns: dict[str, Any]
 ) -> None:
@@ -179,6 +228,79 @@ def test_a_killed_replica_actor_is_replaced(
     wait_until(replaced, 60, "a new Scale replica")
     wait_until(lambda: _predict(info).status_code == 200, 30, "answers again")
     assert _predict(info).json()["scale"]["pid"] != victim["pid"]
+
+
+def test_a_killed_controller_actor_is_restarted_and_adopts_without_failing_requests(
+    server: tuple[str, ServerInfo], patterns: dict[str, Any]
+) -> None:
+    """kill -9 of the controller actor's process under load: its server dies with it,
+    Ray restarts the actor, and the new server adopts the proxy and the replicas (same
+    replica ids) from its checkpoint; no request fails meanwhile."""
+    home, info = server
+    replicas = _replica_ids(_details(info)["applications"]["patterns"])
+    controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    actor_pid, _ = ray.get(controller.where.remote(), timeout=30)
+    with _Load(f"http://127.0.0.1:{info.http_port}/predict?size=10") as load:
+        load.wait_for(20, "traffic flowing")
+        os.kill(actor_pid, signal.SIGKILL)
+        with _shoal_home(home):
+            wait_until(lambda: not pid_alive(info.pid), 30, "the server to die with its actor")
+            restarted = wait_until(
+                lambda: (found := read_server_info()) is not None and found.pid != info.pid
+                and found, 90, "Ray to restart the controller actor and its server",
+            )  # fmt: skip
+        assert restarted.admin_url == info.admin_url and restarted.http_port == info.http_port
+        load.wait_for(20, "served after the restart")
+    assert not load.failures, load.failures[:5]
+    assert _replica_ids(_running(info, "patterns")) == replicas
+    pid_now, _ = ray.get(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE).where.remote())
+    assert pid_now != actor_pid
+
+
+class _Load:
+    """Clients sending GET ``url`` until the block ends; what they were answered."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url = url
+        self.answers: list[str] = []  # bodies of the 200s, in order
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+
+    def _client(self) -> None:
+        with httpx.Client(timeout=30) as http:
+            while not self._stop.is_set():
+                try:
+                    response = http.get(self.url)
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                    continue
+                if response.status_code == 200:
+                    self.answers.append(response.text)
+                else:
+                    self.failures.append(f"{response.status_code} {response.text}")
+
+    def wait_for(self, more: int, what: str) -> None:
+        """Wait until ``more`` requests more than now have been answered."""
+        target = len(self.answers) + more
+        wait_until(lambda: len(self.answers) >= target, 30, what)
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+def _replica_ids(app: dict[str, Any]) -> dict[str, list[str]]:
+    return {
+        name: sorted(r["replica_id"] for r in deployment["replicas"])
+        for name, deployment in app["deployments"].items()
+    }
 
 
 DRIVER = """
@@ -219,8 +341,9 @@ def test_shoal_start_refuses_ray_options_without_ray(tmp_path: Path) -> None:
 
 
 def test_the_config_file_format_is_ray_serves(tmp_path: Path) -> None:
-    """The patterns config above is a valid Ray Serve config file too."""
-    from shoal._deploy_config import ServeDeploySchema
+    """The patterns config `shoal deploy` took is a valid Ray Serve config file (Ray's
+    own schema says so)."""
+    from ray.serve.schema import ServeDeploySchema
 
     text = yaml.safe_dump({"applications": [PATTERNS]})
     assert ServeDeploySchema.model_validate(yaml.safe_load(text)).applications[0].name == "patterns"
@@ -252,3 +375,226 @@ def test_a_replica_ray_cannot_place_is_pending_with_the_reason(
     _deploy(info, PATTERNS)
     wait_until(lambda: "stuck" not in _details(info)["applications"], 30, "stuck deleted")
     assert _predict(info).status_code == 200
+
+
+# --- between nodes: authenticated TCP (issue 13; docs/ray.md, Security) ----------------
+
+
+def _established(pid: int) -> set[tuple[str, int]]:
+    """The remote (host, port) of every TCP connection process ``pid`` has established."""
+    import psutil
+
+    return {
+        (c.raddr.ip, c.raddr.port)
+        for c in psutil.Process(pid).net_connections("tcp")
+        if c.status == psutil.CONN_ESTABLISHED and c.raddr
+    }
+
+
+def _replicas(info: ServerInfo) -> dict[str, dict[str, Any]]:
+    deployments = _details(info)["applications"]["patterns"]["deployments"]
+    return {name: deployment["replicas"][0] for name, deployment in deployments.items()}
+
+
+def _control_address(info: ServerInfo) -> tuple[str, int]:
+    """The controller's authenticated TCP address (kept in its server's directory)."""
+    state = json.loads((Path(info.directory) / "run" / "ray-network.json").read_text())
+    return "127.0.0.1", int(state["port"])
+
+
+def test_replicas_on_other_nodes_are_reached_over_authenticated_tcp(
+    server: tuple[str, ServerInfo], patterns: dict[str, Any]
+) -> None:
+    """Gateway (head) calls its three models (node_a, node_b) over TCP, to the address
+    each advertises; a replica on another node than the controller's says hello to it
+    over TCP, one on its node over its Unix socket. Nodes are told apart by Ray node id:
+    all three share 127.0.0.1 here."""
+    _, info = server
+    assert _predict(info, 10).status_code == 200
+    replicas = _replicas(info)
+    for name, replica in replicas.items():
+        assert replica["tcp_address"].startswith("127.0.0.1:"), (name, replica)
+        assert replica["node_ip"] == "127.0.0.1", name
+    gateway = _established(replicas["Gateway"]["pid"])
+    for callee in ("Scale", "SumModel", "MaxModel"):
+        host, port = replicas[callee]["tcp_address"].rsplit(":", 1)
+        assert (host, int(port)) in gateway, callee
+    controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    _, controller_node = ray.get(controller.where.remote(), timeout=30)
+    control = _control_address(info)
+    over_tcp = {name: control in _established(r["pid"]) for name, r in replicas.items()}
+    assert over_tcp == {name: r["node_id"] != controller_node for name, r in replicas.items()}
+    assert any(over_tcp.values())
+
+
+def test_a_peer_without_the_secret_gets_nothing_decoded(
+    server: tuple[str, ServerInfo], patterns: dict[str, Any], tmp_path: Path
+) -> None:
+    """A plain TCP client sending a frame whose pickle would touch a file when loaded, to a
+    replica's and to the controller's TCP port: closed, and nothing was unpickled."""
+    import pickle
+    import socket
+
+    from shoal._transport.codec import HEADER
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return Path.touch, (marker,)
+
+    body = pickle.dumps(Payload())
+    frame = HEADER.pack(len(body), 1, 0) + body
+    home, info = server
+    host, port = _replicas(info)["Scale"]["tcp_address"].rsplit(":", 1)
+    refusals = []
+    for address in ((host, int(port)), _control_address(info)):
+        with socket.create_connection(address, timeout=10) as plain:
+            refusals.append(f"from 127.0.0.1:{plain.getsockname()[1]}: it does not speak shoal's")
+            plain.sendall(frame)
+            with contextlib.suppress(ConnectionResetError):  # aborted: a reset, or EOF
+                assert plain.recv(1024) == b"", address
+    assert not marker.exists()
+    assert _predict(info, 10).status_code == 200  # the replica and controller still serve
+
+    def logged() -> bool:  # one WARNING each, in the replica's and the controller's logs
+        text = "".join(p.read_text() for p in (Path(home) / "server").rglob("*.log"))
+        return all(refusal in text for refusal in refusals)
+
+    wait_until(logged, 10, "the refusals in the logs")
+
+
+def test_the_proxy_reaches_a_replica_on_another_node_over_tcp(
+    cluster: tuple[str, dict[str, str]], server: tuple[str, ServerInfo], patterns: dict[str, Any]
+) -> None:
+    """The proxy, a process of the controller's node, got the secret over its Unix socket:
+    it calls a replica placed on another node over TCP (on one machine its Unix socket
+    would work too, so only its connections tell)."""
+    import psutil
+
+    _, nodes = cluster
+    _, info = server
+    controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    _, controller_node = ray.get(controller.where.remote(), timeout=30)
+    other = next(name for name in ("node_a", "node_b") if nodes[name] != controller_node)
+    far = {
+        "name": "far", "route_prefix": "/far", "import_path": "ray_runtime_apps:where",
+        "deployments": [{"name": "Where", "ray_actor_options": {"resources": {other: 0.1}}}],
+    }  # fmt: skip
+    _deploy(info, PATTERNS, far)
+    (replica,) = _running(info, "far")["deployments"]["Where"]["replicas"]
+    response = httpx.get(f"http://127.0.0.1:{info.http_port}/far", timeout=30)
+    assert response.status_code == 200 and response.text == nodes[other]
+    run_dir = os.path.join(info.directory, "run")
+    proxies = [
+        p.pid for p in psutil.process_iter(["cmdline"])
+        if "shoal._runtime.process.proxy_worker" in (p.info["cmdline"] or [])
+        and run_dir in p.info["cmdline"]
+    ]  # fmt: skip
+    host, port = replica["tcp_address"].rsplit(":", 1)
+    assert any((host, int(port)) in _established(pid) for pid in proxies), proxies
+
+
+def test_shoal_run_of_a_config_file_with_runtime_ray(
+    cluster: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """The config file's runtime fields: `shoal run` starts an instance whose replicas
+    are actors of the cluster at ray_address."""
+    address, nodes = cluster
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    app = {"name": "where", "route_prefix": "/", "import_path": "ray_runtime_apps:where"}
+    config.write_text(yaml.safe_dump({
+        "runtime": "ray", "ray_address": address, "http_options": {"port": port},
+        "applications": [app],
+    }))  # fmt: skip
+    run = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "run", str(config)], cwd=TESTS, text=True,
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(TESTS)},
+    )  # fmt: skip
+    try:
+        assert run.stdout is not None and "serving on" in run.stdout.readline()
+        answer = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
+        assert answer.status_code == 200 and answer.text in nodes.values()
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=60) == 0
+    finally:
+        run.kill()
+        run.wait(timeout=10)
+
+
+def test_placement_groups_and_ray_only_options_are_handed_to_ray(
+    cluster: tuple[str, dict[str, str]], server: tuple[str, ServerInfo]
+) -> None:
+    """placement_group_bundles/strategy, memory and max_replicas_per_node (refused by the
+    local runtimes): a replica runs in the first bundle of its own placement group,
+    which goes with it; three replicas at most one per node take the three nodes."""
+    _, nodes = cluster
+    _, info = server
+    grouped = {"name": "grouped", "route_prefix": "/grouped",
+               "import_path": "ray_runtime_apps:grouped"}  # fmt: skip
+    per_node = {"name": "per_node", "route_prefix": "/per_node",
+                "import_path": "ray_runtime_apps:per_node"}  # fmt: skip
+    _deploy(info, PATTERNS, grouped, per_node)
+    _running(info, "grouped")
+    replicas = _running(info, "per_node")["deployments"]["PerNode"]["replicas"]
+    assert sorted(r["node_id"] for r in replicas) == sorted(nodes.values())
+    answer = httpx.get(f"http://127.0.0.1:{info.http_port}/grouped", timeout=30).json()
+    assert answer["node"] == nodes["node_a"]
+    from ray.util import placement_group_table
+
+    (group,) = [g for g in placement_group_table().values()
+                if g["placement_group_id"] == answer["group"]]  # fmt: skip
+    assert group["strategy"] == "SPREAD" and group["state"] == "CREATED"
+    bundles = list(group["bundles"].values())
+    assert bundles == [{"node_a": 0.1, "memory": 10**8}, {"node_b": 0.1}]
+    _deploy(info, PATTERNS)
+
+    def removed() -> bool:
+        return placement_group_table()[answer["group"]]["state"] == "REMOVED"
+
+    wait_until(removed, 30, "the placement group to go with its replica")
+
+
+SPREAD = {"name": "spread", "route_prefix": "/spread", "import_path": "ray_runtime_apps:spread"}
+
+
+def test_a_lost_node_s_replica_is_dropped_at_once_and_rescheduled(
+    ray_cluster: Any, cluster: tuple[str, dict[str, str]], server: tuple[str, ServerInfo]
+) -> None:
+    """Under load, node_b (one of Spread's two replicas) is lost as a machine would be:
+    routers drop its replica at once, the controller starts a replacement on a node that
+    has room, and only requests in flight on the lost replica fail. Runs last: it
+    removes node_b."""
+    _, nodes = cluster
+    _, info = server
+    _deploy(info, PATTERNS, SPREAD)
+    placed = [r["node_id"] for r in _running(info, "spread")["deployments"]["Spread"]["replicas"]]
+    assert sorted(placed) == sorted([nodes["node_a"], nodes["node_b"]])
+    spare = ray_cluster.add_node(num_cpus=1, resources={"spread": 1})
+    (lost,) = [node for node in ray_cluster.worker_nodes if node.node_id == nodes["node_b"]]
+    with _Load(f"http://127.0.0.1:{info.http_port}/spread") as load:
+        load.wait_for(20, "traffic flowing")
+        ray_cluster.remove_node(lost, allow_graceful=False)
+        removed_at = len(load.answers)
+
+        def rescheduled() -> bool:
+            app = _details(info)["applications"]["spread"]
+            running = [r for r in app["deployments"]["Spread"]["replicas"]
+                       if r["state"] == "RUNNING"]  # fmt: skip
+            return {r["node_id"] for r in running} == {nodes["node_a"], spare.node_id}
+
+        wait_until(rescheduled, 60, "a replacement replica on the spare node")
+        failed_by_then, replaced_at = len(load.failures), len(load.answers)
+        load.wait_for(40, "served by both replicas again")
+    print(
+        f"node removal: {len(load.failures)} of {len(load.answers) + len(load.failures)} "
+        f"requests failed; {replaced_at - removed_at} answered between the removal and "
+        "the replacement"
+    )
+    # Only requests already sent to the lost replica fail: at most one per client. (Its
+    # process may outlive the node's raylet by a few seconds, serving meanwhile.)
+    assert len(load.failures) <= 4, load.failures
+    assert len(load.failures) == failed_by_then  # none once the replacement serves
+    since = load.answers[replaced_at + 4 :]
+    assert nodes["node_b"] not in since and spare.node_id in since

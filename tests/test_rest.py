@@ -14,6 +14,7 @@ import pytest
 from conftest import async_wait_until
 
 from shoal._config import AdminOptions
+from shoal._config.support import NEEDS_RAY
 from shoal._errors import ConfigError
 from shoal._instance import peer
 from shoal._instance.peer import refusal, serve_admin, socket_owner_uid
@@ -278,6 +279,24 @@ def test_the_api_deploys_inspects_and_deletes_through_the_instance(
             assert list(app()["deployments"]) == ["Hello"]
             refused = http.post("/api/shoal/shutdown")  # embedded: stop it in its process
             assert refused.status_code == 400 and "serve.shutdown()" in refused.text
+            # A file written for a Ray instance is refused, naming the field and values.
+            for_ray = http.put("/api/serve/applications/", json={**config, "runtime": "ray"})
+            assert for_ray.status_code == 400
+            assert "runtime='ray'" in for_ray.text and "'process'" in for_ray.text
+            assert http.get("/api/serve/applications/").json()["applications"].get("hi")
+            # Options only Ray implements: refused by a local instance, each by its path.
+            ray_only = {"applications": [{
+                **config["applications"][0], "runtime_env": {"pip": ["torch"]},
+                "deployments": [{"name": "Hello", "ray_actor_options": {"memory": 1e9}}],
+            }]}  # fmt: skip
+            refused_ray_only = http.put("/api/serve/applications/", json=ray_only)
+            assert refused_ray_only.status_code == 400
+            assert refused_ray_only.text.splitlines()[:2] == [
+                "applications[0].deployments[0].ray_actor_options.memory=1000000000.0 (memory "
+                f"reservations): {NEEDS_RAY}",
+                f"applications[0].runtime_env.pip=['torch']: {NEEDS_RAY}; every runtime "
+                "supports env_vars, working_dir, py_modules (local paths)",
+            ]
             assert http.delete("/api/serve/applications/hi").status_code == 200
             assert app() is None
     finally:

@@ -90,8 +90,8 @@ def _operating_commands(commands: Any) -> None:
     )  # fmt: skip
     start.add_argument(
         "--address", metavar="RAY_ADDRESS",
-        help="with --ray: the cluster's address (auto, ray://host:port, host:port; default: "
-        "RAY_ADDRESS, or a new local cluster)",
+        help="with --ray: the cluster's address (auto, host:port; default: RAY_ADDRESS, "
+        "else auto: the cluster `ray start` runs on this machine)",
     )  # fmt: skip
     start.add_argument(
         "--tracing-options",

@@ -81,6 +81,8 @@ class _Target:
     tracing: dict[str, Any] | None = None  # a config file's tracing_options
     logging: dict[str, Any] | None = None  # a config file's top-level logging_config
     grpc: dict[str, Any] | None = None  # a config file's grpc_options (docs/grpc.md)
+    runtime: str = "process"  # a config file's runtime (docs/ray.md)
+    address: str | None = None  # a config file's ray_address
 
 
 def _is_config(target: str) -> bool:
@@ -126,8 +128,9 @@ def _resolve(args: argparse.Namespace) -> _Target:
     logging = None if config.logging_config is None else config.logging_config.model_dump()
     grpc = None if config.grpc_options is None else config.grpc_options.model_dump()
     return _Target(
-        apps, host, port, None if tracing is None else tracing.model_dump(), logging, grpc
-    )
+        apps, host, port, None if tracing is None else tracing.model_dump(), logging, grpc,
+        config.runtime or "process", config.ray_address,
+    )  # fmt: skip
 
 
 def _deploy(target: _Target) -> None:
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
             http_options={"host": target.host, "port": target.port},
             admin_options=_admin_options(args), tracing_options=target.tracing,
             logging_config=target.logging, grpc_options=target.grpc,
-            _blocking=False, _attach=False,
+            runtime=target.runtime, address=target.address, _blocking=False, _attach=False,
         )  # fmt: skip
         _deploy(target)
     except ShoalError as exc:

@@ -331,6 +331,12 @@ def start(args: argparse.Namespace) -> None:
         "stop with `shoal shutdown`",
         flush=True,
     )
+    if runtime == "ray":
+        print(
+            "  the server runs in the detached Ray actor 'shoal-controller' (namespace "
+            "'shoal') on this node: Ray restarts it if it dies",
+            flush=True,
+        )
 
 
 def _given(**options: Any) -> dict[str, Any]:

@@ -7,7 +7,6 @@ all validated by these pydantic models. Nothing here reads the environment.
 
 from __future__ import annotations
 
-import difflib
 import json
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 # Re-exported: the one place every layer imports options from.
 from shoal._config.strict import _Strict as _Strict
+from shoal._config.support import _did_you_mean, runtime_env_problems
 from shoal._config.telemetry import LOG_LEVELS as LOG_LEVELS
 from shoal._config.telemetry import LoggingConfig as LoggingConfig
 from shoal._config.telemetry import TracingOptions as TracingOptions
@@ -141,15 +141,23 @@ class RayActorOptions(_Strict):
     num_gpus: float = Field(
         0.0, ge=0, description="GPUs each replica reserves: whole ones, or a share below 1."
     )
-    memory: float | None = Field(None, ge=0, description="Refused until issue 13.")
-    object_store_memory: float | None = Field(None, ge=0, description="Refused until issue 13.")
+    memory: float | None = Field(
+        None, ge=0, description="Bytes of memory each replica reserves (Ray runtime only)."
+    )
+    object_store_memory: float | None = Field(
+        None, ge=0, description="Bytes of object store each replica reserves (Ray runtime only)."
+    )
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom resources each replica reserves."
     )
     runtime_env: dict[str, Any] | None = Field(
-        None, description="Local env_vars, working_dir and py_modules of the replica."
+        None,
+        description="The replica's environment: env_vars, and local working_dir and "
+        "py_modules on every runtime; any other key of Ray's on the Ray runtime.",
     )
-    accelerator_type: str | None = Field(None, description="Refused until issue 13.")
+    accelerator_type: str | None = Field(
+        None, description="The accelerator each replica needs, e.g. A100 (Ray runtime only)."
+    )
 
     @field_validator("num_gpus")
     @classmethod
@@ -255,13 +263,16 @@ class DeploymentConfig(_Strict):
         "else the instance's.",
     )
     placement_group_bundles: list[dict[str, float]] | None = Field(
-        None, description="Ray placement group bundles; refused until issue 13."
+        None,
+        min_length=1,
+        description="Resource bundles of a placement group made for each replica, which "
+        "runs in the first (Ray runtime only).",
     )
-    placement_group_strategy: str | None = Field(
-        None, description="Ray placement group strategy; refused until issue 13."
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = (
+        Field(None, description="How the bundles are placed (Ray runtime only); null: PACK.")
     )
     max_replicas_per_node: int | None = Field(
-        None, ge=1, description="Replicas per node at most; refused until issue 13."
+        None, ge=1, description="Replicas of the deployment per node at most (Ray runtime only)."
     )
 
     @field_validator("num_replicas")
@@ -280,6 +291,26 @@ class DeploymentConfig(_Strict):
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"must be JSON-serializable ({exc})") from None
         return value
+
+    @model_validator(mode="after")
+    def _placement_group(self) -> DeploymentConfig:
+        bundles = self.placement_group_bundles
+        if self.placement_group_strategy is not None and bundles is None:
+            raise ValueError(
+                f"placement_group_strategy={self.placement_group_strategy!r} needs "
+                "placement_group_bundles"
+            )
+        if bundles is not None:  # the replica's actor runs in the first bundle (as in Ray)
+            options = self.ray_actor_options
+            needs = {"CPU": options.num_cpus, "GPU": options.num_gpus, **options.resources,
+                     "memory": options.memory or 0.0}  # fmt: skip
+            short = {k: v for k, v in needs.items() if v and bundles[0].get(k, 0.0) < v}
+            if short:
+                raise ValueError(
+                    f"the replica runs in the first placement group bundle {bundles[0]}, "
+                    f"which does not hold what ray_actor_options reserve: {short}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _replicas_vs_autoscaling(self) -> DeploymentConfig:
@@ -448,92 +479,18 @@ class AdminOptions(_Strict):
 def validate(model: type[_Strict], options: dict[str, Any], what: str) -> Any:
     """Build ``model`` from ``options`` or raise :class:`ConfigError` naming field and value.
 
-    A :class:`DeploymentConfig` that sets an option shoal does not implement yet
-    (see :data:`NOT_SUPPORTED_YET`) is refused here too.
+    A :class:`DeploymentConfig`'s ``runtime_env`` is checked here too; options only the
+    Ray runtime implements are refused when a local runtime deploys them (:mod:`.support`).
     """
     try:
         value = model(**options)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, options, what)) from None
     if isinstance(value, DeploymentConfig):
-        problems = [*refusals(value), *runtime_env_problems(value.ray_actor_options.runtime_env)]
+        problems = runtime_env_problems(value.ray_actor_options.runtime_env)
         if problems:
             raise ConfigError(f"{what}: " + "; ".join(problems))
     return value
-
-
-# Options that are validated but have no effect yet: option -> why, and what to do now.
-# Deployment options (dotted paths into DeploymentConfig) and serve.start/serve.run
-# keywords. The issue that implements one removes its line (and its test in test_options.py).
-NOT_SUPPORTED_YET: dict[str, str] = {
-    "placement_group_bundles": "placement groups need the Ray runtime (issue 13)",
-    "placement_group_strategy": "placement groups need the Ray runtime (issue 13)",
-    "max_replicas_per_node": "it needs the Ray runtime (issue 13); on one machine every "
-    "replica runs on the same node",
-    "ray_actor_options.memory": "memory reservations need the Ray runtime (issue 13)",
-    "ray_actor_options.object_store_memory": "it needs the Ray runtime (issue 13)",
-    "ray_actor_options.accelerator_type": "accelerator types need the Ray runtime (issue 13); "
-    "use num_gpus",
-}
-
-
-def refusals(config: DeploymentConfig) -> list[str]:
-    """One message per option ``config`` sets that is listed in :data:`NOT_SUPPORTED_YET`."""
-    found = []
-    for option, reason in NOT_SUPPORTED_YET.items():
-        if option == "num_replicas='auto'":
-            is_set = config.num_replicas == "auto"
-        elif option.split(".")[0] not in DeploymentConfig.model_fields:
-            continue  # a serve.start/serve.run keyword
-        else:
-            owner: BaseModel = config
-            *parents, leaf = option.split(".")
-            for part in parents:
-                owner = getattr(owner, part)
-            is_set = getattr(owner, leaf) != type(owner).model_fields[leaf].default
-        if is_set:
-            found.append(f"{option} is not supported yet: {reason}")
-    return found
-
-
-# runtime_env keys the local runtimes implement; every other key needs the Ray runtime.
-RUNTIME_ENV_KEYS = ("env_vars", "working_dir", "py_modules")
-_RAY_ONLY = (
-    "it needs the Ray runtime (issue 13); the local runtimes support "
-    + ", ".join(RUNTIME_ENV_KEYS)
-    + " (local paths)"
-)
-
-
-def runtime_env_problems(env: dict[str, Any] | None) -> list[str]:
-    """What is wrong with, or not supported in, a ``runtime_env`` (empty if it is fine)."""
-    problems = []
-    for key, value in (env or {}).items():
-        name = f"ray_actor_options.runtime_env.{key}"
-        if key not in RUNTIME_ENV_KEYS:
-            hint = _did_you_mean(str(key), RUNTIME_ENV_KEYS)
-            problems.append(f"{name} is not supported yet: {_RAY_ONLY}{hint}")
-        elif key == "env_vars":
-            if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-            ):
-                problems.append(f"invalid {name}={value!r}: it must map strings to strings")
-        else:
-            paths = [value] if key == "working_dir" else value
-            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-                what = "a path (str)" if key == "working_dir" else "a list of paths (str)"
-                problems.append(f"invalid {name}={value!r}: it must be {what}")
-            elif any("://" in p for p in paths):
-                problems.append(
-                    f"{name}={value!r} is not supported yet: remote URIs need the Ray runtime "
-                    "(issue 13); pass a local path"
-                )
-    return problems
-
-
-def _did_you_mean(name: str, known: Any) -> str:
-    matches = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(m) for m in matches)}?)" if matches else ""
 
 
 def _describe(exc: ValidationError, options: dict[str, Any], what: str) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal._config import HTTPOptions
+from shoal._config.support import ray_only
 from shoal._controller.autoscaler import AppAutoscaler
 from shoal._controller.deployment_state import DeploymentState, replica_set
 from shoal._controller.metrics import controller_collector
@@ -190,6 +191,7 @@ class Controller:
         Waits while replicas are PENDING for resources; raises ConfigError at once
         if they can never fit this machine.
         """
+        self._check_runtime_implements(spec)
         self._check_fits(spec)
         for deployment in spec.deployments.values():
             auto = deployment.config.autoscaling()
@@ -228,6 +230,17 @@ class Controller:
         app.routed = spec.route_prefix is not None
         self._autoscale_app(app)
         await self._publish_routes()
+
+    def _check_runtime_implements(self, spec: AppSpec) -> None:
+        """Refuse the options only a runtime whose cluster places replicas (Ray) implements."""
+        if self.runtime.places_replicas:
+            return
+        for name, deployment in spec.deployments.items():
+            problems = ray_only(deployment.config)
+            if problems:
+                raise ConfigError(
+                    f"deployment '{name}' of application '{spec.name}': " + "; ".join(problems)
+                )
 
     def _check_fits(self, spec: AppSpec) -> None:
         """Refuse an application whose replicas can never all run on this machine at once."""

@@ -52,6 +52,9 @@ class ReplicaStatus:
     details: dict[str, Any] | None = None
     #: The node (machine, or Ray node) it runs on; "" while it has none.
     node_id: str = ""
+    #: Where routers on other nodes reach it ("host:port", authenticated TCP: the Ray
+    #: runtime); "" when it is reached over its Unix socket only.
+    tcp_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ def deployment_overview(state: DeploymentState) -> DeploymentStatusOverview:
             r.config_version,
             details=r.details,
             node_id=r.handle.info.node_id,
+            tcp_address=r.handle.info.tcp_address,
         )
         for r in state.replicas
     ]

@@ -35,6 +35,7 @@ from shoal._config import (
     gRPCOptions,
     validate,
 )
+from shoal._config.support import ray_only
 from shoal._controller.status import ServeStatus
 from shoal._errors import (
     ConfigError,
@@ -370,6 +371,11 @@ def _check_supported(deployment: str, config: DeploymentConfig, local: bool) -> 
     actor = config.ray_actor_options
     env = actor.runtime_env or {}
     if local:
+        # Options only Ray implements: named first (the other runtimes' controllers refuse
+        # them too, and a Ray instance takes them).
+        problems = ray_only(config)
+        if problems:
+            raise ConfigError(f"deployment '{deployment}': " + "; ".join(problems))
         # Replicas share the driver's process: per-replica environment variables,
         # cwd, sys.path or GPU visibility would change the driver and every other replica.
         if env:
@@ -395,12 +401,12 @@ def _check_supported(deployment: str, config: DeploymentConfig, local: bool) -> 
         return
     paths = [env["working_dir"]] if "working_dir" in env else []
     for path in [*paths, *env.get("py_modules", [])]:
-        if not os.path.exists(path):
+        if "://" not in path and not os.path.exists(path):  # a URI is Ray's to fetch
             raise ConfigError(
                 f"deployment '{deployment}': runtime_env path {path!r} does not exist "
                 f"(relative paths are relative to the driver's directory {os.getcwd()!r})"
             )
-    if paths and not os.path.isdir(paths[0]):
+    if paths and "://" not in paths[0] and not os.path.isdir(paths[0]):
         raise ConfigError(
             f"deployment '{deployment}': runtime_env working_dir {paths[0]!r} is not a directory"
         )

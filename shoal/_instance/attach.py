@@ -37,6 +37,7 @@ from shoal._transport.messages import (
     AttachDeploy,
     AttachShutdown,
     AttachStatus,
+    ConfigureProcess,
     Failure,
     Hello,
     Message,
@@ -125,6 +126,10 @@ class AttachedInstance:
         def on_control(conn: Connection, corr: int, msg: Message) -> None:
             if type(msg) is ReplicaSetUpdate:
                 self.registry.apply(msg)
+                conn.send(corr, Result())
+            elif type(msg) is ConfigureProcess:  # replicas on other nodes (the Ray runtime)
+                if msg.network is not None:
+                    self.registry.connector = msg.network.connector()
                 conn.send(corr, Result())
             elif type(msg) is Result and corr == 0 and not ready.done():
                 ready.set_result(None)  # every current replica set is applied

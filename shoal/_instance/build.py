@@ -235,8 +235,8 @@ def _short(value: Any) -> str:
 
 def _absolute_env(env: dict[str, Any], path: str) -> dict[str, Any]:
     """``env`` with local paths made absolute (relative to the current directory)."""
-    env = dict(env)
-    if env.get("working_dir") is not None:
+    env = dict(env)  # URIs are Ray's to fetch (a local runtime refuses them)
+    if env.get("working_dir") is not None and "://" not in env["working_dir"]:
         directory = os.path.abspath(env["working_dir"])
         if not os.path.isdir(directory):
             raise ConfigError(
@@ -245,9 +245,9 @@ def _absolute_env(env: dict[str, Any], path: str) -> dict[str, Any]:
             )
         env["working_dir"] = directory
     if env.get("py_modules"):
-        modules = [os.path.abspath(m) for m in env["py_modules"]]
+        modules = [m if "://" in m else os.path.abspath(m) for m in env["py_modules"]]
         for given, module in zip(env["py_modules"], modules, strict=True):
-            if not os.path.exists(module):
+            if "://" not in module and not os.path.exists(module):
                 raise ConfigError(
                     f"{path}.py_modules: {given!r} does not exist (relative paths are "
                     f"relative to the current directory, {os.getcwd()})"

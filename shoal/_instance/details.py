@@ -90,7 +90,9 @@ def _deployment(name: str, overview: DeploymentStatusOverview, spec: Any) -> dic
         "replicas": [
             {
                 "node_id": replica.node_id or NODE_ID,
-                "node_ip": "127.0.0.1",
+                "node_ip": _host(replica.tcp_address) or "127.0.0.1",
+                # shoal's own: where routers on other nodes reach it ("": Unix socket only)
+                "tcp_address": replica.tcp_address,
                 "replica_id": replica.replica_id,
                 "state": str(replica.state),
                 "pid": replica.pid,
@@ -101,6 +103,11 @@ def _deployment(name: str, overview: DeploymentStatusOverview, spec: Any) -> dic
             for replica in overview.replicas
         ],
     }
+
+
+def _host(address: str) -> str:
+    """The host of a "host:port" or "[v6]:port" address; "" for ""."""
+    return address.rpartition(":")[0].strip("[]")
 
 
 def _trigger(status: str) -> str:

@@ -72,15 +72,16 @@ def remove_server_info(directory: str) -> None:
         os.unlink(os.path.join(directory, SERVER_INFO))
 
 
-def read_server_info() -> ServerInfo | None:
-    """The running server of this state root, or None (no file, or its process is gone)."""
+def read_server_info(running: bool = True) -> ServerInfo | None:
+    """The running server of this state root, or None (no file, or its process is gone);
+    ``running=False``: the last server that published its info, running or not."""
     path = os.path.join(state_root(), "server", SERVER_INFO)
     try:
         with open(path) as file:
             info = ServerInfo(**json.load(file))
     except (OSError, ValueError, TypeError):
         return None
-    return info if pid_alive(info.pid) else None
+    return info if not running or pid_alive(info.pid) else None
 
 
 def pid_alive(pid: int) -> bool:

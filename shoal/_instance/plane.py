@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shoal._config import TIMEOUTS
+from shoal._config.support import ray_only, runtime_env_ray_only
 from shoal._controller.status import ApplicationStatus
 from shoal._errors import ConfigError, ShoalError
 from shoal._instance.details import instance_details
@@ -144,7 +145,27 @@ class InstanceControlPlane:
         """Warn about instance-wide HTTP options that differ from the running instance's:
         they are fixed when it starts. Ray Serve deploys such a file with a warning too
         (so files written for another port deploy); `shoal deploy` prints it as well.
-        The same for ``tracing_options``."""
+        The same for ``tracing_options``. A ``runtime`` other than the instance's is
+        refused: the file was written for another kind of instance."""
+        if not self._instance.controller.runtime.places_replicas:
+            found = [
+                f"applications[{i}].deployments[{j}].{line}"
+                for i, app in enumerate(config.applications)
+                for j, deployment in enumerate(app.deployments)
+                for line in ray_only(deployment)
+            ]
+            for i, app in enumerate(config.applications):
+                found += runtime_env_ray_only(app.runtime_env, f"applications[{i}].runtime_env")
+            if found:
+                raise ConfigError("\n".join(found))
+        running_runtime = self._instance.options.runtime
+        if config.runtime is not None and config.runtime != running_runtime:
+            raise ConfigError(
+                f"runtime={config.runtime!r} in the config differs from the running "
+                f"instance's runtime {running_runtime!r}: the runtime is chosen when the "
+                "instance starts (shoal start --ray, or shoal run CONFIG); remove the field "
+                "or deploy to an instance of that runtime"
+            )
         tracing = config.tracing_options
         running = getattr(self._instance, "telemetry", None)
         if tracing is not None and running is not None and tracing != running.tracing:

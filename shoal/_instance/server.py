@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shoal._config import (
@@ -92,25 +93,40 @@ def start_server(
         "grpc": None if grpc is None else grpc.model_dump(mode="json"),
     }
     log_path = os.path.join(directory, LOG)
+    deadline = time.monotonic() + timeout_s
+    if runtime == "ray":  # the server runs in a detached actor, which Ray restarts
+        from shoal._instance.ray_controller import start_controller_actor
+
+        pid = start_controller_actor(options, address, timeout_s)
+        return _wait_serving(pid, lambda: None if pid_alive(pid) else "?", deadline, log_path)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "shoal._instance.server", json.dumps(options)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
             start_new_session=True,  # not killed with the shell that started it
         )  # fmt: skip
-    deadline = time.monotonic() + timeout_s
+    try:
+        return _wait_serving(process.pid, process.poll, deadline, log_path)
+    except ShoalError:
+        process.kill()
+        raise
+
+
+def _wait_serving(
+    pid: int, exit_code: Callable[[], Any], deadline: float, log_path: str
+) -> ServerInfo:
+    """The info the server with ``pid`` publishes once it serves; a ShoalError if it
+    exits first (``exit_code()`` is not None) or does not serve by ``deadline``."""
     while time.monotonic() < deadline:
         info = read_server_info()
-        if info is not None and info.pid == process.pid:
+        if info is not None and info.pid == pid:
             return info
-        if process.poll() is not None:
+        if (code := exit_code()) is not None:
             raise ShoalError(
-                f"the shoal server exited with code {process.returncode} while starting:\n"
-                f"{_tail(log_path)}"
+                f"the shoal server exited with code {code} while starting:\n{_tail(log_path)}"
             )
         time.sleep(_POLL_S)
-    process.kill()
-    raise ShoalError(f"the shoal server did not start within {timeout_s:.0f} s:\n{_tail(log_path)}")
+    raise ShoalError(f"the shoal server did not start in time:\n{_tail(log_path)}")
 
 
 def _tail(path: str, lines: int = 20) -> str:

@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shoal._api.context import ReplicaContext, RequestContext, replica_context, request_context
-from shoal._api.handle import DeploymentResponseGenerator
 from shoal._api.ingress import asgi_app_of
 from shoal._api.multiplex import close_replica, replica_models
+from shoal._api.responses import DeploymentResponseGenerator
 from shoal._errors import NotFoundError, RequestTimeoutError, ShoalError
 from shoal._observe import tracing
 from shoal._replica.asgi import Lifespan, asgi_parts, request_scope, websocket_messages

@@ -20,12 +20,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from shoal._api.handle import DeploymentHandle
-from shoal._config import HTTPOptions
-from shoal._errors import NotFoundError, SerializationError, ShoalError, TransportError
+from shoal._errors import SerializationError, ShoalError, TransportError
 from shoal._replica.logs import configure_serve_logger, set_local_replica_level
 from shoal._replica.replica import Replica
 from shoal._replica.server import takes_input
 from shoal._runtime.node import local_node_id
+from shoal._runtime.without_proxy import WithoutProxy
 from shoal._seam.protocols import MetricsSink, ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import constructor_failed
@@ -214,8 +214,10 @@ async def _anext(iterator: AsyncIterator[Message]) -> Message:
     return await iterator.__anext__()
 
 
-class InProcessRuntime:
+class InProcessRuntime(WithoutProxy):
     """Runtime whose replicas live in the driver's event loop."""
+
+    no_proxy_message = "the in-process runtime has no HTTP proxy; call the ingress handle"
 
     supports_http = False
     places_replicas = False
@@ -264,25 +266,6 @@ class InProcessRuntime:
 
     async def publish(self, update: ReplicaSetUpdate) -> None:
         """Nothing to do: the controller already updated this process's routers."""
-
-    async def start_proxy(
-        self, options: HTTPOptions, on_died: Callable[[], None] | None = None
-    ) -> tuple[str, int]:
-        raise NotFoundError("the in-process runtime has no HTTP proxy; call the ingress handle")
-
-    async def restart_proxy(self) -> tuple[str, int]:
-        return await self.start_proxy(HTTPOptions())
-
-    async def check_proxy(self, timeout_s: float) -> None:
-        """No proxy: nothing to check."""
-
-    proxy_pid: int | None = None
-
-    async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
-        """No proxy: routes are not served."""
-
-    async def drain_proxy(self, timeout_s: float = 0.0) -> None:
-        """No proxy: nothing to drain."""
 
     async def shutdown(self, timeout_s: float) -> None:
         for local in list(self._replicas.values()):

@@ -41,9 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal._config import HTTPOptions
 from shoal._errors import ConfigError, NotFoundError, TransportError
 from shoal._router.router import RouterRegistry
+from shoal._runtime.without_proxy import WithoutProxy
 from shoal._seam.protocols import MetricsSink, ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._transport.codec import HEADER, HEADER_SIZE, decode, encode
@@ -158,8 +158,10 @@ class SimulatedReplica:
         self._runtime.crash_replica(self.info.replica_id)
 
 
-class SimulatedRuntime:
+class SimulatedRuntime(WithoutProxy):
     """Runtime over ``nodes`` simulated nodes (see the module's docstring)."""
+
+    no_proxy_message = "the simulated runtime serves no HTTP"
 
     supports_http = False  # the per-node proxies only hold routers: nothing listens
     places_replicas = True  # the simulated cluster places replicas, per node
@@ -270,25 +272,6 @@ class SimulatedRuntime:
                 future.set_result(stats.ended)
                 self._watchers.remove(watcher)
         await asyncio.sleep(0)  # the acknowledgements
-
-    async def start_proxy(
-        self, options: HTTPOptions, on_died: Callable[[], None] | None = None
-    ) -> tuple[str, int]:
-        raise NotFoundError("the simulated runtime serves no HTTP")
-
-    async def restart_proxy(self) -> tuple[str, int]:
-        return await self.start_proxy(HTTPOptions())
-
-    async def check_proxy(self, timeout_s: float) -> None:
-        """No proxy process: nothing to check."""
-
-    proxy_pid: int | None = None
-
-    async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
-        """Routes are not served."""
-
-    async def drain_proxy(self, timeout_s: float = 0.0) -> None:
-        """No proxy: nothing to drain."""
 
     async def shutdown(self, timeout_s: float) -> None:
         for replica in list(self.replicas.values()):

@@ -75,7 +75,9 @@ class UserCode:
         ``runtime_env``'s local paths first (see :meth:`import_path`)."""
         path, cwd = self.import_path(runtime_env)
         sys.path[:] = path
-        if cwd:
+        # On a Ray node of another machine, the building process's directory is not
+        # there: Ray has already made the runtime_env's working_dir the cwd.
+        if cwd and os.path.isdir(cwd):
             os.chdir(cwd)
 
     def import_path(self, runtime_env: dict[str, Any] | None = None) -> tuple[list[str], str]:
@@ -88,10 +90,13 @@ class UserCode:
         """
         env = runtime_env or {}
         cwd, front = self.cwd, []
-        if env.get("working_dir") is not None:
-            cwd = os.path.join(self.cwd, env["working_dir"])
+        working_dir = env.get("working_dir")
+        if working_dir is not None and "://" not in working_dir:  # a URI: Ray fetched it
+            cwd = os.path.join(self.cwd, working_dir)
             front.append(cwd)
         for module in env.get("py_modules", []):
+            if "://" in module:
+                continue
             path = os.path.join(self.cwd, module)
             zipped = os.path.isfile(path) and path.endswith((".zip", ".whl"))
             front.append(path if zipped else os.path.dirname(path.rstrip(os.sep)))

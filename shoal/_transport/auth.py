@@ -55,6 +55,12 @@ _CHALLENGE_SIZE = len(MAGIC) + NONCE_SIZE + MAC_SIZE
 _OK = b"\x01"
 _SERVER, _CLIENT = b"shoal server", b"shoal client"
 _BACKLOG = 1024
+# A peer on a lost node (power, network) never closes its end: TCP keepalive drops an
+# idle connection to it after about KEEPIDLE + KEEPCNT * KEEPINTVL s (11 s), and
+# TCP_USER_TIMEOUT one whose sent data stays unacknowledged for 15 s, so that routers
+# and the controller see the loss as they do a closed Unix socket (at once, locally).
+_KEEPIDLE_S, _KEEPINTVL_S, _KEEPCNT = 5, 2, 3
+_USER_TIMEOUT_MS = 15_000
 
 
 def new_instance_secret() -> bytes:
@@ -98,9 +104,19 @@ def bound_address(server: asyncio.AbstractServer) -> tuple[str, int]:
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """``TCP_NODELAY``, and the keepalive and user timeout that notice a lost peer."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (
+            ("TCP_KEEPIDLE", _KEEPIDLE_S),
+            ("TCP_KEEPINTVL", _KEEPINTVL_S),
+            ("TCP_KEEPCNT", _KEEPCNT),
+            ("TCP_USER_TIMEOUT", _USER_TIMEOUT_MS),
+        ):
+            if hasattr(socket, name):  # Linux; elsewhere the system's defaults
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import ssl as _ssl
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from shoal._transport.auth import check_secret, connect_tcp, split_host_port
@@ -138,3 +139,21 @@ class NetworkConnector:
                 host, port, self._secret, None, info.replica_id, self._timeout_s, ssl=self._ssl
             )
         return SocketClient(conn, info.replica_id)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeNetwork:
+    """Where a process of an instance spread over nodes runs, and the instance secret.
+
+    ``node_id`` names the node as ``ReplicaInfo.node_id`` does; ``host`` is the
+    node's address, where a replica it hosts listens on TCP ("" if it hosts none).
+    The secret never appears in a repr (nor, so, in a log line).
+    """
+
+    node_id: str
+    secret: bytes = field(repr=False)
+    host: str = ""
+
+    def connector(self) -> NetworkConnector:
+        """The routers' connector of a process on this node."""
+        return NetworkConnector(self.node_id, self.secret)

@@ -204,6 +204,12 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.close()
 
+    def abort(self) -> None:
+        """Drop the connection now, without flushing what is not written yet: its peer is
+        known to be gone (a TCP peer on a lost node never closes its end)."""
+        if self._transport is not None:
+            self._transport.abort()
+
     # --- asyncio protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
-from typing import Any, ClassVar, TypeVar, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, dataclass_transform
 
 from shoal._config import NO_REPLICA_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from shoal._transport.client import NodeNetwork
 
 _REGISTRY: dict[int, type[Message]] = {}
 _M = TypeVar("_M", bound="Message")
@@ -275,9 +278,15 @@ class AutoscalingStats(Message):
 @message(33)
 class ConfigureProcess(Message):
     """The instance's observability settings (``shoal._observe.options.Telemetry``, as a
-    dict); sent to every worker process right after its hello, before anything else."""
+    dict); sent to every worker process right after its hello, before anything else.
+
+    ``network``: for a process of this node on an instance whose replicas span nodes
+    (the Ray runtime's proxy), its node and the instance secret, so that its routers
+    reach replicas on other nodes over authenticated TCP. Only ever sent over a Unix
+    socket: the secret never crosses the network in a message."""
 
     telemetry: dict[str, Any]
+    network: NodeNetwork | None = None
 
 
 @message(34)

@@ -13,9 +13,10 @@ import starlette.requests  # noqa: F401
 from shoal._api.batching import batch
 from shoal._api.context import ReplicaContext, RequestContext, get_request_context
 from shoal._api.deployment import Application, Deployment, deployment
-from shoal._api.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from shoal._api.handle import DeploymentHandle
 from shoal._api.ingress import ingress
 from shoal._api.multiplex import get_multiplexed_model_id, multiplexed
+from shoal._api.responses import DeploymentResponse, DeploymentResponseGenerator
 from shoal._config import AutoscalingConfig, DeploymentConfig, HTTPOptions
 from shoal._controller.status import ApplicationStatus, DeploymentStatus, ReplicaState
 from shoal._errors import (

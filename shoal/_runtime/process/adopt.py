@@ -68,6 +68,11 @@ class Rejoined:
     last_at: float = field(default_factory=time.monotonic)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def listening(self) -> None:
+        """The controller's socket is open: workers can rejoin from now on (a runtime
+        that first connects to a cluster may open it well after it was made)."""
+        self.last_at = time.monotonic()
+
     def add(self) -> None:
         self.last_at = time.monotonic()
         self.arrived.set()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -53,9 +54,10 @@ from shoal._runtime.process.workers import (
     started,
 )
 from shoal._runtime.process.zygote import ENTRY_MODULES
-from shoal._seam.protocols import MetricsSink, ReplicaHandle
+from shoal._seam.protocols import Connector, MetricsSink, ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import startup_failed
+from shoal._transport.client import NodeNetwork
 from shoal._transport.connection import Connection, serve_unix
 from shoal._transport.messages import (
     ConfigureProcess,
@@ -133,7 +135,7 @@ class ProcessRuntime:
         self._spawn_slots = asyncio.Semaphore(self.spawn_slots)
         self._owns_directory = directory is None
         self.directory = new_instance_directory() if directory is None else directory
-        self.connector = UnixConnector()
+        self.connector: Connector = UnixConnector()
         self._workers: dict[str, WorkerProcess] = {}
         self._hellos: dict[str, asyncio.Future[Connection]] = {}
         self._membership: dict[tuple[str, str], ReplicaSetUpdate] = {}
@@ -164,6 +166,7 @@ class ProcessRuntime:
         self._metrics.sink = metrics
         path = os.path.join(self.directory, "controller.sock")
         self._server = await serve_unix(path, self._on_control, "controller")
+        self.rejoined.listening()
 
     def _on_control(self, conn: Connection, corr: int, msg: Message) -> None:
         if type(msg) is LoadReport:  # unsolicited, no reply: the routers of another process
@@ -183,13 +186,12 @@ class ProcessRuntime:
     def _adopt(self, conn: Connection, msg: Rejoin) -> None:
         """A worker of the controller before this one rejoined: take it over (a standby
         proxy process is not needed: it is stopped)."""
-        worker = WorkerProcess(msg.worker_id, AdoptedProcess(msg.pid))
+        worker = self._adopted_worker(msg)
         worker.conn = conn
         conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
         self._workers[msg.worker_id] = worker
         if msg.replica is not None:
-            info = ReplicaInfo(msg.replica.replica_id, msg.replica.address,
-                               msg.replica.max_ongoing_requests, local_node_id())  # fmt: skip
+            info = dataclasses.replace(msg.replica, node_id=self._node_of(worker))
             handle = self._replicas[info.replica_id] = ProcessReplica(worker, info)
             self.rejoined.replicas.append((handle, msg))
         elif msg.proxy is not None:
@@ -198,6 +200,10 @@ class ProcessRuntime:
             worker.stopping = True
             worker.process.kill()
         self.rejoined.add()
+
+    def _adopted_worker(self, msg: Rejoin) -> WorkerProcess:
+        """The handle on a worker that rejoined (a process of this machine, by pid)."""
+        return WorkerProcess(msg.worker_id, AdoptedProcess(msg.pid))
 
     def adopt_proxy(
         self, options: HTTPOptions, on_died: Callable[[], None]
@@ -220,6 +226,8 @@ class ProcessRuntime:
         self._subscribers[subscriber_id] = subscriber
         conn.close_callbacks.append(lambda _conn: self._subscribers.pop(subscriber_id, None))
         try:
+            if (network := self._network_of(None)) is not None:  # before any replica set
+                await subscriber.request(ConfigureProcess({}, network), _CONTROL_TIMEOUT_S)
             for update in list(self._membership.values()):
                 await subscriber.request(update, _CONTROL_TIMEOUT_S)
         except (ShoalError, TransportError) as exc:
@@ -241,7 +249,8 @@ class ProcessRuntime:
             worker, hello = await self._launch(kind, env_vars, listen_fd, spec)
         worker.conn = hello
         worker.conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
-        snapshot = [worker.request(ConfigureProcess(self._telemetry), _CONTROL_TIMEOUT_S)]
+        configure = ConfigureProcess(self._telemetry, self._network_of(worker))
+        snapshot = [worker.request(configure, _CONTROL_TIMEOUT_S)]
         snapshot += [
             worker.request(update, _CONTROL_TIMEOUT_S) for update in self._membership.values()
         ]
@@ -353,7 +362,7 @@ class ProcessRuntime:
         worker = await self._spawn("replica", env.get("env_vars"), spec=spec)
         try:
             start = StartReplica(cloudpickle.dumps(spec))
-            address = await worker.request(start, _SPAWN_TIMEOUT_S * 10)
+            started_at: ReplicaInfo = await worker.request(start, _SPAWN_TIMEOUT_S * 10)
         except BaseException as exc:
             worker.stopping = True
             worker.process.kill()
@@ -361,15 +370,18 @@ class ProcessRuntime:
                 raise
             notes = "".join(getattr(exc, "__notes__", []))
             raise startup_failed(spec.deployment, exc, notes) from exc
-        info = ReplicaInfo(
-            spec.replica_id, address, spec.config.max_ongoing_requests, self._node_of(worker)
-        )
+        info = dataclasses.replace(started_at, node_id=self._node_of(worker))
         replica = self._replicas[spec.replica_id] = ProcessReplica(worker, info)
         return replica
 
     def _node_of(self, worker: WorkerProcess) -> str:
         """The node a worker runs on (ReplicaInfo.node_id): this machine."""
         return local_node_id()
+
+    def _network_of(self, worker: WorkerProcess | None) -> NodeNetwork | None:
+        """What ``worker`` (None: a process attached on this node) is told of replicas on
+        other nodes (ConfigureProcess): nothing, all are on this machine."""
+        return None
 
     async def publish(self, update: ReplicaSetUpdate) -> None:
         key = (update.app, update.deployment)

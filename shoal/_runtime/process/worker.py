@@ -35,7 +35,9 @@ from shoal._replica.logs import configure_worker_logging
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import new_event_loop
 from shoal._runtime.process.client import UnixConnector
-from shoal._transport.connection import Connection, connect_unix
+from shoal._transport.auth import connect_tcp, join_host_port, split_host_port
+from shoal._transport.client import NodeNetwork
+from shoal._transport.connection import Connection, MessageHandler, connect_unix
 from shoal._transport.failures import failure_from
 from shoal._transport.messages import (
     AutoscalingStats,
@@ -71,14 +73,27 @@ _REJOIN_ANSWER_S = 2.0  # how long it waits for a controller to acknowledge it
 class Worker:
     """This process's control connection, its routers, and the replica or proxy it hosts."""
 
-    def __init__(self, instance_dir: str, worker_id: str, orphan_grace_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        instance_dir: str,
+        worker_id: str,
+        orphan_grace_s: float = 0.0,
+        network: NodeNetwork | None = None,
+        controller: str = "",
+    ) -> None:
+        """``network``: this process's node and the instance secret (an instance whose
+        replicas span nodes); ``controller``: the controller's authenticated TCP address
+        ("host:port") if it runs on another node, "" to use its Unix socket."""
         self.instance_dir = instance_dir
         self.worker_id = worker_id
         self.orphan_grace_s = orphan_grace_s
+        self.network = network
+        self.controller = controller
         # What this worker tells a restarted controller (see _rejoin).
         self.hosting = Rejoin(worker_id, os.getpid())
         self.loop = asyncio.get_running_loop()
-        self.registry = RouterRegistry(UnixConnector(), self.loop)
+        connector = network.connector() if network is not None else UnixConnector()
+        self.registry = RouterRegistry(connector, self.loop)
         self.replica: Replica | None = None
         self.server: ReplicaServer | None = None
         self.proxy: Proxy | None = None
@@ -86,12 +101,25 @@ class Worker:
         set_default_registry(self.registry)
 
     async def run(self) -> None:
-        path = os.path.join(self.instance_dir, "controller.sock")
-        control = await connect_unix(path, self._on_control, "controller")
+        control = await self._connect_control(self._on_control)
         control.close_callbacks.append(lambda _conn: self._controller_gone())
         control.send(0, Hello(self.worker_id, os.getpid()))
         self._report_load_to(control)
         await self.done
+
+    async def _connect_control(
+        self, on_message: MessageHandler, timeout_s: float = 10.0
+    ) -> Connection:
+        """The control connection: the controller's Unix socket, or its authenticated TCP
+        port when it runs on another node (``controller``)."""
+        if not self.controller:
+            path = os.path.join(self.instance_dir, "controller.sock")
+            return await connect_unix(path, on_message, "controller", timeout_s)
+        assert self.network is not None  # the secret to prove
+        host, port = split_host_port(self.controller)
+        return await connect_tcp(
+            host, port, self.network.secret, on_message, "controller", timeout_s
+        )
 
     def _report_load_to(self, control: Connection) -> None:
         """This process's routers report their load to the controller on ``control``."""
@@ -109,12 +137,12 @@ class Worker:
 
     async def _rejoin(self) -> None:
         """Keep serving with the routing we have, and say who we are to the controller
-        that restarts on the same socket; exit if none does within the grace period."""
-        path = os.path.join(self.instance_dir, "controller.sock")
+        that restarts on the same socket (or TCP port); exit if none does within the
+        grace period."""
         deadline = self.loop.time() + self.orphan_grace_s
         while self.loop.time() < deadline:
             try:
-                control = await connect_unix(path, self._on_control, "controller", 1.0)
+                control = await self._connect_control(self._on_control, 1.0)
                 await control.request(self.hosting, _REJOIN_ANSWER_S)
             except (OSError, ShoalError, TimeoutError):
                 # Nobody listens yet, or the dying controller's socket took the
@@ -148,6 +176,9 @@ class Worker:
             case Ping():
                 pass  # liveness: answered by this loop itself, no user code runs
             case ConfigureProcess():
+                if msg.network is not None and self.network is None:  # the Ray runtime's proxy
+                    self.network = msg.network
+                    self.registry.connector = msg.network.connector()  # before any router
                 try:
                     configure_process(Telemetry.model_validate(msg.telemetry), self.worker_id)
                 except Exception as exc:  # e.g. a tracing setup_hook this process cannot import
@@ -202,8 +233,9 @@ class Worker:
 
     # --- what this worker hosts ----------------------------------------------------
 
-    async def _start_replica(self, msg: StartReplica) -> str:
-        """Start the replica, then serve it on this worker's socket; returns its path."""
+    async def _start_replica(self, msg: StartReplica) -> ReplicaInfo:
+        """Start the replica, then serve it on this worker's socket (and on authenticated
+        TCP on its node's address, for routers on other nodes); returns where."""
         spec = pickle.loads(msg.spec)
         spec.code.prepare_imports(spec.config.ray_actor_options.runtime_env)
         # Before any user code runs: its records carry the replica and go to its file.
@@ -219,12 +251,18 @@ class Worker:
         self.server = ReplicaServer(replica)
         address = os.path.join(self.instance_dir, f"{self.worker_id}.sock")
         await self.server.listen(address)
-        info = ReplicaInfo(spec.replica_id, address, spec.config.max_ongoing_requests)
+        tcp_address = ""
+        if self.network is not None and self.network.host:
+            host, port = await self.server.listen_tcp(self.network.host, 0, self.network.secret)
+            tcp_address = join_host_port(host, port)
+        info = ReplicaInfo(
+            spec.replica_id, address, spec.config.max_ongoing_requests, "", tcp_address
+        )
         self.hosting = Rejoin(
             self.worker_id, os.getpid(), info, spec.app, spec.deployment,
             spec.code_version, spec.config.user_config,
         )  # fmt: skip
-        return address
+        return info
 
     async def _start_proxy(self, msg: StartProxy) -> tuple[str, int]:
         from shoal._proxy.proxy import Proxy
@@ -244,13 +282,18 @@ class Worker:
 
 
 def run_worker(
-    instance_dir: str, worker_id: str, orphan_grace_s: float = 0.0, exit_process: bool = True
+    instance_dir: str,
+    worker_id: str,
+    orphan_grace_s: float = 0.0,
+    exit_process: bool = True,
+    network: NodeNetwork | None = None,
+    controller: str = "",
 ) -> None:
     """Run a worker on a new event loop in this thread until it is told to stop.
 
     ``exit_process``: end the process then, without waiting for the replica's threads
     (it has been drained); a worker hosted by a Ray actor returns instead, and the
-    runtime ends the actor.
+    runtime ends the actor. ``network``, ``controller``: see :class:`Worker`.
     """
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -259,7 +302,7 @@ def run_worker(
     asyncio.set_event_loop(loop)
 
     async def run() -> None:
-        await Worker(instance_dir, worker_id, orphan_grace_s).run()
+        await Worker(instance_dir, worker_id, orphan_grace_s, network, controller).run()
 
     try:
         loop.run_until_complete(run())

@@ -4,7 +4,9 @@ Ray places the actor (its ``ray_actor_options``, placement group, runtime_env) a
 supervises its process; inside it, a thread runs the same :class:`Worker` as a
 ``python -m shoal._runtime.process.worker`` process: it says hello on the controller's
 socket and obeys the same control messages, and its replica is served on its own
-socket. Requests never take Ray's task path.
+socket. Requests never take Ray's task path. An actor on another node than the
+controller's says hello over authenticated TCP, and its replica listens on TCP as
+well (``shoal._runtime.ray.network``).
 
 This module imports ``ray`` only inside functions: the actor class is plain Python,
 made remote by the runtime (``ray.remote(WorkerActor)``).
@@ -16,7 +18,10 @@ import asyncio
 import contextlib
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shoal._runtime.ray.network import ClusterNetwork
 
 #: The exit code recorded for an actor Ray reports dead (killed, or its node lost).
 ACTOR_DIED = -9
@@ -25,20 +30,42 @@ ACTOR_DIED = -9
 class WorkerActor:
     """Runs a shoal worker on a thread of this actor's process, until it is told to stop."""
 
-    def __init__(self, instance_dir: str, worker_id: str, replica_id: str) -> None:
+    def __init__(
+        self,
+        instance_dir: str,
+        worker_id: str,
+        replica_id: str,
+        orphan_grace_s: float = 0.0,
+        network: ClusterNetwork | None = None,
+    ) -> None:
+        """``orphan_grace_s`` > 0 (a server's replica, a detached actor): the worker
+        outlives its controller that long, and rejoins its successor (see
+        ``shoal._runtime.process.adopt``); it ends this actor's process if none comes.
+        ``network``: the instance secret and where the controller is (see
+        ``shoal._runtime.ray.network``); None: Unix sockets only."""
         os.makedirs(instance_dir, mode=0o700, exist_ok=True)
         self._replica_id = replica_id
         self._ended = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(instance_dir, worker_id), name="shoal-worker", daemon=True
+            target=self._run,
+            args=(instance_dir, worker_id, orphan_grace_s, network),
+            name="shoal-worker",
+            daemon=True,
         )
         self._thread.start()
 
-    def _run(self, instance_dir: str, worker_id: str) -> None:
+    def _run(
+        self,
+        instance_dir: str,
+        worker_id: str,
+        orphan_grace_s: float,
+        network: ClusterNetwork | None,
+    ) -> None:
         from shoal._runtime.process.worker import run_worker
 
+        node, controller = network.in_this_actor() if network is not None else (None, "")
         try:
-            run_worker(instance_dir, worker_id, exit_process=False)
+            run_worker(instance_dir, worker_id, orphan_grace_s, False, node, controller)
         finally:
             self._ended.set()
 
@@ -66,8 +93,10 @@ class ActorProcess:
     :data:`ACTOR_DIED` once Ray reports the actor dead.
     """
 
-    def __init__(self, actor: Any, pid: int, node_id: str) -> None:
+    def __init__(self, actor: Any, pid: int, node_id: str, worker_id: str = "") -> None:
+        """``worker_id``: its placement group's name, if it has one (removed with it)."""
         self.actor = actor
+        self.worker_id = worker_id
         self.pid = pid
         self.node_id = node_id
         self.returncode: int | None = None
@@ -90,5 +119,16 @@ class ActorProcess:
 
         with contextlib.suppress(Exception):  # already gone, or Ray is shutting down
             ray.kill(self.actor, no_restart=True)
+        remove_placement_group(self.worker_id)
 
     terminate = kill
+
+
+def remove_placement_group(name: str) -> None:
+    """Remove the placement group named ``name`` (a replica's worker id), if there is one."""
+    if not name:
+        return
+    from ray.util import get_placement_group, remove_placement_group
+
+    with contextlib.suppress(Exception):  # none by that name, or Ray is shutting down
+        remove_placement_group(get_placement_group(name))
