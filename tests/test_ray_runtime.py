@@ -8,6 +8,7 @@ operator would.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -46,8 +47,8 @@ def ray_cluster() -> Iterator[Any]:
     head = {"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False}
     nodes = Cluster(initialize_head=True, head_node_args=head)
     try:
-        nodes.add_node(num_cpus=1, resources={"node_a": 1, "spread": 1})
-        nodes.add_node(num_cpus=1, resources={"node_b": 1, "spread": 1})
+        nodes.add_node(num_cpus=1, resources={"node_a": 1, "spread": 1, "model": 1})
+        nodes.add_node(num_cpus=1, resources={"node_b": 1, "spread": 1, "model": 1})
         nodes.wait_for_nodes()
         ray.init(address=nodes.address, namespace="shoal-tests", log_to_driver=False)
         yield nodes
@@ -554,6 +555,23 @@ def test_placement_groups_and_ray_only_options_are_handed_to_ray(
         return placement_group_table()[answer["group"]]["state"] == "REMOVED"
 
     wait_until(removed, 30, "the placement group to go with its replica")
+
+
+def test_the_ray_example_runs_unchanged_on_the_cluster(
+    cluster: tuple[str, dict[str, str]],
+) -> None:
+    """examples/ray_cluster.py: its own instance (a driver) on the module's cluster."""
+    address, nodes = cluster
+    run = subprocess.run(
+        [sys.executable, "-m", "examples.ray_cluster", "--address", address,
+         "--port", str(free_port())],
+        capture_output=True, text=True, timeout=180, cwd=TESTS.parent,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    answer = ast.literal_eval(run.stdout.strip().splitlines()[-1])
+    short = {name: node_id[:8] for name, node_id in nodes.items()}
+    assert answer["gateway"] == short["head"] and answer["featurizer"] == short["node_a"]
+    assert answer["models"] == sorted([short["node_a"], short["node_b"]])
 
 
 SPREAD = {"name": "spread", "route_prefix": "/spread", "import_path": "ray_runtime_apps:spread"}
