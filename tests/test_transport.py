@@ -17,7 +17,7 @@ import pytest
 
 from shoal._errors import RequestTimeoutError, TransportError
 from shoal._transport import codec
-from shoal._transport.codec import SerializationError, decode, encode
+from shoal._transport.codec import Encoded, SerializationError, decode, encode
 from shoal._transport.connection import Connection, connect_unix, serve_unix
 from shoal._transport.http import HttpResponseData
 from shoal._transport.ids import new_request_id
@@ -278,3 +278,13 @@ def test_request_ids_are_32_hex_digits_unique_even_across_forks() -> None:
     os.waitpid(pid, 0)
     mine = new_request_id()
     assert len(child) == 32 and child[12:] != mine[12:]  # its own random suffix
+
+
+def test_a_message_encoded_once_frames_as_encoding_it_per_connection() -> None:
+    """A broadcast (a replica set to every process) is pickled once: each connection's
+    frame, header and out-of-band buffers included, is what encoding it there gives."""
+    for msg in (Result("small"), Result(b"x" * 100_000), Result(numpy.arange(1000.0))):
+        once = Encoded(msg)
+        for corr in (1, 7, 2**40):
+            framed = once.frame(corr)
+            assert [bytes(c) for c in framed] == [bytes(c) for c in encode(corr, msg)]

@@ -166,9 +166,27 @@ def _describe(obj: Any) -> str:
     return f"a value of type {type(obj).__qualname__}"
 
 
+class Encoded:
+    """A message pickled once, framed for any number of connections (a broadcast): only
+    the header, which carries the connection's correlation id, differs."""
+
+    __slots__ = ("buffers", "main", "message")
+
+    def __init__(self, msg: Message) -> None:
+        self.message = msg
+        self.main, self.buffers = dumps(msg.to_wire())
+
+    def frame(self, corr: int) -> list[Any]:
+        return _frame(corr, self.main, self.buffers)
+
+
 def encode(corr: int, msg: Message) -> list[Any]:
     """Return the frame for ``msg`` as a list of byte chunks (written with ``writelines``)."""
     main, buffers = dumps(msg.to_wire())
+    return _frame(corr, main, buffers)
+
+
+def _frame(corr: int, main: Any, buffers: list[Any]) -> list[Any]:
     if type(main) is bytes:
         main_len = len(main)
         if not buffers:
@@ -176,7 +194,7 @@ def encode(corr: int, msg: Message) -> list[Any]:
             return [header + main] if main_len < _JOIN_BELOW else [header, main]
         chunks: list[Any] = [main]
     else:
-        chunks = main  # type: ignore[assignment]
+        chunks = main
         main_len = sum(map(len, chunks))
         if not buffers:
             return [HEADER.pack(main_len, corr, 0), *chunks]

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from shoal._errors import RequestCancelledError, RequestTimeoutError, TransportError
-from shoal._transport.codec import HEADER, HEADER_SIZE, MAX_FRAME, decode, encode
+from shoal._transport.codec import HEADER, HEADER_SIZE, MAX_FRAME, Encoded, decode, encode
 from shoal._transport.messages import (
     Failure,
     Message,
@@ -118,8 +118,9 @@ class Connection(asyncio.BufferedProtocol):
 
     # --- sending -----------------------------------------------------------------
 
-    def send(self, corr: int, msg: Message) -> None:
-        """Write ``msg``; raises SerializationError if it cannot be encoded.
+    def send(self, corr: int, msg: Message | Encoded) -> None:
+        """Write ``msg`` (or a message already pickled for several connections, see
+        :class:`~.codec.Encoded`); raises SerializationError if it cannot be encoded.
 
         An idle connection writes a message at once, without waiting for the loop's
         next turn; messages sent after it in the same loop iteration are queued and
@@ -127,7 +128,7 @@ class Connection(asyncio.BufferedProtocol):
         that sent more than one message in its last iteration is busy: it queues every
         message (one ``writev`` per iteration) until an iteration sends only one.
         """
-        chunks = encode(corr, msg)
+        chunks = msg.frame(corr) if isinstance(msg, Encoded) else encode(corr, msg)
         if self.closed:
             return
         self._queued += 1
@@ -154,7 +155,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None and not self.closed:
             self._transport.writelines(out)
 
-    def call(self, msg: Message) -> asyncio.Future[Message]:
+    def call(self, msg: Message | Encoded) -> asyncio.Future[Message]:
         """Send a request; the future resolves to its Result or Failure message."""
         corr = self._new_corr()
         self.send(corr, msg)

@@ -58,6 +58,7 @@ from shoal._seam.protocols import Connector, MetricsSink, ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import startup_failed
 from shoal._transport.client import NodeNetwork
+from shoal._transport.codec import Encoded
 from shoal._transport.connection import Connection, serve_unix
 from shoal._transport.messages import (
     ConfigureProcess,
@@ -405,10 +406,11 @@ class ProcessRuntime:
         replica drains, or fails over to another replica once it has exited).
         """
         waiting: dict[asyncio.Future[Message], Any] = {}
+        encoded = Encoded(msg)  # pickled once for every process, not once per process
         for target in targets:
             if target.conn is None or target.conn.closed:
                 continue
-            future = target.conn.call(msg)
+            future = target.conn.call(encoded)
             future.add_done_callback(functools.partial(self._acknowledged, target.worker_id))
             if target.worker_id not in self._lagging:
                 waiting[future] = target
