@@ -16,14 +16,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 import pytest
 
 from shoal import serve
+from shoal._instance.home import ServerInfo
 
 _names = itertools.count()
+_T = TypeVar("_T")
 
 # Every instance a test (or a driver it starts) creates gets a free admin port, and
 # `shoal start` servers keep their state in this session's own directory, so tests
@@ -121,6 +125,22 @@ class Driver:
         self.process.wait(timeout=30)
 
 
+def started_drivers(
+    tmp_path_factory: pytest.TempPathFactory, **scripts: tuple[str, ...]
+) -> Iterator[dict[str, Driver]]:
+    """For a module-scoped fixture: a ``Driver`` per ``name=(source, *args)``, started now
+    (each in a directory of its own), stopped at the latest when the fixture ends."""
+    started = {
+        name: Driver(tmp_path_factory.mktemp(name), source, *args)
+        for name, (source, *args) in scripts.items()
+    }
+    try:
+        yield started
+    finally:
+        for driver in started.values():
+            driver.stop()
+
+
 def start_early(request: pytest.FixtureRequest, *fixtures: str) -> None:
     """For a module-scoped autouse fixture: set up the module-scoped ``fixtures`` (say, ones
     starting a ``Driver``) now, before the module's first test, when a test selected in
@@ -134,6 +154,64 @@ def start_early(request: pytest.FixtureRequest, *fixtures: str) -> None:
     for fixture in fixtures:
         if fixture in used:
             request.getfixturevalue(fixture)
+
+
+def in_background(
+    request: pytest.FixtureRequest, jobs: dict[str, Callable[[], _T]], workers: int = 3
+) -> Iterator[dict[str, Future[_T]]]:
+    """For a module-scoped fixture: start the ``jobs`` (keyed by test name) of this module's
+    selected tests now, at most ``workers`` at a time in threads, and yield their futures;
+    each test reads its own (``.result()``) while the later ones run on. For subprocesses
+    (examples, drivers) that only wait on the machine's cores: the module's wall time is
+    then about that of its longest jobs, not their sum. Each job must end on its own (a
+    subprocess timeout)."""
+    selected = {
+        getattr(item, "originalname", item.name)
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+    }
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="in-background")
+    try:
+        yield {name: pool.submit(job) for name, job in jobs.items() if name in selected}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- a `shoal start` server's REST API (tests/test_server.py and others) -----------------
+
+
+@contextlib.contextmanager
+def shoal_home(home: str) -> Iterator[None]:
+    """SHOAL_HOME is ``home`` inside the block (``read_server_info`` and attaching use it)."""
+    previous = os.environ.get("SHOAL_HOME")
+    os.environ["SHOAL_HOME"] = home
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["SHOAL_HOME"]
+        else:
+            os.environ["SHOAL_HOME"] = previous
+
+
+def app_details(info: ServerInfo) -> dict[str, Any]:
+    """GET /api/serve/applications/ of ``info``'s server (Ray's ServeInstanceDetails)."""
+    response = httpx.get(f"{info.admin_url}/api/serve/applications/", timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def app_running(info: ServerInfo, app: str, timeout_s: float = 60) -> dict[str, Any]:
+    """``app``'s details once it is RUNNING; fails at once (with its message) if its
+    deploy failed."""
+
+    def ready() -> dict[str, Any] | None:
+        details = app_details(info)["applications"].get(app)
+        if details is not None and details["status"] == "DEPLOY_FAILED":
+            raise AssertionError(details["message"])
+        return details if details is not None and details["status"] == "RUNNING" else None
+
+    return wait_until(ready, timeout_s, f"application {app} RUNNING")  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, in_background
 
 from shoal import serve
 from shoal.serve import Application, DeploymentHandle
@@ -224,6 +226,49 @@ def _example_env() -> dict[str, str]:
     return env
 
 
+def _run_example(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m examples.<module> --port <a free port> *args``, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", f"examples.{module}", "--port", str(free_port()), *args],
+        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def _examples(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[subprocess.CompletedProcess[str]]]]:
+    """The examples whose output has no timing in it, started together with the first
+    test that reads one (after the timing-sensitive examples ran alone): by test name."""
+    spans = tmp_path_factory.mktemp("tracing") / "spans.jsonl"
+    jobs = {
+        "test_grpc_ingress_example_calls_both_applications_over_grpc": lambda: _run_example(
+            "grpc_ingress", "--grpc-port", str(free_port())
+        ),
+        "test_multiplexing_example_loads_each_model_once_where_it_is_used": partial(
+            _run_example, "multiplexing"
+        ),
+        "test_tracing_example_assembles_the_tree_of_every_process": partial(
+            _run_example, "tracing", "--spans", str(spans)
+        ),
+        "test_oip_example_serves_the_classifier_to_the_triton_clients": lambda: _run_example(
+            "oip", "--grpc-port", str(free_port())
+        ),
+    }
+    yield from in_background(request, jobs)
+
+
+@pytest.fixture
+def example(
+    request: pytest.FixtureRequest,
+    _examples: dict[str, Future[subprocess.CompletedProcess[str]]],
+) -> subprocess.CompletedProcess[str]:
+    """The test's example (``_examples``), once it ended; fails the test if it failed."""
+    proc = _examples[request.node.originalname].result()
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_demo_import_has_no_side_effects() -> None:
     # Importing must neither serve nor block: the process exits on its own.
     proc = subprocess.run(
@@ -240,10 +285,7 @@ def test_demo_import_has_no_side_effects() -> None:
 
 
 def test_load_shedding_example_refuses_the_burst_beyond_the_queue() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.load_shedding", "--port", str(free_port())],
-        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    proc = _run_example("load_shedding")  # alone: its output depends on timing
     assert proc.returncode == 0, proc.stderr
     counts = re.match(r"burst of 40: (\d+) served, (\d+) refused with 503", proc.stdout)
     assert counts is not None, proc.stdout
@@ -254,10 +296,7 @@ def test_load_shedding_example_refuses_the_burst_beyond_the_queue() -> None:
 
 
 def test_deadlines_example_times_out_and_cancels_the_slow_calls() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.deadlines", "--port", str(free_port())],
-        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    proc = _run_example("deadlines")  # alone: its output depends on timing
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("fast request: 200 {'frontend_remaining_s': "), proc.stdout
@@ -267,13 +306,62 @@ def test_deadlines_example_times_out_and_cancels_the_slow_calls() -> None:
     assert lines[3] == "model calls cancelled at their deadline: 2", proc.stdout
 
 
-def test_grpc_ingress_example_calls_both_applications_over_grpc() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.grpc_ingress", "--port", str(free_port()),
-         "--grpc-port", str(free_port())],
-        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+def test_autoscaling_example_scales_up_under_load_and_back_to_zero() -> None:
+    proc = _run_example("autoscaling")  # alone: its output depends on timing
     assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "idle: 0 replicas", proc.stdout
+    # 10 clients, 2 requests per replica: 4 replicas (3 if the machine is so slow that
+    # the clients' own turnaround leaves fewer than 7 requests in the server on average).
+    under_load = re.match(r"under load: (\d) replicas running after .* s; \d+ answered, 0 failed",
+                          lines[1])  # fmt: skip
+    assert under_load is not None and int(under_load.group(1)) >= 3, proc.stdout
+    assert "idle again: 0 replicas" in lines, proc.stdout
+    steps = [tuple(map(int, m.groups())) for m in re.finditer(r"(\d+) -> (\d+):", proc.stdout)]
+    assert steps[0] == (0, 1) and max(to for _, to in steps) >= 3 and steps[-1] == (1, 0), steps
+
+
+def test_priorities_example_serves_the_high_priority_requests_first() -> None:
+    proc = _run_example("priorities")  # alone: its output depends on timing
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    high = re.fullmatch(r"high-priority requests served at positions (\d+), (\d+) of 10", lines[1])
+    assert high is not None, proc.stdout
+    # Right after the low request running when they arrived (before it, if a slow machine
+    # let them arrive before any low one reached the replica): never behind the backlog.
+    assert max(map(int, high.groups())) <= 3, proc.stdout
+
+
+def test_observability_example_shows_metrics_status_logs_and_the_failed_request(
+    tmp_path: Path,
+) -> None:
+    # Alone: the scorer's details in its status may lag its answers on a busy machine.
+    proc = _run_example(
+        "observability", "--admin-port", str(free_port()), "--logs-dir", str(tmp_path)
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    failed = re.search(r"HTTP 500, request id (\w+)", out)
+    assert failed is not None, out
+    # The metrics: HTTP counts by status, each deployment's calls, the custom counter.
+    assert 'route="/score",status_code="200"} 3.0' in out
+    assert 'route="/score",status_code="500"} 1.0' in out
+    assert re.search(r'ray_scorer_positive_answers_total\{.*deployment="Scorer".*\} 2\.0', out)
+    # The readable status with the scorer's own details.
+    assert "Scorer: HEALTHY, 1 RUNNING (target 1)" in out
+    assert re.search(r"scoring#Scorer#\w+: \{threshold: 0.5, answered: 3\}", out)
+    # The log file: the user's lines tagged with the replica id and the request id.
+    assert re.search(
+        r"INFO \S+ \S+ scoring Scorer scoring#Scorer#\w+ \[\w+\] .* - scoring 0.90", out
+    )
+    # The dashboard lists the failed request by its id.
+    assert f"recent error: {failed.group(1)} ValueError: score must be within [0, 1]" in out
+
+
+def test_grpc_ingress_example_calls_both_applications_over_grpc(
+    example: subprocess.CompletedProcess[str],
+) -> None:
+    proc = example
     assert proc.stdout.splitlines() == [
         "english: Hello, Ada! (request_id english)",
         "french: Bonjour, Ada ! (request_id french)",
@@ -283,12 +371,10 @@ def test_grpc_ingress_example_calls_both_applications_over_grpc() -> None:
     ], proc.stdout
 
 
-def test_multiplexing_example_loads_each_model_once_where_it_is_used() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.multiplexing", "--port", str(free_port())],
-        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+def test_multiplexing_example_loads_each_model_once_where_it_is_used(
+    example: subprocess.CompletedProcess[str],
+) -> None:
+    proc = example
     assert proc.stdout.splitlines() == [
         "alice(3) = 7.0",
         "alice, 4 more requests: served by 1 replica",
@@ -298,19 +384,16 @@ def test_multiplexing_example_loads_each_model_once_where_it_is_used() -> None:
     ], proc.stdout
 
 
-def test_tracing_example_assembles_the_tree_of_every_process(tmp_path: Path) -> None:
+def test_tracing_example_assembles_the_tree_of_every_process(
+    request: pytest.FixtureRequest,
+) -> None:
     """Also test_tracing's multi-process case: the proxy's and three replicas' spans,
     each process appending its own to one JSON-lines file, make one tree."""
     pytest.importorskip("opentelemetry.sdk", reason="tracing needs pip install 'shoal[tracing]'")
     from examples.tracing import CLIENT_SPAN_ID, TRACE_ID
 
-    path = tmp_path / "spans.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.tracing", "--port", str(free_port()),
-         "--spans", str(path)],
-        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc: subprocess.CompletedProcess[str] = request.getfixturevalue("example")
+    path = Path(proc.args[proc.args.index("--spans") + 1])
     assert proc.stdout.splitlines()[2:] == [
         "SERVER POST /embed [proxy]",
         "  SERVER Ingress/__call__ [replica]",
@@ -334,24 +417,6 @@ def test_tracing_example_assembles_the_tree_of_every_process(tmp_path: Path) -> 
     assert request_id is not None, proc.stdout
     servers = [span for span in spans if span["kind"] == "SERVER"]
     assert {s["attributes"]["shoal.request_id"] for s in servers} == {request_id.group(1)}
-
-
-def test_autoscaling_example_scales_up_under_load_and_back_to_zero() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.autoscaling", "--port", str(free_port())],
-        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0] == "idle: 0 replicas", proc.stdout
-    # 10 clients, 2 requests per replica: 4 replicas (3 if the machine is so slow that
-    # the clients' own turnaround leaves fewer than 7 requests in the server on average).
-    under_load = re.match(r"under load: (\d) replicas running after .* s; \d+ answered, 0 failed",
-                          lines[1])  # fmt: skip
-    assert under_load is not None and int(under_load.group(1)) >= 3, proc.stdout
-    assert "idle again: 0 replicas" in lines, proc.stdout
-    steps = [tuple(map(int, m.groups())) for m in re.finditer(r"(\d+) -> (\d+):", proc.stdout)]
-    assert steps[0] == (0, 1) and max(to for _, to in steps) >= 3 and steps[-1] == (1, 0), steps
 
 
 def drain(lines: queue.Queue[str | None], output: list[str]) -> str:
@@ -511,54 +576,10 @@ def test_status_shows_apps_and_replicas(served: Served) -> None:
     assert deployments["Featurizer"].replica_states.get("RUNNING") == 1
 
 
-def test_priorities_example_serves_the_high_priority_requests_first() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.priorities", "--port", str(free_port())],
-        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    high = re.fullmatch(r"high-priority requests served at positions (\d+), (\d+) of 10", lines[1])
-    assert high is not None, proc.stdout
-    # Right after the low request running when they arrived (before it, if a slow machine
-    # let them arrive before any low one reached the replica): never behind the backlog.
-    assert max(map(int, high.groups())) <= 3, proc.stdout
-
-
-def test_observability_example_shows_metrics_status_logs_and_the_failed_request(
-    tmp_path: Path,
+def test_oip_example_serves_the_classifier_to_the_triton_clients(
+    example: subprocess.CompletedProcess[str],
 ) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.observability", "--port", str(free_port()),
-         "--admin-port", str(free_port()), "--logs-dir", str(tmp_path)],
-        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    failed = re.search(r"HTTP 500, request id (\w+)", out)
-    assert failed is not None, out
-    # The metrics: HTTP counts by status, each deployment's calls, the custom counter.
-    assert 'route="/score",status_code="200"} 3.0' in out
-    assert 'route="/score",status_code="500"} 1.0' in out
-    assert re.search(r'ray_scorer_positive_answers_total\{.*deployment="Scorer".*\} 2\.0', out)
-    # The readable status with the scorer's own details.
-    assert "Scorer: HEALTHY, 1 RUNNING (target 1)" in out
-    assert re.search(r"scoring#Scorer#\w+: \{threshold: 0.5, answered: 3\}", out)
-    # The log file: the user's lines tagged with the replica id and the request id.
-    assert re.search(
-        r"INFO \S+ \S+ scoring Scorer scoring#Scorer#\w+ \[\w+\] .* - scoring 0.90", out
-    )
-    # The dashboard lists the failed request by its id.
-    assert f"recent error: {failed.group(1)} ValueError: score must be within [0, 1]" in out
-
-
-def test_oip_example_serves_the_classifier_to_the_triton_clients() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.oip", "--port", str(free_port()),
-         "--grpc-port", str(free_port())],
-        cwd=ROOT, env=_example_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = example
     assert proc.stdout.splitlines() == [
         "server ready: True, model ready: True",
         "metadata: [{'name': 'features', 'datatype': 'FP64', 'shape': [-1, 2]}]",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import run_driver
+from conftest import Driver, start_early, started_drivers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 
@@ -42,6 +42,21 @@ class Echo:
 @serve.deployment
 def sync_text(request: Request) -> JSONResponse:
     return JSONResponse({"sync": True, "method": request.method})
+
+
+@pytest.fixture(scope="module")
+def drivers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Driver]]:
+    """The module's driver scripts (below), started before its first test: they run while
+    the tests before theirs do."""
+    marker = tmp_path_factory.mktemp("marker") / "marker"
+    yield from started_drivers(
+        tmp_path_factory, limits=(LIMITS_DRIVER, str(marker)), logging=(LOGGING_DRIVER,)
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_early(request: pytest.FixtureRequest) -> None:
+    start_early(request, "drivers")
 
 
 @pytest.fixture(scope="module")
@@ -156,19 +171,20 @@ def test_client_disconnect_cancels_the_work_in_the_replica(apps: str, tmp_path: 
     serve.delete("slow")
 
 
-def test_request_timeout_and_body_limit(tmp_path: Path) -> None:
+def test_request_timeout_and_body_limit(drivers: dict[str, Driver]) -> None:
     """A second proxy with tight limits, in a child process so the session's stays as is."""
-    result = run_driver(tmp_path, LIMITS_DRIVER, str(tmp_path / "marker"))
+    result = drivers["limits"].result()
     assert result.stdout.split() == ["504", "413", "413", "200", "cancelled"]
 
 
 LIMITS_DRIVER = """
 import sys, time, httpx
 from pathlib import Path
+from conftest import free_port
 from shoal import serve
 from test_http import Slow
 
-port, marker = int(sys.argv[1]), sys.argv[2]
+port, marker = free_port(), sys.argv[1]
 serve.start(http_options={"port": port, "request_timeout_s": 0.5, "max_request_body_bytes": 1000})
 serve.run(Slow.bind(), route_prefix="/slow")
 base = f"http://127.0.0.1:{port}/slow"
@@ -188,7 +204,8 @@ serve.shutdown()
 
 
 LOGGING_DRIVER = """
-import logging, sys, httpx
+import logging, httpx
+from conftest import free_port
 from shoal import serve
 
 @serve.deployment
@@ -196,14 +213,15 @@ def noisy(request):
     logging.getLogger("my.model").warning("scoring with the new weights")
     return "ok"
 
-serve.start(http_options={"port": int(sys.argv[1])})
+port = free_port()
+serve.start(http_options={"port": port})
 serve.run(noisy.bind(), route_prefix="/noisy")
-httpx.get(f"http://127.0.0.1:{sys.argv[1]}/noisy", headers={"x-request-id": "rid-7"}, timeout=30)
+httpx.get(f"http://127.0.0.1:{port}/noisy", headers={"x-request-id": "rid-7"}, timeout=30)
 serve.shutdown()
 """
 
 
-def test_replica_log_lines_carry_the_request_id(tmp_path: Path) -> None:
-    result = run_driver(tmp_path, LOGGING_DRIVER)
+def test_replica_log_lines_carry_the_request_id(drivers: dict[str, Driver]) -> None:
+    result = drivers["logging"].result()
     line = next(li for li in result.stderr.splitlines() if "scoring with the new weights" in li)
     assert line.startswith("WARNING ") and " [rid-7] " in line, line  # docs/logging.md

@@ -25,8 +25,15 @@ import pytest
 from shoal._config import AdminOptions, HTTPOptions, LoggingConfig
 from shoal._instance.home import LOGS, ServerInfo
 from shoal._instance.server import start_server
-from tests.conftest import Driver, free_port, wait_until
-from tests.test_server import _new_home, _put, _running, _shoal_home, _stop
+from tests.conftest import (
+    app_running,
+    free_port,
+    shoal_home,
+    start_early,
+    started_drivers,
+    wait_until,
+)
+from tests.test_server import _new_home, _put, _stop
 
 TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
@@ -140,27 +147,37 @@ def _result(run: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def drivers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Both drivers, run at the same time: their results, stderr and stdout lines."""
+def _started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The three drivers, started at the same time (and stopped at the latest when the
+    module ends), and the directory of the deployment that logs elsewhere."""
     elsewhere = tmp_path_factory.mktemp("elsewhere")
-    started = {
-        "deployments": Driver(tmp_path_factory.mktemp("d"), DEPLOYMENTS_DRIVER, str(elsewhere)),
-        "start": Driver(tmp_path_factory.mktemp("s"), START_DRIVER),
-        "http.md": Driver(tmp_path_factory.mktemp("h"), _http_md_example()),
+    scripts = {
+        "deployments": (DEPLOYMENTS_DRIVER, str(elsewhere)),
+        "start": (START_DRIVER,),
+        "http.md": (_http_md_example(),),
     }
-    try:
-        runs = {name: driver.result() for name, driver in started.items()}
-    finally:
-        for driver in started.values():
-            driver.stop()
-    yield {
+    for started in started_drivers(tmp_path_factory, **scripts):
+        yield {"drivers": started, "elsewhere": elsewhere}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_early(request: pytest.FixtureRequest) -> None:
+    # The drivers run while the module's server starts (both only if a selected test uses them).
+    start_early(request, "_started", "server")
+
+
+@pytest.fixture(scope="module")
+def drivers(_started: dict[str, Any]) -> dict[str, Any]:
+    """The drivers' results, stderr and stdout lines, once they ended."""
+    runs = {name: driver.result() for name, driver in _started["drivers"].items()}
+    return {
         name: {
             **(_result(run) if name != "http.md" else {}),
             "err": run.stderr.splitlines(),
             "out": run.stdout.splitlines(),
         }
         for name, run in runs.items()
-    } | {"elsewhere": elsewhere}
+    } | {"elsewhere": _started["elsewhere"]}
 
 
 def _with(lines: list[str], text: str) -> list[str]:
@@ -296,7 +313,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Serv
     (app) and the deployment (own)."""
     home, code = _new_home(), tmp_path_factory.mktemp("code")
     (code / "greeter.py").write_text(GREETER)
-    with _shoal_home(home):
+    with shoal_home(home):
         previous = os.getcwd()
         os.chdir(code)
         try:
@@ -307,7 +324,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Serv
         finally:
             os.chdir(previous)
     try:
-        with _shoal_home(home):
+        with shoal_home(home):
 
             def app(name: str, **extra: Any) -> dict[str, Any]:
                 return {"name": name, "route_prefix": f"/{name}", "import_path": "greeter:app",
@@ -320,7 +337,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Serv
             ]}  # fmt: skip
             assert _put(info, config).status_code == 200
             for name in ("top", "app", "own"):
-                _running(info, name)
+                app_running(info, name)
                 response = httpx.get(
                     f"http://127.0.0.1:{info.http_port}/{name}",
                     headers={"x-request-id": f"rid-{name}"}, timeout=30,

@@ -9,11 +9,10 @@ import asyncio
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Deploy, run_driver
+from conftest import Deploy, Driver, start_early, started_drivers
 
 from shoal import serve
 from shoal.serve.exceptions import DeploymentUnavailableError, RayServeException
@@ -212,6 +211,7 @@ def test_handle_shutdown(deploy: Deploy) -> None:
 
 _AFTER_SHUTDOWN = """
 import sys
+from conftest import free_port
 from shoal import serve
 from shoal.serve.exceptions import DeploymentUnavailableError
 
@@ -219,9 +219,9 @@ from shoal.serve.exceptions import DeploymentUnavailableError
 def one() -> int:
     return 1
 
-local = sys.argv[2] == "local"
+local = sys.argv[1] == "local"
 if not local:
-    serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
 handle = serve.run(one.bind(), route_prefix=None, _local_testing_mode=local)
 assert handle.remote().result(timeout_s=30) == 1
 serve.shutdown()
@@ -234,9 +234,24 @@ else:
 """
 
 
+@pytest.fixture(scope="module")
+def after_shutdown(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Driver]]:
+    """_AFTER_SHUTDOWN on each runtime, started before the module's first test."""
+    yield from started_drivers(
+        tmp_path_factory, local=(_AFTER_SHUTDOWN, "local"), process=(_AFTER_SHUTDOWN, "process")
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_early(request: pytest.FixtureRequest) -> None:
+    start_early(request, "after_shutdown")  # they run while the tests before theirs do
+
+
 @pytest.mark.parametrize("runtime", ["local", "process"])
-def test_handle_of_a_shut_down_instance_is_unavailable(tmp_path: Path, runtime: str) -> None:
-    run_driver(tmp_path, _AFTER_SHUTDOWN, runtime)
+def test_handle_of_a_shut_down_instance_is_unavailable(
+    after_shutdown: dict[str, Driver], runtime: str
+) -> None:
+    after_shutdown[runtime].result()  # its asserts passed: it exited 0
 
 
 # --- deployments ------------------------------------------------------------------------------

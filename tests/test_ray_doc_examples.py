@@ -4,7 +4,8 @@ Each test runs one example from ``doc/source/serve/doc_code/`` in ray-project/ra
 (named in its comment) as a separate driver script, after the change a user makes
 (``from ray import serve`` -> ``from shoal import serve``, ``ray.serve.`` ->
 ``shoal.serve.``) and with the HTTP port moved from 8000 to a free one, then
-checks what Ray's documentation says the example prints or asserts.
+checks what Ray's documentation says the example prints or asserts. The module's
+examples run a few at a time in the background (``ran``): each test reads its own.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
-from conftest import free_port
+import pytest
+from conftest import free_port, in_background
 
 
 def run_example(tmp_path: Path, source: str, timeout_s: float = 120) -> tuple[str, str]:
@@ -34,6 +40,41 @@ def run_example(tmp_path: Path, source: str, timeout_s: float = 120) -> tuple[st
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout, result.stderr
+
+
+#: Each test's example (``runs``), by test name.
+EXAMPLES: dict[str, str] = {}
+_Test = TypeVar("_Test", bound=Callable[..., None])
+
+
+def runs(source: str) -> Callable[[_Test], _Test]:
+    """The test checks what example ``source`` printed: its ``ran`` argument."""
+
+    def register(test: _Test) -> _Test:
+        EXAMPLES[test.__name__] = source
+        return test
+
+    return register
+
+
+@pytest.fixture(scope="module")
+def _runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[tuple[str, str]]]]:
+    """The selected tests' examples, started with the module's first test."""
+    jobs = {
+        name: partial(run_example, tmp_path_factory.mktemp("example"), source)
+        for name, source in EXAMPLES.items()
+    }
+    yield from in_background(request, jobs)
+
+
+@pytest.fixture
+def ran(
+    request: pytest.FixtureRequest, _runs: dict[str, Future[tuple[str, str]]]
+) -> tuple[str, str]:
+    """(stdout, stderr) of the test's example (``@runs``); fails the test if it failed."""
+    return _runs[request.node.originalname].result()
 
 
 CHAINING_EXAMPLE = """
@@ -71,9 +112,9 @@ CHAINING_EXAMPLE = """
 """
 
 
-def test_model_composition_chaining(tmp_path: Path) -> None:
-    # doc_code/model_composition/chaining_example.py
-    run_example(tmp_path, CHAINING_EXAMPLE)
+@runs(CHAINING_EXAMPLE)
+def test_model_composition_chaining(ran: tuple[str, str]) -> None:
+    """doc_code/model_composition/chaining_example.py"""
 
 
 LANGUAGE_EXAMPLE = """
@@ -126,10 +167,11 @@ LANGUAGE_EXAMPLE = """
 """
 
 
-def test_redeploying_the_default_app_over_http(tmp_path: Path) -> None:
-    # doc_code/model_composition/language_example.py: the same application is deployed
-    # three times with new arguments, then replaced by a composed one, over HTTP.
-    stdout, _ = run_example(tmp_path, LANGUAGE_EXAMPLE)
+@runs(LANGUAGE_EXAMPLE)
+def test_redeploying_the_default_app_over_http(ran: tuple[str, str]) -> None:
+    """doc_code/model_composition/language_example.py: the same application is deployed three times
+    with new arguments, then replaced by a composed one, over HTTP."""
+    stdout, _ = ran
     assert stdout.strip() == "Hola Dora"
 
 
@@ -164,9 +206,11 @@ LOCAL_DEV_EXAMPLE = """
 """
 
 
-def test_local_development_and_local_testing_mode(tmp_path: Path) -> None:
-    # doc_code/local_dev.py; the curl call and its output are from advanced-guides/dev-workflow.md.
-    stdout, _ = run_example(tmp_path, LOCAL_DEV_EXAMPLE)
+@runs(LOCAL_DEV_EXAMPLE)
+def test_local_development_and_local_testing_mode(ran: tuple[str, str]) -> None:
+    """doc_code/local_dev.py; the curl call and its output are from
+    advanced-guides/dev-workflow.md."""
+    stdout, _ = ran
     assert stdout.strip() == "Hello, Ray! Hello, Ray!"
 
 
@@ -219,9 +263,10 @@ HTTP_STREAMING_EXAMPLE = """
 """
 
 
-def test_http_streaming_and_client_disconnect(tmp_path: Path) -> None:
-    # doc_code/http_guide/streaming_example.py (both parts, in one script, as in Ray's file).
-    stdout, _ = run_example(tmp_path, HTTP_STREAMING_EXAMPLE)
+@runs(HTTP_STREAMING_EXAMPLE)
+def test_http_streaming_and_client_disconnect(ran: tuple[str, str]) -> None:
+    """doc_code/http_guide/streaming_example.py (both parts, in one script, as in Ray's file)."""
+    stdout, _ = ran
     got = re.findall(r"Got result ([\d.]+)s after start: '(\d+)'", stdout)
     assert [chunk for _, chunk in got] == [str(i) for i in range(10)]
     assert float(got[-1][0]) - float(got[0][0]) >= 0.5, "chunks arrived together, not streamed"
@@ -256,9 +301,9 @@ HANDLE_STREAMING_EXAMPLE = """
 """
 
 
-def test_handle_streaming(tmp_path: Path) -> None:
-    # doc_code/model_composition/streaming_example.py
-    run_example(tmp_path, HANDLE_STREAMING_EXAMPLE)
+@runs(HANDLE_STREAMING_EXAMPLE)
+def test_handle_streaming(ran: tuple[str, str]) -> None:
+    """doc_code/model_composition/streaming_example.py"""
 
 
 BATCHING_GUIDE = """
@@ -318,10 +363,11 @@ BATCHING_GUIDE = """
 """
 
 
-def test_batching_guide_with_streaming_batches(tmp_path: Path) -> None:
-    # doc_code/batching_guide.py. Its streaming-batch part redeploys the app "default" with
-    # new code and then streams over HTTP: it hung before HTTP followed in-place redeploys.
-    stdout, _ = run_example(tmp_path, BATCHING_GUIDE)
+@runs(BATCHING_GUIDE)
+def test_batching_guide_with_streaming_batches(ran: tuple[str, str]) -> None:
+    """doc_code/batching_guide.py. Its streaming-batch part redeploys the app "default" with new
+    code and then streams over HTTP: it hung before HTTP followed in-place redeploys."""
+    stdout, _ = ran
     assert "batched streams ok" in stdout
 
 
@@ -374,9 +420,9 @@ FASTAPI_EXAMPLES = """
 """
 
 
-def test_fastapi_ingress_examples(tmp_path: Path) -> None:
-    # doc_code/http_guide/http_guide.py: the FastAPI, multiple-routes and own-app parts.
-    run_example(tmp_path, FASTAPI_EXAMPLES)
+@runs(FASTAPI_EXAMPLES)
+def test_fastapi_ingress_examples(ran: tuple[str, str]) -> None:
+    """doc_code/http_guide/http_guide.py: the FastAPI, multiple-routes and own-app parts."""
 
 
 IMPORT_STARLETTE_EXAMPLE = """
@@ -394,10 +440,11 @@ IMPORT_STARLETTE_EXAMPLE = """
 """
 
 
-def test_starlette_request_annotation_with_import_starlette(tmp_path: Path) -> None:
-    # The form of doc_code/http_guide/http_guide.py that imports the package only: Ray's
-    # serve loads starlette.requests, so the annotation resolves.
-    stdout, _ = run_example(tmp_path, IMPORT_STARLETTE_EXAMPLE)
+@runs(IMPORT_STARLETTE_EXAMPLE)
+def test_starlette_request_annotation_with_import_starlette(ran: tuple[str, str]) -> None:
+    """The form of doc_code/http_guide/http_guide.py that imports the package only: Ray's serve
+    loads starlette.requests, so the annotation resolves."""
+    stdout, _ = ran
     assert stdout.strip() == "{'a': 'b', 'c': 'd'}"
 
 
@@ -417,9 +464,9 @@ STARLETTE_EXAMPLE = """
 """
 
 
-def test_starlette_query_params_are_returned_as_json(tmp_path: Path) -> None:
-    # doc_code/http_guide/http_guide.py, the Starlette part.
-    run_example(tmp_path, STARLETTE_EXAMPLE)
+@runs(STARLETTE_EXAMPLE)
+def test_starlette_query_params_are_returned_as_json(ran: tuple[str, str]) -> None:
+    """doc_code/http_guide/http_guide.py, the Starlette part."""
 
 
 DEPLOYMENT_LOGGER_EXAMPLE = """
@@ -446,9 +493,10 @@ DEPLOYMENT_LOGGER_EXAMPLE = """
 """
 
 
-def test_replica_logger_output(tmp_path: Path) -> None:
-    # doc_code/monitoring/deployment_logger.py; monitoring.md: the replica's INFO lines
-    # reach the driver's terminal, tagged with the deployment name.
-    _, stderr = run_example(tmp_path, DEPLOYMENT_LOGGER_EXAMPLE)
+@runs(DEPLOYMENT_LOGGER_EXAMPLE)
+def test_replica_logger_output(ran: tuple[str, str]) -> None:
+    """doc_code/monitoring/deployment_logger.py; monitoring.md: the replica's INFO lines reach the
+    driver's terminal, tagged with the deployment name."""
+    _, stderr = ran
     lines = [line for line in stderr.splitlines() if "count: " in line]
     assert len(lines) == 11 and "Counter" in lines[-1], stderr[-2000:]

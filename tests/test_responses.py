@@ -15,13 +15,12 @@ import enum
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from conftest import Deploy, run_driver
+from conftest import Deploy, Driver, start_early, started_drivers
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -226,11 +225,12 @@ class ExpectsRequest:
 
 
 LOG_DRIVER = """
-import sys, httpx
+import httpx
+from conftest import free_port
 from shoal import serve
 from test_responses import ExpectsData, Returns
 
-port = int(sys.argv[1])
+port = free_port()
 serve.start(http_options={"port": port})
 serve.run(Returns.bind(), name="returns", route_prefix="/returns")
 serve.run(ExpectsData.bind(), name="data", route_prefix="/data")
@@ -250,8 +250,18 @@ def _failure_log(stderr: str, request_id: str) -> str:
     return stderr[start : end if end != -1 else len(stderr)]
 
 
-def test_replica_log_names_the_type_the_field_and_the_fix(tmp_path: Path) -> None:
-    result = run_driver(tmp_path, LOG_DRIVER)
+@pytest.fixture(scope="module")
+def drivers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Driver]]:
+    yield from started_drivers(tmp_path_factory, log=(LOG_DRIVER,))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_early(request: pytest.FixtureRequest) -> None:
+    start_early(request, "drivers")  # it runs while the tests above do
+
+
+def test_replica_log_names_the_type_the_field_and_the_fix(drivers: dict[str, Driver]) -> None:
+    result = drivers["log"].result()
     assert result.stdout.split() == ["500", "500", "500", "500"]
     lock = _failure_log(result.stderr, "rid-lock").splitlines()[0]  # one line, no traceback
     assert "request rid-lock to deployment 'Returns' failed: the value at $.result.model" in lock

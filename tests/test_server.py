@@ -7,7 +7,6 @@ drivers are separate processes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -28,7 +27,14 @@ from bench.procs import is_alive
 from shoal._config import AdminOptions, HTTPOptions
 from shoal._instance.home import ServerInfo, read_server_info
 from shoal._instance.server import start_server, wait_stopped
-from tests.conftest import free_port, run_driver, wait_until
+from tests.conftest import (
+    app_details,
+    app_running,
+    free_port,
+    run_driver,
+    shoal_home,
+    wait_until,
+)
 
 APP_SOURCE = """
 from shoal import serve
@@ -54,23 +60,9 @@ app = Greeter.bind()
 """
 
 
-@contextlib.contextmanager
-def _shoal_home(home: str) -> Iterator[None]:
-    """SHOAL_HOME is ``home`` inside the block (``read_server_info`` and attaching use it)."""
-    previous = os.environ.get("SHOAL_HOME")
-    os.environ["SHOAL_HOME"] = home
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["SHOAL_HOME"]
-        else:
-            os.environ["SHOAL_HOME"] = previous
-
-
 def _start(home: str, cwd: Path) -> ServerInfo:
     """Start a `shoal start` server keeping its state in ``home``, with free ports."""
-    with _shoal_home(home):
+    with shoal_home(home):
         previous = os.getcwd()
         os.chdir(cwd)  # the server resolves import paths from its working directory
         try:
@@ -84,7 +76,7 @@ def _start(home: str, cwd: Path) -> ServerInfo:
 def _stop(home: str, info: ServerInfo) -> None:
     """Stop ``info``'s server, and any a test started after it in ``home`` (a restart),
     even when the test failed half-way; then remove ``home``."""
-    with _shoal_home(home):
+    with shoal_home(home):
         for running in {info, read_server_info() or info}:
             if not wait_stopped(running, 0):
                 os.kill(running.pid, signal.SIGTERM)
@@ -110,25 +102,34 @@ def _shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[An
 
 
 @pytest.fixture
-def server(_shared_server: list[Any], tmp_path: Path) -> Iterator[ServerInfo]:
-    """The module's `shoal start` server, left as found: every application is deleted
-    after the test. SHOAL_HOME names its state directory during the test. A test that
-    stops the server takes ``own_server`` instead."""
+def shared_server(_shared_server: list[Any], tmp_path: Path) -> Iterator[list[Any]]:
+    """[home, info] of the module's `shoal start` server (a new one if a test left it
+    stopped), left as found: every application is deleted after the test. SHOAL_HOME
+    names its state directory during the test. A test that stops the server starts the
+    next one in the same home and puts it in ``[1]``: the tests after it share that one."""
     home, info = _shared_server
-    with _shoal_home(home):
+    with shoal_home(home):
         running = read_server_info() == info and _answers(info)
-    if not running:  # a test stopped it after all: the next ones get a new one
+    if not running:  # a test stopped it and failed before it started the next one
         _stop(home, info)
         home = _new_home()
-        info = _start(home, tmp_path)
-        _shared_server[:] = [home, info]
-    with _shoal_home(home):
+        _shared_server[:] = [home, _start(home, tmp_path)]
+    with shoal_home(_shared_server[0]):
         try:
-            yield info
+            yield _shared_server
         finally:
-            response = httpx.delete(f"{info.admin_url}/api/serve/applications/", timeout=30)
-            assert response.status_code == 200, response.text
-            wait_until(lambda: not _details(info)["applications"], 30, "all deleted")
+            current: ServerInfo = _shared_server[1]
+            if _answers(current):  # else the next test's setup replaces it
+                response = httpx.delete(f"{current.admin_url}/api/serve/applications/", timeout=30)
+                assert response.status_code == 200, response.text
+                wait_until(lambda: not app_details(current)["applications"], 30, "all deleted")
+
+
+@pytest.fixture
+def server(shared_server: list[Any]) -> ServerInfo:
+    """The module's `shoal start` server (``shared_server``), for a test that leaves it
+    running."""
+    return shared_server[1]
 
 
 def _answers(info: ServerInfo) -> bool:
@@ -136,19 +137,6 @@ def _answers(info: ServerInfo) -> bool:
         return httpx.get(f"{info.admin_url}/api/serve/applications/", timeout=30).is_success
     except httpx.HTTPError:
         return False
-
-
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[ServerInfo]:
-    """A `shoal start` server of the test's own (with its own state directory and free
-    ports), for tests that stop it. SHOAL_HOME names its state directory during the test."""
-    home = _new_home()
-    info = _start(home, tmp_path)
-    try:
-        with _shoal_home(home):
-            yield info
-    finally:
-        _stop(home, info)
 
 
 def _config(tmp_path: Path, **app: Any) -> dict[str, Any]:
@@ -160,22 +148,6 @@ def _config(tmp_path: Path, **app: Any) -> dict[str, Any]:
 
 def _put(info: ServerInfo, config: dict[str, Any]) -> httpx.Response:
     return httpx.put(f"{info.admin_url}/api/serve/applications/", json=config, timeout=30)
-
-
-def _details(info: ServerInfo) -> dict[str, Any]:
-    response = httpx.get(f"{info.admin_url}/api/serve/applications/", timeout=30)
-    assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
-
-
-def _running(info: ServerInfo, app: str) -> dict[str, Any]:
-    def ready() -> dict[str, Any] | None:
-        details = _details(info)["applications"].get(app)
-        if details is not None and details["status"] == "DEPLOY_FAILED":
-            raise AssertionError(details["message"])
-        return details if details is not None and details["status"] == "RUNNING" else None
-
-    return wait_until(ready, 60, f"application {app} RUNNING")  # type: ignore[no-any-return]
 
 
 def _replica_ids(details: dict[str, Any]) -> set[str]:
@@ -192,7 +164,7 @@ def test_a_ray_config_deploys_updates_and_deletes_declaratively(
     (tmp_path / "greeter.py").write_text(APP_SOURCE)
     config = _config(tmp_path, deployments=[{"name": "Greeter", "num_replicas": 2}])
     assert _put(server, config).status_code == 200
-    details = _running(server, "greet")
+    details = app_running(server, "greet")
     assert details["source"] == "declarative"
     assert details["deployed_app_config"]["import_path"] == "greeter:builder"
     deployment = details["deployments"]["Greeter"]
@@ -203,24 +175,24 @@ def test_a_ray_config_deploys_updates_and_deletes_declaratively(
 
     # The same file again changes nothing: the replicas stay.
     assert _put(server, config).status_code == 200
-    assert _replica_ids(_running(server, "greet")) == replicas
+    assert _replica_ids(app_running(server, "greet")) == replicas
 
     # A user_config-only change reconfigures the running replicas in place.
     config["applications"][0]["deployments"][0]["user_config"] = {"suffix": "!"}
     assert _put(server, config).status_code == 200
     wait_until(lambda: _get(server, "/greet").json()["text"] == "yo!", 30, "reconfigured")
-    assert _replica_ids(_running(server, "greet")) == replicas
+    assert _replica_ids(app_running(server, "greet")) == replicas
 
     # An application missing from the file is deleted; DELETE removes the rest.
     other = _config(tmp_path, name="other", route_prefix="/other")["applications"][0]
     assert _put(server, {"applications": [config["applications"][0], other]}).status_code == 200
-    _running(server, "other")
+    app_running(server, "other")
     assert _put(server, {"applications": [other]}).status_code == 200
-    wait_until(lambda: "greet" not in _details(server)["applications"], 30, "greet deleted")
+    wait_until(lambda: "greet" not in app_details(server)["applications"], 30, "greet deleted")
     assert _get(server, "/greet").status_code == 404
     response = httpx.delete(f"{server.admin_url}/api/serve/applications/", timeout=30)
     assert response.status_code == 200
-    wait_until(lambda: not _details(server)["applications"], 30, "all deleted")
+    wait_until(lambda: not app_details(server)["applications"], 30, "all deleted")
 
 
 def test_a_code_change_rolls_out_without_a_failed_request(
@@ -229,7 +201,7 @@ def test_a_code_change_rolls_out_without_a_failed_request(
     (tmp_path / "greeter.py").write_text(APP_SOURCE)
     config = _config(tmp_path)
     assert _put(server, config).status_code == 200
-    _running(server, "greet")
+    app_running(server, "greet")
     failures: list[str] = []
     versions: set[int] = set()
     stop = threading.Event()
@@ -271,7 +243,7 @@ def test_errors_name_the_field_and_failed_builds_say_why(
     assert _put(server, missing).status_code == 200  # accepted; the build fails later
 
     def failed() -> dict[str, Any] | None:
-        app = _details(server)["applications"].get("greet")
+        app = app_details(server)["applications"].get("greet")
         return app if app is not None and app["status"] == "DEPLOY_FAILED" else None
 
     app = wait_until(failed, 60, "DEPLOY_FAILED")
@@ -281,7 +253,7 @@ def test_errors_name_the_field_and_failed_builds_say_why(
 def test_a_second_python_process_attaches_and_deploys(server: ServerInfo, tmp_path: Path) -> None:
     (tmp_path / "greeter.py").write_text(APP_SOURCE)
     assert _put(server, _config(tmp_path)).status_code == 200
-    _running(server, "greet")
+    app_running(server, "greet")
     driver = textwrap.dedent(
         """
         from shoal import serve
@@ -304,7 +276,7 @@ def test_a_second_python_process_attaches_and_deploys(server: ServerInfo, tmp_pa
     assert "ingress Greeter" in result.stdout
     assert "echo hi" in result.stdout
     # The driver has exited: its application keeps running in the server.
-    echo = _running(server, "echo")
+    echo = app_running(server, "echo")
     assert echo["source"] == "imperative"
     assert _get(server, "/echo").text == "echo http"
     remover = (
@@ -315,23 +287,21 @@ def test_a_second_python_process_attaches_and_deploys(server: ServerInfo, tmp_pa
     assert "['greet']" in run_driver(tmp_path, remover).stdout
 
 
-def test_sigterm_stops_the_server_in_order(own_server: ServerInfo, tmp_path: Path) -> None:
+def test_sigterm_stops_the_server_in_order(shared_server: list[Any], tmp_path: Path) -> None:
+    home, info = shared_server
     (tmp_path / "greeter.py").write_text(APP_SOURCE)
-    assert _put(own_server, _config(tmp_path)).status_code == 200
-    pids = [r["pid"] for r in _running(own_server, "greet")["deployments"]["Greeter"]["replicas"]]
-    os.kill(own_server.pid, signal.SIGTERM)
-    assert wait_stopped(own_server, 40)
+    assert _put(info, _config(tmp_path)).status_code == 200
+    pids = [r["pid"] for r in app_running(info, "greet")["deployments"]["Greeter"]["replicas"]]
+    os.kill(info.pid, signal.SIGTERM)
+    assert wait_stopped(info, 40)
     assert read_server_info() is None
     assert not any(is_alive(pid) for pid in pids)
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{own_server.admin_url}/api/serve/applications/", timeout=5)
+        httpx.get(f"{info.admin_url}/api/serve/applications/", timeout=5)
     # A shutdown asked for deletes the applications (as Ray's does): a new start is empty.
-    again = start_server(HTTPOptions(port=free_port()), AdminOptions(port=free_port()))
-    try:
-        assert _details(again)["applications"] == {}
-    finally:
-        os.kill(again.pid, signal.SIGTERM)
-        assert wait_stopped(again, 40)
+    # It is the module's server from now on.
+    shared_server[1] = again = _start(home, tmp_path)
+    assert app_details(again)["applications"] == {}
 
 
 def test_a_second_server_is_refused_with_what_to_do(server: ServerInfo) -> None:
@@ -339,63 +309,6 @@ def test_a_second_server_is_refused_with_what_to_do(server: ServerInfo) -> None:
     with pytest.raises(Exception, match=r"already running.*shoal shutdown"):
         start_server(HTTPOptions(port=free_port()), AdminOptions(port=free_port()))
     assert time.monotonic() - started < 5
-
-
-def test_a_killed_server_restarts_and_adopts_its_replicas_without_failing_requests(
-    own_server: ServerInfo, tmp_path: Path
-) -> None:
-    """kill -9 of the server under 16 concurrent clients: the proxy and replicas keep
-    serving; a restarted `shoal start` adopts them (same replica ids) from its checkpoint."""
-    (tmp_path / "greeter.py").write_text(APP_SOURCE)
-    config = _config(tmp_path, deployments=[{"name": "Greeter", "num_replicas": 2}])
-    assert _put(own_server, config).status_code == 200
-    replicas = _replica_ids(_running(own_server, "greet"))
-    failures: list[str] = []
-    served = [0]
-    stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(timeout=30) as http:
-            while not stop.is_set():
-                try:
-                    response = http.get(f"http://127.0.0.1:{own_server.http_port}/greet")
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-                    continue
-                if response.status_code == 200:
-                    served[0] += 1
-                else:
-                    failures.append(f"{response.status_code} {response.text}")
-
-    clients = [threading.Thread(target=client) for _ in range(16)]
-    for thread in clients:
-        thread.start()
-    try:
-        wait_until(lambda: served[0] > 50, 30, "traffic flowing")
-        os.kill(own_server.pid, signal.SIGKILL)
-        assert wait_stopped(own_server, 10)
-        during = served[0]
-        wait_until(lambda: served[0] > during + 50, 30, "served without a controller")
-        cwd = os.getcwd()
-        os.chdir(tmp_path)
-        try:
-            restarted = start_server(
-                HTTPOptions(port=own_server.http_port), AdminOptions(port=_admin_port(own_server))
-            )
-        finally:
-            os.chdir(cwd)
-        details = _running(restarted, "greet")
-        assert _replica_ids(details) == replicas
-        assert details["source"] == "declarative"
-        after = served[0]
-        wait_until(lambda: served[0] > after + 50, 30, "served after the restart")
-    finally:
-        stop.set()
-        for thread in clients:
-            thread.join()
-    assert failures == []
-    httpx.post(f"{restarted.admin_url}/api/shoal/shutdown", timeout=30)
-    assert wait_stopped(restarted, 40)
 
 
 def _admin_port(info: ServerInfo) -> int:
@@ -450,10 +363,70 @@ def test_shoal_run_serves_in_its_own_process_even_when_a_server_runs(
         assert process.stdout is not None
         assert f"http://127.0.0.1:{port}/" in process.stdout.readline()
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).json()["version"] == 1
-        assert _details(server)["applications"] == {}  # not deployed to the server
+        assert app_details(server)["applications"] == {}  # not deployed to the server
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()
     assert read_server_info() == server
+
+
+def test_a_killed_server_restarts_and_adopts_its_replicas_without_failing_requests(
+    shared_server: list[Any], tmp_path: Path
+) -> None:
+    """kill -9 of the server under 16 concurrent clients: the proxy and replicas keep
+    serving; a restarted `shoal start` adopts them (same replica ids) from its checkpoint.
+    The module's last test of its server: it ends it, with a shutdown over REST."""
+    own_server: ServerInfo = shared_server[1]
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    config = _config(tmp_path, deployments=[{"name": "Greeter", "num_replicas": 2}])
+    assert _put(own_server, config).status_code == 200
+    replicas = _replica_ids(app_running(own_server, "greet"))
+    failures: list[str] = []
+    served = [0]
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    response = http.get(f"http://127.0.0.1:{own_server.http_port}/greet")
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if response.status_code == 200:
+                    served[0] += 1
+                else:
+                    failures.append(f"{response.status_code} {response.text}")
+
+    clients = [threading.Thread(target=client) for _ in range(16)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_until(lambda: served[0] > 50, 30, "traffic flowing")
+        os.kill(own_server.pid, signal.SIGKILL)
+        assert wait_stopped(own_server, 10)
+        during = served[0]
+        wait_until(lambda: served[0] > during + 50, 30, "served without a controller")
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            restarted = start_server(
+                HTTPOptions(port=own_server.http_port), AdminOptions(port=_admin_port(own_server))
+            )
+        finally:
+            os.chdir(cwd)
+        shared_server[1] = restarted
+        details = app_running(restarted, "greet")
+        assert _replica_ids(details) == replicas
+        assert details["source"] == "declarative"
+        after = served[0]
+        wait_until(lambda: served[0] > after + 50, 30, "served after the restart")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join()
+    assert failures == []
+    httpx.post(f"{restarted.admin_url}/api/shoal/shutdown", timeout=30)
+    assert wait_stopped(restarted, 40)

@@ -75,10 +75,31 @@ class Recorder:
         if parent is None:
             trace_id = random.getrandbits(128) or 1
             sampled = (trace_id & _LOW_64) < self._bound
-        else:
-            trace_id = parent.trace_id
-            sampled = bool(parent.trace_flags & TraceFlags.SAMPLED)
-        return FastSpan(self, name, kind, trace_id, parent, sampled, attributes)
+            return FastSpan(self, name, kind, trace_id, 0, sampled, attributes)
+        span = FastSpan(
+            self, name, kind, parent.trace_id, parent.span_id,
+            bool(parent.trace_flags & TraceFlags.SAMPLED), attributes,
+            parent.is_remote, parent.trace_state,
+        )  # fmt: skip
+        span._parent = parent
+        return span
+
+    def start_child(
+        self,
+        name: str,
+        kind: Any,
+        trace_id: int,
+        parent_id: int,
+        sampled: bool,
+        attributes: dict[str, Any],
+        remote: bool,
+        trace_state: Any = None,
+    ) -> FastSpan:
+        """A started span, child of the span ``trace_id``/``parent_id`` (the parent's
+        ``SpanContext`` is made only if asked for)."""
+        return FastSpan(
+            self, name, kind, trace_id, parent_id, sampled, attributes, remote, trace_state
+        )
 
     def stop(self) -> None:
         """Stop the export thread (after handing its last spans over)."""
@@ -141,29 +162,52 @@ class FastSpan(api.Span):
         name: str,
         kind: Any,
         trace_id: int,
-        parent: SpanContext | None,
+        parent_id: int,
         sampled: bool,
         attributes: dict[str, Any],
+        remote: bool = False,
+        trace_state: Any = None,
     ) -> None:
+        """``parent_id`` 0: a root; else the parent's span id (``remote``: the parent is
+        another process's; ``trace_state``: the W3C tracestate it came with, which its
+        children keep)."""
         self._recorder = recorder
         self.name = name
         self.kind = kind
         self.trace_id = trace_id
         self.span_id = random.getrandbits(64) or 1
-        self.parent = parent
+        self.parent_id = parent_id
         self.sampled = sampled
-        # The W3C tracestate the parent came with (an HTTP client's), kept by its children.
-        self.trace_state = None if parent is None else parent.trace_state
+        self.trace_state = trace_state
         self.attributes = attributes
         self.start_ns = time.time_ns()
         self.end_ns: int | None = None
         self.status: Status | None = None
         self.events: list[Event] | None = None
+        self._remote = remote
+        self._parent: SpanContext | None = None
         self._context: SpanContext | None = None
+        self._traceparent = ""
+
+    @property
+    def parent(self) -> SpanContext | None:
+        """The parent's span context (None: a root), made when first asked for."""
+        parent = self._parent
+        if parent is None and self.parent_id:
+            flags = _SAMPLED if self.sampled else _NOT_SAMPLED
+            parent = self._parent = SpanContext(
+                self.trace_id, self.parent_id, self._remote, flags, self.trace_state
+            )
+        return parent
 
     def traceparent(self) -> str:
-        flags = "01" if self.sampled else "00"
-        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{flags}"
+        """The span's W3C traceparent (formatted once)."""
+        traceparent = self._traceparent
+        if not traceparent:
+            flags = "01" if self.sampled else "00"
+            traceparent = f"00-{self.trace_id:032x}-{self.span_id:016x}-{flags}"
+            self._traceparent = traceparent
+        return traceparent
 
     def get_span_context(self) -> SpanContext:
         context = self._context
@@ -221,8 +265,9 @@ class FastSpan(api.Span):
 
 
 class SdkStarter:
-    """The same ``start`` as :class:`Recorder`, with a TracerProvider's tracer (the
-    provider a ``setup_hook`` installed: its spans cost what the SDK's cost)."""
+    """The same ``start`` and ``start_child`` as :class:`Recorder`, with a
+    TracerProvider's tracer (the provider a ``setup_hook`` installed: its spans cost what
+    the SDK's cost)."""
 
     def __init__(self, tracer: Any) -> None:
         self._tracer = tracer
@@ -235,3 +280,18 @@ class SdkStarter:
         if parent is not None:
             context = api.set_span_in_context(api.NonRecordingSpan(parent))
         return self._tracer.start_span(name, context=context, kind=kind, attributes=attributes)
+
+    def start_child(
+        self,
+        name: str,
+        kind: Any,
+        trace_id: int,
+        parent_id: int,
+        sampled: bool,
+        attributes: dict[str, Any],
+        remote: bool,
+        trace_state: Any = None,
+    ) -> Any:
+        flags = _SAMPLED if sampled else _NOT_SAMPLED
+        parent = SpanContext(trace_id, parent_id, remote, flags, trace_state)
+        return self.start(name, kind, parent, attributes)

@@ -38,36 +38,50 @@ _http_span: ContextVar[Any] = ContextVar("shoal_http_span")
 _starter: Any = None  # starts shoal's spans: a spans.Recorder, or a spans.SdkStarter
 _FastSpan: Any = None
 _api: Any = None  # opentelemetry.trace
-_attach: Any = None  # opentelemetry.context.attach
 _propagator: Any = None
 _EMPTY: Any = None  # an empty Context
-_SpanContext: Any = None
-_TraceFlags: Any = None
 _SERVER: Any = None
 _CLIENT: Any = None
 _ERROR: Any = None
+_INVALID: Any = None  # opentelemetry.trace.INVALID_SPAN
+# OpenTelemetry's current context: what reads it and what makes a new one current (its
+# ContextVar's own get and set when the runtime context is the default contextvars one:
+# two Python calls fewer each), the Context class and the current span's key in it.
+_get_current: Any = None
+_set_current: Any = None
+_Context: Any = None
+_SPAN_KEY: Any = None
 
 
 def configure(options: TracingOptions, source: str) -> None:
     """Turn tracing on or off in this process, as ``options`` say (``source`` names the
     process in the spans' resource). Raises ConfigError when it cannot be set up."""
-    global on, _starter, _FastSpan, _api, _attach, _propagator, _EMPTY, _SpanContext
-    global _TraceFlags, _SERVER, _CLIENT, _ERROR
+    global on, _starter, _FastSpan, _api, _propagator, _EMPTY, _SERVER, _CLIENT, _ERROR
+    global _INVALID, _get_current, _set_current, _Context, _SPAN_KEY
     on = False  # until set up: a configuration that fails leaves tracing off
     if not options.enabled:
         return
     from opentelemetry import context, trace
-    from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
+    from opentelemetry.trace import SpanKind, StatusCode
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     from shoal._observe import tracing_setup
     from shoal._observe.spans import FastSpan
 
     _starter = tracing_setup.install(options, source)
-    _FastSpan, _api, _attach = FastSpan, trace, context.attach
-    _propagator, _EMPTY = TraceContextTextMapPropagator(), context.Context()
-    _SpanContext, _TraceFlags = SpanContext, TraceFlags
+    _FastSpan, _api, _INVALID = FastSpan, trace, trace.INVALID_SPAN
+    _propagator, _EMPTY, _Context = (
+        TraceContextTextMapPropagator(),
+        context.Context(),
+        context.Context,
+    )
     _SERVER, _CLIENT, _ERROR = SpanKind.SERVER, SpanKind.CLIENT, StatusCode.ERROR
+    (_SPAN_KEY,) = trace.set_span_in_context(trace.INVALID_SPAN, _EMPTY)  # its only key
+    variable = getattr(context._RUNTIME_CONTEXT, "_current_context", None)
+    if isinstance(variable, ContextVar):
+        _get_current, _set_current = variable.get, variable.set
+    else:  # another runtime context (OTEL_PYTHON_CONTEXT): through OpenTelemetry's API
+        _get_current, _set_current = context.get_current, context.attach
     on = True
 
 
@@ -85,34 +99,37 @@ def flush() -> None:
 def traceparent_of(span: Any) -> str:
     """``span``'s W3C traceparent, or "" for an invalid (no-op) span."""
     if type(span) is _FastSpan:
-        return str(span.traceparent())
+        return span.traceparent()
     context = span.get_span_context()
     if not context.trace_id:
         return ""
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
+def _current_span() -> Any:
+    """The span current here (OpenTelemetry's ``INVALID_SPAN`` if none)."""
+    span = _get_current().get(_SPAN_KEY)
+    return span if isinstance(span, _api.Span) else _INVALID
+
+
 def current_traceparent() -> str:
     """The traceparent of the span current here ("" if none)."""
-    return traceparent_of(_api.get_current_span())
+    return traceparent_of(_current_span())
 
 
-def _remote_parent(traceparent: str) -> Any:
-    """The remote parent span context ``traceparent`` names (None if none)."""
-    if len(traceparent) != 55:  # "00-" 32 "-" 16 "-" 2: shoal writes only this form
+def _parsed(traceparent: str) -> tuple[int, int, bool] | None:
+    """The trace id, parent span id and sampled flag ``traceparent`` names (None if
+    none: shoal writes only the ``00`` form, 55 characters)."""
+    if len(traceparent) != 55:
         return None
     try:
         trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
         flags = int(traceparent[53:], 16)
     except ValueError:
         return None
-    return _SpanContext(trace_id, span_id, True, _TraceFlags(flags))
-
-
-def _current_parent() -> Any:
-    """The span context of the span current here, or None."""
-    context = _api.get_current_span().get_span_context()
-    return context if context.trace_id else None
+    if not (trace_id and span_id):
+        return None
+    return trace_id, span_id, bool(flags & 1)
 
 
 def start_call(app: str, deployment: str, method: str, request: Request) -> Any:
@@ -121,7 +138,15 @@ def start_call(app: str, deployment: str, method: str, request: Request) -> Any:
     attributes = {"rpc.service": deployment, "rpc.method": method, "shoal.application": app}
     if request.request_id:
         attributes["shoal.request_id"] = request.request_id
-    span = _starter.start(f"{deployment}/{method}", _CLIENT, _current_parent(), attributes)
+    name, current = f"{deployment}/{method}", _current_span()
+    if type(current) is _FastSpan:  # the usual parent: a replica's span, no SpanContext made
+        span = _starter.start_child(
+            name, _CLIENT, current.trace_id, current.span_id, current.sampled, attributes,
+            False, current.trace_state,
+        )  # fmt: skip
+    else:
+        parent = current.get_span_context()
+        span = _starter.start(name, _CLIENT, parent if parent.trace_id else None, attributes)
     request.traceparent = traceparent_of(span)
     return span
 
@@ -133,10 +158,14 @@ def start_replica(app: str, deployment: str, replica_id: str, request: Request) 
         "rpc.service": deployment, "rpc.method": request.method, "shoal.application": app,
         "shoal.replica_id": replica_id, "shoal.request_id": request.request_id,
     }  # fmt: skip
-    parent = _remote_parent(request.traceparent)
-    span = _starter.start(f"{deployment}/{request.method}", _SERVER, parent, attributes)
-    # On an empty context: a request's task starts with none (cheaper than copying it).
-    _attach(_api.set_span_in_context(span, _EMPTY))
+    name, parent = f"{deployment}/{request.method}", _parsed(request.traceparent)
+    if parent is None:
+        span = _starter.start(name, _SERVER, None, attributes)
+    else:
+        trace_id, parent_id, sampled = parent
+        span = _starter.start_child(name, _SERVER, trace_id, parent_id, sampled, attributes, True)
+    # A Context of the span alone: a request's task starts with none (cheaper than copying).
+    _set_current(_Context({_SPAN_KEY: span}))
     return span
 
 
@@ -189,7 +218,7 @@ def fail(span: Any, error: BaseException) -> None:
 
 def fail_current(error: BaseException) -> None:
     """Mark the current span (a replica's, while the user's code runs) failed."""
-    fail(_api.get_current_span(), error)
+    fail(_current_span(), error)
 
 
 def end_reply(span: Any, reply: Any) -> None:
