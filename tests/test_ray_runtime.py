@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import free_port, wait_until
+from conftest import free_port, shoal_home, wait_until
 
 from shoal._config import AdminOptions, HTTPOptions
 from shoal._instance.home import ServerInfo, pid_alive, read_server_info
@@ -69,22 +69,12 @@ def cluster(ray_cluster: Any) -> tuple[str, dict[str, str]]:
     return ray_cluster.address, by_resource
 
 
-@contextlib.contextmanager
-def _shoal_home(home: str) -> Iterator[None]:
-    previous = os.environ.get("SHOAL_HOME")
-    os.environ["SHOAL_HOME"] = home
-    try:
-        yield
-    finally:
-        os.environ["SHOAL_HOME"] = previous or ""
-
-
 @pytest.fixture(scope="module")
 def server(cluster: tuple[str, dict[str, str]]) -> Iterator[tuple[str, ServerInfo]]:
     """(SHOAL_HOME, info) of a ``shoal start --ray`` server on the cluster."""
     home = tempfile.mkdtemp(prefix="shoal-ray-")
     previous = os.getcwd()
-    with _shoal_home(home):
+    with shoal_home(home):
         os.chdir(TESTS)  # the server resolves import paths from its working directory
         try:
             info = start_server(
@@ -96,7 +86,7 @@ def server(cluster: tuple[str, dict[str, str]]) -> Iterator[tuple[str, ServerInf
     try:
         yield home, info
     finally:
-        with _shoal_home(home):  # the server now running (the controller restarted one)
+        with shoal_home(home):  # the server now running (the controller restarted one)
             current = read_server_info() or info
             with contextlib.suppress(ProcessLookupError):
                 os.kill(current.pid, signal.SIGTERM)
@@ -244,7 +234,7 @@ def test_a_killed_controller_actor_is_restarted_and_adopts_without_failing_reque
     with _Load(f"http://127.0.0.1:{info.http_port}/predict?size=10") as load:
         load.wait_for(20, "traffic flowing")
         os.kill(actor_pid, signal.SIGKILL)
-        with _shoal_home(home):
+        with shoal_home(home):
             wait_until(lambda: not pid_alive(info.pid), 30, "the server to die with its actor")
             restarted = wait_until(
                 lambda: (found := read_server_info()) is not None and found.pid != info.pid
