@@ -9,7 +9,7 @@ the cluster declares, so where each replica runs is visible:
 * ``Model`` (an ensemble of two members, ``num_replicas=2``) at most one per node
   (``max_replicas_per_node=1``), on the nodes declaring ``model``.
 
-Run it (starts a local three-node cluster, serves on 127.0.0.1:8000, sends a request,
+Run it (starts a local three-node cluster, serves on 127.0.0.1:8000, sends requests,
 prints where each part ran, shuts everything down)::
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python -m examples.ray_cluster
@@ -22,6 +22,7 @@ or against a running cluster whose nodes declare those resources::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from typing import Any
 
@@ -64,7 +65,9 @@ class Gateway:
         if not isinstance(text, str) or not text:
             return {"error": f"'text' must be a non-empty string, got {text!r}"}
         featured = await self.featurizer.remote(text)
-        scores = [await self.model.remote(featured["features"]) for _ in range(4)]
+        # Concurrent calls: the router sends each to the less loaded of the two replicas,
+        # so both members answer (sequential calls could all find the same one idle).
+        scores = await asyncio.gather(*(self.model.remote(featured["features"]) for _ in range(4)))
         return {
             "gateway": node(),
             "featurizer": featured["on"],
@@ -92,9 +95,16 @@ def main(address: str | None, port: int) -> dict[str, Any]:
     try:
         serve.start(runtime="ray", address=address, http_options={"port": port})
         serve.run(app)
-        answer: dict[str, Any] = httpx.post(
-            f"http://127.0.0.1:{port}/", json={"text": "shoal on ray"}, timeout=60
-        ).json()
+        # A router connects to its replicas when first used: the first calls may all go
+        # to the replica it reached first. A few requests show both Model replicas.
+        answers = [
+            httpx.post(
+                f"http://127.0.0.1:{port}/", json={"text": "shoal on ray"}, timeout=60
+            ).json()
+            for _ in range(3)
+        ]
+        answer: dict[str, Any] = answers[-1]
+        answer["models"] = sorted({node for a in answers for node in a["models"]})
         return answer
     finally:
         serve.shutdown()
