@@ -34,8 +34,9 @@ from shoal._router.router import RouterRegistry
 
 #: A deadline short enough to keep the tests fast, long enough for a loaded machine.
 DEADLINE_S = 0.3
-#: How late past its deadline a call may fail on a slow shared machine ("about the deadline").
-LATE_S = 0.5
+#: How late past its deadline a call may fail on a slow shared machine ("about the deadline",
+#: far from DONE_S: CI saw 0.7 s late under a load average of 10).
+LATE_S = 2.0
 #: "At once": a call that fails without being sent fails well within this.
 AT_ONCE_S = 0.1
 #: Generous bound for a request the test expects to finish.

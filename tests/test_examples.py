@@ -435,7 +435,8 @@ def test_demo_main_serves_until_ctrl_c() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "examples.demo", "--port", str(port)],
         cwd=ROOT,
-        env=_example_env(),
+        # faulthandler: SIGABRT prints every thread's stack (a shutdown that hangs, below)
+        env={**_example_env(), "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -473,6 +474,9 @@ def test_demo_main_serves_until_ctrl_c() -> None:
         try:
             code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # where it hangs, on its stderr
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
             pytest.fail("demo still running 60 s after Ctrl-C:\n" + drain(lines, output))
         assert code == 0, drain(lines, output)
         # serve.shutdown() ran: the HTTP port is released.

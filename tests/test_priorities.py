@@ -43,7 +43,7 @@ DONE_S = 10.0
 #: A deadline or timeout short enough to keep the tests fast.
 SHORT_S = 0.3
 #: How late past its deadline a call may fail on a slow shared machine.
-LATE_S = 1.0
+LATE_S = 2.0
 #: Queued in this order while the Gate is held: (priority, tag).
 ARRIVALS = [("low", "l1"), ("normal", "n1"), ("high", "h1"),
             ("low", "l2"), ("high", "h2"), ("normal", "n2")]  # fmt: skip
