@@ -234,6 +234,16 @@ def test_nothing_listening_is_a_clear_message(project: Path) -> None:
         _failed(result, f"no shoal instance answers at {address}; start one with `shoal start`")
 
 
+def test_start_explains_a_bad_resources_argument(project: Path) -> None:
+    """Refused before anything starts, naming the flag, the value and an example."""
+    bad = {"GPU=1": "--resources is not JSON", '{"GPU": "one"}': "must map names to numbers"}
+    started = {value: start_shoal(project, "start", "--resources", value) for value in bad}
+    for value, process in started.items():
+        result = finish(process)
+        _failed(result, bad[value], "e.g. --resources '{\"GPU\": 1}'")
+        assert "numbers" not in bad[value] or value in result.stderr, result.stderr
+
+
 def test_shutdown_waits_until_the_instance_stops(project: Path, instance: _Instance) -> None:
     _failed(shoal(project, "shutdown", "-a", instance.address), "pass -y to confirm")
     result = shoal(project, "shutdown", "-y", "-a", instance.address)

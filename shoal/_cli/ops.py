@@ -282,19 +282,7 @@ def start(args: argparse.Namespace) -> None:
     )
     from shoal._errors import ShoalError
 
-    try:
-        resources = json.loads(args.resources) if args.resources else {}
-    except json.JSONDecodeError as exc:
-        raise SystemExit(
-            f"shoal start: --resources is not JSON ({exc}); e.g. --resources '{{\"GPU\": 1}}'"
-        ) from None
-    if not isinstance(resources, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in resources.values()
-    ):
-        raise SystemExit(
-            f"shoal start: --resources must map names to numbers, got {args.resources}; "
-            "e.g. --resources '{\"GPU\": 1}'"
-        )
+    resources = _resources_argument(args.resources)
     try:
         http = validate(
             HTTPOptions, _given(host=args.http_host, port=args.http_port), "http_options"
@@ -337,6 +325,24 @@ def start(args: argparse.Namespace) -> None:
             "'shoal') on this node: Ray restarts it if it dies",
             flush=True,
         )
+
+
+def _resources_argument(given: str | None) -> dict[str, Any]:
+    """``shoal start --resources``: a JSON object of names to numbers (SystemExit if not)."""
+    try:
+        resources = json.loads(given) if given else {}
+    except json.JSONDecodeError as exc:
+        raise SystemExit(
+            f"shoal start: --resources is not JSON ({exc}); e.g. --resources '{{\"GPU\": 1}}'"
+        ) from None
+    if not isinstance(resources, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in resources.values()
+    ):
+        raise SystemExit(
+            f"shoal start: --resources must map names to numbers, got {given}; "
+            "e.g. --resources '{\"GPU\": 1}'"
+        )
+    return resources
 
 
 def _given(**options: Any) -> dict[str, Any]:
