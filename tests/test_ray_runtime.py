@@ -185,6 +185,19 @@ def test_the_metrics_endpoint_counts_the_replicas_of_every_node(
         }
 
     wait_until(lambda: len(counted()) == 4, 30, "request counts of the four deployments")
+    # The dashboard: its page, and the series it plots, fed by the replicas of every node.
+    page = httpx.get(f"{info.admin_url}/", timeout=30)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+    def plotted() -> set[str]:
+        body = httpx.get(f"{info.admin_url}/api/shoal/dashboard/timeseries", timeout=30).json()
+        return {
+            series["deployment"]
+            for series in body["deployments"]
+            if series["application"] == "patterns" and any(series["points"]["request_rate"])
+        }
+
+    wait_until(lambda: {"Gateway", "SumModel", "MaxModel"} <= plotted(), 30, "dashboard series")
 
 
 def test_a_killed_replica_actor_is_replaced(
