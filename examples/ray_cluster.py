@@ -9,6 +9,10 @@ the cluster declares, so where each replica runs is visible:
 * ``Model`` (an ensemble of two members, ``num_replicas=2``) at most one per node
   (``max_replicas_per_node=1``), on the nodes declaring ``model``.
 
+Every node runs an HTTP proxy (``proxy_location="EveryNode"``, the default): requests
+may enter through any of them (on this one-machine cluster they share the port, and
+the kernel spreads connections over them); ``proxies`` in the answer counts them.
+
 Run it (starts a local three-node cluster, serves on 127.0.0.1:8000, sends requests,
 prints where each part ran, shuts everything down)::
 
@@ -105,6 +109,7 @@ def main(address: str | None, port: int) -> dict[str, Any]:
         ]
         answer: dict[str, Any] = answers[-1]
         answer["models"] = sorted({node for a in answers for node in a["models"]})
+        answer["proxies"] = len(serve.status().proxies)  # one per node
         return answer
     finally:
         serve.shutdown()

@@ -182,8 +182,9 @@ class ServeDeploySchema(_Strict):
 
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
         "EveryNode",
-        description="Where proxies run: EveryNode and HeadOnly both run the one proxy of "
-        "this machine; Disabled runs none.",
+        description="Where proxies run: EveryNode on every node of a Ray cluster, HeadOnly "
+        "on the controller's node only (on one machine both run its one proxy); Disabled "
+        "runs none.",
     )
     http_options: HTTPOptions = Field(
         default_factory=HTTPOptions, description="Options of the HTTP proxy."
@@ -212,8 +213,8 @@ class ServeDeploySchema(_Strict):
     )
     ray_address: str | None = Field(
         None,
-        description="With runtime: ray, the Ray cluster's address (auto, ray://host:port, "
-        "host:port; a shoal extension), applied where the file starts the instance "
+        description="With runtime: ray, the Ray cluster's address (auto, host:port; Ray "
+        "Client's ray:// is refused; a shoal extension), applied where the file starts the instance "
         "(shoal run). null: RAY_ADDRESS, or a new local cluster.",
     )
     target_capacity: float | None = Field(

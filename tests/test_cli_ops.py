@@ -315,10 +315,40 @@ def test_run_config_file_with_reload_redeploys_on_change(project: Path) -> None:
             }
 
         wait_until(updated, 30, "the app to be redeployed after the change")
+        # An instance-wide option changed in the file: redeployed, and a warning says it
+        # applies only when shoal run starts (never silently ignored).
+        (project / "serve.yaml").write_text(
+            "proxy_location: HeadOnly\n" + CONFIG.replace("/hello", "/hi")
+        )
+        wait_until(
+            lambda: httpx.post(base + "/hi", json={"name": "a"}, timeout=30).is_success,
+            30, "the config file's change redeployed",
+        )  # fmt: skip
     finally:
         _stop(server)
     assert server.stderr is not None
-    assert "hello_app.py changed; redeploying" in server.stderr.read()
+    stderr = server.stderr.read()
+    assert "hello_app.py changed; redeploying" in stderr
+    assert "proxy_location changed in serve.yaml: instance-wide options apply when" in stderr
+
+
+def test_run_applies_the_config_file_s_proxy_location(project: Path) -> None:
+    """proxy_location: Disabled in the file: no HTTP proxy (handles only), as in Ray."""
+    (project / "serve.yaml").write_text("proxy_location: Disabled\n" + CONFIG)
+    port = free_port()
+    command = [sys.executable, "-m", "shoal", "run", "serve.yaml", "--port", str(port),
+               "--admin-port", str(free_port())]  # fmt: skip
+    server = subprocess.Popen(
+        command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline()
+        assert "application 'hello' serving on handles only" in banner, banner
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(f"http://127.0.0.1:{port}/hello", json={"name": "a"}, timeout=5)
+    finally:
+        _stop(server)
 
 
 def test_start_deploy_status_delete_shutdown_on_a_real_server(

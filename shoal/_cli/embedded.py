@@ -83,6 +83,13 @@ class _Target:
     grpc: dict[str, Any] | None = None  # a config file's grpc_options (docs/grpc.md)
     runtime: str = "process"  # a config file's runtime (docs/ray.md)
     address: str | None = None  # a config file's ray_address
+    proxy_location: str | None = None  # a config file's (EveryNode, HeadOnly, Disabled)
+
+
+#: The fields of a _Target that a running instance keeps (serve.start's options).
+_INSTANCE_WIDE = (
+    "host", "port", "tracing", "logging", "grpc", "runtime", "address", "proxy_location",
+)  # fmt: skip
 
 
 def _is_config(target: str) -> bool:
@@ -129,7 +136,7 @@ def _resolve(args: argparse.Namespace) -> _Target:
     grpc = None if config.grpc_options is None else config.grpc_options.model_dump()
     return _Target(
         apps, host, port, None if tracing is None else tracing.model_dump(), logging, grpc,
-        config.runtime or "process", config.ray_address,
+        config.runtime or "process", config.ray_address, config.proxy_location,
     )  # fmt: skip
 
 
@@ -152,13 +159,15 @@ def run(args: argparse.Namespace) -> None:
             http_options={"host": target.host, "port": target.port},
             admin_options=_admin_options(args), tracing_options=target.tracing,
             logging_config=target.logging, grpc_options=target.grpc,
-            runtime=target.runtime, address=target.address, _blocking=False, _attach=False,
+            runtime=target.runtime, address=target.address,
+            proxy_location=target.proxy_location, _blocking=False, _attach=False,
         )  # fmt: skip
         _deploy(target)
     except ShoalError as exc:
         raise SystemExit(f"shoal run: {exc}") from None
+    http = target.proxy_location != "Disabled"
     for name, prefix, _ in target.apps:
-        where = f"http://{target.host}:{target.port}{prefix}" if prefix else "handles only"
+        where = f"http://{target.host}:{target.port}{prefix}" if prefix and http else "handles only"
         print(f"shoal: application '{name}' serving on {where}  (Ctrl-C to stop)", flush=True)
     if args.reload:
         _watch(args, target)
@@ -196,6 +205,12 @@ def _redeploy(args: argparse.Namespace, previous: _Target, root: Path) -> _Targe
     except ShoalError as exc:
         logger.error("shoal run: redeploying failed: %s\n(still serving the previous version)", exc)
         return previous
+    changed = [name for name in _INSTANCE_WIDE if getattr(target, name) != getattr(previous, name)]
+    if changed:
+        logger.warning(
+            "shoal run: %s changed in %s: instance-wide options apply when shoal run "
+            "starts; restart it to apply them", ", ".join(changed), args.target,
+        )  # fmt: skip
     gone = {name for name, _, _ in previous.apps} - {name for name, _, _ in target.apps}
     for name in sorted(gone):
         serve.delete(name)

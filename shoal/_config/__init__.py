@@ -353,7 +353,7 @@ class ServeStartOptions(_Strict):
     # Where replicas run: "process" (one process each on this machine) or "ray" (one
     # Ray actor each, on a Ray cluster: docs/ray.md).
     runtime: Literal["process", "ray"] = "process"
-    # The Ray cluster's address ("auto", "ray://host:port", "host:port"); only with
+    # The Ray cluster's address ("auto", "host:port"; "ray://" is refused); only with
     # runtime="ray". None: the cluster this process is connected to, RAY_ADDRESS's,
     # or a new local one, as ray.init() decides.
     address: str | None = None

@@ -46,7 +46,6 @@ from shoal._errors import (
 from shoal._observe import metrics
 from shoal._observe.metrics.store import MetricsStore
 from shoal._router.router import RouterRegistry
-from shoal._runtime.node import local_node_id
 from shoal._seam.protocols import ReplicaHandle, Runtime
 from shoal._seam.specs import AppSpec
 from shoal._seam.startup import failure_message, is_user_startup_error
@@ -457,7 +456,9 @@ class Controller:
             apps[name] = ApplicationStatusOverview(
                 status, app.message, app.spec.route_prefix, app.deployed_at, deployments
             )
-        proxies = {local_node_id(): self.proxy} if self.proxy else {}
+        proxies = {self.runtime.proxy_node_id: self.proxy} if self.proxy else {}
+        for node, proxy in self.runtime.node_proxies().items():  # other nodes' (EveryNode)
+            proxies[node] = ProxyStatus(proxy.host, proxy.port, proxy.state, proxy.pid)
         return ServeStatus(proxies, apps, self.target_capacity)
 
     async def shutdown(self, timeout_s: float) -> None:

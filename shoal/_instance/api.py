@@ -78,7 +78,8 @@ def start(
     If a ``shoal start`` server runs for this user, attach to it instead (as Ray
     Serve connects to a running cluster): the other options are then the server's.
     ``proxy_location="Disabled"`` starts no proxy ("EveryNode" and "HeadOnly" both
-    mean the one proxy of this machine). ``resources`` declares the custom
+    mean the one proxy of this machine; on Ray, "EveryNode", the default, runs one on
+    every node). ``resources`` declares the custom
     resources this machine offers replicas (CPUs and GPUs are detected).
     ``runtime="ray"`` runs every replica as a Ray actor on the Ray cluster at
     ``address`` (docs/ray.md). ``admin_options`` place the admin REST API

@@ -57,17 +57,26 @@ def instance_details(
     http = instance.http
     return {
         "controller_info": {"node_id": NODE_ID, "node_ip": "127.0.0.1", "pid": os.getpid()},
-        "proxy_location": "Disabled" if http is None else "EveryNode",
+        "proxy_location": _proxy_location(instance),
         "http_options": (http or HTTPOptions()).model_dump(mode="json"),
         "grpc_options": (getattr(instance, "grpc", None) or gRPCOptions()).model_dump(mode="json"),
         "proxies": {
-            node: {"node_id": node, "node_ip": proxy.host, "status": str(proxy)}
+            # pid: shoal's own (which process serves that node's HTTP)
+            node: {"node_id": node, "node_ip": proxy.host, "status": str(proxy), "pid": proxy.pid}
             for node, proxy in status.proxies.items()
         },
         "deploy_mode": "MULTI_APP",
         "applications": applications,
         "target_capacity": status.target_capacity,
     }
+
+
+def _proxy_location(instance: Instance) -> str:
+    """Where proxies run: Disabled, or as asked (EveryNode, the default, or HeadOnly; the
+    same on one machine: docs/ray.md#proxies)."""
+    if instance.http is None:
+        return "Disabled"
+    return instance.options.proxy_location or "EveryNode"
 
 
 def _deployment(name: str, overview: DeploymentStatusOverview, spec: Any) -> dict[str, Any]:

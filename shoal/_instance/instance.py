@@ -113,6 +113,8 @@ class Instance:
             name = "ray"
             if self.options.address is not None:
                 options["address"] = self.options.address
+            if self.options.proxy_location is not None:  # EveryNode (the default), HeadOnly
+                options["proxy_location"] = self.options.proxy_location
         runtime = create_runtime(name, **options)
         registry = RouterRegistry(runtime.connector, self.thread.loop)
         if runtime.places_replicas:

@@ -133,12 +133,6 @@ def start_controller_actor(options: dict[str, Any], address: str | None, timeout
     # RAY_ADDRESS, else "auto" (the cluster of this machine); never a new local cluster,
     # which would end with this call.
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    if address.startswith("ray://"):
-        raise ShoalError(
-            f"shoal start --ray runs its server on a node of the cluster, not through Ray "
-            f"Client: got address {address!r}; run it on the head node with --address auto "
-            "(or the GCS address, host:6379)"
-        )
     try:
         ray, started = connect(address, log_to_driver=False)
     except ConnectionError as exc:

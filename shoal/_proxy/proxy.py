@@ -456,8 +456,9 @@ class Proxy:
 
     # --- serving -------------------------------------------------------------------
 
-    async def serve(self) -> tuple[str, int]:
-        """Bind and start serving; returns (host, port). Raises ShoalError if binding fails."""
+    async def serve(self, reuse_port: bool = False) -> tuple[str, int]:
+        """Bind and start serving; returns (host, port). Raises ShoalError if binding fails.
+        ``reuse_port``: a socket bound here shares its port (see :func:`bind_listener`)."""
         import uvicorn
 
         options = self.options
@@ -466,7 +467,7 @@ class Proxy:
             sock = socket.socket(fileno=int(inherited))
             sock.setblocking(False)
         else:
-            sock = bind_listener(options.host, options.port)
+            sock = bind_listener(options.host, options.port, reuse_port)
         config = _uvicorn_config(self, options)
         self._server = uvicorn.Server(config)
         config.load()
@@ -519,10 +520,12 @@ def _websocket_implementation() -> str:
     return "websockets-sansio"
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A non-blocking listening TCP socket on (host, port); ShoalError if it cannot bind."""
+def bind_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket on (host, port); ShoalError if it cannot bind.
+    ``reuse_port``: shared with the other proxies of the instance that bind it so (see
+    :func:`~shoal._transport.tcp.listen_tcp`)."""
     try:
-        return listen_tcp(host, port, 2048)
+        return listen_tcp(host, port, 2048, reuse_port)
     except OSError as exc:
         raise ShoalError(
             f"the HTTP proxy cannot listen on {host}:{port} ({exc.strerror}); "

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from shoal._config import HTTPOptions
 from shoal._errors import NotFoundError
+from shoal._runtime.node import local_node_id
+from shoal._seam.specs import NodeProxy
 
 
 class WithoutProxy:
@@ -31,3 +33,11 @@ class WithoutProxy:
 
     async def drain_proxy(self, timeout_s: float = 0.0) -> None:
         """No proxy: nothing to drain."""
+
+    @property
+    def proxy_node_id(self) -> str:
+        return local_node_id()
+
+    def node_proxies(self) -> dict[str, NodeProxy]:
+        """No proxy: none on other nodes either."""
+        return {}

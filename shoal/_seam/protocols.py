@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from shoal._config import HTTPOptions
-from shoal._seam.specs import ReplicaSpec
+from shoal._seam.specs import NodeProxy, ReplicaSpec
 from shoal._transport.messages import (
     LoadReport,
     Message,
@@ -192,7 +192,19 @@ class Runtime(Protocol):
 
     async def drain_proxy(self, timeout_s: float = 0.0) -> None:
         """Make the proxy (if any) answer new requests 503 with ``Retry-After``; returns
-        once the requests it had accepted are answered (at most ``timeout_s``)."""
+        once the requests it had accepted are answered (at most ``timeout_s``). A runtime
+        with proxies on other nodes drains them too, and stops supervising them."""
+        ...
+
+    @property
+    def proxy_node_id(self) -> str:
+        """The node the proxy of :meth:`start_proxy` runs on (``serve.status().proxies``
+        lists it under this id)."""
+        ...
+
+    def node_proxies(self) -> dict[str, NodeProxy]:
+        """The proxies the runtime runs and supervises on other nodes, by node id
+        (``proxy_location`` EveryNode on a cluster); {} on one machine."""
         ...
 
     async def shutdown(self, timeout_s: float) -> None: ...

@@ -44,3 +44,16 @@ class ReplicaSpec:
     config: DeploymentConfig
     is_ingress: bool = False
     code_version: str = ""  # told to a restarted controller, which adopts matching replicas
+
+
+@dataclass(frozen=True)
+class NodeProxy:
+    """A proxy a runtime runs on another node than the controller's (``proxy_location``
+    EveryNode on a cluster): where it listens, its state (one of Ray Serve's proxy
+    statuses: STARTING, HEALTHY, UNHEALTHY, DRAINING) and its process id (None while
+    none runs)."""
+
+    host: str
+    port: int
+    state: str
+    pid: int | None = None

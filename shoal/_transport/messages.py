@@ -224,7 +224,12 @@ class StopReplica(Message):
 
 @message(26)
 class StartProxy(Message):
+    """Serve HTTP with ``http_options``: on the listening socket the process inherited,
+    or else on one it binds, with ``SO_REUSEPORT`` if ``reuse_port`` (a Ray node's
+    proxy: the nodes of a one-machine cluster share the port)."""
+
     http_options: dict[str, Any]
+    reuse_port: bool = False
 
 
 @message(27)

@@ -55,7 +55,7 @@ from shoal._runtime.process.workers import (
 )
 from shoal._runtime.process.zygote import ENTRY_MODULES
 from shoal._seam.protocols import Connector, MetricsSink, ReplicaHandle
-from shoal._seam.specs import ReplicaSpec
+from shoal._seam.specs import NodeProxy, ReplicaSpec
 from shoal._seam.startup import startup_failed
 from shoal._transport.client import NodeNetwork
 from shoal._transport.codec import Encoded
@@ -110,6 +110,9 @@ class ProcessRuntime:
     spawn_slots = _SPAWN_SLOTS
     #: The controller's resource ledger places replicas (a Ray cluster places its own).
     places_replicas = False
+    #: The proxy's listening socket shares its port (SO_REUSEPORT) with proxies the
+    #: runtime runs on other nodes (the Ray runtime's, on a one-machine cluster).
+    shares_proxy_port = False
 
     def __init__(
         self,
@@ -445,6 +448,15 @@ class ProcessRuntime:
     def proxy_pid(self) -> int | None:
         return self._proxy.process.pid if self._proxy is not None else None
 
+    @property
+    def proxy_node_id(self) -> str:
+        """The proxy is a process of this machine."""
+        return local_node_id()
+
+    def node_proxies(self) -> dict[str, NodeProxy]:
+        """One machine, one node: its proxy is the only one (EveryNode is HeadOnly)."""
+        return {}
+
     async def start_proxy(
         self, options: HTTPOptions, on_died: Callable[[], None] | None = None
     ) -> tuple[str, int]:
@@ -455,7 +467,7 @@ class ProcessRuntime:
         self._proxy_options = options
         if on_died is not None:
             self._on_proxy_died = on_died
-        self._listener = bind_listener(options.host, options.port)
+        self._listener = bind_listener(options.host, options.port, self.shares_proxy_port)
         return await self._launch_proxy()
 
     async def restart_proxy(self) -> tuple[str, int]:
@@ -470,7 +482,7 @@ class ProcessRuntime:
         if self._listener is None and self._proxy_options is not None:
             # An adopted proxy held the socket: its port is free now that it is gone.
             options = self._proxy_options
-            self._listener = bind_listener(options.host, options.port)
+            self._listener = bind_listener(options.host, options.port, self.shares_proxy_port)
         return await self._launch_proxy()
 
     async def _launch_proxy(self) -> tuple[str, int]:

@@ -255,8 +255,9 @@ class Worker:
         if self.network is not None and self.network.host:
             host, port = await self.server.listen_tcp(self.network.host, 0, self.network.secret)
             tcp_address = join_host_port(host, port)
+        node = self.network.node_id if self.network is not None else ""  # told on a rejoin
         info = ReplicaInfo(
-            spec.replica_id, address, spec.config.max_ongoing_requests, "", tcp_address
+            spec.replica_id, address, spec.config.max_ongoing_requests, node, tcp_address
         )
         self.hosting = Rejoin(
             self.worker_id, os.getpid(), info, spec.app, spec.deployment,
@@ -269,7 +270,7 @@ class Worker:
 
         configure_component(Component("proxy", "-", "proxy", self.worker_id), None)
         self.proxy = Proxy(self.registry, ProxyOptions(**msg.http_options))  # gRPC's too
-        host, port = await self.proxy.serve()
+        host, port = await self.proxy.serve(msg.reuse_port)
         self.hosting = Rejoin(self.worker_id, os.getpid(), proxy=(host, port))
         return host, port
 

@@ -1,4 +1,5 @@
-"""The Ray actor that hosts one shoal worker (a replica), and the runtime's grip on it.
+"""The Ray actor that hosts one shoal worker (a replica, or a node's proxy), and the
+runtime's grip on it.
 
 Ray places the actor (its ``ray_actor_options``, placement group, runtime_env) and
 supervises its process; inside it, a thread runs the same :class:`Worker` as a
@@ -21,6 +22,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from shoal._runtime.process.workers import WorkerProcess
     from shoal._runtime.ray.network import ClusterNetwork
 
 #: The exit code recorded for an actor Ray reports dead (killed, or its node lost).
@@ -38,13 +40,16 @@ class WorkerActor:
         orphan_grace_s: float = 0.0,
         network: ClusterNetwork | None = None,
     ) -> None:
-        """``orphan_grace_s`` > 0 (a server's replica, a detached actor): the worker
+        """``replica_id``: the replica it will host ("": a node's proxy, see
+        ``shoal._runtime.ray.proxies``). ``orphan_grace_s`` > 0 (a server's replica, a
+        detached actor): the worker
         outlives its controller that long, and rejoins its successor (see
         ``shoal._runtime.process.adopt``); it ends this actor's process if none comes.
         ``network``: the instance secret and where the controller is (see
         ``shoal._runtime.ray.network``); None: Unix sockets only."""
         os.makedirs(instance_dir, mode=0o700, exist_ok=True)
         self._replica_id = replica_id
+        self._worker_id = worker_id
         self._ended = threading.Event()
         self._thread = threading.Thread(
             target=self._run,
@@ -71,6 +76,8 @@ class WorkerActor:
 
     def __repr__(self) -> str:
         # Ray prefixes the lines this actor prints with it: the replica id, as in status.
+        if not self._replica_id:
+            return f"Proxy({self._worker_id})"
         return f"Replica({self._replica_id})"
 
     def where(self) -> tuple[int, str]:
@@ -122,6 +129,22 @@ class ActorProcess:
         remove_placement_group(self.worker_id)
 
     terminate = kill
+
+
+def actor_worker(worker_id: str, process: ActorProcess) -> WorkerProcess:
+    """The runtime's handle on a worker actor. Once Ray reports the actor dead (killed,
+    its node lost), its control connection is dropped: a TCP connection to a lost node
+    would not close by itself, and its close is how the runtime learns of the end."""
+    from shoal._runtime.process.workers import WorkerProcess
+
+    worker = WorkerProcess(worker_id, process, process.exited)
+
+    def ended(_exited: asyncio.Future[int]) -> None:
+        if worker.conn is not None:
+            worker.conn.abort()
+
+    process.exited.add_done_callback(ended)
+    return worker
 
 
 def remove_placement_group(name: str) -> None:

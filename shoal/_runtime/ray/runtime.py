@@ -7,28 +7,41 @@ the cluster Ray chooses, instead of a child process of this one. Everything abov
 the seam (controller, routers, proxy, control messages, the data plane's sockets)
 is the same, so requests never take Ray's task path: Unix sockets within a node,
 TCP authenticated with the instance secret between nodes (see :mod:`.network`).
-The proxy is a process of the driver's node (``proxy_location`` ``HeadOnly``).
+The proxy is a process of the controller's node; with ``proxy_location`` EveryNode
+(the default) every other node runs one more, in an actor (see :mod:`.proxies`).
 ``docs/ray.md`` is the user's guide.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
+from shoal._config import HTTPOptions
 from shoal._errors import ConfigError, ShoalError
 from shoal._observe.options import Telemetry
+from shoal._runtime.process.adopt import Rejoined
 from shoal._runtime.process.runtime import ProcessRuntime
 from shoal._runtime.process.workers import WorkerProcess
-from shoal._runtime.ray.actor import ActorProcess, WorkerActor, remove_placement_group
+from shoal._runtime.ray.actor import (
+    ActorProcess,
+    WorkerActor,
+    actor_worker,
+    remove_placement_group,
+)
 from shoal._runtime.ray.network import ClusterNetwork, forget_secret, instance_secret, keep_secret
+from shoal._runtime.ray.proxies import NodeProxies, node_of
 from shoal._seam.protocols import MetricsSink, ReplicaHandle
-from shoal._seam.specs import ReplicaSpec
+from shoal._seam.specs import NodeProxy, ReplicaSpec
 from shoal._transport.auth import bound_address, join_host_port, serve_tcp
 from shoal._transport.client import NetworkConnector, NodeNetwork
-from shoal._transport.messages import LoadReport, Rejoin
+from shoal._transport.connection import Connection
+from shoal._transport.messages import LoadReport, Rejoin, RoutesUpdate
 
 logger = logging.getLogger("shoal.runtime")
 
@@ -38,6 +51,13 @@ NAMESPACE = "shoal"
 PLACEMENT_REPORT_S = 2.0
 #: How long a restarted controller waits for Ray to say where an actor that rejoined is.
 _ADOPT_LOOKUP_S = 5.0
+#: How long a restarted controller waits, past its adoption window, for the actors Ray
+#: lists by name (its replicas and node proxies) to rejoin: those on other nodes rejoin
+#: over TCP, a busy machine may take seconds, and one that comes late is replaced.
+_REJOIN_WAIT_S = 10.0
+#: How long Ray may take to start a node's proxy actor on its node.
+_NODE_PROXY_PLACE_S = 30.0
+_PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 
 
 def import_ray() -> Any:
@@ -55,6 +75,7 @@ def connect(address: str | None, log_to_driver: bool = True) -> tuple[Any, bool]
     """The ``ray`` module, connected to the cluster at ``address`` (see
     :class:`RayRuntime`) unless this process already is; and whether it connected here."""
     ray = import_ray()
+    _refuse_ray_client(ray, address)
     if ray.is_initialized():
         return ray, False
     # Ray's dashboard would take 8265, the admin API's port: a cluster that wants one
@@ -67,6 +88,26 @@ def connect(address: str | None, log_to_driver: bool = True) -> tuple[Any, bool]
         log_to_driver=log_to_driver,
     )
     return ray, True
+
+
+def _refuse_ray_client(ray: Any, address: str | None) -> None:
+    """ConfigError for Ray Client (``ray://``, given or in ``RAY_ADDRESS``, or this
+    process already connected so): the controller and the proxy must run on a node of
+    the cluster, where the replicas' actors connect back to them."""
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    connected = False
+    if ray.is_initialized():
+        with contextlib.suppress(Exception):  # no client module in this Ray
+            from ray.util.client import ray as client
+
+            connected = bool(client.is_connected())
+    if target.startswith("ray://") or connected:
+        raise ConfigError(
+            f"the Ray runtime does not support Ray Client (address {target or 'ray://...'!r}) "
+            "yet: shoal's controller and proxy run on a node of the cluster, where the "
+            "replicas connect back to them; run this on a node of the cluster with "
+            "address='auto' (or the GCS address, 'host:6379')"
+        )
 
 
 class RayRuntime(ProcessRuntime):
@@ -82,11 +123,26 @@ class RayRuntime(ProcessRuntime):
         telemetry: Telemetry | None = None,
         directory: str | None = None,
         orphan_grace_s: float = 0.0,
+        proxy_location: str = "EveryNode",
     ) -> None:
-        """``address``: the cluster's (``auto``, ``ray://host:port``, ``host:port``);
+        """``address``: the cluster's (``auto``, ``host:port``; ``ray://`` is refused);
         None: the cluster this process is connected to, or ``RAY_ADDRESS``'s, or a new
-        local one, as ``ray.init()`` decides."""
+        local one, as ``ray.init()`` decides. ``proxy_location``: EveryNode (a proxy on
+        every node), HeadOnly (on the controller's only) or Disabled (no proxy is
+        started: the controller is not asked to)."""
+        if proxy_location not in _PROXY_LOCATIONS:
+            raise ConfigError(
+                f"proxy_location={proxy_location!r}: expected one of {list(_PROXY_LOCATIONS)}"
+            )
         super().__init__(directory, orphan_grace_s, telemetry, fork_server=False)
+        self.rejoined = _RayRejoined(self._named_workers)
+        # The head proxy's port is shared with the nodes' on a one-machine cluster.
+        self.shares_proxy_port = proxy_location == "EveryNode"
+        self._node_proxies: NodeProxies | None = None
+        if proxy_location == "EveryNode":
+            self._node_proxies = NodeProxies(
+                self._spawn, lambda: self._routes, self._cluster_state, self._end_actors
+            )
         self._address = address
         self._ray = import_ray()
         self._started_ray = False
@@ -161,6 +217,8 @@ class RayRuntime(ProcessRuntime):
         listen_fd: int | None,
         spec: ReplicaSpec | None = None,
     ) -> WorkerProcess:
+        if node_of(argv[1]) is not None:  # another node's proxy: an actor there
+            return await self._place_node_proxy(argv)
         if kind != "replica" or spec is None:  # the proxy: a process of this node
             return await super()._start_process(kind, argv, env_vars, listen_fd, spec)
         directory, worker_id, orphan_grace_s = argv[0], argv[1], float(argv[2])
@@ -187,7 +245,7 @@ class RayRuntime(ProcessRuntime):
             raise
         if on_waiting is not None:
             on_waiting(None)
-        return _actor_worker(worker_id, ActorProcess(actor, pid, node_id, worker_id))
+        return actor_worker(worker_id, ActorProcess(actor, pid, node_id, worker_id))
 
     def _placement_group(self, spec: ReplicaSpec, name: str, options: dict[str, Any]) -> Any:
         """A placement group of the deployment's bundles for one replica, named ``name``,
@@ -231,15 +289,136 @@ class RayRuntime(ProcessRuntime):
         finally:
             self._waiting.pop(spec.replica_id, None)
 
+    # --- proxies of the other nodes (EveryNode; see .proxies) --------------------------
+
+    def _cluster_state(self) -> tuple[set[str], set[str]]:
+        """The alive nodes of the cluster but this one, and the names of the node proxy
+        actors in shoal's namespace (blocking: asks Ray's GCS)."""
+        alive = {node["NodeID"] for node in self._ray.nodes() if node.get("Alive")}
+        named = {
+            actor["name"]
+            for actor in self._ray.util.list_named_actors(all_namespaces=True)
+            if actor["namespace"] == NAMESPACE and node_of(actor["name"]) is not None
+        }
+        return alive - {self._node_id}, named
+
+    def _end_actors(self, names: list[str]) -> None:
+        """End the actors of shoal's namespace named ``names`` (blocking)."""
+        for name in names:
+            with contextlib.suppress(Exception):  # already gone
+                self._ray.kill(self._ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+
+    async def _place_node_proxy(self, argv: list[str]) -> WorkerProcess:
+        """The actor of a node's proxy (its worker id says which node), pinned there."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        directory, worker_id, orphan_grace_s = argv[0], argv[1], float(argv[2])
+        node_id = node_of(worker_id) or ""
+        options: dict[str, Any] = {
+            "num_cpus": 0,
+            "max_concurrency": 4,  # `where` and `wait` run while the worker's thread serves
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
+        }
+        if orphan_grace_s > 0:  # a server's: outlives it, and its successor adopts it
+            options.update(lifetime="detached", name=worker_id, namespace=NAMESPACE)
+        actor = self._actor_class.options(**options).remote(
+            directory, worker_id, "", orphan_grace_s, self._cluster_network
+        )
+        try:
+            placed = asyncio.wrap_future(actor.where.remote().future())
+            pid, _ = await asyncio.wait_for(placed, _NODE_PROXY_PLACE_S)
+        except BaseException:
+            self._ray.kill(actor, no_restart=True)
+            raise
+        return actor_worker(worker_id, ActorProcess(actor, pid, node_id))
+
+    async def start_proxy(
+        self, options: HTTPOptions, on_died: Callable[[], None] | None = None
+    ) -> tuple[str, int]:
+        """The head proxy, then (EveryNode) one on every other node, on the same port."""
+        host, port = await super().start_proxy(options, on_died)
+        if self._node_proxies is not None:
+            self._node_proxies.start(options, port)
+        return host, port
+
+    def adopt_proxy(
+        self, options: HTTPOptions, on_died: Callable[[], None]
+    ) -> tuple[str, int] | None:
+        where = super().adopt_proxy(options, on_died)
+        if where is not None and self._node_proxies is not None:
+            self._node_proxies.start(options, where[1])
+        return where
+
+    async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
+        """Install ``routes`` in every proxy, the nodes' included."""
+        self._routes = routes
+        proxies = [self._proxy] if self._proxy is not None else []
+        if self._node_proxies is not None:
+            proxies += self._node_proxies.serving()
+        await self._deliver([p for p in proxies if not p.stopping], RoutesUpdate(routes))
+
+    async def drain_proxy(self, timeout_s: float = 0.0) -> None:
+        """Every proxy drains at once (the nodes' stop being supervised first)."""
+        if self._node_proxies is None:
+            await super().drain_proxy(timeout_s)
+            return
+        nodes = self._node_proxies.drain(timeout_s)
+        await asyncio.gather(super().drain_proxy(timeout_s), nodes)
+
+    @property
+    def proxy_node_id(self) -> str:
+        return self._node_id or super().proxy_node_id
+
+    def node_proxies(self) -> dict[str, NodeProxy]:
+        return self._node_proxies.status() if self._node_proxies is not None else {}
+
+    def _named_workers(self) -> set[str]:
+        """The worker ids of the actors in shoal's namespace (a server's replicas and node
+        proxies, which rejoin a restarted server; blocking: asks Ray's GCS)."""
+        return {
+            actor["name"]
+            for actor in self._ray.util.list_named_actors(all_namespaces=True)
+            if actor["namespace"] == NAMESPACE and actor["name"].startswith(_WORKER_KINDS)
+        }
+
+    def _adopt(self, conn: Connection, msg: Rejoin) -> None:
+        """A node's proxy that rejoined a restarted controller is adopted (one per node:
+        a duplicate is stopped); other workers as the process runtime adopts them."""
+        assert isinstance(self.rejoined, _RayRejoined)
+        self.rejoined.ids.add(msg.worker_id)
+        node_id = node_of(msg.worker_id)
+        if node_id is None:
+            super()._adopt(conn, msg)
+            return
+        try:  # by name only: a call to the actor would hold up this loop (other rejoins)
+            actor = self._ray.get_actor(msg.worker_id, namespace=NAMESPACE)
+        except Exception as exc:  # not an actor Ray knows (any more): nothing to adopt
+            logger.warning("node proxy %s rejoined but Ray does not know it: %r",
+                           msg.worker_id, exc)  # fmt: skip
+            conn.close()
+            return
+        worker = actor_worker(msg.worker_id, ActorProcess(actor, msg.pid, node_id))
+        worker.conn = conn
+        conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
+        self._workers[msg.worker_id] = worker
+        nodes = self._node_proxies
+        if msg.proxy is None or nodes is None or not nodes.adopt(node_id, worker):
+            logger.info("stopping node proxy %s: not serving, or its node has one already",
+                        msg.worker_id)  # fmt: skip
+            worker.stopping = True
+            worker.process.kill()
+        self.rejoined.add()
+
     def _adopted_worker(self, msg: Rejoin) -> WorkerProcess:
         """A replica that rejoined is a detached actor, found by its name (its worker id);
         the proxy is a process of this node."""
         if msg.replica is None:
             return super()._adopted_worker(msg)
         actor = self._ray.get_actor(msg.worker_id, namespace=NAMESPACE)
-        # Once per adopted replica, while a restarted controller recovers.
-        pid, node_id = self._ray.get(actor.where.remote(), timeout=_ADOPT_LOOKUP_S)
-        return _actor_worker(msg.worker_id, ActorProcess(actor, pid, node_id, msg.worker_id))
+        pid, node_id = msg.pid, msg.replica.node_id  # its worker says where it runs
+        if not node_id:  # not said: ask the actor (blocks this loop, other rejoins wait)
+            pid, node_id = self._ray.get(actor.where.remote(), timeout=_ADOPT_LOOKUP_S)
+        return actor_worker(msg.worker_id, ActorProcess(actor, pid, node_id, msg.worker_id))
 
     def _node_of(self, worker: WorkerProcess) -> str:
         node_id: str = getattr(worker.process, "node_id", "") or super()._node_of(worker)
@@ -253,6 +432,8 @@ class RayRuntime(ProcessRuntime):
         return NodeNetwork(self._node_id, self._secret)
 
     async def shutdown(self, timeout_s: float) -> None:
+        if self._node_proxies is not None:  # stopped, then their actors end with the rest
+            await self._node_proxies.stop(timeout_s)
         await super().shutdown(timeout_s)
         if self._control_tcp is not None:
             self._control_tcp.close()
@@ -262,18 +443,33 @@ class RayRuntime(ProcessRuntime):
             await asyncio.to_thread(self._ray.shutdown)
 
 
-def _actor_worker(worker_id: str, process: ActorProcess) -> WorkerProcess:
-    """The runtime's handle on a worker actor. Once Ray reports the actor dead (killed,
-    its node lost), its control connection is dropped: a TCP connection to a lost node
-    would not close by itself, and its close is how the runtime learns of the end."""
-    worker = WorkerProcess(worker_id, process, process.exited)
+_WORKER_KINDS = ("replica-", "node-proxy-")
 
-    def ended(_exited: asyncio.Future[int]) -> None:
-        if worker.conn is not None:
-            worker.conn.abort()
 
-    process.exited.add_done_callback(ended)
-    return worker
+class _RayRejoined(Rejoined):
+    """The process runtime's adoption window, then (at most ``_REJOIN_WAIT_S``) until
+    every worker actor Ray lists by name has rejoined."""
+
+    def __init__(self, named: Callable[[], set[str]]) -> None:
+        super().__init__()
+        self.named = named
+        self.ids: set[str] = set()  # worker ids that rejoined
+
+    async def settle(self, window_s: float) -> None:
+        await super().settle(window_s)
+        deadline = time.monotonic() + _REJOIN_WAIT_S
+        try:
+            missing = await asyncio.to_thread(self.named)
+        except Exception as exc:  # Ray's GCS did not answer: the usual window only
+            logger.warning("could not list shoal's actors: %r", exc)
+            return
+        while missing - self.ids and time.monotonic() < deadline:
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), deadline - time.monotonic())
+        if missing - self.ids:
+            logger.warning("%d actor(s) did not rejoin within %g s: %s", len(missing - self.ids),
+                           _REJOIN_WAIT_S, ", ".join(sorted(missing - self.ids)))  # fmt: skip
 
 
 def actor_options(spec: ReplicaSpec) -> dict[str, Any]:
