@@ -456,6 +456,8 @@ class Timeouts(_Strict):
 
     deploy_s: float = Field(600.0, gt=0)  # serve.run: every replica ready (PENDING included)
     shutdown_s: float = Field(30.0, gt=0)  # applications drained at shutdown
+    # A restarted server serves after this even if some application is not running yet.
+    restore_s: float = Field(30.0, gt=0)
     gpu_probe_s: float = Field(10.0, gt=0)  # nvidia-smi -L, once per instance
     build_s: float = Field(120.0, gt=0)  # importing and building a config file's applications
     admin_call_s: float = Field(30.0, gt=0)  # one call of an attached process to its instance
