@@ -108,43 +108,50 @@ def start(
     with _lock:
         instance = _instances.get("process")
         if instance is None and _attach and _attach_to_server():
-            instance = _instances["process"]
-            asked = (
-                (http_options, "http_options"),
-                (grpc_options, "grpc_options"),
-                (address, "address"),
-                (None if runtime == "process" else runtime, "runtime"),
-            )
-            for given, name in asked:
-                if given is not None:
-                    logger.warning("serve.start(): attached to the running shoal server, whose "
-                                   "proxy options apply; ignoring %s", name)  # fmt: skip
+            asked = {
+                "http_options": http_options,
+                "grpc_options": grpc_options,
+                "address": address,
+                "runtime": None if runtime == "process" else runtime,
+            }
+            for name in (name for name, given in asked.items() if given is not None):
+                logger.warning("serve.start(): attached to the running shoal server, whose "
+                               "proxy options apply; ignoring %s", name)  # fmt: skip
             return
         if instance is not None:
-            if instance.kind == "process" and settings.runtime != instance.options.runtime:
-                raise ConfigError(
-                    f"shoal is already running with runtime={instance.options.runtime!r}; "
-                    f"call serve.shutdown() first to start it with runtime={settings.runtime!r}"
-                )
-            if instance.kind == "process" and settings.resources != instance.options.resources:
-                raise ConfigError(
-                    f"shoal is already running with resources={instance.options.resources}; "
-                    "call serve.shutdown() first to declare other resources"
-                )
-            if options != instance.http and instance.kind == "process":
-                logger.warning(
-                    "shoal is already running with HTTP %s; ignoring new options", instance.http
-                )
-            if grpc_options is not None and grpc != instance.grpc and instance.kind == "process":
-                logger.warning(
-                    "shoal is already running with gRPC %s; ignoring new options", instance.grpc
-                )
+            if instance.kind == "process":
+                asked_grpc = None if grpc_options is None else grpc
+                _check_same_start(instance, settings, options, asked_grpc)
             return
         http = None if settings.proxy_location == "Disabled" else options
         _instances["process"] = Instance(
             "process", http, _blocking, settings, admin, telemetry=telemetry, grpc=grpc
         )
         set_default_registry(_instances["process"].registry)
+
+
+def _check_same_start(
+    instance: Instance,
+    settings: ServeStartOptions,
+    http: HTTPOptions,
+    grpc: gRPCOptions | None,
+) -> None:
+    """serve.start() again while ``instance`` runs: a ConfigError for options that need
+    a restart (runtime, resources); a warning for HTTP or gRPC options that differ."""
+    if settings.runtime != instance.options.runtime:
+        raise ConfigError(
+            f"shoal is already running with runtime={instance.options.runtime!r}; "
+            f"call serve.shutdown() first to start it with runtime={settings.runtime!r}"
+        )
+    if settings.resources != instance.options.resources:
+        raise ConfigError(
+            f"shoal is already running with resources={instance.options.resources}; "
+            "call serve.shutdown() first to declare other resources"
+        )
+    if http != instance.http:
+        logger.warning("shoal is already running with HTTP %s; ignoring new options", instance.http)
+    if grpc is not None and grpc != instance.grpc:
+        logger.warning("shoal is already running with gRPC %s; ignoring new options", instance.grpc)
 
 
 def _attach_to_server() -> bool:
