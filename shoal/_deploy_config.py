@@ -214,8 +214,8 @@ class ServeDeploySchema(_Strict):
     ray_address: str | None = Field(
         None,
         description="With runtime: ray, the Ray cluster's address (auto, host:port; Ray "
-        "Client's ray:// is refused; a shoal extension), applied where the file starts the instance "
-        "(shoal run). null: RAY_ADDRESS, or a new local cluster.",
+        "Client's ray:// is refused; a shoal extension), applied where the file starts the "
+        "instance (shoal run). null: RAY_ADDRESS, or a new local cluster.",
     )
     target_capacity: float | None = Field(
         None,

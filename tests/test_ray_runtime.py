@@ -549,6 +549,7 @@ def test_the_ray_example_runs_unchanged_on_the_cluster(
     short = {name: node_id[:8] for name, node_id in nodes.items()}
     assert answer["gateway"] == short["head"] and answer["featurizer"] == short["node_a"]
     assert answer["models"] == sorted([short["node_a"], short["node_b"]])
+    assert answer["proxies"] == 3  # EveryNode, the default: one proxy per node
 
 
 SPREAD = {"name": "spread", "route_prefix": "/spread", "import_path": "ray_runtime_apps:spread"}

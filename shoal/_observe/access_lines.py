@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 from shoal._observe import logs
@@ -34,7 +33,6 @@ MESSAGE = "%s %s %s %.1fms"
 # service; a component seeing more (handle calls of many methods) prepares the rest anew.
 _MAX_LINES = 4096
 _INFO = logging.INFO
-_perf_counter = time.perf_counter
 
 
 class AccessLine:
@@ -124,16 +122,21 @@ class AccessLog:
                 self._lines[key] = line
         return line
 
-    def write(self, line: AccessLine, request_id: str, latency_ms: float) -> None:
-        """One access line: ``line``'s fields, answered ``latency_ms`` after it started."""
+    def write(self, line: AccessLine, request_id: str, latency_ms: float, ended: float) -> None:
+        """One access line: ``line``'s fields, answered ``latency_ms`` after it started,
+        at ``ended`` (``perf_counter()``: the line's time)."""
         logger = self._logger
-        if not logger.isEnabledFor(_INFO):
+        # ``_cache[INFO]`` is what isEnabledFor(INFO) returns once it was asked (logging
+        # empties every logger's cache on any level change or logging.disable): read
+        # without a call while it holds.
+        cached = not logger.disabled and logger._cache.get(_INFO) is True  # type: ignore[attr-defined]
+        if not cached and not logger.isEnabledFor(_INFO):
             return
         out = logs.direct
         if out is None or logger.handlers != out.handlers or logger.filters or logger.propagate:
             self._record(line, request_id, latency_ms)
             return
-        waiting = [_perf_counter(), line, request_id, latency_ms, None]
+        waiting = [ended, line, request_id, latency_ms, None]
         for append in out.appends:
             append(waiting)
 

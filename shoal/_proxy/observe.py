@@ -84,24 +84,6 @@ def observed(
     known, find, log = recordings.known, recordings.find, recordings.access
     perf_counter = time.perf_counter
 
-    def record(scope: Scope, start: Message | None, started: float) -> int:
-        """Record a request whose response started with ``start`` (None: it did not);
-        returns its status (0: none)."""
-        latency_ms = (perf_counter() - started) * 1000.0
-        status = start["status"] if start is not None and start["type"] == _START else 0
-        path, method = scope["path"], scope["method"]
-        recording = known.get((path, method, status)) or find(path, method, status)
-        if recording.observe is not None:
-            recording.observe(latency_ms)
-            for child in recording.errors:
-                child.inc()
-        if recording.line is not None:
-            headers = start.get("headers") if status else None  # type: ignore[union-attr]
-            # The proxy appends the request id last.
-            rid = headers[-1][1] if headers and headers[-1][0] == _REQUEST_ID else b""
-            log.write(recording.line, rid.decode("latin-1"), latency_ms)  # type: ignore[union-attr]
-        return status
-
     async def serve_observed(scope: Scope, receive: Any, send: Any) -> None:
         started = perf_counter()
         start: Message | None = None
@@ -115,12 +97,35 @@ def observed(
 
         try:
             await serve(scope, receive, capture)
-        finally:
-            record(scope, start, started)
+        finally:  # recorded here, not in a call: this runs for every request
+            ended = perf_counter()
+            latency_ms = (ended - started) * 1000.0
+            status = start["status"] if start is not None and start["type"] == _START else 0
+            path, method = scope["path"], scope["method"]
+            recording = known.get((path, method, status)) or find(path, method, status)
+            if recording.observe is not None:
+                recording.observe(latency_ms)
+                for child in recording.errors:
+                    child.inc()
+            if recording.line is not None:
+                rid = _request_id(start) if status else ""
+                log.write(recording.line, rid, latency_ms, ended)  # type: ignore[union-attr]
+
+    return _traced(serve_observed, match) if traced else serve_observed
+
+
+def _request_id(start: Message | None) -> str:
+    """The request id the proxy answered with (it appends its header last), or ""."""
+    headers = start.get("headers") if start is not None else None
+    rid = headers[-1][1] if headers and headers[-1][0] == _REQUEST_ID else b""
+    result: str = rid.decode("latin-1")
+    return result
+
+
+def _traced(serve: Serve, match: Callable[[str], Route | None]) -> Serve:
+    """``serve`` (which records the request) within the request's span."""
 
     async def serve_traced(scope: Scope, receive: Any, send: Any) -> None:
-        started = perf_counter()
-        route = match(scope["path"])
         start: Message | None = None
 
         def capture(message: Message) -> Awaitable[None]:
@@ -130,6 +135,7 @@ def observed(
             result: Awaitable[None] = send(message)
             return result
 
+        route = match(scope["path"])
         span = tracing.start_http(scope, route[0] if route else None)
         error: BaseException | None = None
         try:
@@ -138,7 +144,7 @@ def observed(
             error = exc
             raise
         finally:
-            status = record(scope, start, started)
+            status = start["status"] if start is not None and start["type"] == _START else 0
             tracing.end_http(span, status or None, error)
 
-    return serve_traced if traced else serve_observed
+    return serve_traced

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 from shoal._api.context import replica_context, request_context
@@ -111,6 +112,7 @@ def configure_worker_logging(worker_id: str) -> None:
     logs.configure(logs.effective(None), None, worker_id)
 
 
+_perf_counter = time.perf_counter
 # Prepared lines a replica keeps, by method, route and status (see AccessLog).
 _MAX_LINES = 4096
 
@@ -125,9 +127,11 @@ class ReplicaAccessLog:
         self._replica = (spec.app, spec.deployment, spec.replica_id)
         self._lines: dict[tuple[str, str, Any], AccessLine] = {}
 
-    def write(self, request: Any, reply: Message | None, latency_ms: float) -> None:
+    def write(self, request: Any, reply: Message | None, started: float) -> None:
         """The line of ``request`` (a ``Request``), whose reply (or first stream message)
-        was ``reply`` (None: none was sent), ``latency_ms`` after it arrived."""
+        was ``reply`` (None: none was sent), now; it arrived at ``started``
+        (``perf_counter()``)."""
+        ended = _perf_counter()
         args = request.args
         value = reply.value if type(reply) is Result or type(reply) is StreamItem else None
         if args and type(args[0]) is HttpRequestData:
@@ -143,4 +147,4 @@ class ReplicaAccessLog:
             line = self._log.line(*self._replica, method, route, status)
             if len(self._lines) < _MAX_LINES:
                 self._lines[key] = line
-        self._log.write(line, request.request_id, latency_ms)
+        self._log.write(line, request.request_id, (ended - started) * 1000, ended)
