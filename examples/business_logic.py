@@ -30,7 +30,7 @@ import hmac
 import importlib.util
 import math
 import tempfile
-import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -326,7 +326,8 @@ def main() -> None:
         serve.run(application, name="business", route_prefix="/business")
         print("\n".join(curl_lines(f"http://{args.host}:{args.port}/business")))
         print("Serving. Press Ctrl-C to stop.", flush=True)
-        threading.Event().wait()  # until Ctrl-C raises KeyboardInterrupt here
+        while True:  # until Ctrl-C raises KeyboardInterrupt here (short sleeps: see demo.py)
+            time.sleep(0.25)
     except KeyboardInterrupt:
         pass
     finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import threading
+import time
 
 from examples import (
     business_logic,
@@ -105,9 +105,11 @@ def main(host: str = "127.0.0.1", port: int = 8000) -> None:
             print(f"{name:<9} {base_url}{route_prefix}")
             print(f"          {curl_command(base_url, name, route_prefix)}")
         print("Serving. Press Ctrl-C to stop.", flush=True)
-        # Event.wait() without a timeout sleeps until Ctrl-C raises
-        # KeyboardInterrupt here, in the main thread.
-        threading.Event().wait()
+        # Until Ctrl-C raises KeyboardInterrupt here, in the main thread. Short sleeps,
+        # not one endless wait: the kernel may hand SIGINT to another thread, and only
+        # a main thread that wakes up runs Python's handler.
+        while True:
+            time.sleep(0.25)
     except KeyboardInterrupt:
         pass
     finally:

@@ -11,7 +11,8 @@ the cluster declares, so where each replica runs is visible:
 
 Every node runs an HTTP proxy (``proxy_location="EveryNode"``, the default): requests
 may enter through any of them (on this one-machine cluster they share the port, and
-the kernel spreads connections over them); ``proxies`` in the answer counts them.
+the kernel spreads connections over them). They start beside the application: ``shoal
+status`` lists one per node once each serves.
 
 Run it (starts a local three-node cluster, serves on 127.0.0.1:8000, sends requests,
 prints where each part ran, shuts everything down)::
@@ -109,7 +110,6 @@ def main(address: str | None, port: int) -> dict[str, Any]:
         ]
         answer: dict[str, Any] = answers[-1]
         answer["models"] = sorted({node for a in answers for node in a["models"]})
-        answer["proxies"] = len(serve.status().proxies)  # one per node
         return answer
     finally:
         serve.shutdown()

@@ -549,7 +549,6 @@ def test_the_ray_example_runs_unchanged_on_the_cluster(
     short = {name: node_id[:8] for name, node_id in nodes.items()}
     assert answer["gateway"] == short["head"] and answer["featurizer"] == short["node_a"]
     assert answer["models"] == sorted([short["node_a"], short["node_b"]])
-    assert answer["proxies"] == 3  # EveryNode, the default: one proxy per node
 
 
 SPREAD = {"name": "spread", "route_prefix": "/spread", "import_path": "ray_runtime_apps:spread"}
@@ -767,16 +766,25 @@ def test_a_killed_node_proxy_is_replaced_on_its_node(spread_app: ServerInfo) -> 
 
 
 def test_head_only_runs_one_proxy(cluster: tuple[str, dict[str, str]]) -> None:
-    """proxy_location HeadOnly: the proxy of the controller's node only (here an
-    instance in this process, connected to the cluster)."""
-    from shoal import serve
-
-    serve.start(
-        proxy_location="HeadOnly", http_options={"port": free_port()},
-        admin_options={"enabled": False}, runtime="ray", _attach=False,
+    """proxy_location HeadOnly: the proxy of the controller's node only (a driver of
+    its own: this process may already run an instance of the local runtime)."""
+    address, _ = cluster
+    driver = f"""
+import json, ray
+from shoal import serve
+serve.start(proxy_location="HeadOnly", http_options={{"port": {free_port()}}},
+            admin_options={{"enabled": False}}, runtime="ray", address={address!r},
+            _attach=False)
+try:
+    print(json.dumps([ray.get_runtime_context().get_node_id(),
+                      {{node: str(p) for node, p in serve.status().proxies.items()}}]))
+finally:
+    serve.shutdown()
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", driver], capture_output=True, text=True, timeout=120,
+        cwd=TESTS.parent, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
     )  # fmt: skip
-    try:
-        here = ray.get_runtime_context().get_node_id()
-        assert serve.status().proxies == {here: "HEALTHY"}
-    finally:
-        serve.shutdown()
+    assert run.returncode == 0, run.stderr[-3000:]
+    here, proxies = json.loads(run.stdout.strip().splitlines()[-1])
+    assert proxies == {here: "HEALTHY"}

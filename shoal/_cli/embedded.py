@@ -172,7 +172,9 @@ def run(args: argparse.Namespace) -> None:
     if args.reload:
         _watch(args, target)
     else:
-        _stop.wait()
+        from shoal._runtime.loop import wait_responsive
+
+        wait_responsive(_stop)
     _shutdown()
 
 
@@ -256,5 +258,7 @@ def demo(args: argparse.Namespace) -> None:
     except ShoalError as exc:
         raise SystemExit(f"shoal demo: {exc}") from None
     print("shoal demo: serving; Ctrl-C to stop", flush=True)
-    _stop.wait()
+    from shoal._runtime.loop import wait_responsive
+
+    wait_responsive(_stop)
     _shutdown()

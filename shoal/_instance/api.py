@@ -48,6 +48,7 @@ from shoal._instance.home import default_admin_options
 from shoal._instance.instance import Instance
 from shoal._observe.options import Telemetry
 from shoal._router.router import RouterRegistry
+from shoal._runtime.loop import wait_responsive
 from shoal._seam.specs import AppSpec
 from shoal._seam.startup import user_frames
 
@@ -429,7 +430,7 @@ def _check_route_prefix(route_prefix: str | None) -> None:
 
 def _block_until_interrupted() -> None:
     try:
-        threading.Event().wait()
+        wait_responsive()
     except KeyboardInterrupt:
         shutdown()
 

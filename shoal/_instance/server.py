@@ -44,6 +44,7 @@ from shoal._instance.home import (
     server_dir,
     write_server_info,
 )
+from shoal._runtime.loop import wait_responsive
 
 logger = logging.getLogger("shoal")
 
@@ -187,7 +188,7 @@ def serve_forever(options: dict[str, Any]) -> None:
     )
     logger.warning("shoal server %d serving; admin API %s", os.getpid(),
                    instance.services.admin_url if instance.services else "off")  # fmt: skip
-    stop.wait()
+    wait_responsive(stop)
     logger.warning("shoal server %d shutting down", os.getpid())
     remove_server_info(directory)
     instance.stop()

@@ -64,3 +64,17 @@ class LoopThread:
         self._thread.join(timeout_s)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+def wait_responsive(event: threading.Event | None = None, tick_s: float = 0.25) -> None:
+    """Block the main thread until ``event`` is set (forever without one), running signal
+    handlers within ``tick_s`` of a signal.
+
+    A bare ``Event.wait()`` can miss Ctrl-C for good: the kernel may deliver SIGINT to
+    another thread (the loop thread, a log flusher), and then nothing wakes the main
+    thread's lock wait, the only place Python runs its handlers. Waking every ``tick_s``
+    lets it run them (KeyboardInterrupt is raised from here).
+    """
+    waited = event if event is not None else threading.Event()
+    while not waited.wait(tick_s):
+        pass
