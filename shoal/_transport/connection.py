@@ -82,6 +82,15 @@ class StreamReceiver:
             self.push(RequestCancelledError("the stream was closed"))
 
 
+#: Queued chunks (a message is one or two) written at once rather than at the end of the
+#: loop turn. Without a bound, a busy proxy sent its 64 requests of one turn together and
+#: the replica idled until then, and the replies came back the same way: the two
+#: processes took turns instead of working at once. Writing every 8-16 messages lets the
+#: peer start on the first ones: W1 at c=64 went from ~7,500 to ~10,300 req/s (wrk, 3
+#: rounds interleaved; 4-32 all helped, 16 was as good as any).
+_FLUSH_CHUNKS = 16
+
+
 class Connection(asyncio.BufferedProtocol):
     """One end of a framed connection. ``on_message`` receives every non-reply message."""
 
@@ -124,16 +133,21 @@ class Connection(asyncio.BufferedProtocol):
 
         An idle connection writes a message at once, without waiting for the loop's
         next turn; messages sent after it in the same loop iteration are queued and
-        written together, in order, with one ``writev`` on the next turn. A connection
-        that sent more than one message in its last iteration is busy: it queues every
-        message (one ``writev`` per iteration) until an iteration sends only one.
+        written together, in order, with one ``writev`` on the next turn, or as soon as
+        ``_FLUSH_CHUNKS`` chunks are queued. A connection that sent more than one message
+        in its last iteration is busy: it queues every message the same way until an
+        iteration sends only one.
         """
         chunks = msg.frame(corr) if isinstance(msg, Encoded) else encode(corr, msg)
         if self.closed:
             return
         self._queued += 1
         if self._flush_scheduled or self._busy or self._transport is None:
-            self._out.extend(chunks)
+            out = self._out
+            out.extend(chunks)
+            if len(out) >= _FLUSH_CHUNKS and self._transport is not None:
+                self._out = []
+                self._transport.writelines(out)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
