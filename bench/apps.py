@@ -43,6 +43,15 @@ MAX_CALLS = 200_000
 w1 = Echo.bind()
 
 
+@serve.deployment  # every option at its default: max_ongoing_requests is Ray Serve's 5
+class EchoDefaults:
+    async def __call__(self, request: Request) -> Any:
+        return await request.json()
+
+
+w1_defaults = EchoDefaults.bind()
+
+
 # --- W2: ingress -> featurizer -> predictor (bench.apps_core) ----------------------
 w2 = Pipeline.bind(Featurizer.bind(), Predictor.bind())
 

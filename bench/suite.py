@@ -70,6 +70,11 @@ WORKLOADS: dict[str, Workload] = {
         "W1", "w1", "POST", "/echo", ECHO_BODY, (1, 8, 64),
         ("starlette", "starlette-2w", "fastapi"),
     ),
+    # W1 with every deployment option at its default (max_ongoing_requests: 5, Ray Serve's):
+    # issue 15's W1 throughput target is set "with defaults".
+    "W1-defaults": Workload(
+        "W1-defaults", "w1_defaults", "POST", "/echo", ECHO_BODY, (1, 64), ("starlette",)
+    ),
     "W1-fastapi": Workload(
         "W1-fastapi", "bench.apps_fastapi:w1_fastapi", "POST", "/echo", ECHO_BODY, (1, 64),
         ("fastapi",),

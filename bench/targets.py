@@ -82,6 +82,8 @@ def _section_value(section: str, *path: str) -> Getter:
 TARGETS: tuple[Target, ...] = (
     Target("W1-thr-c64", "W1 throughput c=64 vs Starlette (1 process)", "x", 0.8, True,
            _ratio_value("W1", 64, "starlette")),
+    Target("W1D-thr-c64", "W1, default options: throughput c=64 vs Starlette (1 process)", "x",
+           0.8, True, _ratio_value("W1-defaults", 64, "starlette")),
     Target("W1-p50r-c1", "W1 p50 latency c=1 vs Starlette's (1 process)", "x", 1.5, False,
            _ratio_value("W1", 1, "starlette", "p50_ratio")),
     Target("W1-p50-c1", "W1 p50 latency c=1", "ms", 0.5, False, _point_value("W1", 1, "p50_ms")),

@@ -414,7 +414,7 @@ def test_stream_clients(starlette_port: int) -> None:
 def test_percentile_and_only() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
     assert math.isnan(percentile([], 50))
-    assert parse_only("w1,Handle,cold_start") == ["cold", "W1", "handle"]
+    assert parse_only("w1,Handle,cold_start,w1d") == ["cold", "W1", "W1-defaults", "handle"]
     assert parse_only("business,w3-latency,STREAM,w1-fastapi,W3") == [
         "W1-fastapi", "W3", "W3-latency", "stream", "business"
     ]  # fmt: skip
