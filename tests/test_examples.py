@@ -432,8 +432,14 @@ def drain(lines: queue.Queue[str | None], output: list[str]) -> str:
 
 def test_demo_main_serves_until_ctrl_c() -> None:
     port = free_port()
+    # Started as a shell without job control starts a background command: SIGINT ignored
+    # (inherited through exec), as CI may run the suite. Ctrl-C must still stop it.
+    ignoring_sigint = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "examples.demo", "--port", str(port)],
+        [sys.executable, "-c", ignoring_sigint, "-m", "examples.demo", "--port", str(port)],
         cwd=ROOT,
         # faulthandler: SIGABRT prints every thread's stack (a shutdown that hangs, below)
         env={**_example_env(), "PYTHONFAULTHANDLER": "1"},
