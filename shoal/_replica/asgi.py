@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
 from typing import Any
 
 from shoal._errors import DeploymentError
@@ -27,7 +27,7 @@ _LIFESPAN_TIMEOUT_S = 60.0
 
 async def asgi_parts(
     app: Any, scope: dict[str, Any], body: bytes
-) -> AsyncIterator[HttpResponseData | HttpResponseStart | bytes]:
+) -> AsyncGenerator[HttpResponseData | HttpResponseStart | bytes, None]:
     """Run ``app`` for one HTTP request; yield a complete response or a start and chunks."""
     body_sent = False
 

@@ -13,7 +13,7 @@ import inspect
 import logging
 import re
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -103,7 +103,7 @@ def is_streaming(result: Any) -> bool:
     )
 
 
-async def chunks_from_items(items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def chunks_from_items(items: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
     """A generator endpoint's items as a response: str and bytes as is, others as JSON lines.
 
     The content type follows the first item, so headers are sent with it.

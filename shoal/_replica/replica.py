@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import time
+import types
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,7 +33,7 @@ from shoal._api.multiplex import close_replica, replica_models
 from shoal._api.responses import DeploymentResponseGenerator
 from shoal._errors import NotFoundError, RequestTimeoutError, ShoalError
 from shoal._observe import tracing
-from shoal._replica.asgi import Lifespan, asgi_parts, request_scope, websocket_messages
+from shoal._replica.asgi import Lifespan, request_scope, websocket_messages
 from shoal._replica.details import DetailsReporter, hook_timeout_s
 from shoal._replica.metrics import replica_metrics, route_of
 from shoal._router.models import WATCH_METHOD
@@ -47,7 +48,7 @@ from shoal._seam.startup import (
 )
 from shoal._transport.failures import failure_from
 from shoal._transport.grpc import GrpcRequestData
-from shoal._transport.http import WEBSOCKET, HttpRequestData, HttpResponseData
+from shoal._transport.http import WEBSOCKET, HttpRequestData
 from shoal._transport.messages import Message, Request, Result, StreamEnd, StreamItem
 
 logger = logging.getLogger("shoal.replica")
@@ -55,6 +56,8 @@ logger = logging.getLogger("shoal.replica")
 _ASYNC, _SYNC, _ASYNC_GEN, _SYNC_GEN = "async", "sync", "async generator", "generator"
 _CALL_DATA = (HttpRequestData, GrpcRequestData)  # what the proxies send
 _DONE = object()
+_COROUTINE = types.CoroutineType
+_GENERATORS = (types.GeneratorType, types.AsyncGeneratorType)
 
 
 def _kind(fn: Callable[..., Any]) -> str:
@@ -78,8 +81,8 @@ class Replica:
         self.ongoing = 0
         self.instance: Any = None
         self._methods: dict[str, tuple[Callable[..., Any], str]] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # Resolved when the last ongoing request ends; made only while drain() waits.
+        self._idle: asyncio.Future[None] | None = None
         self._pool = ThreadPoolExecutor(
             max_workers=max(2, spec.config.max_ongoing_requests),
             thread_name_prefix=f"shoal-{spec.deployment}",
@@ -171,7 +174,6 @@ class Replica:
         """Count the request in and set its context; returns when it started
         (``perf_counter``)."""
         self.ongoing += 1
-        self._idle.clear()
         remaining = request.remaining_s
         deadline = None if remaining is None else time.monotonic() + remaining
         request_context.set(
@@ -184,8 +186,10 @@ class Replica:
 
     def _leave(self, request: Request, started: float) -> None:
         self.ongoing -= 1
-        if self.ongoing == 0:
-            self._idle.set()
+        if self.ongoing == 0 and self._idle is not None:
+            if not self._idle.done():
+                self._idle.set_result(None)
+            self._idle = None
         if self._metrics is not None:
             self._metrics.done(request, started)
 
@@ -257,7 +261,7 @@ class Replica:
     async def _invoke(self, request: Request) -> Any:
         args, kwargs = request.args, request.kwargs
         if args and type(args[0]) is HttpRequestData:
-            return await self._invoke_http(*self._http_target(request), args[0])
+            return await self._invoke_http(request)
         if args and type(args[0]) is GrpcRequestData:
             from shoal._replica import grpc
 
@@ -265,7 +269,12 @@ class Replica:
         method, kind = self._resolve(request.method)
         if kind is _ASYNC_GEN or kind is _SYNC_GEN:
             raise TypeError(_NEEDS_STREAM.format(_name_of(method)))  # before it runs, as Ray
-        result = await self._call(method, kind, args, kwargs)
+        if kind is _ASYNC:  # the common case, without _call's frame
+            result = await method(*args, **kwargs)
+            if type(result) is _COROUTINE:
+                result = await result
+        else:
+            result = await self._call(method, kind, args, kwargs)
         if _is_generator(result):
             await _close(result)
             raise TypeError(_NEEDS_STREAM.format(_name_of(method)))
@@ -279,18 +288,16 @@ class Replica:
             result = await method(*args, **kwargs)
         else:
             result = await self._in_thread(method, *args, **kwargs)
-        if inspect.iscoroutine(result):
+        if type(result) is _COROUTINE:  # inspect.iscoroutine: the type has no subclasses
             result = await result
         return result
 
-    async def _invoke_http(
-        self, method: Callable[..., Any], kind: str, data: HttpRequestData
-    ) -> Any:
+    async def _invoke_http(self, request: Request) -> Any:
         """A complete HTTP response (used when the caller did not ask for a stream)."""
-        async for message in self._http_stream(method, kind, data):
-            if type(message) is Result:
-                return message.value
-            break
+        reply = await (_web or _import_web()).reply(self, request)
+        if type(reply) is Result:
+            return reply.value
+        await reply.aclose()
         raise TypeError("this endpoint streams its response: send the request with stream=True")
 
     def _in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -343,11 +350,14 @@ class Replica:
         try:
             args, kwargs = request.args, request.kwargs
             if args and type(args[0]) is HttpRequestData:
-                messages = (
-                    self._websocket(args[0], inbox)
-                    if args[0].method == WEBSOCKET
-                    else self._http_stream(*self._http_target(request), args[0])
-                )
+                if args[0].method == WEBSOCKET:
+                    messages = self._websocket(args[0], inbox)
+                else:
+                    reply = await (_web or _import_web()).reply(self, request)
+                    if type(reply) is Result:
+                        yield reply
+                        return
+                    messages = reply
                 async for message in messages:
                     yield message
                 return
@@ -362,14 +372,59 @@ class Replica:
                 yield StreamItem(item)
             yield StreamEnd()
         except Exception as exc:
-            if span is not None:
-                tracing.fail(span, exc)
-            self._failed(route_of(request), exc)
-            yield failure_from(exc, f"in replica {self.spec.replica_id}:")
+            yield self._stream_failed(request, span, exc)
         finally:
             self._leave(request, started)
             if span is not None:
                 span.end()  # when the stream ends, however it ends
+
+    def _stream_failed(self, request: Request, span: Any, exc: Exception) -> Message:
+        """The Failure ending a stream (or an HTTP request nothing serves), counted."""
+        if span is not None:
+            tracing.fail(span, exc)
+        self._failed(route_of(request), exc)
+        return failure_from(exc, f"in replica {self.spec.replica_id}:")
+
+    async def handle_http(self, request: Request) -> Message | AsyncGenerator[Message, None]:
+        """Serve an HTTP request (not a websocket) as ``handle_stream`` does, without its
+        generator when the response is complete: returns that Result (a 500, or 504, if the
+        user's code failed; a Failure if no method serves the request), or, for a streamed
+        response, a started generator of its messages (StreamItem start, chunks, then
+        StreamEnd or a Failure). The request counts as ongoing (and its span stays open)
+        until that generator ends or is closed: close it, however the relay ends.
+        Run it in a task made by task_context()."""
+        started = self._enter(request)
+        span = self._traced(request) if tracing.on else None
+        streamed: AsyncGenerator[Message, None] | None = None
+        try:
+            reply = await (_web or _import_web()).reply(self, request)
+            if type(reply) is Result:
+                return reply
+            streamed = self._counted(request, started, span, reply)
+            await streamed.asend(None)  # into its try: from now on, closing it ends the request
+            return streamed
+        except Exception as exc:
+            return self._stream_failed(request, span, exc)
+        finally:
+            if streamed is None:
+                self._leave(request, started)
+                if span is not None:
+                    span.end()
+
+    async def _counted(
+        self, request: Request, started: float, span: Any, messages: AsyncGenerator[Message, None]
+    ) -> AsyncGenerator[Any, None]:
+        """``messages`` after a first ``None`` (the priming step), ending the request when
+        they end or this generator is closed."""
+        try:
+            yield None
+            async for message in messages:
+                yield message
+        finally:
+            await messages.aclose()
+            self._leave(request, started)
+            if span is not None:
+                span.end()
 
     async def _websocket(
         self, data: HttpRequestData, inbox: asyncio.Queue[Any] | None
@@ -392,60 +447,6 @@ class Replica:
         if self._lifespan is not None:
             return self._lifespan.app, "asgi"
         return self._resolve(request.method)
-
-    async def _http_stream(
-        self, method: Callable[..., Any], kind: str, data: HttpRequestData
-    ) -> AsyncIterator[Message]:
-        """Serve one HTTP request: a Result, or a response start, body chunks and StreamEnd.
-
-        A failure before anything was sent becomes a 500 response (504 for a
-        RequestTimeoutError: a handle call it made reached its deadline); after the
-        start, a Failure (the proxy then closes the connection: the response is incomplete).
-        """
-        from shoal._replica import http
-
-        started = False
-        request: Any = None
-        try:
-            parts: AsyncIterator[Any]
-            if kind == "asgi":
-                state = self._lifespan.state if self._lifespan is not None else {}
-                parts = asgi_parts(method, request_scope(data, state), data.body)
-            elif kind is _ASYNC_GEN or kind is _SYNC_GEN:
-                request = http.build_request(data)
-                args = http.request_arguments(method, request)
-                parts = http.chunks_from_items(self._iterate(method, kind, args, {}))
-            else:
-                request = http.build_request(data)
-                args = http.request_arguments(method, request)
-                result = await (method(*args) if kind is _ASYNC else self._in_thread(method, *args))
-                if not http.is_streaming(result):
-                    yield Result(await http.to_response(result))
-                    return
-                parts = asgi_parts(result, data.scope(), b"")
-            async for part in parts:
-                if type(part) is HttpResponseData:
-                    yield Result(part)
-                    return
-                started = True
-                yield StreamItem(part)
-            yield StreamEnd()
-        except Exception as exc:
-            http.note_input_mismatch(method if kind != "asgi" else None, request, exc)
-            if tracing.on:
-                tracing.fail_current(exc)  # the request's span: a 500 is a failure
-            self._failed(data.root_path or "/", exc)
-            logger.exception(
-                "request %s to deployment '%s' failed",
-                request_context.get().request_id,
-                self.spec.deployment,
-            )
-            if started:
-                yield failure_from(exc)
-            elif isinstance(exc, RequestTimeoutError):  # a call it made reached its deadline
-                yield Result(http.error_response(504, "Gateway Timeout"))
-            else:
-                yield Result(http.error_response(500, "Internal Server Error"))
 
     # --- control -------------------------------------------------------------------
 
@@ -515,8 +516,10 @@ class Replica:
             if wait_loop_s > 0:
                 await asyncio.sleep(min(wait_loop_s, remaining))
             else:
+                if self._idle is None:
+                    self._idle = self.loop.create_future()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), remaining)
+                    await asyncio.wait_for(asyncio.shield(self._idle), remaining)
         return True
 
     async def close(self) -> None:
@@ -548,16 +551,26 @@ _NEEDS_STREAM = (
 )  # Ray Serve's text
 
 
+# shoal._replica.web (it imports Starlette): loaded by the first HTTP request. Not an
+# import statement in the methods: one costs a call into importlib each time.
+_web: Any = None
+
+
+def _import_web() -> Any:
+    global _web
+    from shoal._replica import web
+
+    _web = web
+    return web
+
+
 def _name_of(method: Callable[..., Any]) -> str:
     return getattr(method, "__name__", type(method).__name__)
 
 
 def _is_generator(value: Any) -> bool:
-    return (
-        inspect.isgenerator(value)
-        or inspect.isasyncgen(value)
-        or isinstance(value, DeploymentResponseGenerator)
-    )
+    # type() rather than inspect.isgenerator/isasyncgen: neither type has subclasses.
+    return type(value) in _GENERATORS or isinstance(value, DeploymentResponseGenerator)
 
 
 async def _close(generator: Any) -> None:

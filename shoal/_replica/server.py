@@ -5,10 +5,12 @@ A host (the process runtime's worker today, a Ray actor later) starts a
 :class:`ReplicaServer` (``listen`` for a Unix socket, ``listen_tcp`` as well for
 authenticated TCP from other nodes, or ``on_message`` as any
 :class:`~shoal._transport.connection.Connection`'s handler). Guarantees:
-- every Request runs in its own task, in a fresh copy of the replica's context,
-  and gets exactly one reply (Result or Failure), or a stream of StreamItem
-  messages ended by StreamEnd or a Failure; a reply that cannot be encoded is
-  replaced by a Failure saying so;
+- every Request runs in a fresh copy of the replica's context, as its own task (on
+  Python 3.12+, a unary call or an HTTP request without a deadline runs its first
+  step at once, in that task: ``shoal._replica.eager``), and gets
+  exactly one reply (Result or Failure), or a stream of StreamItem messages ended by
+  StreamEnd or a Failure (an HTTP response that is complete is one Result); a reply
+  that cannot be encoded is replaced by a Failure saying so;
 - a Cancel cancels that request's task and nothing is sent back; a unary call
   whose user code raises CancelledError without a Cancel still gets a Failure;
 - a request with ``remaining_s`` (a deadline) is cancelled when it runs out and
@@ -34,6 +36,7 @@ from typing import Any
 
 from shoal._errors import RequestCancelledError
 from shoal._observe.logs import access_log_enabled
+from shoal._replica import eager
 from shoal._replica.logs import ReplicaAccessLog
 from shoal._replica.replica import Replica
 from shoal._transport.auth import bound_address, serve_tcp
@@ -69,6 +72,8 @@ class ReplicaServer:
         # Access lines: decided once (the worker's logging_config), not per request.
         enabled = access_log_enabled()
         self._access = ReplicaAccessLog(replica.spec, _ACCESS_WHERE) if enabled else None
+        # A loop with its own task factory gets its tasks made the ordinary way.
+        self._eager = self._loop.get_task_factory() is None
 
     async def listen(self, path: str) -> None:
         """Accept connections from same-user processes on the Unix socket ``path``."""
@@ -95,14 +100,35 @@ class ReplicaServer:
         key = (id(conn), corr)
         # isinstance, not ``match``: on the hot path a class pattern costs ~0.1 us more.
         if isinstance(msg, Request):
-            if msg.stream and takes_input(msg):
-                self._inboxes[key] = asyncio.Queue()  # before any client message can arrive
-            run = self._stream(conn, corr, msg) if msg.stream else self._call(conn, corr, msg)
-            self._tasks[key] = self._loop.create_task(run, context=self.replica.task_context())
+            if not msg.stream:
+                run = self._call(conn, corr, msg)
+            elif _one_shot(msg):
+                run = self._http(conn, corr, msg)
+            else:
+                if takes_input(msg):
+                    self._inboxes[key] = asyncio.Queue()  # before any client message can arrive
+                stream = self._stream(conn, corr, msg)
+                self._tasks[key] = self._loop.create_task(
+                    stream, context=self.replica.task_context()
+                )
+                return
+            context = self.replica.task_context()
+            if msg.remaining_s is None and self._eager:
+                # Its first step now where asyncio can (3.12+): no loop turn for a call
+                # that needs no wait.
+                task = eager.start(self._loop, run, context)
+                if task is not None:
+                    self._tasks[key] = task
+            else:  # with a deadline (or a task factory): a task from the start, as before
+                self._tasks[key] = self._loop.create_task(run, context=context)
         elif isinstance(msg, Cancel):
-            running = self._tasks.get(key)
+            # Forgotten here, not only in the task's ``finally``: a task cancelled before
+            # its first step never runs it (a Cancel read with its Request).
+            running = self._tasks.pop(key, None)
             if running is not None:
                 running.cancel()
+                self._inboxes.pop(key, None)
+                self._credits.pop(key, None)
         elif isinstance(msg, StreamCredit):
             credit = self._credits.get(key)
             if credit is not None:
@@ -132,6 +158,29 @@ class ReplicaServer:
                 self._log_access(request, reply, started)
         finally:
             self._tasks.pop((id(conn), corr), None)
+
+    async def _http(self, conn: Connection, corr: int, request: Request) -> None:
+        """An HTTP request (no websocket, no deadline): a complete response is sent as
+        one Result with no stream machinery; a streamed one is relayed as ``_stream``
+        relays (within the consumer's credit)."""
+        started = time.perf_counter() if self._access is not None else 0.0
+        key = (id(conn), corr)
+        try:
+            reply = await self.replica.handle_http(request)
+            if isinstance(reply, Message):
+                _send_reply(conn, corr, reply)
+                first: Message | None = reply
+            else:
+                credit = self._credits[key] = _Credit(STREAM_WINDOW)
+                try:
+                    first = await _relay(conn, corr, reply, credit)
+                finally:
+                    await reply.aclose()
+                    self._credits.pop(key, None)
+            if self._access is not None:
+                self._log_access(request, first, started)
+        finally:
+            self._tasks.pop(key, None)
 
     async def _stream(self, conn: Connection, corr: int, request: Request) -> None:
         key = (id(conn), corr)
@@ -187,6 +236,19 @@ async def _relay(
     return first
 
 
+def _one_shot(request: Request) -> bool:
+    """Whether a streamed ``request`` is HTTP that may get a complete response in one
+    Result (``ReplicaServer._http``): not a websocket, and no deadline (``_stream`` keeps
+    a stream's deadline)."""
+    args = request.args
+    return (
+        bool(args)
+        and type(args[0]) is HttpRequestData
+        and args[0].method != WEBSOCKET
+        and request.remaining_s is None
+    )
+
+
 def takes_input(request: Request) -> bool:
     """Whether a streamed ``request`` reads input from its caller (a websocket does)."""
     args = request.args
@@ -201,20 +263,25 @@ def _send_reply(conn: Connection, corr: int, reply: Message) -> None:
 
 
 class _Credit:
-    """How many more stream items the consumer accepts (back-pressure)."""
+    """How many more stream items the consumer accepts (back-pressure). A future is
+    made only when the producer has to wait."""
+
+    __slots__ = ("_available", "_waiter")
 
     def __init__(self, initial: int) -> None:
         self._available = initial
-        self._event = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
 
     def grant(self, items: int) -> None:
         self._available += items
-        self._event.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def take(self) -> None:
         while self._available <= 0:
-            self._event.clear()
-            await self._event.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
         self._available -= 1
 
 
