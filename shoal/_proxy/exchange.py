@@ -55,20 +55,24 @@ class StartTracker:
 class DisconnectWatch:
     """Closes the request's stream (cancelling the replica's work) if the client leaves.
 
-    Watching costs a task, so it starts only for requests still running after
-    ``delay_s``, or at once for streamed responses.
+    Watching costs a task, so it starts only for requests still running after one to
+    two periods of their :class:`DisconnectWatches` (25-50 ms by default), or at once
+    (:meth:`start`) for streamed responses.
     """
 
-    __slots__ = ("_receive", "_stream", "_task", "_timer")
+    __slots__ = ("_receive", "_stream", "_task", "generation")
 
-    def __init__(self, receive: Any, stream: Any, delay_s: float = 0.05) -> None:
+    def __init__(self, receive: Any, stream: Any) -> None:
         self._receive = receive
         self._stream = stream
         self._task: asyncio.Future[Any] | None = None
-        self._timer = asyncio.get_running_loop().call_later(delay_s, self.start)
+        #: The set of watches not started yet that holds this one (None: none does).
+        self.generation: set[DisconnectWatch] | None = None
 
     def start(self) -> None:
-        self._timer.cancel()
+        if self.generation is not None:
+            self.generation.discard(self)
+            self.generation = None
         if self._task is None:
             self._task = asyncio.ensure_future(self._receive())
             self._task.add_done_callback(self._received)
@@ -78,9 +82,47 @@ class DisconnectWatch:
             self._stream.close()
 
     def stop(self) -> None:
-        self._timer.cancel()
+        if self.generation is not None:
+            self.generation.discard(self)
+            self.generation = None
         if self._task is not None:
             self._task.cancel()
+
+
+class DisconnectWatches:
+    """Starts the :class:`DisconnectWatch` of every request still running after one to
+    two periods of ``period_s``, with one timer for all of them (while any is pending)
+    rather than one per request: a request answered at once costs two set operations.
+
+    Watches wait in two generations: those made since the last tick (young), and those
+    made in the period before it (old). Each tick starts the old ones and ages the young.
+    """
+
+    __slots__ = ("_old", "_period_s", "_timer", "_young")
+
+    def __init__(self, period_s: float = 0.025) -> None:
+        self._period_s = period_s
+        self._young: set[DisconnectWatch] = set()
+        self._old: set[DisconnectWatch] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, receive: Any, stream: Any) -> DisconnectWatch:
+        """A watch for a request's ``stream``, started by a later tick unless stopped."""
+        watch = DisconnectWatch(receive, stream)
+        young = watch.generation = self._young
+        young.add(watch)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._period_s, self._tick)
+        return watch
+
+    def _tick(self) -> None:
+        old, self._old, self._young = self._old, self._young, set()
+        for watch in old:
+            watch.generation = None  # (so start() leaves the set being iterated alone)
+            watch.start()
+        self._timer = None
+        if self._old:
+            self._timer = asyncio.get_running_loop().call_later(self._period_s, self._tick)
 
 
 def close_opened(opening: asyncio.Future[Any]) -> None:

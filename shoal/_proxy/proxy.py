@@ -45,7 +45,7 @@ from shoal._observe import tracing
 from shoal._observe.logs import access_log_enabled
 from shoal._oip import server as oip_server
 from shoal._proxy.exchange import (
-    DisconnectWatch,
+    DisconnectWatches,
     Scope,
     StartTracker,
     client_to_replica,
@@ -130,6 +130,7 @@ class Proxy:
         # hosts a proxy. With none of them on, this is _http itself.
         self._serve_http = observed(self._http, self.match, self._metrics, access_log_enabled())
         self._grpc: Any = None  # the gRPC server (grpc_proxy.GrpcServer), if gRPC is served
+        self._watches = DisconnectWatches()  # one timer for every request's disconnect watch
 
     def set_routes(self, routes: dict[str, tuple[str, str]]) -> None:
         table = [(prefix, app, ingress) for prefix, (app, ingress) in routes.items()]
@@ -264,7 +265,7 @@ class Proxy:
             stream = await self._open_queued(router, request, receive, send, deadline)
             if stream is None:
                 return  # refused (answered) or the client left
-        watch = DisconnectWatch(receive, stream)
+        watch = self._watches.watch(receive, stream)
         try:
             first = await stream.next()
             if type(first) is Result and type(first.value) is HttpResponseData:
@@ -499,8 +500,10 @@ class Proxy:
 def _uvicorn_config(app: Any, options: HTTPOptions) -> Any:
     import uvicorn
 
+    from shoal._proxy.http_protocol import http_protocol
+
     return uvicorn.Config(
-        app, loop="none", http="httptools", ws=_websocket_implementation(), lifespan="off",
+        app, loop="none", http=http_protocol(), ws=_websocket_implementation(), lifespan="off",
         access_log=False, log_level="warning", root_path=options.root_path,
         timeout_keep_alive=int(options.keep_alive_timeout_s), server_header=False,
     )  # fmt: skip

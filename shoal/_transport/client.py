@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl as _ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,6 @@ from shoal._transport.messages import (
     ReplicaInfo,
     Request,
     StreamInput,
-    StreamItem,
 )
 
 
@@ -79,31 +78,32 @@ def _cancel_remote(conn: Connection, future: asyncio.Future[Message]) -> None:
 
 
 class SocketStream:
-    """A stream from a replica; closing it early cancels the replica's generator."""
+    """A stream from a replica; closing it early cancels the replica's generator.
 
-    __slots__ = ("_conn", "_corr", "_ended", "_receiver")
+    It has ended once its receiver got its last message (or failed, or was closed):
+    then closing it sends nothing, and inputs are dropped.
+    """
+
+    __slots__ = ("_conn", "_corr", "_receiver")
 
     def __init__(self, conn: Connection, corr: int, receiver: StreamReceiver) -> None:
         self._conn = conn
         self._corr = corr
         self._receiver = receiver
-        self._ended = False
 
-    async def next(self) -> Message:
-        msg = await self._receiver.next()
-        if type(msg) is not StreamItem:
-            self._ended = True
-        return msg
+    def next(self) -> Coroutine[Any, Any, Message]:
+        """The receiver's next message (its coroutine itself: one frame fewer per wait)."""
+        return self._receiver.next()
 
     def send_input(self, value: Any) -> None:
         """Send a message into the running stream (a websocket's client messages)."""
-        if not self._ended and not self._conn.closed:
+        if not self._receiver._end and not self._conn.closed:
             self._conn.send(self._corr, StreamInput(value))
 
     def close(self) -> None:
+        ended = self._receiver._end  # (closing the receiver ends it)
         self._receiver.close()
-        if not self._ended and not self._conn.closed:
-            self._ended = True
+        if not ended and not self._conn.closed:
             self._conn.send(self._corr, Cancel())
 
 
