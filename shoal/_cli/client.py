@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +83,9 @@ class AdminClient:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        import urllib.error  # here: `shoal run` imports this module, never needs them
+        import urllib.request
+
         request = urllib.request.Request(
             self.address + path, data=data, headers=headers, method=method
         )
@@ -108,6 +109,9 @@ class AdminClient:
 
     def answers(self) -> bool:
         """Whether anything accepts connections at the address (no error on failure)."""
+        import urllib.error
+        import urllib.request
+
         try:
             with urllib.request.urlopen(self.address + "/api/ray/version", timeout=2):
                 return True

@@ -72,6 +72,7 @@ def start(
     address: str | None = None,
     _blocking: bool = True,
     _attach: bool = True,
+    _admin_later: bool = False,
     **kwargs: Any,
 ) -> None:
     """Start shoal's multi-process runtime and its HTTP proxy (127.0.0.1:8000 by default).
@@ -90,6 +91,8 @@ def start(
     differ; a ConfigError if the resources differ).
     ``_blocking=False`` returns before the proxy is up; ``serve.run`` waits for it.
     ``_attach=False`` (``shoal run``/``shoal demo``) never attaches: it serves here.
+    ``_admin_later=True`` (``shoal run``/``shoal demo``) serves the admin API only when
+    :func:`serve_admin` is called, once the applications are deployed (cold start).
     """
     _refuse_extra("serve.start", kwargs, _START_KEYWORDS)
     settings: ServeStartOptions = validate(
@@ -126,9 +129,20 @@ def start(
             return
         http = None if settings.proxy_location == "Disabled" else options
         _instances["process"] = Instance(
-            "process", http, _blocking, settings, admin, telemetry=telemetry, grpc=grpc
-        )
+            "process", http, _blocking, settings, admin, telemetry=telemetry, grpc=grpc,
+            admin_later=_admin_later,
+        )  # fmt: skip
         set_default_registry(_instances["process"].registry)
+
+
+def serve_admin() -> None:
+    """Serve the admin API that ``serve.start(_admin_later=True)`` left for later
+    (no-op if it is served, off, or shoal is not started here); a busy port raises
+    ConfigError."""
+    with _lock:
+        instance = _instances.get("process")
+        if isinstance(instance, Instance):
+            instance.serve_admin()
 
 
 def _check_same_start(
@@ -201,7 +215,7 @@ def _admin_options(value: dict[str, Any] | AdminOptions | None) -> AdminOptions:
 _START_KEYWORDS = (
     "proxy_location", "http_options", "grpc_options", "logging_config", "resources",
     "admin_options", "metrics_options", "tracing_options", "runtime", "address", "_blocking",
-    "_attach",
+    "_attach", "_admin_later",
 )  # fmt: skip
 _RUN_KEYWORDS = ("target", "blocking", "name", "route_prefix", "logging_config",
                  "_local_testing_mode")  # fmt: skip

@@ -59,7 +59,10 @@ class Instance:
         server: ServerRole | None = None,
         telemetry: Telemetry | None = None,
         grpc: gRPCOptions | None = None,
+        admin_later: bool = False,
     ) -> None:
+        """``admin_later``: the admin API waits for :meth:`serve_admin` (after the first
+        deployment, so that the first replica starts without waiting for it)."""
         self.kind = kind
         self.telemetry = telemetry or Telemetry()
         if kind == "process":  # local testing mode writes no log files
@@ -84,19 +87,25 @@ class Instance:
         self.on_shutdown_requested: Any = None
         try:
             self.controller: Controller = self.thread.run(self._start(), 60.0)
-            if admin is not None and admin.enabled:
-                from shoal._instance.services import AdminServices
-
-                token, attach = (server.token, server.attach_socket) if server else (None, None)
-                self.services = self.thread.run(
-                    AdminServices.start(self, admin, token, attach), 60.0
-                )
+            if not admin_later:
+                self.serve_admin()
             if server is not None:
                 self.thread.run(self._recover(server), TIMEOUTS.deploy_s)
         except BaseException:
             self.stop()
             raise
         self.registry = self.controller.registry
+
+    def serve_admin(self) -> None:
+        """Serve the admin REST API (and a server's attach socket) if the options ask
+        for it and it is not served yet; a busy port raises ConfigError."""
+        admin, server = self.admin_options, self.server
+        if self.services is not None or admin is None or not admin.enabled:
+            return
+        from shoal._instance.services import AdminServices
+
+        token, attach = (server.token, server.attach_socket) if server else (None, None)
+        self.services = self.thread.run(AdminServices.start(self, admin, token, attach), 60.0)
 
     async def _start(self) -> Controller:
         # Only options a caller set are passed: each runtime keeps its own defaults.

@@ -148,9 +148,16 @@ PRELOAD = (
 )
 
 
+#: Extra modules the fork server imports before forking (comma-separated): what
+#: deployments import inside ``__init__`` (``shoal demo`` names scikit-learn, which five
+#: of its replicas imported one by one: ~3 s of its start on 2 cores).
+PRELOAD_ENV = "SHOAL_FORK_PRELOAD"
+
+
 def _preload() -> list[str]:
     loaded = []
-    for name in PRELOAD:
+    extra = [name.strip() for name in os.environ.get(PRELOAD_ENV, "").split(",") if name.strip()]
+    for name in (*PRELOAD, *extra):
         try:
             importlib.import_module(name)
         except ImportError:  # an optional module missing: the worker imports what it uses
