@@ -41,11 +41,15 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[Any]:
     """A ``ray.cluster_utils.Cluster``: a head and two worker nodes (both declaring
-    "spread", which Spread's two replicas need 0.6 of: one per node)."""
+    "spread", which Spread's two replicas need 0.6 of: one per node). The head runs a
+    Ray Client server too (its address: ``.client_address``)."""
     from ray.cluster_utils import Cluster
 
-    head = {"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False}
+    client_port = free_port()
+    head = {"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False,
+            "ray_client_server_port": client_port}  # fmt: skip
     nodes = Cluster(initialize_head=True, head_node_args=head)
+    nodes.client_address = f"ray://{nodes.head_node.node_ip_address}:{client_port}"
     try:
         nodes.add_node(num_cpus=1, resources={"node_a": 1, "spread": 1, "model": 1})
         nodes.add_node(num_cpus=1, resources={"node_b": 1, "spread": 1, "model": 1})
@@ -110,6 +114,85 @@ def _deploy(info: ServerInfo, *apps: dict[str, Any]) -> None:
         f"{info.admin_url}/api/serve/applications/", json={"applications": list(apps)}, timeout=30
     )
     assert response.status_code == 200, response.text
+
+
+def test_shoal_start_through_ray_client_runs_the_server_on_the_client_server_s_node(
+    ray_cluster: Any, cluster: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """`shoal start --ray --address ray://...` from a shell off the cluster (its working
+    directory and paths stay there): the controller actor runs on the Ray Client server's
+    node, the head; the command says where the server listens; `shoal deploy` and `shoal
+    status` there work, the application serves; the actor's stop() ends it all. Before
+    the module's `server`: one controller per cluster."""
+    assert not _controller_alive(), "this test must run before the module's server starts"
+    _, nodes = cluster
+    env = {**os.environ, "SHOAL_HOME": str(tmp_path / "home")}
+    http_port, admin_port = free_port(), free_port()
+    started = subprocess.run(
+        [sys.executable, "-m", "shoal", "start", "--ray", "--address", ray_cluster.client_address,
+         "--http-port", str(http_port), "--admin-port", str(admin_port),
+         "--proxy-location", "HeadOnly"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert f"on the node at 127.0.0.1 (Ray node {nodes['head']}, the Ray Client" in started.stdout
+    assert f"admin API http://127.0.0.1:{admin_port}" in started.stdout
+    assert ".stop.remote()" in started.stdout
+    actor = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    server_pid = ray.get(actor.server_pid.remote())
+    try:
+        assert ray.get(actor.where.remote())[1] == nodes["head"]
+        config = tmp_path / "echo.yaml"  # a local working_dir: a directory of the head
+        config.write_text(yaml.safe_dump({"applications": [{
+            "name": "echo", "route_prefix": "/echo", "import_path": "ray_runtime_apps:echo",
+            "runtime_env": {"working_dir": str(TESTS)},
+        }]}))  # fmt: skip
+        admin = f"http://127.0.0.1:{admin_port}"
+        for command in (["deploy", str(config)], ["status"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "shoal", *command, "--address", admin],
+                capture_output=True, text=True, timeout=60, env=env,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            if command == ["status"]:
+                assert yaml.safe_load(done.stdout)["applications"]["echo"]["status"] == "RUNNING"
+            else:
+                app_running(ServerInfo(server_pid, "", admin, "127.0.0.1", http_port), "echo")
+        response = httpx.get(f"http://127.0.0.1:{http_port}/echo", timeout=30)
+        assert response.status_code == 200 and response.text == "echo"
+    finally:
+        ray.get(actor.stop.remote())
+        wait_until(lambda: not _controller_alive(), 40, "the controller actor to end")
+    assert not pid_alive(server_pid)
+
+
+def test_a_ray_client_connection_whose_server_failed_to_start_is_tried_again() -> None:
+    """Ray's per-connection Ray Client server intermittently dies as it starts
+    (ray-project/ray#63202): a new connection is tried; other errors are not retried."""
+    from shoal._runtime.ray.runtime import _init_client
+
+    class FakeRay:
+        def __init__(self, errors: list[BaseException]) -> None:
+            self.errors, self.inits, self.shutdowns = errors, 0, 0
+
+        def init(self, **kwargs: Any) -> None:
+            self.inits += 1
+            if self.errors:
+                raise self.errors.pop(0)
+
+        def shutdown(self) -> None:
+            self.shutdowns += 1
+
+    failed = ConnectionAbortedError("Initialization failure from server:\nRuntimeError: "
+                                    "Starting Ray client server failed. See ...")  # fmt: skip
+    flaky = FakeRay([failed, failed])
+    _init_client(flaky, "ray://127.0.0.1:1")
+    assert (flaky.inits, flaky.shutdowns) == (3, 2)
+    for errors in ([failed, failed, failed], [ConnectionAbortedError("something else")]):
+        broken = FakeRay(list(errors))
+        with pytest.raises(ConnectionAbortedError):
+            _init_client(broken, "ray://127.0.0.1:1")
+        assert broken.inits == len(errors)
 
 
 PATTERNS = {"name": "patterns", "route_prefix": "/", "import_path": "ray_runtime_apps:app"}
@@ -326,22 +409,34 @@ def test_shoal_start_refuses_ray_options_without_ray(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert resources.returncode != 0 and "ray start --resources" in resources.stderr
-    # Ray Client: refused by name, for the server and for a driver (here a config file's
-    # ray_address through shoal run), before anything starts.
+    # Ray Client: refused by name for a driver, which would embed the controller (here a
+    # config file's ray_address through shoal run), before anything starts, saying how.
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({
         "runtime": "ray", "ray_address": "ray://127.0.0.1:1", "applications": [],
     }))  # fmt: skip
-    commands = (["start", "--ray", "--address", "ray://127.0.0.1:1"], ["run", str(config)])
-    for command in commands:
-        client = subprocess.run(
-            [sys.executable, "-m", "shoal", *command, "--http-port", str(free_port())]
-            if command[0] == "start" else [sys.executable, "-m", "shoal", *command],
-            capture_output=True, text=True, timeout=60, env=env,
-        )  # fmt: skip
-        assert client.returncode != 0, command
-        assert "does not support Ray Client (address 'ray://127.0.0.1:1')" in client.stderr
-        assert "Traceback" not in client.stderr, client.stderr
+    client = subprocess.run(
+        [sys.executable, "-m", "shoal", "run", str(config)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert client.returncode != 0
+    assert "does not support Ray Client (address 'ray://127.0.0.1:1')" in client.stderr
+    assert "shoal start --ray --address ray://HOST:PORT" in client.stderr
+    assert "Traceback" not in client.stderr, client.stderr
+    # shoal start takes it; nothing answers there (Ray Client's retries cut to 1 s each).
+    quick = {
+        "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1",
+        "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "1",
+    }
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "shoal", "start", "--ray", "--address", "ray://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, env={**env, **quick},
+    )  # fmt: skip
+    assert unreachable.returncode != 0
+    assert "no Ray cluster to start the shoal controller on at address 'ray://127.0.0.1:1'" in (
+        unreachable.stderr
+    )
+    assert "Traceback" not in unreachable.stderr, unreachable.stderr
 
 
 # Ray's own schema module uses pydantic APIs deprecated since pydantic 2.0: not ours to fix.

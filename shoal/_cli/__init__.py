@@ -90,8 +90,9 @@ def _operating_commands(commands: Any) -> None:
     )  # fmt: skip
     start.add_argument(
         "--address", metavar="RAY_ADDRESS",
-        help="with --ray: the cluster's address (auto, host:port; default: RAY_ADDRESS, "
-        "else auto: the cluster `ray start` runs on this machine)",
+        help="with --ray: the cluster's address (auto, host:port, or ray://HOST:PORT from "
+        "off the cluster; default: RAY_ADDRESS, else auto: the cluster `ray start` runs "
+        "on this machine)",
     )  # fmt: skip
     start.add_argument(
         "--tracing-options",

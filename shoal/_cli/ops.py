@@ -319,12 +319,10 @@ def start(args: argparse.Namespace) -> None:
         "stop with `shoal shutdown`",
         flush=True,
     )
-    if runtime == "ray":
-        print(
-            "  the server runs in the detached Ray actor 'shoal-controller' (namespace "
-            "'shoal') on this node: Ray restarts it if it dies",
-            flush=True,
-        )
+    if runtime == "ray":  # which node, and how to reach it from off the cluster
+        from shoal._instance.ray_controller import where_note
+
+        print(where_note(info), flush=True)
 
 
 def _resources_argument(given: str | None) -> dict[str, Any]:

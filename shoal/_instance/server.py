@@ -70,16 +70,17 @@ def start_server(
     Raises ShoalError if one already runs for this state root, or if the server
     exits or does not answer within ``timeout_s`` (with the end of its log).
     """
-    running = read_server_info()
+    client = runtime == "ray" and _ray_client(address)  # the server runs elsewhere
+    running = None if client else read_server_info()
     if running is not None:
         raise ShoalError(
             f"a shoal server is already running (pid {running.pid}, admin API "
             f"{running.admin_url}); stop it first with `shoal shutdown`"
         )
-    directory = server_dir()
-    from shoal._runtime.process.directory import check_socket_directory
+    if not client:
+        from shoal._runtime.process.directory import check_socket_directory
 
-    check_socket_directory(os.path.join(directory, "run"))  # fail here, not in the log
+        check_socket_directory(os.path.join(server_dir(), "run"))  # fail here, not in the log
     options = {
         "http": http.model_dump(mode="json"),
         "admin": admin.model_dump(mode="json"),
@@ -93,13 +94,12 @@ def start_server(
         "logging": None if logging_config is None else logging_config.model_dump(mode="json"),
         "grpc": None if grpc is None else grpc.model_dump(mode="json"),
     }
-    log_path = os.path.join(directory, LOG)
-    deadline = time.monotonic() + timeout_s
     if runtime == "ray":  # the server runs in a detached actor, which Ray restarts
         from shoal._instance.ray_controller import start_controller_actor
 
-        pid = start_controller_actor(options, address, timeout_s)
-        return _wait_serving(pid, lambda: None if pid_alive(pid) else "?", deadline, log_path)
+        return start_controller_actor(options, address, timeout_s)  # once it serves
+    log_path = os.path.join(server_dir(), LOG)
+    deadline = time.monotonic() + timeout_s
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "shoal._instance.server", json.dumps(options)],
@@ -111,6 +111,13 @@ def start_server(
     except ShoalError:
         process.kill()
         raise
+
+
+def _ray_client(address: str | None) -> bool:
+    """Whether ``address`` (else RAY_ADDRESS) is a Ray Client one (``ray://``)."""
+    from shoal._runtime.ray.runtime import ray_client_address
+
+    return ray_client_address(address) is not None
 
 
 def _wait_serving(

@@ -58,6 +58,8 @@ _REJOIN_WAIT_S = 10.0
 #: How long Ray may take to start a node's proxy actor on its node.
 _NODE_PROXY_PLACE_S = 30.0
 _PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
+#: Connections tried through Ray Client (see ``_init_client``).
+_CLIENT_ATTEMPTS = 3
 
 
 def import_ray() -> Any:
@@ -71,13 +73,23 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(address: str | None, log_to_driver: bool = True) -> tuple[Any, bool]:
+def connect(
+    address: str | None, log_to_driver: bool = True, client: bool = False
+) -> tuple[Any, bool]:
     """The ``ray`` module, connected to the cluster at ``address`` (see
-    :class:`RayRuntime`) unless this process already is; and whether it connected here."""
+    :class:`RayRuntime`) unless this process already is; and whether it connected here.
+
+    ``client``: a Ray Client address (``ray://``) is accepted (only ``shoal start
+    --ray``, which runs nothing of its own in this process, passes it); otherwise it is
+    refused by name."""
     ray = import_ray()
-    _refuse_ray_client(ray, address)
+    if not client:
+        _refuse_ray_client(ray, address)
     if ray.is_initialized():
         return ray, False
+    if ray_client_address(address):
+        _init_client(ray, address)
+        return ray, True
     # Ray's dashboard would take 8265, the admin API's port: a cluster that wants one
     # is started with `ray start`, not here.
     ray.init(
@@ -90,23 +102,52 @@ def connect(address: str | None, log_to_driver: bool = True) -> tuple[Any, bool]
     return ray, True
 
 
+def _init_client(ray: Any, address: str | None) -> None:
+    """``ray.init`` through Ray Client, tried up to ``_CLIENT_ATTEMPTS`` times: Ray's
+    per-connection server intermittently dies as it starts (ray-project/ray#63202, about
+    1 connection in 13 on this machine; Ray reports it after about 40 s), and a new
+    connection gets a new one. Other ``ray.init`` arguments would be handed to the
+    cluster side's own ``ray.init``: none are passed."""
+    for attempt in range(1, _CLIENT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, namespace=NAMESPACE)
+            return
+        except ConnectionAbortedError as exc:
+            if attempt == _CLIENT_ATTEMPTS or "client server failed" not in str(exc):
+                raise
+            logger.warning("Ray Client's server for this connection failed to start "
+                           "(ray-project/ray#63202): connecting again")  # fmt: skip
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+
+
+def ray_client_address(address: str | None) -> str | None:
+    """The Ray Client address (``ray://...``) that ``address``, else ``RAY_ADDRESS``,
+    names; None if it names a cluster address (or nothing)."""
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    return target if target.startswith("ray://") else None
+
+
 def _refuse_ray_client(ray: Any, address: str | None) -> None:
     """ConfigError for Ray Client (``ray://``, given or in ``RAY_ADDRESS``, or this
-    process already connected so): the controller and the proxy must run on a node of
-    the cluster, where the replicas' actors connect back to them."""
-    target = address or os.environ.get("RAY_ADDRESS") or ""
+    process already connected so): an embedded controller (``serve.start``, ``shoal
+    run``) and its proxy must run on a node of the cluster, where the replicas' actors
+    connect back to them. ``shoal start --ray`` accepts it (see ``ray_controller``)."""
+    target = ray_client_address(address) or ""
     connected = False
     if ray.is_initialized():
         with contextlib.suppress(Exception):  # no client module in this Ray
             from ray.util.client import ray as client
 
             connected = bool(client.is_connected())
-    if target.startswith("ray://") or connected:
+    if target or connected:
         raise ConfigError(
             f"the Ray runtime does not support Ray Client (address {target or 'ray://...'!r}) "
-            "yet: shoal's controller and proxy run on a node of the cluster, where the "
-            "replicas connect back to them; run this on a node of the cluster with "
-            "address='auto' (or the GCS address, 'host:6379')"
+            "here: this process would run shoal's controller, which must run on a node of "
+            "the cluster, where the replicas connect back to it; start the server on the "
+            "cluster from here with `shoal start --ray --address ray://HOST:PORT`, then "
+            "deploy with `shoal deploy` on that node (docs/ray.md), or run this on a node "
+            "of the cluster with address='auto' (or the GCS address, 'host:6379')"
         )
 
 
@@ -125,11 +166,12 @@ class RayRuntime(ProcessRuntime):
         orphan_grace_s: float = 0.0,
         proxy_location: str = "EveryNode",
     ) -> None:
-        """``address``: the cluster's (``auto``, ``host:port``; ``ray://`` is refused);
-        None: the cluster this process is connected to, or ``RAY_ADDRESS``'s, or a new
-        local one, as ``ray.init()`` decides. ``proxy_location``: EveryNode (a proxy on
-        every node), HeadOnly (on the controller's only) or Disabled (no proxy is
-        started: the controller is not asked to)."""
+        """``address``: the cluster's (``auto``, ``host:port``; ``ray://`` is refused:
+        see :func:`connect`); None: the cluster this process is connected to, or
+        ``RAY_ADDRESS``'s, or a new local one, as ``ray.init()`` decides.
+        ``proxy_location``: EveryNode (a proxy on every node), HeadOnly (on the
+        controller's only) or Disabled (no proxy is started: the controller is not asked
+        to)."""
         if proxy_location not in _PROXY_LOCATIONS:
             raise ConfigError(
                 f"proxy_location={proxy_location!r}: expected one of {list(_PROXY_LOCATIONS)}"
@@ -482,8 +524,9 @@ def actor_options(spec: ReplicaSpec) -> dict[str, Any]:
         # `where` and `wait` must run while the worker's thread serves.
         "max_concurrency": 4,
     }
-    if options.runtime_env:  # Ray applies it: pip, conda, remote working_dir, ...
-        result["runtime_env"] = dict(options.runtime_env)
+    runtime_env = _for_ray(options.runtime_env or {})
+    if runtime_env:  # Ray applies it: pip, conda, remote working_dir, ...
+        result["runtime_env"] = runtime_env
     for name in ("memory", "object_store_memory", "accelerator_type"):  # Ray-only options
         if getattr(options, name) is not None:
             result[name] = getattr(options, name)
@@ -497,3 +540,16 @@ def actor_options(spec: ReplicaSpec) -> dict[str, Any]:
         prefix = importlib.import_module("ray._raylet").IMPLICIT_RESOURCE_PREFIX
         result["resources"][f"{prefix}{spec.app}:{spec.deployment}"] = 1 / most
     return result
+
+
+def _for_ray(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """What of a replica's ``runtime_env`` Ray applies: all but the local (not URI)
+    ``working_dir`` and ``py_modules``, which the replica puts on its path itself, as on
+    the local runtime (``UserCode.prepare_imports``), and which Ray refuses for an actor."""
+    env = {k: v for k, v in runtime_env.items() if k not in ("working_dir", "py_modules")}
+    if "://" in str(runtime_env.get("working_dir", "")):
+        env["working_dir"] = runtime_env["working_dir"]
+    remote = [m for m in runtime_env.get("py_modules") or [] if "://" in str(m)]
+    if remote:
+        env["py_modules"] = remote
+    return env
