@@ -176,3 +176,36 @@ def test_the_locked_uvicorn_gets_the_corked_protocol() -> None:
     from shoal._proxy.http_protocol import http_protocol
 
     assert http_protocol() is CorkedHttpToolsProtocol
+
+
+async def test_a_replica_slot_is_free_as_soon_as_the_last_reply_arrives() -> None:
+    """The router's count of a replica's requests drops when the replica's last message
+    arrives, before the consumer reads it (the next waiting request goes a loop turn
+    sooner), and exactly once, however the stream then ends."""
+    from shoal._router.router import _CountedStream
+    from shoal._transport.client import SocketStream
+    from shoal._transport.connection import Connection, StreamReceiver
+    from shoal._transport.messages import Result, StreamEnd, StreamItem
+
+    a, b = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_unix_connection(Connection, sock=a)
+    b.close()  # (the peer is never written to: messages are pushed as they would arrive)
+    released: list[int] = []
+    receiver = StreamReceiver(conn, 1)
+    counted = _CountedStream(SocketStream(conn, 1, receiver), lambda: released.append(1))
+    receiver.push(StreamItem(b"part"))
+    assert released == []  # a stream item: the replica is still working
+    receiver.push(StreamEnd())
+    assert released == [1]  # freed on arrival, nothing read yet
+    assert type(await counted.next()) is StreamItem
+    assert type(await counted.next()) is StreamEnd
+    counted.close()
+    assert released == [1]
+
+    closed_early = StreamReceiver(conn, 2)
+    counted = _CountedStream(SocketStream(conn, 2, closed_early), lambda: released.append(2))
+    counted.close()  # the consumer gave up before any reply: freed once, at close
+    closed_early.push(Result("late"))
+    assert released == [1, 2]
+    conn.close()

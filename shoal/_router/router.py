@@ -508,13 +508,26 @@ def _woken(waiter: asyncio.Future[None]) -> bool:
 
 
 class _CountedStream:
-    """A stream that releases its replica slot exactly once when it ends or is closed."""
+    """A stream that releases its replica slot exactly once: when the replica's last
+    message arrives, if the stream can tell (a socket stream calls back as it reads
+    it, before the consumer's next turn: the next request waiting for that replica is
+    woken a loop turn sooner, which with the default ``max_ongoing_requests`` of 5 is
+    most of a busy proxy's turnaround), else when the consumer reads it or closes it."""
 
-    __slots__ = ("_release", "_stream")
+    __slots__ = ("_closed", "_release", "_stream")
 
     def __init__(self, stream: Stream, release: Any) -> None:
         self._stream = stream
         self._release = release
+        self._closed = False
+        on_end = getattr(stream, "on_end", None)
+        if on_end is not None:
+            on_end(self._released)
+
+    def _released(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     async def next(self) -> Message:
         try:
@@ -530,10 +543,10 @@ class _CountedStream:
         self._stream.send_input(value)
 
     def close(self) -> None:
-        if self._release is not None:
-            release, self._release = self._release, None
+        if not self._closed:
+            self._closed = True
             self._stream.close()
-            release()
+            self._released()
 
 
 class RouterRegistry:

@@ -95,6 +95,11 @@ class SocketStream:
         """The receiver's next message (its coroutine itself: one frame fewer per wait)."""
         return self._receiver.next()
 
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when the replica's last message arrives (or the
+        stream fails or is closed), before it is read."""
+        self._receiver.on_end(callback)
+
     def send_input(self, value: Any) -> None:
         """Send a message into the running stream (a websocket's client messages)."""
         if not self._receiver._end and not self._conn.closed:

@@ -43,7 +43,7 @@ STREAM_WINDOW = 64
 class StreamReceiver:
     """Receives the items of one stream; grants the producer credit as items are consumed."""
 
-    __slots__ = ("_conn", "_corr", "_end", "_items", "_unacked", "_waiter")
+    __slots__ = ("_conn", "_corr", "_end", "_items", "_on_end", "_unacked", "_waiter")
 
     def __init__(self, conn: Connection, corr: int) -> None:
         self._conn = conn
@@ -52,11 +52,20 @@ class StreamReceiver:
         self._waiter: asyncio.Future[None] | None = None
         self._end = False
         self._unacked = 0
+        self._on_end: Callable[[], None] | None = None
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, as soon as the last message arrives (or the stream
+        fails or is closed), before anyone reads it."""
+        self._on_end = callback
 
     def push(self, msg: Message | BaseException) -> None:
         self._items.append(msg)
         if not isinstance(msg, StreamItem):
             self._end = True
+            callback, self._on_end = self._on_end, None
+            if callback is not None:
+                callback()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
