@@ -83,6 +83,12 @@ class ReplicaDiedError(UnavailableError):
     """The replica handling a request died before it answered."""
 
 
+class ReplicaStoppedError(UnavailableError):
+    """The replica had stopped (drained, being shut down) when the request reached it:
+    the request never ran there, and the caller's router sends it to another replica
+    (a request sent a moment before the router learned of the stop)."""
+
+
 class BackPressureError(ShoalError):
     """The request was refused because ``max_queued_requests`` requests are already waiting.
 
@@ -313,6 +319,7 @@ __all__ = [
     "RayServeException",
     "ReplicaDiedError",
     "ReplicaError",
+    "ReplicaStoppedError",
     "RequestCancelledError",
     "RequestTimeoutError",
     "RouteConflictError",

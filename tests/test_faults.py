@@ -42,8 +42,9 @@ PROXY_DRIVER = textwrap.dedent(
     from shoal._instance import api
 
     # A hung proxy is noticed within a second (the defaults are 1 s and 5 s).
-    controller.PROXY_HEALTH_CHECK_PERIOD_S = 0.2
-    controller.PROXY_HEALTH_CHECK_TIMEOUT_S = 1.0
+    controller.TIMEOUTS = controller.TIMEOUTS.model_copy(
+        update={"proxy_check_period_s": 0.2, "proxy_check_timeout_s": 1.0}
+    )
 
     @serve.deployment
     def hello(request):

@@ -193,7 +193,9 @@ async def test_a_replica_slot_is_free_as_soon_as_the_last_reply_arrives() -> Non
     b.close()  # (the peer is never written to: messages are pushed as they would arrive)
     released: list[int] = []
     receiver = StreamReceiver(conn, 1)
-    counted = _CountedStream(SocketStream(conn, 1, receiver), lambda: released.append(1))
+    counted = _CountedStream(
+        SocketStream(conn, 1, receiver), lambda: released.append(1), None, None
+    )
     receiver.push(StreamItem(b"part"))
     assert released == []  # a stream item: the replica is still working
     receiver.push(StreamEnd())
@@ -204,7 +206,9 @@ async def test_a_replica_slot_is_free_as_soon_as_the_last_reply_arrives() -> Non
     assert released == [1]
 
     closed_early = StreamReceiver(conn, 2)
-    counted = _CountedStream(SocketStream(conn, 2, closed_early), lambda: released.append(2))
+    counted = _CountedStream(
+        SocketStream(conn, 2, closed_early), lambda: released.append(2), None, None
+    )
     counted.close()  # the consumer gave up before any reply: freed once, at close
     closed_early.push(Result("late"))
     assert released == [1, 2]

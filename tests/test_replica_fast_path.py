@@ -15,12 +15,15 @@ import pytest
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import StreamingResponse
 
-from shoal._config import DeploymentConfig
+from shoal._config import DeploymentConfig, HTTPOptions
 from shoal._errors import RequestCancelledError
+from shoal._proxy.proxy import Proxy
 from shoal._replica.replica import Replica
 from shoal._replica.server import ReplicaServer
+from shoal._router.router import RouterRegistry
 from shoal._seam.code import UserCode
 from shoal._seam.specs import ReplicaSpec
+from shoal._transport.client import SocketClient
 from shoal._transport.connection import Connection
 from shoal._transport.failures import exception_from
 from shoal._transport.http import HttpRequestData, HttpResponseData, HttpResponseStart
@@ -28,6 +31,8 @@ from shoal._transport.messages import (
     Cancel,
     Failure,
     Message,
+    ReplicaInfo,
+    ReplicaSetUpdate,
     Request,
     Result,
     StreamEnd,
@@ -205,3 +210,67 @@ async def test_drain_waits_for_a_call_that_waits(served: Any) -> None:
     assert await replica.drain(0, 5.0)
     assert replica.ongoing == 0
     assert await future == Result("done")
+
+
+async def _replica_server(replica_id: str) -> tuple[Replica, Any]:
+    spec = ReplicaSpec("app", "Target", replica_id, UserCode(Target, (), {}), DeploymentConfig())
+    replica = Replica(spec)
+    await replica.initialize()
+    server = ReplicaServer(replica)
+    loop = asyncio.get_running_loop()
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    await loop.create_unix_connection(lambda: Connection(server.on_message), sock=right)
+    _, conn = await loop.create_unix_connection(lambda: Connection(name=replica_id), sock=left)
+    return replica, SocketClient(conn, replica_id)
+
+
+class _Connector:
+    def __init__(self, clients: dict[str, Any]) -> None:
+        self.clients = clients
+
+    async def connect(self, info: ReplicaInfo) -> Any:
+        return self.clients[info.replica_id]
+
+
+async def test_a_stopped_replica_refuses_unrun_and_routers_send_elsewhere() -> None:
+    """A request that reaches a replica after it drained (sent a moment before its
+    router learned of the stop, as in a redeploy under load) is refused unrun, and the
+    router (a handle's, or the proxy's for HTTP) sends it to another replica and drops
+    the stopped one: the caller never sees a 500."""
+    stopped, stopped_client = await _replica_server("app#Target#stopped")
+    live, live_client = await _replica_server("app#Target#live")
+    assert await stopped.drain(0.0, 1.0)
+    reply = await stopped_client.call(_call("now", 1))
+    assert type(reply) is Failure and reply.kind == "ReplicaStoppedError"
+
+    connector = _Connector({"stopped": stopped_client, "live": live_client})
+    registry = RouterRegistry(connector, asyncio.get_running_loop())  # type: ignore[arg-type]
+    infos = [ReplicaInfo("stopped", "-", 1), ReplicaInfo("live", "-", 1)]
+    registry.apply(ReplicaSetUpdate("app", "Target", infos, ingress=True))
+    router = registry.get("app", "Target")
+    router.activate()
+    await _until(lambda: len(router.load_sample()[1]) == 2)
+    for x in range(6):  # both replicas are chosen at first: every call still succeeds
+        assert await router.assign(_call("now", x)) == Result(x + 1)
+    assert list(router.load_sample()[1]) == ["live"]  # the stopped one was dropped
+
+    registry.apply(ReplicaSetUpdate("app", "Target", infos, ingress=True))  # both again
+    await _until(lambda: len(router.load_sample()[1]) == 2)
+    proxy = Proxy(registry, HTTPOptions())
+    proxy.set_routes({"/": ("app", "Target")})
+    for _ in range(6):
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b'{"a": 1}', "more_body": False}
+
+        async def send(message: dict[str, Any], sent: list[Any] = sent) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/", "method": "POST", "headers": [],
+                 "query_string": b""}  # fmt: skip
+        await proxy(scope, receive, send)
+        assert sent[0]["status"] == 200 and sent[1]["body"] == b'{"a":1}'
+    assert list(router.load_sample()[1]) == ["live"]
+    await live.close()
+    await stopped.close()

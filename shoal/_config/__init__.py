@@ -464,6 +464,18 @@ class Timeouts(_Strict):
     server_start_s: float = Field(60.0, gt=0)  # `shoal start` until the server answers
     # A TCP peer proves the instance secret within this (shoal._transport.auth), else dropped.
     transport_handshake_s: float = Field(5.0, gt=0)
+    # A control request to a worker process (configure it, start its proxy, its routes).
+    control_call_s: float = Field(30.0, gt=0)
+    # An update (replica set, routes) waits this long for each process's acknowledgement.
+    update_ack_s: float = Field(1.0, gt=0)
+    # Every proxy's (head and node proxies) event loop is pinged this often, and replaced
+    # once it has not answered for proxy_check_timeout_s (a dead one is replaced at once).
+    proxy_check_period_s: float = Field(1.0, gt=0)
+    proxy_check_timeout_s: float = Field(5.0, gt=0)
+    # Ray runtime: how often Ray's node table is read (nodes that joined or left), and how
+    # long a restarted controller waits for the actors Ray lists by name to rejoin it.
+    ray_nodes_poll_s: float = Field(2.0, gt=0)
+    ray_rejoin_wait_s: float = Field(10.0, gt=0)
 
 
 TIMEOUTS = Timeouts()

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shoal._config import HTTPOptions
+from shoal._config import TIMEOUTS, HTTPOptions
 from shoal._config.support import ray_only
 from shoal._controller.autoscaler import AppAutoscaler
 from shoal._controller.deployment_state import DeploymentState, replica_set
@@ -53,10 +53,6 @@ from shoal._transport.messages import LoadReport, ReplicaSetUpdate
 
 logger = logging.getLogger("shoal.controller")
 
-#: How often the proxy's event loop is asked whether it is alive, and how long it may
-#: take to answer before the proxy is replaced (a dead proxy is replaced at once).
-PROXY_HEALTH_CHECK_PERIOD_S = 1.0
-PROXY_HEALTH_CHECK_TIMEOUT_S = 5.0
 _PROXY_RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -137,7 +133,7 @@ class Controller:
 
     async def _supervise_proxy(self) -> None:
         """Replace the proxy when its process dies (at once) or its event loop has not
-        answered for ``PROXY_HEALTH_CHECK_TIMEOUT_S`` (hung), on the same port.
+        answered for ``TIMEOUTS.proxy_check_timeout_s`` (hung), on the same port.
 
         No threshold of consecutive failures, unlike a replica's health check: the
         proxy runs no user code, so a check can only fail by the process being gone
@@ -146,11 +142,11 @@ class Controller:
         """
         while True:
             try:
-                await asyncio.wait_for(self._proxy_died.wait(), PROXY_HEALTH_CHECK_PERIOD_S)
+                await asyncio.wait_for(self._proxy_died.wait(), TIMEOUTS.proxy_check_period_s)
                 why = "its process died"
             except TimeoutError:
                 try:
-                    await self.runtime.check_proxy(PROXY_HEALTH_CHECK_TIMEOUT_S)
+                    await self.runtime.check_proxy(TIMEOUTS.proxy_check_timeout_s)
                     continue
                 except (ShoalError, TransportError) as exc:
                     why = f"it did not answer its health check ({exc})"

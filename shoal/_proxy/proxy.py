@@ -57,7 +57,7 @@ from shoal._proxy.exchange import (
 from shoal._proxy.metrics import proxy_metrics
 from shoal._proxy.observe import observed
 from shoal._router.queue import CHOICES, NORMAL, rank_of
-from shoal._router.router import Router, RouterRegistry
+from shoal._router.router import Router, RouterRegistry, stopped_unrun
 from shoal._seam.protocols import Stream
 from shoal._transport.http import (
     WEBSOCKET,
@@ -276,6 +276,12 @@ class Proxy:
                 await send({"type": "http.response.body", "body": response.body})
             elif type(first) is StreamItem and type(first.value) is HttpResponseStart:
                 await self._relay(first.value, stream, request_id, watch, send)
+            elif stopped_unrun(first):
+                # Sent as that replica stopped (a redeploy, a scale-down): it did not run
+                # there, and the router dropped it. Another replica takes the request.
+                watch.stop()
+                stream.close()
+                await self._forward(app, ingress, request, receive, send, deadline)
             elif deadline is not None and _is_timeout(first):
                 # The replica's deadline ran out a moment before ours: the same 504.
                 await reply(send, 504, _timed_out(self.options.request_timeout_s or 0.0))

@@ -91,6 +91,9 @@ class Replica:
         self.context = contextvars.copy_context()
         self.context.run(replica_context.set, self._replica_context(None))
         self._stopped = False
+        # Set when drain() returns: requests that reach the replica from then on are
+        # refused unrun (ReplicaStoppedError), never started against a closing replica.
+        self.refusing = False
         self._details = DetailsReporter(self._call_user)
         self._metrics = replica_metrics(spec, lambda: self.ongoing)  # None: disabled
 
@@ -512,6 +515,7 @@ class Replica:
                     self.ongoing,
                     timeout_s,
                 )
+                self.refusing = True
                 return False
             if wait_loop_s > 0:
                 await asyncio.sleep(min(wait_loop_s, remaining))
@@ -520,6 +524,7 @@ class Replica:
                     self._idle = self.loop.create_future()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._idle), remaining)
+        self.refusing = True  # in the step that saw no request ongoing: none starts now
         return True
 
     async def close(self) -> None:

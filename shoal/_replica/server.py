@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from shoal._errors import RequestCancelledError
+from shoal._errors import ReplicaStoppedError, RequestCancelledError
 from shoal._observe.logs import access_log_enabled
 from shoal._replica import eager
 from shoal._replica.logs import ReplicaAccessLog
@@ -100,6 +100,9 @@ class ReplicaServer:
         key = (id(conn), corr)
         # isinstance, not ``match``: on the hot path a class pattern costs ~0.1 us more.
         if isinstance(msg, Request):
+            if self.replica.refusing:  # drained: another replica of the router runs it
+                _send_reply(conn, corr, failure_from(self._stopped_error(msg)))
+                return
             if not msg.stream:
                 run = self._call(conn, corr, msg)
             elif _one_shot(msg):
@@ -207,6 +210,12 @@ class ReplicaServer:
             self._credits.pop(key, None)
             self._inboxes.pop(key, None)
             self._tasks.pop(key, None)
+
+    def _stopped_error(self, request: Request) -> ReplicaStoppedError:
+        return ReplicaStoppedError(
+            f"replica {self.replica.spec.replica_id} had stopped when request "
+            f"{request.request_id} reached it; it did not run there"
+        )
 
     def _log_access(self, request: Request, reply: Message | None, started: float) -> None:
         """One access line, Ray's: ``METHOD ROUTE STATUS LATENCYms`` (``CALL method OK``

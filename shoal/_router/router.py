@@ -59,7 +59,14 @@ from shoal._router.load import LoadReporter
 from shoal._router.models import ModelRouting
 from shoal._router.queue import PRIORITIES, WaitQueue
 from shoal._seam.protocols import Connector, ReplicaClient, Stream
-from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request, StreamItem
+from shoal._transport.messages import (
+    Failure,
+    Message,
+    ReplicaInfo,
+    ReplicaSetUpdate,
+    Request,
+    StreamItem,
+)
 
 logger = logging.getLogger("shoal.router")
 
@@ -242,13 +249,19 @@ class Router:
                 continue  # never reached the replica: safe to send elsewhere
             try:
                 if deadline is None:
-                    return await future
-                return await self._reply_by(future, deadline)
+                    reply = await future
+                else:
+                    reply = await self._reply_by(future, deadline)
             except TransportError as exc:
                 raise ReplicaDiedError(
                     f"replica {slot.info.replica_id} of deployment '{self.deployment}' died "
                     f"while handling the request ({exc})"
                 ) from None
+            if not stopped_unrun(reply):
+                return reply
+            # Sent a moment before this router learned that replica stopped: it did not
+            # run there. Dropped here at once, and another replica takes the request.
+            self._lost(slot)
 
     async def broadcast(self, request: Request) -> dict[str, Message]:
         """Send ``request`` to every replica in the current set; their replies by replica id.
@@ -296,7 +309,7 @@ class Router:
             self._stamp(request, deadline)
         stream = slot.client.stream(request)
         slot.in_flight += 1
-        return _CountedStream(stream, functools.partial(self._finished, slot, None))
+        return _CountedStream(stream, functools.partial(self._finished, slot, None), slot, self)
 
     def try_open_stream(self, request: Request, deadline: float | None = None) -> Stream | None:
         """Open a stream at once if a replica has room and nobody waits; else None
@@ -314,7 +327,7 @@ class Router:
             request.remaining_s = remaining
         stream = slot.client.stream(request)
         slot.in_flight += 1
-        return _CountedStream(stream, functools.partial(self._finished, slot, None))
+        return _CountedStream(stream, functools.partial(self._finished, slot, None), slot, self)
 
     async def _wait_for_slot(
         self, deadline: float | None, priority: int, model_id: str = ""
@@ -507,6 +520,12 @@ def _woken(waiter: asyncio.Future[None]) -> bool:
     return waiter.done() and not waiter.cancelled() and waiter.exception() is None
 
 
+def stopped_unrun(reply: Message) -> bool:
+    """Whether ``reply`` says its replica had stopped and did not run the request
+    (``ReplicaStoppedError``): safe to send to another replica."""
+    return type(reply) is Failure and reply.kind == "ReplicaStoppedError"
+
+
 class _CountedStream:
     """A stream that releases its replica slot exactly once: when the replica's last
     message arrives, if the stream can tell (a socket stream calls back as it reads
@@ -514,12 +533,13 @@ class _CountedStream:
     woken a loop turn sooner, which with the default ``max_ongoing_requests`` of 5 is
     most of a busy proxy's turnaround), else when the consumer reads it or closes it."""
 
-    __slots__ = ("_closed", "_release", "_stream")
+    __slots__ = ("_closed", "_release", "_router", "_slot", "_stream")
 
-    def __init__(self, stream: Stream, release: Any) -> None:
+    def __init__(self, stream: Stream, release: Any, slot: _Slot, router: Router) -> None:
         self._stream = stream
         self._release = release
         self._closed = False
+        self._slot, self._router = slot, router  # a replica that refuses, stopped: dropped
         on_end = getattr(stream, "on_end", None)
         if on_end is not None:
             on_end(self._released)
@@ -536,6 +556,8 @@ class _CountedStream:
             self.close()
             raise
         if type(msg) is not StreamItem:
+            if stopped_unrun(msg):
+                self._router._lost(self._slot)
             self.close()
         return msg
 

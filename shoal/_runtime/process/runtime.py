@@ -5,7 +5,7 @@ created with mode 0700 (sockets 0600, peers checked with SO_PEERCRED); no TCP
 port is opened except the HTTP proxy's. Workers exit when the controller's
 connection closes, so none outlives the driver.
 
-Faults: an update (replica set, routes) waits at most ``_ACK_TIMEOUT_S`` for
+Faults: an update (replica set, routes) waits at most ``TIMEOUTS.update_ack_s`` for
 each process; one that misses it is *lagging* and is not waited for again
 until it answers (see :meth:`ProcessRuntime._deliver`). The proxy serves a
 listening socket this process binds and keeps, so a replacement proxy
@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from shoal._config import HTTPOptions
+from shoal._config import TIMEOUTS, HTTPOptions
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
 from shoal._observe.options import Telemetry
 from shoal._proxy.proxy import LISTEN_FD_ENV, bind_listener
@@ -90,7 +90,6 @@ _FORK_SERVER_AFTER = 2
 
 _SPAWN_TIMEOUT_S = 60.0
 _SPAWN_SLOTS = (os.cpu_count() or 1) + 2  # worker processes importing at the same time
-_CONTROL_TIMEOUT_S = 30.0
 #: How long a standby proxy process may take to start serving before a new one is used.
 _STANDBY_START_TIMEOUT_S = 2.0
 # The standby proxy process starts this long after the proxy serves: spawned at once it
@@ -98,8 +97,6 @@ _STANDBY_START_TIMEOUT_S = 2.0
 # instance that lives less than this (a test, a script) never needs one. A proxy that
 # dies before is replaced by a new process (about 1 s instead of about 0.1 s).
 _STANDBY_DELAY_S = 3.0
-#: How long an update (replica set, routes) waits for each process's acknowledgement.
-_ACK_TIMEOUT_S = 1.0
 
 
 class ProcessRuntime:
@@ -231,9 +228,9 @@ class ProcessRuntime:
         conn.close_callbacks.append(lambda _conn: self._subscribers.pop(subscriber_id, None))
         try:
             if (network := self._network_of(None)) is not None:  # before any replica set
-                await subscriber.request(ConfigureProcess({}, network), _CONTROL_TIMEOUT_S)
+                await subscriber.request(ConfigureProcess({}, network), TIMEOUTS.control_call_s)
             for update in list(self._membership.values()):
-                await subscriber.request(update, _CONTROL_TIMEOUT_S)
+                await subscriber.request(update, TIMEOUTS.control_call_s)
         except (ShoalError, TransportError) as exc:
             logger.debug("attached process %s went away: %s", subscriber_id, exc)
             conn.close()
@@ -254,9 +251,9 @@ class ProcessRuntime:
         worker.conn = hello
         worker.conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
         configure = ConfigureProcess(self._telemetry, self._network_of(worker))
-        snapshot = [worker.request(configure, _CONTROL_TIMEOUT_S)]
+        snapshot = [worker.request(configure, TIMEOUTS.control_call_s)]
         snapshot += [
-            worker.request(update, _CONTROL_TIMEOUT_S) for update in self._membership.values()
+            worker.request(update, TIMEOUTS.control_call_s) for update in self._membership.values()
         ]
         try:
             await asyncio.gather(*snapshot)
@@ -396,7 +393,7 @@ class ProcessRuntime:
         await self._deliver([*self._workers.values(), *self._subscribers.values()], update)
 
     async def _deliver(self, targets: list[Any], msg: Message) -> None:
-        """Send ``msg`` to every target; wait at most ``_ACK_TIMEOUT_S`` for each reply.
+        """Send ``msg`` to every target; wait at most ``TIMEOUTS.update_ack_s`` for each reply.
 
         A process that misses the acknowledgement is *lagging*: its event loop is
         blocked (or it is hung). Later updates are still sent to it, in order, but
@@ -419,7 +416,7 @@ class ProcessRuntime:
                 waiting[future] = target
         if not waiting:
             return
-        _, late = await asyncio.wait(waiting, timeout=_ACK_TIMEOUT_S)
+        _, late = await asyncio.wait(waiting, timeout=TIMEOUTS.update_ack_s)
         if late:
             for _ in range(2):  # replies already received count (see _ask)
                 await asyncio.sleep(0)
@@ -431,7 +428,7 @@ class ProcessRuntime:
             logger.warning(
                 "%s did not acknowledge %s within %g s (its event loop is blocked?); "
                 "not waiting for it until it answers again",
-                target.worker_id, type(msg).__name__, _ACK_TIMEOUT_S,
+                target.worker_id, type(msg).__name__, TIMEOUTS.update_ack_s,
             )  # fmt: skip
 
     def _acknowledged(self, worker_id: str, future: asyncio.Future[Message]) -> None:
@@ -496,7 +493,7 @@ class ProcessRuntime:
                 return await self._serve_with(worker, _STANDBY_START_TIMEOUT_S)
             except (ShoalError, TransportError) as exc:
                 logger.warning("the standby proxy process did not start serving: %s", exc)
-        return await self._serve_with(await self._spawn_proxy_process(), _CONTROL_TIMEOUT_S)
+        return await self._serve_with(await self._spawn_proxy_process(), TIMEOUTS.control_call_s)
 
     async def _serve_with(self, proxy: WorkerProcess, timeout_s: float) -> tuple[str, int]:
         """Start the proxy in ``proxy``'s process and give it the current routes."""
@@ -540,7 +537,7 @@ class ProcessRuntime:
         await self._proxy.request(Ping(), timeout_s)
 
     async def publish_routes(self, routes: dict[str, tuple[str, str]]) -> None:
-        """Install ``routes`` in the proxy (at most ``_ACK_TIMEOUT_S`` of waiting); a
+        """Install ``routes`` in the proxy (at most ``TIMEOUTS.update_ack_s`` of waiting); a
         proxy being replaced gets them when it starts."""
         self._routes = routes
         proxy = self._proxy
@@ -553,8 +550,10 @@ class ProcessRuntime:
         if self._proxy is None:
             return
         try:
-            await self._proxy.request(DrainProxy(), _ACK_TIMEOUT_S)
-            left = await self._proxy.request(ProxyIdle(timeout_s), timeout_s + _ACK_TIMEOUT_S)
+            await self._proxy.request(DrainProxy(), TIMEOUTS.update_ack_s)
+            left = await self._proxy.request(
+                ProxyIdle(timeout_s), timeout_s + TIMEOUTS.update_ack_s
+            )
         except (ShoalError, TransportError) as exc:  # dead or hung: nothing to wait for
             logger.debug("the proxy did not drain: %s", exc)
             return

@@ -11,12 +11,12 @@ spreads new connections over their proxies (the head proxy's socket sets it too)
 
 :class:`NodeProxies` supervises them, as the controller does the head proxy: one
 whose actor dies (its control connection closes) or whose event loop has not answered
-a ``Ping`` for ``CHECK_TIMEOUT_S`` is replaced on the same node; Ray's node table is
-read every ``NODES_POLL_S``: a node that joins gets a proxy, a node that left loses
-its entry. A restarted ``shoal start --ray`` server adopts the node proxies that
-rejoin it (detached actors, named by their worker id): it waits up to
-``REJOIN_WAIT_S`` for a node's proxy actor that Ray still lists to rejoin before it
-ends that actor and starts another, and stops any duplicate.
+a ``Ping`` for ``TIMEOUTS.proxy_check_timeout_s`` is replaced on the same node; Ray's
+node table is read every ``TIMEOUTS.ray_nodes_poll_s``: a node that joins gets a
+proxy, a node that left loses its entry. A restarted ``shoal start --ray`` server
+adopts the node proxies that rejoin it (detached actors, named by their worker id): it
+waits up to ``TIMEOUTS.ray_rejoin_wait_s`` for a node's proxy actor that Ray still
+lists to rejoin before it ends that actor and starts another, and stops any duplicate.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal._config import HTTPOptions
+from shoal._config import TIMEOUTS, HTTPOptions
 from shoal._errors import ShoalError, TransportError
 from shoal._runtime.process.workers import EXIT_GRACE_S, WorkerProcess
 from shoal._seam.specs import NodeProxy
@@ -46,18 +46,7 @@ logger = logging.getLogger("shoal.runtime")
 
 #: Worker ids of node proxies: ``node-proxy-<Ray node id>-<8 hex digits>``.
 NODE_PROXY = "node-proxy"
-#: How often Ray's node table is read (nodes that joined or left).
-NODES_POLL_S = 2.0
-#: As the head proxy's (see ``shoal._controller.controller``): a node proxy's event loop
-#: is pinged every second, and replaced once it has not answered for 5 s.
-CHECK_PERIOD_S = 1.0
-CHECK_TIMEOUT_S = 5.0
-#: How long a restarted controller waits for a node proxy that still runs to rejoin it
-#: (its worker retries for its orphan grace period, 30 s) before replacing it.
-REJOIN_WAIT_S = 10.0
 _RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
-_CONTROL_TIMEOUT_S = 30.0
-_ACK_TIMEOUT_S = 1.0
 
 STARTING, HEALTHY, UNHEALTHY, DRAINING = "STARTING", "HEALTHY", "UNHEALTHY", "DRAINING"
 
@@ -164,7 +153,7 @@ class NodeProxies:
                 await self._follow(nodes, named)
             except Exception as exc:  # Ray's GCS did not answer: try again later
                 logger.warning("could not read Ray's node table: %r", exc)
-            await asyncio.sleep(NODES_POLL_S)
+            await asyncio.sleep(TIMEOUTS.ray_nodes_poll_s)
 
     async def _follow(self, nodes: set[str], named: set[str]) -> None:
         """Start a proxy on each node of ``nodes`` that has none, unless one of ``named``
@@ -172,7 +161,7 @@ class NodeProxies:
         waited = asyncio.get_running_loop().time() - self._started_at
         for node in nodes - self._entries.keys():
             stale = [worker_id for worker_id in named if node_of(worker_id) == node]
-            if stale and waited < REJOIN_WAIT_S:
+            if stale and waited < TIMEOUTS.ray_rejoin_wait_s:
                 continue  # the proxy a controller before this one started may rejoin
             if stale:
                 logger.warning("node proxy %s did not rejoin: replacing it", ", ".join(stale))
@@ -231,11 +220,11 @@ class NodeProxies:
         worker.conn.close_callbacks.append(lambda _conn: entry.died.set())
         while True:
             try:
-                await asyncio.wait_for(entry.died.wait(), CHECK_PERIOD_S)
+                await asyncio.wait_for(entry.died.wait(), TIMEOUTS.proxy_check_period_s)
                 return "its actor died"
             except TimeoutError:
                 try:
-                    await worker.request(Ping(), CHECK_TIMEOUT_S)
+                    await worker.request(Ping(), TIMEOUTS.proxy_check_timeout_s)
                 except (ShoalError, TransportError) as exc:
                     return f"it did not answer its health check ({exc})"
 
@@ -244,11 +233,11 @@ class NodeProxies:
         assert self._options is not None
         worker = await self._spawn(node_proxy_kind(node_id))
         try:
-            await worker.request(StartProxy(self._options, True), _CONTROL_TIMEOUT_S)
+            await worker.request(StartProxy(self._options, True), TIMEOUTS.control_call_s)
             routes = None  # the proxy waits for a first table before answering 404
             while routes is not self._routes():  # and tables published meanwhile
                 routes = self._routes()
-                await worker.request(RoutesUpdate(routes), _CONTROL_TIMEOUT_S)
+                await worker.request(RoutesUpdate(routes), TIMEOUTS.control_call_s)
         except BaseException:
             worker.stopping = True
             worker.process.kill()
@@ -279,8 +268,8 @@ class NodeProxies:
             return
         entry.state = DRAINING
         try:
-            await entry.worker.request(DrainProxy(), _ACK_TIMEOUT_S)
-            await entry.worker.request(ProxyIdle(timeout_s), timeout_s + _ACK_TIMEOUT_S)
+            await entry.worker.request(DrainProxy(), TIMEOUTS.update_ack_s)
+            await entry.worker.request(ProxyIdle(timeout_s), timeout_s + TIMEOUTS.update_ack_s)
         except (ShoalError, TransportError) as exc:  # dead or hung: nothing to wait for
             logger.debug("the proxy of node %s did not drain: %s", entry.node_id, exc)
 

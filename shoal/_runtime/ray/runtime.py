@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shoal._config import HTTPOptions
+from shoal._config import TIMEOUTS, HTTPOptions
 from shoal._errors import ConfigError, ShoalError
 from shoal._observe.options import Telemetry
 from shoal._runtime.process.adopt import Rejoined
@@ -51,10 +51,10 @@ NAMESPACE = "shoal"
 PLACEMENT_REPORT_S = 2.0
 #: How long a restarted controller waits for Ray to say where an actor that rejoined is.
 _ADOPT_LOOKUP_S = 5.0
-#: How long a restarted controller waits, past its adoption window, for the actors Ray
-#: lists by name (its replicas and node proxies) to rejoin: those on other nodes rejoin
-#: over TCP, a busy machine may take seconds, and one that comes late is replaced.
-_REJOIN_WAIT_S = 10.0
+# A restarted controller waits (TIMEOUTS.ray_rejoin_wait_s), past its adoption window,
+# for the actors Ray lists by name (its replicas and node proxies) to rejoin: those on
+# other nodes rejoin over TCP, a busy machine may take seconds, and one that comes late
+# is replaced.
 #: How long Ray may take to start a node's proxy actor on its node.
 _NODE_PROXY_PLACE_S = 30.0
 _PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
@@ -489,7 +489,7 @@ _WORKER_KINDS = ("replica-", "node-proxy-")
 
 
 class _RayRejoined(Rejoined):
-    """The process runtime's adoption window, then (at most ``_REJOIN_WAIT_S``) until
+    """The process runtime's adoption window, then (at most ``TIMEOUTS.ray_rejoin_wait_s``) until
     every worker actor Ray lists by name has rejoined."""
 
     def __init__(self, named: Callable[[], set[str]]) -> None:
@@ -499,7 +499,7 @@ class _RayRejoined(Rejoined):
 
     async def settle(self, window_s: float) -> None:
         await super().settle(window_s)
-        deadline = time.monotonic() + _REJOIN_WAIT_S
+        deadline = time.monotonic() + TIMEOUTS.ray_rejoin_wait_s
         try:
             missing = await asyncio.to_thread(self.named)
         except Exception as exc:  # Ray's GCS did not answer: the usual window only
@@ -510,8 +510,9 @@ class _RayRejoined(Rejoined):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.arrived.wait(), deadline - time.monotonic())
         if missing - self.ids:
-            logger.warning("%d actor(s) did not rejoin within %g s: %s", len(missing - self.ids),
-                           _REJOIN_WAIT_S, ", ".join(sorted(missing - self.ids)))  # fmt: skip
+            late = sorted(missing - self.ids)
+            logger.warning("%d actor(s) did not rejoin within %g s: %s", len(late),
+                           TIMEOUTS.ray_rejoin_wait_s, ", ".join(late))  # fmt: skip
 
 
 def actor_options(spec: ReplicaSpec) -> dict[str, Any]:
