@@ -90,17 +90,22 @@ class Target:
         return await request.json()
 
 
-@pytest.fixture
-async def served() -> Any:
-    spec = ReplicaSpec("app", "Target", "app#Target#t1", UserCode(Target, (), {}),
-                       DeploymentConfig())  # fmt: skip
+async def _serve(replica_id: str) -> tuple[Replica, ReplicaServer, Connection]:
+    """A replica of ``Target`` served on one end of a socket pair; the other end."""
+    spec = ReplicaSpec("app", "Target", replica_id, UserCode(Target, (), {}), DeploymentConfig())
     replica = Replica(spec)
     await replica.initialize()
     server = ReplicaServer(replica)
     loop = asyncio.get_running_loop()
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     await loop.create_unix_connection(lambda: Connection(server.on_message), sock=right)
-    _, client = await loop.create_unix_connection(lambda: Connection(name="c"), sock=left)
+    _, client = await loop.create_unix_connection(lambda: Connection(name=replica_id), sock=left)
+    return replica, server, client
+
+
+@pytest.fixture
+async def served() -> Any:
+    replica, server, client = await _serve("app#Target#t1")
     events.clear()
     yield replica, server, client
     client.close()
@@ -213,14 +218,7 @@ async def test_drain_waits_for_a_call_that_waits(served: Any) -> None:
 
 
 async def _replica_server(replica_id: str) -> tuple[Replica, Any]:
-    spec = ReplicaSpec("app", "Target", replica_id, UserCode(Target, (), {}), DeploymentConfig())
-    replica = Replica(spec)
-    await replica.initialize()
-    server = ReplicaServer(replica)
-    loop = asyncio.get_running_loop()
-    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    await loop.create_unix_connection(lambda: Connection(server.on_message), sock=right)
-    _, conn = await loop.create_unix_connection(lambda: Connection(name=replica_id), sock=left)
+    replica, _, conn = await _serve(replica_id)
     return replica, SocketClient(conn, replica_id)
 
 
