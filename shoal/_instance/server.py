@@ -10,6 +10,7 @@ socket, and stops in order on SIGTERM, SIGINT or an admin shutdown request.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -138,11 +139,15 @@ def _wait_serving(
 
 
 def _tail(path: str, lines: int = 20) -> str:
+    """The end of the server's log, without INFO lines: an adopted replica keeps writing
+    its access lines to the log of the server that started it, and they would bury the
+    new server's traceback."""
     try:
         with open(path, errors="replace") as file:
-            return "".join(file.readlines()[-lines:])
+            recent = collections.deque(file, maxlen=5000)
     except OSError:
         return "(no log)"
+    return "".join([line for line in recent if not line.startswith("INFO ")][-lines:])
 
 
 def serve_forever(options: dict[str, Any]) -> None:
