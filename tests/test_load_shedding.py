@@ -118,7 +118,9 @@ def test_without_replicas_a_request_fails_after_no_replica_timeout_s(deploy: Dep
     with pytest.raises(DeploymentUnavailableError) as unavailable:
         handle.remote().result(timeout_s=DONE_S)
     waited = time.perf_counter() - started
-    assert 0.3 <= waited < 0.3 + 1.0, waited
+    # The router counts a waiter within 1 ms of its limit as expired (timers may fire that
+    # early), and it and this test read different clocks: 0.3 s less that slack.
+    assert 0.3 - 0.002 <= waited < 0.3 + 1.0, waited
     message = str(unavailable.value)
     assert "deployment 'Gate'" in message and "no_replica_timeout_s=0.3" in message
     assert "for 0.3" in message  # the time it waited
@@ -215,7 +217,9 @@ def test_http_without_replicas_gets_503_after_no_replica_timeout_s(base_url: str
         waited = time.perf_counter() - started
         assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
         assert f"application '{name}' has no replica able to serve" in reply.text
-        assert 0.3 <= waited < 0.3 + 1.0, waited
+        # The router counts a waiter within 1 ms of its limit as expired (timers may fire that
+    # early), and it and this test read different clocks: 0.3 s less that slack.
+    assert 0.3 - 0.002 <= waited < 0.3 + 1.0, waited
     finally:
         serve.delete(name)
 
