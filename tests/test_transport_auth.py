@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,13 +98,16 @@ def warnings() -> Iterator[_Warnings]:
 
 @pytest.fixture
 def decoded(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every message any Connection decodes, in order."""
+    """Every message a Connection of this test's thread decodes, in order (a local
+    instance an earlier test left running decodes its own reports on its own thread)."""
     seen: list[Any] = []
     original = connection_module.decode
+    ours = threading.get_ident()
 
     def spy(body: memoryview, nbuf: int) -> Any:
         msg = original(body, nbuf)
-        seen.append(msg)
+        if threading.get_ident() == ours:
+            seen.append(msg)
         return msg
 
     monkeypatch.setattr(connection_module, "decode", spy)
