@@ -125,12 +125,6 @@ class DisconnectWatches:
             self._timer = asyncio.get_running_loop().call_later(self._period_s, self._tick)
 
 
-def close_opened(opening: asyncio.Future[Any]) -> None:
-    """Release a stream opened for a request nobody waits for any more."""
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().close()
-
-
 def header(scope: Scope, name: bytes) -> str:
     for key, value in scope["headers"]:
         if key == name:

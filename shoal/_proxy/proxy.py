@@ -49,7 +49,6 @@ from shoal._proxy.exchange import (
     Scope,
     StartTracker,
     client_to_replica,
-    close_opened,
     header,
     read_body,
     reply,
@@ -302,39 +301,24 @@ class Proxy:
     ) -> Stream | None:
         """Wait in the router's queue for a replica while watching the client: one that
         disconnects takes its request out of the queue at once (it is never sent). None
-        if the request was refused (503 sent) or its client left."""
-        if router.refuses(request.priority):  # refused without a task: overload stays cheap
-            router.count_shed("queue_full")
-            await reply(send, 503, _QUEUE_FULL.format(app=router.app), extra_headers=[_RETRY_AFTER])
-            return None
-        opening = asyncio.ensure_future(router.open_stream(request, deadline))
-        left = asyncio.ensure_future(receive())  # the body was read: the next is a disconnect
+        if the request was refused (503 sent) or its client left. No task of its own:
+        the router sends the request when a replica frees (its direct hand-off)."""
         try:
-            await asyncio.wait((opening, left), return_when=asyncio.FIRST_COMPLETED)
-            if not opening.done():  # the client left first
-                opening.cancel()
-                await asyncio.wait((opening,))
-        except BaseException:  # our own task was cancelled (request_timeout_s, shutdown)
-            opening.cancel()
-            opening.add_done_callback(close_opened)
-            raise
-        finally:
-            left.cancel()
-        if opening.cancelled():
-            return None
-        error = opening.exception()
-        if error is None:
-            if left.done() and not left.cancelled():  # opened as the client left
-                opening.result().close()  # cancels it in the replica
-                return None
-            return opening.result()
-        if isinstance(error, BackPressureError):
+            queued = router.queue_stream(request, deadline)
+            watch = self._watches.watch(receive, queued)
+            if not queued.future.done():
+                watch.start()  # (the body was read: the next message is a disconnect)
+            try:
+                return await router.opened(queued)
+            finally:
+                watch.stop()
+        except RequestCancelledError:
+            return None  # the client left
+        except BackPressureError:
             text = _QUEUE_FULL.format(app=router.app)
-        elif isinstance(error, UnavailableError):
+        except UnavailableError as error:
             logger.warning("request %s: %s", request.request_id, error)
             text = _NO_REPLICA.format(app=router.app)
-        else:
-            raise error
         await reply(send, 503, text, extra_headers=[_RETRY_AFTER])
         return None
 

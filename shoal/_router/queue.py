@@ -9,9 +9,9 @@ wait: a request that finds a replica with room is sent at once, whatever its cla
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from collections.abc import Iterator
+from typing import Generic, Protocol, TypeVar
 
 #: The classes, highest first: a request's rank is its index here.
 PRIORITIES = ("high", "normal", "low")
@@ -20,7 +20,15 @@ NORMAL = 1
 RANKS = {name: rank for rank, name in enumerate(PRIORITIES)}
 CHOICES = ", ".join(repr(name) for name in PRIORITIES)
 
-Waiter = asyncio.Future[None]
+
+class Entry(Protocol):
+    """What the queue needs of a waiting request: its class and when it started waiting."""
+
+    rank: int
+    started: float
+
+
+E = TypeVar("E", bound=Entry)
 
 
 def rank_of(priority: object) -> int | None:
@@ -28,56 +36,61 @@ def rank_of(priority: object) -> int | None:
     return RANKS.get(priority) if isinstance(priority, str) else None
 
 
-class WaitQueue:
-    """The waiting requests of one router: one FIFO per class, each mapping a request's
-    wake-up future to the time it started waiting (an ordered dict, so that one that
-    leaves from the middle goes in O(1)).
+class WaitQueue(Generic[E]):
+    """The waiting requests of one router: one FIFO per class of entries (each names
+    its class, ``rank``, and when it started waiting, ``started``), each an ordered
+    dict, so that one that leaves from the middle goes in O(1).
 
-    ``size`` is the number of futures held, read on the fast path instead of a call.
+    ``size`` is the number of entries held, read on the fast path instead of a call.
     """
 
     __slots__ = ("_fifos", "size")
 
     def __init__(self) -> None:
-        self._fifos = tuple(collections.OrderedDict[Waiter, float]() for _ in PRIORITIES)
+        self._fifos = tuple(collections.OrderedDict[E, None]() for _ in PRIORITIES)
         self.size = 0
 
-    def push(self, waiter: Waiter, started: float, rank: int, first: bool = False) -> None:
-        """Queue ``waiter`` last in its class, or ``first`` (one woken whose replica was
-        lost before it could use it keeps its place)."""
-        fifo = self._fifos[rank]
-        fifo[waiter] = started
-        if first:
-            fifo.move_to_end(waiter, last=False)
+    def push(self, entry: E) -> None:
+        """Queue ``entry`` last in its class."""
+        self._fifos[entry.rank][entry] = None
         self.size += 1
 
-    def remove(self, waiter: Waiter, rank: int) -> bool:
-        """Take ``waiter`` out of its class; False if it was no longer queued."""
-        if self._fifos[rank].pop(waiter, None) is None:
+    def remove(self, entry: E) -> bool:
+        """Take ``entry`` out of its class; False if it was no longer queued."""
+        fifo = self._fifos[entry.rank]
+        if entry not in fifo:
             return False
+        del fifo[entry]
         self.size -= 1
         return True
 
-    def pop_next(self) -> Waiter | None:
-        """Take the request to serve next: the longest-waiting of the highest class."""
+    def peek_next(self) -> E | None:
+        """The request to serve next: the longest-waiting of the highest class."""
+        for fifo in self._fifos:
+            if fifo:
+                return next(iter(fifo))
+        return None
+
+    def pop_next(self) -> E | None:
+        """Take the request to serve next (see :meth:`peek_next`)."""
         for fifo in self._fifos:
             if fifo:
                 self.size -= 1
                 return fifo.popitem(last=False)[0]
         return None
 
-    def oldest(self) -> tuple[Waiter, float, int] | None:
-        """The request that has waited longest, whatever its class: ``(waiter, started,
-        rank)``, or None. Only the heads are compared (each class is in arrival order)."""
+    def oldest(self) -> E | None:
+        """The request that has waited longest, whatever its class, or None. Only the
+        heads are compared (each class is in arrival order)."""
         found = None
-        for rank, fifo in enumerate(self._fifos):
+        for fifo in self._fifos:
             if fifo:
-                waiter, started = next(iter(fifo.items()))
-                if found is None or started < found[1]:
-                    found = (waiter, started, rank)
+                head = next(iter(fifo))
+                if found is None or head.started < found.started:
+                    found = head
         return found
 
-    def pop_newest_below(self, rank: int) -> Waiter | None:
+    def pop_newest_below(self, rank: int) -> E | None:
         """Take the most recent request of the lowest class below ``rank`` (lower
         priority), or None if none waits: the one a full queue pushes out first."""
         for fifo in reversed(self._fifos[rank + 1 :]):
@@ -90,7 +103,7 @@ class WaitQueue:
         """Whether a request of lower priority than ``rank`` waits."""
         return any(self._fifos[rank + 1 :])
 
-    def drain(self) -> Iterator[Waiter]:
+    def drain(self) -> Iterator[E]:
         """Take every request, highest class first, each class in arrival order."""
-        while (waiter := self.pop_next()) is not None:
-            yield waiter
+        while (entry := self.pop_next()) is not None:
+            yield entry

@@ -8,6 +8,10 @@ replica (its connection was already gone) is retried on another one; a
 request a replica had accepted fails with :class:`ReplicaDiedError` if that
 replica dies, because it may have had side effects.
 
+Waiting requests are held as what is needed to send them (see
+:mod:`shoal._router.waiting`): when a replica's slot frees, the next one is sent to it
+from that same callback (a direct hand-off), not woken to send itself a turn later.
+
 Priorities (``Request.priority``, see :mod:`shoal._router.queue`): waiting requests
 of a higher class leave the queue first; within a class, in arrival order.
 
@@ -47,7 +51,6 @@ from typing import Any
 
 from shoal._config import NO_REPLICA_TIMEOUT_S
 from shoal._errors import (
-    BackPressureError,
     DeploymentUnavailableError,
     NotFoundError,
     ReplicaDiedError,
@@ -57,7 +60,7 @@ from shoal._errors import (
 from shoal._observe.metrics.standard import deadline_expired, queued_queries, requests_shed
 from shoal._router.load import LoadReporter
 from shoal._router.models import ModelRouting
-from shoal._router.queue import PRIORITIES, WaitQueue
+from shoal._router.waiting import Queued, WaitingRoom
 from shoal._seam.protocols import Connector, ReplicaClient, Stream
 from shoal._transport.messages import (
     Failure,
@@ -70,8 +73,6 @@ from shoal._transport.messages import (
 
 logger = logging.getLogger("shoal.router")
 
-#: Timers may fire this much early; a waiter this close to its deadline counts as expired.
-_TIMER_SLACK_S = 0.001
 #: How long past a request's deadline its caller waits for the replica's own timeout reply
 #: before it gives up and cancels the request (a hung replica must not hold the caller).
 REPLY_GRACE_S = 0.05
@@ -99,16 +100,13 @@ class Router:
         self._infos: dict[str, ReplicaInfo] = {}
         self._slots: list[_Slot] = []
         self._connecting: set[str] = set()
-        # Waiting requests: one FIFO per priority class of wake-up futures.
-        self._waiters = WaitQueue()
-        #: Requests waiting for a replica (in ``_waiters``, or woken and about to pick one).
-        self.waiting = 0
+        # Requests waiting for a replica: one FIFO per priority class, sent from there.
+        self._room = WaitingRoom(self)
+        self._queue = self._room.queue
         self.max_queued_requests = -1
         self.no_replica_timeout_s = NO_REPLICA_TIMEOUT_S
         #: > 0: the deployment autoscales; this process reports its load that often.
         self.metrics_interval_s = 0.0
-        self._no_replica_since: float | None = self.loop.time()  # None: a replica is connected
-        self._expiry: asyncio.TimerHandle | None = None  # fails waiters past no_replica_timeout_s
         self._active = False
         self.exists = True
         self._shed = requests_shed()
@@ -129,21 +127,31 @@ class Router:
             self.models.retain(self._infos)
         if not self.exists:
             queued_queries().remove(self.deployment, self.app)  # a deleted one's series goes
-            self._fail_waiters()
+            self._room.fail_all(self._deleted())
             return
         queued_queries().watch(self._waiting, self.deployment, self.app)  # read when collected
         if not self._slots:
-            self._no_replica()
-        if self._expiry is not None:  # the timeout may have changed
-            self._expiry.cancel()
-            self._arm_expiry()
+            self._room.no_replica()
+        self._room.timeout_changed()
         if self._active:
             self._connect_missing()
             if self.metrics_interval_s > 0:
                 self._registry.load.track(self)
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting here for a replica (queued, not sent)."""
+        return self._queue.size
+
     def _waiting(self) -> int:
-        return self.waiting
+        return self._queue.size
+
+    def has_replicas(self) -> bool:
+        return bool(self._slots)
+
+    def starved(self) -> None:
+        """Requests wait and no replica is connected: report it now (an autoscaler)."""
+        self._registry.load.starved(self)
 
     def activate(self) -> None:
         """Start connecting to replicas (routers connect only once they are used)."""
@@ -179,11 +187,8 @@ class Router:
         slot = _Slot(current, client)
         self._slots.append(slot)
         client.on_close(functools.partial(self._lost, slot))
-        self._no_replica_since = None
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        self._wake(slot.limit)
+        self._room.replica_connected()
+        self._serve_queue()
 
     def _lost(self, slot: _Slot) -> None:
         if self.models is not None:
@@ -191,7 +196,7 @@ class Router:
         if slot in self._slots:
             self._slots.remove(slot)
             if not self._slots:
-                self._no_replica()
+                self._room.no_replica()
 
     def load_sample(self) -> tuple[int, dict[str, int]]:
         """Requests waiting here, and requests sent to each replica not yet answered."""
@@ -227,10 +232,68 @@ class Router:
         future.add_done_callback(functools.partial(self._finished, slot))
         return future
 
+    def _open(self, slot: _Slot, request: Request) -> _CountedStream:
+        stream = slot.client.stream(request)
+        slot.in_flight += 1
+        return _CountedStream(stream, functools.partial(self._finished, slot, None), slot, self)
+
     def _finished(self, slot: _Slot, _future: Any) -> None:
         slot.in_flight -= 1
-        if self._waiters.size:
-            self._wake(1)
+        if self._queue.size:
+            self._serve_queue()
+
+    def _serve_queue(self) -> None:
+        """Send waiting requests, highest class first, FIFO in each, while a replica has
+        room: the direct hand-off, in the turn a slot freed (or a replica connected)."""
+        queue = self._queue
+        while (entry := queue.peek_next()) is not None:
+            if entry.future.done():  # its caller gave up; it leaves on its next turn
+                queue.pop_next()
+                continue
+            slot = self.choose(entry.request.multiplexed_model_id)
+            if slot is None:
+                return
+            queue.pop_next()  # (``entry``: the head peeked at)
+            self._hand_off(entry, slot)
+
+    def _hand_off(self, entry: Queued, slot: _Slot) -> None:
+        """Send ``entry``'s request to ``slot``; its caller receives ``(slot, sent)``."""
+        if entry.timer is not None:
+            entry.timer.cancel()
+        request, future = entry.request, entry.future
+        try:
+            if entry.deadline is not None:
+                self._stamp(request, entry.deadline)
+            sent: Any = self._open(slot, request) if entry.stream else self.send(slot, request)
+        except Exception as exc:  # past its deadline, or it cannot be encoded: unsent
+            future.set_exception(exc)
+            return
+        future.set_result((slot, sent))
+
+    async def _sent(
+        self, request: Request, deadline: float | None, stream: bool
+    ) -> tuple[_Slot, Any]:
+        """Send ``request`` (as a call, or a ``stream``) as soon as a replica has room:
+        at once if one has and nobody waits, else from the queue. The replica's slot,
+        and the reply future or stream."""
+        self.activate()
+        if not self.exists:
+            raise self._deleted()
+        if deadline is not None and deadline <= time.monotonic():
+            raise self.timed_out("before it could be sent")
+        if not self._queue.size:  # nobody waits: take a free replica without queueing
+            slot = self.choose(request.multiplexed_model_id)
+            if slot is not None:
+                if deadline is not None:
+                    self._stamp(request, deadline)
+                return slot, self._open(slot, request) if stream else self.send(slot, request)
+        entry = self._room.enter(request, deadline, stream)
+        try:
+            result: tuple[_Slot, Any] = await entry.future
+        except asyncio.CancelledError:
+            self._room.leave(entry)  # (or undo its sending, if it was sent meanwhile)
+            raise
+        return result
 
     async def assign(self, request: Request, deadline: float | None = None) -> Message:
         """Send ``request`` as soon as a replica has room; return its reply message.
@@ -240,11 +303,7 @@ class Router:
         then the request is cancelled in the replica and RequestTimeoutError raised.
         """
         while True:
-            model_id = request.multiplexed_model_id
-            slot = await self._wait_for_slot(deadline, request.priority, model_id)
-            if deadline is not None:
-                self._stamp(request, deadline)
-            future = self.send(slot, request)
+            slot, future = await self._sent(request, deadline, False)
             if future.done() and isinstance(future.exception(), TransportError):
                 continue  # never reached the replica: safe to send elsewhere
             try:
@@ -304,17 +363,40 @@ class Router:
 
         A ``deadline`` bounds the wait for a replica and travels with the request; the
         caller enforces it on the stream itself (it covers the whole response)."""
-        slot = await self._wait_for_slot(deadline, request.priority, request.multiplexed_model_id)
-        if deadline is not None:
-            self._stamp(request, deadline)
-        stream = slot.client.stream(request)
-        slot.in_flight += 1
-        return _CountedStream(stream, functools.partial(self._finished, slot, None), slot, self)
+        _slot, stream = await self._sent(request, deadline, True)
+        result: Stream = stream
+        return result
+
+    def queue_stream(self, request: Request, deadline: float | None = None) -> Queued:
+        """Start a streaming request without a task: queued (or sent at once, if a
+        replica has room and nobody waits); :meth:`opened` waits for its stream. Raises
+        at once what :meth:`open_stream` raises before it waits (BackPressureError, the
+        deployment deleted, the deadline passed). The entry's ``close()`` takes it out of
+        the queue (its caller left: ``opened`` raises RequestCancelledError)."""
+        self.activate()
+        if not self.exists:
+            raise self._deleted()
+        if deadline is not None and deadline <= time.monotonic():
+            raise self.timed_out("before it could be sent")
+        entry = self._room.enter(request, deadline, True)
+        if self._queue.size == 1:  # nobody else waits: a replica may have room, sent now
+            self._serve_queue()
+        return entry
+
+    async def opened(self, entry: Queued) -> Stream:
+        """The stream of a request queued by :meth:`queue_stream`, once it is sent."""
+        try:
+            _slot, stream = await entry.future
+        except asyncio.CancelledError:
+            self._room.leave(entry)  # (or undo its sending, if it was sent meanwhile)
+            raise
+        result: Stream = stream
+        return result
 
     def try_open_stream(self, request: Request, deadline: float | None = None) -> Stream | None:
         """Open a stream at once if a replica has room and nobody waits; else None
         (then :meth:`open_stream` waits, or refuses). Never suspends."""
-        if self.waiting or not self.exists:
+        if self._queue.size or not self.exists:
             return None
         self.activate()
         slot = self.choose(request.multiplexed_model_id)
@@ -325,30 +407,12 @@ class Router:
             if remaining <= 0:
                 return None  # open_stream refuses it
             request.remaining_s = remaining
-        stream = slot.client.stream(request)
-        slot.in_flight += 1
-        return _CountedStream(stream, functools.partial(self._finished, slot, None), slot, self)
-
-    async def _wait_for_slot(
-        self, deadline: float | None, priority: int, model_id: str = ""
-    ) -> _Slot:
-        self.activate()
-        if not self.exists:
-            raise self._deleted()
-        if deadline is not None and deadline <= time.monotonic():
-            raise self.timed_out("before it could be sent")
-        if not self.waiting:  # nobody waits: take a free replica without queueing
-            slot = self.choose(model_id)
-            if slot is not None:
-                return slot
-        return await self._queue(deadline, priority, model_id)
+        return self._open(slot, request)
 
     def _stamp(self, request: Request, deadline: float) -> None:
         """Give ``request`` the time it has left, now that it is sent (or fail it unsent)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            if self._waiters.size:
-                self._wake(1)  # we took a turn we cannot use: pass it on
             raise self.timed_out("before it could be sent")
         request.remaining_s = remaining
 
@@ -382,142 +446,10 @@ class Router:
         """Count a request of this deployment refused by load shedding (a metric)."""
         self._shed.labels(self.app, self.deployment, reason).inc()
 
-    def refuses(self, priority: int) -> bool:
-        """Whether a request of ``priority`` that has to wait would be refused: the queue
-        is full (``max_queued_requests``) and no request of lower priority waits in it."""
-        full = 0 <= self.max_queued_requests <= self.waiting
-        return full and not self._waiters.has_below(priority)
-
-    def _admit(self, priority: int) -> None:
-        """Make room in the queue for a request of ``priority``, or refuse it."""
-        if not 0 <= self.max_queued_requests <= self.waiting:
-            return
-        pushed_out = self._waiters.pop_newest_below(priority)
-        error = BackPressureError(self.waiting, self.max_queued_requests, self.deployment, self.app)
-        self.count_shed("queue_full")  # this request, or the one it pushes out
-        if pushed_out is None:
-            raise error
-        # The newest of the lowest class leaves unsent (still counted in ``waiting`` until
-        # its task runs, so the queue holds one fewer meanwhile, never one more). One
-        # already cancelled is leaving anyway.
-        if not pushed_out.done():
-            error.add_note(
-                f"it was pushed out of the queue by a {PRIORITIES[priority]}-priority request"
-            )
-            pushed_out.set_exception(error)
-
-    async def _queue(self, deadline: float | None, priority: int, model_id: str = "") -> _Slot:
-        """Wait for a free replica, by class then in FIFO order; see the module's guarantees."""
-        self._admit(priority)
-        self.waiting += 1
-        if not self._slots and self.metrics_interval_s > 0:
-            self._registry.load.starved(self)  # an autoscaler at zero replicas must know now
-        started = self.loop.time()
-        woken = False
-        try:
-            while True:
-                waiter: asyncio.Future[None] = self.loop.create_future()
-                # Woken, but its replica was lost meanwhile: it keeps its place (first).
-                self._waiters.push(waiter, started, priority, first=woken)
-                if not self._slots and self._expiry is None:
-                    self._no_replica()
-                timer = None
-                if deadline is not None:  # leaves the queue unsent when the deadline passes
-                    delay = deadline - time.monotonic()
-                    timer = self.loop.call_later(delay, self._leave_at_deadline, waiter, priority)
-                try:
-                    await waiter
-                except asyncio.CancelledError:
-                    if not self._waiters.remove(waiter, priority) and _woken(waiter):
-                        self._wake(1)  # we were woken but leave: pass the turn on
-                    raise
-                finally:
-                    if timer is not None:
-                        timer.cancel()
-                if not self.exists:
-                    raise self._deleted()
-                slot = self.choose(model_id)
-                if slot is not None:
-                    return slot
-                woken = True
-        finally:
-            self.waiting -= 1
-
-    def _leave_at_deadline(self, waiter: asyncio.Future[None], priority: int) -> None:
-        if self._waiters.remove(waiter, priority) and not waiter.done():
-            waiter.set_exception(self.timed_out("while it waited for a replica; it was not sent"))
-
-    def _wake(self, count: int) -> None:
-        """Give ``count`` waiting requests a turn: the highest class first, FIFO in each."""
-        waiters = self._waiters
-        while count > 0 and (waiter := waiters.pop_next()) is not None:
-            if not waiter.done():
-                waiter.set_result(None)
-                count -= 1
-
-    def _fail_waiters(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        for waiter in self._waiters.drain():
-            if not waiter.done():
-                waiter.set_result(None)  # the waiter re-checks ``exists`` and raises
-
     def _deleted(self) -> DeploymentUnavailableError:
         return DeploymentUnavailableError(
             f"deployment '{self.deployment}' of application '{self.app}' was deleted"
         )
-
-    # --- no replica able to serve --------------------------------------------------
-
-    def _no_replica(self) -> None:
-        """The router has no connected replica: bound the wait of the requests queued."""
-        if self._no_replica_since is None:
-            self._no_replica_since = self.loop.time()
-        if self._expiry is None and self._waiters.size:
-            self._arm_expiry()
-
-    def _arm_expiry(self) -> None:
-        """Time the failure of the longest-waiting request (waiters expire in arrival
-        order, whatever their class)."""
-        self._expiry = None
-        oldest = self._waiters.oldest()
-        if self._no_replica_since is None or oldest is None:
-            return
-        deadline = max(oldest[1], self._no_replica_since) + self.no_replica_timeout_s
-        self._expiry = self.loop.call_at(deadline, self._expire)
-
-    def _expire(self) -> None:
-        self._expiry = None
-        since = self._no_replica_since
-        if since is None:
-            return
-        now = self.loop.time()
-        timeout = self.no_replica_timeout_s
-        while (oldest := self._waiters.oldest()) is not None:
-            waiter, started, priority = oldest
-            waited = now - max(started, since)
-            if waited < timeout - _TIMER_SLACK_S:
-                break
-            self._waiters.remove(waiter, priority)
-            if not waiter.done():
-                self.count_shed("no_replica_timeout")
-                waiter.set_exception(self._unavailable(waited))
-        self._arm_expiry()
-
-    def _unavailable(self, waited: float) -> DeploymentUnavailableError:
-        return DeploymentUnavailableError(
-            f"deployment '{self.deployment}' of application '{self.app}' had no replica able "
-            f"to take the request for {waited:.3g} s (no_replica_timeout_s="
-            f"{self.no_replica_timeout_s:g}); the request was not sent. serve.status() says "
-            "why (replicas starting, failing, or num_replicas=0); raise no_replica_timeout_s "
-            "if its replicas need longer to start"
-        )
-
-
-def _woken(waiter: asyncio.Future[None]) -> bool:
-    """Whether ``waiter`` was given a turn (not cancelled, not failed)."""
-    return waiter.done() and not waiter.cancelled() and waiter.exception() is None
 
 
 def stopped_unrun(reply: Message) -> bool:
@@ -530,7 +462,7 @@ class _CountedStream:
     """A stream that releases its replica slot exactly once: when the replica's last
     message arrives, if the stream can tell (a socket stream calls back as it reads
     it, before the consumer's next turn: the next request waiting for that replica is
-    woken a loop turn sooner, which with the default ``max_ongoing_requests`` of 5 is
+    sent from that callback, which with the default ``max_ongoing_requests`` of 5 is
     most of a busy proxy's turnaround), else when the consumer reads it or closes it."""
 
     __slots__ = ("_closed", "_release", "_router", "_slot", "_stream")
