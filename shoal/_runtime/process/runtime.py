@@ -51,6 +51,7 @@ from shoal._runtime.process.workers import (
     Subscriber,
     WorkerProcess,
     ignore_failure,
+    send_in_order,
     started,
 )
 from shoal._runtime.process.zygote import ENTRY_MODULES
@@ -167,6 +168,8 @@ class ProcessRuntime:
         self._metrics.sink = metrics
         path = os.path.join(self.directory, "controller.sock")
         self._server = await serve_unix(path, self._on_control, "controller")
+        if self._forks is not None:  # the CLI's, forked before the instance: proxy included
+            self._forks.start(early_only=True)
         self.rejoined.listening()
 
     def _on_control(self, conn: Connection, corr: int, msg: Message) -> None:
@@ -229,8 +232,9 @@ class ProcessRuntime:
         try:
             if (network := self._network_of(None)) is not None:  # before any replica set
                 await subscriber.request(ConfigureProcess({}, network), TIMEOUTS.control_call_s)
-            for update in list(self._membership.values()):
-                await subscriber.request(update, TIMEOUTS.control_call_s)
+            # Taken and sent at once: an update published meanwhile is in it or comes after.
+            updates = list(self._membership.values())
+            await send_in_order(subscriber, updates, TIMEOUTS.control_call_s)
         except (ShoalError, TransportError) as exc:
             logger.debug("attached process %s went away: %s", subscriber_id, exc)
             conn.close()
@@ -251,12 +255,10 @@ class ProcessRuntime:
         worker.conn = hello
         worker.conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
         configure = ConfigureProcess(self._telemetry, self._network_of(worker))
-        snapshot = [worker.request(configure, TIMEOUTS.control_call_s)]
-        snapshot += [
-            worker.request(update, TIMEOUTS.control_call_s) for update in self._membership.values()
-        ]
-        try:
-            await asyncio.gather(*snapshot)
+        try:  # sent now, before any update published later (see send_in_order)
+            await send_in_order(
+                worker, [configure, *self._membership.values()], TIMEOUTS.control_call_s
+            )
         except BaseException:  # cancelled (a scale-down, serve.run gave up) or it died
             worker.stopping = True
             worker.process.kill()
@@ -313,9 +315,12 @@ class ProcessRuntime:
         worker_id = argv[1]
         # Once the fork server runs, replicas wait for it: its imports take about as long
         # as one worker's, and the many replicas that started it then fork in
-        # milliseconds. The proxy never waits (it is the instance's first process).
+        # milliseconds. The proxy waits only for one the CLI forked before the instance
+        # started (see forks.start_early): it is ready about as soon as the proxy starts.
         forks = self._forks
-        waits = forks is not None and (forks.ready or (kind != "proxy" and forks.started))
+        waits = forks is not None and (
+            forks.ready or ((kind != "proxy" or forks.early) and forks.started)
+        )
         if forks is not None and waits and not env_vars:
             try:
                 forked = await forks.spawn(kind, argv, listen_fd, LISTEN_FD_ENV)

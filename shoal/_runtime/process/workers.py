@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
@@ -87,6 +88,36 @@ async def ask(conn: Connection, msg: Message, timeout_s: float) -> Message:
     finally:
         if not future.done():
             future.cancel()  # a late reply is dropped by the connection
+
+
+async def send_in_order(
+    worker: WorkerProcess | Subscriber, messages: Sequence[Message], timeout_s: float
+) -> None:
+    """Send ``messages`` to ``worker`` at once, in order (no other task can send it anything
+    in between), then wait at most ``timeout_s`` for every reply; raises the first failure.
+
+    A new worker's configuration and the replica sets of the moment must reach it before
+    any update published later: sent one task each, an update published meanwhile
+    arrived first and the older set it replaced was then applied over it (a proxy
+    forked in milliseconds kept answering 500, with no replica, in a cold start).
+    """
+    conn = worker.conn
+    if conn is None or conn.closed:
+        raise TransportError(f"worker {worker.worker_id} is not connected")
+    futures = [conn.call(message) for message in messages]
+    try:
+        replies = await asyncio.wait_for(
+            asyncio.gather(*futures, return_exceptions=True), timeout_s
+        )
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"{worker.worker_id} did not acknowledge its configuration within {timeout_s:g} s"
+        ) from None
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(reply, Failure):
+            raise exception_from(reply)
 
 
 async def started(standby: asyncio.Future[WorkerProcess]) -> WorkerProcess | None:

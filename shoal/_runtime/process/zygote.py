@@ -1,6 +1,7 @@
 """The fork server: a process that has imported what workers need and forks them.
 
-``python -m shoal._runtime.process.zygote FD``
+``python -m shoal._runtime.process.zygote FD``, or forked by the CLI
+(:func:`serve_forked`: ``shoal run``, ``shoal demo``) right after its imports.
 
 A worker started by ``python -m`` spends about half a second of CPU importing
 shoal, numpy, uvloop, Starlette and uvicorn before it can say hello; forty of
@@ -15,6 +16,10 @@ listening socket of a proxy, if any, passed as SCM_RIGHTS); :class:`Spawned` or
 is the parent: it reaps them). It exits when that socket closes: the runtime
 stopped or died. Its children live on (a server's workers may outlive their
 controller); nothing but that runtime can reach it.
+
+It says it is ready once it has imported what a worker needs before its hello
+(:data:`PRELOAD`); it imports what replicas often need (:data:`PRELOAD_LATER`)
+between requests, and ``SHOAL_FORK_PRELOAD``'s modules before its first replica.
 
 A forked child gets the runtime's environment, working directory and import
 path of the moment it is spawned (not the fork server's, which may be older),
@@ -32,6 +37,7 @@ import gc
 import importlib
 import importlib.abc
 import json
+import logging
 import os
 import selectors
 import signal
@@ -136,37 +142,50 @@ ENTRY_MODULES = {
     "proxy": "shoal._runtime.process.proxy_worker",
 }
 
-#: Imported before the first fork: what every worker, replica or proxy, imports.
+#: Imported before the fork server says it is ready: what every worker, replica or
+#: proxy, imports before its hello (the proxy's modules and uvicorn: :func:`_preload`).
 PRELOAD = (
     "shoal._runtime.process.worker",
     "shoal._replica.replica",
     "shoal._replica.server",
-    "numpy",
-    "starlette.applications",
-    "fastapi",
     "setproctitle",
 )
 
+#: Imported once it is ready, one at a time while no request waits: what replicas often
+#: import. A worker forked before imports them itself if it needs them: a cold start
+#: waits for the imports its own replica and proxy need, not for these (~0.3 s of CPU).
+PRELOAD_LATER = ("starlette.applications", "numpy", "fastapi")
 
-#: Extra modules the fork server imports before forking (comma-separated): what
-#: deployments import inside ``__init__`` (``shoal demo`` names scikit-learn, which five
-#: of its replicas imported one by one: ~3 s of its start on 2 cores).
+#: Extra modules the fork server imports before it forks a replica (comma-separated; the
+#: proxy does not wait for them): what deployments import inside ``__init__`` (``shoal
+#: demo`` names scikit-learn, which five of its replicas imported one by one: ~3 s of
+#: its start on 2 cores).
 PRELOAD_ENV = "SHOAL_FORK_PRELOAD"
+
+#: How long the socket must be quiet before the next of the later imports: the requests
+#: of a starting instance come in bursts; its workers should not wait for an import.
+LATER_IDLE_S = 0.2
 
 
 def _preload() -> list[str]:
-    loaded = []
-    extra = [name.strip() for name in os.environ.get(PRELOAD_ENV, "").split(",") if name.strip()]
-    for name in (*PRELOAD, *extra):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # an optional module missing: the worker imports what it uses
-            continue
-        loaded.append(name)
+    loaded = [name for name in PRELOAD if _import(name)]
     from shoal._proxy.proxy import preload as preload_proxy
 
     preload_proxy()  # uvicorn and the protocol classes it loads lazily
     return loaded
+
+
+def _extra() -> list[str]:
+    """``SHOAL_FORK_PRELOAD``'s modules."""
+    return [name.strip() for name in os.environ.get(PRELOAD_ENV, "").split(",") if name.strip()]
+
+
+def _import(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:  # an optional module missing: the worker imports what it uses
+        return False
+    return True
 
 
 class _Server:
@@ -184,11 +203,17 @@ class _Server:
         self.children: set[int] = set()
         self.user_modules = UserModules()
         self.unsafe = ""  # why forking is no longer safe, once it is not
+        self.extra = _extra()  # to import before the first replica's fork
+        self.later = list(PRELOAD_LATER)  # to import while idle
 
     def serve(self) -> None:
-        """Answer requests until the socket closes; reap the children meanwhile."""
+        """Answer requests until the socket closes; reap the children meanwhile. While
+        no request waits, import :attr:`later`'s modules one by one."""
         while True:
-            for key, _ in self.selector.select():
+            events = self.selector.select(self._idle_s())
+            if not events:
+                self._import_later()
+            for key, _ in events:
                 if key.fileobj is self.sock:
                     try:
                         data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 4)
@@ -202,12 +227,47 @@ class _Server:
                         os.read(self.wakeup_r, 512)
             self._reap()
 
+    def _idle_s(self) -> float | None:
+        """How long to wait for a request before importing the next module: none is
+        left (forever); :attr:`extra` once a worker was forked (the first, the proxy,
+        is not delayed; a replica would wait for them anyway): not at all."""
+        if self.extra and self.children:
+            return 0.0
+        return LATER_IDLE_S if self.extra or self.later else None
+
+    def _import_later(self) -> None:
+        """The next module of :attr:`extra` or :attr:`later`."""
+        self._import((self.extra or self.later).pop(0))
+
+    def _import_extra(self) -> None:
+        while self.extra:
+            self._import(self.extra.pop(0))
+
+    def _import(self, name: str) -> None:
+        """Import ``name`` as :data:`PRELOAD`'s were (not once a module started a thread:
+        nothing is forked then); a module that fails is left to the workers that need it."""
+        if self.unsafe or name in sys.modules:
+            return
+        sys.meta_path.insert(0, _REFUSE_FORK_UNSAFE)
+        try:
+            with contextlib.suppress(Exception):  # a broken module: its workers report it
+                _import(name)
+        finally:
+            sys.meta_path.remove(_REFUSE_FORK_UNSAFE)
+        if threading.active_count() > 1:
+            self.unsafe = f"importing {name} started a thread"
+            _send(self.sock, Preloaded(0, "", self.unsafe))  # the runtime stops asking
+        gc.freeze()
+
     def _handle(self, data: bytes, fds: list[int]) -> None:
         try:
             request = decode(data)
         except (ValueError, TypeError) as exc:
             request = exc
         match request:
+            case Spawn() if request.entry != "proxy" and self.extra:
+                self._import_extra()  # SHOAL_FORK_PRELOAD's: before the first replica
+                self._handle(data, fds)
             case Spawn() if self.unsafe:
                 _close(fds)
                 _send(self.sock, SpawnFailed(request.request, self.unsafe))
@@ -215,6 +275,8 @@ class _Server:
                 self._spawn(request, fds)
             case Preload():
                 _close(fds)
+                if request.request:  # not the CLI's target (request 0: forks.start_early)
+                    self._import_extra()
                 error = self.user_modules.load(request)
                 if not self.unsafe and threading.active_count() > 1:
                     self.unsafe = f"importing {', '.join(request.modules)} started a thread"
@@ -406,13 +468,49 @@ def _reseed() -> None:
 
 
 def main() -> None:
-    sock = socket.socket(fileno=int(sys.argv[1]))
+    """``python -m shoal._runtime.process.zygote FD``: a fork server started on its own."""
+    _run(socket.socket(fileno=int(sys.argv[1])), sys.argv[1:])
+
+
+def serve_forked(sock: socket.socket) -> None:
+    """The fork server in a child of the process that forked it (see
+    :func:`~.forks.start_early`: the CLI, single-threaded, right after its own imports,
+    which its workers then share): it sheds what that process holds (descriptors but
+    the standard ones and ``sock``, stdin, signal handlers, logging handlers), then
+    runs as :func:`main` would. Never returns."""
+    code = 0
+    try:
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        for handler in logging.root.handlers[:]:  # a worker configures its own
+            logging.root.removeHandler(handler)
+        _run(sock, [str(keep)])
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)  # never the atexit handlers of the process it was forked from
+
+
+def _run(sock: socket.socket, title_args: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runtime coordinates Ctrl-C
     gc.disable()  # no collection may touch (and so copy) the preloaded pages before fork
     preloaded = _preload()
     # setproctitle takes over the memory of argv and the environment on its first call:
     # now, while both are still those the kernel gave this process (Preload changes it).
-    _set_title("shoal._runtime.process.zygote", sys.argv[1:])
+    _set_title("shoal._runtime.process.zygote", title_args)
     gc.freeze()  # what is imported now stays shared with every child
     _send(sock, Ready(os.getpid(), preloaded))
     try:
