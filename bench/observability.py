@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import sys
 import tempfile
 import threading
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from bench.common import ECHO_BODY, median_or_none
 from bench.loadgen import LoadSpec, run_load, wrk_path
 from bench.procs import HOST, INVALID_CORE_PCT, ForeignCpu, ServerProcess, free_port
 from bench.procs import git_dirty as _dirty
+from bench.suite import measured_load
 
 CONCURRENCIES = (1, 64)
 
@@ -99,18 +100,17 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             proc.wait_http_ok(port, "POST", "/echo", ECHO_BODY, 120.0)
         for round_ in range(args.rounds):
             for concurrency in CONCURRENCIES:
-                for name, (_proc, port) in servers.items():
+                for name, (proc, port) in servers.items():
                     spec = LoadSpec(port, "/echo", "POST", ECHO_BODY, concurrency, args.warmup)
                     run_load(spec, loadgen)  # warm-up, not recorded
-                    meter.window()
                     spec = LoadSpec(port, "/echo", "POST", ECHO_BODY, concurrency, args.duration)
-                    result = run_load(spec, loadgen)
-                    cpu = meter.window()
-                    core_pct = cpu["foreign_cpu_pct"] * (os.cpu_count() or 1)
+                    load = partial(run_load, spec, loadgen)
+                    measured = measured_load(meter, proc.pid, load)
+                    result, core_pct = measured.result, measured.foreign_core_pct
                     runs.append({
                         "round": round_, "variant": name, "concurrency": concurrency,
-                        "valid": core_pct <= INVALID_CORE_PCT, "foreign_core_pct": core_pct,
-                        **result.to_dict(),
+                        "valid": measured.valid, "foreign_core_pct": core_pct,
+                        "cpu_s": measured.cpu_s, **result.to_dict(),
                     })  # fmt: skip
                     line = (f"round {round_} {name} c={concurrency}: "
                             f"{result.throughput_rps:.0f} req/s p50 {result.p50_ms:.3f} ms "
@@ -125,14 +125,18 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     valid = [r for r in runs if r["valid"]]
-    points: dict[str, dict[str, float | None]] = {}
+    points: dict[str, dict[str, Any]] = {}
     for name in ("off", "default", "tracing"):
         mine = [r for r in valid if r["variant"] == name]
+        # CPU per request: from every run when none is valid (a shared machine), as the
+        # table's header says; the ratios use valid runs only.
+        cpu_runs = [r for r in (mine or runs) if r["variant"] == name and r["concurrency"] == 64]
         points[name] = {
             "c64_rps": median_or_none(
                 [r["throughput_rps"] for r in mine if r["concurrency"] == 64]
             ),
             "c1_p50_ms": median_or_none([r["p50_ms"] for r in mine if r["concurrency"] == 1]),
+            "c64_cpu_us_per_request": _cpu_per_request(cpu_runs),
         }
     off, default, tracing = points["off"], points["default"], points["tracing"]
     return {
@@ -143,6 +147,19 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "tracing_vs_default_c1_p50": _ratio(tracing["c1_p50_ms"], default["c1_p50_ms"]),
         "valid_runs": len(valid),
         "runs": len(runs),
+    }
+
+
+def _cpu_per_request(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """CPU microseconds per successful request of each process of a server (``server`` is
+    the driver: the controller), over ``runs``."""
+    served = sum(r["requests"] - r["errors"] for r in runs)
+    roles = sorted({role for r in runs for role in r.get("cpu_s", {})})
+    if not served:
+        return {}
+    return {
+        role: round(sum(r.get("cpu_s", {}).get(role, 0.0) for r in runs) / served * 1e6, 1)
+        for role in roles
     }
 
 
@@ -158,12 +175,15 @@ def render(results: dict[str, Any]) -> str:
         f"- valid runs {s['valid_runs']} of {s['runs']} (foreign CPU ≤ {INVALID_CORE_PCT:g}% "
         "of a core)",
         "",
-        "| variant | W1 c=64 req/s | W1 c=1 p50 ms |",
-        "| --- | --- | --- |",
+        "| variant | W1 c=64 req/s | W1 c=1 p50 ms | CPU µs per request at c=64, by process "
+        "(valid runs; all runs when none is) |",
+        "| --- | --- | --- | --- |",
     ]
     for name, point in s["points"].items():
         rps, p50 = point["c64_rps"], point["c1_p50_ms"]
-        lines.append(f"| {name} | {_f(rps, 0)} | {_f(p50, 3)} |")
+        cpu = point.get("c64_cpu_us_per_request") or {}
+        each = ", ".join(f"{role} {us:g}" for role, us in cpu.items()) or "n/a"
+        lines.append(f"| {name} | {_f(rps, 0)} | {_f(p50, 3)} | {each} |")
     lines += [
         "",
         "| target | ratio | verdict |",

@@ -12,8 +12,9 @@ import logging
 import time
 
 from shoal._observe import logs
-from shoal._observe.access_lines import MESSAGE, AccessLine
+from shoal._observe.access_lines import MESSAGE, AccessLine, latency_text
 from shoal._observe.metrics.registry import Registry
+from shoal._observe.pending import ACCESS, Pending
 
 
 def _record(
@@ -26,7 +27,7 @@ def _record(
     }  # fmt: skip
     record = logging.LogRecord(
         "ray.serve", logging.INFO, line.where[0], line.where[1], MESSAGE,
-        (line.method, line.route, line.status, latency_ms), None,
+        (line.method, line.route, line.status, latency_text(latency_ms)), None,
     )  # fmt: skip
     record.__dict__.update(fields)
     record.created = created
@@ -36,9 +37,9 @@ def _record(
 def test_a_direct_access_line_reads_as_the_formatters_line() -> None:
     line = AccessLine(("access.py", 20), "app", "proxy", "proxy-1a2b3c4d", "POST", "/echo", 200)
     offset = time.time() - time.perf_counter()
-    for request_id, latency_ms in (("rid-7", 0.35), ("", 12.25), ("x" * 32, 1234.56)):
+    for request_id, latency_ms in (("rid-7", 0.35), ("", 12.25), ("x" * 32, 1234.56), ("r", 0.04)):
         now = time.perf_counter()
-        waiting = [now, line, request_id, latency_ms, None]
+        waiting = (now, line, request_id, latency_ms)
         text = line.text(waiting, offset)
         record = _record(line, request_id, latency_ms, now + offset)
         assert text == logs.TextFormatter().format(record) + "\n"
@@ -48,17 +49,29 @@ def test_a_direct_access_line_reads_as_the_formatters_line() -> None:
 
 
 def test_pending_lines_keep_their_order_and_format_access_lines_when_taken() -> None:
-    pending = logs.Pending(None)
-    line = AccessLine(("server.py", 9), "a", "D", "a#D#x", "CALL", "m", "OK")
-    pending.lines.append("first\n")
-    pending.lines.append([time.perf_counter(), line, "rid", 0.5, None])
-    pending.lines.append("last\n")
-    text = pending.take()
-    first, access, last = text.splitlines()
-    assert (first, last) == ("first", "last")
-    assert access.startswith("INFO ")
-    assert access.endswith(" a D a#D#x [rid] server.py:9 - CALL m OK 0.5ms")
-    assert pending.take() == "" and pending.lines == []
+    stream, file = Pending(None), Pending(None, json=True)
+    ACCESS.route_to([stream, file])
+    try:
+        line = AccessLine(("server.py", 9), "a", "D", "a#D#x", "CALL", "m", "OK")
+        stream.add("first\n")
+        ACCESS.append((time.perf_counter(), line, "rid", 0.5))
+        stream.add("middle\n")  # after the access line logged before it
+        ACCESS.append((time.perf_counter(), line, "", 1.25))
+        first, access, middle, second = stream.take().splitlines()
+        assert (first, middle) == ("first", "middle")
+        assert access.startswith("INFO ")
+        assert access.endswith(" a D a#D#x [rid] server.py:9 - CALL m OK 0.5ms")
+        assert second.endswith(" a D a#D#x server.py:9 - CALL m OK 1.3ms")
+        assert stream.take() == "" and stream.lines == []
+        # The other destination got the same lines once each, as JSON.
+        objects = [json.loads(text) for text in file.take().splitlines()]
+        assert [(o.get("request_id", ""), o["latency_ms"])
+                for o in objects] == [("rid", 0.5), ("", 1.25)]  # fmt: skip
+    finally:
+        ACCESS.route_to(())
+    ACCESS.append((time.perf_counter(), line, "lost", 1.0))  # no destination: dropped
+    ACCESS.seal()
+    assert ACCESS.items == [] and stream.take() == ""
 
 
 def test_a_counter_counting_a_histogram_reports_its_observations() -> None:

@@ -52,7 +52,7 @@ def test_direct_access_lines_follow_the_loggers_level_and_handlers(
     serve_logger: tuple[logging.Logger, list[Any]],
 ) -> None:
     logger, lines = serve_logger
-    logs.direct = logs.Direct(list(logger.handlers), (lines.append,))  # as shoal sets it
+    logs.direct = logs.Direct(list(logger.handlers), lines.append)  # as shoal sets it
     log = AccessLog(("server.py", 1))
     line = log.line("app", "D", "app#D#x", "CALL", "__call__", "OK")
 

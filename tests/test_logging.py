@@ -52,6 +52,7 @@ class Plain:
         log.info("plain info")
         log.debug("plain debug")
         mine.info("user info")
+        log.info("plain file only", extra={"log_to_stderr": False})  # Ray's attribute
         print("plain print")
         return "plain"
 
@@ -232,13 +233,18 @@ def test_access_lines_in_the_proxy_and_the_replica_unless_turned_off(
 ) -> None:
     run = drivers["deployments"]
     plain = re.escape(run["replicas"]["plain"])
+    # The proxy's lines go to its file only, as Ray's proxy writes them (log_to_stderr
+    # False); the replica's go to the terminal too.
+    (name,) = [n for n in os.listdir(run["dir"]) if re.fullmatch(r"proxy_[0-9a-f]{8}\.log", n)]
+    proxy_file = (Path(run["dir"]) / name).read_text().splitlines()
     proxy = rf"{TIME} plain proxy proxy-[0-9a-f]{{8}} \[rid-plain\] access\.py:\d+ - "
-    (line,) = [line for line in run["err"] if re.fullmatch(rf"INFO {proxy}GET /plain 200 .*", line)]
+    (line,) = [line for line in proxy_file if re.fullmatch(rf"INFO {proxy}GET /plain 200 .*", line)]
     assert re.fullmatch(rf"INFO {proxy}GET /plain 200 \d+\.\dms", line), line
+    assert not [line for line in run["err"] if " proxy proxy-" in line and " access.py:" in line]
     replica = rf"INFO {TIME} plain Plain {plain} \[rid-plain\] server\.py:\d+ - GET /plain 200 "
     assert [line for line in run["err"] if re.match(replica, line)], run["err"]
     # The quiet application turned its replicas' access lines off; the proxy's stay on.
-    assert [line for line in run["err"] if " quiet proxy " in line and "GET /quiet 200" in line]
+    assert [line for line in proxy_file if " quiet proxy " in line and "GET /quiet 200" in line]
     assert not [line for line in run["err"] if " quiet Quiet " in line and "GET /quiet" in line]
     # serve.start(logging_config={"enable_access_log": False}): no access line anywhere.
     assert not _with(drivers["start"]["err"], "GET /a")
@@ -254,8 +260,9 @@ def test_files_per_replica_proxy_and_controller_in_the_log_directory(
     (proxy,) = [name for name in names if re.fullmatch(r"proxy_[0-9a-f]{8}\.log", name)]
     assert "GET /plain 200" in (Path(directory) / proxy).read_text()
     text = _file(directory, "plain", "Plain", run["replicas"]["plain"]).read_text()
-    for message in ("plain info", "user info", "plain print", "GET /plain 200"):
+    for message in ("plain info", "user info", "plain print", "GET /plain 200", "file only"):
         assert "[rid-plain] " in text and message in text, (message, text)
+    assert not _with(run["err"], "plain file only")  # log_to_stderr False: the file only
     # logs_dir moves one deployment's file elsewhere.
     elsewhere = run["replicas"]["elsewhere"]
     assert "elsewhere info" in _file(str(drivers["elsewhere"]), "elsewhere", "Elsewhere",

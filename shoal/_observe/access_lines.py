@@ -9,13 +9,14 @@ id (TEXT), or the JSON object with those fields (``method``, ``route``,
   ``logging_config`` set it, when the request ends);
 - while the logger has only the handlers shoal installed (no filter of the user's, no
   propagation, no ``additional_log_standard_attrs``), the request only appends its
-  figures (time, request id, latency) to those handlers' pending lines, in order with
-  the other lines; they are formatted when the lines are written (at least every 0.1 s,
-  see ``shoal._observe.logs``), as a LogRecord would have been, its time from the
-  request's; the parts that do not change from one request to the next (application,
-  deployment, replica, file and line, method, route, status) are put together once
-  per :class:`AccessLine`, the time stamp once per millisecond. Otherwise the line is
-  a LogRecord, formatted by the handlers the logger has.
+  figures (time, request id, latency) to the process's access queue, once whatever the
+  destinations; they are formatted when the lines are written (at least every 0.1 s),
+  once per encoding, as a LogRecord would have been, its time from the request's, in
+  order with the other lines (see ``shoal._observe.pending``); the parts that do not
+  change from one request to the next (application, deployment, replica, file and
+  line, method, route, status) are put together once per :class:`AccessLine`, the
+  time stamp once per millisecond. Otherwise the line is a LogRecord, formatted by the
+  handlers the logger has.
 """
 
 from __future__ import annotations
@@ -27,19 +28,26 @@ from typing import Any
 from shoal._observe import logs
 from shoal._observe.logs import SERVE_LOGGER_NAME
 
-#: Ray's message: method, route, status, latency.
-MESSAGE = "%s %s %s %.1fms"
+#: Ray's message: method, route, status, latency (:func:`latency_text`).
+MESSAGE = "%s %s %s %sms"
 # Prepared lines kept per AccessLog: enough for every route, method and status of a
 # service; a component seeing more (handle calls of many methods) prepares the rest anew.
 _MAX_LINES = 4096
 _INFO = logging.INFO
 
 
+def latency_text(latency_ms: float) -> str:
+    """``12.3``: milliseconds to one decimal, halves rounded up. Integer arithmetic: a
+    float's format specification costs several times the rest of the line."""
+    tenths = int(latency_ms * 10.0 + 0.5)
+    return f"{tenths // 10}.{tenths % 10}"
+
+
 class AccessLine:
     """The parts of an access line that are the same for every request with these fields.
 
-    A request's line waits, unformatted, as ``[perf_counter() time, this line, request
-    id, latency in ms, its TEXT once formatted (else None)]``."""
+    A request's line waits, unformatted, as ``(perf_counter() time, this line, request
+    id, latency in ms)``."""
 
     __slots__ = ("application", "deployment", "head", "method", "replica", "route", "status",
                  "tail", "where")  # fmt: skip
@@ -60,26 +68,24 @@ class AccessLine:
         self.head = f" {application} {deployment} {replica} "
         self.tail = f"{where[0]}:{where[1]} - {method} {route} {status} "
 
-    def text(self, waiting: list[Any], offset: float) -> str:
+    def text(self, waiting: tuple[float, AccessLine, str | bytes, float], offset: float) -> str:
         """The TEXT line of a waiting request (``offset``: ``time.time()`` minus
         ``perf_counter()``), as ``logs.TextFormatter`` formats a record."""
-        text: str | None = waiting[4]
-        if text is None:
-            stamp = logs.format_time(waiting[0] + offset)
-            request_id = waiting[2]
-            if request_id:
-                text = f"INFO {stamp}{self.head}[{request_id}] {self.tail}{waiting[3]:.1f}ms\n"
-            else:
-                text = f"INFO {stamp}{self.head}{self.tail}{waiting[3]:.1f}ms\n"
-            waiting[4] = text  # a second TEXT destination (stderr, a file) uses it again
-        return text
+        stamp = logs.format_time(waiting[0] + offset)
+        tenths = int(waiting[3] * 10.0 + 0.5)  # latency_text(), inlined: once per line
+        rid = waiting[2]
+        request_id = rid.decode("latin-1") if isinstance(rid, bytes) else rid
+        request = f"[{request_id}] " if request_id else ""
+        return f"INFO {stamp}{self.head}{request}{self.tail}{tenths // 10}.{tenths % 10}ms\n"
 
-    def json(self, waiting: list[Any], offset: float) -> str:
+    def json(self, waiting: tuple[float, AccessLine, str | bytes, float], offset: float) -> str:
         """The JSON line of a waiting request, as ``logs.JsonFormatter`` formats a record."""
         created, request_id, latency_ms = waiting[0] + offset, waiting[2], waiting[3]
+        if type(request_id) is bytes:
+            request_id = request_id.decode("latin-1")
         record: dict[str, Any] = {
             "asctime": logs.format_time(created), "levelname": "INFO",
-            "message": MESSAGE % (self.method, self.route, self.status, latency_ms),
+            "message": MESSAGE % (self.method, self.route, self.status, latency_text(latency_ms)),
             "application": self.application, "deployment": self.deployment,
             "replica": self.replica, "component_name": logs.process_component().kind,
             "logger": SERVE_LOGGER_NAME, "filename": self.where[0], "lineno": self.where[1],
@@ -97,10 +103,13 @@ _encode = json.JSONEncoder().encode
 
 class AccessLog:
     """Writes one component's access lines, logged at ``where`` (a file name and line,
-    shown in the line as a LogRecord's would be)."""
+    shown in the line as a LogRecord's would be); to the component's file only, not the
+    terminal, unless ``to_terminal`` (as a record with ``extra={"log_to_stderr":
+    False}``: Ray's proxy writes its access lines so)."""
 
-    def __init__(self, where: tuple[str, int]) -> None:
+    def __init__(self, where: tuple[str, int], to_terminal: bool = True) -> None:
         self.where = where
+        self.to_terminal = to_terminal
         self._logger = logging.getLogger(SERVE_LOGGER_NAME)
         self._lines: dict[tuple[str, str, str, str, str, int | str], AccessLine] = {}
 
@@ -122,9 +131,12 @@ class AccessLog:
                 self._lines[key] = line
         return line
 
-    def write(self, line: AccessLine, request_id: str, latency_ms: float, ended: float) -> None:
+    def write(
+        self, line: AccessLine, request_id: str | bytes, latency_ms: float, ended: float
+    ) -> None:
         """One access line: ``line``'s fields, answered ``latency_ms`` after it started,
-        at ``ended`` (``perf_counter()``: the line's time)."""
+        at ``ended`` (``perf_counter()``: the line's time); ``request_id`` as text or as
+        the header's bytes (latin-1, decoded when the line is written)."""
         logger = self._logger
         # ``_cache[INFO]`` is what isEnabledFor(INFO) returns once it was asked (logging
         # empties every logger's cache on any level change or logging.disable): read
@@ -136,18 +148,23 @@ class AccessLog:
         if out is None or logger.handlers != out.handlers or logger.filters or logger.propagate:
             self._record(line, request_id, latency_ms)
             return
-        waiting = [ended, line, request_id, latency_ms, None]
-        for append in out.appends:
-            append(waiting)
+        if self.to_terminal:
+            out.append((ended, line, request_id, latency_ms))
+        else:
+            out.append_to_files((ended, line, request_id, latency_ms))
 
-    def _record(self, line: AccessLine, request_id: str, latency_ms: float) -> None:
+    def _record(self, line: AccessLine, request_id: str | bytes, latency_ms: float) -> None:
         """The line as a LogRecord, for the handlers and filters the logger has now."""
+        if type(request_id) is bytes:
+            request_id = request_id.decode("latin-1")
         fields = {
             "application": line.application, "deployment": line.deployment,
             "replica": line.replica, "request_id": request_id, "method": line.method,
             "route": line.route, "status_code": line.status, "latency_ms": latency_ms,
         }  # fmt: skip
-        args = (line.method, line.route, line.status, latency_ms)
+        if not self.to_terminal:
+            fields["log_to_stderr"] = False
+        args = (line.method, line.route, line.status, latency_text(latency_ms))
         logger, (file, lineno) = self._logger, self.where
         record = logger.makeRecord(
             logger.name, _INFO, file, lineno, MESSAGE, args, None, extra=fields

@@ -39,6 +39,7 @@ from typing import Any, TextIO
 
 from shoal._config import LoggingConfig
 from shoal._observe.capture import capture_streams, print_loggers
+from shoal._observe.pending import ACCESS, FILE_ACCESS, Pending
 
 SERVE_LOGGER_NAME = "ray.serve"
 #: Record attributes a line shows, set by :class:`ContextFilter` (or by ``extra=``).
@@ -202,40 +203,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(fields, default=str)
 
 
-class Pending:
-    """Lines waiting to be written to one stream or file: appended (under the GIL, in
-    order) by any handler writing there and by access lines, taken and written under
-    ``lock`` (every ``_FLUSH_S``, for WARNING and above, at exit).
-
-    A line is its text, or an access line still to be formatted (a list whose second
-    item has ``text(line, offset)`` and ``json(line, offset)``: see
-    ``shoal._observe.access_lines``), formatted when taken, as TEXT, or as JSON when
-    ``json``. ``offset`` turns its ``perf_counter()`` time into ``time.time()``'s."""
-
-    __slots__ = ("json", "lines", "lock")
-
-    def __init__(self, lock: Any, json: bool = False) -> None:
-        self.lines: list[Any] = []
-        self.lock = lock
-        self.json = json
-
-    def take(self) -> str:
-        """The text of the lines appended so far (forgotten here); hold ``lock``."""
-        lines = self.lines
-        count = len(lines)
-        if not count:
-            return ""
-        taken = lines[:count]
-        del lines[:count]  # lines appended meanwhile (another thread) stay
-        try:
-            return "".join(taken)
-        except TypeError:  # access lines to format
-            offset = time.time() - time.perf_counter()
-            if self.json:
-                return "".join([t if type(t) is str else t[1].json(t, offset) for t in taken])
-            return "".join([t if type(t) is str else t[1].text(t, offset) for t in taken])
-
-
 # "stderr"/"stdout" -> its lines: one list per stream, however many handlers write there.
 _stream_pending: dict[str, Pending] = {}
 
@@ -255,6 +222,7 @@ class _StreamHandler(logging.StreamHandler[TextIO]):
         if pending is None:
             pending = _stream_pending[name] = Pending(threading.Lock())
         self.pending = pending
+        self.addFilter(to_terminal)
         _streams.append(self)
         _start_flusher()
 
@@ -263,7 +231,7 @@ class _StreamHandler(logging.StreamHandler[TextIO]):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.pending.lines.append(self.format(record) + self.terminator)
+            self.pending.add(self.format(record) + self.terminator)
         except RecursionError:
             raise
         except Exception:
@@ -359,7 +327,7 @@ class _BufferedFileHandler(logging.handlers.RotatingFileHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.pending.lines.append(self.format(record) + self.terminator)
+            self.pending.add(self.format(record) + self.terminator)
         except RecursionError:
             raise
         except Exception:
@@ -520,14 +488,22 @@ def _apply(component: Component, config: LoggingConfig, file: str | None) -> Non
 
 class Direct:
     """Where an access line goes without a LogRecord (``shoal._observe.access_lines``):
-    the pending lines of the ``"ray.serve"`` handlers shoal installed (``appends``),
-    valid while they are the logger's only handlers (``handlers``)."""
+    one ``(ended, line, request id, latency)`` appended to one of the process's access
+    queues (``shoal._observe.pending``): ``append`` for the pending lines of every
+    ``"ray.serve"`` handler shoal installed, ``append_to_files`` for its files only.
+    Valid while those are the logger's only handlers (``handlers``)."""
 
-    __slots__ = ("appends", "handlers")
+    __slots__ = ("append", "append_to_files", "handlers")
 
-    def __init__(self, handlers: list[logging.Handler], appends: tuple[Any, ...]) -> None:
+    def __init__(
+        self,
+        handlers: list[logging.Handler],
+        append: Callable[[Any], None],
+        append_to_files: Callable[[Any], None] | None = None,
+    ) -> None:
         self.handlers = handlers
-        self.appends = appends
+        self.append = append
+        self.append_to_files = append if append_to_files is None else append_to_files
 
 
 #: The direct way for access lines, or None (extra attributes shown: the formatters' way).
@@ -536,13 +512,20 @@ direct: Direct | None = None
 
 def _set_direct(serve: logging.Logger, attrs: tuple[str, ...]) -> None:
     global direct
-    appends = []
-    for handler in serve.handlers:
-        if not isinstance(handler, _StreamHandler | _BufferedFileHandler):
-            direct = None
-            return
-        appends.append(handler.pending.lines.append)
-    direct = None if attrs else Direct(list(serve.handlers), tuple(appends))
+    handlers = list(serve.handlers)
+    ours = all(isinstance(h, _StreamHandler | _BufferedFileHandler) for h in handlers)
+    everywhere = [h.pending for h in handlers] if ours else []  # type: ignore[attr-defined]
+    files = [h.pending for h in handlers if ours and isinstance(h, _BufferedFileHandler)]
+    ACCESS.route_to(everywhere)
+    FILE_ACCESS.route_to(files)
+    usable = bool(everywhere) and not attrs
+    direct = Direct(handlers, ACCESS.append, FILE_ACCESS.append) if usable else None
+
+
+def to_terminal(record: logging.LogRecord) -> bool:
+    """Whether a record goes to the terminal: not with ``extra={"log_to_stderr":
+    False}`` (Ray's attribute; the proxy's access lines), to the files only."""
+    return getattr(record, "log_to_stderr", True) is not False
 
 
 def access_log_enabled() -> bool:

@@ -27,8 +27,10 @@ def access_line(
 
 
 def proxy_access_log() -> AccessLog:
-    """The proxy's access lines (logged, as their file and line say, here)."""
-    return AccessLog(_WHERE)
+    """The proxy's access lines (logged, as their file and line say, here), to the
+    proxy's log file only, as Ray's proxy writes them: the replica that served a request
+    writes its own line to the terminal as well."""
+    return AccessLog(_WHERE, to_terminal=False)
 
 
 _WHERE = (os.path.basename(__file__), access_line.__code__.co_firstlineno)

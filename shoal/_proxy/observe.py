@@ -92,34 +92,28 @@ def observed(
             nonlocal start  # the response's first message: its status and request id
             if start is None:
                 start = message
-            result: Awaitable[None] = send(message)
-            return result
+            return send(message)
 
         try:
             await serve(scope, receive, capture)
         finally:  # recorded here, not in a call: this runs for every request
             ended = perf_counter()
-            latency_ms = (ended - started) * 1000.0
             status = start["status"] if start is not None and start["type"] == _START else 0
             path, method = scope["path"], scope["method"]
             recording = known.get((path, method, status)) or find(path, method, status)
+            latency_ms = (ended - started) * 1000.0
             if recording.observe is not None:
                 recording.observe(latency_ms)
-                for child in recording.errors:
-                    child.inc()
+                if recording.errors:
+                    for child in recording.errors:
+                        child.inc()
             if recording.line is not None:
-                rid = _request_id(start) if status else ""
+                # The request id as sent (bytes: decoded only when the line is written).
+                headers = start.get("headers") if status else None  # type: ignore[union-attr]
+                rid = headers[-1][1] if headers and headers[-1][0] == _REQUEST_ID else ""
                 log.write(recording.line, rid, latency_ms, ended)  # type: ignore[union-attr]
 
     return _traced(serve_observed, match) if traced else serve_observed
-
-
-def _request_id(start: Message | None) -> str:
-    """The request id the proxy answered with (it appends its header last), or ""."""
-    headers = start.get("headers") if start is not None else None
-    rid = headers[-1][1] if headers and headers[-1][0] == _REQUEST_ID else b""
-    result: str = rid.decode("latin-1")
-    return result
 
 
 def _traced(serve: Serve, match: Callable[[str], Route | None]) -> Serve:
