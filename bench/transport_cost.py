@@ -12,6 +12,14 @@ several runs (the least disturbed by other work on the machine), in microseconds
 ``valgrind --tool=callgrind`` with two values of N and divide the difference in
 instructions by the difference in N to get instructions per message, independent
 of the machine's load (``--instructions`` does exactly that for every case).
+
+``--handle-instructions``: a handle call between two processes as replicas make it: a
+caller (``DeploymentHandle`` -> router -> connection, in a request's context) and a
+replica process (``Replica`` + ``ReplicaServer`` on a Unix socket, a no-op async method,
+no access log), each run in turn under callgrind with two numbers of sequential calls:
+instructions per call of the replica process and of the caller process, wake-ups
+included. ``--handle-rtt``: the same two processes without valgrind, the caller's p50
+round trip and both processes' CPU per call.
 """
 
 from __future__ import annotations
@@ -253,10 +261,144 @@ def _callgrind(name: str, n: int) -> int:
          sys.executable, "-m", "bench.transport_cost", "--only", name, "--n", str(n)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    match = re.search(r"Collected : (\d+)", result.stderr)
+    return _collected(result.stderr)
+
+
+# --- a handle call between a caller process and a replica process ----------------------
+
+
+class NoopTarget:
+    """The replica of ``--handle-*``: bench.apps' handle target, without Starlette."""
+
+    async def noop(self) -> None:
+        return None
+
+
+async def _serve_replica(path: str) -> None:
+    """A replica of NoopTarget served on ``path`` as a worker serves it; until stdin's EOF."""
+    from shoal._config import DeploymentConfig
+    from shoal._replica.replica import Replica
+    from shoal._replica.server import ReplicaServer
+    from shoal._seam.code import UserCode
+    from shoal._seam.specs import ReplicaSpec
+
+    config = DeploymentConfig(max_ongoing_requests=1000)
+    code = UserCode(NoopTarget, (), {})
+    spec = ReplicaSpec("app", "NoopTarget", "app#NoopTarget#r1", code, config)
+    replica = Replica(spec)
+    await replica.initialize()
+    server = ReplicaServer(replica)
+    await server.listen(path)
+    print("ready", flush=True)
+    started = time.process_time()
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until EOF
+    print(time.process_time() - started, flush=True)
+    server.close()
+    await replica.close()
+
+
+class _Connector:
+    """The routers' connector: every replica at the one socket."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def connect(self, info: Any) -> Any:
+        from shoal._transport.client import SocketClient
+        from shoal._transport.connection import connect_unix
+
+        return SocketClient(await connect_unix(self.path, None, info.replica_id), info.replica_id)
+
+
+async def _handle_calls(path: str, n: int, warmup: int) -> tuple[list[float], float]:
+    """``n`` sequential ``await handle.noop.remote()`` (after ``warmup``), made in a
+    request's context as a replica makes them: their round trips and the CPU they took."""
+    from shoal._api.context import RequestContext, request_context
+    from shoal._api.handle import DeploymentHandle
+    from shoal._router.router import RouterRegistry
+    from shoal._transport.messages import ReplicaInfo, ReplicaSetUpdate
+
+    registry = RouterRegistry(_Connector(path), asyncio.get_running_loop())
+    info = ReplicaInfo("app#NoopTarget#r1", path, 1000)
+    registry.apply(ReplicaSetUpdate("app", "NoopTarget", [info]))
+    target = DeploymentHandle("NoopTarget", "app", registry=registry)
+    request_context.set(RequestContext(_RID, "app"))
+    for _ in range(warmup):
+        await target.noop.remote()
+    times = []
+    cpu = time.process_time()
+    for _ in range(n):  # as bench.apps.HandleBench calls
+        started = time.perf_counter()
+        await target.noop.remote()
+        times.append(time.perf_counter() - started)
+    return times, time.process_time() - cpu
+
+
+def _handle_pair(n: int, valgrind: str = "") -> tuple[float, float, float]:
+    """(p50 round trip in us, caller CPU per call in us, replica CPU per call in us) of
+    ``n`` calls; ``valgrind`` ("replica" or "caller"): that process runs under callgrind
+    and the result is its instruction count (the others are 0)."""
+    import tempfile
+
+    import uvloop
+
+    path = os.path.join(tempfile.mkdtemp(), "replica.sock")
+    grind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    command = [sys.executable, "-m", "bench.transport_cost", "--serve-replica", path]
+    server = subprocess.Popen(
+        grind + command if valgrind == "replica" else command,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        if valgrind == "caller":
+            caller = subprocess.run(
+                [*grind, sys.executable, "-m", "bench.transport_cost", "--handle-caller", path,
+                 "--n", str(n)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            return float(_collected(caller.stderr)), 0.0, 0.0
+        times, cpu = uvloop.run(_handle_calls(path, n, 200 if not valgrind else 20))
+    finally:
+        assert server.stdin is not None and server.stdout is not None
+        server.stdin.close()
+        replica_cpu = server.stdout.readline()
+        assert server.stderr is not None
+        errors = server.stderr.read()
+        server.wait(60)
+    if valgrind == "replica":
+        return float(_collected(errors.decode())), 0.0, 0.0
+    times.sort()
+    return times[len(times) // 2] * 1e6, cpu / n * 1e6, float(replica_cpu) / n * 1e6
+
+
+def _collected(stderr: str) -> int:
+    match = re.search(r"Collected : (\d+)", stderr)
     if match is None:
-        raise RuntimeError(f"no instruction count from callgrind: {result.stderr[-500:]}")
+        raise RuntimeError(f"no instruction count from callgrind: {stderr[-500:]}")
     return int(match.group(1))
+
+
+def _handle_instructions(rounds: int) -> None:
+    n1, n2 = 200, 1200
+    for _ in range(rounds):
+        per = {}
+        for side in ("replica", "caller"):
+            counts = [_handle_pair(n, side)[0] for n in (n1, n2)]
+            per[side] = (counts[1] - counts[0]) / (n2 - n1)
+        print(
+            f"handle call: replica process {per['replica']:8,.0f} instructions/call, "
+            f"caller process {per['caller']:8,.0f} instructions/call"
+        )
+
+
+def _handle_rtt(rounds: int) -> None:
+    for _ in range(rounds):
+        p50, caller, replica = _handle_pair(4000)
+        print(
+            f"handle call: p50 {p50:6.1f} us, CPU/call caller {caller:5.1f} us, "
+            f"replica {replica:5.1f} us"
+        )
 
 
 def main() -> None:
@@ -265,6 +407,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--serve", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-replica", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--handle-caller", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--handle-instructions", action="store_true",
+        help="instructions per handle call of a replica process and of its caller (callgrind)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--handle-rtt", action="store_true", help="handle calls between two processes: p50, CPU"
+    )
     parser.add_argument(
         "--two-processes", action="store_true", help="round trips to an echo server process"
     )
@@ -275,10 +426,19 @@ def main() -> None:
         help="count instructions per message with callgrind (all cases if none)",
     )
     args = parser.parse_args()  # fmt: skip
-    if args.serve:
+    if args.serve or args.serve_replica or args.handle_caller:
         import uvloop
 
-        uvloop.run(_serve_echo(args.serve))
+        if args.serve:
+            uvloop.run(_serve_echo(args.serve))
+        elif args.serve_replica:
+            uvloop.run(_serve_replica(args.serve_replica))
+        else:
+            uvloop.run(_handle_calls(args.handle_caller, args.n, 20))
+    elif args.handle_instructions:
+        _handle_instructions(args.rounds)
+    elif args.handle_rtt:
+        _handle_rtt(args.rounds)
     elif args.two_processes:
         for _ in range(args.rounds):
             p50, _elapsed, cpu1 = _two_processes(4000, 1)

@@ -272,3 +272,20 @@ async def test_a_stopped_replica_refuses_unrun_and_routers_send_elsewhere() -> N
     assert list(router.load_sample()[1]) == ["live"]
     await live.close()
     await stopped.close()
+
+
+def test_the_request_paths_context_is_the_dataclasss_own() -> None:
+    # The request path builds RequestContext without its __init__ (a third of the cost):
+    # what user code reads (serve.context, equality, hashing, frozenness) must not differ.
+    import dataclasses
+
+    from shoal._api.context import RequestContext, new_request_context
+
+    fields = [f.name for f in dataclasses.fields(RequestContext)]
+    values = ("rid-1", "app", "model-a", 12.5, "high")
+    assert len(fields) == len(values), "new_request_context must set every field"
+    fast, plain = new_request_context(*values), RequestContext(*values)
+    assert fast == plain and hash(fast) == hash(plain)
+    assert [getattr(fast, name) for name in fields] == list(values)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.request_id = "other"  # type: ignore[misc]

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import math
 import time
+from asyncio import events
 from typing import Any
 
 from shoal._api.context import default_registry, request_context
@@ -23,6 +24,8 @@ from shoal._transport.failures import exception_from
 from shoal._transport.messages import Failure, Message, Request, Result
 
 _UNSET: Any = object()
+_DERIVED_MAX = 64  # method handles kept per handle (names are a class's methods: few)
+_running_loop = events._get_running_loop  # what on_loop() reads (shoal._seam.loops)
 
 
 class DeploymentHandle:
@@ -39,9 +42,12 @@ class DeploymentHandle:
     made while serving, else "normal": see docs/priorities.md.
     """
 
+    # Every ``self._x`` read costs ~300 instructions more than a plain slot's (3.11 does
+    # not specialize attribute reads on a class with ``__getattr__``): ``remote()`` reads
+    # its options as one tuple (``_call``). ``handle.method`` is kept in ``__dict__``.
     __slots__ = (
-        "_app", "_deployment", "_method", "_mux", "_priority", "_registry", "_router",
-        "_stream", "_timeout_s",
+        "__dict__", "_app", "_call", "_deployment", "_derived", "_method", "_mux",
+        "_priority", "_registry", "_router", "_stream", "_timeout_s",
     )  # fmt: skip
 
     def __init__(
@@ -65,6 +71,9 @@ class DeploymentHandle:
         self._router: Router | None = None
         self._timeout_s = timeout_s
         self._priority = None if priority is None else _checked_priority(priority)
+        # What remote() reads, in one read: (method, stream, model id, timeout_s, priority).
+        self._call = (method_name, stream, multiplexed_model_id, timeout_s, self._priority)
+        self._derived = False  # made by another handle's __getattr__ (handle.method)
 
     @property
     def deployment_name(self) -> str:
@@ -113,9 +122,18 @@ class DeploymentHandle:
         return None if self._priority is None else PRIORITIES[self._priority]
 
     def __getattr__(self, name: str) -> DeploymentHandle:
+        """``handle.name``: this handle calling method ``name``. Made once per name (an
+        ``options()`` costs ~17,000 instructions), then found as a plain attribute; it
+        finds its router again once the shoal instance it routed to was shut down, as
+        the new handle every ``handle.name`` used to make would (``_get_router``)."""
         if name.startswith("_"):
             raise AttributeError(name)
-        return self.options(method_name=name)
+        handle = self.options(method_name=name)
+        handle._derived = True
+        attributes = self.__dict__
+        if len(attributes) < _DERIVED_MAX:
+            attributes[name] = handle
+        return handle
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
@@ -157,7 +175,7 @@ class DeploymentHandle:
 
     def _get_router(self) -> Router:
         router = self._router
-        if router is None:
+        if router is None or (self._derived and router.loop.is_closed()):
             registry = self._registry or default_registry()
             router = self._router = registry.get(self._app, self._deployment)
         if router.loop.is_closed():  # its shoal instance was shut down
@@ -169,45 +187,29 @@ class DeploymentHandle:
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Send a request; returns a DeploymentResponse (or a generator with ``stream=True``)."""
-        router = self._get_router()
+        router = self._router
+        if router is None or router.loop.is_closed():  # _get_router's checks, inline
+            router = self._get_router()
+        method, stream, mux, timeout_s, priority = self._call
         context = request_context.get()
-        priority = self._priority
         if priority is None:  # inherited from the request being served (or "normal")
             priority = RANKS[context.priority]
-        request = Request(
-            self._method, args, kwargs, context.request_id, self._stream, self._mux, None, priority
-        )
+        request = Request(method, args, kwargs, context.request_id, stream, mux, None, priority)
         if tracing.on:
             return self._traced(router, request, context.deadline)
-        return self._send(router, request, context.deadline)
-
-    def _send(self, router: Router, request: Request, inherited: float | None) -> Any:
-        """Send the request ``remote()`` built: now if a replica has room, else through a
-        task (or as a stream); ``inherited``: the deadline of the request being served."""
-        if self._timeout_s is not None or inherited is not None:
-            return self._remote_by(router, request, inherited)
-        loop = router.loop
-        on_router_loop = on_loop(loop)
-        if self._stream:
-            return DeploymentResponseGenerator(router, request, on_router_loop)
-        if not on_router_loop:
-            return DeploymentResponse(
-                asyncio.run_coroutine_threadsafe(_assign(router, request), loop), loop
-            )
-        if not router.waiting and not _has_responses(request.args, request.kwargs):
-            slot = router.choose(request.multiplexed_model_id)
-            if slot is not None:  # fast path: a replica has room, send now without a task
-                future = router.send(slot, request)
-                if not future.done():
-                    return DeploymentResponse(future, loop)
-        return DeploymentResponse(loop.create_task(_assign(router, request)), loop)
+        if timeout_s is not None or context.deadline is not None:
+            return self._remote_by(router, request, context.deadline)
+        return _send(router, request, stream)
 
     def _traced(self, router: Router, request: Request, inherited: float | None) -> Any:
         """``_send`` within the call's CLIENT span (docs/tracing.md), which ends with the
         reply, or when the stream ends."""
         span = tracing.start_call(self._app, self._deployment, self._method, request)
         try:
-            response = self._send(router, request, inherited)
+            if self._timeout_s is not None or inherited is not None:
+                response = self._remote_by(router, request, inherited)
+            else:
+                response = _send(router, request, self._stream)
         except BaseException as exc:
             tracing.fail(span, exc)
             span.end()
@@ -254,6 +256,27 @@ class DeploymentHandle:
         if on_router_loop:
             return DeploymentResponse(loop.create_task(coroutine), loop)
         return DeploymentResponse(asyncio.run_coroutine_threadsafe(coroutine, loop), loop)
+
+
+def _send(router: Router, request: Request, stream: bool) -> Any:
+    """Send a call without a deadline: now if a replica has room, else through a task
+    (or as a stream)."""
+    loop = router.loop
+    on_router_loop = _running_loop() is loop  # on_loop(loop), without its call
+    if stream:
+        return DeploymentResponseGenerator(router, request, on_router_loop)
+    if not on_router_loop:
+        return DeploymentResponse(
+            asyncio.run_coroutine_threadsafe(_assign(router, request), loop), loop
+        )
+    args, kwargs = request.args, request.kwargs
+    if not router.waiting and not ((args or kwargs) and _has_responses(args, kwargs)):
+        slot = router.choose(request.multiplexed_model_id)
+        if slot is not None:  # fast path: a replica has room, send now without a task
+            future = router.send(slot, request)
+            if not future.done():
+                return DeploymentResponse(future, loop)
+    return DeploymentResponse(loop.create_task(_assign(router, request)), loop)
 
 
 async def _broadcast(router: Router, request: Request) -> Message:

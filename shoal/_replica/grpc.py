@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from shoal._api.context import request_context
+from shoal._replica.kinds import GENERATORS
 from shoal._seam.imports import import_attribute
 from shoal._transport.grpc import GrpcReply, GrpcRequestData, out_of_band
 from shoal._transport.messages import Message, StreamEnd, StreamItem
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("shoal.replica")
 
-_GENERATORS = ("async generator", "generator")
 _NOT_A_MESSAGE = (
     "method '{method}' returned a {kind}, not a protobuf message: a gRPC method returns "
     "(or yields) its response message, or its serialized bytes"
@@ -135,14 +135,14 @@ async def invoke(replica: Replica, name: str, data: GrpcRequestData) -> Any:
 
 
 async def _invoke(replica: Replica, name: str, data: GrpcRequestData) -> Any:
-    method, kind = replica._resolve(name)
-    if kind in _GENERATORS:
+    method, kind = replica.resolve(name)
+    if kind in GENERATORS:
         raise TypeError(
             f"method '{name}' is a generator: declare the RPC as server-streaming "
             "(`returns (stream ...)`) in the service's .proto"
         )
     args, kwargs, context = _arguments(method, data)
-    result = await replica._call(method, kind, args, kwargs)
+    result = await replica.call(method, kind, args, kwargs)
     value = check_message(serialized(result), name, data.deserializer is not None)
     return out_of_band(value) if context is None else context.status(value)
 
@@ -150,11 +150,11 @@ async def _invoke(replica: Replica, name: str, data: GrpcRequestData) -> Any:
 async def stream(replica: Replica, name: str, data: GrpcRequestData) -> AsyncIterator[Message]:
     """A server-streaming call: each item serialized, then (if the method set a status
     or trailing metadata) a GrpcReply with no value, then StreamEnd. Raises on failure."""
-    method, kind = replica._resolve(name)
+    method, kind = replica.resolve(name)
     args, kwargs, context = _arguments(method, data)
     user_service = data.deserializer is not None
     try:
-        async for item in replica._iterate(method, kind, args, kwargs):
+        async for item in replica.iterate(method, kind, args, kwargs):
             yield StreamItem(out_of_band(check_message(serialized(item), name, user_service)))
     except Exception:
         _log_failure(replica, name)

@@ -27,12 +27,18 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from shoal._api.context import ReplicaContext, RequestContext, replica_context, request_context
+from shoal._api.context import (
+    ReplicaContext,
+    new_request_context,
+    replica_context,
+    request_context,
+)
 from shoal._api.ingress import asgi_app_of
 from shoal._api.multiplex import close_replica, replica_models
 from shoal._api.responses import DeploymentResponseGenerator
 from shoal._errors import NotFoundError, RequestTimeoutError, ShoalError
 from shoal._observe import tracing
+from shoal._replica import kinds
 from shoal._replica.asgi import Lifespan, request_scope, websocket_messages
 from shoal._replica.details import DetailsReporter, hook_timeout_s
 from shoal._replica.metrics import replica_metrics, route_of
@@ -53,23 +59,11 @@ from shoal._transport.messages import Message, Request, Result, StreamEnd, Strea
 
 logger = logging.getLogger("shoal.replica")
 
-_ASYNC, _SYNC, _ASYNC_GEN, _SYNC_GEN = "async", "sync", "async generator", "generator"
+_ASYNC, _ASYNC_GEN, _SYNC_GEN, _DONE = kinds.ASYNC, kinds.ASYNC_GEN, kinds.SYNC_GEN, kinds.DONE
+_kind = kinds.kind_of
 _CALL_DATA = (HttpRequestData, GrpcRequestData)  # what the proxies send
-_DONE = object()
 _COROUTINE = types.CoroutineType
-_GENERATORS = (types.GeneratorType, types.AsyncGeneratorType)
-
-
-def _kind(fn: Callable[..., Any]) -> str:
-    if inspect.isasyncgenfunction(fn):
-        return _ASYNC_GEN
-    if inspect.isgeneratorfunction(fn):
-        return _SYNC_GEN
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
-    ):
-        return _ASYNC
-    return _SYNC
+_RETURNED = (_COROUTINE, *kinds.GENERATOR_TYPES)  # what an async method's result may need done
 
 
 class Replica:
@@ -88,6 +82,8 @@ class Replica:
             thread_name_prefix=f"shoal-{spec.deployment}",
         )
         self._lifespan: Lifespan | None = None
+        # The replica's context, this one object for the replica's life (a server keeps
+        # it, and runs each request in a copy): set in it, never replaced.
         self.context = contextvars.copy_context()
         self.context.run(replica_context.set, self._replica_context(None))
         self._stopped = False
@@ -115,7 +111,7 @@ class Replica:
             if inspect.isclass(target):
                 self.instance = await self._construct(target, args, kwargs)
             else:
-                self.instance = _FunctionDeployment(target)
+                self.instance = kinds.FunctionDeployment(target)
             self.context.run(replica_context.set, self._replica_context(self.instance))
             app = asgi_app_of(self.instance)
             if app is not None:
@@ -151,14 +147,16 @@ class Replica:
 
     # --- requests ------------------------------------------------------------------
 
-    def _resolve(self, name: str) -> tuple[Callable[..., Any], str]:
+    def resolve(self, name: str) -> tuple[Callable[..., Any], str]:
+        """The public method ``name`` and its kind (``shoal._replica.kinds``); raises
+        NotFoundError if there is none."""
         cached = self._methods.get(name)
         if cached is not None:
             return cached
-        if isinstance(self.instance, _FunctionDeployment):
+        if isinstance(self.instance, kinds.FunctionDeployment):
             method: Any = self.instance.__call__  # as in Ray, any method name calls the function
         else:
-            method = getattr(self.instance, name, None) if _is_public(name) else None
+            method = getattr(self.instance, name, None) if kinds.is_public(name) else None
         if method is None or not callable(method):
             # Ray Serve's type and text: programs match on "Available methods: [...]".
             raise NotFoundError(
@@ -180,7 +178,7 @@ class Replica:
         remaining = request.remaining_s
         deadline = None if remaining is None else time.monotonic() + remaining
         request_context.set(
-            RequestContext(
+            new_request_context(
                 request.request_id, self.spec.app, request.multiplexed_model_id, deadline,
                 PRIORITIES[request.priority],
             )
@@ -196,7 +194,7 @@ class Replica:
         if self._metrics is not None:
             self._metrics.done(request, started)
 
-    def _failed(self, route: str, exc: BaseException) -> None:
+    def record_failure(self, route: str, exc: BaseException) -> None:
         """User code (or a call it made) failed a request: a metric and a recent error."""
         if self._metrics is not None:
             self._metrics.failed(route, request_context.get().request_id, exc)
@@ -206,15 +204,28 @@ class Replica:
         started = self._enter(request)
         span = self._traced(request) if tracing.on else None
         try:
-            if request.remaining_s is None:
+            if request.remaining_s is not None:
+                return Result(await self._invoke_within(request, request.remaining_s))
+            args = request.args
+            resolved = self._methods.get(request.method)
+            if (
+                resolved is None
+                or resolved[1] is not _ASYNC
+                or (args and type(args[0]) in _CALL_DATA)
+            ):
                 return Result(await self._invoke(request))
-            return Result(await self._invoke_within(request, request.remaining_s))
+            # The common case, an async method already called once: _invoke's, without
+            # its coroutine (one fewer for every step of the call).
+            result = await resolved[0](*args, **request.kwargs)
+            if type(result) in _RETURNED or isinstance(result, DeploymentResponseGenerator):
+                result = await self._returned(resolved[0], result)
+            return Result(result)
         except Exception as exc:
             if isinstance(exc, TypeError | KeyError | AttributeError):
                 self._note_input_mismatch(request, exc)
             if span is not None:
                 tracing.fail(span, exc)
-            self._failed(route_of(request), exc)
+            self.record_failure(route_of(request), exc)
             return failure_from(exc, f"in replica {self.spec.replica_id}:")
         finally:
             self._leave(request, started)
@@ -269,28 +280,33 @@ class Replica:
             from shoal._replica import grpc
 
             return await grpc.invoke(self, request.method, args[0])
-        method, kind = self._resolve(request.method)
+        method, kind = self.resolve(request.method)
         if kind is _ASYNC_GEN or kind is _SYNC_GEN:
-            raise TypeError(_NEEDS_STREAM.format(_name_of(method)))  # before it runs, as Ray
-        if kind is _ASYNC:  # the common case, without _call's frame
-            result = await method(*args, **kwargs)
-            if type(result) is _COROUTINE:
-                result = await result
-        else:
-            result = await self._call(method, kind, args, kwargs)
-        if _is_generator(result):
-            await _close(result)
-            raise TypeError(_NEEDS_STREAM.format(_name_of(method)))
+            raise TypeError(kinds.NEEDS_STREAM.format(kinds.name_of(method)))  # before it runs
+        if kind is _ASYNC:  # without _call's frame
+            return await self._returned(method, await method(*args, **kwargs))
+        result = await self.call(method, kind, args, kwargs)
+        if kinds.is_generator(result):
+            raise await kinds.refused(method, result)
         return result
 
-    async def _call(
+    async def _returned(self, method: Callable[..., Any], result: Any) -> Any:
+        """What a method's call returns: a coroutine it returned awaited (as Ray Serve
+        does); a generator refused (``stream=True`` is needed), after it is released."""
+        if type(result) is _COROUTINE:  # inspect.iscoroutine: the type has no subclasses
+            result = await result
+        if kinds.is_generator(result):
+            raise await kinds.refused(method, result)
+        return result
+
+    async def call(
         self, method: Callable[..., Any], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """Call a non-generator method; a coroutine it returns is awaited (as Ray Serve does)."""
         if kind is _ASYNC:
             result = await method(*args, **kwargs)
         else:
-            result = await self._in_thread(method, *args, **kwargs)
+            result = await self.in_thread(method, *args, **kwargs)
         if type(result) is _COROUTINE:  # inspect.iscoroutine: the type has no subclasses
             result = await result
         return result
@@ -303,11 +319,13 @@ class Replica:
         await reply.aclose()
         raise TypeError("this endpoint streams its response: send the request with stream=True")
 
-    def _in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` in the replica's thread pool, in a copy of the current
+        context: a future of its result."""
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
         return self.loop.run_in_executor(self._pool, call)
 
-    async def _iterate(
+    async def iterate(
         self, method: Callable[..., Any], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
         """The items of a generator method, or of the generator a method returns (as in Ray
@@ -318,23 +336,23 @@ class Replica:
                 yield item
             return
         if kind is _SYNC_GEN:
-            generator = await self._in_thread(method, *args, **kwargs)
+            generator = await self.in_thread(method, *args, **kwargs)
         else:
-            generator = await self._call(method, kind, args, kwargs)
+            generator = await self.call(method, kind, args, kwargs)
             if isinstance(generator, AsyncIterator):
                 async for item in generator:
                     yield item
                 return
             if not inspect.isgenerator(generator):
                 raise TypeError(
-                    f"Called method '{_name_of(method)}' with `handle.options(stream=True)` "
+                    f"Called method '{kinds.name_of(method)}' with `handle.options(stream=True)` "
                     "but it did not return a generator."
                 )
         try:
-            while (item := await self._in_thread(next, generator, _DONE)) is not _DONE:
+            while (item := await self.in_thread(next, generator, _DONE)) is not _DONE:
                 yield item
         finally:
-            await self._in_thread(generator.close)  # runs the generator's finally blocks
+            await self.in_thread(generator.close)  # runs the generator's finally blocks
 
     async def handle_stream(
         self, request: Request, inbox: asyncio.Queue[Any] | None = None
@@ -370,8 +388,8 @@ class Replica:
                 async for message in grpc.stream(self, request.method, args[0]):
                     yield message
                 return
-            method, kind = self._resolve(request.method)
-            async for item in self._iterate(method, kind, args, kwargs):
+            method, kind = self.resolve(request.method)
+            async for item in self.iterate(method, kind, args, kwargs):
                 yield StreamItem(item)
             yield StreamEnd()
         except Exception as exc:
@@ -385,7 +403,7 @@ class Replica:
         """The Failure ending a stream (or an HTTP request nothing serves), counted."""
         if span is not None:
             tracing.fail(span, exc)
-        self._failed(route_of(request), exc)
+        self.record_failure(route_of(request), exc)
         return failure_from(exc, f"in replica {self.spec.replica_id}:")
 
     async def handle_http(self, request: Request) -> Message | AsyncGenerator[Message, None]:
@@ -445,11 +463,18 @@ class Replica:
                 yield StreamItem(dict(message))
         yield StreamEnd()
 
-    def _http_target(self, request: Request) -> tuple[Any, str]:
-        """What serves an HTTP request: the ingress ASGI app, or the called method."""
+    # --- for the HTTP and gRPC servers (shoal._replica.web, shoal._replica.grpc) -----
+
+    def http_target(self, request: Request) -> tuple[Any, str]:
+        """What serves an HTTP request: the ingress ASGI app (kind ``kinds.ASGI``), or the
+        called method and its kind; raises NotFoundError if there is no such method."""
         if self._lifespan is not None:
-            return self._lifespan.app, "asgi"
-        return self._resolve(request.method)
+            return self._lifespan.app, kinds.ASGI
+        return self.resolve(request.method)
+
+    def asgi_state(self) -> dict[str, Any]:
+        """The ingress ASGI app's lifespan state (``scope["state"]``); empty without one."""
+        return self._lifespan.state if self._lifespan is not None else {}
 
     # --- control -------------------------------------------------------------------
 
@@ -550,12 +575,6 @@ class Replica:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-_NEEDS_STREAM = (
-    "Method '{}' returned a generator. You must use `handle.options(stream=True)` to call "
-    "generators on a deployment."
-)  # Ray Serve's text
-
-
 # shoal._replica.web (it imports Starlette): loaded by the first HTTP request. Not an
 # import statement in the methods: one costs a call into importlib each time.
 _web: Any = None
@@ -567,34 +586,3 @@ def _import_web() -> Any:
 
     _web = web
     return web
-
-
-def _name_of(method: Callable[..., Any]) -> str:
-    return getattr(method, "__name__", type(method).__name__)
-
-
-def _is_generator(value: Any) -> bool:
-    # type() rather than inspect.isgenerator/isasyncgen: neither type has subclasses.
-    return type(value) in _GENERATORS or isinstance(value, DeploymentResponseGenerator)
-
-
-async def _close(generator: Any) -> None:
-    """Release a generator that will not be iterated (runs its ``finally`` blocks)."""
-    if inspect.isgenerator(generator):
-        generator.close()
-    elif inspect.isasyncgen(generator):
-        await generator.aclose()
-    else:
-        generator.cancel()
-
-
-def _is_public(name: str) -> bool:
-    return name == "__call__" or not name.startswith("_")
-
-
-class _FunctionDeployment:
-    """Makes a function deployment look like a class with ``__call__``."""
-
-    def __init__(self, function: Callable[..., Any]) -> None:
-        self._function = function
-        self.__call__ = function

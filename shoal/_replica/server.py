@@ -74,6 +74,7 @@ class ReplicaServer:
         self._access = ReplicaAccessLog(replica.spec, _ACCESS_WHERE) if enabled else None
         # A loop with its own task factory gets its tasks made the ordinary way.
         self._eager = self._loop.get_task_factory() is None
+        self._context = replica.context  # copied for each request (Replica.task_context)
 
     async def listen(self, path: str) -> None:
         """Accept connections from same-user processes on the Unix socket ``path``."""
@@ -111,11 +112,9 @@ class ReplicaServer:
                 if takes_input(msg):
                     self._inboxes[key] = asyncio.Queue()  # before any client message can arrive
                 stream = self._stream(conn, corr, msg)
-                self._tasks[key] = self._loop.create_task(
-                    stream, context=self.replica.task_context()
-                )
+                self._tasks[key] = self._loop.create_task(stream, context=self._context.copy())
                 return
-            context = self.replica.task_context()
+            context = self._context.copy()  # the replica's: a fresh copy per request
             if msg.remaining_s is None and self._eager:
                 # Its first step now where asyncio can (3.12+): no loop turn for a call
                 # that needs no wait.
@@ -156,7 +155,10 @@ class ReplicaServer:
                         f"method '{request.method}' raised CancelledError without being cancelled"
                     )
                 )
-            _send_reply(conn, corr, reply)
+            try:  # _send_reply, inline
+                conn.send(corr, reply)
+            except SerializationError as exc:
+                conn.send(corr, failure_from(exc))
             if self._access is not None:
                 self._log_access(request, reply, started)
         finally:

@@ -23,7 +23,8 @@ from shoal._errors import RequestTimeoutError
 from shoal._observe import tracing
 from shoal._replica import http
 from shoal._replica.asgi import asgi_parts, request_scope
-from shoal._replica.replica import _ASYNC, _ASYNC_GEN, _DONE, _SYNC_GEN, Replica
+from shoal._replica.kinds import ASGI, ASYNC, DONE, GENERATORS
+from shoal._replica.replica import Replica
 from shoal._transport.failures import failure_from
 from shoal._transport.http import HttpRequestData, HttpResponseData
 from shoal._transport.messages import Message, Request, Result, StreamEnd, StreamItem
@@ -35,26 +36,24 @@ async def reply(replica: Replica, request: Request) -> Result | AsyncGenerator[M
     """Serve ``request``: a Result (a complete response), or the messages of a streamed
     one. Raises NotFoundError if no method serves it. Runs in the request's task."""
     data: HttpRequestData = request.args[0]
-    method, kind = replica._http_target(request)
+    method, kind = replica.http_target(request)
     argument: Any = None
     try:
         parts: AsyncGenerator[Any, None]
-        if kind == "asgi":
-            lifespan = replica._lifespan
-            state = lifespan.state if lifespan is not None else {}
-            parts = asgi_parts(method, request_scope(data, state), data.body)
-        elif kind is _ASYNC_GEN or kind is _SYNC_GEN:
+        if kind is ASGI:
+            parts = asgi_parts(method, request_scope(data, replica.asgi_state()), data.body)
+        elif kind in GENERATORS:
             argument = http.build_request(data)
             args = http.request_arguments(method, argument)
-            parts = http.chunks_from_items(replica._iterate(method, kind, args, {}))
+            parts = http.chunks_from_items(replica.iterate(method, kind, args, {}))
         else:
             argument = http.build_request(data)
             args = http.request_arguments(method, argument)
-            result = await (method(*args) if kind is _ASYNC else replica._in_thread(method, *args))
+            result = await (method(*args) if kind is ASYNC else replica.in_thread(method, *args))
             if not http.is_streaming(result):
                 return Result(await http.to_response(result))
             parts = asgi_parts(result, data.scope(), b"")
-        first = await anext(parts, _DONE)
+        first = await anext(parts, DONE)
         if type(first) is HttpResponseData:
             await parts.aclose()  # now, rather than by a task once it is collected
             return Result(first)
@@ -67,9 +66,9 @@ async def _streamed(
     replica: Replica, method: Any, kind: str, argument: Any, data: HttpRequestData, first: Any,
     parts: AsyncGenerator[Any, None],
 ) -> AsyncGenerator[Message, None]:  # fmt: skip
-    """A streamed response's messages, from its ``first`` part (``_DONE``: none)."""
+    """A streamed response's messages, from its ``first`` part (``DONE``: none)."""
     try:
-        if first is not _DONE:
+        if first is not DONE:
             yield StreamItem(first)
         async for part in parts:
             yield StreamItem(part)
@@ -86,10 +85,10 @@ def _failed(
 ) -> Any:  # fmt: skip
     """Log and count the failure of an HTTP request; returns what the caller gets: a
     Failure once the response started, else a 500 (504) response."""
-    http.note_input_mismatch(method if kind != "asgi" else None, argument, exc)
+    http.note_input_mismatch(method if kind is not ASGI else None, argument, exc)
     if tracing.on:
         tracing.fail_current(exc)  # the request's span: a 500 is a failure
-    replica._failed(data.root_path or "/", exc)
+    replica.record_failure(data.root_path or "/", exc)
     logger.exception(
         "request %s to deployment '%s' failed",
         request_context.get().request_id,

@@ -29,11 +29,13 @@ from shoal._transport.messages import (
 class SocketClient:
     """ReplicaClient over one multiplexed connection to a replica process."""
 
-    __slots__ = ("_conn", "replica_id")
+    __slots__ = ("_cancel_remote", "_conn", "replica_id")
 
     def __init__(self, conn: Connection, replica_id: str) -> None:
         self._conn = conn
         self.replica_id = replica_id
+        # Every call's done callback: one object for them all, not one made per call.
+        self._cancel_remote = functools.partial(_cancel_remote, conn)
 
     @property
     def closed(self) -> bool:
@@ -56,7 +58,7 @@ class SocketClient:
 
     def call(self, request: Request) -> asyncio.Future[Message]:
         future = self._conn.call(request)
-        future.add_done_callback(functools.partial(_cancel_remote, self._conn))
+        future.add_done_callback(self._cancel_remote)
         return future
 
     def stream(self, request: Request) -> SocketStream:

@@ -23,13 +23,14 @@ from types import FunctionType
 from typing import Any
 
 from shoal._errors import SerializationError
-from shoal._transport.messages import Message, from_wire
+from shoal._transport.messages import MESSAGE_TYPES, Message, from_wire
 
 HEADER = struct.Struct("<IQH")
 HEADER_SIZE = HEADER.size
 _BUFLEN = struct.Struct("<Q")
 MAX_FRAME = 1 << 34  # 16 GiB: larger is a corrupted stream, not a payload
 _JOIN_BELOW = 16 * 1024  # a smaller pickle is joined to its header: one chunk to write
+_loads = pickle.loads
 
 
 class _MainReference(Exception):
@@ -106,16 +107,23 @@ def dumps(obj: Any) -> tuple[bytes | list[Any], list[pickle.PickleBuffer]]:
         encoder = _ENCODERS.pop()
     except IndexError:
         encoder = _new_encoder()
-    plain, checking, chunks, buffers = encoder
     try:
-        plain.dump(obj)
+        encoder[0].dump(obj)
     except _FALLBACK:
         return _cloud_dumps(obj, encoder)
+    return _dumped(obj, encoder)
+
+
+def _dumped(obj: Any, encoder: _Encoder) -> tuple[bytes | list[Any], list[pickle.PickleBuffer]]:
+    """The rest of :func:`dumps` once the plain pickler has pickled ``obj``."""
+    plain, checking, chunks, buffers = encoder
     if len(chunks) == 1 and len(chunks[0]) <= _SMALL_PICKLE:
         plain.clear_memo()
     else:
         plain.memo = {}
-    if len(chunks) == 1 and b"__main__" not in chunks[0]:
+    # find(), not ``in``: ``bytes in bytes`` first tries the operand as an int and
+    # raises and clears a TypeError (~1,800 instructions a message).
+    if len(chunks) == 1 and chunks[0].find(b"__main__") < 0:
         main = chunks.pop()
         if not buffers:
             _ENCODERS.append(encoder)
@@ -181,9 +189,30 @@ class Encoded:
 
 
 def encode(corr: int, msg: Message) -> list[Any]:
-    """Return the frame for ``msg`` as a list of byte chunks (written with ``writelines``)."""
-    main, buffers = dumps(msg.to_wire())
-    return _frame(corr, main, buffers)
+    """Return the frame for ``msg`` as a list of byte chunks (written with ``writelines``).
+
+    What :func:`dumps` then framing do, with the common case (a small pickle of plain
+    data and no out-of-band buffer: every handle call and its reply) in this one
+    function: one chunk, the header joined to the pickle."""
+    wire = msg._wire(msg)  # msg.to_wire(), without its call
+    try:
+        encoder = _ENCODERS.pop()
+    except IndexError:
+        encoder = _new_encoder()
+    plain, _checking, chunks, buffers = encoder
+    try:
+        plain.dump(wire)
+    except _FALLBACK:
+        return _frame(corr, *_cloud_dumps(wire, encoder))
+    if len(chunks) == 1 and not buffers:
+        main = chunks[0]
+        size = len(main)
+        if size <= _SMALL_PICKLE and main.find(b"__main__") < 0:  # find: see _dumped
+            chunks.clear()
+            plain.clear_memo()
+            _ENCODERS.append(encoder)
+            return [HEADER.pack(size, corr, 0) + main]  # _SMALL_PICKLE < _JOIN_BELOW
+    return _frame(corr, *_dumped(wire, encoder))
 
 
 def _frame(corr: int, main: Any, buffers: list[Any]) -> list[Any]:
@@ -210,7 +239,8 @@ def _frame(corr: int, main: Any, buffers: list[Any]) -> list[Any]:
 def decode(body: memoryview, nbuf: int) -> Message:
     """Decode a frame body (without header). Out-of-band buffers stay views of ``body``."""
     if nbuf == 0:
-        return from_wire(pickle.loads(body))
+        wire = _loads(body)
+        return MESSAGE_TYPES[wire[0]](*wire[1:])  # from_wire, without its call
     offset = nbuf * _BUFLEN.size
     lengths = [_BUFLEN.unpack_from(body, i * _BUFLEN.size)[0] for i in range(nbuf)]
     main_len = len(body) - offset - sum(lengths)

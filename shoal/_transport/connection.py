@@ -180,7 +180,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def call(self, msg: Message | Encoded) -> asyncio.Future[Message]:
         """Send a request; the future resolves to its Result or Failure message."""
-        corr = self._new_corr()
+        self._next_corr += 1  # _new_corr, inline: every handle call comes here
+        corr = self._next_corr
         self.send(corr, msg)
         future: asyncio.Future[Message] = self.loop.create_future()
         if self.closed:
@@ -274,6 +275,8 @@ class Connection(asyncio.BufferedProtocol):
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        """Dispatch every complete frame received (the parser, in this one method: it
+        runs for every read)."""
         if self._frame_view is not None:
             self._frame_filled += nbytes
             if self._frame_filled == len(self._frame_view):
@@ -281,9 +284,6 @@ class Connection(asyncio.BufferedProtocol):
                 self._dispatch(self._frame_corr, body, self._frame_nbuf)
             return
         self._end += nbytes
-        self._parse()
-
-    def _parse(self) -> None:
         view = self._view
         while self._end - self._start >= HEADER_SIZE:
             body_len, corr, nbuf = HEADER.unpack_from(view, self._start)

@@ -8,6 +8,7 @@ request by the frame's correlation id, not by a field.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from shoal._transport.client import NodeNetwork
 
 _REGISTRY: dict[int, type[Message]] = {}
+#: Wire tag -> message class (``codec.decode`` rebuilds a message from it without a call).
+MESSAGE_TYPES = _REGISTRY
 _M = TypeVar("_M", bound="Message")
 
 
@@ -27,16 +30,13 @@ class Message:
 
     __slots__ = ()
     tag: ClassVar[int]
-    _get: ClassVar[Any]
-    _arity: ClassVar[int]
+    #: ``message._wire(message)`` is its wire tuple: for a message with fields, one C call
+    #: (``attrgetter("tag", *fields)``), cheaper than a method (codec.encode calls it).
+    _wire: ClassVar[Any]
 
     def to_wire(self) -> tuple[Any, ...]:
-        cls = type(self)
-        if cls._arity == 0:
-            return (cls.tag,)
-        if cls._arity == 1:
-            return (cls.tag, cls._get(self))
-        return (cls.tag, *cls._get(self))
+        wire: tuple[Any, ...] = self._wire(self)
+        return wire
 
 
 @dataclass_transform()
@@ -49,12 +49,15 @@ def message(tag: int) -> Callable[[type[_M]], type[_M]]:
             raise RuntimeError(f"message tag {tag} used twice")
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
         cls.tag = tag
-        cls._arity = len(names)
-        cls._get = attrgetter(*names) if names else None
+        cls._wire = attrgetter("tag", *names) if names else functools.partial(_tag_only, (tag,))
         _REGISTRY[tag] = cls
         return cls
 
     return declare
+
+
+def _tag_only(wire: tuple[int], _message: Message) -> tuple[int]:
+    return wire
 
 
 def from_wire(data: tuple[Any, ...]) -> Message:
