@@ -55,17 +55,25 @@ class StartTracker:
 class DisconnectWatch:
     """Closes the request's stream (cancelling the replica's work) if the client leaves.
 
-    Watching costs a task, so it starts only for requests still running after one to
-    two periods of their :class:`DisconnectWatches` (25-50 ms by default), or at once
-    (:meth:`start`) for streamed responses.
+    Watching starts only for requests still running after one to two periods of their
+    :class:`DisconnectWatches` (25-50 ms by default), or at once (:meth:`start`) for
+    queued requests and streamed responses. The request's body must have been read: the
+    next message ``receive`` gives is then the client leaving (or the response's end).
+
+    A ``receive`` that can say when the client leaves (an ``on_disconnect(callback)``
+    method, as the proxy's own HTTP protocol gives: see
+    :mod:`shoal._proxy.http_protocol`) is asked to: that costs a callback, not a task.
+    Any other ``receive`` is awaited by a task. Either way, after :meth:`stop` the
+    stream is not closed by this watch.
     """
 
-    __slots__ = ("_receive", "_stream", "_task", "generation")
+    __slots__ = ("_hooked", "_receive", "_stream", "_task", "generation")
 
     def __init__(self, receive: Any, stream: Any) -> None:
         self._receive = receive
         self._stream = stream
         self._task: asyncio.Future[Any] | None = None
+        self._hooked = False  # registered with ``receive.on_disconnect``
         #: The set of watches not started yet that holds this one (None: none does).
         self.generation: set[DisconnectWatch] | None = None
 
@@ -73,9 +81,16 @@ class DisconnectWatch:
         if self.generation is not None:
             self.generation.discard(self)
             self.generation = None
-        if self._task is None:
+        if self._task is None and not self._hooked:
+            on_disconnect = getattr(self._receive, "on_disconnect", None)
+            if on_disconnect is not None and on_disconnect(self._left):
+                self._hooked = True
+                return
             self._task = asyncio.ensure_future(self._receive())
             self._task.add_done_callback(self._received)
+
+    def _left(self) -> None:
+        self._stream.close()
 
     def _received(self, task: asyncio.Future[Any]) -> None:
         if not task.cancelled():
@@ -85,6 +100,9 @@ class DisconnectWatch:
         if self.generation is not None:
             self.generation.discard(self)
             self.generation = None
+        if self._hooked:
+            self._hooked = False
+            self._receive.forget_disconnect(self._left)
         if self._task is not None:
             self._task.cancel()
 

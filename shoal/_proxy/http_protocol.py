@@ -13,11 +13,16 @@ of the declared length goes out with it in one write. Guarantees:
   ends), nor behind a write of the same response (any other body is written after it);
 - everything else (keep-alive, pipelining, flow control, disconnects, websockets) is
   uvicorn's unchanged.
+
+The application's ``receive`` is the request's :class:`_Cork`: uvicorn's ``receive``,
+plus :meth:`_Cork.on_disconnect`, which tells of the client leaving without a task
+awaiting ``receive()`` (what :class:`shoal._proxy.exchange.DisconnectWatch` uses).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import uvicorn
@@ -38,23 +43,61 @@ class _HeadCapture:
 
 class _Cork:
     """A request's application, given a ``send`` that holds the response's head until
-    its body (or the loop turn's end). A wrapper, not a subclass of uvicorn's cycle: a
-    cycle whose class changed after it was made loses CPython's fast attribute access
-    (its attributes were laid out for the old class), in uvicorn's code too."""
+    its body (or the loop turn's end), and this object as its ``receive``. A wrapper,
+    not a subclass of uvicorn's cycle: a cycle whose class changed after it was made
+    loses CPython's fast attribute access (its attributes were laid out for the old
+    class), in uvicorn's code too."""
 
-    __slots__ = ("app", "cycle", "head")
+    __slots__ = ("_on_disconnect", "app", "cycle", "head")
 
     def __init__(self, app: Any, cycle: RequestResponseCycle) -> None:
         self.app = app
         self.cycle = cycle
         self.head: bytes | None = None  # the response's head, built but not written yet
+        self._on_disconnect: Callable[[], object] | None = None
 
-    async def __call__(self, scope: Any, receive: Any, _send: Any) -> None:
+    async def run(self, scope: Any, _receive: Any, _send: Any) -> None:
+        """The application uvicorn runs for this request."""
         try:
-            await self.app(scope, receive, self.send)
+            await self.app(scope, self, self.send)
         except BaseException:
             self.flush_head()  # uvicorn closes the connection: after the head, as before
             raise
+        finally:
+            self._on_disconnect = None  # no callback outlives its request's application
+
+    def __call__(self) -> Coroutine[Any, Any, Any]:
+        """The application's ``receive``: uvicorn's."""
+        return self.cycle.receive()
+
+    def on_disconnect(self, callback: Callable[[], object]) -> bool:
+        """Call ``callback`` once if the client disconnects before this request's
+        response is complete (when uvicorn marks its cycle ``disconnected``; soon if it
+        already has), unless :meth:`forget_disconnect` comes first. It runs from the
+        event loop, never inside this call or uvicorn's ``connection_lost``.
+
+        False (nothing registered: the caller watches ``receive()`` itself) if another
+        callback is registered. A pipelined request that runs while a later one was
+        read is not told, as uvicorn does not mark it (its ``receive()`` never returns).
+        """
+        if self._on_disconnect is not None:
+            return False
+        self._on_disconnect = callback
+        if self.cycle.disconnected:
+            asyncio.get_running_loop().call_soon(self.disconnected)
+        return True
+
+    def forget_disconnect(self, callback: Callable[[], object]) -> None:
+        """Unregister ``callback`` (if it is the one registered): it is not called."""
+        if self._on_disconnect == callback:  # (bound methods are equal, not identical)
+            self._on_disconnect = None
+
+    def disconnected(self) -> None:
+        """The client left: call the registered callback, if any (once)."""
+        callback = self._on_disconnect
+        if callback is not None:
+            self._on_disconnect = None
+            callback()
 
     async def send(self, message: Any) -> None:
         cycle = self.cycle
@@ -120,10 +163,24 @@ class _Cork:
 
 
 class CorkedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol whose requests' heads wait for their bodies."""
+    """uvicorn's httptools protocol whose requests' heads wait for their bodies, and
+    whose requests can be told of their client leaving (:meth:`_Cork.on_disconnect`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cork: _Cork | None = None  # the request started last on this connection
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        super()._start_asgi_task(cycle, _Cork(app, cycle))  # every cycle starts here
+        cork = self._cork = _Cork(app, cycle)
+        super()._start_asgi_task(cycle, cork.run)  # every cycle starts here
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        cork, self._cork = self._cork, None
+        # Only a request uvicorn marked (the current one, its response incomplete): not
+        # an earlier one of this keep-alive connection, nor one answered already.
+        if cork is not None and cork.cycle.disconnected and cork._on_disconnect is not None:
+            self.loop.call_soon(cork.disconnected)
 
 
 #: The uvicorn releases whose request cycle :class:`_Cork` was checked against (it reads
