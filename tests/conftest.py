@@ -73,6 +73,21 @@ async def async_wait_until(
     return value
 
 
+class InProcessReplicas:
+    """The replica connector of a router under test without processes: ``connect``
+    returns the fake itself, whose ``stream(request)`` (the subclass's) answers; closing
+    does nothing."""
+
+    async def connect(self, _info: Any) -> Any:
+        return self
+
+    def on_close(self, _callback: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def run_driver(tmp_path: Path, source: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``source`` as a separate driver script (its own shoal), with a free port as argv[1].
 

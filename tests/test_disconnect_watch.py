@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from conftest import async_wait_until
+from conftest import InProcessReplicas, async_wait_until
 
 from shoal._config import HTTPOptions
 from shoal._errors import RequestCancelledError
@@ -123,7 +123,7 @@ class _Stream:
             self._ended()
 
 
-class _Replica:
+class _Replica(InProcessReplicas):
     """A fake replica client: records what reaches it, answers when the test says."""
 
     closed = False
@@ -131,15 +131,6 @@ class _Replica:
     def __init__(self) -> None:
         self.received: list[str] = []
         self.active: list[_Stream] = []
-
-    async def connect(self, _info: ReplicaInfo) -> _Replica:
-        return self
-
-    def on_close(self, _callback: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def stream(self, request: Request) -> _Stream:
         stream = _Stream(self, request)

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Deploy, async_wait_until, wait_until
+from conftest import Deploy, InProcessReplicas, async_wait_until, wait_until
 from starlette.requests import Request
 
 from shoal import serve
@@ -249,7 +249,7 @@ def test_the_priority_header_orders_the_queue_and_travels_with_the_request(
         serve.delete(name)
 
 
-class _Replica:
+class _Replica(InProcessReplicas):
     """A fake replica for the proxy's router: records the order requests reach it and
     holds every response until ``gate`` is set."""
 
@@ -258,15 +258,6 @@ class _Replica:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.order: list[tuple[str, int]] = []
-
-    async def connect(self, _info: ReplicaInfo) -> _Replica:
-        return self
-
-    def on_close(self, _callback: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def stream(self, request: Any) -> Any:
         self.order.append((request.args[0].path, request.priority))

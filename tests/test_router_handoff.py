@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Deploy, async_wait_until
+from conftest import Deploy, InProcessReplicas, async_wait_until
 from starlette.requests import Request as HttpRequest
 
 from shoal import serve
@@ -131,7 +131,7 @@ class _Stream:
                 callback()
 
 
-class _Replica:
+class _Replica(InProcessReplicas):
     """A fake replica client: records what reaches it, answers when the test says."""
 
     closed = False
@@ -140,15 +140,6 @@ class _Replica:
         self.received: list[Any] = []
         self.active: list[_Stream] = []
         self.most = 0
-
-    async def connect(self, _info: ReplicaInfo) -> _Replica:
-        return self
-
-    def on_close(self, _callback: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def stream(self, request: Request) -> _Stream:
         self.received.append(request.args[0])
