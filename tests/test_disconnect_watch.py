@@ -287,9 +287,7 @@ async def test_a_keep_alive_connection_watches_its_current_request(http: Any) ->
         await asyncio.wait_for(app.streams["/held"].event.wait(), DONE_S)
         await asyncio.wait_for(app.done["/held"].wait(), DONE_S)
         await _no_connections(server)
-        app.release["/answered"].set()
-        await asyncio.wait_for(app.done["/answered"].wait(), DONE_S)
-        assert _answered_untold(app, http)
+        await _release_answered(app, http)
     finally:
         await _stop(server)
 
@@ -299,6 +297,13 @@ def _answered_untold(app: _App, http: Any) -> bool:
     own protocol: its ``receive()`` returns once the response is complete, so the
     task-based watch of an answered request closes its stream then (which does no harm)."""
     return http is not CorkedHttpToolsProtocol or not app.streams["/answered"].event.is_set()
+
+
+async def _release_answered(app: _App, http: Any) -> None:
+    """Let ``/answered``'s application return; its watch must have left its stream alone."""
+    app.release["/answered"].set()
+    await asyncio.wait_for(app.done["/answered"].wait(), DONE_S)
+    assert _answered_untold(app, http)
 
 
 async def _started(app: _App, name: str) -> bool:
@@ -318,9 +323,7 @@ async def test_a_connection_closed_after_the_response_calls_nothing(http: Any) -
         for _ in range(5):
             await asyncio.sleep(0)  # (a callback scheduled by connection_lost runs)
         assert _answered_untold(app, http)
-        app.release["/answered"].set()
-        await asyncio.wait_for(app.done["/answered"].wait(), DONE_S)
-        assert _answered_untold(app, http)
+        await _release_answered(app, http)
     finally:
         await _stop(server)
 
@@ -337,9 +340,7 @@ async def test_pipelined_requests_each_get_their_own_watch(http: Any) -> None:
         writer.close()
         await asyncio.wait_for(app.streams["/held"].event.wait(), DONE_S)
         await _no_connections(server)
-        app.release["/answered"].set()
-        await asyncio.wait_for(app.done["/answered"].wait(), DONE_S)
-        assert _answered_untold(app, http)
+        await _release_answered(app, http)
     finally:
         await _stop(server)
 
