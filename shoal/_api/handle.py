@@ -7,7 +7,6 @@ import asyncio
 import functools
 import math
 import time
-from asyncio import events
 from typing import Any
 
 from shoal._api.context import default_registry, request_context
@@ -25,7 +24,6 @@ from shoal._transport.messages import Failure, Message, Request, Result
 
 _UNSET: Any = object()
 _DERIVED_MAX = 64  # method handles kept per handle (names are a class's methods: few)
-_running_loop = events._get_running_loop  # what on_loop() reads (shoal._seam.loops)
 
 
 class DeploymentHandle:
@@ -262,7 +260,7 @@ def _send(router: Router, request: Request, stream: bool) -> Any:
     """Send a call without a deadline: now if a replica has room, else through a task
     (or as a stream)."""
     loop = router.loop
-    on_router_loop = _running_loop() is loop  # on_loop(loop), without its call
+    on_router_loop = on_loop(loop)
     if stream:
         return DeploymentResponseGenerator(router, request, on_router_loop)
     if not on_router_loop:

@@ -155,10 +155,7 @@ class ReplicaServer:
                         f"method '{request.method}' raised CancelledError without being cancelled"
                     )
                 )
-            try:  # _send_reply, inline
-                conn.send(corr, reply)
-            except SerializationError as exc:
-                conn.send(corr, failure_from(exc))
+            _send_reply(conn, corr, reply)
             if self._access is not None:
                 self._log_access(request, reply, started)
         finally:
