@@ -12,6 +12,7 @@ still gets the task-based watch, with the same outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from functools import partial
@@ -53,7 +54,10 @@ def _receive_tasks() -> list[asyncio.Task[Any]]:
     ]
 
 
-async def _serve(app: Any, http: Any) -> tuple[uvicorn.Server, int]:
+@contextlib.asynccontextmanager
+async def _served(app: Any, http: Any) -> AsyncIterator[tuple[uvicorn.Server, int]]:
+    """``app`` served by uvicorn with protocol ``http`` on a free 127.0.0.1 port, shut
+    down on leaving."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, http=http, lifespan="off", log_level="critical")
@@ -61,12 +65,11 @@ async def _serve(app: Any, http: Any) -> tuple[uvicorn.Server, int]:
     config.load()
     server.lifespan = config.lifespan_class(config)
     await server.startup(sockets=[sock])
-    return server, sock.getsockname()[1]
-
-
-async def _stop(server: uvicorn.Server) -> None:
-    server.should_exit = True
-    await asyncio.wait_for(server.shutdown(), DONE_S)
+    try:
+        yield server, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(server.shutdown(), DONE_S)
 
 
 async def _no_connections(server: uvicorn.Server) -> None:
@@ -154,11 +157,8 @@ async def proxied() -> AsyncIterator[tuple[Proxy, _Replica, int]]:
         return bool(router.load_sample()[1])
 
     await async_wait_until(connected, DONE_S, "the router connected to the fake replica")
-    server, port = await _serve(proxy, CorkedHttpToolsProtocol)
-    try:
+    async with _served(proxy, CorkedHttpToolsProtocol) as (_server, port):
         yield proxy, replica, port
-    finally:
-        await _stop(server)
 
 
 async def test_a_queued_request_whose_client_leaves_is_never_sent(
@@ -274,8 +274,7 @@ class _App:
 @_BOTH
 async def test_a_keep_alive_connection_watches_its_current_request(http: Any) -> None:
     app = _App()
-    server, port = await _serve(app, http)
-    try:
+    async with _served(app, http) as (server, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(_post("/answered"))
         assert await _response(reader) == b"200 /answered"
@@ -288,8 +287,6 @@ async def test_a_keep_alive_connection_watches_its_current_request(http: Any) ->
         await asyncio.wait_for(app.done["/held"].wait(), DONE_S)
         await _no_connections(server)
         await _release_answered(app, http)
-    finally:
-        await _stop(server)
 
 
 def _answered_untold(app: _App, http: Any) -> bool:
@@ -313,8 +310,7 @@ async def _started(app: _App, name: str) -> bool:
 @_BOTH
 async def test_a_connection_closed_after_the_response_calls_nothing(http: Any) -> None:
     app = _App()
-    server, port = await _serve(app, http)
-    try:
+    async with _served(app, http) as (server, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(_post("/answered"))
         assert await _response(reader) == b"200 /answered"
@@ -324,15 +320,12 @@ async def test_a_connection_closed_after_the_response_calls_nothing(http: Any) -
             await asyncio.sleep(0)  # (a callback scheduled by connection_lost runs)
         assert _answered_untold(app, http)
         await _release_answered(app, http)
-    finally:
-        await _stop(server)
 
 
 @_BOTH
 async def test_pipelined_requests_each_get_their_own_watch(http: Any) -> None:
     app = _App()
-    server, port = await _serve(app, http)
-    try:
+    async with _served(app, http) as (server, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(_post("/answered") + _post("/held"))  # the second waits for the first
         assert await _response(reader) == b"200 /answered"
@@ -341,15 +334,12 @@ async def test_pipelined_requests_each_get_their_own_watch(http: Any) -> None:
         await asyncio.wait_for(app.streams["/held"].event.wait(), DONE_S)
         await _no_connections(server)
         await _release_answered(app, http)
-    finally:
-        await _stop(server)
 
 
 @_BOTH
 async def test_a_watch_started_after_the_client_left_closes_the_stream(http: Any) -> None:
     app = _App()
-    server, port = await _serve(app, http)
-    try:
+    async with _served(app, http) as (server, port):
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(_post("/late"))
         await async_wait_until(lambda: _started(app, "/late"), DONE_S, "the request")
@@ -358,8 +348,6 @@ async def test_a_watch_started_after_the_client_left_closes_the_stream(http: Any
         app.release["/late"].set()  # the watch starts now: the client is already gone
         await asyncio.wait_for(app.streams["/late"].event.wait(), DONE_S)
         await asyncio.wait_for(app.done["/late"].wait(), DONE_S)
-    finally:
-        await _stop(server)
 
 
 @_CORKED_ONLY
@@ -385,8 +373,7 @@ async def test_a_second_watch_of_one_request_falls_back_to_a_task(http: Any) -> 
             watch.stop()
         seen["receive"] = receive
 
-    server, port = await _serve(app, http)
-    try:
+    async with _served(app, http) as (server, port):
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(_post("/two"))
         await async_wait_until(lambda: _has(seen, "tasks"), DONE_S, "the watches to start")
@@ -396,8 +383,6 @@ async def test_a_second_watch_of_one_request_falls_back_to_a_task(http: Any) -> 
         assert seen["stopped"] is False
         await _no_connections(server)
         assert seen["receive"]._on_disconnect is None
-    finally:
-        await _stop(server)
 
 
 async def _has(seen: dict[str, Any], key: str) -> bool:
