@@ -103,6 +103,11 @@ class ServeApplicationSchema(_Strict):
         description="HTTP path prefix of the application's ingress (longest prefix wins); "
         "null serves it to handles only. Unique within the file.",
     )
+    direct_ingress_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="A port on which the ingress replicas accept HTTP themselves, besides the "
+        "proxy (docs/direct-ingress.md); null: through the proxy only. Shoal's own.",
+    )  # fmt: skip
     import_path: str = Field(
         description="Where the application is: 'module.submodule:attribute' or "
         "'module.submodule.attribute'; a bound application or a builder function taking `args`."

@@ -145,8 +145,8 @@ ERRORS = [
     (
         _with({}, {"imprt_path": "x:y"}),
         "applications[0].imprt_path: unknown key (did you mean 'import_path'?); valid keys: "
-        "args, autoscaling_policy, deployments, import_path, logging_config, name, route_prefix, "
-        "runtime_env",
+        "args, autoscaling_policy, deployments, direct_ingress_port, import_path, logging_config, "
+        "name, route_prefix, runtime_env",
     ),
     (
         _with({}, {"deployments": [{"name": "A", "ray_actor_options": {"num_gpu": 1}}]}),
@@ -216,6 +216,10 @@ ERRORS = [
     (
         _with({}, {"deployments": [{"name": "A", "logging_config": {"enable_access_log": "no"}}]}),
         "applications[0].deployments[0].logging_config.enable_access_log: 'no'",
+    ),
+    (
+        _with({}, {"direct_ingress_port": 0}),
+        "applications[0].direct_ingress_port: 0 is not >= 1",
     ),
     (
         _with({"target_capacity": 150}),

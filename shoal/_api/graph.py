@@ -34,10 +34,12 @@ def build_app(
     route_prefix: str | None,
     registry: RouterRegistry | None,
     logging_config: LoggingConfig | None = None,
+    direct_ingress_port: int | None = None,
 ) -> AppSpec:
     """Walk the graph from the ingress; every distinct bound deployment becomes a spec.
 
-    ``logging_config`` (``serve.run``'s) is given to every deployment that sets none."""
+    ``logging_config`` (``serve.run``'s) is given to every deployment that sets none;
+    ``direct_ingress_port``: see docs/direct-ingress.md."""
     if not isinstance(app, Application):
         raise ConfigError(
             f"serve.run() takes an application built with Deployment.bind(), got {app!r}"
@@ -77,7 +79,7 @@ def build_app(
         dep_name = names[id(node)]
         code = UserCode(node.deployment.func_or_class, args, kwargs)
         specs[dep_name] = DeploymentSpec(dep_name, code, config, _code_version(code, config))
-    return AppSpec(name, route_prefix, names[id(app)], specs)
+    return AppSpec(name, route_prefix, names[id(app)], specs, None, direct_ingress_port)
 
 
 #: Never searched for Applications: scalars, classes, and modules (a module passed as an

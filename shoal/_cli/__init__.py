@@ -57,6 +57,10 @@ def _serving_commands(commands: Any) -> None:
     run.add_argument("--name", default="default", help="application name (default: default)")
     run.add_argument("--route-prefix", default="/", help="HTTP route prefix (default: /)")
     run.add_argument("--reload", action="store_true", help="redeploy when a file here changes")
+    run.add_argument(
+        "--direct-ingress-port", type=int, default=None, metavar="PORT",
+        help="the ingress replicas also accept HTTP on PORT (docs/direct-ingress.md)",
+    )  # fmt: skip
     _add_http_options(run, defaults=False)  # a config file's http_options apply otherwise
     _add_admin_port(run)
     run.set_defaults(func=embedded.run)

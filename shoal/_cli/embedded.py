@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ class _Target:
     runtime: str = "process"  # a config file's runtime (docs/ray.md)
     address: str | None = None  # a config file's ray_address
     proxy_location: str | None = None  # a config file's (EveryNode, HeadOnly, Disabled)
+    #: Application name -> its direct_ingress_port (docs/direct-ingress.md), if it has one.
+    direct_ports: dict[str, int] = field(default_factory=dict)
 
 
 #: The fields of a _Target that a running instance keeps (serve.start's options).
@@ -124,7 +126,15 @@ def _resolve(args: argparse.Namespace) -> _Target:
         app = load(args.target, "shoal run", parse_args("shoal run", args.args))
         host = args.host or default.host
         port = default.port if args.port is None else args.port
-        return _Target([(args.name, args.route_prefix, app)], host, port)
+        direct = {} if args.direct_ingress_port is None else {args.name: args.direct_ingress_port}
+        target = _Target([(args.name, args.route_prefix, app)], host, port)
+        target.direct_ports = direct
+        return target
+    if args.direct_ingress_port is not None:
+        raise SystemExit(
+            "shoal run: --direct-ingress-port applies to MODULE:APP; for a config file, "
+            "set direct_ingress_port under its application"
+        )
     if args.args:
         raise SystemExit(
             f"shoal run: builder arguments ({' '.join(args.args)}) apply to MODULE:BUILDER; "
@@ -148,9 +158,10 @@ def _resolve(args: argparse.Namespace) -> _Target:
     tracing = config.tracing_options
     logging = None if config.logging_config is None else config.logging_config.model_dump()
     grpc = None if config.grpc_options is None else config.grpc_options.model_dump()
+    direct = {b.name: b.direct_ingress_port for b in built if b.direct_ingress_port is not None}
     return _Target(
         apps, host, port, None if tracing is None else tracing.model_dump(), logging, grpc,
-        config.runtime or "process", config.ray_address, config.proxy_location,
+        config.runtime or "process", config.ray_address, config.proxy_location, direct,
     )  # fmt: skip
 
 
@@ -158,7 +169,8 @@ def _deploy(target: _Target) -> None:
     from shoal._instance import api as serve
 
     for name, prefix, app in target.apps:
-        serve.run(app, name=name, route_prefix=prefix)
+        port = target.direct_ports.get(name)
+        serve.run(app, name=name, route_prefix=prefix, direct_ingress_port=port)
 
 
 def _fork_server_early(modules: list[str] | None = None) -> None:

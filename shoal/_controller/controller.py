@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -47,7 +48,7 @@ from shoal._observe import metrics
 from shoal._observe.metrics.store import MetricsStore
 from shoal._router.router import RouterRegistry
 from shoal._seam.protocols import ReplicaHandle, Runtime
-from shoal._seam.specs import AppSpec
+from shoal._seam.specs import AppSpec, DirectIngressSpec
 from shoal._seam.startup import failure_message, is_user_startup_error
 from shoal._transport.messages import LoadReport, ReplicaSetUpdate
 
@@ -78,6 +79,7 @@ class Controller:
         #: Ray Serve's target_capacity (percent of every deployment's replicas; None: 100).
         self.target_capacity: float | None = None
         self.proxy: ProxyStatus | None = None
+        self.http: HTTPOptions | None = None  # the proxy's options (direct ingress takes them too)
         self._proxy_starting: asyncio.Future[None] | None = None
         self._proxy_died = asyncio.Event()
         self._proxy_supervisor: asyncio.Task[None] | None = None
@@ -102,6 +104,7 @@ class Controller:
         controller are given that long to rejoin first; a proxy among them is kept.
         """
         self.registry.load.sink = self.record_load  # the routers of this process
+        self.http = http
         metrics.add_collector(self._collector)
         await self.runtime.start(self._replica_died, self.record_load, self.metrics)
         if adopt_window_s > 0:
@@ -202,6 +205,7 @@ class Controller:
 
     async def _deploy_locked(self, spec: AppSpec) -> None:
         self._check_route(spec)
+        spec = self._with_direct_ingress(spec)
         app = self.apps.get(spec.name)
         is_new = app is None
         if app is None:
@@ -266,6 +270,34 @@ class Controller:
                     f"route prefix '{spec.route_prefix}' is already used by application "
                     f"'{other.spec.name}'; choose another route_prefix or delete that app first"
                 )
+
+    def _with_direct_ingress(self, spec: AppSpec) -> AppSpec:
+        """``spec`` whose ingress serves HTTP itself on ``spec.direct_ingress_port``
+        (docs/direct-ingress.md), checked; ``spec`` itself without one. The port and
+        route are part of the ingress's code version: changing them replaces its replicas."""
+        port = spec.direct_ingress_port
+        if port is None:
+            return spec
+        where = f"application '{spec.name}': direct_ingress_port={port}"
+        if not self.runtime.supports_http or self.runtime.places_replicas:
+            raise ConfigError(f"{where}: this runtime does not support direct ingress yet; "
+                              "use the local runtime (serve.run without _local_testing_mode, "
+                              "not on Ray) or remove direct_ingress_port")  # fmt: skip
+        if self.http is None:
+            raise ConfigError(f"{where}: shoal was started without HTTP (http_options)")
+        if spec.route_prefix is None:
+            raise ConfigError(f"{where}: the application has no route_prefix to serve")
+        if port == self.http.port or (self.proxy is not None and port == self.proxy.port):
+            raise ConfigError(f"{where}: that is the proxy's port; choose another")
+        for other in self.apps.values():
+            if other.spec.name != spec.name and other.spec.direct_ingress_port == port:
+                raise ConfigError(f"{where}: application '{other.spec.name}' uses that port")
+        ingress = spec.deployments[spec.ingress]
+        options = self.http.model_copy(update={"port": port})
+        direct = DirectIngressSpec(options, spec.route_prefix)
+        version = f"{ingress.code_version}+direct:{port}:{spec.route_prefix}"
+        ingress = dataclasses.replace(ingress, direct_ingress=direct, code_version=version)
+        return dataclasses.replace(spec, deployments={**spec.deployments, spec.ingress: ingress})
 
     async def _deploy_deployments(self, app: _App, previous: AppSpec | None) -> None:
         spec = app.spec

@@ -403,7 +403,7 @@ class DeploymentState:
         grant = await self._reserve(replica_id, Demand.of(spec.config.ray_actor_options))
         replica_spec = ReplicaSpec(
             self.app, spec.name, replica_id, spec.code, with_gpus(spec.config, grant),
-            self.is_ingress, spec.code_version,
+            self.is_ingress, spec.code_version, spec.direct_ingress if self.is_ingress else None,
         )  # fmt: skip
         self.starting.add(replica_id)
         try:

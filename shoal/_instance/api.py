@@ -218,7 +218,7 @@ _START_KEYWORDS = (
     "_attach", "_admin_later",
 )  # fmt: skip
 _RUN_KEYWORDS = ("target", "blocking", "name", "route_prefix", "logging_config",
-                 "_local_testing_mode")  # fmt: skip
+                 "direct_ingress_port", "_local_testing_mode")  # fmt: skip
 
 
 def _refuse_extra(function: str, kwargs: dict[str, Any], known: tuple[str, ...]) -> None:
@@ -270,6 +270,7 @@ def run(
     name: str = "default",
     route_prefix: str | None = "/",
     logging_config: dict[str, Any] | LoggingConfig | None = None,
+    direct_ingress_port: int | None = None,
     _local_testing_mode: bool = False,
     **kwargs: Any,
 ) -> DeploymentHandle:
@@ -280,9 +281,12 @@ def run(
     Serve (at most the deploy timeout). Raises ConfigError at once if they can
     never fit this machine, and DeploymentError if a constructor fails (the app
     is then DEPLOY_FAILED and nothing of it is left running).
+
+    ``direct_ingress_port`` (shoal's own): the ingress replicas also accept HTTP
+    themselves on that port, without the proxy's hop (docs/direct-ingress.md).
     """
     _refuse_extra("serve.run", kwargs, _RUN_KEYWORDS)
-    one = RunTarget(target, name, route_prefix, logging_config)
+    one = RunTarget(target, name, route_prefix, logging_config, direct_ingress_port)
     _check_target(one)
     handle = _deploy(one, _local_testing_mode)
     if blocking:
@@ -298,6 +302,7 @@ class RunTarget:
     name: str = "default"
     route_prefix: str | None = "/"
     logging_config: dict[str, Any] | LoggingConfig | None = None
+    direct_ingress_port: int | None = None  # shoal's own (docs/direct-ingress.md)
 
 
 def run_many(
@@ -344,6 +349,16 @@ def _check_target(target: RunTarget) -> None:
     if not target.name:
         raise ConfigError("application name must be a non-empty string")
     _check_route_prefix(target.route_prefix)
+    _check_direct_ingress_port(target.direct_ingress_port)
+
+
+def _check_direct_ingress_port(port: Any) -> None:
+    if port is None:
+        return
+    if type(port) is not int:
+        raise ConfigTypeError(f"direct_ingress_port must be a port number or None, got {port!r}")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"Invalid direct_ingress_port {port}: use a port from 1 to 65535.")
 
 
 def _deploy(target: RunTarget, local: bool) -> DeploymentHandle:
@@ -362,7 +377,10 @@ def _prepare(target: RunTarget, local: bool) -> tuple[Instance, AppSpec, str | N
     logging_config = None
     if target.logging_config is not None:
         logging_config = _logging_config(target.logging_config, "serve.run()")
-    spec = build_app(target.target, name, route_prefix, instance.registry, logging_config)
+    spec = build_app(
+        target.target, name, route_prefix, instance.registry, logging_config,
+        target.direct_ingress_port,
+    )  # fmt: skip
     for deployment in spec.deployments.values():
         _check_supported(deployment.name, deployment.config, local)
     previous = instance.ingress_of(name) if name in instance.app_names() else None

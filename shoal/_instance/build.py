@@ -38,6 +38,7 @@ class BuiltApp:
     route_prefix: str | None
     app: Application
     index: int
+    direct_ingress_port: int | None = None  # docs/direct-ingress.md
 
 
 def build_applications(config: ServeDeploySchema) -> list[BuiltApp]:
@@ -68,7 +69,7 @@ def build_application(config: ServeDeploySchema, index: int) -> BuiltApp:
     top = config.logging_config if config.logging_config != LoggingConfig() else None
     logging_config = schema.logging_config or top
     app = _apply_overrides(app, schema, env, where, logging_config)
-    return BuiltApp(schema.name, schema.route_prefix, app, index)
+    return BuiltApp(schema.name, schema.route_prefix, app, index, schema.direct_ingress_port)
 
 
 def load_target(

@@ -24,7 +24,10 @@ def build_all(data: object) -> list[BuildResult]:
     for index, app in enumerate(config.applications):
         try:
             built = build_application(config, index)
-            spec = build_app(built.app, app.name, built.route_prefix, None)
+            spec = build_app(
+                built.app, app.name, built.route_prefix, None,
+                direct_ingress_port=built.direct_ingress_port,
+            )  # fmt: skip
         except Exception as exc:
             results.append(BuildResult(index, app.name, None, f"{type(exc).__name__}: {exc}"
                                        if not _is_config_error(exc) else str(exc)))  # fmt: skip

@@ -106,7 +106,7 @@ class ReplicaServer:
                 return
             if not msg.stream:
                 run = self._call(conn, corr, msg)
-            elif _one_shot(msg):
+            elif one_shot(msg):
                 run = self._http(conn, corr, msg)
             else:
                 if takes_input(msg):
@@ -244,7 +244,7 @@ async def _relay(
     return first
 
 
-def _one_shot(request: Request) -> bool:
+def one_shot(request: Request) -> bool:
     """Whether a streamed ``request`` is HTTP that may get a complete response in one
     Result (``ReplicaServer._http``): not a websocket, and no deadline (``_stream`` keeps
     a stream's deadline)."""

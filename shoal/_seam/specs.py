@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shoal._config import DeploymentConfig
+from shoal._config import DeploymentConfig, HTTPOptions
 from shoal._seam.code import UserCode
 
 
@@ -21,6 +21,8 @@ class DeploymentSpec:
     code: UserCode
     config: DeploymentConfig
     code_version: str
+    #: Set (by the controller) on an ingress that serves HTTP itself (docs/direct-ingress.md).
+    direct_ingress: DirectIngressSpec | None = None
 
 
 @dataclass
@@ -31,6 +33,18 @@ class AppSpec:
     deployments: dict[str, DeploymentSpec]
     #: Import path of an application-level autoscaling policy (a config file's), or None.
     autoscaling_policy: str | None = None
+    #: The port on which the ingress replicas accept HTTP themselves (docs/direct-ingress.md),
+    #: or None: only through the proxy.
+    direct_ingress_port: int | None = None
+
+
+@dataclass(frozen=True)
+class DirectIngressSpec:
+    """How an ingress replica accepts HTTP itself: the instance's ``http_options`` with
+    the application's port, and the application's route prefix."""
+
+    options: HTTPOptions
+    route_prefix: str
 
 
 @dataclass
@@ -44,6 +58,7 @@ class ReplicaSpec:
     config: DeploymentConfig
     is_ingress: bool = False
     code_version: str = ""  # told to a restarted controller, which adopts matching replicas
+    direct_ingress: DirectIngressSpec | None = None  # an ingress replica serving HTTP itself
 
 
 @dataclass(frozen=True)

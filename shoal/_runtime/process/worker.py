@@ -60,6 +60,7 @@ from shoal._transport.messages import (
 )
 
 if TYPE_CHECKING:
+    from shoal._proxy.direct import DirectIngress
     from shoal._proxy.proxy import Proxy
     from shoal._replica.replica import Replica
     from shoal._replica.server import ReplicaServer
@@ -97,6 +98,7 @@ class Worker:
         self.replica: Replica | None = None
         self.server: ReplicaServer | None = None
         self.proxy: Proxy | None = None
+        self.direct: DirectIngress | None = None  # the replica's own HTTP server, if any
         self.done: asyncio.Future[None] = self.loop.create_future()
         set_default_registry(self.registry)
 
@@ -251,6 +253,11 @@ class Worker:
         self.server = ReplicaServer(replica)
         address = os.path.join(self.instance_dir, f"{self.worker_id}.sock")
         await self.server.listen(address)
+        if spec.direct_ingress is not None:  # docs/direct-ingress.md
+            from shoal._proxy.direct import DirectIngress
+
+            self.direct = DirectIngress(replica, spec.direct_ingress)
+            await self.direct.start()
         tcp_address = ""
         if self.network is not None and self.network.host:
             host, port = await self.server.listen_tcp(self.network.host, 0, self.network.secret)
@@ -275,6 +282,8 @@ class Worker:
         return host, port
 
     async def _stop(self, msg: StopReplica) -> None:
+        if self.direct is not None:  # no new connection comes here, then the replica drains
+            await self.direct.stop(msg.timeout_s)
         if self.replica is not None:
             await self.replica.drain(msg.wait_loop_s, msg.timeout_s)
             await self.replica.close()

@@ -1,0 +1,185 @@
+"""Direct ingress: an ingress replica that accepts HTTP itself (docs/direct-ingress.md).
+
+The replica's process runs the proxy's own HTTP server (:class:`~shoal._proxy.proxy.Proxy`,
+so every rule of the proxy holds: 404 outside the route prefix, 413, 400 for a bad
+priority, 504 at ``request_timeout_s``, 503 beyond ``http_options.max_ongoing_requests``,
+access lines and metrics) on the application's ``direct_ingress_port``. Its route table
+has one route, the application's, and its router one replica: the one in this process,
+called without a copy, a pickle or a socket. Requests beyond the replica's
+``max_ongoing_requests`` wait in that router (``max_queued_requests`` applies).
+
+Every replica of the ingress binds the same port with ``SO_REUSEPORT``: the kernel
+spreads new connections over them (a connection stays with the replica that accepted
+it). Binding needs the port free or bound so by this user's processes; otherwise the
+replica fails to start, naming the port.
+
+Stopping (:meth:`DirectIngress.stop`) closes the listener first, so new connections go
+to the other replicas, then lets the requests in flight finish (within the time
+limit) and closes the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from shoal._errors import RequestCancelledError, TransportError
+from shoal._proxy.proxy import Proxy
+from shoal._replica.replica import Replica
+from shoal._replica.server import one_shot, takes_input
+from shoal._router.router import RouterRegistry
+from shoal._seam.specs import DirectIngressSpec
+from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
+
+
+class _HereStream:
+    """One request run by the replica in this process, as a router's stream.
+
+    A one-shot HTTP request runs in one task (``Replica.handle_http``); a streamed
+    response's later messages, a websocket or a request with a deadline each step in a
+    task of the request's context (``Replica.handle_stream``). :meth:`close` cancels the
+    request; a reader waiting in :meth:`next` then gets RequestCancelledError.
+    """
+
+    __slots__ = ("_closed", "_context", "_inbox", "_loop", "_messages", "_step")
+
+    def __init__(self, replica: Replica, request: Request) -> None:
+        self._loop = replica.loop
+        self._context = replica.task_context()
+        self._closed = False
+        self._inbox: asyncio.Queue[Any] | None = None
+        self._messages: AsyncGenerator[Message, None] | None = None
+        if one_shot(request):
+            first = replica.handle_http(request)
+        else:
+            if takes_input(request):
+                self._inbox = asyncio.Queue()
+            self._messages = self._context.run(replica.handle_stream, request, self._inbox)
+            first = _anext(self._messages)
+        self._step: asyncio.Task[Any] | None = self._loop.create_task(first, context=self._context)
+
+    async def next(self) -> Message:
+        step = self._step
+        if step is None:
+            if self._closed or self._messages is None:
+                raise RequestCancelledError("the stream was closed")
+            step = _anext(self._messages)
+            step = self._step = self._loop.create_task(step, context=self._context)
+        try:
+            reply = await step
+        except asyncio.CancelledError:
+            if self._closed and step.cancelled():
+                raise RequestCancelledError("the stream was closed") from None
+            raise
+        finally:
+            self._step = None
+        if isinstance(reply, Message):
+            return reply
+        self._messages = reply  # a streamed HTTP response (handle_http's generator)
+        return await self.next()
+
+    def send_input(self, value: Any) -> None:
+        if self._inbox is not None:
+            self._inbox.put_nowait(value)
+
+    def close(self) -> None:
+        """Cancel the request if it still runs (its generator, if any, is closed)."""
+        if self._closed:
+            return
+        self._closed = True
+        step, self._step = self._step, None
+        if step is not None:
+            if step.done():
+                _close_unread(step)
+            else:
+                step.cancel()
+                step.add_done_callback(_close_unread)
+        if self._messages is not None:
+            self._loop.create_task(self._messages.aclose(), context=self._context)
+
+
+def _close_unread(step: asyncio.Task[Any]) -> None:
+    """A streamed response nobody will read (its request was closed): end it."""
+    if not step.cancelled() and step.exception() is None:
+        result = step.result()
+        if isinstance(result, AsyncGenerator):
+            step.get_loop().create_task(result.aclose())
+
+
+async def _anext(messages: AsyncGenerator[Message, None]) -> Message:
+    return await messages.__anext__()
+
+
+class _HereClient:
+    """The router's client of the replica in this process."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica_id = replica.spec.replica_id
+        self.closed = False
+        self._replica = replica
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        if self.closed:
+            callback()
+        else:
+            self._on_close.append(callback)
+
+    def call(self, request: Request) -> asyncio.Future[Message]:
+        replica = self._replica
+        return replica.loop.create_task(replica.handle(request), context=replica.task_context())
+
+    def stream(self, request: Request) -> _HereStream:
+        return _HereStream(self._replica, request)
+
+    def close(self) -> None:
+        self.closed = True
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
+
+
+class _HereConnector:
+    """Connects the router to the replica in this process, and to nothing else."""
+
+    def __init__(self, client: _HereClient) -> None:
+        self._client = client
+
+    async def connect(self, info: ReplicaInfo) -> _HereClient:
+        if info.replica_id != self._client.replica_id or self._client.closed:
+            raise TransportError(f"replica {info.replica_id} is not in this process")
+        return self._client
+
+
+class DirectIngress:
+    """The HTTP server of an ingress replica (see the module's docstring)."""
+
+    def __init__(self, replica: Replica, spec: DirectIngressSpec) -> None:
+        config = replica.spec.config
+        self._replica = replica
+        self._client = _HereClient(replica)
+        info = ReplicaInfo(replica.spec.replica_id, "here", config.max_ongoing_requests)
+        self.registry = RouterRegistry(_HereConnector(self._client), replica.loop)
+        app, deployment = replica.spec.app, replica.spec.deployment
+        self.registry.apply(
+            ReplicaSetUpdate(
+                app, deployment, [info], ingress=True,
+                max_queued_requests=config.max_queued_requests,
+            )
+        )  # fmt: skip
+        self.proxy = Proxy(self.registry, spec.options)
+        self.proxy.set_routes({spec.route_prefix: (app, deployment)})
+
+    async def start(self) -> tuple[str, int]:
+        """Bind the port (shared) and serve; returns (host, port). Raises ShoalError if the
+        port cannot be bound. Requests run in the replica's context (its
+        ``get_replica_context()``), as they do when they come through the proxy."""
+        serving = self.proxy.serve(reuse_port=True)
+        return await self._replica.loop.create_task(serving, context=self._replica.task_context())
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop accepting, let the requests in flight finish (at most ``timeout_s``), close
+        the connections; then the replica may drain."""
+        await self.proxy.stop(timeout_s)
+        self._client.close()
