@@ -25,8 +25,8 @@ from bench.suite import WORKLOADS, Settings, run_cold_start, run_handle, run_wor
 from bench.w3 import run_w3
 
 SECTIONS = (
-    "cold", "rss", "W1", "W1-defaults", "W1-fastapi", "W2", "W3", "W3-latency", "W4", "stream",
-    "business", "handle",
+    "cold", "rss", "W1", "W1-direct", "W1-defaults", "W1-defaults-direct", "W1-fastapi", "W2",
+    "W3", "W3-latency", "W4", "stream", "business", "handle",
 )  # fmt: skip
 ALIASES = {
     "cold_start": "cold",
@@ -97,7 +97,7 @@ def run_sections(sections: list[str], settings: Settings) -> dict[str, Any]:
     results: dict[str, Any] = {"points": []}
     if "cold" in sections or "rss" in sections:
         results.update(run_cold_start(settings, log, "cold" in sections, "rss" in sections))
-    for key in ("W1", "W1-defaults", "W1-fastapi", "W2"):
+    for key in ("W1", "W1-direct", "W1-defaults", "W1-defaults-direct", "W1-fastapi", "W2"):
         if key in sections:
             results["points"].extend(run_workload(WORKLOADS[key], settings, log))
     if "W3" in sections or "W3-latency" in sections:

@@ -290,6 +290,40 @@ def _points_table(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+DIRECT_SUFFIX = "-direct"
+
+
+def _direct_table(results: dict[str, Any]) -> list[str]:
+    """The ratios of each ``*-direct`` workload beside its proxy-path workload's (same
+    concurrency and reference); "-" where the proxy path was not measured."""
+    ratios = results.get("ratios", [])
+    by_key = {(r["workload"], r["concurrency"], r["reference"]): r for r in ratios}
+    direct = [r for r in ratios if r["workload"].endswith(DIRECT_SUFFIX)]
+    if not direct:
+        return []
+    lines = [
+        "## Direct ingress vs the proxy path (shoal ÷ reference, same run)",
+        "",
+        "`proxy`: shoal driven at the proxy's port (workload without `-direct`); `direct`: at "
+        "the ingress replicas' own port (`--direct-ingress-port`). Each is ÷ the reference "
+        "measured interleaved with it.",
+        "",
+        "| workload | c | reference | throughput proxy | throughput direct | p50 proxy "
+        "| p50 direct | valid (proxy / direct) |",
+        "|---|--:|---|--:|--:|--:|--:|---|",
+    ]
+    for d in direct:
+        base = d["workload"].removesuffix(DIRECT_SUFFIX)
+        p = by_key.get((base, d["concurrency"], d["reference"]), {})
+        lines.append(
+            f"| {base} | {d['concurrency']} | {d['reference']} | "
+            f"{_x(p.get('throughput_ratio'))} | {_x(d['throughput_ratio'])} | "
+            f"{_x(p.get('p50_ratio'))} | {_x(d['p50_ratio'])} | "
+            f"{_valid(p) if p else '-'} / {_valid(d)} |"
+        )
+    return [*lines, ""]
+
+
 def _cpu_table(results: dict[str, Any]) -> list[str]:
     points = [p for p in results.get("points", []) if p.get("cpu_us_per_request")]
     if not points:
@@ -448,6 +482,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {t['description']} | {t['threshold']} | {value} | {verdict} |")
     lines.append("")
     lines += _points_table(results)
+    lines += _direct_table(results)
     lines += _cpu_table(results)
     lines += _w3_sections(results)
     lines += _stream_section(results)

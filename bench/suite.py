@@ -10,7 +10,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ class Workload:
     concurrencies: tuple[int, ...]
     references: tuple[str, ...]
     headers: tuple[tuple[str, str], ...] = ()
+    # Drive shoal at its direct ingress port (``--direct-ingress-port``: the ingress replicas
+    # serve HTTP themselves) instead of the proxy's; the references are driven as usual.
+    direct: bool = False
 
 
 PREDICT_BODY = b'{"user_id": 7, "context": {"petal_length_cm": 5.1}}'
@@ -86,14 +89,26 @@ WORKLOADS: dict[str, Workload] = {
         headers=(("x-api-key", "demo-key"),),
     ),
 }  # fmt: skip
+# W1 and W1-defaults again, the same app, concurrencies and references, through direct ingress.
+WORKLOADS.update(
+    {
+        f"{k}-direct": replace(WORKLOADS[k], key=f"{k}-direct", direct=True)
+        for k in ("W1", "W1-defaults")
+    }
+)
 
 
-def shoal_server(app: str, port: int, log_dir: Path, tag: str = "") -> ServerProcess:
-    """``python -m shoal run <module:attr>``; a bare name is an attribute of bench.apps."""
+def shoal_server(
+    app: str, port: int, log_dir: Path, tag: str = "", direct_port: int | None = None
+) -> ServerProcess:
+    """``python -m shoal run <module:attr>``; a bare name is an attribute of bench.apps.
+    With ``direct_port``, the app's ingress replicas also accept HTTP on it (direct ingress)."""
     target = app if ":" in app else f"bench.apps:{app}"
     argv = [sys.executable, "-m", "shoal", "run", target]
     # Any free admin port: servers run side by side (and other shoal instances may hold 8265).
     argv += ["--host", HOST, "--port", str(port), "--admin-port", "0"]
+    if direct_port is not None:
+        argv += ["--direct-ingress-port", str(direct_port)]
     env = {BUSINESS_DB_ENV: str(log_dir / f"business{tag}.sqlite3")}  # read by apps_fastapi only
     return ServerProcess(f"shoal-{app.rpartition(':')[2]}{tag}", argv, log_dir, env)
 
@@ -235,7 +250,7 @@ class _Live:
 
     name: str
     proc: ServerProcess
-    port: int
+    port: int  # the port driven: shoal's direct ingress port for a ``direct`` workload
     runs: list[Measured]
     error: str | None = None
 
@@ -244,7 +259,12 @@ def _start_servers(wl: Workload, settings: Settings, log: Log, servers: list[_Li
     """Start shoal and the references (appending to ``servers``), then wait for each."""
     for name in ("shoal", *wl.references):
         port = free_port()
-        if name == "shoal":
+        if name == "shoal" and wl.direct:
+            # The proxy keeps ``port`` (idle, still in the CPU table); the load goes to ``direct``.
+            direct = next(p for p in iter(free_port, None) if p != port)
+            proc = shoal_server(wl.app, port, settings.log_dir, "-direct", direct)
+            port = direct
+        elif name == "shoal":
             proc = shoal_server(wl.app, port, settings.log_dir)
         else:
             proc = reference_server(name, port, settings.log_dir, tag=f"-{wl.key}")
@@ -329,7 +349,8 @@ def _measure_concurrency(
 
 def run_workload(wl: Workload, settings: Settings, log: Log) -> list[dict[str, Any]]:
     """All servers of the workload up at once (idle ones cost ~nothing); runs interleaved."""
-    log(f"{wl.key}: {wl.method} {wl.path} at c={list(wl.concurrencies)}")
+    via = " (shoal via direct ingress)" if wl.direct else ""
+    log(f"{wl.key}: {wl.method} {wl.path} at c={list(wl.concurrencies)}{via}")
     servers: list[_Live] = []
     try:
         _start_servers(wl, settings, log, servers)

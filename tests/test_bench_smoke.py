@@ -45,11 +45,13 @@ from bench.procs import (  # noqa: E402
 )
 from bench.stream import count_stream, first_chunks, run_async  # noqa: E402
 from bench.suite import (  # noqa: E402
+    WORKLOADS,
     Measured,
     aggregate,
     aggregate_measured,
     measured_load,
     reference_server,
+    shoal_server,
 )
 from bench.w3 import get_stats, run_ramp  # noqa: E402
 
@@ -418,6 +420,9 @@ def test_percentile_and_only() -> None:
     assert parse_only("business,w3-latency,STREAM,w1-fastapi,W3") == [
         "W1-fastapi", "W3", "W3-latency", "stream", "business"
     ]  # fmt: skip
+    assert parse_only("w1-defaults-direct,W1-direct,w1") == [
+        "W1", "W1-direct", "W1-defaults-direct"
+    ]  # fmt: skip
     with pytest.raises(ValueError):
         parse_only("W5")
 
@@ -548,7 +553,8 @@ def test_report_writer(tmp_path: Path) -> None:
         "| W1 | shoal | 1 | 500 | 2 | 498 | 0.800 | 1.000 | - | 40 | 0/1 | **NOT VALID** |" in text
     )
     assert "| W1 | 64 | starlette-2w | 0.50x | 2.00x | yes |" in text
-    assert "| W1 p50 latency c=1 | <= 0.5 ms | 0.800 ms | **missed** (NOT VALID) |" in text
+    assert "| W1 p50 latency c=1, proxy | <= 0.5 ms | 0.800 ms | **missed** (NOT VALID) |" in text
+    assert "## Direct ingress vs the proxy path" not in text  # no -direct workload measured
     assert "## CPU per request, per process" in text
     assert (
         "| W1 | shoal | 64 | 1,024 | 0.51 | server 20, proxy 602, replica 402 | 100 | yes |" in text
@@ -558,6 +564,48 @@ def test_report_writer(tmp_path: Path) -> None:
     assert "| 22.50 | 380 | 3 | yes |" in text  # the ramp step's foreign CPU and validity
     assert "| W3-latency | shoal | 64 | 2,100 |" in text
     assert "| shoal | 50 | 21.50 | 20.20 | 1.30 |" in text and "| starlette | failed: Down" in text
+
+
+def test_direct_ingress_workloads_and_report(tmp_path: Path) -> None:
+    """W1-direct is W1 driven at shoal's --direct-ingress-port; its ratios sit beside W1's
+    and issue 15's W1 targets are evaluated for both paths."""
+    assert WORKLOADS["W1-direct"].direct and not WORKLOADS["W1"].direct
+    for key in ("W1", "W1-defaults"):
+        direct = WORKLOADS[f"{key}-direct"]
+        assert (direct.app, direct.concurrencies, direct.references) == (
+            WORKLOADS[key].app, WORKLOADS[key].concurrencies, WORKLOADS[key].references
+        )  # fmt: skip
+    argv = shoal_server("w1", 8000, tmp_path, direct_port=8001).argv
+    assert argv[-2:] == ["--direct-ingress-port", "8001"] and "8000" in argv
+    assert "--direct-ingress-port" not in shoal_server("w1", 8000, tmp_path).argv
+    points = []
+    for wl, server, rps, p50 in (
+        ("W1", "shoal", 700.0, 0.3), ("W1-direct", "shoal", 1000.0, 0.14),
+        ("W1", "starlette", 1000.0, 0.1), ("W1-direct", "starlette", 1000.0, 0.1),
+    ):  # fmt: skip
+        for c in (1, 64):
+            run = loadgen.LoadResult(int(rps), 0, 1.0, rps, p50, p50, p50, p50, "wrk")
+            cpu = {"proxy": 0.001, "replica": 0.1} if server == "shoal" else {"server": 0.1}
+            measured = aggregate_measured([Measured(run, 1.0, cpu, 0.01)])
+            points.append({"workload": wl, "server": server, "concurrency": c, **measured})
+    env = report.environment({"name": "wrk", "version": "test"}, datetime.now(UTC))
+    results = report.finalize(
+        {
+            "environment": env,
+            "points": points,
+            "settings": {"duration_s": 1.0, "repeats": 1, "warmup_s": 0.0},
+        }
+    )
+    verdicts = {t["key"]: (t["met"], t["value"]) for t in results["targets"]}
+    assert verdicts["W1-thr-c64"] == (False, pytest.approx(0.7))
+    assert verdicts["W1X-thr-c64"] == (True, pytest.approx(1.0))
+    assert verdicts["W1-p50r-c1"] == (False, pytest.approx(3.0))
+    assert verdicts["W1X-p50r-c1"] == (True, pytest.approx(1.4))
+    assert verdicts["W1DX-thr-c64"] == (None, None)  # W1-defaults-direct not measured
+    text = report.render_markdown(results)
+    assert "| W1 throughput c=64 vs Starlette (1 process), direct ingress | >= 0.8 x |" in text
+    assert "## Direct ingress vs the proxy path" in text
+    assert "| W1 | 64 | starlette | 0.70x | 1.00x | 3.00x | 1.40x | yes / yes |" in text
 
 
 def test_control_plane_report_has_verdicts_and_says_what_was_not_available() -> None:

@@ -254,6 +254,9 @@ def _examples(
         "test_oip_example_serves_the_classifier_to_the_triton_clients": lambda: _run_example(
             "oip", "--grpc-port", str(free_port())
         ),
+        "test_direct_ingress_example_serves_the_ingress_on_its_own_port": lambda: _run_example(
+            "direct_ingress", "--direct-port", str(free_port())
+        ),
     }
     yield from in_background(request, jobs)
 
@@ -417,6 +420,30 @@ def test_tracing_example_assembles_the_tree_of_every_process(
     assert request_id is not None, proc.stdout
     servers = [span for span in spans if span["kind"] == "SERVER"]
     assert {s["attributes"]["shoal.request_id"] for s in servers} == {request_id.group(1)}
+
+
+def test_direct_ingress_example_serves_the_ingress_on_its_own_port(
+    example: subprocess.CompletedProcess[str],
+) -> None:
+    lines = example.stdout.splitlines()
+    # The direct port keeps the proxy's rules (404 outside the prefix, x-request-id). A
+    # keep-alive connection stays with one replica there, while the proxy spreads even
+    # one connection's requests; new direct connections reach both replicas (the kernel
+    # hashes each one: 20 on one replica by chance is a 2**-19 event).
+    assert lines[:8] == [
+        "proxy: 200 echo='hello', x-request-id: True",
+        "proxy: GET /elsewhere -> 404",
+        "direct: 200 echo='hello', x-request-id: True",
+        "direct: GET /elsewhere -> 404",
+        "proxy, 20 requests on one connection: answered by 2 replica(s)",
+        "proxy, 20 new connections: answered by 2 replica(s)",
+        "direct, 20 requests on one connection: answered by 1 replica(s)",
+        "direct, 20 new connections: answered by 2 replica(s)",
+    ], example.stdout
+    timed = r"latency {}: p50 \d+ us, p99 \d+ us \(100 requests, one connection\)"
+    assert len(lines) == 10, example.stdout
+    assert re.fullmatch(timed.format("proxy"), lines[8]), example.stdout
+    assert re.fullmatch(timed.format("direct"), lines[9]), example.stdout
 
 
 def drain(lines: queue.Queue[str | None], output: list[str]) -> str:

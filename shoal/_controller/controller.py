@@ -293,8 +293,12 @@ class Controller:
             if other.spec.name != spec.name and other.spec.direct_ingress_port == port:
                 raise ConfigError(f"{where}: application '{other.spec.name}' uses that port")
         ingress = spec.deployments[spec.ingress]
-        options = self.http.model_copy(update={"port": port})
+        # The HTTP options only (a ProxyOptions' grpc_options would start a gRPC server too).
+        options = HTTPOptions(**{n: getattr(self.http, n) for n in HTTPOptions.model_fields})
+        options = options.model_copy(update={"port": port})
         direct = DirectIngressSpec(options, spec.route_prefix)
+        if ingress.direct_ingress == direct:
+            return spec  # already applied (a spec restored from a checkpoint)
         version = f"{ingress.code_version}+direct:{port}:{spec.route_prefix}"
         ingress = dataclasses.replace(ingress, direct_ingress=direct, code_version=version)
         return dataclasses.replace(spec, deployments={**spec.deployments, spec.ingress: ingress})

@@ -21,6 +21,7 @@ limit) and closes the connections.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -28,9 +29,12 @@ from shoal._errors import RequestCancelledError, TransportError
 from shoal._proxy.proxy import Proxy
 from shoal._replica.replica import Replica
 from shoal._replica.server import one_shot, takes_input
+from shoal._router.load import Sink
 from shoal._router.router import RouterRegistry
 from shoal._seam.specs import DirectIngressSpec
 from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
+
+_WHAT = "direct ingress (the application's direct_ingress_port)"
 
 
 class _HereStream:
@@ -64,8 +68,8 @@ class _HereStream:
         if step is None:
             if self._closed or self._messages is None:
                 raise RequestCancelledError("the stream was closed")
-            step = _anext(self._messages)
-            step = self._step = self._loop.create_task(step, context=self._context)
+            coroutine = _anext(self._messages)
+            step = self._step = self._loop.create_task(coroutine, context=self._context)
         try:
             reply = await step
         except asyncio.CancelledError:
@@ -153,29 +157,45 @@ class _HereConnector:
 
 
 class DirectIngress:
-    """The HTTP server of an ingress replica (see the module's docstring)."""
+    """The HTTP server of an ingress replica (see the module's docstring).
 
-    def __init__(self, replica: Replica, spec: DirectIngressSpec) -> None:
+    Its router takes its deployment's limits (``max_queued_requests``, and how often to
+    report load when it autoscales) from the replica sets the controller publishes
+    (:meth:`apply`), and reports its load through ``load_sink``: the requests waiting
+    and running here count for the autoscaler as the proxy's do.
+    """
+
+    def __init__(
+        self, replica: Replica, spec: DirectIngressSpec, load_sink: Sink, source: str
+    ) -> None:
         config = replica.spec.config
         self._replica = replica
         self._client = _HereClient(replica)
-        info = ReplicaInfo(replica.spec.replica_id, "here", config.max_ongoing_requests)
+        self._info = ReplicaInfo(replica.spec.replica_id, "here", config.max_ongoing_requests)
         self.registry = RouterRegistry(_HereConnector(self._client), replica.loop)
-        app, deployment = replica.spec.app, replica.spec.deployment
-        self.registry.apply(
+        self.registry.load.sink = load_sink
+        self.registry.load.source = source
+        self._app, self._deployment = app, deployment = replica.spec.app, replica.spec.deployment
+        self.apply(
             ReplicaSetUpdate(
-                app, deployment, [info], ingress=True,
-                max_queued_requests=config.max_queued_requests,
+                app, deployment, [], max_queued_requests=config.max_queued_requests
             )
         )  # fmt: skip
         self.proxy = Proxy(self.registry, spec.options)
         self.proxy.set_routes({spec.route_prefix: (app, deployment)})
 
+    def apply(self, update: ReplicaSetUpdate) -> None:
+        """Take the limits of this replica's deployment from ``update`` (ignored if it is
+        another deployment's), this replica staying the router's only one."""
+        if (update.app, update.deployment) == (self._app, self._deployment) and update.exists:
+            ours = dataclasses.replace(update, replicas=[self._info], ingress=True)
+            self.registry.apply(ours)
+
     async def start(self) -> tuple[str, int]:
         """Bind the port (shared) and serve; returns (host, port). Raises ShoalError if the
         port cannot be bound. Requests run in the replica's context (its
         ``get_replica_context()``), as they do when they come through the proxy."""
-        serving = self.proxy.serve(reuse_port=True)
+        serving = self.proxy.serve(reuse_port=True, what=_WHAT)
         return await self._replica.loop.create_task(serving, context=self._replica.task_context())
 
     async def stop(self, timeout_s: float) -> None:

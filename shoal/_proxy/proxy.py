@@ -447,9 +447,10 @@ class Proxy:
 
     # --- serving -------------------------------------------------------------------
 
-    async def serve(self, reuse_port: bool = False) -> tuple[str, int]:
+    async def serve(self, reuse_port: bool = False, what: str = "") -> tuple[str, int]:
         """Bind and start serving; returns (host, port). Raises ShoalError if binding fails.
-        ``reuse_port``: a socket bound here shares its port (see :func:`bind_listener`)."""
+        ``reuse_port``: a socket bound here shares its port (see :func:`bind_listener`);
+        ``what``: the server's name in that error (default: the HTTP proxy)."""
         import uvicorn
 
         options = self.options
@@ -458,7 +459,7 @@ class Proxy:
             sock = socket.socket(fileno=int(inherited))
             sock.setblocking(False)
         else:
-            sock = bind_listener(options.host, options.port, reuse_port)
+            sock = bind_listener(options.host, options.port, reuse_port, what)
         config = _uvicorn_config(self, options)
         self._server = uvicorn.Server(config)
         config.load()
@@ -513,13 +514,18 @@ def _websocket_implementation() -> str:
     return "websockets-sansio"
 
 
-def bind_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+def bind_listener(host: str, port: int, reuse_port: bool = False, what: str = "") -> socket.socket:
     """A non-blocking listening TCP socket on (host, port); ShoalError if it cannot bind.
-    ``reuse_port``: shared with the other proxies of the instance that bind it so (see
-    :func:`~shoal._transport.tcp.listen_tcp`)."""
+    ``reuse_port``: shared with the other sockets of this user that bind it so (see
+    :func:`~shoal._transport.tcp.listen_tcp`). ``what``: the server's name in the error
+    (default: the HTTP proxy's, with how to choose its port)."""
     try:
         return listen_tcp(host, port, 2048, reuse_port)
     except OSError as exc:
+        if what:
+            raise ShoalError(
+                f"{what} cannot listen on {host}:{port} ({exc.strerror}); choose a free port"
+            ) from None
         raise ShoalError(
             f"the HTTP proxy cannot listen on {host}:{port} ({exc.strerror}); "
             "pass another port with serve.start(http_options={'port': ...})"

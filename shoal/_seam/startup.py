@@ -10,6 +10,7 @@ CONSTRUCTOR = "the constructor"
 LIFESPAN_STARTUP = "the lifespan startup"
 RECONFIGURE = "reconfigure()"
 INITIAL_HEALTH_CHECK = "the initial health check"
+DIRECT_INGRESS = "the direct ingress listener"
 _STEP_ATTRIBUTE = "_shoal_startup_step"
 
 

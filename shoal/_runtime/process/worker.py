@@ -21,6 +21,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from shoal._api.context import set_default_registry
@@ -35,6 +36,7 @@ from shoal._replica.logs import configure_worker_logging
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import new_event_loop
 from shoal._runtime.process.client import UnixConnector
+from shoal._seam.startup import DIRECT_INGRESS, mark_startup_step
 from shoal._transport.auth import connect_tcp, join_host_port, split_host_port
 from shoal._transport.client import NodeNetwork
 from shoal._transport.connection import Connection, MessageHandler, connect_unix
@@ -45,6 +47,7 @@ from shoal._transport.messages import (
     DrainProxy,
     HealthCheck,
     Hello,
+    LoadReport,
     Message,
     Ping,
     ProxyIdle,
@@ -129,6 +132,12 @@ class Worker:
         self.registry.load.sink = lambda report: control.send(0, report)
         REPORTER.connect(self.loop, self.worker_id, lambda report: control.send(0, report))
 
+    def _report_load(self, report: LoadReport) -> None:
+        """Send ``report`` where this process's routers report (nowhere while none)."""
+        sink = self.registry.load.sink
+        if sink is not None:
+            sink(report)
+
     def _controller_gone(self) -> None:
         if self.orphan_grace_s <= 0:
             # The driver died or dropped us: leave now, without waiting for user code
@@ -171,6 +180,8 @@ class Worker:
         match msg:
             case ReplicaSetUpdate():
                 self.registry.apply(msg)
+                if self.direct is not None:
+                    self.direct.apply(msg)
             case RoutesUpdate():
                 self._hosted_proxy().set_routes(msg.routes)
             case DrainProxy():
@@ -256,8 +267,14 @@ class Worker:
         if spec.direct_ingress is not None:  # docs/direct-ingress.md
             from shoal._proxy.direct import DirectIngress
 
-            self.direct = DirectIngress(replica, spec.direct_ingress)
-            await self.direct.start()
+            self.direct = DirectIngress(
+                replica, spec.direct_ingress, self._report_load, f"{self.worker_id}:direct"
+            )
+            try:
+                await self.direct.start()
+            except Exception as exc:  # the port is taken: the error says so, not "constructor"
+                mark_startup_step(exc, DIRECT_INGRESS)
+                raise
         tcp_address = ""
         if self.network is not None and self.network.host:
             host, port = await self.server.listen_tcp(self.network.host, 0, self.network.secret)
@@ -282,10 +299,13 @@ class Worker:
         return host, port
 
     async def _stop(self, msg: StopReplica) -> None:
+        timeout_s = msg.timeout_s
         if self.direct is not None:  # no new connection comes here, then the replica drains
-            await self.direct.stop(msg.timeout_s)
+            started = time.monotonic()
+            await self.direct.stop(timeout_s)
+            timeout_s = max(0.0, timeout_s - (time.monotonic() - started))  # one limit for both
         if self.replica is not None:
-            await self.replica.drain(msg.wait_loop_s, msg.timeout_s)
+            await self.replica.drain(msg.wait_loop_s, timeout_s)
             await self.replica.close()
         if self.proxy is not None:
             await self.proxy.stop(msg.timeout_s)
