@@ -21,6 +21,7 @@ limit) and closes the connections.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -40,48 +41,82 @@ _WHAT = "direct ingress (the application's direct_ingress_port)"
 class _HereStream:
     """One request run by the replica in this process, as a router's stream.
 
-    A one-shot HTTP request runs in one task (``Replica.handle_http``); a streamed
-    response's later messages, a websocket or a request with a deadline each step in a
-    task of the request's context (``Replica.handle_stream``). :meth:`close` cancels the
-    request; a reader waiting in :meth:`next` then gets RequestCancelledError.
+    A one-shot HTTP request (no deadline, no websocket) runs inline, in the task that
+    reads the stream (uvicorn's task of the request, whose context is a copy of the
+    replica's: :meth:`DirectIngress.start`): no task, no loop turn of its own. A
+    streamed response's later messages, a websocket or a request with a deadline each
+    step in a task of the request's context (``Replica.handle_stream``). :meth:`close`
+    cancels the request; a reader waiting in :meth:`next` then gets
+    RequestCancelledError.
     """
 
-    __slots__ = ("_closed", "_context", "_inbox", "_loop", "_messages", "_step")
+    __slots__ = (
+        "_closed", "_context", "_inbox", "_loop", "_messages", "_one_shot", "_reader",
+        "_replica", "_step",
+    )  # fmt: skip
 
     def __init__(self, replica: Replica, request: Request) -> None:
+        self._replica = replica
         self._loop = replica.loop
-        self._context = replica.task_context()
         self._closed = False
         self._inbox: asyncio.Queue[Any] | None = None
         self._messages: AsyncGenerator[Message, None] | None = None
+        self._step: asyncio.Task[Any] | None = None
+        self._reader: asyncio.Task[Any] | None = None  # running the one-shot request inline
+        self._one_shot: Request | None = None
         if one_shot(request):
-            first = replica.handle_http(request)
-        else:
-            if takes_input(request):
-                self._inbox = asyncio.Queue()
-            self._messages = self._context.run(replica.handle_stream, request, self._inbox)
-            first = _anext(self._messages)
-        self._step: asyncio.Task[Any] | None = self._loop.create_task(first, context=self._context)
+            self._one_shot = request  # run by the first next()
+            self._context = None
+            return
+        self._context = replica.task_context()
+        if takes_input(request):
+            self._inbox = asyncio.Queue()
+        self._messages = self._context.run(replica.handle_stream, request, self._inbox)
+        self._step = self._loop.create_task(_anext(self._messages), context=self._context)
 
     async def next(self) -> Message:
+        if self._closed:
+            raise RequestCancelledError("the stream was closed")
+        if self._one_shot is not None:
+            reply = await self._run_inline(self._one_shot)
+            if isinstance(reply, Message):
+                return reply
+            self._messages = reply  # a streamed HTTP response: its context is this task's
+            self._context = contextvars.copy_context()
         step = self._step
         if step is None:
-            if self._closed or self._messages is None:
-                raise RequestCancelledError("the stream was closed")
+            assert self._messages is not None and self._context is not None
             coroutine = _anext(self._messages)
             step = self._step = self._loop.create_task(coroutine, context=self._context)
         try:
-            reply = await step
+            return await step
         except asyncio.CancelledError:
             if self._closed and step.cancelled():
                 raise RequestCancelledError("the stream was closed") from None
             raise
         finally:
             self._step = None
-        if isinstance(reply, Message):
-            return reply
-        self._messages = reply  # a streamed HTTP response (handle_http's generator)
-        return await self.next()
+
+    async def _run_inline(self, request: Request) -> Any:
+        """``Replica.handle_http`` in this task; RequestCancelledError if :meth:`close`
+        cancelled it (the user's code saw the CancelledError)."""
+        self._one_shot = None
+        reader = self._reader = asyncio.current_task()
+        assert reader is not None
+        try:
+            reply = await self._replica.handle_http(request)
+        except asyncio.CancelledError:
+            if self._closed and reader.uncancel() == 0:  # our close(), nobody else's cancel
+                raise RequestCancelledError("the stream was closed") from None
+            raise
+        finally:
+            self._reader = None
+        if self._closed:  # the user's code caught our cancel and returned: nobody reads it
+            reader.uncancel()
+            if not isinstance(reply, Message):
+                self._loop.create_task(reply.aclose())
+            raise RequestCancelledError("the stream was closed")
+        return reply
 
     def send_input(self, value: Any) -> None:
         if self._inbox is not None:
@@ -92,6 +127,8 @@ class _HereStream:
         if self._closed:
             return
         self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
         step, self._step = self._step, None
         if step is not None:
             if step.done():
