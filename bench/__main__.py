@@ -26,7 +26,7 @@ from bench.w3 import run_w3
 
 SECTIONS = (
     "cold", "rss", "W1", "W1-direct", "W1-defaults", "W1-defaults-direct", "W1-fastapi", "W2",
-    "W3", "W3-latency", "W4", "stream", "business", "handle",
+    "W2-direct", "W3", "W3-latency", "W4", "W4-direct", "stream", "business", "handle",
 )  # fmt: skip
 ALIASES = {
     "cold_start": "cold",
@@ -97,7 +97,9 @@ def run_sections(sections: list[str], settings: Settings) -> dict[str, Any]:
     results: dict[str, Any] = {"points": []}
     if "cold" in sections or "rss" in sections:
         results.update(run_cold_start(settings, log, "cold" in sections, "rss" in sections))
-    for key in ("W1", "W1-direct", "W1-defaults", "W1-defaults-direct", "W1-fastapi", "W2"):
+    for key in (
+        "W1", "W1-direct", "W1-defaults", "W1-defaults-direct", "W1-fastapi", "W2", "W2-direct"
+    ):  # fmt: skip
         if key in sections:
             results["points"].extend(run_workload(WORKLOADS[key], settings, log))
     if "W3" in sections or "W3-latency" in sections:
@@ -105,8 +107,9 @@ def run_sections(sections: list[str], settings: Settings) -> dict[str, Any]:
         results["points"].extend(w3["points"])
         if "ramp" in w3:
             results["w3_ramp"] = w3["ramp"]
-    if "W4" in sections:
-        results["points"].extend(run_workload(WORKLOADS["W4"], settings, log))
+    for key in ("W4", "W4-direct"):
+        if key in sections:
+            results["points"].extend(run_workload(WORKLOADS[key], settings, log))
     if "stream" in sections:
         results["stream"] = run_stream(settings, log)
     if "business" in sections:

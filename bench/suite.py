@@ -89,11 +89,12 @@ WORKLOADS: dict[str, Workload] = {
         headers=(("x-api-key", "demo-key"),),
     ),
 }  # fmt: skip
-# W1 and W1-defaults again, the same app, concurrencies and references, through direct ingress.
+# W1, W1-defaults, W2 and W4 again (same app, concurrencies and references), through direct
+# ingress.
 WORKLOADS.update(
     {
         f"{k}-direct": replace(WORKLOADS[k], key=f"{k}-direct", direct=True)
-        for k in ("W1", "W1-defaults")
+        for k in ("W1", "W1-defaults", "W2", "W4")
     }
 )
 
