@@ -40,7 +40,7 @@ def _route(path: str) -> tuple[str, str, str]:
 async def _proxy_us(enabled: bool) -> float:
     metrics.configure(MetricsOptions(enabled=enabled), "bench")
     recorder = proxy_metrics("node", "127.0.0.1", lambda: 0)
-    serve = observed(_serve, _route, recorder, access=False)  # _serve itself when disabled
+    serve = observed(_serve, _route, recorder, access=None)  # _serve itself when disabled
     scope = {"type": "http", "path": "/", "method": "GET"}
     start = time.perf_counter()
     for _ in range(N):

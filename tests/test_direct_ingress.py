@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -436,6 +437,8 @@ TIMEOUT_DRIVER = textwrap.dedent(
 
     @serve.deployment
     async def slow(request):
+        if request.query_params.get("fast"):
+            return "soon"
         await asyncio.sleep(5)
         return "late"
 
@@ -443,12 +446,22 @@ TIMEOUT_DRIVER = textwrap.dedent(
                               "request_timeout_s": 0.5})
     port = free_port()
     serve.run(slow.bind(), name="slow", route_prefix="/slow", direct_ingress_port=port)
+    fast = httpx.get(f"http://127.0.0.1:{port}/slow?fast=1", headers={"x-request-id": "rid-fast"})
+    print(fast.status_code)
     print(httpx.get(f"http://127.0.0.1:{port}/slow", timeout=10).status_code)
     serve.shutdown()
     """
 )
 
 
-def test_the_request_timeout_applies_on_the_direct_port(tmp_path: Path) -> None:
+def test_the_request_timeout_and_access_lines_on_the_direct_port(tmp_path: Path) -> None:
+    """504 at http_options.request_timeout_s; each request's access line is the replica's
+    own (on the terminal, with its id and the path), as for a request the proxy sent."""
     result = run_driver(tmp_path, TIMEOUT_DRIVER)
-    assert result.stdout.strip().splitlines()[-1] == "504", result.stdout
+    assert result.stdout.strip().splitlines()[-2:] == ["200", "504"], result.stdout
+    lines = result.stderr.splitlines()
+    replica = r"INFO \S+ \S+ slow slow slow#slow#\w+ "
+    ok = rf"{replica}\[rid-fast\] direct\.py:\d+ - GET /slow 200 "
+    assert [x for x in lines if re.match(ok, x)], result.stderr
+    assert [x for x in lines if re.match(rf"{replica}direct\.py:\d+ - GET /slow 504 ", x)]
+    assert not [x for x in lines if " proxy proxy-" in x], result.stderr

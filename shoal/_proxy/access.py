@@ -4,12 +4,14 @@
 application, the proxy's id and the request id as fields, once the request is answered
 (or failed: status 500). Written by ``shoal._proxy.observe`` only when access lines are
 on, so they cost nothing when off; when on, a line's unchanging parts are prepared once
-per route, method and status (``shoal._observe.access_lines``).
+per route, method and status (``shoal._observe.access_lines``). A proxy serving one
+replica's HTTP itself (``shoal._proxy.direct``) writes that replica's lines instead.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 from shoal._observe.access_lines import AccessLine, AccessLog
 from shoal._observe.logs import process_component
@@ -17,20 +19,28 @@ from shoal._observe.logs import process_component
 Route = tuple[str, str, str]  # (prefix, app, ingress)
 
 
-def access_line(
-    log: AccessLog, path: str, method: str, route: Route | None, status: int
-) -> AccessLine:
-    """The prepared line of a request for ``path`` that matched ``route`` (None: no
-    route) and was answered ``status`` (0: none was: 500)."""
-    prefix, app = (route[0], route[1]) if route is not None else (path, "-")
-    return log.line(app, "proxy", process_component().replica, method, prefix, status or 500)
+class AccessLines(Protocol):
+    """What an HTTP server of shoal writes for each request: its log, and the prepared
+    line of a request for ``path`` that matched ``route`` (None: no route) and was
+    answered ``status`` (0: none was: 500)."""
+
+    log: AccessLog
+
+    def line(self, path: str, method: str, route: Route | None, status: int) -> AccessLine: ...
 
 
-def proxy_access_log() -> AccessLog:
-    """The proxy's access lines (logged, as their file and line say, here), to the
-    proxy's log file only, as Ray's proxy writes them: the replica that served a request
-    writes its own line to the terminal as well."""
-    return AccessLog(_WHERE, to_terminal=False)
+class ProxyAccessLines:
+    """The proxy's access lines (logged, as their file and line say, here): ``METHOD
+    PREFIX STATUS``, to the proxy's log file only, as Ray's proxy writes them (the replica
+    that served a request writes its own line to the terminal as well)."""
+
+    def __init__(self) -> None:
+        self.log = AccessLog(_WHERE, to_terminal=False)
+
+    def line(self, path: str, method: str, route: Route | None, status: int) -> AccessLine:
+        prefix, app = (route[0], route[1]) if route is not None else (path, "-")
+        replica = process_component().replica
+        return self.log.line(app, "proxy", replica, method, prefix, status or 500)
 
 
-_WHERE = (os.path.basename(__file__), access_line.__code__.co_firstlineno)
+_WHERE = (os.path.basename(__file__), ProxyAccessLines.line.__code__.co_firstlineno)

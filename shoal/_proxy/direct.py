@@ -3,7 +3,8 @@
 The replica's process runs the proxy's own HTTP server (:class:`~shoal._proxy.proxy.Proxy`,
 so every rule of the proxy holds: 404 outside the route prefix, 413, 400 for a bad
 priority, 504 at ``request_timeout_s``, 503 beyond ``http_options.max_ongoing_requests``,
-access lines and metrics) on the application's ``direct_ingress_port``. Its route table
+metrics) on the application's ``direct_ingress_port``; each request's access line is the
+replica's own, as for a request the proxy sent. Its route table
 has one route, the application's, and its router one replica: the one in this process,
 called without a copy, a pickle or a socket. Requests beyond the replica's
 ``max_ongoing_requests`` wait in that router (``max_queued_requests`` applies).
@@ -23,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import os
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from shoal._errors import RequestCancelledError, TransportError
+from shoal._observe.access_lines import AccessLine, AccessLog
 from shoal._proxy.proxy import Proxy
 from shoal._replica.replica import Replica
 from shoal._replica.server import one_shot, takes_input
@@ -193,6 +196,25 @@ class _HereConnector:
         return self._client
 
 
+class _ReplicaAccessLines:
+    """The access line of a request on the direct port: the replica's own (``METHOD PATH
+    STATUS LATENCYms`` with its application, deployment and id, to the terminal and its
+    file), as it writes for a request the proxy sent it; not a proxy's line."""
+
+    def __init__(self, replica: Replica) -> None:
+        spec = replica.spec
+        self.log = AccessLog(_WHERE)
+        self._replica = (spec.app, spec.deployment, spec.replica_id)
+
+    def line(
+        self, path: str, method: str, route: tuple[str, str, str] | None, status: int
+    ) -> AccessLine:
+        return self.log.line(*self._replica, method, path, status or 500)
+
+
+_WHERE = (os.path.basename(__file__), _ReplicaAccessLines.line.__code__.co_firstlineno)
+
+
 class DirectIngress:
     """The HTTP server of an ingress replica (see the module's docstring).
 
@@ -218,7 +240,7 @@ class DirectIngress:
                 app, deployment, [], max_queued_requests=config.max_queued_requests
             )
         )  # fmt: skip
-        self.proxy = Proxy(self.registry, spec.options)
+        self.proxy = Proxy(self.registry, spec.options, lambda: _ReplicaAccessLines(replica))
         self.proxy.set_routes({spec.route_prefix: (app, deployment)})
 
     def apply(self, update: ReplicaSetUpdate) -> None:

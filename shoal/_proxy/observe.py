@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from shoal._observe import tracing
-from shoal._observe.access_lines import AccessLine, AccessLog
-from shoal._proxy.access import access_line, proxy_access_log
+from shoal._observe.access_lines import AccessLine
+from shoal._proxy.access import AccessLines
 from shoal._proxy.metrics import NO_ROUTE, ProxyMetrics
 
 Scope = dict[str, Any]
@@ -48,11 +48,14 @@ class Recordings:
     """The :class:`Recording` of each path, method and status, made when first needed."""
 
     def __init__(
-        self, match: Callable[[str], Route | None], metrics: ProxyMetrics | None, access: bool
+        self,
+        match: Callable[[str], Route | None],
+        metrics: ProxyMetrics | None,
+        access: AccessLines | None,
     ) -> None:
         self._match = match
         self._metrics = metrics
-        self.access: AccessLog | None = proxy_access_log() if access else None
+        self.access = access
         self.known: dict[tuple[str, str, int], Recording] = {}
 
     def find(self, path: str, method: str, status: int) -> Recording:
@@ -62,7 +65,7 @@ class Recordings:
             latency, errors = self._metrics.children(route or NO_ROUTE, method, status)
             observe = latency.observe
         if self.access is not None:
-            line = access_line(self.access, path, method, route, status)
+            line = self.access.line(path, method, route, status)
         recording = Recording(observe, errors, line)
         if len(self.known) < _MAX_PATHS:
             self.known[(path, method, status)] = recording
@@ -73,15 +76,16 @@ def observed(
     serve: Serve,
     match: Callable[[str], Route | None],
     metrics: ProxyMetrics | None,
-    access: bool,
+    access: AccessLines | None,
 ) -> Serve:
-    """``serve`` recording what is on: ``metrics`` (None: off), ``access`` lines, and a
-    span when this process traces. ``serve`` itself when nothing is on."""
+    """``serve`` recording what is on: ``metrics`` (None: off), ``access`` lines (None:
+    off), and a span when this process traces. ``serve`` itself when nothing is on."""
     traced = tracing.on
-    if metrics is None and not access and not traced:
+    if metrics is None and access is None and not traced:
         return serve
     recordings = Recordings(match, metrics, access)
-    known, find, log = recordings.known, recordings.find, recordings.access
+    known, find = recordings.known, recordings.find
+    log = access.log if access is not None else None
     perf_counter = time.perf_counter
 
     async def serve_observed(scope: Scope, receive: Any, send: Any) -> None:

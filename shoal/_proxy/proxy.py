@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shoal._config import HTTPOptions
@@ -44,6 +45,7 @@ from shoal._json import dumps as json_dumps
 from shoal._observe import tracing
 from shoal._observe.logs import access_log_enabled
 from shoal._oip import server as oip_server
+from shoal._proxy.access import AccessLines, ProxyAccessLines
 from shoal._proxy.exchange import (
     DisconnectWatches,
     Scope,
@@ -107,7 +109,14 @@ _ROUTES_WAIT_S = 5.0
 class Proxy:
     """An ASGI application that routes HTTP requests to ingress deployments."""
 
-    def __init__(self, registry: RouterRegistry, options: HTTPOptions) -> None:
+    def __init__(
+        self,
+        registry: RouterRegistry,
+        options: HTTPOptions,
+        access_lines: Callable[[], AccessLines] = ProxyAccessLines,
+    ) -> None:
+        """``access_lines``: what each request's access line says and where it goes, if
+        access lines are on (the proxy's own, by default)."""
         self.registry = registry
         self.options = options
         self._routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
@@ -127,7 +136,8 @@ class Proxy:
         self._metrics = proxy_metrics(socket.gethostname(), options.host, lambda: self._in_flight)
         # Chosen once: a process is configured (metrics, access lines, tracing) before it
         # hosts a proxy. With none of them on, this is _http itself.
-        self._serve_http = observed(self._http, self.match, self._metrics, access_log_enabled())
+        access = access_lines() if access_log_enabled() else None
+        self._serve_http = observed(self._http, self.match, self._metrics, access)
         self._grpc: Any = None  # the gRPC server (grpc_proxy.GrpcServer), if gRPC is served
         self._watches = DisconnectWatches()  # one timer for every request's disconnect watch
 
