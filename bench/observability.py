@@ -1,6 +1,7 @@
 """``python -m bench.observability``: what metrics, logs and traces cost (issue 12's targets).
 
-W1 (the echo deployment of ``bench.apps``, over HTTP through the proxy) is served three
+W1 (the echo deployment of ``bench.apps``, over HTTP through the proxy; with ``--direct``,
+at its ingress replica's own port: docs/direct-ingress.md) is served three
 ways, by three servers started side by side from the same build, each a
 ``python -m bench.observability --serve VARIANT PORT`` process (``serve.start`` with the
 variant's options, then ``serve.run``):
@@ -61,8 +62,9 @@ def variants(trace_file: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def serve_main(variant_json: str, port: int) -> int:
-    """A server process: W1 on ``port`` with the variant's options, until SIGTERM."""
+def serve_main(variant_json: str, port: int, direct_port: int = 0) -> int:
+    """A server process: W1 on ``port`` with the variant's options, until SIGTERM; with
+    ``direct_port``, its ingress replica also serves HTTP itself there (direct ingress)."""
     from bench.apps import w1
     from shoal import serve
 
@@ -71,7 +73,7 @@ def serve_main(variant_json: str, port: int) -> int:
         http_options={"host": HOST, "port": port}, admin_options={"port": 0}, _attach=False,
         **options,
     )  # fmt: skip
-    serve.run(w1, name="w1", route_prefix="/")
+    serve.run(w1, name="w1", route_prefix="/", direct_ingress_port=direct_port or None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
@@ -92,7 +94,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for name, options in variants(str(work / "spans.jsonl")).items():
             port = free_port()
             argv = [sys.executable, "-m", "bench.observability", "--serve", json.dumps(options)]
-            proc = ServerProcess(f"shoal-{name}", [*argv, str(port)], work)
+            argv += [str(port)]
+            if args.direct:  # the load goes to the ingress replica's own port
+                port = next(p for p in iter(free_port, None) if p != port)
+                argv += [str(port)]
+            proc = ServerProcess(f"shoal-{name}", argv, work)
             proc.start()
             meter.roots.add(proc.pid)
             servers[name] = (proc, port)
@@ -171,7 +177,8 @@ def render(results: dict[str, Any]) -> str:
         f"- commit {env['git_commit']} (dirty tree: {results['dirty']}); "
         f"{env['machine']['cpu_model']}, {env['machine']['nproc']} cores; Python "
         f"{env['python']['version']}; packages {env['packages']}; load generator "
-        f"{results['loadgen']}; {results['rounds']} rounds of {results['duration_s']:g} s",
+        f"{results['loadgen']}; {results['rounds']} rounds of {results['duration_s']:g} s; "
+        f"W1 driven through the {results.get('path', 'proxy')}",
         f"- valid runs {s['valid_runs']} of {s['runs']} (foreign CPU ≤ {INVALID_CORE_PCT:g}% "
         "of a core)",
         "",
@@ -222,13 +229,17 @@ def _target(what: str, ratio: float | None, limit: float, higher: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve"]:
-        return serve_main(argv[1], int(argv[2]))
+        return serve_main(argv[1], *(int(port) for port in argv[2:4]))
     parser = argparse.ArgumentParser(prog="python -m bench.observability")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--loadgen", choices=("auto", "python"), default="auto")
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s (smoke test)")
+    parser.add_argument(
+        "--direct", action="store_true",
+        help="drive W1 at its direct ingress port (docs/direct-ingress.md), not the proxy's",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 1.0, 0.3
@@ -243,12 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     results = {
         "started": started.isoformat(timespec="seconds"), "environment": env,
-        "dirty": _dirty(), "rounds": args.rounds, "duration_s": args.duration, **measured,
+        "dirty": _dirty(), "rounds": args.rounds, "duration_s": args.duration,
+        "path": "direct ingress" if args.direct else "proxy", **measured,
     }  # fmt: skip
     text = render(results)
     print(text)
     if not args.quick:
-        report.write_named_results("observability", started, results, text)
+        name = "observability-direct" if args.direct else "observability"
+        report.write_named_results(name, started, results, text)
     return 0
 
 

@@ -218,7 +218,7 @@ _START_KEYWORDS = (
     "_attach", "_admin_later",
 )  # fmt: skip
 _RUN_KEYWORDS = ("target", "blocking", "name", "route_prefix", "logging_config",
-                 "direct_ingress_port", "_local_testing_mode")  # fmt: skip
+                 "_local_testing_mode", "direct_ingress_port")  # fmt: skip
 
 
 def _refuse_extra(function: str, kwargs: dict[str, Any], known: tuple[str, ...]) -> None:
@@ -270,8 +270,9 @@ def run(
     name: str = "default",
     route_prefix: str | None = "/",
     logging_config: dict[str, Any] | LoggingConfig | None = None,
-    direct_ingress_port: int | None = None,
     _local_testing_mode: bool = False,
+    *,
+    direct_ingress_port: int | None = None,
     **kwargs: Any,
 ) -> DeploymentHandle:
     """Deploy (or update in place) application ``name``; return its ingress handle.
@@ -282,7 +283,8 @@ def run(
     never fit this machine, and DeploymentError if a constructor fails (the app
     is then DEPLOY_FAILED and nothing of it is left running).
 
-    ``direct_ingress_port`` (shoal's own): the ingress replicas also accept HTTP
+    ``direct_ingress_port`` (shoal's own, keyword only: Ray's positional order is
+    kept): the ingress replicas also accept HTTP
     themselves on that port, without the proxy's hop (docs/direct-ingress.md).
     """
     _refuse_extra("serve.run", kwargs, _RUN_KEYWORDS)
