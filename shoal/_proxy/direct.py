@@ -25,7 +25,7 @@ import asyncio
 import contextvars
 import dataclasses
 import os
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from shoal._errors import RequestCancelledError, TransportError
@@ -35,6 +35,7 @@ from shoal._replica.replica import Replica
 from shoal._replica.server import one_shot, takes_input
 from shoal._router.load import Sink
 from shoal._router.router import RouterRegistry
+from shoal._seam.clients import ClosableClient
 from shoal._seam.specs import DirectIngressSpec
 from shoal._transport.messages import Message, ReplicaInfo, ReplicaSetUpdate, Request
 
@@ -155,20 +156,12 @@ async def _anext(messages: AsyncGenerator[Message, None]) -> Message:
     return await messages.__anext__()
 
 
-class _HereClient:
+class _HereClient(ClosableClient):
     """The router's client of the replica in this process."""
 
     def __init__(self, replica: Replica) -> None:
-        self.replica_id = replica.spec.replica_id
-        self.closed = False
+        super().__init__(replica.spec.replica_id)
         self._replica = replica
-        self._on_close: list[Callable[[], None]] = []
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        if self.closed:
-            callback()
-        else:
-            self._on_close.append(callback)
 
     def call(self, request: Request) -> asyncio.Future[Message]:
         replica = self._replica
@@ -176,12 +169,6 @@ class _HereClient:
 
     def stream(self, request: Request) -> _HereStream:
         return _HereStream(self._replica, request)
-
-    def close(self) -> None:
-        self.closed = True
-        callbacks, self._on_close = self._on_close, []
-        for callback in callbacks:
-            callback()
 
 
 class _HereConnector:

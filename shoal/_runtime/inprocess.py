@@ -26,6 +26,7 @@ from shoal._replica.replica import Replica
 from shoal._replica.server import takes_input
 from shoal._runtime.node import local_node_id
 from shoal._runtime.without_proxy import WithoutProxy
+from shoal._seam.clients import ClosableClient
 from shoal._seam.protocols import MetricsSink, ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._seam.startup import constructor_failed
@@ -71,21 +72,13 @@ class _LocalReplica:
         self._runtime.on_died(self)
 
 
-class _LocalClient:
-    """ReplicaClient calling a replica object directly."""
+class _LocalClient(ClosableClient):
+    """ReplicaClient calling a replica object directly (closed when the replica stops or
+    is killed)."""
 
     def __init__(self, local: _LocalReplica) -> None:
-        self.replica_id = local.info.replica_id
-        self.closed = False
-        self._on_close: list[Callable[[], None]] = []
+        super().__init__(local.info.replica_id)
         self._replica = local.replica
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once when the replica stops or is killed (at once if it has)."""
-        if self.closed:
-            callback()
-        else:
-            self._on_close.append(callback)
 
     def call(self, request: Request) -> asyncio.Future[Message]:
         """Run ``request`` in a task; SerializationError if its arguments cannot be copied."""
@@ -95,12 +88,6 @@ class _LocalClient:
 
     def stream(self, request: Request) -> _LocalStream:
         return _LocalStream(self._replica, copy_arguments(request))
-
-    def close(self) -> None:
-        self.closed = True
-        callbacks, self._on_close = self._on_close, []
-        for callback in callbacks:
-            callback()
 
 
 class _LocalStream:

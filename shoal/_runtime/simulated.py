@@ -44,6 +44,7 @@ from typing import Any
 from shoal._errors import ConfigError, NotFoundError, TransportError
 from shoal._router.router import RouterRegistry
 from shoal._runtime.without_proxy import WithoutProxy
+from shoal._seam.clients import ClosableClient
 from shoal._seam.protocols import MetricsSink, ReplicaHandle
 from shoal._seam.specs import ReplicaSpec
 from shoal._transport.codec import HEADER, HEADER_SIZE, decode, encode
@@ -95,19 +96,11 @@ class _Node:
     alive: bool = True
 
 
-class _SimClient:
+class _SimClient(ClosableClient):
     """A connection from a router to a simulated replica."""
 
     def __init__(self, replica: SimulatedReplica) -> None:
-        self.replica_id = replica.info.replica_id
-        self.closed = False
-        self._on_close: list[Callable[[], None]] = []
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        if self.closed:
-            callback()
-        else:
-            self._on_close.append(callback)
+        super().__init__(replica.info.replica_id)
 
     def call(self, request: Request) -> asyncio.Future[Message]:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -119,13 +112,6 @@ class _SimClient:
 
     def stream(self, request: Request) -> Any:
         raise NotFoundError("simulated replicas do not stream")
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            callbacks, self._on_close = self._on_close, []
-            for callback in callbacks:
-                callback()
 
 
 class SimulatedReplica:
