@@ -426,6 +426,60 @@ def test_the_cli_refuses_a_direct_port_for_a_config_file(tmp_path: Path) -> None
     assert "--direct-ingress-port" in result.stderr
 
 
+HELLO_APP = """
+from shoal import serve
+
+@serve.deployment
+async def hello(request):
+    return "hello"
+
+app = hello.bind()
+"""
+
+
+def test_shoal_run_serves_the_direct_port_of_a_module_and_of_a_config_file(
+    tmp_path: Path,
+) -> None:
+    """``--direct-ingress-port`` (MODULE:APP) and a config file's ``direct_ingress_port``
+    each take effect: the app answers on that port, and ``shoal run`` stops cleanly."""
+    (tmp_path / "hello_app.py").write_text(HELLO_APP)
+    direct = {"module": free_port(), "config": free_port()}
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "applications:\n  - name: hello\n    route_prefix: /hi\n"
+        f"    import_path: hello_app:app\n    direct_ingress_port: {direct['config']}\n"
+    )
+    commands = {
+        "module": ["hello_app:app", "--route-prefix", "/hi",
+                   "--direct-ingress-port", str(direct["module"])],
+        "config": [str(config)],
+    }  # fmt: skip
+
+    def shoal_run(args: list[str]) -> subprocess.Popen[str]:
+        command = [sys.executable, "-m", "shoal", "run", *args, "--port", str(free_port())]
+        return subprocess.Popen(
+            [*command, "--admin-port", "0"], cwd=tmp_path, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    servers = {kind: shoal_run(args) for kind, args in commands.items()}
+    try:
+        for kind, server in servers.items():
+            assert server.stdout is not None
+            assert server.stdout.readline(), server.communicate()[1]  # the banner: serving
+            reply = httpx.get(f"http://127.0.0.1:{direct[kind]}/hi", timeout=DONE_S)
+            assert (reply.status_code, reply.text) == (200, "hello"), kind
+        for server in servers.values():
+            server.send_signal(signal.SIGINT)
+        for server in servers.values():
+            assert server.wait(timeout=60) == 0
+    finally:
+        for server in servers.values():
+            if server.poll() is None:
+                server.kill()
+                server.wait(timeout=10)
+
+
 # --- the proxy-wide request timeout, in a shoal of its own -------------------------------
 
 TIMEOUT_DRIVER = textwrap.dedent(
