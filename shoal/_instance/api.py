@@ -283,9 +283,9 @@ def run(
     never fit this machine, and DeploymentError if a constructor fails (the app
     is then DEPLOY_FAILED and nothing of it is left running).
 
-    ``direct_ingress_port`` (shoal's own, keyword only: Ray's positional order is
-    kept): the ingress replicas also accept HTTP
-    themselves on that port, without the proxy's hop (docs/direct-ingress.md).
+    ``direct_ingress_port`` (shoal's own; keyword only, so Ray's positional order holds):
+    the ingress replicas also accept HTTP themselves on that port, without the proxy's
+    hop (docs/direct-ingress.md).
     """
     _refuse_extra("serve.run", kwargs, _RUN_KEYWORDS)
     one = RunTarget(target, name, route_prefix, logging_config, direct_ingress_port)
