@@ -134,22 +134,18 @@ class _HereStream:
         if self._reader is not None:
             self._reader.cancel()
         step, self._step = self._step, None
-        if step is not None:
-            if step.done():
-                _close_unread(step)
-            else:
-                step.cancel()
-                step.add_done_callback(_close_unread)
+        if step is not None:  # (a step only reads the generator, closed below)
+            step.cancel()
+            step.add_done_callback(_retrieved)
         if self._messages is not None:
             self._loop.create_task(self._messages.aclose(), context=self._context)
 
 
-def _close_unread(step: asyncio.Task[Any]) -> None:
-    """A streamed response nobody will read (its request was closed): end it."""
-    if not step.cancelled() and step.exception() is None:
-        result = step.result()
-        if isinstance(result, AsyncGenerator):
-            step.get_loop().create_task(result.aclose())
+def _retrieved(step: asyncio.Task[Any]) -> None:
+    """A step nobody reads (its request was closed): its exception, if any, is taken, so
+    asyncio does not log it as never retrieved."""
+    if not step.cancelled():
+        step.exception()
 
 
 async def _anext(messages: AsyncGenerator[Message, None]) -> Message:
