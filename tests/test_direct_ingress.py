@@ -502,7 +502,10 @@ TIMEOUT_DRIVER = textwrap.dedent(
     serve.run(slow.bind(), name="slow", route_prefix="/slow", direct_ingress_port=port)
     fast = httpx.get(f"http://127.0.0.1:{port}/slow?fast=1", headers={"x-request-id": "rid-fast"})
     print(fast.status_code)
-    print(httpx.get(f"http://127.0.0.1:{port}/slow", timeout=10).status_code)
+    late = httpx.get(f"http://127.0.0.1:{port}/slow", headers={"x-request-id": "rid-late"},
+                     timeout=10)
+    print(late.headers["x-request-id"])
+    print(late.status_code)
     serve.shutdown()
     """
 )
@@ -512,10 +515,11 @@ def test_the_request_timeout_and_access_lines_on_the_direct_port(tmp_path: Path)
     """504 at http_options.request_timeout_s; each request's access line is the replica's
     own (on the terminal, with its id and the path), as for a request the proxy sent."""
     result = run_driver(tmp_path, TIMEOUT_DRIVER)
-    assert result.stdout.strip().splitlines()[-2:] == ["200", "504"], result.stdout
+    assert result.stdout.strip().splitlines()[-3:] == ["200", "rid-late", "504"], result.stdout
     lines = result.stderr.splitlines()
     replica = r"INFO \S+ \S+ slow slow slow#slow#\w+ "
     ok = rf"{replica}\[rid-fast\] direct\.py:\d+ - GET /slow 200 "
     assert [x for x in lines if re.match(ok, x)], result.stderr
-    assert [x for x in lines if re.match(rf"{replica}direct\.py:\d+ - GET /slow 504 ", x)]
+    late = rf"{replica}\[rid-late\] direct\.py:\d+ - GET /slow 504 "
+    assert [x for x in lines if re.match(late, x)], result.stderr
     assert not [x for x in lines if " proxy proxy-" in x], result.stderr

@@ -113,6 +113,17 @@ def test_request_id_is_generated_or_propagated(apps: str) -> None:
     assert generated.text == generated.headers["x-request-id"] != ""
 
 
+def test_answers_the_proxy_makes_itself_carry_the_request_id(apps: str) -> None:
+    """404 and 400 come from the proxy, not an ingress: the id is still echoed (or made)."""
+    with httpx.Client(base_url=apps, timeout=30) as client:
+        given = client.get("/nowhere", headers={"x-request-id": "lost-1"})
+        assert (given.status_code, given.headers["x-request-id"]) == (404, "lost-1")
+        made = client.get("/nowhere")
+        assert made.status_code == 404 and len(made.headers["x-request-id"]) == 32
+        bad = client.get("/echo", headers={"x-request-priority": "urgent", "x-request-id": "p-2"})
+        assert (bad.status_code, bad.headers["x-request-id"]) == (400, "p-2")
+
+
 def test_builtin_routes(apps: str) -> None:
     routes = httpx.get(f"{apps}/-/routes", timeout=30).json()
     assert routes["/echo"] == "echo" and routes["/echo/sync"] == "sync"

@@ -161,6 +161,7 @@ def test_http_requests_beyond_the_queue_get_503_at_once(base_url: str) -> None:
         assert max(t for t, _ in refused) < AT_ONCE_S, [t for t, _ in refused]
         reply = refused[0][1]
         assert reply.headers["retry-after"] == "1"
+        assert len(reply.headers["x-request-id"]) == 32  # an answer of the proxy has one too
         assert f"too many requests are queued for application '{name}'" in reply.text
         assert _calls(handle) == 5
     finally:

@@ -47,6 +47,7 @@ from shoal._observe.logs import access_log_enabled
 from shoal._oip import server as oip_server
 from shoal._proxy.access import AccessLines, ProxyAccessLines
 from shoal._proxy.exchange import (
+    TEXT,
     DisconnectWatches,
     Scope,
     StartTracker,
@@ -97,6 +98,22 @@ def _timed_out(timeout: float) -> str:
 
 def _is_timeout(message: Any) -> bool:
     return type(message) is Failure and message.kind == "RequestTimeoutError"
+
+
+_REQUEST_ID = b"x-request-id"
+
+
+def _ids(request_id: str) -> list[tuple[bytes, bytes]]:
+    """The headers of an answer the proxy makes itself: the request's id, as on every
+    response (last: where its access line reads it). A header's value round-trips as
+    latin-1, as :func:`header` reads it."""
+    return [(_REQUEST_ID, request_id.encode("latin-1"))]
+
+
+def _id_header(scope: Scope) -> tuple[bytes, bytes]:
+    """The ``x-request-id`` header of an answer made before the request got its id: the
+    client's, or a new one."""
+    return (_REQUEST_ID, (header(scope, _REQUEST_ID) or new_request_id()).encode("latin-1"))
 
 
 #: Environment variable naming a listening socket's file descriptor the proxy inherits.
@@ -170,7 +187,7 @@ class Proxy:
                 await send({"type": "websocket.close", "code": 1013})  # try again later
                 return
             await reply(send, 503, "Service unavailable: shoal is shutting down.",
-                         extra_headers=[_RETRY_AFTER, _CLOSE])  # fmt: skip
+                         extra_headers=[_RETRY_AFTER, _CLOSE, _id_header(scope)])  # fmt: skip
             return
         if kind == "websocket":
             await self._websocket(scope, receive, send)
@@ -178,7 +195,7 @@ class Proxy:
         if self._in_flight >= self._max_in_flight:
             if self._metrics is not None:
                 self._metrics.proxy_full(scope, self.match)
-            await reply(send, 503, _PROXY_FULL, extra_headers=[_RETRY_AFTER])
+            await reply(send, 503, _PROXY_FULL, extra_headers=[_RETRY_AFTER, _id_header(scope)])
             return
         self._in_flight += 1
         try:
@@ -215,27 +232,30 @@ class Proxy:
             body = await read_body(scope, receive, limit)  # then a disconnect can be seen
             if await self._routes_known(receive if body is not None else None):
                 return  # the client left: nobody to answer
+        request_id = header(scope, _REQUEST_ID) or new_request_id()
         path: str = scope["path"]
         route = self.match(path)
-        if self._oip and path.startswith("/v2") and await self._oip_server(scope, route, send):
+        oip = self._oip and path.startswith("/v2")
+        if oip and await self._oip_server(scope, route, send, request_id):
             return
         if route is None:
-            await reply(send, 404, f"Path '{path}' not found. Routes are listed at /-/routes.")
+            await reply(send, 404, f"Path '{path}' not found. Routes are listed at /-/routes.",
+                        extra_headers=_ids(request_id))  # fmt: skip
             return
         prefix, app, ingress = route
         priority = _priority(scope)
         if priority is None:
             named = header(scope, PRIORITY_HEADER)
             await reply(send, 400, f"Invalid {PRIORITY_HEADER.decode()} header {named!r}: "
-                                    f"use one of {CHOICES}.")  # fmt: skip
+                                    f"use one of {CHOICES}.", TEXT, _ids(request_id))  # fmt: skip
             return
         if body is _UNREAD:
             body = await read_body(scope, receive, limit)
         if not isinstance(body, bytes):
             await reply(send, 413, f"Request body is larger than {limit} bytes "
-                                    "(http_options.max_request_body_bytes).")  # fmt: skip
+                                    "(http_options.max_request_body_bytes).",
+                         extra_headers=_ids(request_id))  # fmt: skip
             return
-        request_id = header(scope, b"x-request-id") or new_request_id()
         data = HttpRequestData(
             scope["method"], scope.get("scheme", "http"), path,
             "" if prefix == "/" else prefix, scope.get("query_string", b""),
@@ -260,14 +280,14 @@ class Proxy:
             if started.sent:
                 raise  # mid-stream: abort the connection; the client sees a truncated body
             logger.warning("request %s timed out after %.3g s", request_id, timeout)
-            await reply(send, 504, _timed_out(timeout))
+            await reply(send, 504, _timed_out(timeout), extra_headers=_ids(request_id))
 
     async def _forward(
         self, app: str, ingress: str, request: Request, receive: Any, send: Any,
         deadline: float | None = None,
     ) -> None:  # fmt: skip
         """Send the request to the ingress; relay its complete or streamed response."""
-        request_id = request.request_id.encode()
+        request_id = request.request_id.encode("latin-1")
         router = self.registry.get(app, ingress)
         stream = router.try_open_stream(request, deadline)  # the fast path: no task, no wait
         if stream is None:
@@ -279,7 +299,7 @@ class Proxy:
             first = await stream.next()
             if type(first) is Result and type(first.value) is HttpResponseData:
                 response = first.value
-                response.headers.append((b"x-request-id", request_id))
+                response.headers.append((_REQUEST_ID, request_id))
                 await send({"type": "http.response.start", "status": response.status,
                             "headers": response.headers})  # fmt: skip
                 await send({"type": "http.response.body", "body": response.body})
@@ -293,15 +313,17 @@ class Proxy:
                 await self._forward(app, ingress, request, receive, send, deadline)
             elif deadline is not None and _is_timeout(first):
                 # The replica's deadline ran out a moment before ours: the same 504.
-                await reply(send, 504, _timed_out(self.options.request_timeout_s or 0.0))
+                await reply(send, 504, _timed_out(self.options.request_timeout_s or 0.0),
+                            extra_headers=[(_REQUEST_ID, request_id)])  # fmt: skip
             else:
                 logger.error("request %s to '%s' failed: %s", request.request_id, app, first)
-                await reply(send, 500, "Internal Server Error")
+                await reply(send, 500, "Internal Server Error",
+                            extra_headers=[(_REQUEST_ID, request_id)])  # fmt: skip
         except RequestCancelledError:
             pass  # the client disconnected
         except ShoalError as exc:
             logger.error("request %s to '%s' failed: %s", request.request_id, app, exc)
-            await reply(send, 500, "Internal Server Error")
+            await reply(send, 500, "Internal Server Error", TEXT, [(_REQUEST_ID, request_id)])
         finally:
             watch.stop()
             stream.close()
@@ -329,14 +351,14 @@ class Proxy:
         except UnavailableError as error:
             logger.warning("request %s: %s", request.request_id, error)
             text = _NO_REPLICA.format(app=router.app)
-        await reply(send, 503, text, extra_headers=[_RETRY_AFTER])
+        await reply(send, 503, text, extra_headers=[_RETRY_AFTER, *_ids(request.request_id)])
         return None
 
     async def _relay(
         self, start: HttpResponseStart, stream: Any, request_id: bytes, watch: Any, send: Any
     ) -> None:
         watch.start()  # streams can run for long: watch for the client leaving from now on
-        headers = [*start.headers, (b"x-request-id", request_id)]
+        headers = [*start.headers, (_REQUEST_ID, request_id)]
         await send({"type": "http.response.start", "status": start.status, "headers": headers})
         while True:
             message = await stream.next()
@@ -359,7 +381,7 @@ class Proxy:
             await send({"type": "websocket.close", "code": 1008})  # uvicorn answers 403
             return
         prefix, app, ingress = route
-        request_id = header(scope, b"x-request-id") or new_request_id()
+        request_id = header(scope, _REQUEST_ID) or new_request_id()
         data = HttpRequestData(
             WEBSOCKET, scope.get("scheme", "ws"), path, "" if prefix == "/" else prefix,
             scope.get("query_string", b""), scope["headers"], b"", scope.get("client"),
@@ -395,7 +417,7 @@ class Proxy:
         else:
             await reply(send, 200, "success")
 
-    async def _oip_server(self, scope: Scope, route: Any, send: Any) -> bool:
+    async def _oip_server(self, scope: Scope, route: Any, send: Any, request_id: str) -> bool:
         """Answer the Open Inference Protocol's server-level paths (docs/oip.md); True if
         answered."""
         answer = oip_server.server_answer(
@@ -403,7 +425,7 @@ class Proxy:
         )
         if answer is None:
             return False
-        await reply(send, answer[0], answer[1].decode(), _JSON)
+        await reply(send, answer[0], answer[1].decode(), _JSON, _ids(request_id))
         return True
 
     def _oip_ready(self) -> bool:
