@@ -7,7 +7,8 @@ under ``valgrind --tool=callgrind --trace-children=yes`` with ``SHOAL_FORK_SERVE
 (every worker is a ``python -m`` child, so callgrind follows it). After a warm-up, this
 process (outside valgrind) sends ``n1`` then ``n2`` sequential ``POST /echo`` requests on
 one keep-alive connection, and reads every process's instruction counter
-(``callgrind_control -e Ir``, named driver, proxy or replica by its command line)
+(``callgrind_control -e Ir``, named driver, proxy or replica by its command line, and
+by thread: thread 1 is the main one)
 before, between and after: ``(Ir(n2) - Ir(n1)) / (n2 - n1)`` is its instructions per
 request, start-up, shutdown and the cost of a reading cancelled. Unlike wrk's figures,
 these do not depend on the machine's load. (One server per variant, not one per N:
@@ -17,6 +18,9 @@ What it does not cancel: work done per second rather than per request (health ch
 metrics pushes) counts in proportion to the requests' wall time, which valgrind
 stretches ~50x. The "periodic" column estimates it: the counters over an idle interval
 as long as the ``n2`` requests took, scaled to one request's share of the wall time.
+Work shared by the requests of one interval is overstated for the same reason: access
+lines share a time stamp per millisecond and a write per 0.1 s, which at full speed
+several requests share and under valgrind one or a few do.
 The served total is the replica (``--path direct``: at its direct ingress port) or
 proxy + replica (``--path proxy``).
 """
@@ -73,7 +77,8 @@ def _group(pgid: int) -> list[int]:
 
 def _counters(pgid: int) -> dict[str, int]:
     """Instructions so far of every process of the server under callgrind (all threads),
-    summed by role, read with ``callgrind_control -e Ir`` (the process goes on running)."""
+    summed by role and by role and thread, read with ``callgrind_control -e Ir`` (the
+    process goes on running)."""
     pids = [str(pid) for pid in _group(pgid)]
     result = subprocess.run(["callgrind_control", "-e", "Ir", *pids],
                             capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
@@ -84,9 +89,14 @@ def _counters(pgid: int) -> dict[str, int]:
         if head:
             role = _role(head.group(2))
             totals.setdefault(role, 0)
-        thread = re.match(r"\s*Th \d+\s+([\d,]+)", line)
+        thread = re.match(r"\s*Th (\d+)\s+([\d,]+)", line)
         if thread and role:
-            totals[role] += int(thread.group(1).replace(",", ""))
+            count = int(thread.group(2).replace(",", ""))
+            totals[role] += count
+            # Threads by their number (1: the main thread; in a replica the next ones are
+            # the log files' flusher, then the span exporter when tracing: by start order).
+            key = f"{role} thread {thread.group(1)}"
+            totals[key] = totals.get(key, 0) + count
     return totals
 
 
@@ -219,6 +229,8 @@ def render(results: dict[str, Any], args: argparse.Namespace, started: datetime)
     for name, result in results.items():
         for role, per in result["per_request"].items():
             idle = result["periodic_per_request"].get(role, 0.0)
+            if " thread " in role and abs(per) < 1 and abs(idle) < 1:
+                continue  # a thread with nothing to do
             lines.append(f"| {name} | {role} | {per:,.0f} | {idle:,.0f} |")
         net = result["served_net"]
         lines.append(f"| {name} | **served** | **{result['served']:,.0f}** | (net {net:,.0f}) |")

@@ -48,6 +48,32 @@ def test_a_direct_access_line_reads_as_the_formatters_line() -> None:
         assert as_json == expected
 
 
+def test_a_block_of_access_lines_reads_as_the_formatters_lines() -> None:
+    """Lines formatted together (a time stamp and a head shared while they last) read as
+    each record formatted alone: across milliseconds and seconds, lines, ids given as
+    text or as the header's bytes, none, and latencies past the precomputed ones."""
+    lines = [
+        AccessLine(("access.py", 20), "app", "proxy", "proxy-1a2b3c4d", "POST", "/echo", 200),
+        AccessLine(("direct.py", 9), "app", "Echo", "app#Echo#x", "GET", "/", 504),
+    ]
+    offset = time.time() - time.perf_counter()
+    start = time.perf_counter()
+    ids: list[str | bytes] = ["rid-7", b"rid-\xe9", "", "x" * 32]
+    latencies = (0.04, 0.35, 99.94, 99.96, 1234.56)
+    waiting = [
+        (start + step * 0.0004, lines[step % 3 == 0], ids[step % 4], latencies[step % 5])
+        for step in range(3000)  # 1.2 s: hundreds of milliseconds, two seconds or more
+    ]  # fmt: skip
+    expected = "".join(
+        logs.TextFormatter().format(
+            _record(line, rid.decode("latin-1") if isinstance(rid, bytes) else rid,
+                    latency_ms, created + offset)
+        ) + "\n"
+        for created, line, rid, latency_ms in waiting
+    )  # fmt: skip
+    assert AccessLine.texts(waiting, offset) == expected
+
+
 def test_pending_lines_keep_their_order_and_format_access_lines_when_taken() -> None:
     stream, file = Pending(None), Pending(None, json=True)
     ACCESS.route_to([stream, file])

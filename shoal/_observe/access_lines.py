@@ -49,8 +49,8 @@ class AccessLine:
     A request's line waits, unformatted, as ``(perf_counter() time, this line, request
     id, latency in ms)``."""
 
-    __slots__ = ("application", "deployment", "head", "method", "replica", "route", "status",
-                 "tail", "where")  # fmt: skip
+    __slots__ = ("application", "closed_tail", "deployment", "head", "method", "replica",
+                 "route", "status", "tail", "where")  # fmt: skip
 
     def __init__(
         self,
@@ -67,16 +67,17 @@ class AccessLine:
         self.where = where
         self.head = f" {application} {deployment} {replica} "
         self.tail = f"{where[0]}:{where[1]} - {method} {route} {status} "
+        self.closed_tail = f"] {self.tail}"  # after a request id: "[rid" + this
 
     def text(self, waiting: tuple[float, AccessLine, str | bytes, float], offset: float) -> str:
         """The TEXT line of a waiting request (``offset``: ``time.time()`` minus
         ``perf_counter()``), as ``logs.TextFormatter`` formats a record."""
-        stamp = logs.format_time(waiting[0] + offset)
-        tenths = int(waiting[3] * 10.0 + 0.5)  # latency_text(), inlined: once per line
-        rid = waiting[2]
-        request_id = rid.decode("latin-1") if isinstance(rid, bytes) else rid
-        request = f"[{request_id}] " if request_id else ""
-        return f"INFO {stamp}{self.head}{request}{self.tail}{tenths // 10}.{tenths % 10}ms\n"
+        return texts([waiting], offset)
+
+    @staticmethod
+    def texts(waiting: list[tuple[float, AccessLine, str | bytes, float]], offset: float) -> str:
+        """The TEXT lines of waiting requests (whatever their lines): :func:`texts`."""
+        return texts(waiting, offset)
 
     def json(self, waiting: tuple[float, AccessLine, str | bytes, float], offset: float) -> str:
         """The JSON line of a waiting request, as ``logs.JsonFormatter`` formats a record."""
@@ -99,6 +100,37 @@ class AccessLine:
 
 
 _encode = json.JSONEncoder().encode
+# "0.0ms\n" .. "99.9ms\n": a latency's text by its tenths of a millisecond, for most lines.
+_LATENCIES = [f"{tenths // 10}.{tenths % 10}ms\n" for tenths in range(1000)]
+
+
+def texts(waiting: list[tuple[float, AccessLine, str | bytes, float]], offset: float) -> str:
+    """The TEXT lines of waiting requests, in order (``offset``: ``time.time()`` minus
+    ``perf_counter()``), each as ``logs.TextFormatter`` formats its record. One pass
+    that puts parts together: the time stamp and the line's head are made again only
+    when the millisecond (``logs.format_time``'s) or the line changes."""
+    parts: list[str] = []
+    add = parts.extend
+    start = end = 0.0
+    stamp = prefix = ""
+    last: AccessLine | None = None
+    latencies = _LATENCIES
+    for created, line, request_id, latency_ms in waiting:
+        created += offset
+        if not start <= created < end:  # another millisecond
+            start, end, stamp = logs.time_span(created)
+            last = None
+        if line is not last:
+            prefix, last = f"INFO {stamp}{line.head}", line
+        tenths = int(latency_ms * 10.0 + 0.5)  # latency_text(), inlined: once per line
+        latency = latencies[tenths] if tenths < 1000 else f"{tenths // 10}.{tenths % 10}ms\n"
+        if not request_id:
+            add((prefix, line.tail, latency))
+        elif isinstance(request_id, bytes):  # the header's, as sent: latin-1
+            add((prefix, "[", request_id.decode("latin-1"), line.closed_tail, latency))
+        else:
+            add((prefix, "[", request_id, line.closed_tail, latency))
+    return "".join(parts)
 
 
 class AccessLog:

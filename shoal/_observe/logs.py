@@ -121,10 +121,19 @@ def format_time(created: float) -> str:
     start, end, text = _millisecond
     if start <= created < end:
         return text
+    return _format_millisecond(created)[2]
+
+
+def time_span(created: float) -> tuple[float, float, str]:
+    """``(start, end, format_time(created))``: the times in [start, end) have the same
+    text (start == end: none is known to)."""
+    span = _millisecond
+    if span[0] <= created < span[1]:
+        return span
     return _format_millisecond(created)
 
 
-def _format_millisecond(created: float) -> str:
+def _format_millisecond(created: float) -> tuple[float, float, str]:
     global _second, _millisecond
     second = int(created)
     known, day_time = _second
@@ -134,8 +143,9 @@ def _format_millisecond(created: float) -> str:
     millis = int((created - second) * 1000)
     text = f"{day_time},{millis:03d}"
     start = second + millis / 1000
-    _millisecond = (start, start + 0.001, text) if start <= created else (0.0, 0.0, "")
-    return text
+    span = (start, start + 0.001, text) if start <= created else (0.0, 0.0, text)
+    _millisecond = span
+    return span
 
 
 class TextFormatter(logging.Formatter):

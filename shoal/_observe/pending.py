@@ -32,7 +32,8 @@ __all__ = ["ACCESS", "FILE_ACCESS", "AccessBlock", "AccessQueue", "Pending"]
 class AccessBlock:
     """Access lines moved together to their destinations. A line is ``(ended, line,
     request id, latency in ms)``: ``ended`` a ``perf_counter()`` time, ``line`` an
-    object with ``text(item, offset)`` and ``json(item, offset)`` (``AccessLine``)."""
+    object with ``texts(items, offset)`` (the TEXT of a block of such lines, whatever
+    their ``line``) and ``json(item, offset)`` (``AccessLine``)."""
 
     __slots__ = ("_json", "_text", "items")
 
@@ -44,7 +45,7 @@ class AccessBlock:
     def text(self, offset: float) -> str:
         """The lines as TEXT (``offset``: ``time.time()`` minus ``perf_counter()``)."""
         if self._text is None:
-            self._text = "".join([item[1].text(item, offset) for item in self.items])
+            self._text = self.items[0][1].texts(self.items, offset)  # (never empty)
         return self._text
 
     def json(self, offset: float) -> str:
