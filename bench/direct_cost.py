@@ -6,7 +6,9 @@ default, tracing at 100%), a server (``python -m bench.observability --serve``) 
 under ``valgrind --tool=callgrind --trace-children=yes`` with ``SHOAL_FORK_SERVER=0``
 (every worker is a ``python -m`` child, so callgrind follows it). After a warm-up, this
 process (outside valgrind) sends ``n1`` then ``n2`` sequential ``POST /echo`` requests on
-one keep-alive connection, and reads every process's instruction counter
+one keep-alive connection (or on ``--clients`` connections at once: with ``--app
+w1_defaults``, whose ``max_ongoing_requests`` is Ray's 5, more than 5 make requests
+queue), and reads every process's instruction counter
 (``callgrind_control -e Ir``, named driver, proxy or replica by its command line, and
 by thread: thread 1 is the main one)
 before, between and after: ``(Ir(n2) - Ir(n1)) / (n2 - n1)`` is its instructions per
@@ -122,17 +124,34 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> int:
     raise TimeoutError(f"not ready after {READY_DEADLINE_S}s: {log.read_text()[-2000:]}")
 
 
-def _send(port: int, n: int) -> float:
-    """``n`` sequential requests on one keep-alive connection; their wall time in seconds."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=120)
+def _send(port: int, n: int, clients: int = 1) -> float:
+    """``n`` requests, sequential on each of ``clients`` keep-alive connections at once
+    (``n`` shared among them); their wall time in seconds."""
+    failures: list[BaseException] = []
+
+    def client(count: int) -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=120)
+        try:
+            for _ in range(count):
+                conn.request("POST", "/echo", body=ECHO_BODY, headers=_HEADERS)
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
+        except BaseException as exc:  # re-raised below, in the caller
+            failures.append(exc)
+        finally:
+            conn.close()
+
+    counts = [n // clients + (i < n % clients) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(count,)) for count in counts]
     started = time.monotonic()
-    for _ in range(n):
-        conn.request("POST", "/echo", body=ECHO_BODY, headers=_HEADERS)
-        response = conn.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
-    conn.close()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
     return time.monotonic() - started
 
 
@@ -162,7 +181,7 @@ def _run(options: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[
     argv = ["valgrind", "--tool=callgrind", "--trace-children=yes",
             "--callgrind-out-file=/dev/null", sys.executable, "-m", "bench.observability",
             "--serve", json.dumps(options), str(port)]  # fmt: skip
-    argv += [str(direct_port)] if args.path == "direct" else []
+    argv += [str(direct_port) if args.path == "direct" else "0", args.app]
     target = direct_port if args.path == "direct" else port
     log = Path(tempfile.mkstemp(prefix="server-", suffix=".log", dir=work)[1])
     env = {**os.environ, "SHOAL_FORK_SERVER": "0"}
@@ -173,11 +192,11 @@ def _run(options: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[
     try:
         polls = _wait_ready(proc, target, log)
         ready = time.monotonic() - started
-        _send(target, WARMUP)
+        _send(target, WARMUP, args.clients)
         c0 = _counters(proc.pid)
-        wall1 = _send(target, args.n1)
+        wall1 = _send(target, args.n1, args.clients)
         c1 = _counters(proc.pid)
-        wall2 = _send(target, args.n2)
+        wall2 = _send(target, args.n2, args.clients)
         c2 = _counters(proc.pid)
         idle = threading.Event()  # no requests as long as the n2 ones took: periodic work
         idle.wait(wall2)
@@ -215,13 +234,19 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return results
 
 
-def render(results: dict[str, Any], args: argparse.Namespace, started: datetime) -> str:
+def render(
+    results: dict[str, Any], args: argparse.Namespace, started: datetime, env: dict[str, Any]
+) -> str:
     served = "replica" if args.path == "direct" else "proxy + replica"
     lines = [
         f"# Instructions per W1 request ({started.isoformat(timespec='seconds')})",
         "",
-        f"- path {args.path}; callgrind, (Ir(n2) - Ir(n1)) / (n2 - n1), n1 {args.n1}, "
-        f"n2 {args.n2}, {WARMUP} warm-up requests; served = {served}",
+        f"- path {args.path}; app {args.app}; {args.clients} client(s) at once; callgrind, "
+        f"(Ir(n2) - Ir(n1)) / (n2 - n1), n1 {args.n1}, n2 {args.n2}, {WARMUP} warm-up "
+        f"requests; served = {served}",
+        f"- commit {env['git_commit']} (dirty tree: {env['git_dirty']}); "
+        f"{env['machine']['cpu_model']}; Python {env['python']['version']}; "
+        f"packages {env['packages']}",
         "",
         "| variant | process | instructions/request | of which periodic (idle estimate) |",
         "| --- | --- | --- | --- |",
@@ -249,21 +274,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n2", type=int, default=1500)
     parser.add_argument("--variants", default="off,default,tracing")
     parser.add_argument("--path", choices=("direct", "proxy"), default="direct")
+    parser.add_argument(
+        "--app", choices=("w1", "w1_defaults"), default="w1",
+        help="w1_defaults: max_ongoing_requests=5, so with --clients above 5 requests queue",
+    )  # fmt: skip
+    parser.add_argument("--clients", type=int, default=1, help="connections sending at once")
     parser.add_argument("--save", action="store_true", help="write bench/results/direct-cost-*")
     args = parser.parse_args(argv)
     started = datetime.now(UTC)
+    from bench import report
+
+    env = report.environment({"name": "valgrind --tool=callgrind"}, started)
     work = Path(tempfile.mkdtemp(prefix="shoal-bench-direct-cost-"))
     try:
         results = measure(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = render(results, args, started)
+    text = render(results, args, started, env)
     print(text)
     if args.save:
-        from bench import report
-
         name = "direct-cost" if args.path == "direct" else "direct-cost-proxy"
-        report.write_named_results(name, started, {"args": vars(args), **results}, text)
+        name += "" if args.app == "w1" else f"-{args.app.replace('_', '-')}"
+        name += "" if args.clients == 1 else f"-c{args.clients}"
+        results = {"args": vars(args), "environment": env, **results}
+        report.write_named_results(name, started, results, text)
     return 0
 
 

@@ -62,10 +62,12 @@ def variants(trace_file: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def serve_main(variant_json: str, port: int, direct_port: int = 0) -> int:
+def serve_main(variant_json: str, port: int, direct_port: int = 0, app: str = "w1") -> int:
     """A server process: W1 on ``port`` with the variant's options, until SIGTERM; with
-    ``direct_port``, its ingress replica also serves HTTP itself there (direct ingress)."""
-    from bench.apps import w1
+    ``direct_port``, its ingress replica also serves HTTP itself there (direct ingress).
+    ``app``: ``bench.apps``'s W1 application of that name (``w1_defaults``: Ray's default
+    options)."""
+    from bench import apps
     from shoal import serve
 
     options = json.loads(variant_json)
@@ -73,7 +75,8 @@ def serve_main(variant_json: str, port: int, direct_port: int = 0) -> int:
         http_options={"host": HOST, "port": port}, admin_options={"port": 0}, _attach=False,
         **options,
     )  # fmt: skip
-    serve.run(w1, name="w1", route_prefix="/", direct_ingress_port=direct_port or None)
+    application = {"w1": apps.w1, "w1_defaults": apps.w1_defaults}[app]
+    serve.run(application, name="w1", route_prefix="/", direct_ingress_port=direct_port or None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
@@ -229,7 +232,7 @@ def _target(what: str, ratio: float | None, limit: float, higher: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve"]:
-        return serve_main(argv[1], *(int(port) for port in argv[2:4]))
+        return serve_main(argv[1], *(int(port) for port in argv[2:4]), *argv[4:5])
     parser = argparse.ArgumentParser(prog="python -m bench.observability")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5.0)
