@@ -49,6 +49,18 @@ class Who:
 
 
 @serve.deployment
+class Gated:
+    """Answers its version, "gated", once its constructor saw the file ``gate`` (it waits
+    at most DONE_S)."""
+
+    def __init__(self, gate: str) -> None:
+        wait_until(lambda: os.path.exists(gate), DONE_S, "the gate")
+
+    def __call__(self, request: Any) -> dict[str, Any]:
+        return {"version": "gated"}
+
+
+@serve.deployment
 class Slow:
     """Touches ``started`` once a request is in the handler, then answers a large body
     after ``delay_s`` (so a cut response shows)."""
@@ -186,6 +198,10 @@ def _apps() -> set[str]:
     return set(serve.status().applications)
 
 
+def _status(app: str) -> str:
+    return str(serve.status().applications[app].status)
+
+
 # --- serving ------------------------------------------------------------------------------
 
 
@@ -224,6 +240,44 @@ def test_a_redeploy_serves_the_new_version_and_moves_the_port(app_name: str) -> 
     serve.run(Who.bind("v2"), name=app_name, route_prefix="/who", direct_ingress_port=new_port)
     assert _get(f"http://127.0.0.1:{new_port}/who").json()["version"] == "v2"
     wait_until(lambda: _refused(url), DONE_S, "the old port refused")
+
+
+def test_a_port_being_left_is_not_given_to_another_app_until_it_is_free(
+    app_name: str, tmp_path: Path
+) -> None:
+    """While a redeploy moves an app off a port, its old replicas still serve that port:
+    another app may not take it (sharing it, each would get some of its connections)."""
+    other, gate = f"{app_name}-other", tmp_path / "gate"
+    port, new_port = free_port(), free_port()
+    serve.run(Who.bind("v1"), name=app_name, route_prefix="/who", direct_ingress_port=port)
+    moved: list[object] = []
+
+    def move() -> None:
+        gated = Gated.bind(str(gate))
+        moved.append(
+            serve.run(gated, name=app_name, route_prefix="/who", direct_ingress_port=new_port)
+        )
+
+    mover = threading.Thread(target=move)
+    mover.start()
+    try:
+        wait_until(lambda: _status(app_name) == "DEPLOYING", DONE_S, "the move begun")
+        with pytest.raises(ConfigError, match=f"'{app_name}' is moving off that port"):
+            serve.run(
+                Who.bind("other"), name=other, route_prefix="/other", direct_ingress_port=port
+            )
+        assert _get(f"http://127.0.0.1:{port}/who").json()["version"] == "v1"  # still served
+    finally:
+        gate.touch()
+        mover.join(DONE_S)
+    assert moved, "the move did not finish"
+    serve.run(Who.bind("other"), name=other, route_prefix="/other", direct_ingress_port=port)
+    try:
+        answers = {_get(f"http://127.0.0.1:{port}/other").json()["version"] for _ in range(10)}
+        assert answers == {"other"}
+        assert _get(f"http://127.0.0.1:{new_port}/who").json()["version"] == "gated"
+    finally:
+        serve.delete(other)
 
 
 def test_a_killed_replica_leaves_the_port_served_and_is_replaced(app_name: str) -> None:

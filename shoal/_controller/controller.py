@@ -66,6 +66,9 @@ class _App:
     deployments: dict[str, DeploymentState] = field(default_factory=dict)
     routed: bool = False
     autoscaler: AppAutoscaler | None = None  # its application-level policy, if any
+    # The direct ingress port a redeploy moves away from: its old replicas listen there
+    # until the deploy ends (stopped, or kept by a rollback), so no other app may take it.
+    leaving_port: int | None = None
 
 
 class Controller:
@@ -212,6 +215,8 @@ class Controller:
             app = self.apps[spec.name] = _App(spec)
         previous, app.spec = app.spec, spec
         app.status, app.message = ApplicationStatus.DEPLOYING, ""
+        if not is_new and previous.direct_ingress_port != spec.direct_ingress_port:
+            app.leaving_port = previous.direct_ingress_port
         try:
             await self._deploy_deployments(app, previous if not is_new else None)
         except (Exception, asyncio.CancelledError) as exc:
@@ -225,6 +230,8 @@ class Controller:
                 await self._roll_back(app)
                 await self._mark_ingress(app)  # back to the version still serving
             raise
+        finally:
+            app.leaving_port = None
         app.status, app.deployed_at = ApplicationStatus.RUNNING, time.time()
         app.routed = spec.route_prefix is not None
         self._autoscale_app(app)
@@ -290,8 +297,17 @@ class Controller:
         if port == self.http.port or (self.proxy is not None and port == self.proxy.port):
             raise ConfigError(f"{where}: that is the proxy's port; choose another")
         for other in self.apps.values():
-            if other.spec.name != spec.name and other.spec.direct_ingress_port == port:
+            if other.spec.name == spec.name:
+                continue
+            if other.spec.direct_ingress_port == port:
                 raise ConfigError(f"{where}: application '{other.spec.name}' uses that port")
+            if other.leaving_port == port:
+                # SO_REUSEPORT would let both apps' replicas listen: each would get some
+                # of the port's connections.
+                raise ConfigError(
+                    f"{where}: application '{other.spec.name}' is moving off that port and "
+                    "still serves it; retry once its deploy ends"
+                )
         ingress = spec.deployments[spec.ingress]
         # The HTTP options only (a ProxyOptions' grpc_options would start a gRPC server too).
         options = HTTPOptions(**{n: getattr(self.http, n) for n in HTTPOptions.model_fields})
