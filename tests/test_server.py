@@ -158,6 +158,48 @@ def _get(info: ServerInfo, path: str) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{info.http_port}{path}", timeout=30)
 
 
+GATED_SOURCE = """
+import os, time
+from shoal import serve
+
+# The build of this module waits (at most 60 s) for the file "gate" beside it.
+_deadline = time.monotonic() + 60
+while not os.path.exists(os.path.join(os.path.dirname(__file__), "gate")):
+    assert time.monotonic() < _deadline, "no gate"
+    time.sleep(0.02)
+
+@serve.deployment
+def gated(request):
+    return "gated"
+
+app = gated.bind()
+"""
+
+
+def test_an_application_deleted_while_its_config_builds_is_not_deployed_after(
+    server: ServerInfo, tmp_path: Path
+) -> None:
+    """A config's apply builds its applications first (in a child process), then deploys
+    them. One deleted meanwhile stays deleted: the apply does not bring it back."""
+    (tmp_path / "gated.py").write_text(GATED_SOURCE)
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    config = _config(tmp_path)
+    gated = {"name": "gated", "route_prefix": "/gated", "import_path": "gated:app",
+             "runtime_env": {"working_dir": str(tmp_path)}}  # fmt: skip
+    config["applications"].append(gated)
+    assert _put(server, config).status_code == 200
+    wait_until(lambda: "gated" in app_details(server)["applications"], 30, "gated building")
+    response = httpx.delete(f"{server.admin_url}/api/serve/applications/gated", timeout=30)
+    assert response.status_code == 200
+    (tmp_path / "gate").touch()
+    # Both were built together and deploy together: once greet runs, gated's turn is over.
+    app_running(server, "greet")
+    assert "gated" not in app_details(server)["applications"]
+    assert _get(server, "/gated").status_code == 404
+    httpx.delete(f"{server.admin_url}/api/serve/applications/", timeout=30)
+    wait_until(lambda: not app_details(server)["applications"], 30, "all deleted")
+
+
 def test_a_ray_config_deploys_updates_and_deletes_declaratively(
     server: ServerInfo, tmp_path: Path
 ) -> None:

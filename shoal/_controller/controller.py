@@ -186,11 +186,12 @@ class Controller:
 
     # --- applications --------------------------------------------------------------
 
-    async def deploy(self, spec: AppSpec) -> None:
+    async def deploy(self, spec: AppSpec, wanted: Callable[[], bool] | None = None) -> None:
         """Deploy or update an application; returns when it serves (routes included).
 
         Waits while replicas are PENDING for resources; raises ConfigError at once
-        if they can never fit this machine.
+        if they can never fit this machine. ``wanted``: asked once the application's
+        lock is held (after a delete that held it, say); False: nothing is deployed.
         """
         self._check_runtime_implements(spec)
         self._check_fits(spec)
@@ -201,6 +202,8 @@ class Controller:
         if spec.autoscaling_policy is not None:
             load_policy(spec.autoscaling_policy, "autoscaling_policy.policy_function")
         async with self._lock(spec.name):
+            if wanted is not None and not wanted():
+                return
             try:
                 await self._deploy_locked(spec)
             finally:

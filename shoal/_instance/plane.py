@@ -97,12 +97,14 @@ class InstanceControlPlane:
     async def delete_app(self, name: str) -> None:
         self._configs.pop(name, None)
         self._waiting.pop(name, None)
+        self._listed.discard(name)  # an apply still building it deploys it no more
         if name in self._instance.controller.apps:
             await self._instance.controller.delete(name)
 
     async def delete_all(self) -> None:
         self._waiting.clear()
         self._configs.clear()
+        self._listed = set()  # an apply still building deploys nothing more
         await asyncio.gather(
             *(self._instance.controller.delete(n) for n in list(self._instance.controller.apps)),
             return_exceptions=True,
@@ -234,7 +236,8 @@ class InstanceControlPlane:
         if app_config.autoscaling_policy is not None:
             result.spec.autoscaling_policy = app_config.autoscaling_policy.policy_function
         try:
-            await self._instance.controller.deploy(result.spec)
+            # Asked again under the app's lock: a delete may have held it meanwhile.
+            await self._instance.controller.deploy(result.spec, lambda: result.name in self._listed)
         except Exception as exc:
             logger.error("application '%s' failed to deploy: %s", result.name, exc)
             dropped = result.name not in self._configs  # by a config applied since
