@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1, help="connections sending at once")
     parser.add_argument("--save", action="store_true", help="write bench/results/direct-cost-*")
     args = parser.parse_args(argv)
+    if args.clients < 1:
+        parser.error(f"--clients must be at least 1, not {args.clients}")
     started = datetime.now(UTC)
     from bench import report
 

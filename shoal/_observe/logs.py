@@ -118,10 +118,7 @@ _millisecond: tuple[float, float, str] = (0.0, 0.0, "")
 def format_time(created: float) -> str:
     """``2026-01-05 10:00:00,123`` (local time, as Ray's lines): strftime once a second,
     the text once a millisecond (lines written in the same millisecond share it)."""
-    start, end, text = _millisecond
-    if start <= created < end:
-        return text
-    return _format_millisecond(created)[2]
+    return time_span(created)[2]
 
 
 def time_span(created: float) -> tuple[float, float, str]:
