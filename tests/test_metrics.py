@@ -437,3 +437,44 @@ def test_custom_metrics_reserve_the_replica_tags_inside_a_replica() -> None:
         }  # fmt: skip
     finally:
         replica_context.reset(token)
+
+
+def test_a_histogram_counts_every_value_in_its_bucket_however_many_wait() -> None:
+    """Values are counted into buckets in bulk (a fold per FOLD_AT values, and before
+    every export): the buckets must be those of counting each value on its own, a value
+    equal to a bound in that bound's bucket, while another thread observes meanwhile."""
+    from shoal._observe.metrics import snapshot
+    from shoal._observe.metrics.registry import FOLD_AT
+
+    histogram = metrics.Histogram("test_folded", boundaries=[1.0, 2.0, 5.0], tag_keys=("k",))
+    values = [0.5, 1.0, 1.5, 2.0, 4.999, 5.0, 7.0, 1e9] * (FOLD_AT // 3)  # folds midway
+    expected = {"1.0": 0, "2.0": 0, "5.0": 0, "+Inf": 0}
+    for value in values:
+        for bound in ("1.0", "2.0", "5.0", "+Inf"):
+            expected[bound] += bound == "+Inf" or value <= float(bound)
+
+    def observe_all(tag: str) -> None:
+        for value in values:
+            histogram.observe(value, tags={"k": tag})
+
+    other = threading.Thread(target=observe_all, args=("other",))
+    other.start()
+    observe_all("main")
+    other.join()
+
+    def exported() -> Samples:
+        families, _errors = snapshot()
+        wanted = [f for f in families if f[0] == "ray_test_folded"]
+        return {(name, frozenset(labels)): value for f in wanted for name, labels, value in f[3]}
+
+    samples = exported()
+    for tag in ("main", "other"):
+        buckets = {le: total(samples, "ray_test_folded_bucket", k=tag, le=le) for le in expected}
+        assert buckets == expected
+        assert total(samples, "ray_test_folded_count", k=tag) == len(values)
+        assert total(samples, "ray_test_folded_sum", k=tag) == pytest.approx(sum(values))
+    histogram.observe(float("nan"), tags={"k": "main"})  # counted as before: first bucket
+    histogram.observe(3.0, tags={"k": "main"})
+    samples = exported()
+    assert total(samples, "ray_test_folded_bucket", k="main", le="1.0") == expected["1.0"] + 1
+    assert total(samples, "ray_test_folded_bucket", k="main", le="5.0") == expected["5.0"] + 2

@@ -13,6 +13,7 @@ from shoal._proxy.exchange import DisconnectWatches
 from shoal._proxy.http_protocol import CorkedHttpToolsProtocol
 
 _GET = b"GET /%s HTTP/1.1\r\nhost: t\r\n\r\n"
+_CLOSE = b"GET /%s HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
 
 
 async def _app(scope: Any, receive: Any, send: Any) -> None:
@@ -170,7 +171,7 @@ async def test_a_watch_started_at_once_closes_the_stream_when_the_client_leaves(
 
 
 def test_the_locked_uvicorn_gets_the_corked_protocol() -> None:
-    """The lock's uvicorn is the one ``_Cork`` was checked against; a lock that moves to
+    """The lock's uvicorn is the one ``Cork`` was checked against; a lock that moves to
     another release fails here until ``_CHECKED_UVICORN`` names it (after this module's
     byte-for-byte tests pass with it): any other release gets uvicorn's own protocol."""
     from shoal._proxy.http_protocol import http_protocol
@@ -213,3 +214,54 @@ async def test_a_replica_slot_is_free_as_soon_as_the_last_reply_arrives() -> Non
     closed_early.push(Result("late"))
     assert released == [1, 2]
     conn.close()
+
+
+async def test_the_proxy_records_each_response_status_under_either_protocol() -> None:
+    """What the proxy records (metrics, access lines) takes the response's status from
+    the corked protocol's ``Cork.start`` or, under uvicorn's own protocol, from a
+    ``send`` that keeps it: the same statuses either way, 0 (499) for no response."""
+    from shoal._observe.metrics import snapshot
+    from shoal._proxy.metrics import ProxyMetrics
+    from shoal._proxy.observe import observed
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        status = int(scope["path"].strip("/"))
+        if status == 499:
+            raise RuntimeError("no response")  # uvicorn answers 500; the proxy saw none
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def route(protocol: str) -> tuple[str, str, str]:
+        return ("/", f"fast-path-{protocol}", "ingress")
+
+    def counts(protocol: str) -> dict[str, float]:
+        families, _ = snapshot()
+        (latency,) = [f for f in families if f[0] == "ray_serve_http_request_latency_ms"]
+        return {
+            dict(labels)["status_code"]: value
+            for name, labels, value in latency[3]
+            if name.endswith("_count") and dict(labels)["application"] == route(protocol)[1]
+        }
+
+    for name, protocol in (("corked", CorkedHttpToolsProtocol), ("plain", "httptools")):
+        metrics = ProxyMetrics("node", "127.0.0.1", lambda: 0)
+        served = observed(app, lambda _path, n=name: route(n), metrics, None)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(served, http=protocol, lifespan="off", log_level="critical")
+        server = uvicorn.Server(config)
+        config.load()
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[sock])
+        try:
+            for status in (200, 200, 404, 503, 499):
+                request = _CLOSE % str(status).encode()  # (answered, the connection ends)
+                reply = await _exchange(sock.getsockname()[1], request)
+                assert reply.startswith(b"HTTP/1.1 %d" % (500 if status == 499 else status))
+        finally:
+            server.should_exit = True
+            await server.shutdown()
+        assert counts(name) == {"200": 2.0, "404": 1.0, "503": 1.0, "499": 1.0}, name

@@ -14,8 +14,8 @@ of the declared length goes out with it in one write. Guarantees:
 - everything else (keep-alive, pipelining, flow control, disconnects, websockets) is
   uvicorn's unchanged.
 
-The application's ``receive`` is the request's :class:`_Cork`: uvicorn's ``receive``,
-plus :meth:`_Cork.on_disconnect`, which tells of the client leaving without a task
+The application's ``receive`` is the request's :class:`Cork`: uvicorn's ``receive``,
+plus :meth:`Cork.on_disconnect`, which tells of the client leaving without a task
 awaiting ``receive()`` (what :class:`shoal._proxy.exchange.DisconnectWatch` uses).
 """
 
@@ -41,20 +41,23 @@ class _HeadCapture:
         self.head = data
 
 
-class _Cork:
+class Cork:
     """A request's application, given a ``send`` that holds the response's head until
     its body (or the loop turn's end), and this object as its ``receive``. A wrapper,
     not a subclass of uvicorn's cycle: a cycle whose class changed after it was made
     loses CPython's fast attribute access (its attributes were laid out for the old
     class), in uvicorn's code too."""
 
-    __slots__ = ("_on_disconnect", "app", "cycle", "head")
+    __slots__ = ("_on_disconnect", "app", "cycle", "head", "start")
 
     def __init__(self, app: Any, cycle: RequestResponseCycle) -> None:
         self.app = app
         self.cycle = cycle
         self.head: bytes | None = None  # the response's head, built but not written yet
         self._on_disconnect: Callable[[], object] | None = None
+        #: The first message the application sent (None: none yet): its status and
+        #: request id, for what the proxy records (``shoal._proxy.observe``).
+        self.start: Any = None
 
     async def run(self, scope: Any, _receive: Any, _send: Any) -> None:
         """The application uvicorn runs for this request."""
@@ -100,6 +103,8 @@ class _Cork:
             callback()
 
     async def send(self, message: Any) -> None:
+        if self.start is None:
+            self.start = message
         cycle = self.cycle
         head = self.head
         if head is not None:
@@ -164,14 +169,14 @@ class _Cork:
 
 class CorkedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol whose requests' heads wait for their bodies, and
-    whose requests can be told of their client leaving (:meth:`_Cork.on_disconnect`)."""
+    whose requests can be told of their client leaving (:meth:`Cork.on_disconnect`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._cork: _Cork | None = None  # the request started last on this connection
+        self._cork: Cork | None = None  # the request started last on this connection
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        cork = self._cork = _Cork(app, cycle)
+        cork = self._cork = Cork(app, cycle)
         super()._start_asgi_task(cycle, cork.run)  # every cycle starts here
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -183,7 +188,7 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
             self.loop.call_soon(cork.disconnected)
 
 
-#: The uvicorn releases whose request cycle :class:`_Cork` was checked against (it reads
+#: The uvicorn releases whose request cycle :class:`Cork` was checked against (it reads
 #: and sets the cycle's private fields): the lock's (constraints.txt). Any other gets
 #: uvicorn's own protocol, unchanged: a head and a body in two writes.
 _CHECKED_UVICORN = ("0.54.",)

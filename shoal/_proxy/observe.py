@@ -1,8 +1,9 @@
 """What the proxy observes of each HTTP request: metrics, its access line and its span.
 
 One wrapper around the proxy's request handler does all three, so a request pays for
-keeping its response's first message (status, request id), two clock reads and one
-look-up of what to record, however many are on: what a request records is prepared
+two clock reads and one look-up of what to record, however many are on (the
+response's first message, its status and request id, is kept by shoal's HTTP protocol,
+``Cork.start``, or else by :class:`SeenStart`): what a request records is prepared
 once per path, method and status (the route matched, the metric children, the access
 line's unchanging parts) and found again by one dictionary look-up. With none on
 (metrics disabled, no access lines, no tracing) the proxy serves without any wrapper.
@@ -19,6 +20,7 @@ from typing import Any
 from shoal._observe import tracing
 from shoal._observe.access_lines import AccessLine
 from shoal._proxy.access import AccessLines
+from shoal._proxy.http_protocol import Cork
 from shoal._proxy.metrics import NO_ROUTE, ProxyMetrics
 
 Scope = dict[str, Any]
@@ -30,6 +32,41 @@ Serve = Callable[[Scope, Any, Any], Coroutine[Any, Any, None]]
 _MAX_PATHS = 1024
 _START = "http.response.start"
 _REQUEST_ID = b"x-request-id"
+
+
+class SeenStart:
+    """A request's ``receive`` under a server that does not keep the response's first
+    message (uvicorn's own protocol): :meth:`send` keeps it as ``start``, as ``Cork``
+    does."""
+
+    __slots__ = ("_receive", "_send", "start")
+
+    def __init__(self, receive: Any, send: Any) -> None:
+        self._receive, self._send = receive, send
+        self.start: Message | None = None
+
+    def __call__(self) -> Awaitable[Message]:
+        return self._receive()
+
+    def send(self, message: Message) -> Awaitable[None]:
+        if self.start is None:
+            self.start = message
+        return self._send(message)
+
+
+def seeing_start(receive: Any, send: Any) -> tuple[Any, Any]:
+    """``receive`` and ``send`` such that ``receive.start`` is the response's first
+    message once sent (None before)."""
+    kind = type(receive)
+    if kind is Cork or kind is SeenStart:
+        return receive, send
+    seen = SeenStart(receive, send)
+    return seen, seen.send
+
+
+def _status(start: Message | None) -> int:
+    """The response's status (0: none was sent)."""
+    return start["status"] if start is not None and start["type"] == _START else 0
 
 
 class Recording:
@@ -90,18 +127,13 @@ def observed(
 
     async def serve_observed(scope: Scope, receive: Any, send: Any) -> None:
         started = perf_counter()
-        start: Message | None = None
-
-        def capture(message: Message) -> Awaitable[None]:
-            nonlocal start  # the response's first message: its status and request id
-            if start is None:
-                start = message
-            return send(message)
-
+        if type(receive) is not Cork:  # (shoal's protocol keeps the start itself)
+            receive, send = seeing_start(receive, send)
         try:
-            await serve(scope, receive, capture)
+            await serve(scope, receive, send)
         finally:  # recorded here, not in a call: this runs for every request
             ended = perf_counter()
+            start = receive.start  # _status(start), inlined: this runs per request
             status = start["status"] if start is not None and start["type"] == _START else 0
             path, method = scope["path"], scope["method"]
             recording = known.get((path, method, status)) or find(path, method, status)
@@ -113,7 +145,7 @@ def observed(
                         child.inc()
             if recording.line is not None:
                 # The request id as sent (bytes: decoded only when the line is written).
-                headers = start.get("headers") if status else None  # type: ignore[union-attr]
+                headers = start.get("headers") if status else None
                 rid = headers[-1][1] if headers and headers[-1][0] == _REQUEST_ID else ""
                 log.write(recording.line, rid, latency_ms, ended)  # type: ignore[union-attr]
 
@@ -124,25 +156,16 @@ def _traced(serve: Serve, match: Callable[[str], Route | None]) -> Serve:
     """``serve`` (which records the request) within the request's span."""
 
     async def serve_traced(scope: Scope, receive: Any, send: Any) -> None:
-        start: Message | None = None
-
-        def capture(message: Message) -> Awaitable[None]:
-            nonlocal start
-            if start is None:
-                start = message
-            result: Awaitable[None] = send(message)
-            return result
-
+        receive, send = seeing_start(receive, send)
         route = match(scope["path"])
         span = tracing.start_http(scope, route[0] if route else None)
         error: BaseException | None = None
         try:
-            await serve(scope, receive, capture)
+            await serve(scope, receive, send)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            status = start["status"] if start is not None and start["type"] == _START else 0
-            tracing.end_http(span, status or None, error)
+            tracing.end_http(span, _status(receive.start) or None, error)
 
     return serve_traced

@@ -13,7 +13,7 @@ A snapshot of the registry is plain tuples (``FamilyData``), which travel in a
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -30,6 +30,9 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
     1, 2, 5, 10, 20, 50, 100, 200, 300, 400, 500, 1000, 2000, 5000,
     10000, 60000, 120000, 300000, 600000,
 )  # fmt: skip
+#: Values a histogram's child keeps before it counts them into their buckets: enough for
+#: a sort to cost a few times less per value than a search each, and under 40 KB.
+FOLD_AT = 1024
 
 
 class CounterChild:
@@ -76,19 +79,52 @@ class WatchedGauge:
 
 
 class HistogramChild:
-    """One labelled histogram: a count per bucket (not cumulative until exported)."""
+    """One labelled histogram: a count per bucket (not cumulative until exported).
 
-    __slots__ = ("bounds", "counts", "sum")
+    ``observe`` only appends the value to ``values``: the values are counted into their
+    buckets in bulk by :meth:`fold` (a sort, then a search per bound, rather than a
+    search per value), once ``FOLD_AT`` of them wait, and by every reader, which folds
+    before it reads ``counts`` and ``sum``. Any thread may observe (an append is atomic)
+    or fold (folds take ``lock``); a value appended during a fold waits for the next."""
+
+    __slots__ = ("bounds", "counts", "lock", "sum", "values")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
         self.sum = 0.0
+        self.values: list[float] = []
+        self.lock = threading.Lock()
 
     def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bound's bucket (le=).
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
+        values = self.values
+        values.append(value)
+        if len(values) >= FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Count the values observed so far into ``counts`` and ``sum``."""
+        with self.lock:
+            values = self.values
+            count = len(values)
+            if not count:
+                return
+            taken = values[:count]
+            del values[:count]  # values appended meanwhile (another thread) stay
+            total = sum(taken)
+            self.sum += total
+            counts = self.counts
+            if total != total:  # a NaN among them: sorting would not order the others
+                for value in taken:  # a value equal to a bound is in its bucket (le=)
+                    counts[bisect_left(self.bounds, value)] += 1
+                return
+            taken.sort()
+            below = 0
+            for index, bound in enumerate(self.bounds):
+                upto = bisect_right(taken, bound, below)  # the values <= bound
+                counts[index] += upto - below
+                below = upto
+            counts[-1] += count - below
 
 
 class CountOf:
@@ -106,6 +142,7 @@ class CountOf:
 
     @property
     def value(self) -> float:
+        self.histogram.fold()
         return float(sum(self.histogram.counts)) + self.extra
 
 
@@ -181,6 +218,7 @@ class Family:
             if type(child) is not CountOf or child.histogram is not histogram:
                 extra = child.value if child is not None else 0.0
                 child = CountOf(histogram)
+                histogram.fold()
                 child.extra = extra - sum(histogram.counts)
                 self.children[values] = child
         return child
@@ -210,6 +248,7 @@ class Family:
 def _histogram_samples(
     name: str, labels: tuple[tuple[str, str], ...], child: HistogramChild
 ) -> Iterable[Sample]:
+    child.fold()
     total = 0
     for bound, count in zip(child.bounds, child.counts, strict=False):
         total += count
