@@ -16,9 +16,10 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import free_port, run_driver, wait_until
+from conftest import async_wait_until, free_port, run_driver, wait_until
 
 from bench.procs import is_alive
 from shoal import serve
@@ -407,3 +408,49 @@ def test_status_pid_survives_pickling() -> None:
 
     status = pickle.loads(pickle.dumps(ProxyStatus("127.0.0.1", 8000, "STARTING", 42)))
     assert (status, status.port, status.pid) == ("STARTING", 8000, 42)
+
+
+async def test_a_worker_that_rejoins_twice_is_adopted_once_and_not_lost(tmp_path: Path) -> None:
+    """A worker whose Rejoin a busy restarted controller answered too late for it may
+    rejoin again on a new connection (the Ray runtime's controller blocks on Ray while
+    adopting). It must be adopted once: with two adoptions its deployment had one
+    replica too many, and the controller stopped the only one, failing requests. The
+    superseded connection is closed by the controller, and its closing does not count
+    as the worker lost (which would replace it and kill its process)."""
+    from shoal._runtime.process.runtime import ProcessRuntime
+    from shoal._transport.connection import connect_unix
+    from shoal._transport.messages import Rejoin, ReplicaInfo
+
+    runtime = ProcessRuntime(directory=str(tmp_path), fork_server=False)
+    died: list[Any] = []
+    await runtime.start(died.append, lambda report: None)
+    # The worker's process: any live process of ours (adopted by pid).
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    path = str(tmp_path / "controller.sock")
+    connections = []
+    try:
+        info = ReplicaInfo("app#Model#abc123", "unix:/nowhere", 5)
+        said = Rejoin("replica-0a1b2c3d", worker.pid, info, "app", "Model", "v1")
+        for _ in range(2):
+            conn = await connect_unix(path, None, "controller", 5.0)
+            connections.append(conn)
+            await conn.request(said, 5.0)
+        assert [s.worker_id for _, s in runtime.rejoined.replicas] == ["replica-0a1b2c3d"]
+        first, second = connections
+        # The controller's side ends (its close callbacks run) before ours sees the end.
+        async def superseded() -> bool:
+            return first.closed
+
+        await async_wait_until(superseded, 5.0, "the superseded connection closed")
+        assert not died and not second.closed and worker.poll() is None
+        second.close()  # now the worker is lost: its replica is reported dead
+        async def lost() -> bool:
+            return len(died) == 1
+
+        await async_wait_until(lost, 5.0, "the replica reported lost")
+    finally:
+        for conn in connections:
+            conn.close()
+        worker.kill()
+        worker.wait()
+        await runtime.shutdown(1.0)

@@ -190,9 +190,10 @@ class ProcessRuntime:
     def _adopt(self, conn: Connection, msg: Rejoin) -> None:
         """A worker of the controller before this one rejoined: take it over (a standby
         proxy process is not needed: it is stopped)."""
+        if self._rejoined_again(conn, msg):
+            return
         worker = self._adopted_worker(msg)
-        worker.conn = conn
-        conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
+        self._watch_connection(worker, conn)
         self._workers[msg.worker_id] = worker
         if msg.replica is not None:
             info = dataclasses.replace(msg.replica, node_id=self._node_of(worker))
@@ -204,6 +205,30 @@ class ProcessRuntime:
             worker.stopping = True
             worker.process.kill()
         self.rejoined.add()
+
+    def _rejoined_again(self, conn: Connection, msg: Rejoin) -> bool:
+        """Whether ``msg`` comes from a worker adopted already, on another connection: one
+        whose earlier Rejoin was answered after it stopped waiting (this loop was busy),
+        so it tried again. It is adopted once: its new connection replaces the earlier
+        one, which is closed, and whose closing does not count as the worker lost."""
+        worker = self._workers.get(msg.worker_id)
+        if worker is None or worker.conn is None or worker.conn is conn:
+            return False
+        stale, worker.conn = worker.conn, conn
+        conn.close_callbacks.append(lambda closed: self._connection_lost(worker, closed))
+        stale.close()
+        logger.info("worker %s rejoined again: adopted on its new connection", msg.worker_id)
+        self.rejoined.add()
+        return True
+
+    def _watch_connection(self, worker: WorkerProcess, conn: Connection) -> None:
+        """``conn`` is now ``worker``'s: its closing means the worker is lost."""
+        worker.conn = conn
+        conn.close_callbacks.append(lambda closed: self._connection_lost(worker, closed))
+
+    def _connection_lost(self, worker: WorkerProcess, closed: Connection) -> None:
+        if worker.conn is closed:  # (not a connection a rejoin replaced)
+            self._worker_lost(worker)
 
     def _adopted_worker(self, msg: Rejoin) -> WorkerProcess:
         """The handle on a worker that rejoined (a process of this machine, by pid)."""

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("shoal.worker")
 
 _REJOIN_RETRY_S = 0.05  # how often an orphaned worker tries the controller's socket
-_REJOIN_ANSWER_S = 2.0  # how long it waits for a controller to acknowledge it
+_REJOIN_ANSWER_S = 2.0  # the least it waits for a controller to acknowledge it
 
 
 class Worker:
@@ -154,7 +154,10 @@ class Worker:
         while self.loop.time() < deadline:
             try:
                 control = await self._connect_control(self._on_control, 1.0)
-                await control.request(self.hosting, _REJOIN_ANSWER_S)
+                # A controller that took the connection answers however busy it is (it
+                # may be adopting many workers): wait for it, not rejoin on another one.
+                answer_s = max(_REJOIN_ANSWER_S, deadline - self.loop.time())
+                await control.request(self.hosting, answer_s)
             except (OSError, ShoalError, TimeoutError):
                 # Nobody listens yet, or the dying controller's socket took the
                 # connection before closing: try again.

@@ -429,6 +429,8 @@ class RayRuntime(ProcessRuntime):
         assert isinstance(self.rejoined, _RayRejoined)
         self.rejoined.ids.add(msg.worker_id)
         node_id = node_of(msg.worker_id)
+        if self._rejoined_again(conn, msg):
+            return
         if node_id is None:
             super()._adopt(conn, msg)
             return
@@ -440,8 +442,7 @@ class RayRuntime(ProcessRuntime):
             conn.close()
             return
         worker = actor_worker(msg.worker_id, ActorProcess(actor, msg.pid, node_id))
-        worker.conn = conn
-        conn.close_callbacks.append(lambda _conn: self._worker_lost(worker))
+        self._watch_connection(worker, conn)
         self._workers[msg.worker_id] = worker
         nodes = self._node_proxies
         if msg.proxy is None or nodes is None or not nodes.adopt(node_id, worker):
