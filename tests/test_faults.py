@@ -437,6 +437,7 @@ async def test_a_worker_that_rejoins_twice_is_adopted_once_and_not_lost(tmp_path
             await conn.request(said, 5.0)
         assert [s.worker_id for _, s in runtime.rejoined.replicas] == ["replica-0a1b2c3d"]
         first, second = connections
+
         # The controller's side ends (its close callbacks run) before ours sees the end.
         async def superseded() -> bool:
             return first.closed
@@ -444,6 +445,7 @@ async def test_a_worker_that_rejoins_twice_is_adopted_once_and_not_lost(tmp_path
         await async_wait_until(superseded, 5.0, "the superseded connection closed")
         assert not died and not second.closed and worker.poll() is None
         second.close()  # now the worker is lost: its replica is reported dead
+
         async def lost() -> bool:
             return len(died) == 1
 
