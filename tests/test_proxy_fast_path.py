@@ -43,11 +43,11 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-async def _serve(http: Any) -> tuple[uvicorn.Server, int]:
+async def _serve(http: Any, app: Any = _app) -> tuple[uvicorn.Server, int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
-        _app, http=http, lifespan="off", log_level="critical", server_header=False,
+        app, http=http, lifespan="off", log_level="critical", server_header=False,
         date_header=False,
     )  # fmt: skip
     server = uvicorn.Server(config)
@@ -249,17 +249,11 @@ async def test_the_proxy_records_each_response_status_under_either_protocol() ->
     for name, protocol in (("corked", CorkedHttpToolsProtocol), ("plain", "httptools")):
         metrics = ProxyMetrics("node", "127.0.0.1", lambda: 0)
         served = observed(app, lambda _path, n=name: route(n), metrics, None)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(served, http=protocol, lifespan="off", log_level="critical")
-        server = uvicorn.Server(config)
-        config.load()
-        server.lifespan = config.lifespan_class(config)
-        await server.startup(sockets=[sock])
+        server, port = await _serve(protocol, served)
         try:
             for status in (200, 200, 404, 503, 499):
                 request = _CLOSE % str(status).encode()  # (answered, the connection ends)
-                reply = await _exchange(sock.getsockname()[1], request)
+                reply = await _exchange(port, request)
                 assert reply.startswith(b"HTTP/1.1 %d" % (500 if status == 499 else status))
         finally:
             server.should_exit = True

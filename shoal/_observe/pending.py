@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from shoal._observe.appended import take
+
 __all__ = ["ACCESS", "FILE_ACCESS", "AccessBlock", "AccessQueue", "Pending"]
 
 
@@ -68,12 +70,10 @@ class AccessQueue:
     def seal(self) -> None:
         """Move the lines queued so far to the end of every destination, as one block."""
         with self._lock:
-            items = self.items
-            count = len(items)
-            if not count:
+            items = take(self.items)
+            if not items:
                 return
-            block = AccessBlock(items[:count])
-            del items[:count]  # lines appended meanwhile (another thread) stay queued
+            block = AccessBlock(items)
             for pending in self._destinations:
                 pending.lines.append(block)
 
@@ -119,12 +119,9 @@ class Pending:
             ACCESS.seal()
         if FILE_ACCESS.items:
             FILE_ACCESS.seal()
-        lines = self.lines
-        count = len(lines)
-        if not count:
+        taken = take(self.lines)
+        if not taken:
             return ""
-        taken = lines[:count]
-        del lines[:count]  # lines added meanwhile (another thread) stay
         try:
             return "".join(taken)
         except TypeError:  # access lines to format

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from shoal._errors import ConfigError
+from shoal._observe.appended import take
 
 Kind = Literal["counter", "gauge", "histogram"]
 #: One exported sample: (sample name, ((label, value), ...), value).
@@ -105,12 +106,10 @@ class HistogramChild:
     def fold(self) -> None:
         """Count the values observed so far into ``counts`` and ``sum``."""
         with self.lock:
-            values = self.values
-            count = len(values)
-            if not count:
+            taken = take(self.values)
+            if not taken:
                 return
-            taken = values[:count]
-            del values[:count]  # values appended meanwhile (another thread) stay
+            count = len(taken)
             total = sum(taken)
             self.sum += total
             counts = self.counts
