@@ -283,11 +283,14 @@ def process_roles(root: int, pids: Iterable[int]) -> dict[int, str]:
 
 
 def git_dirty(repo: Path = REPO_ROOT) -> bool | None:
-    """Whether the checkout has uncommitted changes (None: not a git checkout / no git)."""
+    """Whether the checkout has uncommitted changes (None: not a git checkout / no git).
+    Results under ``bench/results/`` do not count: an earlier bench of the same session
+    writes them before they are committed, and they change nothing that is measured."""
     with contextlib.suppress(Exception):
-        done = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"],
+        done = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "-uall"],
                               capture_output=True, text=True, timeout=20, check=True)  # fmt: skip
-        return bool(done.stdout.strip())
+        changed = [line[3:] for line in done.stdout.splitlines() if line.strip()]
+        return any(not path.strip('"').startswith("bench/results/") for path in changed)
     return None
 
 

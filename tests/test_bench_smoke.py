@@ -806,3 +806,28 @@ def test_ray_cluster_settings_and_report_without_a_cluster() -> None:
     text = ray_cluster_report.render(results)
     assert "| W1 p50 c=1 (ms) | 8.000 | n/a | n/a | ≤ 1 ms | not measured (shoal-on-Ray " in text
     assert "- **shoal-on-Ray: not available**: round 0: ConfigError: unknown runtime 'ray'" in text
+
+
+def test_a_run_is_dirty_for_changed_code_not_for_results_written_before_it(
+    tmp_path: Path,
+) -> None:
+    """A bench records whether the tree was dirty: an earlier run's results (untracked
+    under bench/results/) do not make the next run dirty; a changed or new file does."""
+    from bench.procs import git_dirty
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "code")
+    assert git_dirty(tmp_path) is False
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "w1-x.md").write_text("results\n")
+    assert git_dirty(tmp_path) is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_dirty(tmp_path) is True
+    git("checkout", "-q", "code.py")
+    (tmp_path / "new.py").write_text("y = 1\n")
+    assert git_dirty(tmp_path) is True
