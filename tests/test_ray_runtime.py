@@ -96,8 +96,9 @@ def server(cluster: tuple[str, dict[str, str]]) -> Iterator[tuple[str, ServerInf
                 os.kill(current.pid, signal.SIGTERM)
                 if not wait_stopped(current, 40):
                     os.kill(current.pid, signal.SIGKILL)
-            # A server stopped as asked ends its controller actor for good.
-            wait_until(lambda: not _controller_alive(), 30, "the controller actor to end")
+            # A server stopped as asked ends its controller actor for good, at once (a
+            # restarted actor too: it waited 10 s for a caller of serving() it never has).
+            wait_until(lambda: not _controller_alive(), 8, "the controller actor to end")
         shutil.rmtree(home, ignore_errors=True)
 
 

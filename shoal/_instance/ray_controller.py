@@ -137,13 +137,17 @@ class ControllerActor:
         if code != 0 and served:
             logger.warning("the shoal server exited with code %s: Ray restarts its actor", code)
             os._exit(1)
-        if not served:  # the caller of serving() (maybe off the cluster) gets the log's end
+        import ray
+
+        context = ray.get_runtime_context()
+        # The caller of serving() (maybe off the cluster) gets the log's end. Only a first
+        # start has one: nobody asks a restarted actor (and its server, which served and
+        # stopped as asked, has removed its info: ``served`` is False then too).
+        if not served and not context.was_current_actor_reconstructed:
             self._reported.wait(_REPORT_S)
         # Stopped as asked, or failed before it served (a restart would fail the same
         # way): end this actor for good.
-        import ray
-
-        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        ray.kill(context.current_actor, no_restart=True)
 
     def serving(self, timeout_s: float) -> dict[str, Any]:
         """Once the server serves: its :class:`ClusterServerInfo`'s fields (where it
