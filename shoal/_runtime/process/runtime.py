@@ -214,8 +214,8 @@ class ProcessRuntime:
         worker = self._workers.get(msg.worker_id)
         if worker is None or worker.conn is None or worker.conn is conn:
             return False
-        stale, worker.conn = worker.conn, conn
-        conn.close_callbacks.append(lambda closed: self._connection_lost(worker, closed))
+        stale = worker.conn
+        self._watch_connection(worker, conn)
         stale.close()
         logger.info("worker %s rejoined again: adopted on its new connection", msg.worker_id)
         self.rejoined.add()
