@@ -1,10 +1,11 @@
 """This process's metrics: families of labelled children, kept as plain numbers.
 
-Recording is a float addition on a cached child (no lock: shoal's own metrics are
-recorded on the event loop that owns them; users' custom metrics, which any thread
-may record, take a lock). prometheus_client is used only to export (see
-``store.py``): its own metric objects cost about 1 us per ``inc`` on a lock, ours
-about 0.05 us.
+Recording is a float addition on a cached child, or for a histogram an append to its
+list of values, counted into buckets in bulk (:class:`HistogramChild`); no lock per
+record: shoal's own metrics are recorded on the event loop that owns them; users'
+custom metrics, which any thread may record, take a lock, and so does a histogram's
+fold. prometheus_client is used only to export (see ``store.py``): its own metric
+objects cost about 1 us per ``inc`` on a lock, ours about 0.05 us.
 
 A snapshot of the registry is plain tuples (``FamilyData``), which travel in a
 ``MetricsReport`` and merge with other processes' in the controller.
