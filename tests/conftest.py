@@ -46,8 +46,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns a truthy value (returned); fail after ``timeout_s``.
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "", every_s: float = 0.01
+) -> Any:
+    """Poll ``predicate`` every ``every_s`` until it returns a truthy value (returned); fail
+    after ``timeout_s``.
 
     The one way tests wait for state another thread or process reaches on its own.
     """
@@ -55,7 +58,7 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str 
     while not (value := predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
-        time.sleep(0.01)
+        time.sleep(every_s)
     return value
 
 
@@ -209,9 +212,16 @@ def shoal_home(home: str) -> Iterator[None]:
             os.environ["SHOAL_HOME"] = previous
 
 
+# The admin API's client of app_details, which tests poll: httpx.get() builds a client, and
+# loads the CA bundle into an SSL context, on every call (~60 ms of CPU), so a poll loop
+# took most of a core from the servers it waited for (on 2 cores, their replicas' start).
+# No keep-alive: a restarted server listens on the same port.
+_admin_client = httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def app_details(info: ServerInfo) -> dict[str, Any]:
     """GET /api/serve/applications/ of ``info``'s server (Ray's ServeInstanceDetails)."""
-    response = httpx.get(f"{info.admin_url}/api/serve/applications/", timeout=30)
+    response = _admin_client.get(f"{info.admin_url}/api/serve/applications/")
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
@@ -226,7 +236,9 @@ def app_running(info: ServerInfo, app: str, timeout_s: float = 60) -> dict[str, 
             raise AssertionError(details["message"])
         return details if details is not None and details["status"] == "RUNNING" else None
 
-    return wait_until(ready, timeout_s, f"application {app} RUNNING")  # type: ignore[no-any-return]
+    # Every 50 ms: each poll costs the server building its details too, while it starts
+    # the application's replicas.
+    return wait_until(ready, timeout_s, f"application {app} RUNNING", every_s=0.05)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")

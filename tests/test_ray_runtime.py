@@ -42,12 +42,19 @@ TESTS = Path(__file__).parent
 def ray_cluster() -> Iterator[Any]:
     """A ``ray.cluster_utils.Cluster``: a head and two worker nodes (both declaring
     "spread", which Spread's two replicas need 0.6 of: one per node). The head runs a
-    Ray Client server too (its address: ``.client_address``)."""
+    Ray Client server too (its address: ``.client_address``).
+
+    Ray's GCS declares a node dead after ``health_check_failure_threshold`` failed
+    health checks ``health_check_period_ms`` apart (5 x 3 s by default): 3 x 1 s here,
+    so that the lost node's actors are reported dead in ~3 s rather than ~15 s. A
+    killed raylet refuses the check at once; a slow one still has the default 10 s
+    (``health_check_timeout_ms``) to answer each."""
     from ray.cluster_utils import Cluster
 
     client_port = free_port()
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     head = {"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False,
-            "ray_client_server_port": client_port}  # fmt: skip
+            "ray_client_server_port": client_port, "_system_config": health}  # fmt: skip
     nodes = Cluster(initialize_head=True, head_node_args=head)
     nodes.client_address = f"ray://{nodes.head_node.node_ip_address}:{client_port}"
     try:
