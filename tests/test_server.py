@@ -237,6 +237,98 @@ def test_a_ray_config_deploys_updates_and_deletes_declaratively(
     wait_until(lambda: not app_details(server)["applications"], 30, "all deleted")
 
 
+INGRESS_SOURCE = """
+from fastapi import FastAPI
+from pydantic import BaseModel
+from shoal import serve
+
+api = FastAPI()
+
+class Item(BaseModel):
+    name: str
+
+class Order(BaseModel):
+    item: Item
+    quantity: int = 1
+
+@serve.deployment
+@serve.ingress(api)
+class Shop:
+    def __init__(self, currency: str = "EUR"):
+        self.currency = currency
+
+    @api.api_route("/orders", methods=["GET", "POST", "PUT", "DELETE"])
+    def orders(self) -> str:
+        return "orders in " + self.currency
+
+    @api.post("/order")
+    def order(self, order: Order) -> dict:
+        return {"item": order.item.name, "currency": self.currency}
+
+def builder(args):
+    return Shop.bind(args.get("currency", "EUR"))
+"""
+
+FINGERPRINT_DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import importlib
+from shoal._api.graph import build_app
+for module, currency in (arg.split(":") for arg in sys.argv[2:]):
+    app = importlib.import_module(module).builder({"currency": currency})
+    print(build_app(app, "shop", "/shop", None).deployments["Shop"].code.fingerprint())
+"""
+
+
+def _fingerprints(directory: Path, hash_seed: int, *apps: str) -> list[str]:
+    """The fingerprints of Shop in each of ``apps`` (``module:currency``, the modules in
+    ``directory``), computed in a new process with ``hash_seed``."""
+    result = subprocess.run(
+        [sys.executable, "-c", FINGERPRINT_DRIVER, str(directory), *apps],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_a_fastapi_ingress_has_the_same_fingerprint_in_every_process(tmp_path: Path) -> None:
+    """Each config apply builds the application in a new process: its code version must
+    not depend on the process (hash seed, memory addresses), or re-applying an unchanged
+    file replaces the ingress replicas. A FastAPI app holds sets (of HTTP methods), names
+    its routes after one of their elements, and pydantic names its models by address."""
+    (tmp_path / "shop.py").write_text(INGRESS_SOURCE)
+    (tmp_path / "new_route.py").write_text(INGRESS_SOURCE.replace('"/orders"', '"/all"'))
+    (tmp_path / "new_body.py").write_text(INGRESS_SOURCE.replace('"orders in "', '"in "'))
+    [fingerprint] = _fingerprints(tmp_path, 1, "shop:EUR")
+    assert fingerprint != "None"
+    again, *changed = _fingerprints(
+        tmp_path, 2, "shop:EUR", "shop:USD", "new_route:EUR", "new_body:EUR"
+    )
+    assert again == fingerprint
+    # Still sensitive to real changes: the init args, a route, a method's body.
+    assert len({fingerprint, *changed}) == 4, changed
+
+
+def test_reapplying_an_unchanged_config_keeps_the_fastapi_ingress_replicas(
+    server: ServerInfo, tmp_path: Path
+) -> None:
+    (tmp_path / "shop.py").write_text(INGRESS_SOURCE)
+    config = _config(tmp_path, name="shop", route_prefix="/shop", import_path="shop:builder")
+    assert _put(server, config).status_code == 200
+    details = app_running(server, "shop")
+    replicas, deployed = _replica_ids(details), details["last_deployed_time_s"]
+    assert _get(server, "/shop/orders").json() == "orders in EUR"
+
+    assert _put(server, config).status_code == 200  # built again, in a new process
+
+    def redeployed() -> dict[str, Any] | None:
+        again = app_running(server, "shop")
+        return again if again["last_deployed_time_s"] > deployed else None
+
+    assert _replica_ids(wait_until(redeployed, 60, "the same config applied")) == replicas
+
+
 def test_a_code_change_rolls_out_without_a_failed_request(
     server: ServerInfo, tmp_path: Path
 ) -> None:

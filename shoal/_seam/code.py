@@ -11,6 +11,7 @@ importing the user's modules.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -114,16 +115,16 @@ class UserCode:
         application from the same files; None if it cannot be computed (then the code
         can never be compared).
 
-        cloudpickle sends deployment classes by value, tagged with an id that is random
-        per process: the ids are renumbered in order of appearance. The source of the
+        The objects are pickled by :func:`_canonical_dumps`: cloudpickle's pickle itself
+        differs in each process (class tracker ids; sets, in an order that follows the
+        hash seed, and what FastAPI derives from it; memory addresses in pydantic's
+        schemas). The source of the
         target's module counts too: helpers it uses are pickled by reference, so an
         edit of the module would otherwise go unseen.
         """
-        import cloudpickle
-
         try:
             target, args, kwargs = self.load()
-            blob = _without_class_ids(cloudpickle.dumps((target, args, kwargs)))
+            blob = _canonical_dumps((target, args, kwargs))
         except Exception:
             return None
         digest = hashlib.blake2b(blob, digest_size=12)
@@ -133,6 +134,113 @@ class UserCode:
         if source is not None:
             digest.update(source)
         return digest.hexdigest()
+
+
+def _canonical_dumps(obj: Any) -> bytes:
+    """``cloudpickle.dumps(obj)`` made the same in every process that builds ``obj`` from
+    the same code and data. For comparing only: it is not what replicas receive.
+
+    * The items of a set or frozenset are pickled sorted: their iteration order follows
+      their hashes, which for strings change with each process's hash seed.
+    * cloudpickle's class tracker ids (random) are renumbered in order of appearance.
+    * So are the ids (memory addresses) of objects that this pickle holds, written in
+      strings as ``:<decimal>`` or ``0x<hex>``: pydantic names the types of its core
+      schemas so (``module.Model:140234…``), kept in its validators and TypeAdapters.
+      Only ids of objects pickled here: their content counts instead.
+    * Attributes that an object derives from its others are left out (``_DERIVED``).
+    """
+    import cloudpickle
+
+    file = io.BytesIO()
+    pickler = _canonical_pickler()(file, protocol=cloudpickle.DEFAULT_PROTOCOL)
+    pickler.dump(obj)
+    return _without_object_ids(_without_class_ids(file.getvalue()), pickler.ids)
+
+
+@functools.cache
+def _canonical_pickler() -> type[Any]:
+    import cloudpickle
+
+    class CanonicalPickler(cloudpickle.Pickler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.ids: set[int] = set()
+
+        # The C pickler writes a set itself, without asking reducer_override or the
+        # dispatch_table; persistent_id it asks first, for every object it saves.
+        def persistent_id(self, obj: Any) -> Any:
+            self.ids.add(id(obj))
+            kind = type(obj)
+            if kind is set or kind is frozenset:
+                return kind.__name__, _sorted_items(obj)
+            return None
+
+        def reducer_override(self, obj: Any) -> Any:
+            derived = _derived_attributes(obj)
+            attributes = getattr(obj, "__dict__", None)
+            if derived and isinstance(attributes, dict):
+                state = {k: v for k, v in attributes.items() if k not in derived}
+                return _new, (type(obj),), state
+            return super().reducer_override(obj)
+
+    return CanonicalPickler
+
+
+#: Attributes that a class computes from its others, and which may differ between
+#: processes: left out of a canonical pickle, as the others decide them. FastAPI's route
+#: names itself (``unique_id``) after ``list(methods)[0]``, an element of a set, and
+#: names the models of its body and response fields after that.
+_DERIVED: dict[tuple[str, str], frozenset[str]] = {
+    ("fastapi.routing", "APIRoute"): frozenset({
+        "unique_id", "body_field", "response_field", "response_fields", "stream_item_field",
+        "secure_cloned_response_field", "dependant", "_flat_dependant", "_embed_body_fields",
+        "app", "path_regex", "param_convertors",
+    }),
+}  # fmt: skip
+
+
+def _new(cls: type[Any]) -> Any:
+    return object.__new__(cls)
+
+
+def _derived_attributes(obj: Any) -> frozenset[str]:
+    for (module_name, class_name), names in _DERIVED.items():
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if isinstance(cls, type) and isinstance(obj, cls):
+            return names
+    return frozenset()
+
+
+def _sorted_items(items: set[Any] | frozenset[Any]) -> list[Any]:
+    """``items`` sorted: by value if all are str, bytes or int (of one of these types
+    exactly), else by their own canonical pickle (other types may have no order, or a
+    partial one, as sets have)."""
+    kinds = {type(item) for item in items}
+    if len(kinds) <= 1 and kinds <= {str, bytes, int}:
+        return sorted(items)
+    return sorted(items, key=_canonical_dumps)
+
+
+_OBJECT_ID = re.compile(rb"(?<=:)(?:str-)?([0-9]{4,20})|0x([0-9a-f]{4,16})")
+
+
+def _without_object_ids(blob: bytes, ids: set[int]) -> bytes:
+    """``blob`` with the numbers in ``ids`` (see :func:`_canonical_dumps`) renumbered 0, 1,
+    2... in order of appearance, each keeping its width (so the pickle's lengths hold)."""
+    order: dict[int, int] = {}
+
+    def renumber(match: re.Match[bytes]) -> bytes:
+        decimal, hexadecimal = match.group(1), match.group(2)
+        digits = decimal if decimal is not None else hexadecimal
+        value = int(digits, 10 if decimal is not None else 16)
+        if value not in ids:
+            return match.group(0)
+        number = order.setdefault(value, len(order))
+        start = match.start(1 if decimal is not None else 2) - match.start()
+        return match.group(0)[:start] + b"%0*d" % (len(digits), number)
+
+    return _OBJECT_ID.sub(renumber, blob)
 
 
 _CLASS_ID = re.compile(rb"\x8c\x20([0-9a-f]{32})")  # SHORT_BINUNICODE of a uuid4().hex
