@@ -393,3 +393,53 @@ def test_a_worker_that_cannot_import_the_hook_fails_the_start(tmp_path: Path) ->
         "ConfigError tracing_options.setup_hook='driver_only_hook:setup' cannot be imported in "
         "process "
     ), result.stdout
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    assert len(keys) == len(set(keys)), f"a key twice in one JSON object: {keys}"
+    return dict(pairs)
+
+
+def test_the_file_exporter_writes_shoal_s_spans_as_the_sdk_sees_them(tmp_path: Path) -> None:
+    """Shoal's own spans (a shape's fixed attributes, encoded once, and each span's own)
+    reach the file exporter's fast lines and the SDK's processors (OTLP, console) as
+    the same records, whatever the user's code did to them."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from shoal._observe.spans import Recorder, SpanShape
+    from shoal._observe.tracing_setup import JsonLinesExporter
+
+    path = tmp_path / "spans.jsonl"
+    exporter = JsonLinesExporter(str(path))
+    recorder = Recorder(1.0, Resource({"service.name": "t"}), None, delay_s=3600)
+    shape = SpanShape("Model/predict", SpanKind.SERVER, {"rpc.method": "predict", "n": 1})
+    try:
+        root = recorder.start(shape, None, {"shoal.request_id": 'r"1\u00e9'})
+        child = recorder.start_child(shape, root.trace_hex, root.span_hex, True, {}, True)
+        child.set_attributes({"batch": [1, 2], "ok": True, "score": 0.5, "note": "a\nb"})
+        child.set_attribute("rpc.method", "predict_v2")  # a shape's attribute, set again
+        renamed = recorder.start(shape, None, {})
+        renamed.update_name("Model/renamed")
+        renamed.record_exception(ValueError("bad 'x'"))
+        renamed.set_status(StatusCode.ERROR, "ValueError: bad 'x'")
+        for span in (root, child, renamed):
+            span.end()
+        ended = list(recorder.ended)
+        assert ended == [root, child, renamed]
+        exporter.write_spans(ended)
+        lines = path.read_text().splitlines()
+        written = [json.loads(line, object_pairs_hook=_unique_keys) for line in lines]
+        assert written == [span_record(recorder._readable(span)) for span in ended]
+    finally:
+        recorder.stop()
+        exporter.shutdown()
+    assert written[1]["parent_span_id"] == root.span_hex == written[0]["span_id"]
+    assert written[1]["attributes"]["rpc.method"] == "predict_v2"
+    assert written[2]["name"] == "Model/renamed" and written[2]["status"] == "ERROR"
+    assert written[0]["attributes"] == {
+        "rpc.method": "predict",
+        "n": 1,
+        "shoal.request_id": 'r"1\u00e9',
+    }

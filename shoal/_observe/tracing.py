@@ -37,6 +37,10 @@ _http_span: ContextVar[Any] = ContextVar("shoal_http_span")
 # Bound by configure() when tracing is on (OpenTelemetry is not imported before).
 _starter: Any = None  # starts shoal's spans: a spans.Recorder, or a spans.SdkStarter
 _FastSpan: Any = None
+_SpanShape: Any = None
+#: The shapes of the spans made so far (spans.SpanShape), by the kind of call.
+_shapes: dict[tuple[Any, ...], Any] = {}
+_MAX_SHAPES = 4096
 _api: Any = None  # opentelemetry.trace
 _propagator: Any = None
 _EMPTY: Any = None  # an empty Context
@@ -56,7 +60,7 @@ _SPAN_KEY: Any = None
 def configure(options: TracingOptions, source: str) -> None:
     """Turn tracing on or off in this process, as ``options`` say (``source`` names the
     process in the spans' resource). Raises ConfigError when it cannot be set up."""
-    global on, _starter, _FastSpan, _api, _propagator, _EMPTY, _SERVER, _CLIENT, _ERROR
+    global on, _starter, _FastSpan, _SpanShape, _api, _propagator, _EMPTY, _SERVER, _CLIENT, _ERROR
     global _INVALID, _get_current, _set_current, _Context, _SPAN_KEY
     on = False  # until set up: a configuration that fails leaves tracing off
     if not options.enabled:
@@ -66,10 +70,11 @@ def configure(options: TracingOptions, source: str) -> None:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     from shoal._observe import tracing_setup
-    from shoal._observe.spans import FastSpan
+    from shoal._observe.spans import FastSpan, SpanShape
 
     _starter = tracing_setup.install(options, source)
-    _FastSpan, _api, _INVALID = FastSpan, trace, trace.INVALID_SPAN
+    _FastSpan, _SpanShape, _api, _INVALID = FastSpan, SpanShape, trace, trace.INVALID_SPAN
+    _shapes.clear()  # a configuration's spans get shapes of its own
     _propagator, _EMPTY, _Context = (
         TraceContextTextMapPropagator(),
         context.Context(),
@@ -117,36 +122,34 @@ def current_traceparent() -> str:
     return traceparent_of(_current_span())
 
 
-def _parsed(traceparent: str) -> tuple[int, int, bool] | None:
-    """The trace id, parent span id and sampled flag ``traceparent`` names (None if
-    none: shoal writes only the ``00`` form, 55 characters)."""
-    if len(traceparent) != 55:
-        return None
-    try:
-        trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
-        flags = int(traceparent[53:], 16)
-    except ValueError:
-        return None
-    if not (trace_id and span_id):
-        return None
-    return trace_id, span_id, bool(flags & 1)
+_ODD_HEX = frozenset("13579bdf")  # a traceparent's last digit when it says "sampled"
+
+
+def _shape(key: tuple[Any, ...], name: str, kind: Any, attributes: dict[str, Any]) -> Any:
+    """The kept shape of the spans of ``key`` (made from the rest the first time; past
+    :data:`_MAX_SHAPES` kinds of call, a new one each time)."""
+    shape = _SpanShape(name, kind, attributes)
+    if len(_shapes) < _MAX_SHAPES:
+        _shapes[key] = shape
+    return shape
 
 
 def start_call(app: str, deployment: str, method: str, request: Request) -> Any:
     """A handle call's CLIENT span (child of the current span); the request carries it."""
-    # Few attributes: with a setup_hook, the SDK checks and stores each one (~1 us).
-    attributes = {"rpc.service": deployment, "rpc.method": method, "shoal.application": app}
-    if request.request_id:
-        attributes["shoal.request_id"] = request.request_id
-    name, current = f"{deployment}/{method}", _current_span()
+    shape = _shapes.get(key := (_CLIENT, app, deployment, method)) or _shape(
+        key, f"{deployment}/{method}", _CLIENT,
+        {"rpc.service": deployment, "rpc.method": method, "shoal.application": app},
+    )  # fmt: skip
+    extra = {"shoal.request_id": request.request_id} if request.request_id else {}
+    current = _current_span()
     if type(current) is _FastSpan:  # the usual parent: a replica's span, no SpanContext made
         span = _starter.start_child(
-            name, _CLIENT, current.trace_id, current.span_id, current.sampled, attributes,
+            shape, current.trace_hex, current.span_hex, current.sampled, extra,
             False, current.trace_state,
         )  # fmt: skip
     else:
         parent = current.get_span_context()
-        span = _starter.start(name, _CLIENT, parent if parent.trace_id else None, attributes)
+        span = _starter.start(shape, parent if parent.trace_id else None, extra)
     request.traceparent = traceparent_of(span)
     return span
 
@@ -154,16 +157,24 @@ def start_call(app: str, deployment: str, method: str, request: Request) -> Any:
 def start_replica(app: str, deployment: str, replica_id: str, request: Request) -> Any:
     """A replica call's SERVER span, child of the caller's, made current in the calling
     task's context (the request's own: the user's code runs in it)."""
-    attributes = {
-        "rpc.service": deployment, "rpc.method": request.method, "shoal.application": app,
-        "shoal.replica_id": replica_id, "shoal.request_id": request.request_id,
-    }  # fmt: skip
-    name, parent = f"{deployment}/{request.method}", _parsed(request.traceparent)
-    if parent is None:
-        span = _starter.start(name, _SERVER, None, attributes)
+    method = request.method
+    shape = _shapes.get(key := (_SERVER, app, deployment, replica_id, method)) or _shape(
+        key, f"{deployment}/{method}", _SERVER,
+        {"rpc.service": deployment, "rpc.method": method, "shoal.application": app,
+         "shoal.replica_id": replica_id},
+    )  # fmt: skip
+    extra = {"shoal.request_id": request.request_id}
+    traceparent = request.traceparent
+    # Only shoal writes a request's traceparent (traceparent_of: the "00" form, 55
+    # characters, lowercase hex ids, never zero), over connections only shoal's processes
+    # can open: its shape is checked here, its digits are not (int() would cost 2 us).
+    if len(traceparent) == 55 and traceparent[:3] == "00-":
+        span = _starter.start_child(
+            shape, traceparent[3:35], traceparent[36:52], traceparent[54] in _ODD_HEX, extra,
+            True,
+        )  # fmt: skip
     else:
-        trace_id, parent_id, sampled = parent
-        span = _starter.start_child(name, _SERVER, trace_id, parent_id, sampled, attributes, True)
+        span = _starter.start(shape, None, extra)
     # A Context of the span alone: a request's task starts with none (cheaper than copying).
     _set_current(_Context({_SPAN_KEY: span}))
     return span
@@ -174,18 +185,19 @@ def start_http(scope: dict[str, Any], route: str | None) -> Any:
     context (the request's own) for :func:`bind_http`; its parent is the client's
     ``traceparent`` header (with ``tracestate``), if any."""
     method = scope["method"]
-    attributes = {"http.request.method": method, "url.path": scope["path"]}
-    if route is not None:
-        attributes["http.route"] = route
+    shape = _shapes.get(key := (method, route)) or _shape(
+        key, f"{method} {route}" if route is not None else method, _SERVER,
+        {"http.request.method": method} if route is None else
+        {"http.request.method": method, "http.route": route},
+    )  # fmt: skip
     parent = None
-    for key, _value in scope["headers"]:
-        if key == b"traceparent":
+    for header, _value in scope["headers"]:
+        if header == b"traceparent":
             incoming = _propagator.extract(scope["headers"], _EMPTY, _HEADERS)
             parent = _api.get_current_span(incoming).get_span_context()
             parent = parent if parent.trace_id else None  # an invalid header: a new trace
             break
-    name = f"{method} {route}" if route is not None else method
-    span = _starter.start(name, _SERVER, parent, attributes)
+    span = _starter.start(shape, parent, {"url.path": scope["path"]})
     _http_span.set(span)  # no user code runs in the proxy: OTel's context need not know
     return span
 

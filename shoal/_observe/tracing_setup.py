@@ -42,7 +42,7 @@ try:
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     from opentelemetry.trace import SpanKind
 
-    from shoal._observe.spans import FastSpan, Recorder, SdkStarter
+    from shoal._observe.spans import FastSpan, Recorder, SdkStarter, SpanShape
 except ImportError as missing:  # pragma: no cover - exercised without the extra installed
     raise ConfigError(
         f"tracing_options.enabled=True needs the OpenTelemetry SDK ({missing.name} is not "
@@ -165,11 +165,9 @@ _encode = json.JSONEncoder(default=str).encode
 _quote = encode_basestring_ascii
 #: The JSON name of each span kind, by the kind's id (an enum's hash is Python code).
 _KINDS = {id(kind): kind.name for kind in SpanKind}
-#: The JSON of an attribute (key, value) pair (a string value) seen before,
-#: except for the keys in _UNIQUE: at most _MAX_PAIRS.
-_PAIRS: dict[tuple[str, Any], str] = {}
-_UNIQUE = frozenset({"shoal.request_id"})
-_MAX_PAIRS = 4096
+#: The JSON of each attribute name seen so far (at most _MAX_KEYS).
+_KEYS: dict[str, str] = {}
+_MAX_KEYS = 4096
 #: A span without a status, as JSON.
 _NO_STATUS = '"status": "UNSET", "status_description": null'
 
@@ -194,6 +192,7 @@ class JsonLinesExporter(SpanExporter):
             ) from None
         self._lock = threading.Lock()
         self._resources: dict[int, str] = {}  # id(resource) -> its JSON: the same every span
+        self._last: tuple[Any, str] = (None, "")  # the last recorder seen, its line's end
 
     def _line(self, span: ReadableSpan) -> str:
         return self._with_resource(span_record(span, with_resource=False), span.resource)
@@ -215,16 +214,18 @@ class JsonLinesExporter(SpanExporter):
 
     def _fast_line(self, span: FastSpan) -> str:
         """``span`` as the JSON line :meth:`export` writes, put together from its parts
-        (json's encoder costs more per span than a request's whole path in the proxy)."""
-        traceparent, parent, status, events = (
-            span.traceparent(),
-            span.parent_id,
-            span.status,
-            span.events,
-        )
-        name = _quote(span.name) if type(span.name) is str else _encode(span.name)
-        parent_json = f'"{parent:016x}"' if parent else "null"
-        kind = _KINDS.get(id(span.kind)) or span.kind.name
+        (json's encoder costs more per span than a request's whole path in the proxy):
+        its shape's, encoded once, and its own."""
+        shape, parent, status, events, extra = (
+            span.shape, span.parent_hex, span.status, span.events, span.extra
+        )  # fmt: skip
+        if span.name is shape.name and not span.reshaped:
+            head, attributes = shape.json or _shape_json(shape)
+            if extra:
+                attributes = f"{attributes}, {_pairs(extra)}" if attributes else _pairs(extra)
+        else:
+            head, attributes = _head(span.name, shape.kind), _pairs(span.attributes)
+        parent_json = f'"{parent}"' if parent else "null"
         status_json = _NO_STATUS if status is None else (
             f'"status": "{status.status_code.name}", '
             f'"status_description": {_encode(status.description)}'
@@ -232,13 +233,17 @@ class JsonLinesExporter(SpanExporter):
         events_json = "[]" if not events else _encode([
             {"name": event.name, "attributes": dict(event.attributes or {})} for event in events
         ])  # fmt: skip
+        end = span.end_ns
+        recorder, tail = self._last
+        if span._recorder is not recorder:
+            recorder = span._recorder
+            tail = f'"resource": {self._resource_json(recorder.resource)}}}\n'
+            self._last = (recorder, tail)
         return (
-            f'{{"name": {name}, "kind": "{kind}", "trace_id": "{traceparent[3:35]}", '
-            f'"span_id": "{traceparent[36:52]}", '
-            f'"parent_span_id": {parent_json}, '
-            f'"start_ns": {_number(span.start_ns)}, "end_ns": {_number(span.end_ns)}, '
-            f'{status_json}, "attributes": {_object(span.attributes)}, "events": {events_json}, '
-            f'"resource": {self._resource_json(span._recorder.resource)}}}\n'
+            f'{head}"trace_id": "{span.trace_hex}", "span_id": "{span.span_hex}", '
+            f'"parent_span_id": {parent_json}, "start_ns": {span.start_ns}, '
+            f'"end_ns": {end if type(end) is int else _encode(end)}, {status_json}, '
+            f'"attributes": {{{attributes}}}, "events": {events_json}, {tail}'
         )
 
     def _resource_json(self, resource: Any) -> str:
@@ -258,35 +263,42 @@ class JsonLinesExporter(SpanExporter):
                 self._fd = -1
 
 
-def _number(value: Any) -> str:
-    return f"{value}" if type(value) is int else _encode(value)
+def _head(name: Any, kind: Any) -> str:
+    """The start of a span's line: its name and kind."""
+    name_json = _quote(name) if type(name) is str else _encode(name)
+    return f'{{"name": {name_json}, "kind": "{_KINDS.get(id(kind)) or kind.name}", '
 
 
-def _object(values: Mapping[str, Any]) -> str:
-    """``values`` (attributes) as ``_encode`` writes them, from the JSON of each key and
-    value (most are the same span after span: kept in :data:`_PAIRS`)."""
+def _shape_json(shape: SpanShape) -> tuple[str, str]:
+    """The JSON of what a shape's spans share, kept on the shape: the line's head, and
+    the shape's attributes (their pairs, without braces)."""
+    shape.json = (_head(shape.name, shape.kind), _pairs(shape.attributes))
+    return shape.json
+
+
+def _pairs(values: Mapping[str, Any]) -> str:
+    """``values`` (attributes) as ``_encode`` writes them, without the braces."""
     parts = []
     try:
-        for pair in values.items():
-            key, value = pair
+        for key, value in values.items():
+            name = _KEYS.get(key) or _key(key)
             kind = type(value)
-            if kind is str:  # (the only values looked up: True == 1, a list is unhashable)
-                text = _PAIRS.get(pair) or _string_pair(key, value)
-            elif kind is int:
-                text = f"{_quote(key)}: {value}"
+            if kind is str:
+                parts.append(f"{name}: {_quote(value)}")
+            elif kind is int:  # (not a bool: its type is bool)
+                parts.append(f"{name}: {value}")
             else:
-                text = f"{_quote(key)}: {_encode(value)}"
-            parts.append(text)
+                parts.append(f"{name}: {_encode(value)}")
     except TypeError:  # a key that is not a string
-        return _encode(dict(values))  # as the encoder says (or refuses) it
-    return f"{{{', '.join(parts)}}}"
+        return _encode(dict(values))[1:-1]  # as the encoder says (or refuses) it
+    return ", ".join(parts)
 
 
-def _string_pair(key: str, value: str) -> str:
-    text = f"{_quote(key)}: {_quote(value)}"
-    if len(_PAIRS) < _MAX_PAIRS and key not in _UNIQUE:
-        _PAIRS[(key, value)] = text
-    return text
+def _key(key: str) -> str:
+    name = _quote(key)  # (TypeError: not a string)
+    if len(_KEYS) < _MAX_KEYS:
+        _KEYS[key] = name
+    return name
 
 
 def span_record(span: ReadableSpan, with_resource: bool = True) -> dict[str, Any]:
