@@ -169,6 +169,15 @@ class SpanShape:
 class FastSpan(api.Span):
     """One of shoal's spans (see the module's guarantees)."""
 
+    # What a span starts with, until set on it (a class attribute: one store fewer each).
+    end_ns: int | None = None
+    status: Status | None = None
+    events: list[Event] | None = None
+    #: Whether an attribute of the shape was set again (its value is then extra's).
+    reshaped = False
+    _parent: SpanContext | None = None
+    _context: SpanContext | None = None
+
     def __init__(
         self,
         recorder: Recorder,
@@ -195,15 +204,8 @@ class FastSpan(api.Span):
         self.sampled = sampled
         self.trace_state = trace_state
         self.extra = extra
-        #: Whether an attribute of the shape was set again (its value is then extra's).
-        self.reshaped = False
-        self.start_ns = time_ns()
-        self.end_ns: int | None = None
-        self.status: Status | None = None
-        self.events: list[Event] | None = None
         self._remote = remote
-        self._parent: SpanContext | None = None
-        self._context: SpanContext | None = None
+        self.start_ns = time_ns()
 
     @property
     def kind(self) -> Any:
