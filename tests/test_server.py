@@ -217,7 +217,8 @@ def test_a_ray_config_deploys_updates_and_deletes_declaratively(
 
     # The same file again changes nothing: the replicas stay.
     assert _put(server, config).status_code == 200
-    assert _replica_ids(app_running(server, "greet")) == replicas
+    again = _applied_again(server, "greet", details["last_deployed_time_s"])
+    assert _replica_ids(again) == replicas
 
     # A user_config-only change reconfigures the running replicas in place.
     config["applications"][0]["deployments"][0]["user_config"] = {"suffix": "!"}
@@ -321,12 +322,18 @@ def test_reapplying_an_unchanged_config_keeps_the_fastapi_ingress_replicas(
     assert _get(server, "/shop/orders").json() == "orders in EUR"
 
     assert _put(server, config).status_code == 200  # built again, in a new process
+    assert _replica_ids(_applied_again(server, "shop", deployed)) == replicas
+
+
+def _applied_again(server: ServerInfo, app: str, deployed: float) -> dict[str, Any]:
+    """``app``'s details once an apply that began after ``deployed`` (its
+    ``last_deployed_time_s`` before) has ended."""
 
     def redeployed() -> dict[str, Any] | None:
-        again = app_running(server, "shop")
+        again = app_running(server, app)
         return again if again["last_deployed_time_s"] > deployed else None
 
-    assert _replica_ids(wait_until(redeployed, 60, "the same config applied")) == replicas
+    return wait_until(redeployed, 60, f"{app} applied again")  # type: ignore[no-any-return]
 
 
 def test_a_code_change_rolls_out_without_a_failed_request(
