@@ -125,6 +125,10 @@ def measure(rounds: int, work: Path, kinds: tuple[str, ...] = KINDS) -> dict[str
     runs: list[dict[str, Any]] = []
     launches = {"demo": _demo, "cold": _cold}
     try:
+        # Not measured: with --bytecode-cache, the first launch compiles every module it
+        # imports (scikit-learn's too, ~10 s of the demo); any launch fills the page cache.
+        for kind in kinds:
+            launches[kind]("fork", work, meter, "warm-up")
         for round_ in range(rounds):
             for kind in kinds:
                 launch = launches[kind]
@@ -174,6 +178,8 @@ def render(results: dict[str, Any]) -> str:
         f"{env['python']['version']}; packages {env['packages']}; {results['rounds']} rounds",
         f"- modules compiled ahead (--bytecode-cache): {results.get('bytecode_cache', False)}; "
         f"PYTHONDONTWRITEBYTECODE set: {results.get('dont_write_bytecode', False)}",
+        "- one launch of each kind before the rounds, not measured (it fills the bytecode "
+        "and page caches)",
         f"- valid launches {s['valid_runs']} of {s['runs']} (foreign CPU ≤ "
         f"{INVALID_CORE_PCT:g}% of a core); medians of the valid ones",
         "",
