@@ -99,6 +99,20 @@ async def test_interleaved_requests_get_their_own_replies(echo_server: str) -> N
     conn.close()
 
 
+async def test_in_band_frames_of_any_size_arrive_whole(echo_server: str) -> None:
+    # Strings are pickled in band: a frame larger than the receive buffer makes it grow,
+    # and a burst of small ones runs past its end, where what is left is moved back to
+    # its start. Both directions, interleaved.
+    conn = await connect_unix(echo_server, None, "echo")
+    small = [100 + i % 900 for i in range(3000)]  # first: the buffers are still small
+    for sizes in (small, [3, 250_000, 7, 600_000, 1, 3_000_000, 40_000]):
+        payloads = [chr(65 + i % 26) * size for i, size in enumerate(sizes)]
+        calls = asyncio.gather(*(conn.call(Request("echo", (p,), {})) for p in payloads))
+        replies = await asyncio.wait_for(calls, 30)  # a frame misparsed: no reply, not a hang
+        assert [r.value for r in replies] == payloads  # type: ignore[attr-defined]
+    conn.close()
+
+
 async def test_streams_deliver_items_in_order(echo_server: str) -> None:
     conn = await connect_unix(echo_server, None, "echo")
     _corr, stream = conn.open_stream(Request("stream", (100,), {}))
