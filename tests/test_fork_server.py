@@ -187,6 +187,27 @@ def test_a_forked_replica_imports_nothing_of_its_own_before_it_serves(
         assert answer["later"] == [], answer["later"]
 
 
+def test_the_fork_server_never_takes_shoal_for_a_users_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When a user's file changes, the fork server drops the user's modules it imported, to
+    # import them afresh. Dropping shoal's own (an editable install or a checkout is not in
+    # site-packages) made a second copy of its classes beside those the rest of shoal
+    # holds: a config built in a forked child failed ``isinstance(app, Application)``.
+    import shoal._api.deployment
+    from shoal._runtime.process import zygote
+
+    (tmp_path / "fork_user_module.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fork_user_module
+
+    try:
+        assert zygote._file_stamp(shoal._api.deployment) is None
+        assert zygote._file_stamp(fork_user_module) is not None
+    finally:
+        sys.modules.pop("fork_user_module", None)
+
+
 DRIVER = (
     FORK_SERVER_READY
     + """

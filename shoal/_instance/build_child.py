@@ -1,7 +1,8 @@
 """The child process that builds a config file's applications (see ``plane.build_in_child``).
 
-``python -m shoal._instance.build_child OUTPUT`` reads the config (JSON) on
-stdin, builds each application independently (one failing does not stop the
+``python -m shoal._instance.build_child OUTPUT CONFIG`` (or forked by the fork
+server, which runs :func:`main` the same way) reads the config (JSON) from the
+file CONFIG, builds each application independently (one failing does not stop the
 others) and writes a pickled list of ``BuildResult`` to OUTPUT. What user code
 prints goes to this process's stdout and stderr, inherited from the instance.
 """
@@ -43,8 +44,9 @@ def _is_config_error(exc: BaseException) -> bool:
 
 
 def main() -> None:
-    output = sys.argv[1]
-    results = build_all(json.loads(sys.stdin.buffer.read()))
+    output, config = sys.argv[1:3]
+    with open(config, "rb") as file:
+        results = build_all(json.loads(file.read()))
     with open(output, "wb") as file:
         pickle.dump(results, file)
 

@@ -124,6 +124,8 @@ class Instance:
                 options["address"] = self.options.address
             if self.options.proxy_location is not None:  # EveryNode (the default), HeadOnly
                 options["proxy_location"] = self.options.proxy_location
+        if name == "process" and server is not None:
+            options["fork_server_at_start"] = True  # long-lived: its first deploy is forked too
         runtime = create_runtime(name, **options)
         registry = RouterRegistry(runtime.connector, self.thread.loop)
         if runtime.places_replicas:

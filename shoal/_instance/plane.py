@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from shoal._deploy_config import ServeDeploySchema
     from shoal._instance.instance import Instance
     from shoal._observe.metrics.store import MetricsStore
+    from shoal._seam.protocols import HelperProcess, Runtime
 
 logger = logging.getLogger("shoal.controller")
 
@@ -214,7 +216,8 @@ class InstanceControlPlane:
                 with contextlib.suppress(ShoalError):
                     await controller.delete(name)
             try:
-                results = await build_in_child(config, TIMEOUTS.build_s)
+                runtime = self._instance.controller.runtime
+                results = await build_in_child(config, TIMEOUTS.build_s, runtime)
             except ShoalError as exc:
                 apps = enumerate(config.applications)
                 results = [BuildResult(i, a.name, None, str(exc)) for i, a in apps]
@@ -255,35 +258,63 @@ class InstanceControlPlane:
             await asyncio.wait(list(self._tasks), timeout=5.0)
 
 
-async def build_in_child(config: ServeDeploySchema, timeout_s: float) -> list[BuildResult]:
-    """Import and build every application of ``config`` in a child process.
+async def build_in_child(
+    config: ServeDeploySchema, timeout_s: float, runtime: Runtime | None = None
+) -> list[BuildResult]:
+    """Import and build every application of ``config`` in a child process: forked by
+    ``runtime``'s fork server if it runs one (shoal is imported there already: ~0.05 s
+    instead of ~0.7 s), else started with ``python -m``.
 
-    The child inherits this process's working directory and environment; each
+    The child has this process's working directory and environment; each
     application's runtime_env ``working_dir``/``py_modules`` are put on its path.
     Raises ShoalError if the child dies or exceeds ``timeout_s`` (it is killed).
     """
-    handle, output = tempfile.mkstemp(prefix="shoal-build-", suffix=".pickle")
-    os.close(handle)
+    workdir = tempfile.mkdtemp(prefix="shoal-build-")  # 0700: only this user reads it
+    source, output = os.path.join(workdir, "config.json"), os.path.join(workdir, "built.pickle")
     try:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shoal._instance.build_child", output,
-            stdin=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        payload = json.dumps(config.model_dump(mode="json", exclude_unset=True)).encode()
+        with open(source, "w") as file:
+            json.dump(config.model_dump(mode="json", exclude_unset=True), file)
+        child = await _start_build(runtime, [output, source])
         try:
-            await asyncio.wait_for(child.communicate(payload), timeout_s)
+            code = await asyncio.wait_for(asyncio.shield(child.exited), timeout_s)
+        except asyncio.CancelledError:
+            child.kill()  # the instance stops: no build outlives it
+            raise
         except TimeoutError:
             child.kill()
-            await child.wait()
+            await asyncio.wait([child.exited], timeout=_KILLED_EXIT_S)
             raise ShoalError(
                 f"building the applications did not finish within {timeout_s:.0f} s "
                 "(importing the modules or calling the builders hangs?)"
             ) from None
-        if child.returncode != 0:
-            raise ShoalError(f"the build process exited with code {child.returncode}")
+        if code != 0:
+            raise ShoalError(f"the build process exited with code {code}")
         with open(output, "rb") as file:
             results: list[BuildResult] = pickle.load(file)  # our own child wrote it
         return results
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(output)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+#: How long a killed build child may take to be seen gone (its files are removed then).
+_KILLED_EXIT_S = 5.0
+
+
+async def _start_build(runtime: Runtime | None, argv: list[str]) -> HelperProcess:
+    forked = None if runtime is None else await runtime.fork_helper("build", argv)
+    if forked is not None:
+        return forked
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shoal._instance.build_child", *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    return _Spawned(child)
+
+
+class _Spawned:
+    """A ``python -m`` build child, as a :class:`HelperProcess`."""
+
+    def __init__(self, child: asyncio.subprocess.Process) -> None:
+        self.pid = child.pid
+        self.kill = child.kill
+        self.exited: asyncio.Future[int] = asyncio.ensure_future(child.wait())

@@ -34,6 +34,10 @@ class WithoutProxy:
     async def drain_proxy(self, timeout_s: float = 0.0) -> None:
         """No proxy: nothing to drain."""
 
+    async def fork_helper(self, entry: str, argv: list[str]) -> None:
+        """No worker processes, so no fork server: helpers start with ``python -m``."""
+        return None
+
     @property
     def proxy_node_id(self) -> str:
         return local_node_id()

@@ -120,6 +120,16 @@ class MetricsSink(Protocol):
         ...
 
 
+class HelperProcess(Protocol):
+    """A child a runtime started for the instance (:meth:`Runtime.fork_helper`)."""
+
+    pid: int
+    #: Its exit code, as ``Popen.returncode`` gives it (-N: killed by signal N).
+    exited: asyncio.Future[int]
+
+    def kill(self) -> None: ...
+
+
 class Runtime(Protocol):
     """Starts and stops replicas and the proxy, and tells every process about replica sets."""
 
@@ -205,6 +215,11 @@ class Runtime(Protocol):
     def node_proxies(self) -> dict[str, NodeProxy]:
         """The proxies the runtime runs and supervises on other nodes, by node id
         (``proxy_location`` EveryNode on a cluster); {} on one machine."""
+        ...
+
+    async def fork_helper(self, entry: str, argv: list[str]) -> HelperProcess | None:
+        """A short-lived child running ``entry``'s main (a config build: ``"build"``)
+        started the runtime's fastest way; None: the caller starts it with ``python -m``."""
         ...
 
     async def shutdown(self, timeout_s: float) -> None: ...

@@ -38,6 +38,7 @@ from shoal._runtime.process.adopt import AdoptedProcess, Rejoined
 from shoal._runtime.process.client import UnixConnector
 from shoal._runtime.process.directory import new_instance_directory, remove_sockets
 from shoal._runtime.process.forks import (
+    ForkedProcess,
     ForkServer,
     ForkServerUnavailable,
     fork_server_supported,
@@ -118,6 +119,7 @@ class ProcessRuntime:
         orphan_grace_s: float = 0.0,
         telemetry: Telemetry | None = None,
         fork_server: bool | None = None,
+        fork_server_at_start: bool = False,
     ) -> None:
         """``directory``: where the sockets go, used as is (a server's fixed directory);
         by default a new one of this process (see :mod:`.directory`), removed at shutdown.
@@ -125,11 +127,14 @@ class ProcessRuntime:
         rejoin its successor on the same directory (see :mod:`.adopt`).
         ``fork_server``: start workers by forking a process that has imported shoal
         (see :mod:`.zygote`; Linux only), not each with ``python -m``; by default as
-        ``SHOAL_FORK_SERVER`` says (``1``, the default, or ``0``)."""
+        ``SHOAL_FORK_SERVER`` says (``1``, the default, or ``0``); ``fork_server_at_start``:
+        started with the instance, not with its second replica (a long-lived server: its
+        first deploy is forked too, config builds included)."""
         if fork_server is None:
             fork_server = fork_server_wanted()
         self._forks = ForkServer() if fork_server and fork_server_supported() else None
         self._replicas_started = 0  # the fork server starts with the second
+        self._fork_server_at_start = fork_server_at_start
         self._orphan_grace_s = orphan_grace_s
         # Sent to every worker before anything else (ConfigureProcess).
         self._telemetry = (telemetry or Telemetry()).model_dump()
@@ -169,7 +174,7 @@ class ProcessRuntime:
         path = os.path.join(self.directory, "controller.sock")
         self._server = await serve_unix(path, self._on_control, "controller")
         if self._forks is not None:  # the CLI's, forked before the instance: proxy included
-            self._forks.start(early_only=True)
+            self._forks.start(early_only=not self._fork_server_at_start)
         self.rejoined.listening()
 
     def _on_control(self, conn: Connection, corr: int, msg: Message) -> None:
@@ -363,6 +368,19 @@ class ProcessRuntime:
             env=environ,
         )
         return WorkerProcess(worker_id, process)
+
+    async def fork_helper(self, entry: str, argv: list[str]) -> ForkedProcess | None:
+        """A short-lived child running ``entry``'s main with ``argv`` (see
+        :data:`~.zygote.ENTRY_MODULES`), forked by the fork server: it has imported shoal,
+        and the user's modules it imported for replicas are shared, or imported afresh if
+        edited. None if it is not running (the caller starts the child with ``python -m``)."""
+        forks = self._forks
+        if forks is None or not forks.started:
+            return None
+        try:
+            return await forks.spawn(entry, argv)
+        except ForkServerUnavailable:
+            return None
 
     def _worker_lost(self, worker: WorkerProcess) -> None:
         self._workers.pop(worker.worker_id, None)

@@ -136,10 +136,13 @@ def decode(data: bytes) -> Any:
 
 # --- the fork server's process ---------------------------------------------------------
 
-#: The module each kind of worker runs as ``python -m`` (its main is the same).
+#: The module each kind of child runs as ``python -m`` would: its ``main()``. A replica's
+#: and a proxy's is the worker's; ``build`` is a server's config build (imports the
+#: user's modules and calls their builders in a child: see ``shoal._instance.plane``).
 ENTRY_MODULES = {
     "replica": "shoal._runtime.process.worker",
     "proxy": "shoal._runtime.process.proxy_worker",
+    "build": "shoal._instance.build_child",
 }
 
 #: Imported before the fork server says it is ready: what every worker, replica or
@@ -330,9 +333,7 @@ class _Server:
             _take_environment(request, fds)
             sys.argv = [module, *request.argv]
             _reseed()
-            from shoal._runtime.process.worker import main  # a proxy's imports are preloaded
-
-            main()  # ends with os._exit
+            importlib.import_module(module).main()  # a worker's ends with os._exit
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -406,13 +407,20 @@ class _RefuseForkUnsafe(importlib.abc.MetaPathFinder):
 
 _REFUSE_FORK_UNSAFE = _RefuseForkUnsafe()
 
-#: Installed packages: never edited while shoal runs, not worth a stat per fork.
-_INSTALLED = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)})
+#: Installed packages: never edited while shoal runs, not worth a stat per fork. And
+#: shoal itself, installed or not (an editable install, a checkout): forgotten with the
+#: user's modules, it would be imported a second time beside the copy the rest of shoal
+#: holds, and its classes would no longer be themselves (``isinstance`` fails).
+_NOT_USERS = tuple(
+    {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+    | {os.path.realpath(os.path.join(os.path.dirname(__file__), "..", "..")) + os.sep}
+)
 
 
 def _file_stamp(module: Any) -> tuple[str, int, int] | None:
+    """The file of a user's module as it is now; None for any other module."""
     path = getattr(module, "__file__", None)
-    if not isinstance(path, str) or os.path.realpath(path).startswith(_INSTALLED):
+    if not isinstance(path, str) or os.path.realpath(path).startswith(_NOT_USERS):
         return None
     return _stamp(path)
 
