@@ -8,6 +8,9 @@ Every section starts its own ``shoal start`` server (a scratch ``SHOAL_HOME``, f
   set to the instance's) on a started instance: seconds from the command's return
   until every application is RUNNING (target ≤ 3 s), and from the command's start.
   Each repeat deletes the applications first, so every deploy starts cold.
+* **hello**: a one-replica application (``hello``) deployed by ``PUT`` on a started
+  instance: seconds until its first 200 (no target; ``shoal run``'s cold start has 0.4 s).
+  The first right after ``shoal start`` returned, each next after deleting it.
 * **proxy**: ``kill -9`` of the serving proxy process (its pid from ``serve.status()``
   in another process): seconds until ``GET /hello`` answers 200 again on a new
   connection (target ≤ 1 s); the next kill waits 2 s, so a standby process is ready.
@@ -59,7 +62,7 @@ from bench.procs import git_dirty as _dirty  # also imported from here by oip, s
 from shoal import serve
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECTIONS = ("deploy", "proxy", "controller", "blocked")
+SECTIONS = ("deploy", "hello", "proxy", "controller", "blocked")
 APPLICATIONS = "/api/serve/applications/"
 BLOCK_TIMEOUT_S = 4.0  # health_check_timeout_s of the blocked section's deployment
 CLIENTS = 16
@@ -324,6 +327,29 @@ def run_deploy(work: Path, repeats: int, source: Path = DEMO_CONFIG) -> dict[str
     }
 
 
+# --- (a2) one small application -----------------------------------------------------------------
+def run_hello(work: Path, repeats: int) -> dict[str, Any]:
+    runs = []
+    with instance(work / "hello") as inst:
+        inst.start()
+        body = json.dumps(hello_config(inst)).encode()
+        for _ in range(repeats):
+            assert METER is not None
+            METER.window()
+            started = time.perf_counter()
+            status, payload = _http(inst.admin_port, "PUT", APPLICATIONS, body)
+            if status != 200:
+                raise RuntimeError(f"PUT {APPLICATIONS} -> {status}: {payload[:300]!r}")
+            answered = wait_for(lambda: hello_ok(inst.http_port), 120, "hello answers", 0.005)
+            run = {"first_200_s": round(answered - started, 3), **METER.window()}
+            log(f"hello: {run}")
+            runs.append(run)
+            _http(inst.admin_port, "DELETE", APPLICATIONS)
+            wait_for(lambda: not inst.details().get("applications"), 120, "apps deleted")
+            wait_for(lambda: not hello_ok(inst.http_port), 30, "hello no longer served")
+    return {"runs": runs, "median_s": statistics.median(r["first_200_s"] for r in runs)}
+
+
 # --- (b) proxy kill -9 --------------------------------------------------------------------------
 def run_proxy(work: Path, repeats: int) -> dict[str, Any]:
     runs = []
@@ -544,6 +570,9 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(_row(what, after, "≤ 3 s", after <= 3.0, _cpu(run)))
         what = f"deploy #{i + 1}: from the command's start (the command: {run['command_s']} s)"
         out.append(_row(what, start, "-", "info", _cpu(run)))
+    for i, run in enumerate((results.get("hello") or {}).get("runs") or []):
+        what = f"one-replica app (hello) #{i + 1}: PUT on a running server -> first 200"
+        out.append(_row(what, run["first_200_s"], "-", "info", _cpu(run)))
     for i, run in enumerate((results.get("proxy") or {}).get("runs") or []):
         value = run["serving_again_s"]
         what = f"proxy kill -9 #{i + 1}: HTTP 200 again"
@@ -660,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         "proxy": lambda: run_proxy(work, args.repeats),
         "controller": lambda: run_controller(work),
         "blocked": lambda: run_blocked(work),
+        "hello": lambda: run_hello(work, args.repeats),
     }
     try:
         for name in sections:
