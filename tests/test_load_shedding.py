@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,10 @@ def test_without_replicas_a_request_fails_after_no_replica_timeout_s(deploy: Dep
     assert 0.3 - 0.002 <= waited < 0.3 + 1.0, waited
     message = str(unavailable.value)
     assert "deployment 'Gate'" in message and "no_replica_timeout_s=0.3" in message
-    assert "for 0.3" in message  # the time it waited
+    # The time it waited: at least the limit, at most what this test saw (a loaded machine
+    # fires the timer late: a CI run waited 0.437 s).
+    said = re.search(r"for ([0-9.]+) s", message)
+    assert said is not None and 0.3 - 0.002 <= float(said.group(1)) <= waited + 0.001, message
 
 
 # --- over HTTP, through the session's proxy ----------------------------------------------------
