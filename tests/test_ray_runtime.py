@@ -48,14 +48,20 @@ def ray_cluster() -> Iterator[Any]:
     health checks ``health_check_period_ms`` apart (5 x 3 s by default): 3 x 1 s here,
     so that the lost node's actors are reported dead in ~3 s rather than ~15 s. A
     killed raylet refuses the check at once; a slow one still has the default 10 s
-    (``health_check_timeout_ms``) to answer each."""
+    (``health_check_timeout_ms``) to answer each.
+
+    Ray Client's proxier gives a connection's server 15 s (30 s by default) to answer:
+    one that died as it started (ray-project/ray#63202, retried by ``_init_client``)
+    then costs 15 s of the suite, not 30; a healthy one answers in a few seconds."""
     from ray.cluster_utils import Cluster
 
     client_port = free_port()
     health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     head = {"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False,
             "ray_client_server_port": client_port, "_system_config": health}  # fmt: skip
-    nodes = Cluster(initialize_head=True, head_node_args=head)
+    with pytest.MonkeyPatch.context() as patch:  # read by the head's processes as they start
+        patch.setenv("RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S", "15")
+        nodes = Cluster(initialize_head=True, head_node_args=head)
     nodes.client_address = f"ray://{nodes.head_node.node_ip_address}:{client_port}"
     try:
         nodes.add_node(num_cpus=1, resources={"node_a": 1, "spread": 1, "model": 1})
