@@ -315,6 +315,5 @@ class _Spawned:
     """A ``python -m`` build child, as a :class:`HelperProcess`."""
 
     def __init__(self, child: asyncio.subprocess.Process) -> None:
-        self.pid = child.pid
         self.kill = child.kill
         self.exited: asyncio.Future[int] = asyncio.ensure_future(child.wait())

@@ -123,7 +123,6 @@ class MetricsSink(Protocol):
 class HelperProcess(Protocol):
     """A child a runtime started for the instance (:meth:`Runtime.fork_helper`)."""
 
-    pid: int
     #: Its exit code, as ``Popen.returncode`` gives it (-N: killed by signal N).
     exited: asyncio.Future[int]
 
