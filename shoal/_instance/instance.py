@@ -125,7 +125,7 @@ class Instance:
             if self.options.proxy_location is not None:  # EveryNode (the default), HeadOnly
                 options["proxy_location"] = self.options.proxy_location
         if name == "process" and server is not None:
-            options["fork_server_at_start"] = True  # long-lived: its first deploy is forked too
+            options["fork_server_on_first_use"] = True  # long-lived: its first deploy forks
         runtime = create_runtime(name, **options)
         registry = RouterRegistry(runtime.connector, self.thread.loop)
         if runtime.places_replicas:

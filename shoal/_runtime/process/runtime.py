@@ -119,7 +119,7 @@ class ProcessRuntime:
         orphan_grace_s: float = 0.0,
         telemetry: Telemetry | None = None,
         fork_server: bool | None = None,
-        fork_server_at_start: bool = False,
+        fork_server_on_first_use: bool = False,
     ) -> None:
         """``directory``: where the sockets go, used as is (a server's fixed directory);
         by default a new one of this process (see :mod:`.directory`), removed at shutdown.
@@ -127,14 +127,15 @@ class ProcessRuntime:
         rejoin its successor on the same directory (see :mod:`.adopt`).
         ``fork_server``: start workers by forking a process that has imported shoal
         (see :mod:`.zygote`; Linux only), not each with ``python -m``; by default as
-        ``SHOAL_FORK_SERVER`` says (``1``, the default, or ``0``); ``fork_server_at_start``:
-        started with the instance, not with its second replica (a long-lived server: its
-        first deploy is forked too, config builds included)."""
+        ``SHOAL_FORK_SERVER`` says (``1``, the default, or ``0``); ``fork_server_on_first_use``:
+        started with the first replica or config build, not with the second replica (a
+        long-lived server: its first deploy is forked too; not at its start, where a
+        restarted server's orphaned workers must rejoin within its adopt window)."""
         if fork_server is None:
             fork_server = fork_server_wanted()
         self._forks = ForkServer() if fork_server and fork_server_supported() else None
         self._replicas_started = 0  # the fork server starts with the second
-        self._fork_server_at_start = fork_server_at_start
+        self._fork_server_after = 1 if fork_server_on_first_use else _FORK_SERVER_AFTER
         self._orphan_grace_s = orphan_grace_s
         # Sent to every worker before anything else (ConfigureProcess).
         self._telemetry = (telemetry or Telemetry()).model_dump()
@@ -174,7 +175,7 @@ class ProcessRuntime:
         path = os.path.join(self.directory, "controller.sock")
         self._server = await serve_unix(path, self._on_control, "controller")
         if self._forks is not None:  # the CLI's, forked before the instance: proxy included
-            self._forks.start(early_only=not self._fork_server_at_start)
+            self._forks.start(early_only=True)
         self.rejoined.listening()
 
     def _on_control(self, conn: Connection, corr: int, msg: Message) -> None:
@@ -375,6 +376,8 @@ class ProcessRuntime:
         and the user's modules it imported for replicas are shared, or imported afresh if
         edited. None if it is not running (the caller starts the child with ``python -m``)."""
         forks = self._forks
+        if forks is not None and self._fork_server_after == 1:
+            forks.start()  # once: the first use (see __init__)
         if forks is None or not forks.started:
             return None
         try:
@@ -402,7 +405,7 @@ class ProcessRuntime:
 
         env = spec.config.ray_actor_options.runtime_env or {}
         self._replicas_started += 1
-        if self._forks is not None and self._replicas_started == _FORK_SERVER_AFTER:
+        if self._forks is not None and self._replicas_started == self._fork_server_after:
             self._forks.start()  # an instance of one replica never pays for its imports
         if self._forks is not None and self._forks.started and not env.get("env_vars"):
             path, cwd = spec.code.import_path(env)
