@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +39,20 @@ os.environ["SHOAL_ADMIN_PORT"] = "0"
 # this when it is imported, in this process and the ones it starts.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["SHOAL_HOME"] = tempfile.mkdtemp(prefix="shoal-test-home-")
+
+
+# scripts/check runs the suite on two xdist workers, a module at a time each (--dist
+# loadfile), in collection order: the longest modules go first so that the two finish
+# together rather than one waiting out the Ray cluster's module at the end.
+_LONGEST_FIRST = (
+    "test_ray_runtime.py", "test_examples.py", "test_mlflow.py", "test_faults.py",
+    "test_server.py", "test_ray_doc_examples.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the rest
 
 
 def free_port() -> int:
@@ -196,6 +211,18 @@ def in_background(
 
 
 # --- a `shoal start` server's REST API (tests/test_server.py and others) -----------------
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A new empty directory with a short path, removed afterwards: for a SHOAL_HOME,
+    whose sockets' paths must fit in 108 bytes (pytest's ``tmp_path`` under xdist, e.g.
+    ``/tmp/pytest-of-root/pytest-12/popen-gw1/test_a_long_name0/home``, may not)."""
+    directory = tempfile.mkdtemp(prefix="shoal-")
+    try:
+        yield Path(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

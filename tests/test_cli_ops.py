@@ -352,12 +352,12 @@ def test_run_applies_the_config_file_s_proxy_location(project: Path) -> None:
 
 
 def test_start_deploy_status_delete_shutdown_on_a_real_server(
-    project: Path, monkeypatch: pytest.MonkeyPatch
+    project: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Against `shoal start`: no --address needed, the local server is found (and its token)."""
     from shoal._instance.home import read_server_info
 
-    env = {"SHOAL_HOME": str(project / "home")}
+    env = {"SHOAL_HOME": str(short_tmp)}
     monkeypatch.setenv("SHOAL_HOME", env["SHOAL_HOME"])  # for read_server_info() here
     http_port, admin_port = free_port(), free_port()
     (project / "serve.yaml").write_text(CONFIG + f"http_options:\n  port: {http_port}\n")

@@ -131,7 +131,7 @@ def _deploy(info: ServerInfo, *apps: dict[str, Any]) -> None:
 
 
 def test_shoal_start_through_ray_client_runs_the_server_on_the_client_server_s_node(
-    ray_cluster: Any, cluster: tuple[str, dict[str, str]], tmp_path: Path
+    ray_cluster: Any, cluster: tuple[str, dict[str, str]], tmp_path: Path, short_tmp: Path
 ) -> None:
     """`shoal start --ray --address ray://...` from a shell off the cluster (its working
     directory and paths stay there): the controller actor runs on the Ray Client server's
@@ -140,7 +140,7 @@ def test_shoal_start_through_ray_client_runs_the_server_on_the_client_server_s_n
     the module's `server`: one controller per cluster."""
     assert not _controller_alive(), "this test must run before the module's server starts"
     _, nodes = cluster
-    env = {**os.environ, "SHOAL_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "SHOAL_HOME": str(short_tmp)}
     http_port, admin_port = free_port(), free_port()
     started = subprocess.run(
         [sys.executable, "-m", "shoal", "start", "--ray", "--address", ray_cluster.client_address,
@@ -410,8 +410,8 @@ def test_a_second_driver_attaches_and_its_app_outlives_it(
     assert "attached" in app_details(info)["applications"]
 
 
-def test_shoal_start_refuses_ray_options_without_ray(tmp_path: Path) -> None:
-    env = {**os.environ, "SHOAL_HOME": str(tmp_path)}
+def test_shoal_start_refuses_ray_options_without_ray(tmp_path: Path, short_tmp: Path) -> None:
+    env = {**os.environ, "SHOAL_HOME": str(short_tmp)}
     address = subprocess.run(
         [sys.executable, "-m", "shoal", "start", "--address", "auto"],
         capture_output=True, text=True, timeout=60, env=env,
