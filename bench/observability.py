@@ -107,6 +107,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             servers[name] = (proc, port)
         for proc, port in servers.values():
             proc.wait_http_ok(port, "POST", "/echo", ECHO_BODY, 120.0)
+        for proc, _port in servers.values():  # start-up work (the fork server's) done
+            proc.wait_quiet()
         for round_ in range(args.rounds):
             for concurrency in CONCURRENCIES:
                 for name, (proc, port) in servers.items():

@@ -318,6 +318,11 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
 
 
 # --- server processes -------------------------------------------------------------------
+#: A server is quiet when its processes use less than this share of one core (``wait_quiet``).
+QUIET_CORE_PCT = 5.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 class ServerProcess:
     """A server started in its own process group, logging to ``log_dir/<name>.log``."""
 
@@ -365,6 +370,29 @@ class ServerProcess:
         """Record the current descendants so that ``stop`` can reap orphans later."""
         if self.running():
             self._seen.update(descendants(self.pid))
+
+    def wait_quiet(self, deadline_s: float = 20.0, window_s: float = 1.0) -> bool:
+        """Wait until the server's processes use under :data:`QUIET_CORE_PCT` of a core over
+        ``window_s``: once ready, a server still works a while (a fork server imports what
+        replicas may need, ~0.5 s of CPU), and its work is not counted as foreign. False
+        (measure anyway) if it is still busy after ``deadline_s``."""
+        deadline = time.perf_counter() + deadline_s
+        before = self._tree_jiffies()
+        while time.perf_counter() < deadline:
+            time.sleep(window_s)
+            after = self._tree_jiffies()
+            if (after - before) / _CLOCK_TICKS / window_s * 100.0 < QUIET_CORE_PCT:
+                return True
+            before = after
+        return False
+
+    def _tree_jiffies(self) -> int:
+        total = 0
+        for pid in [self.pid, *descendants(self.pid)]:
+            fields = _stat_fields(pid)
+            if fields is not None:
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total
 
     def wait_http_ok(
         self,

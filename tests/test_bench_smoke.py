@@ -831,3 +831,41 @@ def test_a_run_is_dirty_for_changed_code_not_for_results_written_before_it(
     git("checkout", "-q", "code.py")
     (tmp_path / "new.py").write_text("y = 1\n")
     assert git_dirty(tmp_path) is True
+
+
+BURNER = """
+import subprocess, sys, time
+if sys.argv[1] == "child":  # spends its CPU seconds, then idles
+    end = time.process_time() + float(sys.argv[2])
+    while time.process_time() < end:
+        pass
+    time.sleep(600)
+subprocess.Popen([sys.executable, __file__, "child", sys.argv[1]])
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def test_wait_quiet_waits_for_a_busy_child_and_gives_up_on_a_spinning_one(
+    tmp_path: Path,
+) -> None:
+    """A server's start-up work (a child of it busy for a while, as the fork server's
+    imports) is over before the bench measures; a server that never quiets is measured
+    after the deadline anyway (wait_quiet returns False)."""
+    script = tmp_path / "burner.py"
+    script.write_text(BURNER)
+    for seconds, deadline_s, expected in (("1.5", 20.0, True), ("600", 3.0, False)):
+        server = ServerProcess("burner", [sys.executable, str(script), seconds], tmp_path)
+        server.start()
+        try:
+            wait_until(lambda: "started" in server.log_tail(), 30, "the burner to start")  # noqa: B023
+            server.remember_tree()
+            began = time.perf_counter()
+            assert server.wait_quiet(deadline_s=deadline_s) is expected
+            waited = time.perf_counter() - began
+            if expected:  # not before the child's CPU second and a half was spent
+                assert waited >= 1.0, waited
+            else:
+                assert waited >= deadline_s
+        finally:
+            server.stop(grace_s=1.0)
