@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from conftest import free_port, run_driver, wait_until
 from starlette.responses import StreamingResponse
 
@@ -218,6 +219,31 @@ def test_the_app_answers_on_its_direct_port_as_through_the_proxy(
     assert direct.headers.get("x-request-id")
     # Only the application's route is served on its port.
     assert _get(f"http://127.0.0.1:{port}/elsewhere").status_code == 404
+
+
+def test_status_the_rest_api_and_shoal_status_show_the_direct_port(app_name: str) -> None:
+    from shoal._instance import api
+
+    port = free_port()
+    serve.run(Who.bind(), name=app_name, route_prefix=f"/{app_name}", direct_ingress_port=port)
+    overview = serve.status().applications[app_name]
+    assert overview.direct_ingress_port == port
+    assert f"route /{app_name}, direct ingress port {port}," in str(overview)
+    admin = api._instances["process"].services.admin_url
+    rest = httpx.get(f"{admin}/api/serve/applications/", timeout=30).json()["applications"]
+    assert rest[app_name]["direct_ingress_port"] == port
+    shown = subprocess.run(
+        [sys.executable, "-m", "shoal", "status", "-a", admin],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["applications"][app_name]["direct_ingress_port"] == port
+
+    serve.run(Who.bind(), name=app_name, route_prefix=f"/{app_name}")  # the port removed
+    overview = serve.status().applications[app_name]
+    assert overview.direct_ingress_port is None and "direct ingress" not in str(overview)
+    rest = httpx.get(f"{admin}/api/serve/applications/", timeout=30).json()["applications"]
+    assert rest[app_name]["direct_ingress_port"] is None
 
 
 def test_new_connections_reach_every_replica(app_name: str) -> None:

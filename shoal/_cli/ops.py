@@ -91,6 +91,12 @@ def status_of(details: dict[str, Any]) -> dict[str, Any]:
         applications[name] = {
             "status": app.get("status"),
             **({"route_prefix": app["route_prefix"]} if "route_prefix" in app else {}),
+            # shoal's own, shown only when the application has one (docs/direct-ingress.md)
+            **(
+                {"direct_ingress_port": app["direct_ingress_port"]}
+                if app.get("direct_ingress_port") is not None
+                else {}
+            ),
             "message": app.get("message", ""),
             "last_deployed_time_s": app.get("last_deployed_time_s"),
             "deployments": deployments,

@@ -505,8 +505,9 @@ class Controller:
             ):
                 status = ApplicationStatus.UNHEALTHY
             apps[name] = ApplicationStatusOverview(
-                status, app.message, app.spec.route_prefix, app.deployed_at, deployments
-            )
+                status, app.message, app.spec.route_prefix, app.deployed_at, deployments,
+                app.spec.direct_ingress_port,
+            )  # fmt: skip
         proxies = {self.runtime.proxy_node_id: self.proxy} if self.proxy else {}
         for node, proxy in self.runtime.node_proxies().items():  # other nodes' (EveryNode)
             proxies[node] = ProxyStatus(proxy.host, proxy.port, proxy.state, proxy.pid)

@@ -98,6 +98,9 @@ class ApplicationStatusOverview:
     route_prefix: str | None = None
     last_deployed_time_s: float = 0.0
     deployments: dict[str, DeploymentStatusOverview] = field(default_factory=dict)
+    #: shoal's own: the port where the ingress replicas serve HTTP themselves besides the
+    #: proxy (docs/direct-ingress.md); None without one.
+    direct_ingress_port: int | None = None
 
     def __str__(self) -> str:
         return render_application("application", self)

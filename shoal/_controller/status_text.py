@@ -69,6 +69,8 @@ def application_lines(name: str, app: ApplicationStatusOverview, level: int) -> 
     head = [str(app.status)]
     if app.route_prefix is not None:
         head.append(f"route {app.route_prefix}")
+    if app.direct_ingress_port is not None:
+        head.append(f"direct ingress port {app.direct_ingress_port}")
     if app.last_deployed_time_s:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(app.last_deployed_time_s))
         head.append(f"deployed {stamp}")

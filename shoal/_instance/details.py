@@ -45,6 +45,8 @@ def instance_details(
                 for d_name, overview in app.deployments.items()
             },
             "external_scaler_enabled": False,
+            # shoal's own: where the ingress also serves HTTP itself (docs/direct-ingress.md)
+            "direct_ingress_port": app.direct_ingress_port,
         }
     for name, (state, message, route_prefix) in waiting.items():
         if name not in applications:
@@ -53,6 +55,7 @@ def instance_details(
                 "status": state, "message": message, "last_deployed_time_s": 0.0,
                 "deployed_app_config": configs.get(name), "source": "declarative",
                 "deployments": {}, "external_scaler_enabled": False,
+                "direct_ingress_port": None,
             }  # fmt: skip
     http = instance.http
     return {

@@ -202,6 +202,7 @@
       el("span", { class: "name" }, name),
       badge(app.status),
       el("span", { class: "muted" }, app.route_prefix ? `route ${app.route_prefix}` : "no route"),
+      app.direct_ingress_port ? el("span", { class: "muted" }, `direct port ${app.direct_ingress_port}`) : null,
       el("span", { class: "muted" }, app.source === "declarative" ? "from a config file" : "serve.run"),
       app.last_deployed_time_s ? el("span", { class: "muted" }, `deployed ${clock(app.last_deployed_time_s)}`) : null,
     ].filter(Boolean));
