@@ -187,6 +187,80 @@ def test_a_forked_replica_imports_nothing_of_its_own_before_it_serves(
         assert answer["later"] == [], answer["later"]
 
 
+@serve.deployment(num_replicas=1)
+class ImportsInInit:
+    """Imports an installed module in its constructor (as ``import sklearn`` often is):
+    one of the standard library's that neither shoal nor what its fork server preloads
+    imports (``colorsys`` would not do: FastAPI imports it)."""
+
+    def __init__(self) -> None:
+        self.had_it = "graphlib" in sys.modules  # before this replica's constructor ran
+        import graphlib  # noqa: F401
+
+    def __call__(self, _: object) -> dict[str, Any]:
+        return {"pid": os.getpid(), "had_it": self.had_it}
+
+
+def test_replicas_forked_after_one_started_have_what_its_constructor_imported(
+    forking: None,
+) -> None:
+    # A scale-up, redeploy or replacement forks its replicas from the fork server: they
+    # start with what the deployment's first replica imported in its constructor (an
+    # installed package) rather than each importing it again.
+    try:
+        handle = serve.run(ImportsInInit.bind(), name="fork-learned", route_prefix=None)
+        [first] = _answers(handle, 1)
+        assert first["had_it"] is False  # the fork server did not have it yet
+        serve.run(ImportsInInit.options(num_replicas=3).bind(), name="fork-learned",
+                  route_prefix=None)  # fmt: skip
+        answers = _answers(handle, 3)
+    finally:
+        serve.delete("fork-learned")
+    later = [answer for answer in answers if answer["pid"] != first["pid"]]
+    assert len(later) == 2 and all(answer["had_it"] for answer in later), answers
+
+
+def _answers(handle: Any, count: int) -> list[dict[str, Any]]:
+    """One answer from each of ``count`` replicas."""
+    answers: dict[int, dict[str, Any]] = {}
+
+    def all_answered() -> bool:
+        answer = handle.remote(None).result(timeout_s=30)
+        answers[answer["pid"]] = answer
+        return len(answers) == count
+
+    wait_until(all_answered, 60, f"answers from {count} replicas")
+    return list(answers.values())
+
+
+def test_only_installed_modules_imported_without_a_new_thread_are_learned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import threading
+
+    from shoal._runtime.process.learned import ModulesBefore, imported_since
+
+    (tmp_path / "learned_user_module.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "graphlib", raising=False)
+    before = ModulesBefore()
+    try:
+        importlib.import_module("graphlib")  # the standard library: installed
+        importlib.import_module("learned_user_module")  # the user's: edited, re-imported
+        assert imported_since(before) == ["graphlib"]
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait, name="started-by-an-import")
+        thread.start()
+        try:  # which import started it cannot be told: nothing is learned
+            assert imported_since(before) == []
+        finally:
+            stop.set()
+            thread.join()
+    finally:
+        sys.modules.pop("learned_user_module", None)
+
+
 def test_the_fork_server_never_takes_shoal_for_a_users_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -177,6 +177,15 @@ class ReplicaInfo:
         return ReplicaInfo, (*fields, self.tcp_address)
 
 
+@dataclass(slots=True)
+class ReplicaStarted:
+    """A worker's answer to StartReplica: where its replica is reached, and the installed
+    modules the replica's start imported (``shoal._runtime.process.learned``)."""
+
+    info: ReplicaInfo
+    imported: list[str]
+
+
 @message(21)
 class ReplicaSetUpdate(Message):
     """The full replica set of one deployment; ``exists=False`` means it was deleted.

@@ -73,8 +73,8 @@ from shoal._transport.messages import (
     Ping,
     ProxyIdle,
     Rejoin,
-    ReplicaInfo,
     ReplicaSetUpdate,
+    ReplicaStarted,
     Result,
     RoutesUpdate,
     StartProxy,
@@ -135,6 +135,10 @@ class ProcessRuntime:
             fork_server = fork_server_wanted()
         self._forks = ForkServer() if fork_server and fork_server_supported() else None
         self._replicas_started = 0  # the fork server starts with the second
+        # (app, deployment) -> the installed modules its last started replica imported as it
+        # started (its constructor's imports): preloaded with the deployment's own modules
+        # before its next replicas' forks (shoal._runtime.process.learned).
+        self._imported: dict[tuple[str, str], list[str]] = {}
         self._fork_server_after = 1 if fork_server_on_first_use else _FORK_SERVER_AFTER
         self._orphan_grace_s = orphan_grace_s
         # Sent to every worker before anything else (ConfigureProcess).
@@ -410,11 +414,12 @@ class ProcessRuntime:
         if self._forks is not None and self._forks.started and not env.get("env_vars"):
             path, cwd = spec.code.import_path(env)
             with contextlib.suppress(ForkServerUnavailable):  # then it is not forked either
-                await self._forks.preload(spec.code.imports(), path, cwd)
+                learned = self._imported.get((spec.app, spec.deployment), [])
+                await self._forks.preload([*spec.code.imports(), *learned], path, cwd)
         worker = await self._spawn("replica", env.get("env_vars"), spec=spec)
         try:
             start = StartReplica(cloudpickle.dumps(spec))
-            started_at: ReplicaInfo = await worker.request(start, _SPAWN_TIMEOUT_S * 10)
+            started: ReplicaStarted = await worker.request(start, _SPAWN_TIMEOUT_S * 10)
         except BaseException as exc:
             worker.stopping = True
             worker.process.kill()
@@ -422,7 +427,9 @@ class ProcessRuntime:
                 raise
             notes = "".join(getattr(exc, "__notes__", []))
             raise startup_failed(spec.deployment, exc, notes) from exc
-        info = dataclasses.replace(started_at, node_id=self._node_of(worker))
+        if started.imported:  # the fork server imports them before the next replica's fork
+            self._imported[(spec.app, spec.deployment)] = started.imported
+        info = dataclasses.replace(started.info, node_id=self._node_of(worker))
         replica = self._replicas[spec.replica_id] = ProcessReplica(worker, info)
         return replica
 

@@ -36,6 +36,7 @@ from shoal._replica.logs import configure_worker_logging
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import new_event_loop
 from shoal._runtime.process.client import UnixConnector
+from shoal._runtime.process.learned import ModulesBefore, imported_since
 from shoal._seam.startup import DIRECT_INGRESS, mark_startup_step
 from shoal._transport.auth import connect_tcp, join_host_port, split_host_port
 from shoal._transport.client import NodeNetwork
@@ -55,6 +56,7 @@ from shoal._transport.messages import (
     Rejoin,
     ReplicaInfo,
     ReplicaSetUpdate,
+    ReplicaStarted,
     Result,
     RoutesUpdate,
     StartProxy,
@@ -249,9 +251,11 @@ class Worker:
 
     # --- what this worker hosts ----------------------------------------------------
 
-    async def _start_replica(self, msg: StartReplica) -> ReplicaInfo:
+    async def _start_replica(self, msg: StartReplica) -> ReplicaStarted:
         """Start the replica, then serve it on this worker's socket (and on authenticated
-        TCP on its node's address, for routers on other nodes); returns where."""
+        TCP on its node's address, for routers on other nodes); returns where, and what
+        its start imported."""
+        before = ModulesBefore()
         spec = pickle.loads(msg.spec)
         spec.code.prepare_imports(spec.config.ray_actor_options.runtime_env)
         # Before any user code runs: its records carry the replica and go to its file.
@@ -263,6 +267,7 @@ class Worker:
 
         replica = Replica(spec)
         await replica.initialize()
+        imported = imported_since(before)
         self.replica = replica
         self.server = ReplicaServer(replica)
         address = os.path.join(self.instance_dir, f"{self.worker_id}.sock")
@@ -290,7 +295,7 @@ class Worker:
             self.worker_id, os.getpid(), info, spec.app, spec.deployment,
             spec.code_version, spec.config.user_config,
         )  # fmt: skip
-        return info
+        return ReplicaStarted(info, imported)
 
     async def _start_proxy(self, msg: StartProxy) -> tuple[str, int]:
         from shoal._proxy.proxy import Proxy
