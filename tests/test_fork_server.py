@@ -220,6 +220,39 @@ def test_replicas_forked_after_one_started_have_what_its_constructor_imported(
     assert len(later) == 2 and all(answer["had_it"] for answer in later), answers
 
 
+@serve.deployment
+class Sklearn:
+    """Imports scikit-learn in its constructor (~1,200 installed modules to learn)."""
+
+    def __init__(self, *downstream: Any) -> None:
+        from sklearn.linear_model import LogisticRegression  # noqa: F401
+
+        self.downstream = downstream
+
+    def __call__(self, _: object) -> list[int]:
+        return [os.getpid()]
+
+
+def test_a_redeploy_of_deployments_that_learned_much_is_still_forked(forking: None) -> None:
+    # A redeploy preloads what each deployment's replicas imported (scikit-learn: ~1,200
+    # modules): it must not end forking (sent in full with every preload, those of
+    # examples/demo.yaml's eleven applications once filled the fork server's socket).
+    from shoal._instance import api
+
+    forks = api._instances["process"].controller.runtime._forks  # type: ignore[attr-defined]
+    graph = Sklearn.bind(*(Sklearn.options(name=f"Sklearn{i}").bind() for i in range(3)))
+    for _ in range(2):
+        serve.run(graph, name="fork-learned-many", route_prefix=None)
+        serve.delete("fork-learned-many")
+    handle = serve.run(graph, name="fork-learned-many", route_prefix=None)
+    try:
+        [pid] = handle.remote(None).result(timeout_s=30)
+        assert forks.broken is None
+        assert "shoal._runtime.process.zygote" in _command(_parent(pid))
+    finally:
+        serve.delete("fork-learned-many")
+
+
 def _answers(handle: Any, count: int) -> list[dict[str, Any]]:
     """One answer from each of ``count`` replicas."""
     answers: dict[int, dict[str, Any]] = {}

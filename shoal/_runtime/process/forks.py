@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from shoal._errors import ConfigError, ForkServerUnavailable
@@ -249,6 +250,7 @@ class ForkServer:
         self._preloading: set[asyncio.Future[Any]] = set()  # spawns wait for these
         self._children: dict[int, ForkedProcess] = {}
         self._early_exits: dict[int, int] = {}  # Exited before its Spawned was handled
+        self._installed: set[str] = set()  # installed modules it was asked to preload
 
     @property
     def ready(self) -> bool:
@@ -325,13 +327,22 @@ class ForkServer:
             theirs.close()
         return ours
 
-    async def preload(self, modules: list[str], sys_path: list[str], cwd: str) -> None:
+    async def preload(
+        self, modules: list[str], sys_path: list[str], cwd: str, installed: Sequence[str] = ()
+    ) -> None:
         """Have the fork server import a deployment's ``modules`` (with its ``sys_path``
         and ``cwd``) before it forks its replicas: they then share them instead of each
-        importing them. Imports that fail are left to the replica (it reports them);
-        ForkServerUnavailable if the fork server cannot fork any more."""
+        importing them; and the ``installed`` modules its replicas imported as they started
+        (``learned.py``). Those are never edited: each is sent once, which keeps the
+        messages small (sent with every preload, the ~1,200 of scikit-learn filled the
+        socket during a redeploy of examples/demo.yaml, and forking ended). Imports that
+        fail are left to the replica (it reports them); ForkServerUnavailable if the fork
+        server cannot fork any more."""
         await self._wait_ready()
-        message = Preload(next(self._requests), modules, sys_path, cwd, dict(os.environ))
+        fresh = [name for name in installed if name not in self._installed]
+        self._installed.update(fresh)
+        environ = dict(os.environ)
+        message = Preload(next(self._requests), [*modules, *fresh], sys_path, cwd, environ)
         future = self._send(message, [])
         self._preloading.add(future)
         try:

@@ -415,7 +415,7 @@ class ProcessRuntime:
             path, cwd = spec.code.import_path(env)
             with contextlib.suppress(ForkServerUnavailable):  # then it is not forked either
                 learned = self._imported.get((spec.app, spec.deployment), [])
-                await self._forks.preload([*spec.code.imports(), *learned], path, cwd)
+                await self._forks.preload(spec.code.imports(), path, cwd, learned)
         worker = await self._spawn("replica", env.get("env_vars"), spec=spec)
         try:
             start = StartReplica(cloudpickle.dumps(spec))
