@@ -149,6 +149,9 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for t in TARGETS:
         value = t.value(results)
         valid = _points_valid(results, getattr(t.value, "uses", ()))
+        section = getattr(t.value, "section", None)  # (a section records its own validity)
+        if section is not None and (results.get(section) or {}).get("valid") is False:
+            valid = False
         met = (
             None
             if value is None
@@ -353,6 +356,15 @@ def _failure(section: dict[str, Any]) -> str:
     return f"failed: {first[:200]}"
 
 
+def _handle_validity(h: dict[str, Any]) -> str:
+    """How many of the handle section's runs were valid (older results did not say)."""
+    if "runs_valid" not in h:
+        return ""
+    note = f"; {h['runs_valid']} of {h['runs_total']} runs valid (foreign CPU"
+    note += f" ≤ {INVALID_CORE_PCT:g}% of a core)"
+    return note if h.get("valid", True) else note + ": **NOT VALID**"
+
+
 def _other_sections(results: dict[str, Any]) -> list[str]:
     h, cs, mem = results.get("handle"), results.get("cold_start"), results.get("idle_rss")
     if not (h or cs or mem):
@@ -367,6 +379,7 @@ def _other_sections(results: dict[str, Any]) -> list[str]:
                 else f"p50 {_f(h['p50_us'], 1)} us, p90 {_f(h['p90_us'], 1)} us, "
                 f"p99 {_f(h['p99_us'], 1)} us ({h['sequential_calls']} sequential calls, "
                 f"median of runs); 64 in flight: {_f(h['calls_per_s'], 0)} calls/s"
+                + _handle_validity(h)
             )
         )
     if cs:

@@ -378,15 +378,28 @@ def _get_json(port: int, path: str, timeout: float = 120.0) -> dict[str, Any]:
     return data
 
 
-def _handle_measures(port: int, settings: Settings) -> dict[str, Any]:
+def _handle_measures(port: int, settings: Settings, root: int) -> dict[str, Any]:
+    """The handle section's runs; each records the foreign CPU meanwhile, and the medians
+    are over the valid runs (over all, marked not valid, when none is)."""
     n, calls = settings.handle_n, settings.handle_par_calls
     _get_json(port, f"/?mode=seq&n={min(n, 500)}")  # warm-up
     _get_json(port, f"/?mode=par&n={min(calls, 640)}&inflight=64")
-    seq = [_get_json(port, f"/?mode=seq&n={n}") for _ in range(settings.handle_repeats)]
-    par = [
-        _get_json(port, f"/?mode=par&n={calls}&inflight=64") for _ in range(settings.handle_repeats)
-    ]
+    meter = ForeignCpu(interval_s=None)
+    meter.roots.add(root)
+    try:
+        seq = [_metered(meter, port, f"/?mode=seq&n={n}") for _ in range(settings.handle_repeats)]
+        par = [_metered(meter, port, f"/?mode=par&n={calls}&inflight=64")
+               for _ in range(settings.handle_repeats)]  # fmt: skip
+    finally:
+        meter.close()
+    valid_seq = [r for r in seq if r["foreign_core_pct"] <= INVALID_CORE_PCT]
+    valid_par = [r for r in par if r["foreign_core_pct"] <= INVALID_CORE_PCT]
+    all_runs = {"seq": seq, "par": par}
+    seq, par = valid_seq or seq, valid_par or par
     return {
+        "valid": bool(valid_seq) and bool(valid_par),
+        "runs_valid": len(valid_seq) + len(valid_par),
+        "runs_total": len(all_runs["seq"]) + len(all_runs["par"]),
         "sequential_calls": n,
         "p50_us": median_or_none(float(r["p50_us"]) for r in seq),
         "p90_us": median_or_none(float(r["p90_us"]) for r in seq),
@@ -395,8 +408,15 @@ def _handle_measures(port: int, settings: Settings) -> dict[str, Any]:
         "inflight": 64,
         "parallel_calls": int(par[0]["calls"]),
         "calls_per_s": median_or_none(float(r["calls_per_s"]) for r in par),
-        "runs": {"seq": seq, "par": par},
+        "runs": all_runs,
     }
+
+
+def _metered(meter: ForeignCpu, port: int, path: str) -> dict[str, Any]:
+    """One run of the handle bench (``GET path``) and the foreign CPU (% of a core) meanwhile."""
+    meter.window()  # starts the window
+    result = _get_json(port, path)
+    return {**result, "foreign_core_pct": meter.window()["foreign_core_pct"]}
 
 
 def run_handle(settings: Settings, log: Log) -> dict[str, Any]:
@@ -409,7 +429,7 @@ def run_handle(settings: Settings, log: Log) -> dict[str, Any]:
         proc.remember_tree()
         if not proc.wait_quiet():
             log("  still busy 20 s after it answered; measured anyway")
-        result = _handle_measures(port, settings)
+        result = _handle_measures(port, settings, proc.pid)
         log(
             f"  p50 {fmt(result['p50_us'], 1)} us  p99 {fmt(result['p99_us'], 1)} us  "
             f"64 in flight: {fmt(result['calls_per_s'], 0)} calls/s"

@@ -68,6 +68,18 @@ def _shoal_ratio(wl: str, other_wl: str, c: int) -> Getter:
     return PointGetter(get, ((wl, c), (other_wl, c)))
 
 
+@dataclass(frozen=True)
+class SectionGetter:
+    """A getter that reads a field of a section: its target is not valid when the section
+    says so (``"valid": False``: no run of it had at most 15% of a core foreign)."""
+
+    get: Getter
+    section: str
+
+    def __call__(self, results: dict[str, Any]) -> float | None:
+        return self.get(results)
+
+
 def _section_value(section: str, *path: str) -> Getter:
     def get(results: dict[str, Any]) -> float | None:
         data: Any = results.get(section) or {}
@@ -75,7 +87,7 @@ def _section_value(section: str, *path: str) -> Getter:
             data = data.get(key) if isinstance(data, dict) else None
         return data if isinstance(data, int | float) else None
 
-    return get
+    return SectionGetter(get, section)
 
 
 # Issue 15's thresholds where it sets one (W1, W2, W3, W4, handle, cold start), else earlier ones.

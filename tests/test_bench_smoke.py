@@ -497,7 +497,7 @@ def _fake_results() -> dict[str, Any]:
         "settings": {"duration_s": 1.0, "repeats": 1, "warmup_s": 0.0},
         "points": points,
         "handle": {"p50_us": 90.0, "p90_us": 150.0, "p99_us": 300.0, "sequential_calls": 10,
-                   "calls_per_s": 9000.0},
+                   "calls_per_s": 9000.0, "valid": True, "runs_valid": 5, "runs_total": 6},
         "cold_start": {"runs": [1.2], "median_s": 1.2},
         "idle_rss": {"error": "RuntimeError: nope"},
         "w3_ramp": {"server": "W3-latency shoal", "step_s": 3.0, "steps": [step]},
@@ -530,7 +530,12 @@ def test_report_writer(tmp_path: Path) -> None:
     assert verdicts["W1-thr-c64"] is False and valid["W1-thr-c64"] is True  # 498 / 1000 < 0.8
     assert verdicts["W1-p50-c1"] is False and valid["W1-p50-c1"] is False
     assert verdicts["W1-p50r-c1"] is False  # 0.8 / 0.4 = 2x > 1.5x
-    assert verdicts["handle-p50"] is True
+    assert verdicts["handle-p50"] is True and valid["handle-p50"] is True
+    assert "; 5 of 6 runs valid (foreign CPU ≤ 15% of a core)" in md_path.read_text()
+    busy = _fake_results()
+    busy["handle"].update(valid=False, runs_valid=0)
+    [handle] = [t for t in report.finalize(busy)["targets"] if t["key"] == "handle-p50"]
+    assert handle["met"] is True and handle["valid"] is False  # every run had too much
     assert verdicts["cold-start"] is False
     assert verdicts["idle-rss"] is None
     assert verdicts["W3-thr-c64"] is False  # 2000 / 2300
