@@ -162,7 +162,10 @@ def test_http_requests_beyond_the_queue_get_503_at_once(base_url: str) -> None:
         replies = asyncio.run(burst())
         refused = [(t, r) for status, t, r in replies if status == 503]
         assert sorted(status for status, _, _ in replies) == [200] * 5 + [503] * 3
-        assert max(t for t, _ in refused) < AT_ONCE_S, [t for t, _ in refused]
+        # At once: the three refusals arrived while the five others were still held (burst()
+        # saw them done before it released the Gate). No bound in seconds here: these
+        # include eight new connections to a proxy that, with the suite on two workers,
+        # shares two cores with another module's servers (a CI run saw 1.8 s).
         reply = refused[0][1]
         assert reply.headers["retry-after"] == "1"
         assert len(reply.headers["x-request-id"]) == 32  # an answer of the proxy has one too

@@ -38,6 +38,25 @@ ray = pytest.importorskip("ray", reason="the Ray runtime's tests need ray (the t
 TESTS = Path(__file__).parent
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_leaves_logging_as_it_was() -> Iterator[None]:
+    """``import ray.serve`` (Ray's own schema, below) configures the ``ray.serve`` logger
+    for Ray Serve, and ``ray.init`` the ``ray`` one: put them back as they were, for the
+    modules that run after this one in the same process (shoal logs as ``ray.serve``)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.serve")]
+    saved = [
+        (logger.handlers[:], logger.filters[:], logger.level, logger.propagate, logger.disabled)
+        for logger in loggers
+    ]
+    yield
+    for logger, (handlers, filters, level, propagate, disabled) in zip(loggers, saved, strict=True):
+        logger.handlers[:], logger.filters[:] = handlers, filters
+        logger.setLevel(level)
+        logger.propagate, logger.disabled = propagate, disabled
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[Any]:
     """A ``ray.cluster_utils.Cluster``: a head and two worker nodes (both declaring
