@@ -24,16 +24,15 @@ import sys
 import threading
 from typing import Any
 
-#: At most this many module names per report (scikit-learn's start imports ~1,300, ~900
-#: once its packages are left out; a name is ~30 bytes of a fork server message).
+from shoal._runtime.process.zygote import _RefuseForkUnsafe
+
+#: At most this many module names per report (scikit-learn's start imports ~1,360, ~1,220
+#: once their packages are left out; a name is ~30 bytes of a fork server message).
 MAX_MODULES = 2000
 
 #: Threads a replica's start may start that no import started: shoal's own (its log
 #: files' writer, spans), and asyncio's executor (``run_in_executor``, ``to_thread``).
 _NOT_FROM_IMPORTS = ("shoal-", "asyncio_", "ThreadPoolExecutor")
-
-#: Packages the fork server refuses to import (``zygote._RefuseForkUnsafe``).
-_REFUSED = frozenset({"grpc"})
 
 _INSTALLED = tuple({os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix)})
 _SHOAL = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", "..")) + os.sep
@@ -67,7 +66,7 @@ def imported_since(before: ModulesBefore) -> list[str]:
 
 
 def _installed(name: str, module: Any) -> bool:
-    if name.partition(".")[0] in _REFUSED or name == "__main__":
+    if name.partition(".")[0] in _RefuseForkUnsafe.PACKAGES or name == "__main__":
         return False
     path = getattr(module, "__file__", None)
     if not path:  # built in, a namespace package: nothing to read, or a package's parts
