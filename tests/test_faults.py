@@ -165,6 +165,10 @@ def test_a_failed_update_stays_rolled_back(http_port: int, tmp_path: Path) -> No
 # --- a blocked event loop -----------------------------------------------------------------
 
 CHECK_TIMEOUT_S = 4.0
+#: How late a loaded machine may notice it: the check is sent up to one period (0.5 s)
+#: after the loop blocked, and the controller's timer and this test's poll run late when
+#: another worker of the suite shares the two cores (a CI run saw 4.73 s).
+NOTICED_LATE_S = 1.5
 
 
 @serve.deployment(num_replicas=2, health_check_period_s=0.5, health_check_timeout_s=CHECK_TIMEOUT_S)
@@ -209,7 +213,7 @@ def test_a_blocked_replica_leaves_routing_and_is_killed(http_port: int, tmp_path
     print(timings)
     assert blocked not in others and len(others) >= 1, timings
     assert unrelated_s < CHECK_TIMEOUT_S - 0.5, timings  # before the blocked replica is noticed
-    assert out_s <= CHECK_TIMEOUT_S + 0.5, timings
+    assert out_s <= CHECK_TIMEOUT_S + NOTICED_LATE_S, timings
     assert killed_s <= CHECK_TIMEOUT_S + 5, timings
     wait_until(
         lambda: [r.state for r in _replicas("blocking", "Blocking")] == ["RUNNING"] * 2,
