@@ -134,7 +134,7 @@ class ProcessRuntime:
         if fork_server is None:
             fork_server = fork_server_wanted()
         self._forks = ForkServer() if fork_server and fork_server_supported() else None
-        self._replicas_started = 0  # the fork server starts with the second
+        self._replicas_started = 0  # the fork server starts with the _fork_server_after-th
         # (app, deployment) -> the installed modules its last started replica imported as it
         # started (its constructor's imports): preloaded with the deployment's own modules
         # before its next replicas' forks (shoal._runtime.process.learned).
