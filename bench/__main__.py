@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from bench import loadgen, report
-from bench.procs import INVALID_CORE_PCT, BackgroundCpu, ServerProcess
+from bench.procs import INVALID_CORE_PCT, BackgroundCpu, ServerProcess, compile_ahead
 from bench.stream import run_stream
 from bench.suite import WORKLOADS, Settings, run_cold_start, run_handle, run_workload
 from bench.w3 import run_w3
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_settings(args: argparse.Namespace, log_dir: Path) -> Settings:
+def make_settings(args: argparse.Namespace, log_dir: Path, compiled_ahead: bool) -> Settings:
     quick = bool(args.quick)
     duration = args.duration if args.duration is not None else (1.0 if quick else 3.0)
     repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
@@ -88,6 +88,7 @@ def make_settings(args: argparse.Namespace, log_dir: Path) -> Settings:
         handle_par_calls=640 if quick else 6400,
         handle_repeats=1 if quick else 3,
         log_dir=log_dir,
+        compiled_ahead=compiled_ahead,
         stream_requests=20 if quick else 50,
         stream_items=20_000 if quick else 200_000,
     )
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         build_parser().error(str(exc))
     log_dir = Path(tempfile.mkdtemp(prefix="shoal-bench-logs-"))
-    settings = make_settings(args, log_dir)
+    settings = make_settings(args, log_dir, compile_ahead(log_dir))
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     started = time.perf_counter()

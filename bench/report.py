@@ -365,6 +365,16 @@ def _handle_validity(h: dict[str, Any]) -> str:
     return note if h.get("valid", True) else note + ": **NOT VALID**"
 
 
+def _cold_start_conditions(cs: dict[str, Any]) -> str:
+    """How the cold starts were launched (older results did not say)."""
+    note = ""
+    if cs.get("warmup_launches"):
+        note += f"; after {cs['warmup_launches']} launch not measured (it fills the page cache)"
+    if cs.get("compiled_ahead"):
+        note += "; shoal's modules compiled ahead, as an installed package's are"
+    return note
+
+
 def _other_sections(results: dict[str, Any]) -> list[str]:
     h, cs, mem = results.get("handle"), results.get("cold_start"), results.get("idle_rss")
     if not (h or cs or mem):
@@ -390,6 +400,7 @@ def _other_sections(results: dict[str, Any]) -> list[str]:
                 if "error" in cs
                 else f"median {_f(cs['median_s'], 3)} s, runs "
                 + ", ".join(f"{t:.3f}" for t in cs["runs"])
+                + _cold_start_conditions(cs)
             )
         )
     if mem:

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,13 +30,11 @@ from typing import Any
 
 from bench.common import ECHO_BODY
 from bench.control_plane import ForeignCpu, _dirty
-from bench.procs import HOST, ServerProcess, free_port, tree_memory
+from bench.procs import HOST, ServerProcess, compile_ahead, free_port, tree_memory
 
 INVALID_CORE_PCT = 15.0
 KINDS = ("demo", "cold")
 VARIANTS = {"fork": {"SHOAL_FORK_SERVER": "1"}, "spawn": {"SHOAL_FORK_SERVER": "0"}}
-#: The servers' environment besides their variant's (see :func:`_bytecode_cache`).
-COMMON_ENV: dict[str, str] = {}
 READY_DEADLINE_S = 180.0
 #: After the demo runs, how long it idles before its memory is read (the standby proxy
 #: process starts 3 s after the proxy; the figure includes it).
@@ -104,20 +101,7 @@ def _wait_for_line(proc: ServerProcess, text: str, deadline_s: float) -> None:
 
 
 def _env(variant: str) -> dict[str, str]:
-    return {**COMMON_ENV, **VARIANTS[variant]}
-
-
-def _bytecode_cache(work: Path) -> None:
-    """Let the servers read shoal's (and the bench's, the examples') modules compiled, as
-    an installed package's are: this checkout has no ``__pycache__`` when the environment
-    sets ``PYTHONDONTWRITEBYTECODE`` (each launch then compiles them: ~0.15 s of the
-    cold start's CPU). Compiled ahead into a directory of ``work``, not into the checkout."""
-    prefix = str(work / "pycache")
-    COMMON_ENV.update(PYTHONDONTWRITEBYTECODE="", PYTHONPYCACHEPREFIX=prefix)
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, **COMMON_ENV}
-    dirs = [str(root / name) for name in ("shoal", "bench", "examples")]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], env=env, check=True)
+    return dict(VARIANTS[variant])
 
 
 def measure(rounds: int, work: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
@@ -223,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--bytecode-cache", action="store_true",
-        help="servers read their modules compiled (a cache in a temporary directory), "
-        "even if PYTHONDONTWRITEBYTECODE is set",
+        help="if PYTHONDONTWRITEBYTECODE is set, servers still read their modules "
+        "compiled (a cache in a temporary directory), as an installed package's are",
     )  # fmt: skip
     args = parser.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
@@ -234,13 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     env = report.environment({"name": "none"}, started)
     work = Path(tempfile.mkdtemp(prefix="shoal-bench-startup-"))
     try:
-        if args.bytecode_cache:
-            _bytecode_cache(work)
+        compiled = compile_ahead(work) if args.bytecode_cache else False
         measured = measure(rounds, work, (args.only,) if args.only else KINDS)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results = {"started": started.isoformat(timespec="seconds"), "environment": env,
-               "dirty": _dirty(), "rounds": rounds, "bytecode_cache": args.bytecode_cache,
+               "dirty": _dirty(), "rounds": rounds, "bytecode_cache": compiled,
                "dont_write_bytecode": bool(os.environ.get("PYTHONDONTWRITEBYTECODE")),
                **measured}  # fmt: skip
     text = render(results)
