@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
-import re
 import typing
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -264,12 +261,16 @@ def parse_config(data: Any, source: str, *, text: str | None = None) -> ServeDep
             f"got {type(data).__name__} {_short(data)}"
         )
     if "import_path" in data and "applications" not in data:
-        raise ConfigError(_legacy_message(data, source))
+        from shoal._config_text import legacy_message
+
+        raise ConfigError(legacy_message(data, source))
     try:
         return ServeDeploySchema.model_validate(data)
     except ValidationError as exc:
-        root = _compose(text) if text is not None else None
-        numbered = [(_line_of(root, line.partition(": ")[0]), line) for line in _lines(exc)]
+        from shoal._config_text import compose, line_of
+
+        root = compose(text) if text is not None else None
+        numbered = [(line_of(root, line.partition(": ")[0]), line) for line in _lines(exc)]
         numbered.sort(key=lambda item: item[0] or 0)  # in the file's order, when known
         raise ConfigError("\n".join(
             f"{source}: {line}{f' (line {number})' if number else ''}" for number, line in numbered
@@ -287,96 +288,9 @@ def load_config_file(path: str) -> ServeDeploySchema:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise ConfigError(f"{path}: cannot read the config file ({reason})") from None
+    from shoal._config_text import parse_document
+
     return parse_config(parse_document(text, path), path, text=text)
-
-
-def _compose(text: str) -> yaml.Node | None:
-    """The YAML node tree of ``text`` (JSON included), for line numbers; None if unparsable."""
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-
-
-def _line_of(node: yaml.Node | None, path: str) -> int | None:
-    """The 1-based line of ``path`` (``a[0].b``) in the tree: of its key in a mapping, else
-    of the deepest part of it that exists (a missing key: its mapping)."""
-    line = None
-    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
-        if isinstance(node, yaml.SequenceNode) and part.startswith("["):
-            index = int(part[1:-1])
-            if index >= len(node.value):
-                break
-            node = node.value[index]
-            line = node.start_mark.line + 1
-        elif isinstance(node, yaml.MappingNode):
-            found = next(((k, v) for k, v in node.value if k.value == part), None)
-            if found is None:
-                break
-            line, node = found[0].start_mark.line + 1, found[1]
-        else:
-            break
-    return line
-
-
-def parse_document(text: str, source: str) -> Any:
-    """Parse YAML or JSON text; syntax errors and duplicate keys name the line."""
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text, object_pairs_hook=_no_duplicates(source))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{source}, line {exc.lineno}: invalid JSON: {exc.msg}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f", line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-        raise ConfigError(f"{source}{line}: invalid YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate keys instead of keeping the last one silently."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _no_duplicates(source: str) -> Any:
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in items]
-        for key in keys:
-            if keys.count(key) > 1:
-                raise ConfigError(f"{source}: invalid JSON: duplicate key {key!r}")
-        return dict(items)
-
-    return pairs
-
-
-def _legacy_message(data: dict[str, Any], source: str) -> str:
-    app = {"name": "default", "route_prefix": data.get("route_prefix", "/")}
-    app |= {k: v for k, v in data.items() if k not in ("host", "port", "route_prefix")}
-    converted: dict[str, Any] = {}
-    if "host" in data or "port" in data:
-        converted["http_options"] = {k: data[k] for k in ("host", "port") if k in data}
-    converted["applications"] = [app]
-    example = yaml.safe_dump(converted, sort_keys=False, default_flow_style=False)
-    return (
-        f"{source}: this is Ray Serve's single-application config format (import_path at the "
-        "top level), which Ray deprecated; shoal reads the multi-application format. Move the "
-        "application under 'applications' (host and port under 'http_options'):\n\n"
-        + example.rstrip()
-    )
 
 
 def _short(value: Any) -> str:

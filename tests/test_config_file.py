@@ -713,7 +713,7 @@ def test_the_schema_module_is_a_bottom_layer() -> None:
         for alias in node.names
         if alias.name.startswith("shoal")
     }
-    assert imported == {"shoal._config", "shoal._errors"}
+    assert imported == {"shoal._config", "shoal._config_text", "shoal._errors"}
 
 
 def test_the_runtime_fields_choose_ray_and_an_address_needs_it() -> None:

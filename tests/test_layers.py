@@ -15,9 +15,9 @@ ROOT = pathlib.Path(shoal.__file__).parent
 
 #: From the bottom up; a package may import only from packages listed before it.
 LAYERS = [
-    "_errors", "_config", "_deploy_config", "_json", "_transport", "_seam", "_observe", "_router",
-    "_api", "_replica", "_oip", "_proxy", "_runtime", "_controller", "_dashboard", "_instance",
-    "serve",
+    "_errors", "_config", "_config_text", "_deploy_config", "_json", "_transport", "_seam",
+    "_observe", "_router", "_api", "_replica", "_oip", "_proxy", "_runtime", "_controller",
+    "_dashboard", "_instance", "serve",
 ]  # fmt: skip
 
 
@@ -64,3 +64,21 @@ def test_no_package_level_import_cycle() -> None:
     for package in sorted(edges):
         if package not in state:
             assert visit(package, []) is None
+
+
+def test_the_driver_imports_no_http_server_or_yaml_before_it_deploys() -> None:
+    """``shoal run MODULE:APP`` imports these before its replicas start; the HTTP server
+    (uvicorn, for the proxy process and later the admin API) and PyYAML (config files
+    only) would cost its cold start tens of milliseconds (``python -m bench.startup``)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import shoal._cli.embedded, shoal._instance.api, shoal._instance.build\n"
+        "import shoal._runtime.process.runtime, shoal.serve\n"
+        "print(sorted({'uvicorn', 'yaml', 'click', 'websockets'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

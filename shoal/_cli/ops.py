@@ -41,7 +41,8 @@ def _load_config(command: str, path: str) -> Any:
 
     What is sent is the document as written (unset fields stay unset), as Ray's CLI does.
     """
-    from shoal._deploy_config import load_config_file, parse_document
+    from shoal._config_text import parse_document
+    from shoal._deploy_config import load_config_file
     from shoal._errors import ConfigError
 
     try:

@@ -56,6 +56,7 @@ from shoal._proxy.exchange import (
     read_body,
     reply,
 )
+from shoal._proxy.listener import LISTEN_FD_ENV, bind_listener
 from shoal._proxy.metrics import proxy_metrics
 from shoal._proxy.observe import observed
 from shoal._router.queue import CHOICES, NORMAL, rank_of
@@ -69,7 +70,6 @@ from shoal._transport.http import (
 )
 from shoal._transport.ids import new_request_id
 from shoal._transport.messages import Failure, Request, Result, StreamEnd, StreamItem
-from shoal._transport.tcp import listen_tcp
 
 logger = logging.getLogger("shoal.proxy")
 
@@ -116,8 +116,6 @@ def _id_header(scope: Scope) -> tuple[bytes, bytes]:
     return (_REQUEST_ID, (header(scope, _REQUEST_ID) or new_request_id()).encode("latin-1"))
 
 
-#: Environment variable naming a listening socket's file descriptor the proxy inherits.
-LISTEN_FD_ENV = "SHOAL_PROXY_LISTEN_FD"
 #: How long a request that arrives before the first route table waits for it (a
 #: replacement proxy accepts connections queued meanwhile, then gets its routes at once).
 _ROUTES_WAIT_S = 5.0
@@ -544,24 +542,6 @@ def _websocket_implementation() -> str:
     except ImportError:
         return "none"
     return "websockets-sansio"
-
-
-def bind_listener(host: str, port: int, reuse_port: bool = False, what: str = "") -> socket.socket:
-    """A non-blocking listening TCP socket on (host, port); ShoalError if it cannot bind.
-    ``reuse_port``: shared with the other sockets of this user that bind it so (see
-    :func:`~shoal._transport.tcp.listen_tcp`). ``what``: the server's name in the error
-    (default: the HTTP proxy's, with how to choose its port)."""
-    try:
-        return listen_tcp(host, port, 2048, reuse_port)
-    except OSError as exc:
-        if what:
-            raise ShoalError(
-                f"{what} cannot listen on {host}:{port} ({exc.strerror}); choose a free port"
-            ) from None
-        raise ShoalError(
-            f"the HTTP proxy cannot listen on {host}:{port} ({exc.strerror}); "
-            "pass another port with serve.start(http_options={'port': ...})"
-        ) from None
 
 
 def _priority(scope: Scope) -> int | None:

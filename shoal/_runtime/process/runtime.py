@@ -32,7 +32,7 @@ from typing import Any
 from shoal._config import TIMEOUTS, HTTPOptions
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
 from shoal._observe.options import Telemetry
-from shoal._proxy.proxy import LISTEN_FD_ENV, bind_listener
+from shoal._proxy.listener import LISTEN_FD_ENV, bind_listener
 from shoal._runtime.node import local_node_id
 from shoal._runtime.process.adopt import AdoptedProcess, Rejoined
 from shoal._runtime.process.client import UnixConnector
