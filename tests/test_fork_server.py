@@ -671,3 +671,28 @@ def test_a_new_workers_replica_sets_reach_it_before_any_later_update() -> None:
 
     asyncio.run(scenario())
     assert sent == ["configure", "set", "newer set"]
+
+
+async def test_requests_that_fill_a_busy_fork_servers_socket_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While the fork server imports a deployment's slow module it reads nothing, and the
+    # runtime's next requests fill its socket (here: each carries a 60 KB environment;
+    # the socket holds ~210 KB). They wait for it to read, rather than end forking.
+    import asyncio
+
+    from shoal._runtime.process.forks import ForkServer
+
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(1.0)\n")
+    monkeypatch.setenv("SHOAL_TEST_LARGE_ENV", "x" * 60_000)
+    server = ForkServer(ready_timeout_s=60, spawn_timeout_s=5, preload_timeout_s=30)
+    server.start()
+    path, cwd = [str(tmp_path), *sys.path], str(tmp_path)
+    try:
+        first = asyncio.ensure_future(server.preload(["slow_to_import"], path, cwd))
+        more = [server.preload([], path, cwd) for _ in range(6)]
+        await asyncio.wait_for(asyncio.gather(first, *more), 60)
+        assert server.broken is None
+        assert server.ready
+    finally:
+        await server.stop(10)

@@ -476,6 +476,11 @@ class Timeouts(_Strict):
     # long a restarted controller waits for the actors Ray lists by name to rejoin it.
     ray_nodes_poll_s: float = Field(2.0, gt=0)
     ray_rejoin_wait_s: float = Field(10.0, gt=0)
+    # The fork server (docs/operations.md): until it has imported shoal and can fork; one
+    # fork; one deployment's imports. Past one, workers start with `python -m` instead.
+    fork_server_ready_s: float = Field(60.0, gt=0)
+    fork_spawn_s: float = Field(5.0, gt=0)
+    fork_preload_s: float = Field(60.0, gt=0)
 
 
 TIMEOUTS = Timeouts()

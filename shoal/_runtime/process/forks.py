@@ -231,11 +231,9 @@ class ForkServer:
     """One fork server process for one runtime, on the runtime's event loop."""
 
     def __init__(
-        self,
-        ready_timeout_s: float = 60.0,
-        spawn_timeout_s: float = 5.0,
-        preload_timeout_s: float = 60.0,
+        self, ready_timeout_s: float, spawn_timeout_s: float, preload_timeout_s: float
     ) -> None:
+        """The time limits are :class:`~shoal._config.Timeouts`' ``fork_*`` ones."""
         self.ready_timeout_s = ready_timeout_s
         self.spawn_timeout_s = spawn_timeout_s
         self.preload_timeout_s = preload_timeout_s
@@ -251,6 +249,7 @@ class ForkServer:
         self._children: dict[int, ForkedProcess] = {}
         self._early_exits: dict[int, int] = {}  # Exited before its Spawned was handled
         self._installed: set[str] = set()  # installed modules it was asked to preload
+        self._waiting_to_send: set[asyncio.Future[None]] = set()  # for a full socket to drain
 
     @property
     def ready(self) -> bool:
@@ -335,7 +334,7 @@ class ForkServer:
         importing them; and the ``installed`` modules its replicas imported as they started
         (``learned.py``). Those are never edited: each is sent once, which keeps the
         messages small (sent with every preload, the ~1,200 of scikit-learn filled the
-        socket during a redeploy of examples/demo.yaml, and forking ended). Imports that
+        socket during a redeploy of examples/demo.yaml). Imports that
         fail are left to the replica (it reports them); ForkServerUnavailable if the fork
         server cannot fork any more."""
         await self._wait_ready()
@@ -343,9 +342,10 @@ class ForkServer:
         self._installed.update(fresh)
         environ = dict(os.environ)
         message = Preload(next(self._requests), [*modules, *fresh], sys_path, cwd, environ)
-        future = self._send(message, [])
-        self._preloading.add(future)
+        future = self._expect(message.request)
+        self._preloading.add(future)  # before sending: a spawn meanwhile waits for it
         try:
+            await self._send(message, [], self.preload_timeout_s)
             preloaded = await self._reply(future, self.preload_timeout_s, "an import")
         finally:
             self._preloading.discard(future)
@@ -361,7 +361,9 @@ class ForkServer:
         if self._preloading:  # a deployment's imports come first: they may take a while
             await asyncio.wait(set(self._preloading))
         message = Spawn(next(self._requests), entry, argv, dict(os.environ), os.getcwd(), fd_env)
-        future = self._send(message, [listen_fd] if listen_fd is not None else [])
+        future = self._expect(message.request)
+        fds = [listen_fd] if listen_fd is not None else []
+        await self._send(message, fds, self.spawn_timeout_s)
         pid = await self._reply(future, self.spawn_timeout_s, "a spawn request")
         exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         child = self._children[pid] = ForkedProcess(pid, exited)
@@ -381,17 +383,53 @@ class ForkServer:
         if self.broken is not None:
             raise ForkServerUnavailable(self.broken)
 
-    def _send(self, message: Spawn | Preload, fds: list[int]) -> asyncio.Future[Any]:
-        """Send ``message``; its reply's future (ForkServerUnavailable if it cannot be sent)."""
+    def _expect(self, request: int) -> asyncio.Future[Any]:
+        """The future of request ``request``'s reply (ForkServerUnavailable if it breaks)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)
-        self._pending[message.request] = future
-        try:
-            assert self._sock is not None
-            socket.send_fds(self._sock, [encode(message)], fds)
-        except (OSError, AssertionError) as exc:  # its socket is full (it hangs) or closed
-            self._break(f"its socket failed: {exc!r}")
+        self._pending[request] = future
         return future
+
+    async def _send(self, message: Spawn | Preload, fds: list[int], timeout_s: float) -> None:
+        """Send ``message`` (whole: the socket keeps message boundaries). A full socket
+        means the fork server is busy (importing a deployment's modules while the runtime
+        asks for more): wait until it reads, at most ``timeout_s``. A socket closed,
+        failing, or still full then breaks it, and every reply's future says so."""
+        loop = asyncio.get_running_loop()
+        data, deadline = encode(message), loop.time() + timeout_s
+        while self._sock is not None and self.broken is None:
+            try:
+                socket.send_fds(self._sock, [data], fds)
+                return
+            except BlockingIOError:
+                if not await self._writable(self._sock, deadline - loop.time()):
+                    self._break(f"its socket stayed full for {timeout_s:g} s")
+            except OSError as exc:  # closed, or a message larger than the socket holds
+                self._break(f"its socket failed: {exc!r}")
+        self._break(self.broken or "its socket is closed")  # fails the reply's future too
+
+    async def _writable(self, sock: socket.socket, timeout_s: float) -> bool:
+        """Whether ``sock`` can take a message within ``timeout_s``; True at once if the
+        fork server breaks meanwhile (the caller sees it). The loop has one writer
+        callback per socket: it wakes every sender that waits."""
+        loop = asyncio.get_running_loop()
+        writable: asyncio.Future[None] = loop.create_future()
+        if not self._waiting_to_send:
+            loop.add_writer(sock.fileno(), self._wake_senders)
+        self._waiting_to_send.add(writable)
+        try:
+            await asyncio.wait_for(writable, max(0.0, timeout_s))
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting_to_send.discard(writable)
+            if not self._waiting_to_send and self._sock is sock:  # else _close_socket did
+                loop.remove_writer(sock.fileno())
+
+    def _wake_senders(self) -> None:
+        for sender in self._waiting_to_send:
+            _set_once(sender)
 
     async def _reply(self, future: asyncio.Future[Any], timeout_s: float, what: str) -> Any:
         try:
@@ -461,6 +499,7 @@ class ForkServer:
         for waiter in self._pending.values():
             if not waiter.done():
                 waiter.set_exception(ForkServerUnavailable(why))
+        self._wake_senders()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(ForkServerUnavailable(why))
         for child in self._children.values():
@@ -470,7 +509,9 @@ class ForkServer:
     def _close_socket(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(self._sock.fileno())
+                loop.remove_writer(self._sock.fileno())
             self._sock.close()
             self._sock = None
 
@@ -489,6 +530,11 @@ class ForkServer:
         except TimeoutError:
             self._process.kill()
             await exited
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

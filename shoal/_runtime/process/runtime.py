@@ -133,7 +133,11 @@ class ProcessRuntime:
         restarted server's orphaned workers must rejoin within its adopt window)."""
         if fork_server is None:
             fork_server = fork_server_wanted()
-        self._forks = ForkServer() if fork_server and fork_server_supported() else None
+        self._forks = (
+            ForkServer(TIMEOUTS.fork_server_ready_s, TIMEOUTS.fork_spawn_s, TIMEOUTS.fork_preload_s)
+            if fork_server and fork_server_supported()
+            else None
+        )
         self._replicas_started = 0  # the fork server starts with the _fork_server_after-th
         # (app, deployment) -> the installed modules its last started replica imported as it
         # started (its constructor's imports): preloaded with the deployment's own modules
