@@ -476,6 +476,17 @@ class Timeouts(_Strict):
     # long a restarted controller waits for the actors Ray lists by name to rejoin it.
     ray_nodes_poll_s: float = Field(2.0, gt=0)
     ray_rejoin_wait_s: float = Field(10.0, gt=0)
+    # A new worker process says hello within this (its imports), else it is killed; a
+    # replica's constructor returns within replica_start_s.
+    worker_hello_s: float = Field(60.0, gt=0)
+    replica_start_s: float = Field(600.0, gt=0)
+    # The standby proxy process starts this long after the proxy serves: spawned at once
+    # it would take a core from the first replicas, and an instance that lives less (a
+    # test, a script) never needs one (a proxy that dies before is replaced by a new
+    # process: about 1 s instead of 0.1 s). A restart whose standby does not serve within
+    # standby_proxy_start_s uses a new process instead.
+    standby_proxy_delay_s: float = Field(3.0, gt=0)
+    standby_proxy_start_s: float = Field(2.0, gt=0)
     # The fork server (docs/operations.md): until it has imported shoal and can fork; one
     # fork; one deployment's imports. Past one, workers start with `python -m` instead.
     fork_server_ready_s: float = Field(60.0, gt=0)

@@ -9,9 +9,7 @@ loop thread on which its controller and routers run.
 from __future__ import annotations
 
 import atexit
-import difflib
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,14 +26,12 @@ from shoal._api.graph import build_app
 from shoal._api.handle import DeploymentHandle
 from shoal._config import (
     AdminOptions,
-    DeploymentConfig,
     HTTPOptions,
     LoggingConfig,
     ServeStartOptions,
     gRPCOptions,
     validate,
 )
-from shoal._config.support import ray_only
 from shoal._controller.status import ServeStatus
 from shoal._errors import (
     ConfigError,
@@ -44,9 +40,8 @@ from shoal._errors import (
     NotFoundError,
     NotRunningError,
 )
-from shoal._instance.home import default_admin_options
+from shoal._instance import arguments
 from shoal._instance.instance import Instance
-from shoal._observe.options import Telemetry
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import wait_responsive
 from shoal._seam.specs import AppSpec
@@ -94,7 +89,7 @@ def start(
     ``_admin_later=True`` (``shoal run``/``shoal demo``) serves the admin API only when
     :func:`serve_admin` is called, once the applications are deployed (cold start).
     """
-    _refuse_extra("serve.start", kwargs, _START_KEYWORDS)
+    arguments.refuse_extra("serve.start", kwargs, arguments.START_KEYWORDS)
     settings: ServeStartOptions = validate(
         ServeStartOptions,
         {
@@ -105,10 +100,10 @@ def start(
         },
         "serve.start()",
     )
-    options = _http_options(http_options)
-    grpc = _grpc_options(grpc_options)
-    admin = _admin_options(admin_options)
-    telemetry = _telemetry(metrics_options, tracing_options, logging_config)
+    options = arguments.http_options(http_options)
+    grpc = arguments.grpc_options(grpc_options)
+    admin = arguments.admin_options(admin_options)
+    telemetry = arguments.telemetry_options(metrics_options, tracing_options, logging_config)
     with _lock:
         instance = _instances.get("process")
         if instance is None and _attach and _attach_to_server():
@@ -185,72 +180,6 @@ def _attach_to_server() -> bool:
     return True
 
 
-def _telemetry(
-    metrics: dict[str, Any] | None,
-    tracing: dict[str, Any] | None,
-    logging_config: dict[str, Any] | LoggingConfig | None = None,
-) -> Telemetry:
-    """The observability options of ``serve.start`` (shoal's own keywords and Ray's
-    ``logging_config``), validated."""
-    options: dict[str, Any] = {}
-    if logging_config is not None:
-        options["logging"] = _logging_config(logging_config, "serve.start()").model_dump()
-    if metrics is not None:
-        options["metrics"] = dict(metrics)
-    if tracing is not None:
-        options["tracing"] = dict(tracing)
-    telemetry: Telemetry = validate(Telemetry, options, "serve.start()")
-    return telemetry
-
-
-def _admin_options(value: dict[str, Any] | AdminOptions | None) -> AdminOptions:
-    if isinstance(value, AdminOptions):
-        return value
-    if value is None:
-        return default_admin_options()
-    options: AdminOptions = validate(AdminOptions, dict(value), "admin_options")
-    return options
-
-
-_START_KEYWORDS = (
-    "proxy_location", "http_options", "grpc_options", "logging_config", "resources",
-    "admin_options", "metrics_options", "tracing_options", "runtime", "address", "_blocking",
-    "_attach", "_admin_later",
-)  # fmt: skip
-_RUN_KEYWORDS = ("target", "blocking", "name", "route_prefix", "logging_config",
-                 "_local_testing_mode", "direct_ingress_port")  # fmt: skip
-
-
-def _refuse_extra(function: str, kwargs: dict[str, Any], known: tuple[str, ...]) -> None:
-    """Raise ConfigError naming each unknown keyword argument and its close matches."""
-    if not kwargs:
-        return
-    problems = []
-    for name in kwargs:
-        matches = difflib.get_close_matches(name, known, n=3)
-        hint = f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
-        problems.append(f"{function} got an unknown keyword argument {name!r}{hint}")
-    raise ConfigError(f"{'; '.join(problems)} (it accepts: {', '.join(known)})")
-
-
-def _http_options(value: dict[str, Any] | HTTPOptions | None) -> HTTPOptions:
-    if isinstance(value, HTTPOptions):
-        return value
-    options: HTTPOptions = validate(HTTPOptions, dict(value or {}), "http_options")
-    return options
-
-
-def _grpc_options(value: dict[str, Any] | gRPCOptions | None) -> gRPCOptions | None:
-    if value is None or isinstance(value, gRPCOptions):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigTypeError(
-            f"grpc_options must be a dict or a gRPCOptions, got {type(value).__name__}"
-        )
-    options: gRPCOptions = validate(gRPCOptions, dict(value), "grpc_options")
-    return options
-
-
 def _instance(local: bool) -> Instance:
     with _lock:
         if local:
@@ -287,7 +216,7 @@ def run(
     the ingress replicas also accept HTTP themselves on that port, without the proxy's
     hop (docs/direct-ingress.md).
     """
-    _refuse_extra("serve.run", kwargs, _RUN_KEYWORDS)
+    arguments.refuse_extra("serve.run", kwargs, arguments.RUN_KEYWORDS)
     one = RunTarget(target, name, route_prefix, logging_config, direct_ingress_port)
     _check_target(one)
     handle = _deploy(one, _local_testing_mode)
@@ -329,20 +258,9 @@ def run_many(
     return handles
 
 
-def _logging_config(value: dict[str, Any] | LoggingConfig, what: str) -> LoggingConfig:
-    if isinstance(value, LoggingConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigTypeError(
-            f"{what}: logging_config must be a dict or a LoggingConfig, got {value!r}"
-        )
-    config: LoggingConfig = validate(LoggingConfig, dict(value), f"{what} logging_config")
-    return config
-
-
 def _check_target(target: RunTarget) -> None:
     if target.logging_config is not None:
-        _logging_config(target.logging_config, "serve.run()")
+        arguments.logging_config_of(target.logging_config, "serve.run()")
     if not isinstance(target.target, Application):
         raise ConfigTypeError(
             "`serve.run` expects an `Application` returned by `Deployment.bind()`, "
@@ -350,17 +268,8 @@ def _check_target(target: RunTarget) -> None:
         )
     if not target.name:
         raise ConfigError("application name must be a non-empty string")
-    _check_route_prefix(target.route_prefix)
-    _check_direct_ingress_port(target.direct_ingress_port)
-
-
-def _check_direct_ingress_port(port: Any) -> None:
-    if port is None:
-        return
-    if type(port) is not int:
-        raise ConfigTypeError(f"direct_ingress_port must be a port number or None, got {port!r}")
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"Invalid direct_ingress_port {port}: use a port from 1 to 65535.")
+    arguments.check_route_prefix(target.route_prefix)
+    arguments.check_direct_ingress_port(target.direct_ingress_port)
 
 
 def _deploy(target: RunTarget, local: bool) -> DeploymentHandle:
@@ -378,13 +287,13 @@ def _prepare(target: RunTarget, local: bool) -> tuple[Instance, AppSpec, str | N
         route_prefix = getattr(func_or_class, "__shoal_route_prefix__", route_prefix)
     logging_config = None
     if target.logging_config is not None:
-        logging_config = _logging_config(target.logging_config, "serve.run()")
+        logging_config = arguments.logging_config_of(target.logging_config, "serve.run()")
     spec = build_app(
         target.target, name, route_prefix, instance.registry, logging_config,
         target.direct_ingress_port,
     )  # fmt: skip
     for deployment in spec.deployments.values():
-        _check_supported(deployment.name, deployment.config, local)
+        arguments.check_supported(deployment.name, deployment.config, local)
     previous = instance.ingress_of(name) if name in instance.app_names() else None
     return instance, spec, previous
 
@@ -407,59 +316,6 @@ def _deploy_all(targets: Sequence[RunTarget], local: bool) -> list[DeploymentHan
             _forget_handles(spec.name)
         handles.append(_cached_handle(instance.registry, spec.name, spec.ingress))
     return handles
-
-
-def _check_supported(deployment: str, config: DeploymentConfig, local: bool) -> None:
-    """Refuse what this runtime cannot honour before anything starts."""
-    actor = config.ray_actor_options
-    env = actor.runtime_env or {}
-    if local:
-        # Options only Ray implements: named first (the other runtimes' controllers refuse
-        # them too, and a Ray instance takes them).
-        problems = ray_only(config)
-        if problems:
-            raise ConfigError(f"deployment '{deployment}': " + "; ".join(problems))
-        # Replicas share the driver's process: per-replica environment variables,
-        # cwd, sys.path or GPU visibility would change the driver and every other replica.
-        if env:
-            key = next(iter(env))
-            raise ConfigError(
-                f"deployment '{deployment}': ray_actor_options.runtime_env.{key} is not "
-                "supported in local testing mode (replicas run inside the driver process, "
-                "whose environment it would change); use the multi-process runtime "
-                "(serve.run without _local_testing_mode) or drop it with .options()"
-            )
-        if actor.num_gpus > 0:
-            raise ConfigError(
-                f"deployment '{deployment}': ray_actor_options.num_gpus is not supported in "
-                "local testing mode (replicas share the driver process, so a replica cannot "
-                "see only its own GPUs); use the multi-process runtime or num_gpus=0"
-            )
-        if any(actor.resources.values()):
-            raise ConfigError(
-                f"deployment '{deployment}': ray_actor_options.resources is not supported in "
-                "local testing mode (it offers no custom resources; serve.start(resources=...) "
-                "declares them for the multi-process runtime); drop them with .options()"
-            )
-        return
-    paths = [env["working_dir"]] if "working_dir" in env else []
-    for path in [*paths, *env.get("py_modules", [])]:
-        if "://" not in path and not os.path.exists(path):  # a URI is Ray's to fetch
-            raise ConfigError(
-                f"deployment '{deployment}': runtime_env path {path!r} does not exist "
-                f"(relative paths are relative to the driver's directory {os.getcwd()!r})"
-            )
-    if paths and "://" not in paths[0] and not os.path.isdir(paths[0]):
-        raise ConfigError(
-            f"deployment '{deployment}': runtime_env working_dir {paths[0]!r} is not a directory"
-        )
-
-
-def _check_route_prefix(route_prefix: str | None) -> None:
-    """Ray Serve validates ``serve.run(route_prefix=...)`` before deploying anything."""
-    from shoal._api.deployment import validate_route_prefix
-
-    validate_route_prefix(route_prefix)
 
 
 def _block_until_interrupted() -> None:

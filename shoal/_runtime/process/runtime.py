@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import shutil
@@ -45,6 +44,7 @@ from shoal._runtime.process.forks import (
     fork_server_wanted,
 )
 from shoal._runtime.process.reports import MetricsReports
+from shoal._runtime.process.updates import Updates
 from shoal._runtime.process.workers import (
     EXIT_GRACE_S,
     SUBSCRIBER_PREFIX,
@@ -60,12 +60,10 @@ from shoal._seam.protocols import Connector, MetricsSink, ReplicaHandle
 from shoal._seam.specs import NodeProxy, ReplicaSpec
 from shoal._seam.startup import startup_failed
 from shoal._transport.client import NodeNetwork
-from shoal._transport.codec import Encoded
 from shoal._transport.connection import Connection, serve_unix
 from shoal._transport.messages import (
     ConfigureProcess,
     DrainProxy,
-    Failure,
     Hello,
     LoadReport,
     Message,
@@ -90,15 +88,7 @@ logger = logging.getLogger("shoal.runtime")
 _FORK_SERVER_AFTER = 2
 
 
-_SPAWN_TIMEOUT_S = 60.0
 _SPAWN_SLOTS = (os.cpu_count() or 1) + 2  # worker processes importing at the same time
-#: How long a standby proxy process may take to start serving before a new one is used.
-_STANDBY_START_TIMEOUT_S = 2.0
-# The standby proxy process starts this long after the proxy serves: spawned at once it
-# would take a core and a spawn slot from the first replicas of the instance, and an
-# instance that lives less than this (a test, a script) never needs one. A proxy that
-# dies before is replaced by a new process (about 1 s instead of about 0.1 s).
-_STANDBY_DELAY_S = 3.0
 
 
 class ProcessRuntime:
@@ -162,7 +152,7 @@ class ProcessRuntime:
         self._on_died: Callable[[ReplicaHandle], None] = lambda handle: None
         self._on_load: Callable[[LoadReport], None] = lambda report: None
         self._metrics = MetricsReports()  # other processes' metrics, to the controller
-        self._lagging: set[str] = set()  # ids of processes that missed an acknowledgement
+        self._updates = Updates()  # sent to many processes, acknowledged or lagging
         self._proxy_options: HTTPOptions | None = None
         self._listener: socket.socket | None = None  # the proxy's, kept across restarts
         # The next proxy's process, started ahead: a restart only has to start serving.
@@ -326,7 +316,7 @@ class ProcessRuntime:
         self._workers[worker_id] = worker
         exited: asyncio.Future[Any] = asyncio.shield(worker.exited)
         try:
-            done, _ = await asyncio.wait({hello, exited}, timeout=_SPAWN_TIMEOUT_S,
+            done, _ = await asyncio.wait({hello, exited}, timeout=TIMEOUTS.worker_hello_s,
                                          return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         finally:
             if not hello.done():  # it exited, timed out, or we were cancelled: none is left
@@ -335,7 +325,8 @@ class ProcessRuntime:
                 process.kill()
         if hello not in done:
             why = f"exited with code {process.returncode}" if exited in done else "did not start"
-            raise ShoalError(f"worker process {worker_id} {why} within {_SPAWN_TIMEOUT_S:.0f} s")
+            limit = TIMEOUTS.worker_hello_s
+            raise ShoalError(f"worker process {worker_id} {why} within {limit:g} s")
         return worker, hello.result()
 
     async def _start_process(
@@ -395,7 +386,7 @@ class ProcessRuntime:
 
     def _worker_lost(self, worker: WorkerProcess) -> None:
         self._workers.pop(worker.worker_id, None)
-        self._lagging.discard(worker.worker_id)
+        self._updates.forget(worker.worker_id)
         if worker is self._proxy and not worker.stopping:
             self._on_proxy_died()
         asyncio.get_running_loop().create_task(worker.wait_exit(EXIT_GRACE_S))
@@ -423,7 +414,7 @@ class ProcessRuntime:
         worker = await self._spawn("replica", env.get("env_vars"), spec=spec)
         try:
             start = StartReplica(cloudpickle.dumps(spec))
-            started: ReplicaStarted = await worker.request(start, _SPAWN_TIMEOUT_S * 10)
+            started: ReplicaStarted = await worker.request(start, TIMEOUTS.replica_start_s)
         except BaseException as exc:
             worker.stopping = True
             worker.process.kill()
@@ -452,54 +443,7 @@ class ProcessRuntime:
             self._membership[key] = update
         else:
             self._membership.pop(key, None)
-        await self._deliver([*self._workers.values(), *self._subscribers.values()], update)
-
-    async def _deliver(self, targets: list[Any], msg: Message) -> None:
-        """Send ``msg`` to every target; wait at most ``TIMEOUTS.update_ack_s`` for each reply.
-
-        A process that misses the acknowledgement is *lagging*: its event loop is
-        blocked (or it is hung). Later updates are still sent to it, in order, but
-        are not waited for until it answers anything again; meanwhile its own
-        routers cannot send a request (they run on that loop), and it applies the
-        updates already in its socket before the requests waiting behind them. So
-        a blocked replica never holds up other processes' updates or an unrelated
-        ``serve.run``; the one guarantee it weakens is that of a lagging process
-        about a replica being stopped (such a request is still served while the
-        replica drains, or fails over to another replica once it has exited).
-        """
-        waiting: dict[asyncio.Future[Message], Any] = {}
-        encoded = Encoded(msg)  # pickled once for every process, not once per process
-        for target in targets:
-            if target.conn is None or target.conn.closed:
-                continue
-            future = target.conn.call(encoded)
-            future.add_done_callback(functools.partial(self._acknowledged, target.worker_id))
-            if target.worker_id not in self._lagging:
-                waiting[future] = target
-        if not waiting:
-            return
-        _, late = await asyncio.wait(waiting, timeout=TIMEOUTS.update_ack_s)
-        if late:
-            for _ in range(2):  # replies already received count (see _ask)
-                await asyncio.sleep(0)
-        for future in late:
-            target = waiting[future]
-            if future.done() or target.stopping or target.worker_id in self._lagging:
-                continue
-            self._lagging.add(target.worker_id)
-            logger.warning(
-                "%s did not acknowledge %s within %g s (its event loop is blocked?); "
-                "not waiting for it until it answers again",
-                target.worker_id, type(msg).__name__, TIMEOUTS.update_ack_s,
-            )  # fmt: skip
-
-    def _acknowledged(self, worker_id: str, future: asyncio.Future[Message]) -> None:
-        if future.cancelled():
-            return
-        self._lagging.discard(worker_id)  # it answered (or is gone): its loop runs
-        reply = None if future.exception() is not None else future.result()
-        if isinstance(reply, Failure):
-            logger.warning("%s failed to apply an update: %s", worker_id, reply.message)
+        await self._updates.deliver([*self._workers.values(), *self._subscribers.values()], update)
 
     # --- the proxy -------------------------------------------------------------------
 
@@ -546,13 +490,13 @@ class ProcessRuntime:
 
     async def _launch_proxy(self) -> tuple[str, int]:
         """Make the standby process the proxy (or a new one, if it is not there or does
-        not start serving within ``_STANDBY_START_TIMEOUT_S``); then prepare the next."""
+        not start serving within ``TIMEOUTS.standby_proxy_start_s``); then prepare the next."""
         standby, self._standby = self._standby, None
         self._cancel_standby_timer()
         worker = await started(standby) if standby is not None else None
         if worker is not None:
             try:
-                return await self._serve_with(worker, _STANDBY_START_TIMEOUT_S)
+                return await self._serve_with(worker, TIMEOUTS.standby_proxy_start_s)
             except (ShoalError, TransportError) as exc:
                 logger.warning("the standby proxy process did not start serving: %s", exc)
         return await self._serve_with(await self._spawn_proxy_process(), TIMEOUTS.control_call_s)
@@ -573,7 +517,7 @@ class ProcessRuntime:
             raise
         self._proxy = proxy
         self._standby_timer = asyncio.get_running_loop().call_later(
-            _STANDBY_DELAY_S, self._spawn_standby
+            TIMEOUTS.standby_proxy_delay_s, self._spawn_standby
         )
         return host, port
 
@@ -604,7 +548,7 @@ class ProcessRuntime:
         self._routes = routes
         proxy = self._proxy
         if proxy is not None and not proxy.stopping:
-            await self._deliver([proxy], RoutesUpdate(routes))
+            await self._updates.deliver([proxy], RoutesUpdate(routes))
 
     async def drain_proxy(self, timeout_s: float = 0.0) -> None:
         """Make the proxy answer new requests 503 (``Retry-After``), then wait at most

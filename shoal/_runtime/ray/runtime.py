@@ -397,7 +397,7 @@ class RayRuntime(ProcessRuntime):
         proxies = [self._proxy] if self._proxy is not None else []
         if self._node_proxies is not None:
             proxies += self._node_proxies.serving()
-        await self._deliver([p for p in proxies if not p.stopping], RoutesUpdate(routes))
+        await self._updates.deliver([p for p in proxies if not p.stopping], RoutesUpdate(routes))
 
     async def drain_proxy(self, timeout_s: float = 0.0) -> None:
         """Every proxy drains at once (the nodes' stop being supervised first)."""
