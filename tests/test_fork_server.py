@@ -272,25 +272,30 @@ def test_only_installed_modules_imported_without_a_new_thread_are_learned(
     import importlib
     import threading
 
-    from shoal._runtime.process.learned import ModulesBefore, imported_since
+    from shoal._runtime.process.learned import ImportsDuring
 
     (tmp_path / "learned_user_module.py").write_text("X = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "graphlib", raising=False)
-    before = ModulesBefore()
+    imports = ImportsDuring()
     try:
         importlib.import_module("graphlib")  # the standard library: installed
         importlib.import_module("learned_user_module")  # the user's: edited, re-imported
-        assert imported_since(before) == ["graphlib"]
-        stop = threading.Event()
-        thread = threading.Thread(target=stop.wait, name="started-by-an-import")
-        thread.start()
-        try:  # which import started it cannot be told: nothing is learned
-            assert imported_since(before) == []
-        finally:
-            stop.set()
-            thread.join()
     finally:
+        assert imports.stop() == ["graphlib"]
+    assert imports not in sys.meta_path
+    monkeypatch.delitem(sys.modules, "graphlib")
+    imports = ImportsDuring()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="started-by-an-import")
+    try:
+        importlib.import_module("graphlib")
+        thread.start()
+    finally:  # which import started it cannot be told: nothing is learned
+        assert imports.stop() == []
+        stop.set()
+        if thread.is_alive():
+            thread.join()
         sys.modules.pop("learned_user_module", None)
 
 

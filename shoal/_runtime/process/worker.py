@@ -36,7 +36,7 @@ from shoal._replica.logs import configure_worker_logging
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import new_event_loop
 from shoal._runtime.process.client import UnixConnector
-from shoal._runtime.process.learned import ModulesBefore, imported_since
+from shoal._runtime.process.learned import ImportsDuring
 from shoal._seam.startup import DIRECT_INGRESS, mark_startup_step
 from shoal._transport.auth import connect_tcp, join_host_port, split_host_port
 from shoal._transport.client import NodeNetwork
@@ -255,19 +255,21 @@ class Worker:
         """Start the replica, then serve it on this worker's socket (and on authenticated
         TCP on its node's address, for routers on other nodes); returns where, and what
         its start imported."""
-        before = ModulesBefore()
-        spec = pickle.loads(msg.spec)
-        spec.code.prepare_imports(spec.config.ray_actor_options.runtime_env)
-        # Before any user code runs: its records carry the replica and go to its file.
-        component = Component("replica", spec.app, spec.deployment, spec.replica_id)
-        configure_component(component, spec.config.logging_config)
-        # Imported here: a proxy worker never loads the replica's modules.
-        from shoal._replica.replica import Replica
-        from shoal._replica.server import ReplicaServer
+        imports = ImportsDuring()
+        try:
+            spec = pickle.loads(msg.spec)
+            spec.code.prepare_imports(spec.config.ray_actor_options.runtime_env)
+            # Before any user code runs: its records carry the replica and go to its file.
+            component = Component("replica", spec.app, spec.deployment, spec.replica_id)
+            configure_component(component, spec.config.logging_config)
+            # Imported here: a proxy worker never loads the replica's modules.
+            from shoal._replica.replica import Replica
+            from shoal._replica.server import ReplicaServer
 
-        replica = Replica(spec)
-        await replica.initialize()
-        imported = imported_since(before)
+            replica = Replica(spec)
+            await replica.initialize()
+        finally:
+            imported = imports.stop()
         self.replica = replica
         self.server = ReplicaServer(replica)
         address = os.path.join(self.instance_dir, f"{self.worker_id}.sock")
