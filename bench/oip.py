@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     meter.roots.add(server.pid)
     try:
         server.wait_http_ok(http_port, "POST", OIP_PATH, OIP_BODY, 120.0)
+        server.wait_quiet()  # its start-up work (the fork server's imports) is not measured
         runs = measure_http(args, http_port, meter)
         grpc_result = measure_grpc(grpc_port, args.grpc_calls)
     finally:

@@ -147,6 +147,9 @@ def _start(servers: dict[str, str], path: str, settings: Settings) -> list[Serve
         except Exception as exc:
             server.error = str(exc).splitlines()[0]
             log(f"  {server.name}: FAILED to start: {server.error}")
+    for server in started:  # start-up work done before any is measured
+        if server.error is None and not server.proc.wait_quiet():
+            log(f"  {server.name}: still busy 20 s after it answered; measured anyway")
     return started
 
 

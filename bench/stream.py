@@ -195,6 +195,9 @@ def run_stream(settings: Settings, log: Log) -> dict[str, Any]:
                 proc.remember_tree()
             except Exception as exc:
                 errors[name] = error_text(exc)
+        for name, (proc, _) in live.items():  # start-up work done before any is measured
+            if name not in errors:
+                proc.wait_quiet()
         _measure(live, errors, settings, out)
     finally:
         for proc, _ in live.values():

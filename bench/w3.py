@@ -137,6 +137,9 @@ def _start(specs: list[tuple[str, str, str]], settings: Settings, log: Log) -> l
             server.proc.remember_tree()
         except Exception as exc:
             _fail(server, exc, log)
+    for server in servers:  # every server's start-up work done before any is measured
+        if server.error is None and not server.proc.wait_quiet():
+            log(f"  {server.name}: still busy 20 s after it answered; measured anyway")
     return servers
 
 
