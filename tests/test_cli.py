@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,60 @@ def test_shoal_run_serves_a_module_and_stops_on_sigint(tmp_path: Path) -> None:
         _wait_until_gone(workers)
     finally:
         server.kill()
+        server.wait(timeout=10)
+
+
+SLOW_APP = """
+import asyncio, os, uuid
+from pathlib import Path
+from shoal import serve
+
+STARTED = Path(__file__).parent / "started"
+
+@serve.deployment(num_replicas=2)
+class Slow:
+    async def __call__(self, request):
+        (STARTED / uuid.uuid4().hex).touch()  # the test sends its signal once all are here
+        await asyncio.sleep(1.5)
+        return {"pid": os.getpid()}
+
+app = Slow.bind()
+"""
+
+
+def test_a_sigterm_to_the_whole_group_stops_shoal_run_gracefully(tmp_path: Path) -> None:
+    # systemd (KillMode=control-group), `timeout` and `kill -- -PGID` send SIGTERM to every
+    # process at once. The replicas and the proxy answer the requests they hold, nothing
+    # is replaced while shoal stops, and every process exits.
+    (tmp_path / "slow_app.py").write_text(SLOW_APP)
+    (tmp_path / "started").mkdir()
+    port = free_port()
+    command = [sys.executable, "-m", "shoal", "run", "slow_app:app", "--port", str(port),
+               "--admin-port", "0"]  # fmt: skip
+    server = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()  # printed once the route answers
+        with ThreadPoolExecutor(3) as pool:
+            url = f"http://127.0.0.1:{port}/"
+            replies = [pool.submit(httpx.get, url, timeout=30) for _ in range(3)]
+            wait_until(lambda: len(list((tmp_path / "started").iterdir())) == 3, 30,
+                       "three requests in the replicas")  # fmt: skip
+            workers = _descendants(server.pid)
+            os.killpg(server.pid, signal.SIGTERM)
+            answered = [reply.result() for reply in replies]
+        assert [r.status_code for r in answered] == [200, 200, 200]
+        assert server.wait(timeout=30) == 0
+        _wait_until_gone(workers)
+        _, errors = server.communicate(timeout=10)
+        for unexpected in ("replacement", "replacing", "not usable", "Traceback"):
+            assert unexpected not in errors, errors
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=10)
 
 

@@ -32,7 +32,14 @@ _stop = threading.Event()
 def catch_stop_signals() -> None:
     """Catch SIGINT/SIGTERM from the start, so one sent while starting is not lost."""
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: _stop.set())
+        signal.signal(signum, _on_stop_signal)
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    api = sys.modules.get("shoal._instance.api")  # never an import in a signal handler
+    if api is not None:  # else no instance runs yet
+        api.stopping()
+    _stop.set()
 
 
 def check_port(command: str, host: str, port: int) -> None:

@@ -86,6 +86,9 @@ class Controller:
         self._proxy_starting: asyncio.Future[None] | None = None
         self._proxy_died = asyncio.Event()
         self._proxy_supervisor: asyncio.Task[None] | None = None
+        #: Set when shoal starts shutting down (also from a signal handler, before the
+        #: loop hears of it): processes that end from then on are not replaced.
+        self.stopping = False
         self._locks: dict[str, asyncio.Lock] = {}
         # Called after every deploy and delete (success or not): a server checkpoints here.
         self.on_change: Callable[[], None] = lambda: None
@@ -149,6 +152,8 @@ class Controller:
         while True:
             try:
                 await asyncio.wait_for(self._proxy_died.wait(), TIMEOUTS.proxy_check_period_s)
+                if self.stopping:  # it ended with the rest (a SIGTERM to the whole group)
+                    return
                 why = "its process died"
             except TimeoutError:
                 try:
@@ -478,7 +483,7 @@ class Controller:
     def _replica_died(self, handle: ReplicaHandle) -> None:
         for app in self.apps.values():
             for state in app.deployments.values():
-                if state.replica_died(handle):
+                if state.replica_died(handle, replace=not self.stopping):
                     return
 
     # --- status and shutdown -------------------------------------------------------
@@ -519,6 +524,7 @@ class Controller:
         ``graceful_shutdown_timeout_s`` and half of ``timeout_s``), then routes go and
         applications drain, then the runtime stops (proxy last)."""
         deadline = time.monotonic() + timeout_s
+        self.stopping = True
         self.registry.load.stop()
         metrics.remove_collector(self._collector)
         self.ledger.close("shoal is shutting down")  # deploys waiting for resources give up

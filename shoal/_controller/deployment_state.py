@@ -522,14 +522,16 @@ class DeploymentState:
 
     # --- supervision ---------------------------------------------------------------
 
-    def replica_died(self, handle: ReplicaHandle) -> bool:
-        """Called by the runtime when a replica ends; True if it was one of ours."""
+    def replica_died(self, handle: ReplicaHandle, replace: bool = True) -> bool:
+        """Called by the runtime when a replica ends; True if it was one of ours. It is
+        replaced unless it was stopping, its deployment is being deleted, or not
+        ``replace`` (shoal is shutting down)."""
         record = next((r for r in self.replicas if r.handle is handle), None)
         if record is None:
             return False
         self.replicas.remove(record)
         self._ledger.release(record.grant)
-        if record.state is ReplicaState.STOPPING or self.deleting:
+        if record.state is ReplicaState.STOPPING or self.deleting or not replace:
             return True
         self.spawn(self.publish(), "publish")
         if self._count() >= self.target:

@@ -358,6 +358,17 @@ def shutdown() -> None:
     _stop_all()
 
 
+def stopping() -> None:
+    """Shoal is about to shut down (a SIGTERM or SIGINT handler calls this before it wakes
+    the thread that shuts down): the processes of its instances that end from now on are
+    not replaced. A service manager signals every process of the group at once, and the
+    event loop may hear of their ends first. One attribute write each: signal-safe."""
+    for instance in list(_instances.values()):
+        controller = getattr(instance, "controller", None)
+        if controller is not None:
+            controller.stopping = True
+
+
 def _stop_all() -> None:
     with _lock:
         instances = list(_instances.values())

@@ -161,8 +161,15 @@ def serve_forever(options: dict[str, Any]) -> None:
 
     directory = server_dir()
     stop = threading.Event()
+    instance: Instance | None = None
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if instance is not None:  # its processes that end from now on are not replaced
+            instance.controller.stopping = True
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     http = HTTPOptions(**options["http"])
     start = ServeStartOptions(**options["start"])
     token = new_token(os.path.join(directory, TOKEN))

@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from shoal._api.context import set_default_registry
-from shoal._config import ProxyOptions
+from shoal._config import TIMEOUTS, ProxyOptions
 from shoal._errors import ShoalError
 from shoal._observe import tracing
 from shoal._observe.logs import Component, configure_component, flush_files
@@ -105,6 +105,7 @@ class Worker:
         self.proxy: Proxy | None = None
         self.direct: DirectIngress | None = None  # the replica's own HTTP server, if any
         self.done: asyncio.Future[None] = self.loop.create_future()
+        self._terminating = False
         set_default_registry(self.registry)
 
     async def run(self) -> None:
@@ -176,6 +177,30 @@ class Worker:
     def _exit(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
+
+    def terminate(self) -> None:
+        """SIGTERM: stop as the controller's StopReplica would (a replica within its own
+        ``graceful_shutdown_*`` limits, the proxy within ``TIMEOUTS.shutdown_s``), then
+        exit. A service manager stopping shoal (systemd, ``timeout``, kill -- -PGID)
+        signals every process of the group at once: the requests in flight are answered,
+        not cut off. A replica terminated alone is replaced once it has exited."""
+        if not self._terminating:
+            self._terminating = True
+            self.loop.create_task(self._terminated())
+
+    async def _terminated(self) -> None:
+        limits = StopReplica(0.0, TIMEOUTS.shutdown_s)
+        if self.replica is not None:
+            config = self.replica.spec.config
+            limits = StopReplica(
+                config.graceful_shutdown_wait_loop_s, config.graceful_shutdown_timeout_s
+            )
+        try:
+            await self._stop(limits)
+        except Exception:
+            logger.exception("%s did not stop cleanly on SIGTERM", self.worker_id)
+        finally:
+            self._exit()
 
     # --- control messages ----------------------------------------------------------
 
@@ -342,7 +367,10 @@ def run_worker(
     asyncio.set_event_loop(loop)
 
     async def run() -> None:
-        await Worker(instance_dir, worker_id, orphan_grace_s, network, controller).run()
+        worker = Worker(instance_dir, worker_id, orphan_grace_s, network, controller)
+        if exit_process and threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGTERM, worker.terminate)
+        await worker.run()
 
     try:
         loop.run_until_complete(run())

@@ -323,6 +323,7 @@ class _Server:
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self.selector.close()
             _close([self.wakeup_r, self.wakeup_w])
             self.sock.close()
@@ -518,7 +519,11 @@ def serve_forked(sock: socket.socket) -> None:
 
 
 def _run(sock: socket.socket, title_args: list[str]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runtime coordinates Ctrl-C
+    # The runtime coordinates Ctrl-C, and a SIGTERM to the whole group (systemd,
+    # `timeout`, kill -- -PGID) stops shoal through its driver, which then closes this
+    # process's socket: it exits then. Its workers take the default back (_become_worker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc.disable()  # no collection may touch (and so copy) the preloaded pages before fork
     preloaded = _preload()
     # setproctitle takes over the memory of argv and the environment on its first call:
