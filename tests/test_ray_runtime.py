@@ -218,7 +218,15 @@ def test_a_ray_client_connection_whose_server_failed_to_start_is_tried_again() -
 
     failed = ConnectionAbortedError("Initialization failure from server:\nRuntimeError: "
                                     "Starting Ray client server failed. See ...")  # fmt: skip
-    flaky = FakeRay([failed, failed])
+    # The same death, when the proxier reads the dying server's command line (CI, at ray
+    # 2.60: psutil raised in proxier.start_specific_server).
+    zombie = ConnectionAbortedError(
+        "Initialization failure from server:\nTraceback (most recent call last):\n  File "
+        '"ray/util/client/server/proxier.py", line 765, in Datapath\n    if not '
+        "self.proxy_manager.start_specific_server(\n...\npsutil.ZombieProcess: PID still "
+        "exists but it's a zombie (pid=32444)"
+    )
+    flaky = FakeRay([failed, zombie])
     _init_client(flaky, "ray://127.0.0.1:1")
     assert (flaky.inits, flaky.shutdowns) == (3, 2)
     for errors in ([failed, failed, failed], [ConnectionAbortedError("something else")]):

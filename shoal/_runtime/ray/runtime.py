@@ -113,12 +113,21 @@ def _init_client(ray: Any, address: str | None) -> None:
             ray.init(address=address, namespace=NAMESPACE)
             return
         except ConnectionAbortedError as exc:
-            if attempt == _CLIENT_ATTEMPTS or "client server failed" not in str(exc):
+            if attempt == _CLIENT_ATTEMPTS or not _client_server_died(str(exc)):
                 raise
             logger.warning("Ray Client's server for this connection failed to start "
                            "(ray-project/ray#63202): connecting again")  # fmt: skip
             with contextlib.suppress(Exception):
                 ray.shutdown()
+
+
+def _client_server_died(message: str) -> bool:
+    """Whether Ray Client's answer says its per-connection server died as it started: as
+    Ray reports it, or as its proxier stumbles on it (it reads the command line of the
+    process it started, which has just become a zombie: psutil.ZombieProcess)."""
+    return "client server failed" in message or (
+        "start_specific_server" in message and "ZombieProcess" in message
+    )
 
 
 def ray_client_address(address: str | None) -> str | None:
