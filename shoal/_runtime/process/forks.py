@@ -409,9 +409,9 @@ class ForkServer:
         self._break(self.broken or "its socket is closed")  # fails the reply's future too
 
     async def _writable(self, sock: socket.socket, timeout_s: float) -> bool:
-        """Whether ``sock`` can take a message within ``timeout_s``; True at once if the
-        fork server breaks meanwhile (the caller sees it). The loop has one writer
-        callback per socket: it wakes every sender that waits."""
+        """Whether ``sock`` can take a message within ``timeout_s``; True at once if it
+        closes meanwhile (the fork server broke or was stopped: the caller sees it).
+        The loop has one writer callback per socket: it wakes every sender that waits."""
         loop = asyncio.get_running_loop()
         writable: asyncio.Future[None] = loop.create_future()
         if not self._waiting_to_send:
@@ -499,7 +499,6 @@ class ForkServer:
         for waiter in self._pending.values():
             if not waiter.done():
                 waiter.set_exception(ForkServerUnavailable(why))
-        self._wake_senders()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(ForkServerUnavailable(why))
         for child in self._children.values():
@@ -514,6 +513,7 @@ class ForkServer:
                 loop.remove_writer(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        self._wake_senders()  # a sender waiting for room sees it closed (it stops trying)
 
     async def stop(self, timeout_s: float) -> None:
         """Close the fork server (it exits when its socket closes); kill it after
