@@ -17,6 +17,7 @@ import pytest
 from conftest import free_port, wait_until
 
 import shoal
+from bench.procs import descendants
 
 APP = """
 from shoal import serve
@@ -28,23 +29,6 @@ class Hello:
 
 app = Hello.bind()
 """
-
-
-def _descendants(root: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int(
-                    (entry / "stat").read_text().split(") ")[1].split()[1]
-                )
-            except (FileNotFoundError, IndexError, ValueError):
-                continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
 
 
 def _wait_until_gone(pids: set[int], timeout_s: float = 10) -> None:
@@ -67,7 +51,7 @@ def test_shoal_run_serves_a_module_and_stops_on_sigint(tmp_path: Path) -> None:
         reply = httpx.post(f"http://127.0.0.1:{port}/", json={"name": "shoal"}, timeout=30)
         assert reply.json() == {"hello": "shoal"}
         # two replicas, the proxy and the standby process of its replacement
-        workers = wait_until(lambda: _four(_descendants(server.pid)))
+        workers = wait_until(lambda: _four(set(descendants(server.pid))))
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
         _wait_until_gone(workers)
@@ -115,7 +99,7 @@ def test_a_sigterm_to_the_whole_group_stops_shoal_run_gracefully(tmp_path: Path)
             replies = [pool.submit(httpx.get, url, timeout=30) for _ in range(3)]
             wait_until(lambda: len(list((tmp_path / "started").iterdir())) == 3, 30,
                        "three requests in the replicas")  # fmt: skip
-            workers = _descendants(server.pid)
+            workers = set(descendants(server.pid))
             os.killpg(server.pid, signal.SIGTERM)
             answered = [reply.result() for reply in replies]
         assert [r.status_code for r in answered] == [200, 200, 200]
@@ -244,7 +228,9 @@ def test_sigint_during_startup_still_stops_shoal_run(tmp_path: Path) -> None:
     try:
         assert server.stdout is not None
         # Workers are starting: shoal is mid-startup.
-        workers = wait_until(lambda: _descendants(server.pid), 30, "shoal run to start a worker")
+        workers = wait_until(
+            lambda: set(descendants(server.pid)), 30, "shoal run to start a worker"
+        )
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
         _wait_until_gone(workers)

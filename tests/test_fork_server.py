@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import free_port, run_driver, wait_until
 
-from bench.procs import is_alive
+from bench.procs import descendants, is_alive
 from shoal import serve
 
 #: Driver code: start the instance's fork server (it starts with a second replica) and
@@ -534,18 +534,6 @@ app = who.bind()
 """
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if _parent(int(entry.name)) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError):  # it ended meanwhile
-                continue
-    return found
-
-
 def test_shoal_run_forks_its_proxy_and_first_replica_and_ends_its_fork_server(
     tmp_path: Path,
 ) -> None:
@@ -570,7 +558,7 @@ def test_shoal_run_forks_its_proxy_and_first_replica_and_ends_its_fork_server(
         # The target is imported by the CLI and by the fork server (as soon as it could
         # fork), not by the replica.
         assert sorted(map(int, imports.read_text().split())) == sorted([server.pid, fork_server])
-        forked = _children(fork_server)
+        forked = descendants(fork_server)
         assert any("proxy_worker" in _command(pid) for pid in forked), forked
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0

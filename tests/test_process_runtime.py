@@ -17,21 +17,8 @@ import httpx
 import pytest
 from conftest import Driver, start_early, wait_until
 
-from bench.procs import is_alive
+from bench.procs import descendants, is_alive
 from shoal import serve
-
-
-def _children(parent: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().split(") ")[1].split()
-            except (FileNotFoundError, IndexError):
-                continue
-            if int(fields[1]) == parent:
-                pids.append(int(entry.name))
-    return pids
 
 
 def _command(pid: int) -> str:
@@ -41,21 +28,11 @@ def _command(pid: int) -> str:
         return ""
 
 
-def _descendants(parent: int) -> list[int]:
-    """``parent``'s children, their children, and so on."""
-    found, todo = [], [parent]
-    while todo:
-        children = _children(todo.pop())
-        found += children
-        todo += children
-    return found
-
-
 def _workers(driver: int) -> list[int]:
     """The worker processes (replicas, proxies) of ``driver``'s instance: forked by its
     fork server, or its own children when started with python -m."""
     return [
-        pid for pid in _descendants(driver) if "shoal._runtime.process.zygote" not in _command(pid)
+        pid for pid in descendants(driver) if "shoal._runtime.process.zygote" not in _command(pid)
     ]
 
 
@@ -171,7 +148,7 @@ def test_no_process_outlives_a_killed_driver(serving_driver: subprocess.Popen[st
             15, "the standby proxy process",
         )  # fmt: skip
         assert set(replica_pids) <= set(workers)
-        children = _descendants(driver.pid)  # the workers and the fork server
+        children = descendants(driver.pid)  # the workers and the fork server
         driver.kill()
         driver.wait(timeout=10)
         wait_until(lambda: not any(is_alive(pid) for pid in children), 15, "workers to exit")
