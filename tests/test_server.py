@@ -447,6 +447,51 @@ def test_errors_name_the_field_and_failed_builds_say_why(
     assert "no_such_module" in app["message"]
 
 
+def test_a_redeploy_says_deploying_then_why_its_build_failed_while_the_old_version_serves(
+    server: ServerInfo, tmp_path: Path
+) -> None:
+    # As Ray Serve reports it: DEPLOYING while the new config builds, DEPLOY_FAILED and why
+    # once its build failed. It said RUNNING with no message both times, the version
+    # deployed before still serving: an operator could not see the deploy had failed.
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    (tmp_path / "gated.py").write_text(GATED_SOURCE)
+    assert _put(server, _config(tmp_path)).status_code == 200
+    app_running(server, "greet")
+    gated = _config(tmp_path, import_path="gated:app")
+    del gated["applications"][0]["args"]  # an application, not a builder
+    assert _put(server, gated).status_code == 200
+    app = app_details(server)["applications"]["greet"]
+    assert (app["status"], app["message"]) == ("DEPLOYING", "")
+    assert _get(server, "/greet").json()["text"] == "yo"  # the old version, meanwhile
+    (tmp_path / "gate").touch()
+    app_running(server, "greet")
+    assert _get(server, "/greet").text == "gated"
+
+    assert _put(server, _config(tmp_path, import_path="no_such_module:app")).status_code == 200
+
+    def failed() -> dict[str, Any] | None:
+        app = app_details(server)["applications"]["greet"]
+        return app if app["status"] == "DEPLOY_FAILED" else None
+
+    app = wait_until(failed, 60, "the failed build reported")
+    assert "no_such_module" in app["message"]
+    assert app["deployments"]  # still listed: they still serve
+    assert _get(server, "/greet").text == "gated"
+    driver = (
+        "from shoal import serve\n"
+        "app = serve.status().applications['greet']\n"
+        "print(app.status, repr(app.message))\n"
+    )
+    printed = run_driver(tmp_path, driver).stdout
+    assert printed.startswith("DEPLOY_FAILED ") and "no_such_module" in printed
+
+    assert _put(server, _config(tmp_path)).status_code == 200
+    assert app_running(server, "greet")["message"] == ""
+    assert _get(server, "/greet").json()["text"] == "yo"
+    httpx.delete(f"{server.admin_url}/api/serve/applications/", timeout=30)
+    wait_until(lambda: not app_details(server)["applications"], 30, "all deleted")
+
+
 def test_a_second_python_process_attaches_and_deploys(server: ServerInfo, tmp_path: Path) -> None:
     (tmp_path / "greeter.py").write_text(APP_SOURCE)
     assert _put(server, _config(tmp_path)).status_code == 200

@@ -85,7 +85,7 @@ class AttachServer:
             case AttachApps():
                 return {name: app.spec.ingress for name, app in controller.apps.items()}
             case AttachStatus():
-                return controller.status()
+                return self._instance.status_now()
             case AttachDeploy(apps=blob):
                 specs: list[AppSpec] = pickle.loads(blob)  # same-user peer (SO_PEERCRED)
                 await self._instance.deploy_many_async(specs)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from shoal._config import HTTPOptions, gRPCOptions
 
 if TYPE_CHECKING:
-    from shoal._controller.status import DeploymentStatusOverview
+    from shoal._controller.status import DeploymentStatusOverview, ServeStatus
     from shoal._instance.instance import Instance
 
 #: This machine, as Ray names a node: one node per machine for the local runtimes.
@@ -20,14 +20,14 @@ NODE_ID = socket.gethostname()
 
 def instance_details(
     instance: Instance,
+    status: ServeStatus,
     configs: dict[str, dict[str, Any]],
-    waiting: dict[str, tuple[str, str, str | None]],
+    declarative: set[str],
 ) -> dict[str, Any]:
-    """``configs``: the deployed config of each application that came from a config file;
-    ``waiting``: applications of the last config not (or no longer) with the controller,
-    as (status, message, route_prefix)."""
+    """``status``: the instance's (with the applications its config files add);
+    ``configs``: the deployed config of each application that came from a config file;
+    ``declarative``: the applications a config file deployed (or is deploying)."""
     controller = instance.controller
-    status = controller.status()
     applications: dict[str, Any] = {}
     for name, app in status.applications.items():
         spec = controller.apps[name].spec if name in controller.apps else None
@@ -39,7 +39,7 @@ def instance_details(
             "message": app.message,
             "last_deployed_time_s": app.last_deployed_time_s,
             "deployed_app_config": configs.get(name),
-            "source": "declarative" if name in configs else "imperative",
+            "source": "declarative" if name in declarative else "imperative",
             "deployments": {
                 d_name: _deployment(d_name, overview, spec)
                 for d_name, overview in app.deployments.items()
@@ -48,15 +48,6 @@ def instance_details(
             # shoal's own: where the ingress also serves HTTP itself (docs/direct-ingress.md)
             "direct_ingress_port": app.direct_ingress_port,
         }
-    for name, (state, message, route_prefix) in waiting.items():
-        if name not in applications:
-            applications[name] = {
-                "name": name, "route_prefix": route_prefix, "docs_path": None,
-                "status": state, "message": message, "last_deployed_time_s": 0.0,
-                "deployed_app_config": configs.get(name), "source": "declarative",
-                "deployments": {}, "external_scaler_enabled": False,
-                "direct_ingress_port": None,
-            }  # fmt: skip
     http = instance.http
     return {
         "controller_info": {"node_id": NODE_ID, "node_ip": "127.0.0.1", "pid": os.getpid()},

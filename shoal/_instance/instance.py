@@ -190,8 +190,16 @@ class Instance:
         self.run(self.controller.delete(name))
 
     def status(self) -> ServeStatus:
-        status: ServeStatus = self.run(_snapshot(self.controller), 30.0)
+        status: ServeStatus = self.run(_snapshot(self), 30.0)
         return status
+
+    def status_now(self) -> ServeStatus:
+        """The status, on the instance's loop: with what its config files add (an
+        application building, or whose build failed) when it serves the admin API."""
+        if self.services is not None:
+            status: ServeStatus = self.services.plane.status()
+            return status
+        return self.controller.status()
 
     def stop(self) -> None:
         """Shut down in order: admin services (no new operations), then the controller."""
@@ -204,8 +212,8 @@ class Instance:
             self.thread.stop()
 
 
-async def _snapshot(controller: Controller) -> ServeStatus:
-    return controller.status()
+async def _snapshot(instance: Instance) -> ServeStatus:
+    return instance.status_now()
 
 
 def _with_log_directory(telemetry: Telemetry, server: ServerRole | None) -> Telemetry:

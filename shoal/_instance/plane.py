@@ -18,12 +18,12 @@ import pickle
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from shoal._config import TIMEOUTS
 from shoal._config.support import ray_only, runtime_env_ray_only
-from shoal._controller.status import ApplicationStatus
+from shoal._controller.status import ApplicationStatus, ApplicationStatusOverview, ServeStatus
 from shoal._errors import ConfigError, ShoalError
 from shoal._instance.details import instance_details
 from shoal._seam.specs import AppSpec
@@ -113,7 +113,8 @@ class InstanceControlPlane:
         )
 
     def details(self) -> dict[str, Any]:
-        return instance_details(self._instance, self._configs, self._waiting_status())
+        declarative = set(self._configs) | set(self._waiting)
+        return instance_details(self._instance, self.status(), self._configs, declarative)
 
     def metrics(self) -> MetricsStore:
         return self._instance.controller.metrics
@@ -142,8 +143,17 @@ class InstanceControlPlane:
         self._configs.pop(name, None)
         self._waiting.pop(name, None)
 
-    def _waiting_status(self) -> dict[str, tuple[str, str, str | None]]:
-        return {n: (str(w.status), w.message, w.route_prefix) for n, w in self._waiting.items()}
+    def status(self) -> ServeStatus:
+        """The controller's status with what the last config adds: an application it
+        lists is DEPLOYING while it builds and DEPLOY_FAILED (with why) if its build
+        failed, as Ray Serve reports it, even while its previous version keeps serving."""
+        status = self._instance.controller.status()
+        for name, waiting in self._waiting.items():
+            app = status.applications.get(name)
+            if app is None:
+                app = ApplicationStatusOverview(waiting.status, route_prefix=waiting.route_prefix)
+            status.applications[name] = replace(app, status=waiting.status, message=waiting.message)
+        return status
 
     def _check_instance_options(self, config: ServeDeploySchema) -> None:
         """Warn about instance-wide HTTP options that differ from the running instance's:
