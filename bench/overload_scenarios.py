@@ -31,7 +31,7 @@ from bench.overload_analysis import (
     windows,
 )
 from bench.overload_clients import run_client
-from bench.procs import HOST, _stat_fields, _status_kb
+from bench.procs import HOST, _status_kb, stat_fields
 
 SECTIONS = ("overload", "goodput", "autoscale", "zero")
 INVALID_CORE_PCT = 15.0  # foreign CPU above this share of one core invalidates a figure
@@ -122,7 +122,7 @@ def proxy_memory(pid: int) -> dict[str, float | None]:
 
 def cpu_jiffies(pid: int) -> int:
     """utime + stime of one process (0 when it is gone)."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return int(fields[11]) + int(fields[12]) if fields else 0
 
 

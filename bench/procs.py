@@ -73,7 +73,7 @@ def http_request(
 
 
 # --- /proc ------------------------------------------------------------------------------
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     try:
         data = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -83,7 +83,7 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def is_alive(pid: int) -> bool:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[0] not in ("Z", "X")
 
 
@@ -97,7 +97,7 @@ def descendants_of(roots: Iterable[int]) -> list[int]:
     children: dict[int, list[int]] = defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            fields = _stat_fields(int(entry))
+            fields = stat_fields(int(entry))
             if fields is not None:
                 children[int(fields[1])].append(int(entry))
     found: list[int] = []
@@ -152,7 +152,7 @@ def _own_jiffies() -> int:
     """CPU time of this process and its descendants, including reaped children's."""
     total = 0
     for pid in [os.getpid(), *descendants(os.getpid())]:
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
         if fields is not None:
             total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
     return total
@@ -216,7 +216,7 @@ class ForeignCpu:
 
     @staticmethod
     def _self() -> int:
-        fields = _stat_fields(os.getpid())
+        fields = stat_fields(os.getpid())
         return sum(int(x) for x in fields[11:15]) if fields else 0  # + reaped children
 
     def _sample(self) -> None:
@@ -225,7 +225,7 @@ class ForeignCpu:
             pids = set(roots) | set(descendants_of(roots))
             pids.update(p for p in self.seen if is_alive(p))
             for pid in pids:
-                fields = _stat_fields(pid)
+                fields = stat_fields(pid)
                 if fields is None:
                     continue
                 jiffies = int(fields[11]) + int(fields[12])
@@ -408,7 +408,7 @@ class ServerProcess:
     def _tree_jiffies(self) -> int:
         total = 0
         for pid in [self.pid, *descendants(self.pid)]:
-            fields = _stat_fields(pid)
+            fields = stat_fields(pid)
             if fields is not None:
                 total += int(fields[11]) + int(fields[12])  # utime, stime
         return total

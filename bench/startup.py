@@ -30,7 +30,15 @@ from typing import Any
 
 from bench.common import ECHO_BODY
 from bench.control_plane import ForeignCpu, _dirty
-from bench.procs import HOST, ServerProcess, compile_ahead, free_port, tree_memory
+from bench.procs import (
+    HOST,
+    ServerProcess,
+    compile_ahead,
+    descendants,
+    free_port,
+    stat_fields,
+    tree_memory,
+)
 
 INVALID_CORE_PCT = 15.0
 KINDS = ("demo", "cold")
@@ -52,6 +60,7 @@ def _demo(variant: str, work: Path, meter: ForeignCpu, tag: str) -> dict[str, An
     try:
         _wait_for_line(proc, "shoal demo: serving", READY_DEADLINE_S)
         running = time.perf_counter() - started
+        cpu_by_role = tree_cpu(proc.pid)
         proc.wait_http_ok(port, "POST", "/ensemble", b'{"x": 3}', 30.0)
         first_200 = time.perf_counter() - started
         cpu = meter.window()
@@ -61,7 +70,9 @@ def _demo(variant: str, work: Path, meter: ForeignCpu, tag: str) -> dict[str, An
         proc.stop()
     return {
         "running_s": running, "first_200_s": first_200, "pss_mb": memory["pss_mb"],
-        "rss_mb": memory["rss_mb"], "processes": memory["processes"], **_validity(cpu),
+        "rss_mb": memory["rss_mb"], "processes": memory["processes"],
+        "cpu_s": sum(cpu_by_role.values()), "cpu_by_role": cpu_by_role,
+        "fork_server_cpu_s": cpu_by_role.get("fork server"), **_validity(cpu),
     }  # fmt: skip
 
 
@@ -76,10 +87,37 @@ def _cold(variant: str, work: Path, meter: ForeignCpu, tag: str) -> dict[str, An
     meter.roots.add(proc.pid)
     try:
         ready = proc.wait_http_ok(port, "POST", "/echo", ECHO_BODY, READY_DEADLINE_S)
+        cpu_by_role = tree_cpu(proc.pid)
         cpu = meter.window()
     finally:
         proc.stop()
-    return {"first_200_s": ready - started, **_validity(cpu)}
+    return {"first_200_s": ready - started, "cpu_s": sum(cpu_by_role.values()),
+            "cpu_by_role": cpu_by_role, **_validity(cpu)}  # fmt: skip
+
+
+#: A server process's role, by what its command line runs (forked workers set their title).
+ROLES = (("zygote", "fork server"), ("proxy_worker", "proxy"), ("process.worker", "workers"))
+
+
+def tree_cpu(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) of ``root`` (the driver) and its live descendants, all
+    started by its launch, summed by role: what a start-up costs the machine, which on
+    ``os.cpu_count()`` cores takes at least that divided by the cores. A process that
+    already exited is not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    by_role: dict[str, float] = {}
+    for pid in [root, *descendants(root)]:
+        fields = stat_fields(pid)
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields is None:
+            continue
+        role = next((name for key, name in ROLES if key.encode() in command), "driver")
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        by_role[role] = by_role.get(role, 0.0) + seconds
+    return by_role
 
 
 def _validity(cpu: dict[str, float]) -> dict[str, Any]:
@@ -138,7 +176,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "demo_first_200_s": median("demo", variant, "first_200_s"),
             "demo_pss_mb": median("demo", variant, "pss_mb"),
             "demo_rss_mb": median("demo", variant, "rss_mb"),
+            "demo_cpu_s": median("demo", variant, "cpu_s"),
+            "demo_fork_server_cpu_s": median("demo", variant, "fork_server_cpu_s"),
             "cold_first_200_s": median("cold", variant, "first_200_s"),
+            "cold_cpu_s": median("cold", variant, "cpu_s"),
         }
         for variant in VARIANTS
     } | {"valid_runs": sum(r["valid"] for r in runs), "runs": len(runs)}
@@ -152,7 +193,10 @@ def render(results: dict[str, Any]) -> str:
         ("demo: launch → first 200 (s)", "demo_first_200_s", None, 2),
         ("demo: memory, PSS of all processes (MB)", "demo_pss_mb", 700.0, 0),
         ("demo: memory, RSS summed (MB)", "demo_rss_mb", None, 0),
+        ("demo: CPU of all processes, launch → RUNNING (s)", "demo_cpu_s", None, 2),
+        ("demo: of which the fork server's (s)", "demo_fork_server_cpu_s", None, 2),
         ("W1 cold start: launch → first 200 (s)", "cold_first_200_s", 0.4, 2),
+        ("W1 cold start: CPU of all processes (s)", "cold_cpu_s", None, 2),
     ]
     lines = [
         f"# Start-up and memory ({results['started']})",
@@ -181,16 +225,24 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Per launch (foreign CPU in % of one core):",
         "",
-        "| round | kind | variant | running s | first 200 s | PSS MB | processes | foreign "
-        "| valid |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| round | kind | variant | running s | first 200 s | PSS MB | processes | CPU s "
+        "(fork server) | foreign | valid |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["runs"]:
         lines.append(
             f"| {r['round']} | {r['kind']} | {r['variant']} | {_f(r.get('running_s'), 2)} | "
             f"{_f(r['first_200_s'], 2)} | {_f(r.get('pss_mb'), 0)} | {r.get('processes', '')} | "
+            f"{_f(r.get('cpu_s'), 2)} ({_f(r.get('fork_server_cpu_s'), 2)}) | "
             f"{r['foreign_core_pct']:.0f}% | {'yes' if r['valid'] else 'NO'} |"
         )
+    cores = env["machine"]["nproc"]
+    lines += [
+        "",
+        f"CPU: user + system seconds of every process of the launch alive at that point, "
+        f"summed. On {cores} cores a launch takes at least its CPU / {cores}, however well "
+        "its processes overlap.",
+    ]
     return "\n".join(lines) + "\n"
 
 
