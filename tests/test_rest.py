@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -151,7 +152,11 @@ async def test_control_plane_errors_are_400_500_or_a_bounded_500(
 async def test_delete_all_and_delete_one(client: httpx.AsyncClient, control: FakeControl) -> None:
     assert (await client.delete("/api/serve/applications/hello")).status_code == 200
     assert (await client.delete("/api/serve/applications/")).status_code == 200
-    assert control.calls == [("delete_app", "hello"), ("delete_all", None)]
+    # Any name serve.run or a config accepts, quoted as `shoal delete` sends it: a "/" in
+    # it found no route (404) before.
+    odd = "team/a b#1"
+    assert (await client.delete("/api/serve/applications/" + quote(odd, safe=""))).is_success
+    assert control.calls == [("delete_app", "hello"), ("delete_all", None), ("delete_app", odd)]
 
 
 async def test_unknown_path_is_404_and_wrong_method_405(client: httpx.AsyncClient) -> None:

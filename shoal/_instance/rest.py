@@ -214,7 +214,8 @@ def admin_app(
     for path in (APPLICATIONS, APPLICATIONS.rstrip("/")):
         routes.append(Route(path, api.applications, methods=["GET", "PUT", "DELETE"]))
     routes += [
-        Route(APPLICATIONS + "{name}", api.delete_app, methods=["DELETE"]),
+        # :path: a name may hold "/" (sent as %2F, which the server decodes first)
+        Route(APPLICATIONS + "{name:path}", api.delete_app, methods=["DELETE"]),
         Route("/api/ray/version", api.version, methods=["GET"]),
         Route(SHUTDOWN, api.shutdown, methods=["POST"]),
         Route(METRICS, api.metrics, methods=["GET"]),
