@@ -25,7 +25,7 @@ import pytest
 
 from bench.procs import is_alive
 from shoal._config import AdminOptions, HTTPOptions
-from shoal._instance.home import ServerInfo, read_server_info
+from shoal._instance.home import ServerInfo, log_directory, read_server_info, server_dir
 from shoal._instance.server import start_server, wait_stopped
 from tests.conftest import (
     app_details,
@@ -233,6 +233,9 @@ def test_a_ray_config_deploys_updates_and_deletes_declaratively(
     assert _put(server, {"applications": [other]}).status_code == 200
     wait_until(lambda: "greet" not in app_details(server)["applications"], 30, "greet deleted")
     assert _get(server, "/greet").status_code == 404
+    # The log says why as it is: greet came from a config (it said "deployed with serve.run").
+    controller_log = Path(log_directory(server_dir())) / "controller.log"
+    assert "'greet' (deployed with serve.run)" not in controller_log.read_text()
     response = httpx.delete(f"{server.admin_url}/api/serve/applications/", timeout=30)
     assert response.status_code == 200
     wait_until(lambda: not app_details(server)["applications"], 30, "all deleted")

@@ -77,6 +77,7 @@ class InstanceControlPlane:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._listed: set[str] = set()  # the applications the latest config lists
+        self._dropped: set[str] = set()  # config-deployed ones a later config no longer lists
 
     # --- ControlPlane ------------------------------------------------------------------
 
@@ -92,12 +93,14 @@ class InstanceControlPlane:
         # An application the new config drops must not keep the previous apply (which
         # holds the apply lock) waiting for its replicas' resources.
         for name in [n for n in self._instance.controller.apps if n not in names]:
-            self._configs.pop(name, None)
+            if self._configs.pop(name, None) is not None:
+                self._dropped.add(name)
             self._instance.controller.abort_pending(name)
         self._spawn(self._apply(config))
 
     async def delete_app(self, name: str) -> None:
         self._configs.pop(name, None)
+        self._dropped.discard(name)
         self._waiting.pop(name, None)
         self._listed.discard(name)  # an apply still building it deploys it no more
         if name in self._instance.controller.apps:
@@ -105,6 +108,7 @@ class InstanceControlPlane:
 
     async def delete_all(self) -> None:
         self._waiting.clear()
+        self._dropped.clear()
         self._configs.clear()
         self._listed = set()  # an apply still building deploys nothing more
         await asyncio.gather(
@@ -142,6 +146,7 @@ class InstanceControlPlane:
         """``serve.run`` deployed ``name``: it no longer follows a config file."""
         self._configs.pop(name, None)
         self._waiting.pop(name, None)
+        self._dropped.discard(name)
 
     def status(self) -> ServeStatus:
         """The controller's status with what the last config adds: an application it
@@ -219,10 +224,11 @@ class InstanceControlPlane:
             controller.set_target_capacity(config.target_capacity)
             names = {app.name for app in config.applications}
             for name in [n for n in controller.apps if n not in names]:
-                if name not in self._configs:
+                if name not in self._configs and name not in self._dropped:
                     logger.warning("deleting application '%s' (deployed with serve.run): the "
                                    "config file applied now does not list it", name)  # fmt: skip
                 self._configs.pop(name, None)
+                self._dropped.discard(name)
                 with contextlib.suppress(ShoalError):
                     await controller.delete(name)
             try:
