@@ -5,6 +5,7 @@ and the instance directories of drivers killed with ``kill -9``."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -160,6 +161,39 @@ def test_a_failed_update_stays_rolled_back(http_port: int, tmp_path: Path) -> No
     assert answers == {"v2"}
     assert len({handle.pid.remote().result(timeout_s=30) for _ in range(40)}) == 2
     serve.delete("rollback")
+
+
+@serve.deployment
+class Exits:
+    def exit(self, code: int) -> None:
+        os._exit(code)
+
+
+def test_a_replica_process_that_ends_by_itself_is_logged_with_how(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The controller hears of a lost replica before its process has ended, so the log
+    named no cause ("died; starting a replacement"); the exit code or the signal follows."""
+    handle = serve.run(Exits.bind(), name="exits", route_prefix=None)
+
+    def logged(text: str, replica_id: str) -> bool:
+        return any(text in r.getMessage() and replica_id in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING, "shoal.runtime"):
+        first = _replicas("exits", "Exits")[0].replica_id
+        with pytest.raises(ShoalError, match="died"):
+            handle.exit.remote(3).result(timeout_s=30)
+        wait_until(lambda: logged("exited with code 3", first), 30, "the exit code logged")
+        wait_until(
+            lambda: [r.state for r in _replicas("exits", "Exits")] == ["RUNNING"], 30, "replaced"
+        )
+        second = _replicas("exits", "Exits")[0]
+        assert second.pid is not None and second.replica_id != first
+        os.kill(second.pid, signal.SIGKILL)
+        wait_until(
+            lambda: logged("was killed by SIGKILL", second.replica_id), 30, "the signal logged"
+        )
+    serve.delete("exits")
 
 
 # --- a blocked event loop -----------------------------------------------------------------

@@ -52,6 +52,7 @@ from shoal._runtime.process.workers import (
     Subscriber,
     WorkerProcess,
     ignore_failure,
+    reap_lost,
     send_in_order,
     started,
 )
@@ -158,6 +159,7 @@ class ProcessRuntime:
         # The next proxy's process, started ahead: a restart only has to start serving.
         self._standby: asyncio.Future[WorkerProcess] | None = None
         self._standby_timer: asyncio.TimerHandle | None = None  # when the next one starts
+        self._reaping: set[asyncio.Task[None]] = set()  # lost workers waited for (reap_lost)
         self._routes: dict[str, tuple[str, str]] = {}
         self._on_proxy_died: Callable[[], None] = lambda: None
 
@@ -389,12 +391,14 @@ class ProcessRuntime:
         self._updates.forget(worker.worker_id)
         if worker is self._proxy and not worker.stopping:
             self._on_proxy_died()
-        asyncio.get_running_loop().create_task(worker.wait_exit(EXIT_GRACE_S))
-        for replica_id, replica in list(self._replicas.items()):
-            if replica.worker is worker:
-                del self._replicas[replica_id]
-                if not worker.stopping:
-                    self._on_died(replica)
+        hosted = [rid for rid, replica in self._replicas.items() if replica.worker is worker]
+        reaping = asyncio.get_running_loop().create_task(reap_lost(worker, hosted))
+        self._reaping.add(reaping)  # (the loop keeps only a weak reference to a task)
+        reaping.add_done_callback(self._reaping.discard)
+        for replica_id in hosted:
+            replica = self._replicas.pop(replica_id)
+            if not worker.stopping:
+                self._on_died(replica)
 
     async def start_replica(
         self, spec: ReplicaSpec, on_waiting: Callable[[str | None], None] | None = None

@@ -8,7 +8,9 @@ still counts (see :func:`ask`). A worker that does not exit when told is killed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +67,28 @@ class WorkerProcess:
         except TimeoutError:
             self.process.kill()
             await asyncio.wait_for(asyncio.shield(self.exited), EXIT_GRACE_S)
+
+
+async def reap_lost(worker: WorkerProcess, replica_ids: Sequence[str]) -> None:
+    """Wait for a worker whose connection was lost to end (killed after
+    :data:`EXIT_GRACE_S`); if nobody asked it to stop, log how it ended (its exit code,
+    or the signal that killed it) and the replicas it hosted: the controller learned of
+    the loss before the process had ended, without a cause."""
+    with contextlib.suppress(TimeoutError):
+        await worker.wait_exit(EXIT_GRACE_S)
+    if worker.stopping or not worker.exited.done() or worker.exited.cancelled():
+        return
+    code = worker.exited.result()
+    how = f"exited with code {code}" if code >= 0 else f"was killed by {_signal_name(-code)}"
+    hosted = f" (replica {', '.join(replica_ids)})" if replica_ids else ""
+    logger.warning("worker %s%s %s", worker.worker_id, hosted, how)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 async def ask(conn: Connection, msg: Message, timeout_s: float) -> Message:
