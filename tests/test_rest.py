@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -14,12 +15,14 @@ import httpx
 import pytest
 from conftest import async_wait_until
 
-from shoal._config import AdminOptions
+from shoal._config import AdminOptions, HTTPOptions
 from shoal._config.support import NEEDS_RAY
 from shoal._errors import ConfigError
 from shoal._instance import peer
+from shoal._instance.instance import warn_if_exposed
 from shoal._instance.peer import refusal, serve_admin, socket_owner_uid
 from shoal._instance.rest import admin_app
+from shoal._transport.tcp import is_loopback
 
 CONFIG = {
     "applications": [
@@ -306,3 +309,20 @@ def test_the_api_deploys_inspects_and_deletes_through_the_instance(
             assert app() is None
     finally:
         instance.stop()
+
+
+def test_an_http_proxy_bound_beyond_loopback_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Decided without binding (tests bind only 127.0.0.1): the admin API and the gRPC
+    # proxy use the same test of the address.
+    local = ("127.0.0.1", "127.8.9.1", "localhost", "::1", "::ffff:127.0.0.1")
+    assert all(is_loopback(host) for host in local)
+    beyond = ("0.0.0.0", "::", "10.0.0.5", "::ffff:10.0.0.5", "example.com")
+    assert not any(is_loopback(host) for host in beyond)
+    with caplog.at_level(logging.WARNING, "shoal"):
+        warn_if_exposed(HTTPOptions(host="127.0.0.1", port=8000))
+        warn_if_exposed(None)  # proxy_location="Disabled"
+        assert not caplog.records
+        warn_if_exposed(HTTPOptions(host="0.0.0.0", port=8000))
+    assert "the HTTP proxy listens on 0.0.0.0:8000, beyond this machine" in caplog.text

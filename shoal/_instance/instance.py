@@ -30,6 +30,7 @@ from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import LoopThread
 from shoal._runtime.registry import create_runtime
 from shoal._seam.specs import AppSpec
+from shoal._transport.tcp import is_loopback
 
 logger = logging.getLogger("shoal")
 
@@ -68,6 +69,7 @@ class Instance:
         if kind == "process":  # local testing mode writes no log files
             self.telemetry = _with_log_directory(self.telemetry, server)
         self.http = http
+        warn_if_exposed(http)
         # gRPC is served by the HTTP proxy's process: none without it. A port of 0 is
         # chosen here, once, so that a replacement proxy serves the same one. A server
         # may adopt a proxy that still holds its port: then the proxy reports a busy one.
@@ -210,6 +212,18 @@ class Instance:
                 self.run(self.controller.shutdown(TIMEOUTS.shutdown_s), TIMEOUTS.shutdown_s + 10)
         finally:
             self.thread.stop()
+
+
+def warn_if_exposed(http: HTTPOptions | None) -> None:
+    """Warn when the HTTP proxy (and with it any direct ingress port) is to listen beyond
+    loopback: other machines can then call every application, with no TLS and no
+    authentication. (The admin API and the gRPC proxy warn for themselves.)"""
+    if http is not None and not is_loopback(http.host):
+        logger.warning(
+            "the HTTP proxy listens on %s:%d, beyond this machine: any host that can reach "
+            "it can call the applications (no TLS, no authentication); http_options "
+            "host='127.0.0.1' keeps it local", http.host, http.port,
+        )  # fmt: skip
 
 
 async def _snapshot(instance: Instance) -> ServeStatus:

@@ -28,7 +28,7 @@ import uvicorn
 
 from shoal._config import AdminOptions
 from shoal._errors import ConfigError
-from shoal._transport.tcp import listen_tcp
+from shoal._transport.tcp import is_loopback, listen_tcp
 
 logger = logging.getLogger("shoal")
 
@@ -36,19 +36,6 @@ _TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 _ESTABLISHED = "01"
 
 Address = tuple[str, int]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an IP literal or ``localhost``) is a loopback address."""
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def _normalize(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

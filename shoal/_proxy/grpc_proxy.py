@@ -19,7 +19,6 @@ accepted are served (:meth:`GrpcServer.wait_idle`); :meth:`GrpcServer.stop` ends
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -42,6 +41,7 @@ from shoal._router.router import Router, RouterRegistry
 from shoal._transport.grpc import GrpcReply, GrpcRequestData, reference
 from shoal._transport.ids import new_request_id
 from shoal._transport.messages import Failure, Message, Request, Result, StreamEnd, StreamItem
+from shoal._transport.tcp import is_loopback
 
 if TYPE_CHECKING:
     import grpc
@@ -82,21 +82,12 @@ def check_port(options: gRPCOptions, host: str) -> gRPCOptions:
                 "pass another port with grpc_options={'port': ...}"
             ) from None
         port = probe.getsockname()[1]
-    if not _loopback(host):
+    if not is_loopback(host):
         logger.warning(
             "the gRPC proxy listens on %s:%d without TLS or authentication: any host that can "
             "reach it can call the applications", host, port,
         )  # fmt: skip
     return options.model_copy(update={"port": port})
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _target(host: str, port: int) -> str:

@@ -1,7 +1,9 @@
-"""The one way shoal listens on TCP (the HTTP proxy and the admin API)."""
+"""The one way shoal listens on TCP (the HTTP proxy and the admin API), and the one
+test of whether an address keeps a server to this machine (:func:`is_loopback`)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 
@@ -27,3 +29,18 @@ def listen_tcp(host: str, port: int, backlog: int, reuse_port: bool = False) -> 
         raise
     sock.setblocking(False)
     return sock
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal or ``localhost``) is a loopback address: a server
+    bound to anything else (``0.0.0.0``, a name, an interface's address) may be reached
+    from other machines."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
