@@ -28,6 +28,7 @@ from shoal._config import (
     gRPCOptions,
     runtime_env_problems,
 )
+from shoal._config.support import EXTERNAL_SCALER_NOT_YET
 from shoal._errors import ConfigError
 
 # A problem found by a model validator: (path relative to the model, value, message).
@@ -133,6 +134,17 @@ class ServeApplicationSchema(_Strict):
         description="One policy deciding every autoscaled deployment of the application "
         "(see docs/autoscaling.md); null: each deployment's own.",
     )
+    external_scaler_enabled: bool = Field(
+        False,
+        description="Ray Serve's external scaling; only false (its default) is supported yet.",
+    )
+
+    @field_validator("external_scaler_enabled")
+    @classmethod
+    def _external_scaler(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(EXTERNAL_SCALER_NOT_YET)
+        return value
 
     @field_validator("route_prefix")
     @classmethod

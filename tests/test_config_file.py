@@ -145,8 +145,8 @@ ERRORS = [
     (
         _with({}, {"imprt_path": "x:y"}),
         "applications[0].imprt_path: unknown key (did you mean 'import_path'?); valid keys: "
-        "args, autoscaling_policy, deployments, direct_ingress_port, import_path, logging_config, "
-        "name, route_prefix, runtime_env",
+        "args, autoscaling_policy, deployments, direct_ingress_port, external_scaler_enabled, "
+        "import_path, logging_config, name, route_prefix, runtime_env",
     ),
     (
         _with({}, {"deployments": [{"name": "A", "ray_actor_options": {"num_gpu": 1}}]}),
@@ -713,7 +713,12 @@ def test_the_schema_module_is_a_bottom_layer() -> None:
         for alias in node.names
         if alias.name.startswith("shoal")
     }
-    assert imported == {"shoal._config", "shoal._config_text", "shoal._errors"}
+    assert imported == {
+        "shoal._config",
+        "shoal._config.support",
+        "shoal._config_text",
+        "shoal._errors",
+    }
 
 
 def test_the_runtime_fields_choose_ray_and_an_address_needs_it() -> None:

@@ -77,6 +77,32 @@ def test_run_accepts_rays_positional_order() -> None:
         serve.delete("positional")
 
 
+def test_external_scaling_is_refused_by_name_and_rays_default_accepted(tmp_path: Path) -> None:
+    # Ray's serve.run(..., external_scaler_enabled=False) and the config field of the same
+    # name: False (Ray's default) is what shoal does; True is refused with what to do. Both
+    # were refused as unknown before, which broke Ray programs that spell the default out.
+    handle = serve.run(_app(), False, "external", None, None, True, False)
+    try:
+        assert handle.remote().result(timeout_s=10) == "hi"
+    finally:
+        serve.delete("external")
+    with pytest.raises(serve.ConfigError, match=r"external_scaler_enabled=True is not supported"):
+        serve.run(_app(), name="external", external_scaler_enabled=True, _local_testing_mode=True)
+    with pytest.raises(serve.ConfigError, match=r"must be a bool, got str 'no'"):
+        serve.run(_app(), name="external", external_scaler_enabled="no", _local_testing_mode=True)
+    assert "external" not in serve.status().applications
+    from shoal._deploy_config import load_config_file
+
+    entry = "applications:\n- {name: e, import_path: m:app, external_scaler_enabled: %s}\n"
+    (tmp_path / "ok.yaml").write_text(entry % "false")
+    (tmp_path / "no.yaml").write_text(entry % "true")
+    assert not load_config_file(str(tmp_path / "ok.yaml")).applications[0].external_scaler_enabled
+    with pytest.raises(serve.ConfigError) as refused:
+        load_config_file(str(tmp_path / "no.yaml"))
+    assert "applications[0].external_scaler_enabled" in str(refused.value)
+    assert "not supported yet" in str(refused.value) and "num_replicas" in str(refused.value)
+
+
 # --- (b) options only Ray implements: refused by name by the local runtimes -----------
 
 

@@ -4,7 +4,9 @@
 URIs), are implemented by the Ray runtime, which hands them to Ray; they are accepted
 in code and config files (the same code may be deployed on Ray) and refused when a local
 runtime deploys them (:func:`ray_only`). An option no runtime implements yet is not
-declared at all: pydantic refuses it as unknown.
+declared at all: pydantic refuses it as unknown; except one whose Ray default is what
+shoal does, which is declared and refuses any other value by name
+(:data:`EXTERNAL_SCALER_NOT_YET`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ RUNTIME_ENV_KEYS = ("env_vars", "working_dir", "py_modules")
 
 NEEDS_RAY = (
     "it needs the Ray runtime (serve.start(runtime='ray') or shoal start --ray; docs/ray.md)"
+)
+
+#: Why ``external_scaler_enabled=True`` is refused (Ray Serve's external scaling: another
+#: process sets a deployment's replica count over REST); False, Ray's default, is what
+#: shoal does.
+EXTERNAL_SCALER_NOT_YET = (
+    "is not supported yet: shoal has no external scaling API "
+    "(Ray's POST /api/v1/applications/{app}/deployments/{deployment}/scale); set the "
+    "count with num_replicas (a deploy that changes only it starts or stops replicas, "
+    "nothing else) or let autoscaling_config set it"
 )
 
 

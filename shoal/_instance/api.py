@@ -200,6 +200,7 @@ def run(
     route_prefix: str | None = "/",
     logging_config: dict[str, Any] | LoggingConfig | None = None,
     _local_testing_mode: bool = False,
+    external_scaler_enabled: bool = False,
     *,
     direct_ingress_port: int | None = None,
     **kwargs: Any,
@@ -212,11 +213,14 @@ def run(
     never fit this machine, and DeploymentError if a constructor fails (the app
     is then DEPLOY_FAILED and nothing of it is left running).
 
-    ``direct_ingress_port`` (shoal's own; keyword only, so Ray's positional order holds):
+    ``external_scaler_enabled``: only False, Ray's default, is supported yet (True is a
+    ConfigError). ``direct_ingress_port`` (shoal's own; keyword only, so Ray's positional
+    order holds):
     the ingress replicas also accept HTTP themselves on that port, without the proxy's
     hop (docs/direct-ingress.md).
     """
     arguments.refuse_extra("serve.run", kwargs, arguments.RUN_KEYWORDS)
+    arguments.external_scaler("serve.run", external_scaler_enabled)
     one = RunTarget(target, name, route_prefix, logging_config, direct_ingress_port)
     _check_target(one)
     handle = _deploy(one, _local_testing_mode)

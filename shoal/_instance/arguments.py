@@ -15,7 +15,7 @@ from shoal._config import (
     gRPCOptions,
     validate,
 )
-from shoal._config.support import ray_only
+from shoal._config.support import EXTERNAL_SCALER_NOT_YET, ray_only
 from shoal._errors import ConfigError, ConfigTypeError
 from shoal._instance.home import default_admin_options
 from shoal._observe.options import Telemetry
@@ -53,8 +53,21 @@ START_KEYWORDS = (
     "admin_options", "metrics_options", "tracing_options", "runtime", "address", "_blocking",
     "_attach", "_admin_later",
 )  # fmt: skip
-RUN_KEYWORDS = ("target", "blocking", "name", "route_prefix", "logging_config",
-                "_local_testing_mode", "direct_ingress_port")  # fmt: skip
+RUN_KEYWORDS = (
+    "target", "blocking", "name", "route_prefix", "logging_config", "_local_testing_mode",
+    "external_scaler_enabled", "direct_ingress_port",
+)  # fmt: skip
+
+
+def external_scaler(function: str, enabled: Any) -> None:
+    """Refuse ``external_scaler_enabled`` but for False, Ray's default (and shoal's way)."""
+    if type(enabled) is not bool:
+        raise ConfigTypeError(
+            f"{function}: external_scaler_enabled must be a bool, got {type(enabled).__name__} "
+            f"{enabled!r}"
+        )
+    if enabled:
+        raise ConfigError(f"{function}: external_scaler_enabled=True {EXTERNAL_SCALER_NOT_YET}")
 
 
 def refuse_extra(function: str, kwargs: dict[str, Any], known: tuple[str, ...]) -> None:
