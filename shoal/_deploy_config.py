@@ -28,7 +28,7 @@ from shoal._config import (
     gRPCOptions,
     runtime_env_problems,
 )
-from shoal._config.support import EXTERNAL_SCALER_NOT_YET
+from shoal._config.support import EXTERNAL_SCALER_NOT_YET, not_yet
 from shoal._errors import ConfigError
 
 # A problem found by a model validator: (path relative to the model, value, message).
@@ -417,6 +417,8 @@ def _unknown_key(loc: tuple[Any, ...], path: str) -> str:
     _, parent = _walk(ServeDeploySchema, loc[:-1])
     parent = _strip_none(parent)
     valid = sorted(parent.model_fields) if _is_model(parent) else []
+    if parent is DeploymentSchema and (why := not_yet(str(loc[-1]))):
+        return f"{path}: {why}"
     matches = difflib.get_close_matches(str(loc[-1]), valid, n=3, cutoff=0.6)
     hint = f" (did you mean {' or '.join(repr(m) for m in matches)}?)" if matches else ""
     return f"{path}: unknown key{hint}; valid keys: {', '.join(valid)}"

@@ -103,6 +103,24 @@ def test_external_scaling_is_refused_by_name_and_rays_default_accepted(tmp_path:
     assert "not supported yet" in str(refused.value) and "num_replicas" in str(refused.value)
 
 
+@pytest.mark.parametrize("option", ["max_constructor_retry_count", "request_router_config"])
+def test_rays_deployment_options_shoal_lacks_are_refused_as_such(option: str) -> None:
+    # Not "unknown option": a Ray user did not misspell them, and is told what to do.
+    value = 3 if option == "max_constructor_retry_count" else {}
+    with pytest.raises(
+        serve.ConfigError, match=rf"'{option}'.*is Ray Serve's and not supported yet: .*remove it"
+    ):
+        serve.deployment(**{option: value})(lambda request: "x")
+    from shoal._deploy_config import parse_config
+
+    app = {"name": "a", "import_path": "m:app", "deployments": [{"name": "D", option: value}]}
+    with pytest.raises(
+        serve.ConfigError,
+        match=rf"deployments\[0\]\.{option}: is Ray Serve's and not supported yet",
+    ):
+        parse_config({"applications": [app]}, "serve.yaml")
+
+
 # --- (b) options only Ray implements: refused by name by the local runtimes -----------
 
 

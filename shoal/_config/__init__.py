@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 # Re-exported: the one place every layer imports options from.
 from shoal._config.strict import _Strict as _Strict
-from shoal._config.support import _did_you_mean, runtime_env_problems
+from shoal._config.support import _did_you_mean, not_yet, runtime_env_problems
 from shoal._config.telemetry import LOG_LEVELS as LOG_LEVELS
 from shoal._config.telemetry import LoggingConfig as LoggingConfig
 from shoal._config.telemetry import TracingOptions as TracingOptions
@@ -534,9 +534,9 @@ def _describe(exc: ValidationError, options: dict[str, Any], what: str) -> str:
             hint = _did_you_mean(str(error["loc"][-1]), fields)
             option = ".".join(map(str, error["loc"]))
             valid = ", ".join(sorted(fields))
-            grouped.setdefault(
-                f"unknown option {option!r} for {what}{hint}; valid options: {valid}", []
-            )
+            why = not_yet(option)
+            unknown = f"unknown option {option!r} for {what}{hint}; valid options: {valid}"
+            grouped.setdefault(f"option {option!r} for {what} {why}" if why else unknown, [])
             continue
         message = error["msg"].removeprefix("Value error, ")
         grouped.setdefault(path, []).append(message)

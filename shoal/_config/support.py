@@ -34,6 +34,22 @@ NEEDS_RAY = (
     "it needs the Ray runtime (serve.start(runtime='ray') or shoal start --ray; docs/ray.md)"
 )
 
+#: Deployment options of Ray Serve that shoal does not declare yet -> why, and what to do.
+RAY_NOT_YET: dict[str, str] = {
+    "max_constructor_retry_count": "shoal fails a deploy at the first failed constructor, "
+    "where Ray starts the replica again (docs/ray-compatibility.md); remove it, and retry "
+    "a transient failure inside the constructor",
+    "request_router_config": "shoal routes by the power of two choices (a replica holding "
+    "the multiplexed model first) and takes no custom router; remove it",
+}
+
+
+def not_yet(option: str) -> str | None:
+    """What to say of ``option`` if it is one of :data:`RAY_NOT_YET` (else None)."""
+    why = RAY_NOT_YET.get(option)
+    return None if why is None else f"is Ray Serve's and not supported yet: {why}"
+
+
 #: Why ``external_scaler_enabled=True`` is refused (Ray Serve's external scaling: another
 #: process sets a deployment's replica count over REST); False, Ray's default, is what
 #: shoal does.
