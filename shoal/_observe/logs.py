@@ -214,7 +214,29 @@ class JsonFormatter(logging.Formatter):
 _stream_pending: dict[str, Pending] = {}
 
 
-class _StreamHandler(logging.StreamHandler[TextIO]):
+class _Queued(logging.Handler):
+    """A handler that queues formatted lines (:attr:`pending`) and writes them in blocks
+    (:meth:`flush_now`): at once for WARNING and above, else every ``_FLUSH_S``."""
+
+    pending: Pending
+    terminator: str
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.pending.add(self.format(record) + self.terminator)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self.flush_now()
+
+    def flush_now(self) -> None:
+        raise NotImplementedError
+
+
+class _StreamHandler(_Queued, logging.StreamHandler[TextIO]):
     """Writes to the process's ``sys.stderr`` or ``sys.stdout`` (``name``) as it is when
     flushed (test runners replace ``sys.stderr``).
 
@@ -235,17 +257,6 @@ class _StreamHandler(logging.StreamHandler[TextIO]):
 
     def flush(self) -> None:
         pass  # flush_now(): every _FLUSH_S, for WARNING and above, and at exit
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.pending.add(self.format(record) + self.terminator)
-        except RecursionError:
-            raise
-        except Exception:
-            self.handleError(record)
-            return
-        if record.levelno >= logging.WARNING:
-            self.flush_now()
 
     def flush_now(self) -> None:
         pending = self.pending
@@ -315,7 +326,7 @@ MAX_FILE_BYTES = 512 * 2**20
 BACKUP_COUNT = 5
 
 
-class _BufferedFileHandler(logging.handlers.RotatingFileHandler):
+class _BufferedFileHandler(_Queued, logging.handlers.RotatingFileHandler):
     """A log file written through a buffer: a write system call per flush, not per line.
     A line waits in the file's :class:`Pending`, written at least every ``_FLUSH_S`` (by
     one daemon thread), at once for WARNING and above, and whenever the process flushes
@@ -331,17 +342,6 @@ class _BufferedFileHandler(logging.handlers.RotatingFileHandler):
 
     def flush(self) -> None:
         pass  # not per record: flush_files() writes the lines (0.1 s, WARNING+, exit)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.pending.add(self.format(record) + self.terminator)
-        except RecursionError:
-            raise
-        except Exception:
-            self.handleError(record)
-            return
-        if record.levelno >= logging.WARNING:
-            self.flush_now()
 
     def flush_now(self) -> None:
         with self.lock:  # type: ignore[union-attr]
