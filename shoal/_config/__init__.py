@@ -534,7 +534,7 @@ def _describe(exc: ValidationError, options: dict[str, Any], what: str) -> str:
             hint = _did_you_mean(str(error["loc"][-1]), fields)
             option = ".".join(map(str, error["loc"]))
             valid = ", ".join(sorted(fields))
-            why = not_yet(option)
+            why = not_yet(option) if model is DeploymentConfig else None
             unknown = f"unknown option {option!r} for {what}{hint}; valid options: {valid}"
             grouped.setdefault(f"option {option!r} for {what} {why}" if why else unknown, [])
             continue

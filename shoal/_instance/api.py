@@ -214,8 +214,9 @@ def run(
     is then DEPLOY_FAILED and nothing of it is left running).
 
     ``external_scaler_enabled``: only False, Ray's default, is supported yet (True is a
-    ConfigError). ``direct_ingress_port`` (shoal's own; keyword only, so Ray's positional
-    order holds):
+    ConfigError).
+
+    ``direct_ingress_port`` (shoal's own; keyword only, so Ray's positional order holds):
     the ingress replicas also accept HTTP themselves on that port, without the proxy's
     hop (docs/direct-ingress.md).
     """
