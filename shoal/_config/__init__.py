@@ -18,6 +18,8 @@ from shoal._config.support import _did_you_mean, not_yet, runtime_env_problems
 from shoal._config.telemetry import LOG_LEVELS as LOG_LEVELS
 from shoal._config.telemetry import LoggingConfig as LoggingConfig
 from shoal._config.telemetry import TracingOptions as TracingOptions
+from shoal._config.timeouts import TIMEOUTS as TIMEOUTS
+from shoal._config.timeouts import Timeouts as Timeouts
 from shoal._errors import ConfigError
 
 #: Ray Serve's request-based policy (``shoal/_controller/policy.py``).
@@ -449,52 +451,6 @@ def proxy_options(http: HTTPOptions, grpc: gRPCOptions | None) -> HTTPOptions:
     if grpc is None or not grpc.enabled:
         return http
     return ProxyOptions(**http.model_dump(), grpc_options=grpc)
-
-
-class Timeouts(_Strict):
-    """The time limits of an instance's control plane, in one place."""
-
-    deploy_s: float = Field(600.0, gt=0)  # serve.run: every replica ready (PENDING included)
-    shutdown_s: float = Field(30.0, gt=0)  # applications drained at shutdown
-    # A restarted server serves after this even if some application is not running yet.
-    restore_s: float = Field(30.0, gt=0)
-    gpu_probe_s: float = Field(10.0, gt=0)  # nvidia-smi -L, once per instance
-    build_s: float = Field(120.0, gt=0)  # importing and building a config file's applications
-    admin_call_s: float = Field(30.0, gt=0)  # one call of an attached process to its instance
-    server_start_s: float = Field(60.0, gt=0)  # `shoal start` until the server answers
-    # A TCP peer proves the instance secret within this (shoal._transport.auth), else dropped.
-    transport_handshake_s: float = Field(5.0, gt=0)
-    # A control request to a worker process (configure it, start its proxy, its routes).
-    control_call_s: float = Field(30.0, gt=0)
-    # An update (replica set, routes) waits this long for each process's acknowledgement.
-    update_ack_s: float = Field(1.0, gt=0)
-    # Every proxy's (head and node proxies) event loop is pinged this often, and replaced
-    # once it has not answered for proxy_check_timeout_s (a dead one is replaced at once).
-    proxy_check_period_s: float = Field(1.0, gt=0)
-    proxy_check_timeout_s: float = Field(5.0, gt=0)
-    # Ray runtime: how often Ray's node table is read (nodes that joined or left), and how
-    # long a restarted controller waits for the actors Ray lists by name to rejoin it.
-    ray_nodes_poll_s: float = Field(2.0, gt=0)
-    ray_rejoin_wait_s: float = Field(10.0, gt=0)
-    # A new worker process says hello within this (its imports), else it is killed; a
-    # replica's constructor returns within replica_start_s.
-    worker_hello_s: float = Field(60.0, gt=0)
-    replica_start_s: float = Field(600.0, gt=0)
-    # The standby proxy process starts this long after the proxy serves: spawned at once
-    # it would take a core from the first replicas, and an instance that lives less (a
-    # test, a script) never needs one (a proxy that dies before is replaced by a new
-    # process: about 1 s instead of 0.1 s). A restart whose standby does not serve within
-    # standby_proxy_start_s uses a new process instead.
-    standby_proxy_delay_s: float = Field(3.0, gt=0)
-    standby_proxy_start_s: float = Field(2.0, gt=0)
-    # The fork server (docs/operations.md): until it has imported shoal and can fork; one
-    # fork; one deployment's imports. Past one, workers start with `python -m` instead.
-    fork_server_ready_s: float = Field(60.0, gt=0)
-    fork_spawn_s: float = Field(5.0, gt=0)
-    fork_preload_s: float = Field(60.0, gt=0)
-
-
-TIMEOUTS = Timeouts()
 
 
 class AdminOptions(_Strict):

@@ -10,7 +10,7 @@ deployment with the reason, which records it.
 
 Guarantees: a process that stops reporting stops counting once its reports leave
 the window; a replica that left the deployment stops counting at once; a policy
-that raises, returns nonsense or takes longer than ``POLICY_TIMEOUT_S`` changes
+that raises, returns nonsense or takes longer than ``TIMEOUTS.autoscaling_policy_s`` changes
 nothing (logged, and said in the deployment's status); nothing is decided while
 the deployment is being updated.
 """
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from shoal._config import DEFAULT_POLICY, AutoscalingConfig
+from shoal._config import DEFAULT_POLICY, TIMEOUTS, AutoscalingConfig
 from shoal._controller.policy import (
     AutoscalingContext,
     Delays,
@@ -47,7 +47,6 @@ logger = logging.getLogger("shoal.autoscaler")
 CONTROL_LOOP_S = 0.1
 #: Longest a custom policy may take; it runs in a thread, so a slow one cannot stall
 #: the controller, and its answer after this is ignored.
-POLICY_TIMEOUT_S = 1.0
 #: How many scaling decisions a deployment keeps for ``serve.status()``.
 DECISIONS_KEPT = 20
 
@@ -387,11 +386,15 @@ def _lookup(mapping: dict[Any, Any], deployment_id: DeploymentID) -> Any:
 
 
 async def run_policy(policy: Any, argument: Any) -> Any:
-    """Call a user's policy in a thread, within ``POLICY_TIMEOUT_S`` (TimeoutError)."""
-    return await asyncio.wait_for(asyncio.to_thread(policy, argument), POLICY_TIMEOUT_S)
+    """Call a user's policy in a thread, within ``TIMEOUTS.autoscaling_policy_s``
+    (TimeoutError)."""
+    return await asyncio.wait_for(
+        asyncio.to_thread(policy, argument), TIMEOUTS.autoscaling_policy_s
+    )
 
 
 def _policy_error(path: str, exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
-        return f"autoscaling policy {path} took longer than {POLICY_TIMEOUT_S:g} s; ignored"
+        limit = TIMEOUTS.autoscaling_policy_s
+        return f"autoscaling policy {path} took longer than {limit:g} s; ignored"
     return f"autoscaling policy {path} failed ({type(exc).__name__}: {exc}); replica count kept"

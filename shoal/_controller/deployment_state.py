@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal._config import TIMEOUTS
 from shoal._controller.autoscaler import Autoscaler
 from shoal._controller.policy import capacity_adjusted
 from shoal._controller.publisher import Publisher
@@ -54,7 +55,6 @@ from shoal._transport.messages import ReplicaInfo, ReplicaSetUpdate
 
 logger = logging.getLogger("shoal.controller")
 
-_RECONFIGURE_TIMEOUT_S = 60.0
 MAX_BACKOFF_S = 30.0
 _SCALING = (DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING)
 #: How often a rescale looks again while replicas it asked for are starting.
@@ -179,7 +179,7 @@ class DeploymentState:
         running = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
         drifted = [r for r in running if r.config_version == failed_version != config_version]
         results = await asyncio.gather(
-            *(r.handle.reconfigure(previous.config.user_config, _RECONFIGURE_TIMEOUT_S)
+            *(r.handle.reconfigure(previous.config.user_config, TIMEOUTS.reconfigure_s)
               for r in drifted),
             return_exceptions=True,
         )  # fmt: skip
@@ -367,7 +367,7 @@ class DeploymentState:
     async def _reconfigure(self, user_config: Any) -> None:
         records = [r for r in self.replicas if r.state is ReplicaState.RUNNING]
         results = await asyncio.gather(
-            *(r.handle.reconfigure(user_config, _RECONFIGURE_TIMEOUT_S) for r in records),
+            *(r.handle.reconfigure(user_config, TIMEOUTS.reconfigure_s) for r in records),
             return_exceptions=True,
         )
         for record, result in zip(records, results, strict=True):

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from shoal._config import DeploymentConfig
+from shoal._config import TIMEOUTS, DeploymentConfig
 from shoal._controller.status import DeploymentStatus, ReplicaState
 from shoal._errors import ShoalError, TransportError
 
@@ -25,7 +25,6 @@ logger = logging.getLogger("shoal.controller")
 _UNHEALTHY_THRESHOLD = 3
 #: A replica silent for health_check_timeout_s is out of routing; it is killed unless
 #: its event loop answers within this much more (then it is drained, not killed).
-_UNRESPONSIVE_KILL_GRACE_S = 2.0
 #: Bounds of how often the supervisor looks at a deployment's replicas.
 _MIN_TICK_S = 0.05
 _MAX_TICK_S = 5.0
@@ -46,9 +45,9 @@ class Supervisor:
           blocked loop or a hung process: it cannot serve, so it leaves routing at
           once (the silent process itself is not waited for), its replacement
           starts, and it is killed unless it answers within
-          ``_UNRESPONSIVE_KILL_GRACE_S`` more (then it is drained instead). So it
+          ``TIMEOUTS.unresponsive_kill_s`` more (then it is drained instead). So it
           is out of routing at most ``health_check_timeout_s`` after its loop
-          blocked, and killed about ``_UNRESPONSIVE_KILL_GRACE_S`` later.
+          blocked, and killed about ``TIMEOUTS.unresponsive_kill_s`` later.
         - Health. Every ``health_check_period_s`` the user's ``check_health`` runs
           (within ``health_check_timeout_s``). As in Ray Serve, after
           ``_UNHEALTHY_THRESHOLD`` consecutive failures (raised, or timed out while
@@ -133,7 +132,7 @@ class Supervisor:
         state.spawn(state.publish(), "publish")  # routers drop it; its own ack is not awaited
         state.spawn(state.add_replica(), "replace")
         try:
-            await record.handle.ping(_UNRESPONSIVE_KILL_GRACE_S)
+            await record.handle.ping(TIMEOUTS.unresponsive_kill_s)
         except (ShoalError, TransportError):
             logger.warning("killing replica %s (pid %s): still no answer", replica_id,
                            record.handle.pid)  # fmt: skip

@@ -298,7 +298,7 @@ async def build_in_child(
             raise
         except TimeoutError:
             child.kill()
-            await asyncio.wait([child.exited], timeout=_KILLED_EXIT_S)
+            await asyncio.wait([child.exited], timeout=TIMEOUTS.build_kill_s)
             raise ShoalError(
                 f"building the applications did not finish within {timeout_s:.0f} s "
                 "(importing the modules or calling the builders hangs?)"
@@ -310,10 +310,6 @@ async def build_in_child(
         return results
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-#: How long a killed build child may take to be seen gone (its files are removed then).
-_KILLED_EXIT_S = 5.0
 
 
 async def _start_build(runtime: Runtime | None, argv: list[str]) -> HelperProcess:

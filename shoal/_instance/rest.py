@@ -39,6 +39,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import shoal
+from shoal._config import TIMEOUTS
 from shoal._dashboard.server import Dashboard
 from shoal._errors import ConfigError
 from shoal._instance.control import ControlPlane
@@ -52,8 +53,6 @@ SHUTDOWN = "/api/shoal/shutdown"
 METRICS = "/metrics"
 #: The Ray Serve REST API level shoal speaks; Ray's CLI refuses a cluster below 1.12.
 RAY_API_VERSION = "2.9.0"
-DEFAULT_TIMEOUT_S = 60.0
-_SHUTDOWN_ANSWER_S = 1.0  # how long a shutdown request waits for a refusal
 
 
 def _json(value: Any, status: int = 200) -> Response:
@@ -152,7 +151,7 @@ class _Api:
         task = asyncio.ensure_future(self.control.shutdown())
         self._background.add(task)
         task.add_done_callback(self._shutdown_done)
-        await asyncio.wait({task}, timeout=_SHUTDOWN_ANSWER_S)
+        await asyncio.wait({task}, timeout=TIMEOUTS.shutdown_answer_s)
         if task.done() and not task.cancelled() and task.exception() is not None:
             error = task.exception()
             status = 400 if isinstance(error, ConfigError) else 500
@@ -201,14 +200,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def admin_app(
-    control: ControlPlane, token: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    control: ControlPlane, token: str | None = None, *, timeout_s: float | None = None
 ) -> Starlette:
     """The admin API for ``control``, guarded by :class:`~shoal._instance.peer.PeerGuard`.
 
     ``app.state.dashboard`` is its :class:`~shoal._dashboard.server.Dashboard`: the
     caller serving the app starts its sampler (``start()``) and stops it (``close()``).
     """
-    api = _Api(control, timeout_s)
+    api = _Api(control, TIMEOUTS.admin_op_s if timeout_s is None else timeout_s)
     routes = []
     # Both spellings: a redirect would make clients resend a PUT body.
     for path in (APPLICATIONS, APPLICATIONS.rstrip("/")):

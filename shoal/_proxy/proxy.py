@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shoal._config import HTTPOptions
+from shoal._config import TIMEOUTS, HTTPOptions
 from shoal._errors import BackPressureError, RequestCancelledError, ShoalError, UnavailableError
 from shoal._json import dumps as json_dumps
 from shoal._observe import tracing
@@ -118,7 +118,6 @@ def _id_header(scope: Scope) -> tuple[bytes, bytes]:
 
 #: How long a request that arrives before the first route table waits for it (a
 #: replacement proxy accepts connections queued meanwhile, then gets its routes at once).
-_ROUTES_WAIT_S = 5.0
 
 
 class Proxy:
@@ -212,14 +211,18 @@ class Proxy:
         routes = asyncio.ensure_future(self._routes_received.wait())
         left = asyncio.ensure_future(receive()) if receive is not None else routes
         try:
-            await asyncio.wait({routes, left}, timeout=_ROUTES_WAIT_S, return_when=_FIRST)
+            await asyncio.wait(
+                {routes, left}, timeout=TIMEOUTS.proxy_routes_wait_s, return_when=_FIRST
+            )
         finally:
             routes.cancel()
             left.cancel()
         if left is not routes and left.done() and not left.cancelled():
             return True
         if not self._routes_received.is_set():
-            logger.warning("no route table after %.0f s; answering without one", _ROUTES_WAIT_S)
+            logger.warning(
+                "no route table after %.0f s; answering without one", TIMEOUTS.proxy_routes_wait_s
+            )
             self._routes_received.set()
         return False
 

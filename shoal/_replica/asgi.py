@@ -17,12 +17,11 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
 from typing import Any
 
+from shoal._config import TIMEOUTS
 from shoal._errors import DeploymentError
 from shoal._transport.http import HttpRequestData, HttpResponseData, HttpResponseStart
 
 logger = logging.getLogger("shoal.replica")
-
-_LIFESPAN_TIMEOUT_S = 60.0
 
 
 async def asgi_parts(
@@ -207,10 +206,10 @@ class Lifespan:
     async def _reply(self, phase: str) -> MutableMapping[str, Any] | None:
         assert self._task is not None
         try:
-            return await asyncio.wait_for(self._outbox.get(), _LIFESPAN_TIMEOUT_S)
+            return await asyncio.wait_for(self._outbox.get(), TIMEOUTS.asgi_lifespan_s)
         except TimeoutError:
             raise DeploymentError(
-                f"lifespan {phase} did not finish within {_LIFESPAN_TIMEOUT_S:.0f} s"
+                f"lifespan {phase} did not finish within {TIMEOUTS.asgi_lifespan_s:g} s"
             ) from None
         except Exception as exc:
             if phase == "startup" and not self.state and _unsupported(exc):

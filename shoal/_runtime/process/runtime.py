@@ -46,7 +46,6 @@ from shoal._runtime.process.forks import (
 from shoal._runtime.process.reports import MetricsReports
 from shoal._runtime.process.updates import Updates
 from shoal._runtime.process.workers import (
-    EXIT_GRACE_S,
     SUBSCRIBER_PREFIX,
     ProcessReplica,
     Subscriber,
@@ -485,7 +484,7 @@ class ProcessRuntime:
             old.stopping = True  # its end is expected now, not a death to report
             if old.process.poll() is None:
                 old.process.kill()
-            await old.wait_exit(EXIT_GRACE_S)
+            await old.wait_exit(TIMEOUTS.worker_exit_s)
         if self._listener is None and self._proxy_options is not None:
             # An adopted proxy held the socket: its port is free now that it is gone.
             options = self._proxy_options
@@ -589,7 +588,7 @@ class ProcessRuntime:
         if self._proxy is not None:
             await self._proxy.wait_exit(timeout_s)
         if self._forks is not None:
-            await self._forks.stop(EXIT_GRACE_S)
+            await self._forks.stop(TIMEOUTS.worker_exit_s)
         if self._server is not None:
             self._server.close()
         if self._listener is not None:

@@ -73,7 +73,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("shoal.worker")
 
 _REJOIN_RETRY_S = 0.05  # how often an orphaned worker tries the controller's socket
-_REJOIN_ANSWER_S = 2.0  # the least it waits for a controller to acknowledge it
 
 
 class Worker:
@@ -159,7 +158,7 @@ class Worker:
                 control = await self._connect_control(self._on_control, 1.0)
                 # A controller that took the connection answers however busy it is (it
                 # may be adopting many workers): wait for it, not rejoin on another one.
-                answer_s = max(_REJOIN_ANSWER_S, deadline - self.loop.time())
+                answer_s = max(TIMEOUTS.rejoin_answer_s, deadline - self.loop.time())
                 await control.request(self.hosting, answer_s)
             except (OSError, ShoalError, TimeoutError):
                 # Nobody listens yet, or the dying controller's socket took the

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
+from shoal._config import TIMEOUTS
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
 from shoal._runtime.process.forks import exit_future
 from shoal._transport.connection import Connection
@@ -30,12 +31,6 @@ from shoal._transport.messages import (
 )
 
 logger = logging.getLogger("shoal.runtime")
-
-#: How long a worker told to exit has before it is killed.
-EXIT_GRACE_S = 3.0
-#: A stopping replica answers StopReplica after draining (at most its graceful timeout);
-#: how much longer than that the controller waits before killing it.
-STOP_REPLY_SLACK_S = 5.0
 
 
 class WorkerProcess:
@@ -66,16 +61,16 @@ class WorkerProcess:
             await asyncio.wait_for(asyncio.shield(self.exited), timeout_s)
         except TimeoutError:
             self.process.kill()
-            await asyncio.wait_for(asyncio.shield(self.exited), EXIT_GRACE_S)
+            await asyncio.wait_for(asyncio.shield(self.exited), TIMEOUTS.worker_exit_s)
 
 
 async def reap_lost(worker: WorkerProcess, replica_ids: Sequence[str]) -> None:
     """Wait for a worker whose connection was lost to end (killed after
-    :data:`EXIT_GRACE_S`); if nobody asked it to stop, log how it ended (its exit code,
+    ``TIMEOUTS.worker_exit_s``); if nobody asked it to stop, log how it ended (its exit code,
     or the signal that killed it) and the replicas it hosted: the controller learned of
     the loss before the process had ended, without a cause."""
     with contextlib.suppress(TimeoutError):
-        await worker.wait_exit(EXIT_GRACE_S)
+        await worker.wait_exit(TIMEOUTS.worker_exit_s)
     if worker.stopping or not worker.exited.done() or worker.exited.cancelled():
         return
     code = worker.exited.result()
@@ -206,7 +201,7 @@ class ProcessReplica:
 
     async def autoscaling_stats(self, timeout_s: float) -> dict[str, float] | None:
         stats: dict[str, float] | None = await self.worker.request(
-            AutoscalingStats(timeout_s), timeout_s + STOP_REPLY_SLACK_S
+            AutoscalingStats(timeout_s), timeout_s + TIMEOUTS.stop_reply_slack_s
         )
         return stats
 
@@ -214,10 +209,10 @@ class ProcessReplica:
         self.worker.stopping = True
         try:
             stop = StopReplica(wait_loop_s, timeout_s)
-            await self.worker.request(stop, timeout_s + STOP_REPLY_SLACK_S)
+            await self.worker.request(stop, timeout_s + TIMEOUTS.stop_reply_slack_s)
         except (ShoalError, TransportError) as exc:
             logger.debug("replica %s did not stop cleanly: %s", self.info.replica_id, exc)
-        await self.worker.wait_exit(EXIT_GRACE_S)
+        await self.worker.wait_exit(TIMEOUTS.worker_exit_s)
 
     def kill(self) -> None:
         self.worker.process.kill()

@@ -31,7 +31,7 @@ from typing import Any
 
 from shoal._config import TIMEOUTS, HTTPOptions
 from shoal._errors import ShoalError, TransportError
-from shoal._runtime.process.workers import EXIT_GRACE_S, WorkerProcess
+from shoal._runtime.process.workers import WorkerProcess
 from shoal._seam.specs import NodeProxy
 from shoal._transport.messages import (
     DrainProxy,
@@ -210,7 +210,7 @@ class NodeProxies:
             worker.stopping = True
             worker.process.kill()
             with contextlib.suppress(Exception):
-                await worker.wait_exit(EXIT_GRACE_S)
+                await worker.wait_exit(TIMEOUTS.worker_exit_s)
 
     async def _until_unhealthy(self, entry: _Entry, worker: WorkerProcess) -> str:
         """Return why, once ``worker`` died or its event loop did not answer a ping."""
