@@ -18,8 +18,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from shoal._config import TIMEOUTS
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-_TIMEOUT_S = 90.0  # above the server's own control-plane timeout, which answers 500 first
 
 
 def local_server() -> Any:
@@ -74,9 +75,10 @@ class AdminClient:
         self.token = os.environ.get("SHOAL_ADMIN_TOKEN") or _local_token(self.address)
 
     def request(
-        self, method: str, path: str, body: Any = None, timeout_s: float = _TIMEOUT_S
+        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
     ) -> Any:
-        """Send one request; the decoded JSON answer (None for an empty body)."""
+        """Send one request; the decoded JSON answer (None for an empty body). It waits
+        ``timeout_s`` at most (default ``TIMEOUTS.cli_call_s``)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json"}
         if data is not None:
@@ -89,8 +91,9 @@ class AdminClient:
         request = urllib.request.Request(
             self.address + path, data=data, headers=headers, method=method
         )
+        limit = TIMEOUTS.cli_call_s if timeout_s is None else timeout_s
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=limit) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             text = exc.read().decode(errors="replace").strip()

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from shoal._cli.client import AdminClient, is_local_server, local_server
+from shoal._config import TIMEOUTS
 
 APPLICATIONS = "/api/serve/applications/"
-_SHUTDOWN_WAIT_S = 60.0
 
 
 def _yaml(value: Any) -> str:
@@ -193,12 +193,12 @@ def shutdown(args: argparse.Namespace) -> None:
             raise SystemExit("shoal shutdown: cancelled")
     server = local_server()  # read first: the server removes its record as it stops
     client.request("POST", "/api/shoal/shutdown")
-    deadline = time.monotonic() + _SHUTDOWN_WAIT_S
+    deadline = time.monotonic() + TIMEOUTS.cli_shutdown_wait_s
     while client.answers():
         if time.monotonic() > deadline:
             raise SystemExit(
                 f"shoal shutdown: the instance at {client.address} still answers after "
-                f"{_SHUTDOWN_WAIT_S:g} s; check its log, or stop its process"
+                f"{TIMEOUTS.cli_shutdown_wait_s:g} s; check its log, or stop its process"
             )
         time.sleep(0.1)
     if is_local_server(server, client.address):
@@ -207,7 +207,7 @@ def shutdown(args: argparse.Namespace) -> None:
         if not wait_stopped(server, max(deadline - time.monotonic(), 1.0)):
             raise SystemExit(
                 f"shoal shutdown: the server process {server.pid} is still stopping after "
-                f"{_SHUTDOWN_WAIT_S:g} s; see {server.directory}/server.log"
+                f"{TIMEOUTS.cli_shutdown_wait_s:g} s; see {server.directory}/server.log"
             )
     print(f"shoal shutdown: the instance at {client.address} has stopped", flush=True)
 

@@ -73,6 +73,17 @@ class Timeouts(_Strict):
     autoscaling_policy_s: float = Field(1.0, gt=0)
     # A new proxy waits this long for its route table before answering without one.
     proxy_routes_wait_s: float = Field(5.0, gt=0)
+    # A replica's status_details() hook runs at most this (or a quarter of its health
+    # check's timeout, when shorter: a slow hook never fails a health check).
+    status_hook_s: float = Field(1.0, gt=0)
+    # Ray runtime: where a rejoining actor is (asked of Ray by a restarted controller);
+    # a node's proxy actor placed and started on its node.
+    ray_adopt_lookup_s: float = Field(5.0, gt=0)
+    ray_node_proxy_place_s: float = Field(30.0, gt=0)
+    # The CLI: one admin call (above admin_op_s, so that the server's 500 comes first);
+    # `shoal shutdown` until the instance has stopped.
+    cli_call_s: float = Field(90.0, gt=0)
+    cli_shutdown_wait_s: float = Field(60.0, gt=0)
 
 
 TIMEOUTS = Timeouts()

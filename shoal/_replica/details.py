@@ -30,6 +30,7 @@ from typing import Any
 from shoal._api.batch_metrics import describe
 from shoal._api.batching import batchers_of
 from shoal._api.multiplex import models_of
+from shoal._config import TIMEOUTS
 from shoal._json import to_jsonable
 
 #: The method a deployment class defines to report its own details.
@@ -38,15 +39,14 @@ HOOK = "status_details"
 ERROR_KEY = "status_details_error"
 #: The largest JSON a replica's details may take (beyond: an error is reported instead).
 MAX_DETAILS_BYTES = 16_384
-#: The longest the hook may run, and its share of the health check's timeout.
-MAX_HOOK_TIMEOUT_S = 1.0
+#: The hook's share of the health check's timeout (its longest: TIMEOUTS.status_hook_s).
 _HOOK_SHARE = 0.25
 
 
 def hook_timeout_s(health_check_timeout_s: float) -> float:
     """How long ``status_details()`` may run: 1 s, or a quarter of the health check's
     timeout when that is shorter, so a slow hook never fails a health check."""
-    return min(MAX_HOOK_TIMEOUT_S, _HOOK_SHARE * health_check_timeout_s)
+    return min(TIMEOUTS.status_hook_s, _HOOK_SHARE * health_check_timeout_s)
 
 
 class DetailsReporter:

@@ -49,14 +49,10 @@ logger = logging.getLogger("shoal.runtime")
 NAMESPACE = "shoal"
 #: How long Ray may take to place a replica's actor before it is listed as PENDING.
 PLACEMENT_REPORT_S = 2.0
-#: How long a restarted controller waits for Ray to say where an actor that rejoined is.
-_ADOPT_LOOKUP_S = 5.0
 # A restarted controller waits (TIMEOUTS.ray_rejoin_wait_s), past its adoption window,
 # for the actors Ray lists by name (its replicas and node proxies) to rejoin: those on
 # other nodes rejoin over TCP, a busy machine may take seconds, and one that comes late
 # is replaced.
-#: How long Ray may take to start a node's proxy actor on its node.
-_NODE_PROXY_PLACE_S = 30.0
 _PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 #: Connections tried through Ray Client (see ``_init_client``).
 _CLIENT_ATTEMPTS = 3
@@ -377,7 +373,7 @@ class RayRuntime(ProcessRuntime):
         )
         try:
             placed = asyncio.wrap_future(actor.where.remote().future())
-            pid, _ = await asyncio.wait_for(placed, _NODE_PROXY_PLACE_S)
+            pid, _ = await asyncio.wait_for(placed, TIMEOUTS.ray_node_proxy_place_s)
         except BaseException:
             self._ray.kill(actor, no_restart=True)
             raise
@@ -469,7 +465,7 @@ class RayRuntime(ProcessRuntime):
         actor = self._ray.get_actor(msg.worker_id, namespace=NAMESPACE)
         pid, node_id = msg.pid, msg.replica.node_id  # its worker says where it runs
         if not node_id:  # not said: ask the actor (blocks this loop, other rejoins wait)
-            pid, node_id = self._ray.get(actor.where.remote(), timeout=_ADOPT_LOOKUP_S)
+            pid, node_id = self._ray.get(actor.where.remote(), timeout=TIMEOUTS.ray_adopt_lookup_s)
         return actor_worker(msg.worker_id, ActorProcess(actor, pid, node_id, msg.worker_id))
 
     def _node_of(self, worker: WorkerProcess) -> str:
