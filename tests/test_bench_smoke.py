@@ -272,6 +272,14 @@ def test_process_roles_from_command_lines() -> None:
     procs = [subprocess.Popen([sys.executable, "-c", sleep, m, "arg"]) for m in modules]
     try:
         pids = [p.pid for p in procs]
+
+        def started() -> bool:  # a loaded CI once read one child's command line too early
+            return all(
+                m in Path(f"/proc/{pid}/cmdline").read_text()
+                for pid, m in zip(pids, modules, strict=True)
+            )
+
+        wait_until(started, 10, "the children's command lines")
         roles = process_roles(os.getpid(), pids)
     finally:
         for proc in procs:
