@@ -4,6 +4,7 @@ and the instance directories of drivers killed with ``kill -9``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -194,6 +195,22 @@ def test_a_replica_process_that_ends_by_itself_is_logged_with_how(
             lambda: logged("was killed by SIGKILL", second.replica_id), 30, "the signal logged"
         )
     serve.delete("exits")
+
+
+async def test_how_a_worker_ended_reads_its_exit_code_or_signal_and_not_an_adopted_ones() -> None:
+    from shoal._runtime.process.adopt import AdoptedProcess
+    from shoal._runtime.process.workers import WorkerProcess, ending
+
+    def ended(process: Any, code: int) -> WorkerProcess:
+        exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        exited.set_result(code)
+        return WorkerProcess("w", process, exited)
+
+    assert ending(ended(object(), 3)) == "exited with code 3"
+    assert ending(ended(object(), -signal.SIGKILL)) == "was killed by SIGKILL"
+    assert ending(ended(object(), -200)) == "was killed by signal 200"
+    # -1 is what an adopted process reports when it is gone: not SIGHUP.
+    assert "not known" in ending(ended(AdoptedProcess(os.getpid()), -1))
 
 
 # --- a blocked event loop -----------------------------------------------------------------

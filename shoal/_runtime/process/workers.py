@@ -16,6 +16,7 @@ from typing import Any
 
 from shoal._config import TIMEOUTS
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
+from shoal._runtime.process.adopt import AdoptedProcess
 from shoal._runtime.process.forks import exit_future
 from shoal._transport.connection import Connection
 from shoal._transport.failures import exception_from
@@ -73,17 +74,22 @@ async def reap_lost(worker: WorkerProcess, replica_ids: Sequence[str]) -> None:
         await worker.wait_exit(TIMEOUTS.worker_exit_s)
     if worker.stopping or not worker.exited.done() or worker.exited.cancelled():
         return
-    code = worker.exited.result()
-    how = f"exited with code {code}" if code >= 0 else f"was killed by {_signal_name(-code)}"
     hosted = f" (replica {', '.join(replica_ids)})" if replica_ids else ""
-    logger.warning("worker %s%s %s", worker.worker_id, hosted, how)
+    logger.warning("worker %s%s %s", worker.worker_id, hosted, ending(worker))
 
 
-def _signal_name(number: int) -> str:
+def ending(worker: WorkerProcess) -> str:
+    """How an ended worker ended: its exit code, or the signal that killed it (unknown
+    for one adopted after a restart: its exit status went to the process that started it)."""
+    if isinstance(worker.process, AdoptedProcess):
+        return "ended (adopted after a restart: its exit status is not known here)"
+    code = worker.exited.result()
+    if code >= 0:
+        return f"exited with code {code}"
     try:
-        return signal.Signals(number).name
+        return f"was killed by {signal.Signals(-code).name}"
     except ValueError:
-        return f"signal {number}"
+        return f"was killed by signal {-code}"
 
 
 async def ask(conn: Connection, msg: Message, timeout_s: float) -> Message:
