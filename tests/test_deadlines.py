@@ -37,8 +37,10 @@ DEADLINE_S = 0.3
 #: How late past its deadline a call may fail on a slow shared machine ("about the deadline",
 #: far from DONE_S: CI saw 0.7 s late under a load average of 10).
 LATE_S = 2.0
-#: "At once": a call that fails without being sent fails well within this.
-AT_ONCE_S = 0.1
+#: "At once": a call that fails without being sent fails well within this, far from DONE_S.
+#: Measured in a replica's thread, it includes the hops to the event loop and back: a
+#: loaded 2-core CI run saw 0.36 s (the thread waits for the GIL and the loop's turn).
+AT_ONCE_S = 1.0
 #: Generous bound for a request the test expects to finish.
 DONE_S = 10.0
 
