@@ -226,6 +226,41 @@ async def test_the_leader_rides_out_registry_errors_and_no_answer_follows_the_sw
     assert all(end <= promoted for _, end, version in calls if version == "1")
 
 
+async def test_a_starting_replica_syncs_only_from_a_replica_set_that_names_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A replica whose router has no replica set yet (a broadcast reaches nobody), or an
+    older one without it, must not take itself for the oldest: it waits for a set that
+    names it, then serves the oldest replica's version."""
+
+    async def load(ref: ModelRef) -> Slot:
+        return Slot(ref, ref.version)
+
+    old = RolloutEngine(Slot(ModelRef("m/1", "1"), "1"), load, RolloutPolicy(), "r1")
+    new = RolloutEngine(Slot(ModelRef("m/3", "3"), "3"), load, RolloutPolicy(), "r2")
+    # What the new replica's router knows, one broadcast after another (then the last).
+    known: list[dict[str, RolloutEngine]] = [{}, {}, {"r1": old}, {"r1": old, "r2": new}]
+    asked: list[int] = []
+
+    async def peers(method: str, *args: Any) -> dict[str, Any]:
+        assert method == "rollout_state"
+        engines = known.pop(0) if len(known) > 1 else known[0]
+        asked.append(len(engines))
+        return {replica: engine.state() for replica, engine in engines.items()}
+
+    async def resolve() -> ModelRef:
+        return ModelRef("m/3", "3")  # the alias names a version the peers do not serve
+
+    coordinator = Coordinator(new, peers, resolve, "models:/m@a", poll_interval_s=0.01,
+                              load_timeout_s=5)  # fmt: skip
+    with caplog.at_level(logging.WARNING, "shoal.integrations.rollout"):
+        await coordinator.tick()  # a poll before any set: nothing to lead, nothing to log
+        await coordinator.sync_from_peers()
+    assert asked == [0, 0, 1, 2]
+    assert new.active.version == "1"
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
 # ------------------------------------------------------------------ serving, in-process
 
 
@@ -280,10 +315,35 @@ def test_several_registry_models_in_one_application(registry: Registry) -> None:
         assert {"tiny_v1", "tiny_v2", "Compare"} <= set(deployments)
 
 
+class _VersionOneGate:
+    """Holds a replica's load of version 1 while closed (see the test below)."""
+
+    open = threading.Event()
+    loading = threading.Event()  # a load of version 1 waits at the gate
+    calls: dict[str, int] = {}  # replica id -> predictions asked of it
+
+
+@serve.deployment(max_ongoing_requests=16)
+class GatedModel(MLflowModel.func_or_class):  # type: ignore[misc, name-defined]
+    """MLflowModel whose loads of version 1 wait for ``_VersionOneGate.open``."""
+
+    async def _load_slot(self, ref: ModelRef) -> Slot:
+        if ref.version == "1" and not _VersionOneGate.open.is_set():
+            _VersionOneGate.loading.set()
+            await asyncio.to_thread(_VersionOneGate.open.wait, TIMEOUT_S)
+        return await super()._load_slot(ref)
+
+    async def predict_with_metadata(self, data: Any, params: Any = None) -> dict[str, Any]:
+        replica = self.engine.replica_id
+        _VersionOneGate.calls[replica] = _VersionOneGate.calls.get(replica, 0) + 1
+        return await super().predict_with_metadata(data, params)
+
+
 def test_shadow_rolls_back_an_incompatible_version_and_canary_promotes_a_good_one(
     registry: Registry,
 ) -> None:
     registry.point("1")
+    _VersionOneGate.open.set()
     policy = RolloutPolicy(
         shadow_requests=8, min_agreement=0.5, canary_fraction=0.5, canary_requests=8,
         check_interval_s=0.05,
@@ -291,7 +351,7 @@ def test_shadow_rolls_back_an_incompatible_version_and_canary_promotes_a_good_on
 
     def run(replicas: int) -> Any:
         # version=: the same code, so a new num_replicas scales instead of replacing replicas
-        app = MLflowModel.options(num_replicas=replicas, version="1").bind(
+        app = GatedModel.options(num_replicas=replicas, version="1").bind(
             "models:/tiny@champion", tracking_uri=registry.tracking_uri, poll_interval_s=0.1,
             rollout=policy,
         )  # fmt: skip
@@ -314,11 +374,19 @@ def test_shadow_rolls_back_an_incompatible_version_and_canary_promotes_a_good_on
         assert rollback["action"] == "rollback"
         assert re.match(r"shadow: (\d+) of \1 requests failed on it", rollback["reason"]), rollback
         assert set(served) == {"1"}  # the candidate never answered a caller
-        # A replica that starts now resolves the alias to version 3, but takes its peers' version.
+        # A replica that starts now resolves the alias to version 3, but takes its peers'
+        # version, and answers nobody until it serves it: not while the leader's sync
+        # loads it (held at the gate here), which may start before its first request.
+        _VersionOneGate.open.clear()
+        _VersionOneGate.loading.clear()
+        before = dict(_VersionOneGate.calls)
         handle = run(2)
-        for _ in range(20):
-            answer = handle.predict_with_metadata.remote(ROWS).result(timeout_s=TIMEOUT_S)
-            served.append(answer["model"]["version"])
+        assert _VersionOneGate.loading.wait(TIMEOUT_S), "nobody loaded version 1 on the new replica"
+        answers = [handle.predict_with_metadata.remote(ROWS) for _ in range(20)]
+        wait_until(lambda: set(_VersionOneGate.calls) - set(before), TIMEOUT_S,
+                   "a request reaching the new replica")  # fmt: skip
+        _VersionOneGate.open.set()
+        served += [a.result(timeout_s=TIMEOUT_S)["model"]["version"] for a in answers]
         status = handle.rollout_status.remote().result(timeout_s=TIMEOUT_S)
         assert [r["version"] for r in status["replicas"].values()] == ["1", "1"]
         assert set(served) == {"1"}
@@ -333,6 +401,7 @@ def test_shadow_rolls_back_an_incompatible_version_and_canary_promotes_a_good_on
         ]  # fmt: skip
         assert handle.predict_with_metadata.remote(ROWS).result()["model"]["version"] == "2"
     finally:
+        _VersionOneGate.open.set()
         serve.delete("policy")
         registry.point("1")
 

@@ -34,6 +34,8 @@ logger = logging.getLogger("shoal.integrations.rollout")
 Peers = Callable[..., Awaitable[dict[str, Any]]]  # (method, *args) -> {replica_id: reply}
 
 _ATTEMPTS = 3
+#: How often a starting replica asks again for the replica set its router knows.
+_SET_POLL_S = 0.05
 
 
 class _Superseded(Exception):
@@ -84,6 +86,8 @@ class Coordinator:
 
     async def tick(self) -> None:
         states = await self._states()
+        if self.engine.replica_id not in states:
+            return  # this replica's router has not had a replica set naming it yet: next poll
         leader = min(states.values(), key=lambda s: (s["started_at"], s["replica"]))
         if leader["replica"] != self.engine.replica_id:
             return
@@ -104,9 +108,14 @@ class Coordinator:
         """For a replica that just started: adopt the history and version of the oldest replica.
 
         The oldest is the leader, whose version is the deployment's; if that is
-        this replica, there is nothing newer to learn from the others.
+        this replica, there is nothing newer to learn from the others. Waits (at most
+        ``control_timeout_s``, then TimeoutError) until this replica's router knows a
+        replica set that names it: a set without it (none yet, in a process whose router
+        has just started) could make it take itself for the oldest.
         """
-        states = await self._states()
+        async with asyncio.timeout(self.control_timeout_s):
+            while self.engine.replica_id not in (states := await self._states()):
+                await asyncio.sleep(_SET_POLL_S)
         oldest = min(states.values(), key=lambda s: (s["started_at"], s["replica"]))
         if oldest["replica"] == self.engine.replica_id:
             return

@@ -229,8 +229,12 @@ class MLflowModel:
 
     async def rollout_sync(self, serving: ModelRef, history: list[dict[str, Any]]) -> str:
         self.engine.merge_history(history)
+        version = await self.engine.activate(serving)
+        # Synced only once the leader's version serves: a request arriving while it loads
+        # syncs itself (and waits for that same load), never answering with the version
+        # this replica resolved at start (which may be one the leader rolled back).
         self._synced = True
-        return await self.engine.activate(serving)
+        return version
 
     # --- HTTP --------------------------------------------------------------------------
 
