@@ -526,3 +526,52 @@ def test_updating_a_deployment_that_holds_every_cpu_does_not_wait_for_itself(
     assert handle.remote().result(timeout_s=10) == "running"
     [replica] = serve.status().applications[name].deployments["Holder"].replicas
     assert replica.state == "RUNNING"
+
+
+_START_AGAIN_DRIVER = textwrap.dedent(
+    """
+    import logging, sys
+    from shoal import serve
+
+    port = int(sys.argv[1])
+    said = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("serve.start()"):
+                said.append(record.getMessage())
+
+    logging.getLogger("shoal").addHandler(Keep())
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, admin_options={"enabled": False},
+                logging_config={"log_level": "DEBUG"}, metrics_options={"enabled": False})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, admin_options={"enabled": False},
+                logging_config={"log_level": "DEBUG"}, metrics_options={"enabled": False})
+    print("same", said)
+    said.clear()
+    serve.start()
+    print("none", said)
+    said.clear()
+    serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"},
+                metrics_options={"enabled": True}, tracing_options={"enabled": False})
+    print("differ", said)
+    serve.shutdown()
+    """
+)
+
+
+def test_starting_again_names_each_option_it_cannot_apply(tmp_path: Path) -> None:
+    """serve.start() while shoal runs applies nothing new: each option given that differs
+    from the running instance's is named in one warning (tracing off is what runs);
+    the same options, or none, say nothing."""
+    script = tmp_path / "driver.py"
+    script.write_text(_START_AGAIN_DRIVER)
+    result = subprocess.run(
+        [sys.executable, str(script), str(free_port())], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "same []" in lines and "none []" in lines, lines
+    [differ] = [line for line in lines if line.startswith("differ")]
+    assert "ignoring proxy_location, logging_config, metrics_options (" in differ, differ
+    assert differ.count("serve.start()") == 1 and "serve.shutdown() first" in differ

@@ -503,6 +503,9 @@ def test_a_second_python_process_attaches_and_deploys(server: ServerInfo, tmp_pa
         """
         from shoal import serve
 
+        # Attached: the server's options apply; each one given here is named as ignored.
+        serve.start(http_options={"port": 1}, logging_config={"log_level": "DEBUG"},
+                    metrics_options={"enabled": False})
         status = serve.status()
         assert status.applications["greet"].status == "RUNNING", status
         handle = serve.get_app_handle("greet")
@@ -518,6 +521,8 @@ def test_a_second_python_process_attaches_and_deploys(server: ServerInfo, tmp_pa
         """
     )
     result = run_driver(tmp_path, driver)
+    ignored = "ignoring http_options, logging_config, metrics_options ("
+    assert result.stderr.count(ignored) == 1, result.stderr
     assert "ingress Greeter" in result.stdout
     assert "echo hi" in result.stdout
     # The driver has exited: its application keeps running in the server.

@@ -42,6 +42,7 @@ from shoal._errors import (
 )
 from shoal._instance import arguments
 from shoal._instance.instance import Instance
+from shoal._observe.options import Telemetry
 from shoal._router.router import RouterRegistry
 from shoal._runtime.loop import wait_responsive
 from shoal._seam.specs import AppSpec
@@ -104,23 +105,22 @@ def start(
     grpc = arguments.grpc_options(grpc_options)
     admin = arguments.admin_options(admin_options)
     telemetry = arguments.telemetry_options(metrics_options, tracing_options, logging_config)
+    given = {
+        "proxy_location": proxy_location, "http_options": http_options,
+        "grpc_options": grpc_options, "logging_config": logging_config,
+        "resources": resources, "admin_options": admin_options,
+        "metrics_options": metrics_options, "tracing_options": tracing_options,
+        "address": address, "runtime": None if runtime == "process" else runtime,
+    }  # fmt: skip
     with _lock:
         instance = _instances.get("process")
         if instance is None and _attach and _attach_to_server():
-            asked = {
-                "http_options": http_options,
-                "grpc_options": grpc_options,
-                "address": address,
-                "runtime": None if runtime == "process" else runtime,
-            }
-            for name in (name for name, given in asked.items() if given is not None):
-                logger.warning("serve.start(): attached to the running shoal server, whose "
-                               "proxy options apply; ignoring %s", name)  # fmt: skip
+            _warn_ignored(_ATTACHED, given)
             return
         if instance is not None:
-            if instance.kind == "process":
-                asked_grpc = None if grpc_options is None else grpc
-                _check_same_start(instance, settings, options, asked_grpc)
+            asked_http = None if http_options is None else options
+            asked_grpc = None if grpc_options is None else grpc
+            _start_again(instance, Asked(settings, asked_http, asked_grpc, telemetry, admin, given))
             return
         http = None if settings.proxy_location == "Disabled" else options
         _instances["process"] = Instance(
@@ -143,11 +143,12 @@ def serve_admin() -> None:
 def _check_same_start(
     instance: Instance,
     settings: ServeStartOptions,
-    http: HTTPOptions,
+    http: HTTPOptions | None,
     grpc: gRPCOptions | None,
 ) -> None:
     """serve.start() again while ``instance`` runs: a ConfigError for options that need
-    a restart (runtime, resources); a warning for HTTP or gRPC options that differ."""
+    a restart (runtime, resources); a warning for HTTP or gRPC options given that
+    differ (None: not given)."""
     if settings.runtime != instance.options.runtime:
         raise ConfigError(
             f"shoal is already running with runtime={instance.options.runtime!r}; "
@@ -158,10 +159,59 @@ def _check_same_start(
             f"shoal is already running with resources={instance.options.resources}; "
             "call serve.shutdown() first to declare other resources"
         )
-    if http != instance.http:
+    if http is not None and http != instance.http:
         logger.warning("shoal is already running with HTTP %s; ignoring new options", instance.http)
     if grpc is not None and grpc != instance.grpc:
         logger.warning("shoal is already running with gRPC %s; ignoring new options", instance.grpc)
+
+
+_ATTACHED = "attached to the running shoal server, whose options apply"
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What a serve.start() call asked for, validated (``http``, ``grpc``: None when not
+    given); ``given``: each option as passed (None: not given)."""
+
+    settings: ServeStartOptions
+    http: HTTPOptions | None
+    grpc: gRPCOptions | None
+    telemetry: Telemetry
+    admin: AdminOptions
+    given: dict[str, Any]
+
+
+def _start_again(instance: Instance, asked: Asked) -> None:
+    """serve.start() while ``instance`` runs: nothing starts. A ConfigError for options
+    that need a restart; every other option given that differs from the instance's
+    named in one warning."""
+    if instance.kind != "process":  # attached earlier: the server's options apply
+        _warn_ignored(_ATTACHED, asked.given)
+        return
+    _check_same_start(instance, asked.settings, asked.http, asked.grpc)
+    running, telemetry = instance.telemetry, asked.telemetry
+    differ = {
+        "proxy_location": asked.settings.proxy_location != instance.options.proxy_location,
+        "logging_config": telemetry.logging.model_dump(exclude={"directory"})
+        != running.logging.model_dump(exclude={"directory"}),
+        "metrics_options": telemetry.metrics != running.metrics,
+        "tracing_options": telemetry.tracing != running.tracing,
+        "admin_options": asked.admin != instance.admin_options,
+    }
+    ignored = {name: asked.given[name] for name, changed in differ.items() if changed}
+    _warn_ignored("shoal is already running", ignored)
+
+
+def _warn_ignored(why: str, given: dict[str, Any]) -> None:
+    """One warning naming the options of serve.start() that do not apply (none given:
+    nothing to say)."""
+    names = [name for name, value in given.items() if value is not None]
+    if names:
+        logger.warning(
+            "serve.start(): %s; ignoring %s (they apply when shoal starts: serve.shutdown() "
+            "first, or `shoal shutdown` for a server, to start it with them)",
+            why, ", ".join(names),
+        )  # fmt: skip
 
 
 def _attach_to_server() -> bool:
