@@ -471,7 +471,9 @@ def test_a_port_taken_by_another_socket_fails_the_deploy_naming_it(app_name: str
     assert "direct_ingress_port" in message
     assert "the direct ingress listener of deployment 'Who' failed" in message
     assert "http_options" not in message and "constructor" not in message
-    assert app_name not in _apps()
+    failed = serve.status().applications[app_name]  # listed with why; nothing of it runs
+    assert (failed.status, failed.deployments) == ("DEPLOY_FAILED", {})
+    assert str(port) in failed.message
 
 
 def test_a_failed_redeploy_to_a_taken_port_keeps_the_old_port_serving(app_name: str) -> None:

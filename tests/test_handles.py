@@ -288,6 +288,11 @@ def test_failing_constructor_fails_the_deploy_and_leaves_nothing(
     else:
         assert isinstance(info.value, serve.DeploymentError)
         assert "Traceback" in str(info.value)
+    # Nothing of it runs; it is listed as failed, with why, until deleted (as in Ray Serve).
+    failed = serve.status().applications["broken"]
+    assert (failed.status, failed.deployments) == ("DEPLOY_FAILED", {})
+    assert "cannot load weights" in failed.message
+    serve.delete("broken")
     assert "broken" not in serve.status().applications
 
 

@@ -259,6 +259,11 @@ class BrokenStartup:
 def test_lifespan_startup_failure_fails_the_deployment(http_port: int) -> None:
     with pytest.raises(serve.DeploymentError, match="database unreachable"):
         serve.run(BrokenStartup.bind(), name="broken-startup", route_prefix="/broken")
+    # Listed as failed, with why, and nothing of it running, until deleted (as in Ray Serve).
+    failed = serve.status().applications["broken-startup"]
+    assert (failed.status, failed.deployments) == ("DEPLOY_FAILED", {})
+    assert "database unreachable" in failed.message
+    serve.delete("broken-startup")
     assert "broken-startup" not in serve.status().applications
 
 

@@ -9,13 +9,16 @@ Each test follows Ray Serve's documented (or source-defined) behaviour:
 - a replica is replaced after 3 consecutive failed health checks
   (``REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD``), not after one;
 - ``/-/healthz`` answers 503 with Ray's texts until a route table was installed
-  and while the proxy drains, 200 "success" otherwise.
+  and while the proxy drains, 200 "success" otherwise;
+- ``serve.run_many(..., wait_for_applications_running=False)`` returns before the
+  applications run (once their ingress deployments exist, by default).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,59 @@ from conftest import Deploy, Driver, start_early, wait_until
 from fastapi import FastAPI
 
 from shoal import serve
+
+# --- run_many's waits --------------------------------------------------------------------------
+
+
+@serve.deployment
+class GatedStart:
+    async def __init__(self, gate: str, fail: bool = False) -> None:
+        path, deadline = Path(gate), time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:  # until the test opens it
+            await asyncio.sleep(0.02)
+        if fail:
+            raise ValueError("the constructor failed after the gate")
+
+    def __call__(self) -> str:
+        return "up"
+
+
+@pytest.mark.parametrize("runtime", ["inprocess", "process"])
+def test_run_many_returns_before_the_applications_run_when_told_not_to_wait(
+    runtime: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    local = runtime == "inprocess"
+    if not local:
+        request.getfixturevalue("http_port")
+    gate = tmp_path / "gate"
+    names = [f"t{os.getpid()}-gated-{runtime}", f"t{os.getpid()}-gated-fails-{runtime}"]
+    targets = [
+        serve.RunTarget(GatedStart.bind(str(gate)), name=names[0], route_prefix=None),
+        serve.RunTarget(GatedStart.bind(str(gate), True), name=names[1], route_prefix=None),
+    ]
+    try:
+        handle, _ = serve.run_many(
+            targets, wait_for_applications_running=False, _local_testing_mode=local
+        )
+        applications = serve.status().applications
+        for name in names:  # created (the default wait), not running: the gate is shut
+            assert applications[name].status == "DEPLOYING", applications[name]
+            assert "GatedStart" in applications[name].deployments
+        response = handle.remote()  # waits for the replica
+        gate.touch()
+        assert response.result(timeout_s=60) == "up"
+
+        def failed() -> str | None:
+            app = serve.status().applications[names[1]]
+            return app.message if app.status == "DEPLOY_FAILED" else None
+
+        assert "the constructor failed after the gate" in wait_until(failed, 60, "the failure")
+        assert serve.status().applications[names[0]].status == "RUNNING"
+    finally:
+        gate.touch()
+        for name in names:
+            serve.delete(name)
+
 
 # --- constructors ------------------------------------------------------------------------------
 

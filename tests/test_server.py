@@ -537,6 +537,44 @@ def test_a_second_python_process_attaches_and_deploys(server: ServerInfo, tmp_pa
     assert "['greet']" in run_driver(tmp_path, remover).stdout
 
 
+def test_a_failed_first_serve_run_is_listed_until_deleted_or_left_out_of_a_config(
+    server: ServerInfo, tmp_path: Path
+) -> None:
+    """As in Ray Serve: the application is DEPLOY_FAILED, with why, and nothing of it runs;
+    a DELETE removes it, and so does applying a config that does not list it."""
+    driver = textwrap.dedent(
+        """
+        import sys
+        from shoal import serve
+
+        @serve.deployment
+        class Broken:
+            def __init__(self):
+                raise ValueError("no weights here")
+
+        for name in sys.argv[2:]:
+            try:
+                serve.run(Broken.bind(), name=name, route_prefix=None)
+            except serve.DeploymentError:
+                print("failed", name)
+        """
+    )
+    assert "failed broken-1" in run_driver(tmp_path, driver, "broken-1", "broken-2").stdout
+    for name in ("broken-1", "broken-2"):
+        app = app_details(server)["applications"][name]
+        assert (app["status"], app["deployments"]) == ("DEPLOY_FAILED", {})
+        assert "no weights here" in app["message"]
+    deleted = httpx.delete(f"{server.admin_url}/api/serve/applications/broken-1", timeout=30)
+    assert deleted.status_code == 200
+    assert "broken-1" not in app_details(server)["applications"]
+    (tmp_path / "greeter.py").write_text(APP_SOURCE)
+    assert _put(server, _config(tmp_path)).status_code == 200
+    app_running(server, "greet")
+    assert "broken-2" not in app_details(server)["applications"]
+    httpx.delete(f"{server.admin_url}/api/serve/applications/", timeout=30)
+    wait_until(lambda: not app_details(server)["applications"], 30, "all deleted")
+
+
 def test_sigterm_stops_the_server_in_order(shared_server: list[Any], tmp_path: Path) -> None:
     home, info = shared_server
     (tmp_path / "greeter.py").write_text(APP_SOURCE)

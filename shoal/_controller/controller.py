@@ -69,6 +69,7 @@ class _App:
     # The direct ingress port a redeploy moves away from: its old replicas listen there
     # until the deploy ends (stopped, or kept by a rollback), so no other app may take it.
     leaving_port: int | None = None
+    deleted: bool = False  # a delete asked for it: a failing first deploy is not listed
 
 
 class Controller:
@@ -79,6 +80,9 @@ class Controller:
         self.registry = registry
         self.ledger = ledger
         self.apps: dict[str, _App] = {}
+        #: New applications whose first deploy failed: listed DEPLOY_FAILED, with why,
+        #: until deployed again or deleted (as Ray Serve lists them); nothing of them runs.
+        self.failed: dict[str, ApplicationStatusOverview] = {}
         #: Ray Serve's target_capacity (percent of every deployment's replicas; None: 100).
         self.target_capacity: float | None = None
         self.proxy: ProxyStatus | None = None
@@ -217,6 +221,7 @@ class Controller:
     async def _deploy_locked(self, spec: AppSpec) -> None:
         self._check_route(spec)
         spec = self._with_direct_ingress(spec)
+        self.failed.pop(spec.name, None)
         app = self.apps.get(spec.name)
         is_new = app is None
         if app is None:
@@ -233,6 +238,10 @@ class Controller:
             app.message = failure_message(exc) or "the deploy was cancelled (serve.run timed out)"
             if is_new:
                 await self._teardown(app)
+                if not app.deleted:
+                    self.failed[spec.name] = ApplicationStatusOverview(
+                        app.status, app.message, spec.route_prefix, time.time()
+                    )
             else:
                 app.spec = previous
                 await self._roll_back(app)
@@ -415,10 +424,14 @@ class Controller:
         runtime's cluster to place them) give up: a deploy waiting on them fails."""
         existed = self.apps.get(name)
         if existed is not None:
+            existed.deleted = True
             for state in existed.deployments.values():
                 state.abort_pending(f"application '{name}' was deleted while its replicas waited")
 
     async def delete(self, name: str) -> None:
+        if self.failed.pop(name, None) is not None and name not in self.apps:
+            self.on_change()
+            return
         existed = self.apps.get(name)
         self.abort_pending(name)  # a deploy waiting for resources gives up, releasing the lock
         async with self._lock(name):
@@ -501,7 +514,7 @@ class Controller:
         )
 
     def status(self) -> ServeStatus:
-        apps = {}
+        apps = dict(self.failed)
         for name, app in self.apps.items():
             deployments = {n: d.overview() for n, d in app.deployments.items()}
             status = app.status

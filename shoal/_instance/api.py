@@ -9,9 +9,12 @@ loop thread on which its controller and routers run.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ from shoal._api.deployment import Application
 from shoal._api.graph import build_app
 from shoal._api.handle import DeploymentHandle
 from shoal._config import (
+    TIMEOUTS,
     AdminOptions,
     HTTPOptions,
     LoggingConfig,
@@ -52,6 +56,8 @@ logger = logging.getLogger("shoal")
 
 _instances: dict[str, Instance] = {}
 _lock = threading.RLock()
+#: How often serve.run_many(wait_for_applications_running=False) looks for the ingress.
+_CREATED_POLL_S = 0.05
 
 
 def start(
@@ -300,14 +306,18 @@ def run_many(
 ) -> list[DeploymentHandle]:
     """Deploy several applications; return their ingress handles, in order (Ray Serve's API).
 
-    Every target is checked before any deploys; then they deploy side by side. Deploys
-    always wait until the applications run, whatever the ``wait_for_*`` flags say.
+    Every target is checked before any deploys; then they deploy side by side.
+    ``wait_for_applications_running=False`` returns once the deploy has started (with
+    ``wait_for_ingress_deployment_creation``, once each application's ingress deployment
+    exists), not once every replica is ready: a call on a handle then waits for a
+    replica, and a failure is logged and shown by ``serve.status()`` instead of raised.
     """
     if not targets:
         raise ConfigError("No applications provided.")
     for target in targets:
         _check_target(target)
-    handles = _deploy_all(targets, _local_testing_mode)
+    waits = _Waits(wait_for_applications_running, wait_for_ingress_deployment_creation)
+    handles = _deploy_all(targets, _local_testing_mode, waits)
     if blocking:
         _block_until_interrupted()
     return handles
@@ -353,13 +363,31 @@ def _prepare(target: RunTarget, local: bool) -> tuple[Instance, AppSpec, str | N
     return instance, spec, previous
 
 
-def _deploy_all(targets: Sequence[RunTarget], local: bool) -> list[DeploymentHandle]:
+@dataclass(frozen=True)
+class _Waits:
+    """What a deploy waits for: every application running, or else (``created``) each
+    application's ingress deployment existing, or nothing."""
+
+    running: bool = True
+    created: bool = True
+
+
+def _deploy_all(
+    targets: Sequence[RunTarget], local: bool, waits: _Waits = _Waits()
+) -> list[DeploymentHandle]:
     """Deploy ``targets`` side by side (each is checked before any deploys); their ingress
-    handles, in order. If some fail, the others still deploy; the first failure is raised."""
+    handles, in order. If some fail, the others still deploy; the first failure is raised
+    (only if ``waits.running``: see :func:`run_many`)."""
     prepared = [_prepare(target, local) for target in targets]
     instance = prepared[0][0]
+    specs = [spec for _instance, spec, _previous in prepared]
     try:
-        instance.deploy_many([spec for _instance, spec, _previous in prepared])
+        if waits.running:
+            instance.deploy_many(specs)
+        else:
+            deploying = instance.deploy_many(specs, wait=False)
+            if waits.created and deploying is not None:
+                _wait_created(instance, specs, deploying)
     except DeploymentError as exc:
         # The frames of shoal's loop thread say nothing to the user; the cause has theirs.
         raise exc.with_traceback(None) from exc.__cause__
@@ -371,6 +399,29 @@ def _deploy_all(targets: Sequence[RunTarget], local: bool) -> list[DeploymentHan
             _forget_handles(spec.name)
         handles.append(_cached_handle(instance.registry, spec.name, spec.ingress))
     return handles
+
+
+def _wait_created(instance: Instance, specs: list[AppSpec], deploying: Future[None]) -> None:
+    """Return once every application of ``specs`` lists its ingress deployment (raise the
+    deploy's failure if it ends first; DeploymentError after the deploy timeout)."""
+    deadline = time.monotonic() + TIMEOUTS.deploy_s
+    while True:
+        applications = instance.status().applications
+        if all(
+            spec.name in applications and spec.ingress in applications[spec.name].deployments
+            for spec in specs
+        ):
+            return
+        if deploying.done():
+            deploying.result()  # its failure, if any
+            return
+        if time.monotonic() > deadline:
+            raise DeploymentError(
+                f"the ingress deployments of {', '.join(s.name for s in specs)} were not "
+                f"created within {TIMEOUTS.deploy_s:g} s; see serve.status()"
+            )
+        with contextlib.suppress(TimeoutError):
+            deploying.result(_CREATED_POLL_S)
 
 
 def _block_until_interrupted() -> None:
@@ -387,7 +438,8 @@ def delete(name: str, _blocking: bool = True) -> None:
     """
     _forget_handles(name)
     for instance in _running():
-        if name in instance.app_names():
+        # (or only listed: a new application whose first deploy failed)
+        if name in instance.app_names() or name in instance.status().applications:
             instance.delete(name)
             return
     logger.info("serve.delete(%r): there is no application of that name", name)

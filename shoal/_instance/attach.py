@@ -17,11 +17,13 @@ import logging
 import os
 import pickle
 import uuid
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from shoal._config import TIMEOUTS
 from shoal._controller.status import ServeStatus
 from shoal._errors import NotFoundError, ShoalError
+from shoal._instance.background import logged_failure
 from shoal._instance.home import ServerInfo
 from shoal._observe.metrics.reporter import REPORTER
 from shoal._router.router import RouterRegistry
@@ -146,18 +148,19 @@ class AttachedInstance:
         REPORTER.connect(asyncio.get_running_loop(), source, lambda r: routing.send(0, r))
 
     def _call(self, msg: Message, timeout_s: float = TIMEOUTS.admin_call_s) -> Any:
-        async def call() -> Any:
-            if self._admin is None or self._admin.closed:
-                raise ShoalError(
-                    f"the shoal server (pid {self.info.pid}) is gone; start one with "
-                    "`shoal start`, or call serve.shutdown() to run embedded again"
-                )
-            reply = await self._admin.request(msg, timeout_s)
-            if isinstance(reply, Failure):
-                raise exception_from(reply)
-            return reply.value  # type: ignore[attr-defined]
+        return self.thread.run(self._ask(msg, timeout_s), timeout_s + 5)
 
-        return self.thread.run(call(), timeout_s + 5)
+    async def _ask(self, msg: Message, timeout_s: float) -> Any:
+        """The server's answer to ``msg`` (its Failure raised), on the attach loop."""
+        if self._admin is None or self._admin.closed:
+            raise ShoalError(
+                f"the shoal server (pid {self.info.pid}) is gone; start one with "
+                "`shoal start`, or call serve.shutdown() to run embedded again"
+            )
+        reply = await self._admin.request(msg, timeout_s)
+        if isinstance(reply, Failure):
+            raise exception_from(reply)
+        return reply.value  # type: ignore[attr-defined]
 
     def app_names(self) -> list[str]:
         return list(self._call(AttachApps()))
@@ -173,11 +176,17 @@ class AttachedInstance:
     def deploy(self, spec: AppSpec) -> None:
         self.deploy_many([spec])
 
-    def deploy_many(self, specs: list[AppSpec]) -> None:
-        """Deploy ``specs`` side by side in the server; raises the first failure."""
+    def deploy_many(self, specs: list[AppSpec], wait: bool = True) -> Future[None] | None:
+        """Deploy ``specs`` side by side in the server; raises the first failure.
+        ``wait=False``: returns at once the future of that deploy (as ``Instance``'s)."""
         import cloudpickle
 
-        self._call(AttachDeploy(cloudpickle.dumps(specs)), TIMEOUTS.deploy_s)
+        message = AttachDeploy(cloudpickle.dumps(specs))
+        if not wait:
+            deploying = self.thread.submit(self._ask(message, TIMEOUTS.deploy_s))
+            return logged_failure(deploying, specs)
+        self._call(message, TIMEOUTS.deploy_s)
+        return None
 
     def delete(self, name: str) -> None:
         self._call(AttachDelete(name))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from shoal._config import (
 from shoal._controller.controller import Controller
 from shoal._controller.resources import Capacity, Ledger, UnaccountedLedger
 from shoal._controller.status import ServeStatus
+from shoal._instance.background import logged_failure
 from shoal._instance.checkpoint import Checkpoint, DesiredState
 from shoal._observe.options import Telemetry
 from shoal._observe.process import configure_process
@@ -173,9 +175,14 @@ class Instance:
     def deploy(self, spec: AppSpec) -> None:
         self.deploy_many([spec])
 
-    def deploy_many(self, specs: list[AppSpec]) -> None:
-        """Deploy ``specs`` side by side; raises the first failure once all have finished."""
+    def deploy_many(self, specs: list[AppSpec], wait: bool = True) -> Future[None] | None:
+        """Deploy ``specs`` side by side; raises the first failure once all have finished.
+        ``wait=False``: returns at once the future of that deploy (its failure is also
+        logged, and the applications' status says it)."""
+        if not wait:
+            return logged_failure(self.thread.submit(self.deploy_many_async(specs)), specs)
         self.run(self.deploy_many_async(specs))
+        return None
 
     async def deploy_many_async(self, specs: list[AppSpec]) -> None:
         results = await asyncio.gather(

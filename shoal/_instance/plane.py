@@ -103,17 +103,19 @@ class InstanceControlPlane:
         self._dropped.discard(name)
         self._waiting.pop(name, None)
         self._listed.discard(name)  # an apply still building it deploys it no more
-        if name in self._instance.controller.apps:
-            await self._instance.controller.delete(name)
+        controller = self._instance.controller
+        if name in controller.apps or name in controller.failed:
+            await controller.delete(name)
 
     async def delete_all(self) -> None:
         self._waiting.clear()
         self._dropped.clear()
         self._configs.clear()
         self._listed = set()  # an apply still building deploys nothing more
+        controller = self._instance.controller
+        controller.failed.clear()
         await asyncio.gather(
-            *(self._instance.controller.delete(n) for n in list(self._instance.controller.apps)),
-            return_exceptions=True,
+            *(controller.delete(n) for n in list(controller.apps)), return_exceptions=True
         )
 
     def details(self) -> dict[str, Any]:
@@ -223,6 +225,8 @@ class InstanceControlPlane:
             controller = self._instance.controller
             controller.set_target_capacity(config.target_capacity)
             names = {app.name for app in config.applications}
+            for name in [n for n in controller.failed if n not in names]:
+                del controller.failed[name]  # a failed serve.run's, listed: not in the set
             for name in [n for n in controller.apps if n not in names]:
                 if name not in self._configs and name not in self._dropped:
                     logger.warning("deleting application '%s' (deployed with serve.run): the "

@@ -47,6 +47,10 @@ class LoopThread:
             future.cancel()
             raise RequestTimeoutError(f"operation did not finish within {timeout_s} s") from None
 
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coro`` on the loop; its future (not waited for here)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancel leftover tasks, stop the loop and join the thread."""
 
