@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import Deploy
 
 from shoal import serve
@@ -24,3 +25,10 @@ def test_handle_options_chains_compare_equal(deploy: Deploy) -> None:
     assert handle.shout != handle
     assert len({handle.shout, handle.options(method_name="shout"), handle}) == 2
     assert handle.shout.remote("ann").result() == "HELLO ann"
+
+
+def test_the_new_handle_api_is_accepted_and_the_old_one_refused_by_name(deploy: Deploy) -> None:
+    handle = deploy(Greeter.bind())
+    assert handle.options(use_new_handle_api=True).remote("ann").result() == "hello ann"
+    with pytest.raises(serve.ConfigError, match=r"use_new_handle_api=False.*DeploymentHandle"):
+        handle.options(use_new_handle_api=False)

@@ -11,7 +11,8 @@ Each test follows Ray Serve's documented (or source-defined) behaviour:
 - ``/-/healthz`` answers 503 with Ray's texts until a route table was installed
   and while the proxy drains, 200 "success" otherwise;
 - ``serve.run_many(..., wait_for_applications_running=False)`` returns before the
-  applications run (once their ingress deployments exist, by default).
+  applications run (once their ingress deployments exist, by default);
+- ``serve.delete(name, _blocking=False)`` returns before the application is gone.
 """
 
 from __future__ import annotations
@@ -80,6 +81,38 @@ def test_run_many_returns_before_the_applications_run_when_told_not_to_wait(
         gate.touch()
         for name in names:
             serve.delete(name)
+
+
+@serve.deployment(graceful_shutdown_timeout_s=10)
+class HeldCall:
+    async def __call__(self, gate: str) -> str:
+        Path(gate + ".started").touch()
+        path, deadline = Path(gate), time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:  # until the test opens it
+            await asyncio.sleep(0.02)
+        return "done"
+
+
+@pytest.mark.parametrize("runtime", ["inprocess", "process"])
+def test_delete_without_blocking_returns_while_the_application_drains(
+    runtime: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    local = runtime == "inprocess"
+    if not local:
+        request.getfixturevalue("http_port")
+    name, gate = f"t{os.getpid()}-held-{runtime}", tmp_path / "gate"
+    handle = serve.run(HeldCall.bind(), name=name, route_prefix=None, _local_testing_mode=local)
+    try:
+        response = handle.remote(str(gate))
+        wait_until(lambda: Path(f"{gate}.started").exists(), 30, "the call in the replica")
+        serve.delete(name, _blocking=False)  # the drain waits for the call: not this
+        assert name in serve.status().applications
+        gate.touch()
+        assert response.result(timeout_s=30) == "done"  # drained, not cut
+        wait_until(lambda: name not in serve.status().applications, 30, "the app gone")
+    finally:
+        gate.touch()
+        serve.delete(name)
 
 
 # --- constructors ------------------------------------------------------------------------------

@@ -101,7 +101,16 @@ class DeploymentHandle:
         call made through the copy; None (the default): the priority of the request the
         call is made while serving, else "normal". Waiting calls of a higher class are
         sent first (docs/priorities.md); anything else raises ConfigError.
+
+        ``use_new_handle_api``: True, Ray Serve's handle API and shoal's only one; False
+        (Ray's old handles, whose calls return ObjectRefs) raises ConfigError.
         """
+        if use_new_handle_api is not True:
+            raise ConfigError(
+                f"handle.options(use_new_handle_api={use_new_handle_api!r}): shoal has only "
+                "the DeploymentHandle API (calls return DeploymentResponse; `await` it or "
+                "call .result()), not Ray's old handles; pass True or leave it out"
+            )
         return DeploymentHandle(
             self._deployment,
             self._app,

@@ -434,13 +434,15 @@ def _block_until_interrupted() -> None:
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete application ``name``: its route goes first, then its replicas drain and stop.
 
-    As in Ray Serve, deleting an application that does not exist does nothing.
+    As in Ray Serve, deleting an application that does not exist does nothing, and
+    ``_blocking=False`` returns once the delete is asked for, not once it is done (the
+    application is DELETING meanwhile; a failure is logged).
     """
     _forget_handles(name)
     for instance in _running():
         # (or only listed: a new application whose first deploy failed)
         if name in instance.app_names() or name in instance.status().applications:
-            instance.delete(name)
+            instance.delete(name, wait=_blocking)
             return
     logger.info("serve.delete(%r): there is no application of that name", name)
 

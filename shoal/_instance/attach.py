@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from shoal._config import TIMEOUTS
 from shoal._controller.status import ServeStatus
 from shoal._errors import NotFoundError, ShoalError
-from shoal._instance.background import logged_failure
+from shoal._instance.background import deploying, logged_failure
 from shoal._instance.home import ServerInfo
 from shoal._observe.metrics.reporter import REPORTER
 from shoal._router.router import RouterRegistry
@@ -183,12 +183,18 @@ class AttachedInstance:
 
         message = AttachDeploy(cloudpickle.dumps(specs))
         if not wait:
-            deploying = self.thread.submit(self._ask(message, TIMEOUTS.deploy_s))
-            return logged_failure(deploying, specs)
+            future = self.thread.submit(self._ask(message, TIMEOUTS.deploy_s))
+            return logged_failure(future, deploying(specs))
         self._call(message, TIMEOUTS.deploy_s)
         return None
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, wait: bool = True) -> None:
+        """Delete application ``name`` in the server; ``wait=False``: return once asked (a
+        failure is logged)."""
+        if not wait:
+            future = self.thread.submit(self._ask(AttachDelete(name), TIMEOUTS.admin_call_s))
+            logged_failure(future, f"deleting {name!r}")
+            return
         self._call(AttachDelete(name))
 
     def status(self) -> ServeStatus:

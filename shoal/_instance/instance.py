@@ -24,7 +24,7 @@ from shoal._config import (
 from shoal._controller.controller import Controller
 from shoal._controller.resources import Capacity, Ledger, UnaccountedLedger
 from shoal._controller.status import ServeStatus
-from shoal._instance.background import logged_failure
+from shoal._instance.background import deploying, logged_failure
 from shoal._instance.checkpoint import Checkpoint, DesiredState
 from shoal._observe.options import Telemetry
 from shoal._observe.process import configure_process
@@ -180,7 +180,8 @@ class Instance:
         ``wait=False``: returns at once the future of that deploy (its failure is also
         logged, and the applications' status says it)."""
         if not wait:
-            return logged_failure(self.thread.submit(self.deploy_many_async(specs)), specs)
+            future = self.thread.submit(self.deploy_many_async(specs))
+            return logged_failure(future, deploying(specs))
         self.run(self.deploy_many_async(specs))
         return None
 
@@ -195,7 +196,12 @@ class Instance:
             if isinstance(result, BaseException):
                 raise result
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, wait: bool = True) -> None:
+        """Delete application ``name``; ``wait=False``: return once asked (a failure is
+        logged)."""
+        if not wait:
+            logged_failure(self.thread.submit(self.controller.delete(name)), f"deleting {name!r}")
+            return
         self.run(self.controller.delete(name))
 
     def status(self) -> ServeStatus:
