@@ -32,3 +32,11 @@ def test_the_new_handle_api_is_accepted_and_the_old_one_refused_by_name(deploy: 
     assert handle.options(use_new_handle_api=True).remote("ann").result() == "hello ann"
     with pytest.raises(serve.ConfigError, match=r"use_new_handle_api=False.*DeploymentHandle"):
         handle.options(use_new_handle_api=False)
+
+
+def test_handle_options_refuse_values_of_another_type_by_name(deploy: Deploy) -> None:
+    handle = deploy(Greeter.bind())
+    with pytest.raises(serve.ConfigError, match=r"stream=\.\.\.\) takes True or False, got 'no'"):
+        handle.options(stream="no")  # not converted to True
+    with pytest.raises(serve.ConfigError, match=r"method_name=\.\.\.\) takes a method's name"):
+        handle.options(method_name=3)

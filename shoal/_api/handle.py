@@ -114,8 +114,8 @@ class DeploymentHandle:
         return DeploymentHandle(
             self._deployment,
             self._app,
-            method_name=self._method if method_name is _UNSET else method_name,
-            stream=self._stream if stream is _UNSET else bool(stream),
+            method_name=self._method if method_name is _UNSET else _checked_method(method_name),
+            stream=self._stream if stream is _UNSET else _checked_stream(stream),
             multiplexed_model_id=self._mux
             if multiplexed_model_id is _UNSET
             else _checked_model_id(multiplexed_model_id),
@@ -321,6 +321,18 @@ def _checked_priority(priority: Any) -> int:
             f"the request being served, else 'normal'), got {priority!r}"
         )
     return rank
+
+
+def _checked_method(name: Any) -> str:
+    if type(name) is not str or not name:
+        raise ConfigError(f"handle.options(method_name=...) takes a method's name, got {name!r}")
+    return name
+
+
+def _checked_stream(stream: Any) -> bool:
+    if type(stream) is not bool:
+        raise ConfigError(f"handle.options(stream=...) takes True or False, got {stream!r}")
+    return stream
 
 
 def _checked_model_id(model_id: Any) -> str:
