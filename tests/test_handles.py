@@ -292,6 +292,8 @@ def test_failing_constructor_fails_the_deploy_and_leaves_nothing(
     failed = serve.status().applications["broken"]
     assert (failed.status, failed.deployments) == ("DEPLOY_FAILED", {})
     assert "cannot load weights" in failed.message
+    with pytest.raises(serve.NotFoundError, match=r"'broken' failed to deploy.*cannot load"):
+        serve.get_app_handle("broken")
     serve.delete("broken")
     assert "broken" not in serve.status().applications
 

@@ -557,9 +557,15 @@ def test_a_failed_first_serve_run_is_listed_until_deleted_or_left_out_of_a_confi
                 serve.run(Broken.bind(), name=name, route_prefix=None)
             except serve.DeploymentError:
                 print("failed", name)
+        try:
+            serve.get_app_handle("broken-1")
+        except serve.NotFoundError as exc:
+            print("handle", exc)
         """
     )
-    assert "failed broken-1" in run_driver(tmp_path, driver, "broken-1", "broken-2").stdout
+    printed = run_driver(tmp_path, driver, "broken-1", "broken-2").stdout
+    assert "failed broken-1" in printed
+    assert "handle application 'broken-1' failed to deploy" in printed and "no weights" in printed
     for name in ("broken-1", "broken-2"):
         app = app_details(server)["applications"][name]
         assert (app["status"], app["deployments"]) == ("DEPLOY_FAILED", {})

@@ -72,6 +72,16 @@ class _App:
     deleted: bool = False  # a delete asked for it: a failing first deploy is not listed
 
 
+def failed_to_deploy(name: str, message: str) -> NotFoundError:
+    """What asking for the ingress of ``name``, listed DEPLOY_FAILED with ``message``
+    after its first deploy failed, raises."""
+    reason = message.splitlines()[0] if message else "no reason given"
+    return NotFoundError(
+        f"application '{name}' failed to deploy, so nothing of it runs: {reason}; "
+        "deploy it again (see serve.status())"
+    )
+
+
 class Controller:
     """Reconciles applications onto a runtime."""
 
@@ -478,6 +488,9 @@ class Controller:
     def ingress_of(self, name: str) -> str:
         app = self.apps.get(name)
         if app is None:
+            failed = self.failed.get(name)
+            if failed is not None:
+                raise failed_to_deploy(name, failed.message)
             raise NotFoundError(
                 f"application '{name}' does not exist; running: {', '.join(self.apps) or 'none'}"
             )

@@ -542,6 +542,8 @@ def get_app_handle(name: str) -> DeploymentHandle:
     for instance in _running():
         if name in instance.app_names():
             return _cached_handle(instance.registry, name, instance.ingress_of(name))
+        if name in instance.status().applications:  # listed, not running (a failed deploy)
+            instance.ingress_of(name)  # raises NotFoundError, saying why
     # In a replica (or the proxy) there is no controller: the replica sets it receives
     # say which deployment is each application's ingress.
     registry = _registry_or_none()

@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from shoal._config import TIMEOUTS
+from shoal._controller.controller import failed_to_deploy
 from shoal._controller.status import ServeStatus
 from shoal._errors import NotFoundError, ShoalError
 from shoal._instance.background import deploying, logged_failure
@@ -168,6 +169,9 @@ class AttachedInstance:
     def ingress_of(self, name: str) -> str:
         apps = self._call(AttachApps())
         if name not in apps:
+            failed = self.status().applications.get(name)
+            if failed is not None and failed.status == "DEPLOY_FAILED" and not failed.deployments:
+                raise failed_to_deploy(name, failed.message)
             raise NotFoundError(
                 f"application '{name}' does not exist; running: {', '.join(apps) or 'none'}"
             )
