@@ -33,12 +33,17 @@ from shoal import serve
 # --- run_many's waits --------------------------------------------------------------------------
 
 
+async def _until_opened(gate: str) -> None:
+    """Wait (in a replica) until the test creates the file ``gate``; 60 s at most."""
+    path, deadline = Path(gate), time.monotonic() + 60
+    while not path.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
 @serve.deployment
 class GatedStart:
     async def __init__(self, gate: str, fail: bool = False) -> None:
-        path, deadline = Path(gate), time.monotonic() + 60
-        while not path.exists() and time.monotonic() < deadline:  # until the test opens it
-            await asyncio.sleep(0.02)
+        await _until_opened(gate)
         if fail:
             raise ValueError("the constructor failed after the gate")
 
@@ -46,13 +51,18 @@ class GatedStart:
         return "up"
 
 
-@pytest.mark.parametrize("runtime", ["inprocess", "process"])
+@pytest.fixture(params=["inprocess", "process"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    """The runtime a test runs on: local testing mode, or the session's multi-process one."""
+    if request.param == "process":
+        request.getfixturevalue("http_port")
+    return str(request.param)
+
+
 def test_run_many_returns_before_the_applications_run_when_told_not_to_wait(
-    runtime: str, request: pytest.FixtureRequest, tmp_path: Path
+    runtime: str, tmp_path: Path
 ) -> None:
     local = runtime == "inprocess"
-    if not local:
-        request.getfixturevalue("http_port")
     gate = tmp_path / "gate"
     names = [f"t{os.getpid()}-gated-{runtime}", f"t{os.getpid()}-gated-fails-{runtime}"]
     targets = [
@@ -87,19 +97,14 @@ def test_run_many_returns_before_the_applications_run_when_told_not_to_wait(
 class HeldCall:
     async def __call__(self, gate: str) -> str:
         Path(gate + ".started").touch()
-        path, deadline = Path(gate), time.monotonic() + 60
-        while not path.exists() and time.monotonic() < deadline:  # until the test opens it
-            await asyncio.sleep(0.02)
+        await _until_opened(gate)
         return "done"
 
 
-@pytest.mark.parametrize("runtime", ["inprocess", "process"])
 def test_delete_without_blocking_returns_while_the_application_drains(
-    runtime: str, request: pytest.FixtureRequest, tmp_path: Path
+    runtime: str, tmp_path: Path
 ) -> None:
     local = runtime == "inprocess"
-    if not local:
-        request.getfixturevalue("http_port")
     name, gate = f"t{os.getpid()}-held-{runtime}", tmp_path / "gate"
     handle = serve.run(HeldCall.bind(), name=name, route_prefix=None, _local_testing_mode=local)
     try:
