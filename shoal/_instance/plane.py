@@ -113,9 +113,9 @@ class InstanceControlPlane:
         self._configs.clear()
         self._listed = set()  # an apply still building deploys nothing more
         controller = self._instance.controller
-        controller.failed.clear()
         await asyncio.gather(
-            *(controller.delete(n) for n in list(controller.apps)), return_exceptions=True
+            *(controller.delete(n) for n in [*controller.apps, *controller.failed]),
+            return_exceptions=True,
         )
 
     def details(self) -> dict[str, Any]:
@@ -226,7 +226,7 @@ class InstanceControlPlane:
             controller.set_target_capacity(config.target_capacity)
             names = {app.name for app in config.applications}
             for name in [n for n in controller.failed if n not in names]:
-                del controller.failed[name]  # a failed serve.run's, listed: not in the set
+                await controller.delete(name)  # a failed serve.run's, listed: not in the set
             for name in [n for n in controller.apps if n not in names]:
                 if name not in self._configs and name not in self._dropped:
                     logger.warning("deleting application '%s' (deployed with serve.run): the "
