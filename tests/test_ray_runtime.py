@@ -376,6 +376,7 @@ class _Load:
         self.url = url
         self.answers: list[str] = []  # bodies of the 200s, in order
         self.failures: list[str] = []
+        self.clients = clients
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
 
@@ -878,8 +879,10 @@ def test_a_restarted_controller_adopts_the_node_proxies(
 
 def test_a_killed_node_proxy_is_replaced_on_its_node(spread_app: ServerInfo) -> None:
     """kill -9 of a node proxy's actor process under load: the other proxies go on
-    serving, a new proxy starts on the same node and serves; at most one request per
-    client fails (the one in flight on the killed proxy's connection)."""
+    serving, a new proxy starts on the same node and serves; at most two requests per
+    client fail: the one in flight on the killed proxy's connection, and its retry if
+    the kernel put that new connection in the killed proxy's accept queue (the proxies
+    share the port with SO_REUSEPORT) before the dying process closed its socket."""
     info = spread_app
     proxies = wait_until(lambda: _healthy_proxies(info), 60, "a HEALTHY proxy on every node")
     node, victim = min((n, p["pid"]) for n, p in proxies.items() if n != _controller_node())
@@ -898,7 +901,7 @@ def test_a_killed_node_proxy_is_replaced_on_its_node(spread_app: ServerInfo) -> 
         proxies = wait_until(replaced, 60, "a new HEALTHY proxy on the node")
         print(f"node proxy: HEALTHY again {time.monotonic() - killed_at:.1f} s after kill -9")
         load.wait_for(10, "answers after the replacement")
-    assert len(load.failures) <= 4, load.failures
+    assert len(load.failures) <= 2 * load.clients, load.failures  # a CI run saw 5 of 4 clients
     assert not [f for f in load.failures if f[:3].isdigit()], load.failures  # no HTTP error
     new = proxies[node]["pid"]
     assert _raylet_node(new) == node
