@@ -86,7 +86,9 @@ def test_run_many_returns_before_the_applications_run_when_told_not_to_wait(
             return app.message if app.status == "DEPLOY_FAILED" else None
 
         assert "the constructor failed after the gate" in wait_until(failed, 60, "the failure")
-        assert serve.status().applications[names[0]].status == "RUNNING"
+        # (its replica answers once published; the app is RUNNING when its deploy ends)
+        wait_until(lambda: serve.status().applications[names[0]].status == "RUNNING", 30,
+                   "the gated app running")  # fmt: skip
     finally:
         gate.touch()
         for name in names:
