@@ -88,11 +88,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    meter = ForeignCpu()
-    loadgen = "wrk" if wrk_path() and args.loadgen != "python" else "python"
+def _start_servers(
+    args: argparse.Namespace, work: Path, meter: ForeignCpu, round_: int
+) -> dict[str, tuple[ServerProcess, int]]:
+    """One new server per variant, each answering and quiet (its start-up work done)."""
     servers: dict[str, tuple[ServerProcess, int]] = {}
-    runs: list[dict[str, Any]] = []
     try:
         for name, options in variants(str(work / "spans.jsonl")).items():
             port = free_port()
@@ -101,37 +101,78 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if args.direct:  # the load goes to the ingress replica's own port
                 port = next(p for p in iter(free_port, None) if p != port)
                 argv += [str(port)]
-            proc = ServerProcess(f"shoal-{name}", argv, work)
+            proc = ServerProcess(f"shoal-{name}-{round_}", argv, work)
+            servers[name] = (proc, port)
             proc.start()
             meter.roots.add(proc.pid)
-            servers[name] = (proc, port)
         for proc, port in servers.values():
             proc.wait_http_ok(port, "POST", "/echo", ECHO_BODY, 120.0)
         for proc, _port in servers.values():  # start-up work (the fork server's) done
             proc.wait_quiet()
+    except BaseException:
+        _stop_servers(servers, meter)
+        raise
+    return servers
+
+
+def _stop_servers(servers: dict[str, tuple[ServerProcess, int]], meter: ForeignCpu) -> None:
+    for proc, _port in servers.values():
+        proc.stop()
+        meter.roots.discard(proc.pid)
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every round starts new servers (one per variant, side by side) and measures each
+    at c=1 and c=64, the variants in a rotated order. New servers each round, because two
+    servers of the same build differ by up to ±15% at c=64 on a 2-core machine (where
+    the scheduler places a proxy, a replica and the load generator); with one server per
+    variant for the whole run, that difference would pass for the variants' (it did:
+    docs/observability.md, "What it costs")."""
+    meter = ForeignCpu()
+    loadgen = "wrk" if wrk_path() and args.loadgen != "python" else "python"
+    runs: list[dict[str, Any]] = []
+    try:
         for round_ in range(args.rounds):
-            for concurrency in CONCURRENCIES:
-                for name, (proc, port) in servers.items():
-                    spec = LoadSpec(port, "/echo", "POST", ECHO_BODY, concurrency, args.warmup)
-                    run_load(spec, loadgen)  # warm-up, not recorded
-                    spec = LoadSpec(port, "/echo", "POST", ECHO_BODY, concurrency, args.duration)
-                    load = partial(run_load, spec, loadgen)
-                    measured = measured_load(meter, proc.pid, load)
-                    result, core_pct = measured.result, measured.foreign_core_pct
-                    runs.append({
-                        "round": round_, "variant": name, "concurrency": concurrency,
-                        "valid": measured.valid, "foreign_core_pct": core_pct,
-                        "cpu_s": measured.cpu_s, **result.to_dict(),
-                    })  # fmt: skip
-                    line = (f"round {round_} {name} c={concurrency}: "
-                            f"{result.throughput_rps:.0f} req/s p50 {result.p50_ms:.3f} ms "
-                            f"(foreign {core_pct:.0f}% of a core)")  # fmt: skip
-                    print(line, file=sys.stderr, flush=True)
+            servers = _start_servers(args, work, meter, round_)
+            try:
+                names = list(servers)
+                shift = round_ % len(names)
+                order = names[shift:] + names[:shift]
+                for concurrency in CONCURRENCIES:
+                    for name in order:
+                        runs.append(_run(args, loadgen, meter, servers[name], name, round_,
+                                         concurrency))  # fmt: skip
+            finally:
+                _stop_servers(servers, meter)
     finally:
-        for proc, _port in servers.values():
-            proc.stop()
         meter.close()
     return {"loadgen": loadgen, "runs": runs, "summary": summarize(runs)}
+
+
+def _run(
+    args: argparse.Namespace,
+    loadgen: str,
+    meter: ForeignCpu,
+    server: tuple[ServerProcess, int],
+    name: str,
+    round_: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    """One measured load on one variant's server (after an unrecorded warm-up)."""
+    proc, port = server
+    spec = LoadSpec(port, "/echo", "POST", ECHO_BODY, concurrency, args.warmup)
+    run_load(spec, loadgen)  # warm-up, not recorded
+    spec = LoadSpec(port, "/echo", "POST", ECHO_BODY, concurrency, args.duration)
+    measured = measured_load(meter, proc.pid, partial(run_load, spec, loadgen))
+    result, core_pct = measured.result, measured.foreign_core_pct
+    line = (f"round {round_} {name} c={concurrency}: {result.throughput_rps:.0f} req/s "
+            f"p50 {result.p50_ms:.3f} ms (foreign {core_pct:.0f}% of a core)")  # fmt: skip
+    print(line, file=sys.stderr, flush=True)
+    return {
+        "round": round_, "variant": name, "concurrency": concurrency,
+        "valid": measured.valid, "foreign_core_pct": core_pct,
+        "cpu_s": measured.cpu_s, **result.to_dict(),
+    }  # fmt: skip
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
