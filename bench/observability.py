@@ -12,10 +12,15 @@ variant's options, then ``serve.run``):
 * **tracing**: the defaults plus tracing at 100% sampling, spans exported by the SDK's
   batch processor to a JSON-lines file (``exporter="file"``).
 
-Each round measures every variant at c=1 and c=64 (wrk, or the Python load generator),
-the variants interleaved so that drift in the machine hits all three alike; the figures
-are the medians over the rounds. Targets: *default* within 5% of *off* (throughput at
-c=64, p50 at c=1); *tracing* costs at most 15%. The foreign CPU (used by anything but
+Each round starts new servers, one per variant, and measures every variant at c=1 and
+c=64 (wrk, or the Python load generator), the variants interleaved, in an order rotated
+from one round to the next, so that drift in the machine hits all three alike; the
+figures are the medians over the rounds. New servers every round, because two servers of
+the same build differ by up to ±15% at c=64 on a 2-core machine: one server per variant
+for the whole run measured that difference along with the variants'.
+
+Targets: *default* within 5% of *off* (throughput at c=64, p50 at c=1); *tracing* costs
+at most 15%. The foreign CPU (used by anything but
 this script and its servers) is measured per run; a run above 15% of one core is marked
 not valid. Results go to ``bench/results/observability-<UTC timestamp>.json`` and ``.md``.
 """
@@ -122,12 +127,7 @@ def _stop_servers(servers: dict[str, tuple[ServerProcess, int]], meter: ForeignC
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Every round starts new servers (one per variant, side by side) and measures each
-    at c=1 and c=64, the variants in a rotated order. New servers each round, because two
-    servers of the same build differ by up to ±15% at c=64 on a 2-core machine (where
-    the scheduler places a proxy, a replica and the load generator); with one server per
-    variant for the whole run, that difference would pass for the variants' (it did:
-    docs/observability.md, "What it costs")."""
+    """The rounds (see the module's doc): new servers each, every variant at c=1 and c=64."""
     meter = ForeignCpu()
     loadgen = "wrk" if wrk_path() and args.loadgen != "python" else "python"
     runs: list[dict[str, Any]] = []
