@@ -15,9 +15,11 @@ variant's options, then ``serve.run``):
 Each round starts new servers, one per variant, and measures every variant at c=1 and
 c=64 (wrk, or the Python load generator), the variants interleaved, in an order rotated
 from one round to the next, so that drift in the machine hits all three alike; the
-figures are the medians over the rounds. New servers every round, because two servers of
-the same build differ by up to ±15% at c=64 on a 2-core machine: one server per variant
-for the whole run measured that difference along with the variants'.
+figures are the medians over the rounds (12 by default, about 10 minutes: fewer resolve
+no better than ±10% at c=64 on a 2-core machine). New servers every round, because two
+servers of the same build differ by up to ±20% in CPU per request at c=64 on a 2-core
+machine: one server per variant for the whole run measured that difference along with
+the variants'.
 
 Targets: *default* within 5% of *off* (throughput at c=64, p50 at c=1); *tracing* costs
 at most 15%. The foreign CPU (used by anything but
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--serve"]:
         return serve_main(argv[1], *(int(port) for port in argv[2:4]), *argv[4:5])
     parser = argparse.ArgumentParser(prog="python -m bench.observability")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--loadgen", choices=("auto", "python"), default="auto")
