@@ -15,6 +15,7 @@ which any host process can run.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import pickle
@@ -382,6 +383,10 @@ def run_worker(
 
 
 def main() -> None:
+    # What shoal's imports allocated lives as long as the process: frozen, a full
+    # collection no longer walks it (about 40,000 objects, 35-60 ms per collection). A
+    # freeze is one list splice; the fork server's children come frozen already.
+    gc.freeze()
     instance_dir, worker_id = sys.argv[1], sys.argv[2]
     orphan_grace_s = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     run_worker(instance_dir, worker_id, orphan_grace_s)
