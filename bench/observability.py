@@ -21,6 +21,12 @@ servers of the same build differ by up to ±20% in CPU per request at c=64 on a 
 machine: one server per variant for the whole run measured that difference along with
 the variants'.
 
+``--variants off,default`` serves only those; ``--baseline REF`` also serves each from a
+worktree of commit REF (``default@REF``...), in the same rounds: a change's effect,
+measured in one run. Besides the ratio of the medians, each ratio is given as the mean of
+the per-round ratios and its standard error: what the run resolves (at c=64 a round's
+ratio varies by about ±0.09, so 24 rounds resolve about ±0.02).
+
 Targets: *default* within 5% of *off* (throughput at c=64, p50 at c=1); *tracing* costs
 at most 15%. The foreign CPU (used by anything but
 this script and its servers) is measured per run; a run above 15% of one core is marked
@@ -30,12 +36,17 @@ not valid. Results go to ``bench/results/observability-<UTC timestamp>.json`` an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import shutil
 import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -43,7 +54,7 @@ from typing import Any
 
 from bench.common import ECHO_BODY, median_or_none
 from bench.loadgen import LoadSpec, run_load, wrk_path
-from bench.procs import HOST, INVALID_CORE_PCT, ForeignCpu, ServerProcess, free_port
+from bench.procs import HOST, INVALID_CORE_PCT, REPO_ROOT, ForeignCpu, ServerProcess, free_port
 from bench.procs import git_dirty as _dirty
 from bench.suite import measured_load
 
@@ -98,20 +109,24 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _start_servers(
     args: argparse.Namespace, work: Path, meter: ForeignCpu, round_: int
 ) -> dict[str, tuple[ServerProcess, int]]:
-    """One new server per variant, each answering and quiet (its start-up work done)."""
+    """One new server per variant (and per build, with ``--baseline``: ``NAME@REF`` runs
+    REF's worktree), each answering and quiet (its start-up work done)."""
     servers: dict[str, tuple[ServerProcess, int]] = {}
+    options_of = variants(str(work / "spans.jsonl"))
     try:
-        for name, options in variants(str(work / "spans.jsonl")).items():
-            port = free_port()
-            argv = [sys.executable, "-m", "bench.observability", "--serve", json.dumps(options)]
-            argv += [str(port)]
-            if args.direct:  # the load goes to the ingress replica's own port
-                port = next(p for p in iter(free_port, None) if p != port)
-                argv += [str(port)]
-            proc = ServerProcess(f"shoal-{name}-{round_}", argv, work)
-            servers[name] = (proc, port)
-            proc.start()
-            meter.roots.add(proc.pid)
+        for suffix, root in args.builds.items():
+            for variant in args.variants:
+                name = variant + suffix
+                port = free_port()
+                argv = [sys.executable, "-m", "bench.observability", "--serve"]
+                argv += [json.dumps(options_of[variant]), str(port)]
+                if args.direct:  # the load goes to the ingress replica's own port
+                    port = next(p for p in iter(free_port, None) if p != port)
+                    argv += [str(port)]
+                proc = ServerProcess(f"shoal-{name}-{round_}", argv, work, root=root)
+                servers[name] = (proc, port)
+                proc.start()
+                meter.roots.add(proc.pid)
         for proc, port in servers.values():
             proc.wait_http_ok(port, "POST", "/echo", ECHO_BODY, 120.0)
         for proc, _port in servers.values():  # start-up work (the fork server's) done
@@ -120,6 +135,22 @@ def _start_servers(
         _stop_servers(servers, meter)
         raise
     return servers
+
+
+@contextlib.contextmanager
+def _builds(baseline: str | None, work: Path) -> Iterator[dict[str, Path]]:
+    """The checkouts to serve from, by name suffix: this one (""), and with ``baseline``
+    a detached worktree of that commit ("@REF"), removed afterwards."""
+    if baseline is None:
+        yield {"": REPO_ROOT}
+        return
+    tree = work / "baseline"
+    git = ["git", "-C", str(REPO_ROOT)]
+    subprocess.run([*git, "worktree", "add", "-q", "--detach", str(tree), baseline], check=True)
+    try:
+        yield {"": REPO_ROOT, f"@{baseline}": tree}
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
 
 
 def _stop_servers(servers: dict[str, tuple[ServerProcess, int]], meter: ForeignCpu) -> None:
@@ -148,7 +179,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 _stop_servers(servers, meter)
     finally:
         meter.close()
-    return {"loadgen": loadgen, "runs": runs, "summary": summarize(runs)}
+    return {"loadgen": loadgen, "runs": runs, "summary": summarize(runs, list(args.builds))}
 
 
 def _run(
@@ -177,31 +208,66 @@ def _run(
     }  # fmt: skip
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+#: Issue 12's targets: (variant, compared with, concurrency, figure, limit, higher is better).
+TARGETS = (
+    ("default", "off", 64, "throughput_rps", 0.95, True),
+    ("default", "off", 1, "p50_ms", 1.05, False),
+    ("tracing", "default", 64, "throughput_rps", 0.85, True),
+    ("tracing", "default", 1, "p50_ms", 1.15, False),
+)
+
+
+def summarize(runs: list[dict[str, Any]], suffixes: list[str] | None = None) -> dict[str, Any]:
+    """Each server's medians, the targets' ratios (this build's variants) and, with a
+    baseline build (``suffixes``: ``["", "@REF"]``), each variant against REF's."""
     valid = [r for r in runs if r["valid"]]
-    points: dict[str, dict[str, Any]] = {}
-    for name in ("off", "default", "tracing"):
-        mine = [r for r in valid if r["variant"] == name]
-        # CPU per request: from every run when none is valid (a shared machine), as the
-        # table's header says; the ratios use valid runs only.
-        cpu_runs = [r for r in (mine or runs) if r["variant"] == name and r["concurrency"] == 64]
-        points[name] = {
-            "c64_rps": median_or_none(
-                [r["throughput_rps"] for r in mine if r["concurrency"] == 64]
-            ),
-            "c1_p50_ms": median_or_none([r["p50_ms"] for r in mine if r["concurrency"] == 1]),
-            "c64_cpu_us_per_request": _cpu_per_request(cpu_runs),
-        }
-    off, default, tracing = points["off"], points["default"], points["tracing"]
+    names = list(dict.fromkeys(r["variant"] for r in runs))
+    points = {name: _point(name, valid, runs) for name in names}
+    compared = [(a, b, c, figure) for a, b, c, figure, _limit, _higher in TARGETS]
+    for suffix in (suffixes or [""])[1:]:
+        compared += [(v, v + suffix, c, figure) for v in names if v + suffix in names
+                     for c, figure in ((64, "throughput_rps"), (1, "p50_ms"))]  # fmt: skip
+    ratios = {}
+    for a, b, c, figure in compared:
+        if a in points and b in points:
+            ratios[_key(a, b, c)] = _compare(valid, a, b, c, figure, points)
+    return {"points": points, "ratios": ratios, "valid_runs": len(valid), "runs": len(runs)}
+
+
+def _key(a: str, b: str, concurrency: int) -> str:
+    return f"{a} / {b}, c={concurrency}"
+
+
+def _point(name: str, valid: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    mine = [r for r in valid if r["variant"] == name]
+    # CPU per request: from every run when none is valid (a shared machine), as the
+    # table's header says; the ratios use valid runs only.
+    cpu_runs = [r for r in (mine or runs) if r["variant"] == name and r["concurrency"] == 64]
     return {
-        "points": points,
-        "default_vs_off_c64": _ratio(default["c64_rps"], off["c64_rps"]),
-        "default_vs_off_c1_p50": _ratio(default["c1_p50_ms"], off["c1_p50_ms"]),
-        "tracing_vs_default_c64": _ratio(tracing["c64_rps"], default["c64_rps"]),
-        "tracing_vs_default_c1_p50": _ratio(tracing["c1_p50_ms"], default["c1_p50_ms"]),
-        "valid_runs": len(valid),
-        "runs": len(runs),
+        "c64_rps": median_or_none([r["throughput_rps"] for r in mine if r["concurrency"] == 64]),
+        "c1_p50_ms": median_or_none([r["p50_ms"] for r in mine if r["concurrency"] == 1]),
+        "c64_cpu_us_per_request": _cpu_per_request(cpu_runs),
     }
+
+
+def _compare(
+    valid: list[dict[str, Any]], a: str, b: str, concurrency: int, figure: str,
+    points: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """``a``'s median over ``b``'s, and the spread of the per-round ratios (rounds where
+    both ran validly): their mean and its standard error, what the bench resolves."""
+    point = "c64_rps" if concurrency == 64 else "c1_p50_ms"
+    by_round: dict[int, dict[str, float]] = {}
+    for r in valid:
+        if r["concurrency"] == concurrency and r["variant"] in (a, b):
+            by_round.setdefault(r["round"], {})[r["variant"]] = r[figure]
+    each = [v[a] / v[b] for v in by_round.values() if len(v) == 2 and v[b]]
+    mean = statistics.mean(each) if each else None
+    error = statistics.stdev(each) / math.sqrt(len(each)) if len(each) > 1 else None
+    return {
+        "ratio": _ratio(points[a][point], points[b][point]),
+        "rounds": len(each), "round_mean": mean, "round_standard_error": error,
+    }  # fmt: skip
 
 
 def _cpu_per_request(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -226,7 +292,7 @@ def render(results: dict[str, Any]) -> str:
         f"{env['machine']['cpu_model']}, {env['machine']['nproc']} cores; Python "
         f"{env['python']['version']}; packages {env['packages']}; load generator "
         f"{results['loadgen']}; {results['rounds']} rounds of {results['duration_s']:g} s; "
-        f"W1 driven through the {results.get('path', 'proxy')}",
+        f"W1 driven through the {results.get('path', 'proxy')}{_baseline(results)}",
         f"- valid runs {s['valid_runs']} of {s['runs']} (foreign CPU ≤ {INVALID_CORE_PCT:g}% "
         "of a core)",
         "",
@@ -239,14 +305,12 @@ def render(results: dict[str, Any]) -> str:
         cpu = point.get("c64_cpu_us_per_request") or {}
         each = ", ".join(f"{role} {us:g}" for role, us in cpu.items()) or "n/a"
         lines.append(f"| {name} | {_f(rps, 0)} | {_f(p50, 3)} | {each} |")
+    lines += ["", "| ratio | of the medians | per-round mean ± s.e. (rounds) | target |",
+              "| --- | --- | --- | --- |"]  # fmt: skip
+    limits = {_key(a, b, c): (limit, higher) for a, b, c, _figure, limit, higher in TARGETS}
+    for key, found in s["ratios"].items():
+        lines.append(_ratio_row(key, found, limits.get(key)))
     lines += [
-        "",
-        "| target | ratio | verdict |",
-        "| --- | --- | --- |",
-        _target("default / off, c=64 throughput", s["default_vs_off_c64"], 0.95, higher=True),
-        _target("default / off, c=1 p50", s["default_vs_off_c1_p50"], 1.05, higher=False),
-        _target("tracing / default, c=64 throughput", s["tracing_vs_default_c64"], 0.85, True),
-        _target("tracing / default, c=1 p50", s["tracing_vs_default_c1_p50"], 1.15, False),
         "",
         "Per run (foreign CPU in % of one core):",
         "",
@@ -262,16 +326,30 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _baseline(results: dict[str, Any]) -> str:
+    ref = results.get("baseline")
+    return f"; NAME@{ref}: served from a worktree of {ref}" if ref else ""
+
+
 def _f(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def _target(what: str, ratio: float | None, limit: float, higher: bool) -> str:
-    if ratio is None:
-        return f"| {what} | n/a | no valid data |"
-    met = ratio >= limit if higher else ratio <= limit
-    bound = f"≥ {limit:g}" if higher else f"≤ {limit:g}"
-    return f"| {what} | {ratio:.3f} ({bound}) | {'PASS' if met else 'FAIL'} |"
+def _ratio_row(key: str, found: dict[str, Any], target: tuple[float, bool] | None) -> str:
+    ratio, mean, error = found["ratio"], found["round_mean"], found["round_standard_error"]
+    spread = "n/a" if mean is None else f"{mean:.3f}"
+    if error is not None:
+        spread += f" ± {error:.3f}"
+    spread += f" ({found['rounds']})"
+    if target is None:
+        verdict = "-"
+    elif ratio is None:
+        verdict = "no valid data"
+    else:
+        limit, higher = target
+        met = ratio >= limit if higher else ratio <= limit
+        verdict = f"{'≥' if higher else '≤'} {limit:g}: {'PASS' if met else 'FAIL'}"
+    return f"| {key} | {_f(ratio, 3)} | {spread} | {verdict} |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,10 +363,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loadgen", choices=("auto", "python"), default="auto")
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s (smoke test)")
     parser.add_argument(
+        "--variants", default="off,default,tracing",
+        help="which of off, default, tracing to serve (comma-separated)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baseline", metavar="REF",
+        help="also serve each variant from a worktree of commit REF (NAME@REF), in the "
+        "same rounds: this build against REF's, in one run",
+    )  # fmt: skip
+    parser.add_argument(
         "--direct", action="store_true",
         help="drive W1 at its direct ingress port (docs/direct-ingress.md), not the proxy's",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    args.variants = args.variants.split(",")
+    unknown = set(args.variants) - set(variants(""))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))} (off, default, tracing)")
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 1.0, 0.3
     from bench import report
@@ -297,13 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     env = report.environment({"name": "wrk or bench.loadgen"}, started)
     work = Path(tempfile.mkdtemp(prefix="shoal-bench-observability-"))
     try:
-        measured = measure(args, work)
+        with _builds(args.baseline, work) as args.builds:
+            measured = measure(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results = {
         "started": started.isoformat(timespec="seconds"), "environment": env,
         "dirty": _dirty(), "rounds": args.rounds, "duration_s": args.duration,
-        "path": "direct ingress" if args.direct else "proxy", **measured,
+        "path": "direct ingress" if args.direct else "proxy", "baseline": args.baseline,
+        **measured,
     }  # fmt: skip
     text = render(results)
     print(text)

@@ -347,10 +347,18 @@ class ServerProcess:
     _live: ClassVar[list[ServerProcess]] = []
 
     def __init__(
-        self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        root: Path = REPO_ROOT,
     ) -> None:
+        """``root``: the checkout the server runs from (its working directory, first on
+        ``PYTHONPATH``): this one, or another commit's worktree."""
         self.name = name
         self.argv = argv
+        self.root = root
         self.extra_env = dict(env or {})
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -364,7 +372,7 @@ class ServerProcess:
 
     def start(self) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         env.update(SERVER_ENV)
         env.update(self.extra_env)
@@ -373,7 +381,7 @@ class ServerProcess:
         ServerProcess._live.append(self)
         self.proc = subprocess.Popen(
             self.argv,
-            cwd=REPO_ROOT,
+            cwd=self.root,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

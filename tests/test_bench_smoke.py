@@ -27,7 +27,7 @@ from conftest import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-from bench import loadgen, report  # noqa: E402
+from bench import loadgen, observability, report  # noqa: E402
 from bench.__main__ import parse_only  # noqa: E402
 from bench.batcher import Batcher  # noqa: E402
 from bench.common import percentile  # noqa: E402
@@ -882,3 +882,44 @@ def test_wait_quiet_waits_for_a_busy_child_and_gives_up_on_a_spinning_one(
                 assert waited >= deadline_s
         finally:
             server.stop(grace_s=1.0)
+
+
+def _observability_run(round_: int, variant: str, concurrency: int, rps: float) -> dict[str, Any]:
+    return {
+        "round": round_, "variant": variant, "concurrency": concurrency, "valid": True,
+        "foreign_core_pct": 0.0, "cpu_s": {"proxy-1": 1.0}, "throughput_rps": rps,
+        "p50_ms": 1000.0 / rps, "p99_ms": 2000.0 / rps, "requests": int(rps), "errors": 0,
+    }  # fmt: skip
+
+
+def test_observability_summary_compares_builds_with_the_rounds_spread() -> None:
+    """bench.observability with --baseline: each variant against the other build's, and
+    every ratio with the mean and standard error of its per-round ratios."""
+    throughput = {"off": (1000, 1100, 900), "default": (950, 990, 900),
+                  "off@base": (800, 900, 700), "default@base": (760, 810, 700)}  # fmt: skip
+    runs = [
+        _observability_run(round_, name, concurrency, rps[round_])
+        for round_ in range(3) for name, rps in throughput.items() for concurrency in (1, 64)
+    ]  # fmt: skip
+    runs.append({**_observability_run(3, "default", 64, 10.0), "valid": False})  # left out
+    summary = observability.summarize(runs, ["", "@base"])
+    ratios = summary["ratios"]
+    assert ratios["default / off, c=64"]["ratio"] == pytest.approx(950 / 1000)
+    per_round = [0.95, 0.9, 1.0]
+    assert ratios["default / off, c=64"]["round_mean"] == pytest.approx(statistics.mean(per_round))
+    assert ratios["default / off, c=64"]["round_standard_error"] == pytest.approx(
+        statistics.stdev(per_round) / math.sqrt(3)
+    )
+    assert ratios["off / off@base, c=64"]["ratio"] == pytest.approx(1000 / 800)
+    assert ratios["default / default@base, c=1"]["ratio"] == pytest.approx(760 / 950)
+    assert "tracing / default, c=64" not in ratios  # not served
+    text = observability.render({
+        "started": "2026-12-02T00:00:00+00:00", "dirty": False, "loadgen": "wrk",
+        "rounds": 3, "duration_s": 5.0, "path": "proxy", "baseline": "base", "runs": runs,
+        "summary": summary,
+        "environment": {"git_commit": "abc", "machine": {"cpu_model": "cpu", "nproc": 2},
+                        "python": {"version": "3.11"}, "packages": {}},
+    })  # fmt: skip
+    assert "| default / off, c=64 | 0.950 | 0.950 ± 0.029 (3) | ≥ 0.95: PASS |" in text
+    assert "| off / off@base, c=64 | 1.250 |" in text
+    assert "NAME@base: served from a worktree of base" in text
