@@ -380,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.variants) - set(variants(""))
     if unknown:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))} (off, default, tracing)")
+    if args.baseline is not None:
+        verify = ["git", "-C", str(REPO_ROOT), "rev-parse", "-q", "--verify"]
+        if subprocess.run([*verify, f"{args.baseline}^{{commit}}"], capture_output=True).returncode:
+            parser.error(f"--baseline: {args.baseline!r} names no commit of this repository")
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 1.0, 0.3
     from bench import report

@@ -923,3 +923,16 @@ def test_observability_summary_compares_builds_with_the_rounds_spread() -> None:
     assert "| default / off, c=64 | 0.950 | 0.950 ± 0.029 (3) | ≥ 0.95: PASS |" in text
     assert "| off / off@base, c=64 | 1.250 |" in text
     assert "NAME@base: served from a worktree of base" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [(["--baseline", "no-such-ref"], "--baseline: 'no-such-ref'"),
+     (["--variants", "off,bogus"], "--variants: unknown bogus")],
+)  # fmt: skip
+def test_observability_refuses_a_bad_baseline_or_variant(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        observability.main(argv)
+    assert exited.value.code == 2 and named in capsys.readouterr().err
