@@ -128,7 +128,7 @@ class Controller:
         metrics.add_collector(self._collector)
         await self.runtime.start(self._replica_died, self.record_load, self.metrics)
         if adopt_window_s > 0:
-            await self.runtime.rejoined.settle(adopt_window_s)  # type: ignore[attr-defined]
+            await self.runtime.settle_rejoins(adopt_window_s, http)  # type: ignore[attr-defined]
             if http is not None and self._adopt_proxy(http):
                 return
         if http is not None and self.runtime.supports_http:

@@ -29,3 +29,14 @@ def bind_listener(host: str, port: int, reuse_port: bool = False, what: str = ""
             f"the HTTP proxy cannot listen on {host}:{port} ({exc.strerror}); "
             "pass another port with serve.start(http_options={'port': ...})"
         ) from None
+
+
+def port_held(host: str, port: int) -> bool:
+    """Whether a socket listens on (host, port) now (port 0 never is)."""
+    if port == 0:
+        return False
+    try:
+        listen_tcp(host, port, 1, False).close()
+    except OSError:
+        return True
+    return False

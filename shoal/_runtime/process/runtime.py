@@ -31,7 +31,7 @@ from typing import Any
 from shoal._config import TIMEOUTS, HTTPOptions
 from shoal._errors import RequestTimeoutError, ShoalError, TransportError
 from shoal._observe.options import Telemetry
-from shoal._proxy.listener import LISTEN_FD_ENV, bind_listener
+from shoal._proxy.listener import LISTEN_FD_ENV, bind_listener, port_held
 from shoal._runtime.node import local_node_id
 from shoal._runtime.process.adopt import AdoptedProcess, Rejoined
 from shoal._runtime.process.client import UnixConnector
@@ -238,6 +238,12 @@ class ProcessRuntime:
     def _adopted_worker(self, msg: Rejoin) -> WorkerProcess:
         """The handle on a worker that rejoined (a process of this machine, by pid)."""
         return WorkerProcess(msg.worker_id, AdoptedProcess(msg.pid))
+
+    async def settle_rejoins(self, window_s: float, http: HTTPOptions | None) -> None:
+        """Give the previous controller's workers up to ``window_s`` to rejoin
+        (:meth:`Rejoined.settle`), waiting for its proxy while the HTTP port is held."""
+        held = http is not None and port_held(http.host, http.port)
+        await self.rejoined.settle(window_s, expect_proxy=held)
 
     def adopt_proxy(
         self, options: HTTPOptions, on_died: Callable[[], None]
