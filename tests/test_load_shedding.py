@@ -120,8 +120,10 @@ def test_without_replicas_a_request_fails_after_no_replica_timeout_s(deploy: Dep
         handle.remote().result(timeout_s=DONE_S)
     waited = time.perf_counter() - started
     # The router counts a waiter within 1 ms of its limit as expired (timers may fire that
-    # early), and it and this test read different clocks: 0.3 s less that slack.
-    assert 0.3 - 0.002 <= waited < 0.3 + 1.0, waited
+    # early), and it and this test read different clocks: 0.3 s less that slack. Above:
+    # failed by the limit, well before the caller's own DONE_S (a shared 2-core CI run,
+    # the other worker starting Ray, took 1.49 s from the call to the error).
+    assert 0.3 - 0.002 <= waited < DONE_S / 2, waited
     message = str(unavailable.value)
     assert "deployment 'Gate'" in message and "no_replica_timeout_s=0.3" in message
     # The time it waited: at least the limit, at most what this test saw (a loaded machine
