@@ -66,7 +66,8 @@ def test_a_restarted_controller_waits_for_the_proxy_that_holds_its_port() -> Non
 
         asyncio.get_running_loop().call_later(QUIET_S * 3, proxy_rejoins)
         started = time.monotonic()
-        await rejoined.settle(10.0, expect_proxy=True)
+        await rejoined.settle(10.0)
+        await rejoined.wait_for_proxy(started + 10.0)
         assert rejoined.proxy is not None, "settled before the proxy rejoined"
         assert time.monotonic() - started < 10.0
 

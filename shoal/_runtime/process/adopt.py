@@ -77,19 +77,23 @@ class Rejoined:
         self.last_at = time.monotonic()
         self.arrived.set()
 
-    async def settle(self, window_s: float, expect_proxy: bool = False) -> None:
-        """Return once no worker has rejoined for ``QUIET_S``, and with ``expect_proxy``
-        once the proxy has (at most ``window_s`` either way): a proxy that still holds
-        the HTTP port can take longer to rejoin than the quiet time (its loop is serving
-        requests), and missing it would leave the port to it and the new proxy none."""
+    async def settle(self, window_s: float) -> None:
+        """Return once no worker has rejoined for ``QUIET_S`` (at most ``window_s``)."""
         deadline = time.monotonic() + window_s
         while True:
             quiet_until = self.last_at + QUIET_S
             now = time.monotonic()
-            proxy_missing = expect_proxy and self.proxy is None
-            if now >= deadline or (now >= quiet_until and not proxy_missing):
+            if now >= quiet_until or now >= deadline:
                 return
-            wake = deadline if now >= quiet_until else min(quiet_until, deadline)
             self.arrived.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), wake - now)
+                await asyncio.wait_for(self.arrived.wait(), min(quiet_until, deadline) - now)
+
+    async def wait_for_proxy(self, until: float) -> None:
+        """Return once the proxy has rejoined, or at ``until`` (``time.monotonic()``): a
+        proxy that still holds the HTTP port can take longer to rejoin than the quiet
+        time (its loop is serving requests), and missed, it would keep the port."""
+        while self.proxy is None and (left := until - time.monotonic()) > 0:
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)

@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -241,9 +242,12 @@ class ProcessRuntime:
 
     async def settle_rejoins(self, window_s: float, http: HTTPOptions | None) -> None:
         """Give the previous controller's workers up to ``window_s`` to rejoin
-        (:meth:`Rejoined.settle`), waiting for its proxy while the HTTP port is held."""
-        held = http is not None and port_held(http.host, http.port)
-        await self.rejoined.settle(window_s, expect_proxy=held)
+        (:meth:`Rejoined.settle`), and its proxy, while the HTTP port is held, the rest
+        of that window."""
+        deadline = time.monotonic() + window_s
+        await self.rejoined.settle(window_s)
+        if http is not None and self.rejoined.proxy is None and port_held(http.host, http.port):
+            await self.rejoined.wait_for_proxy(deadline)
 
     def adopt_proxy(
         self, options: HTTPOptions, on_died: Callable[[], None]

@@ -503,8 +503,7 @@ class _RayRejoined(Rejoined):
         self.named = named
         self.ids: set[str] = set()  # worker ids that rejoined
 
-    async def settle(self, window_s: float, expect_proxy: bool = False) -> None:
-        # Then every named actor, the node proxies among them: not one proxy by the port.
+    async def settle(self, window_s: float) -> None:
         await super().settle(window_s)
         deadline = time.monotonic() + TIMEOUTS.ray_rejoin_wait_s
         try:
