@@ -13,8 +13,9 @@ Guarantees:
   follows the parent's sampled flag; a root is sampled when the low 64 bits of its
   trace id are below ``ratio * 2**64``; an unsampled span still has ids (its
   traceparent says "not sampled") but records nothing;
-- ended spans wait in a bounded queue (the oldest dropped past ``max_queue``) and are
-  handed to the processor every ``delay_s``, and by :meth:`Recorder.flush`.
+- ended spans wait in a bounded queue and are handed to the processor every
+  ``delay_s``, and by :meth:`Recorder.flush`; past ``max_queue`` waiting, the oldest
+  are dropped, and a warning says so (at most one a minute).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 import traceback
 from random import getrandbits
 from time import time_ns
@@ -40,6 +42,8 @@ _UNSET = Status(StatusCode.UNSET)
 #: How long a flush waits for the exporter (a collector that does not answer must not
 #: hold a stopping worker for the SDK's default of 30 s).
 _FLUSH_TIMEOUT_MS = 2000
+#: Seconds between two warnings that spans were dropped.
+_DROP_WARNING_EVERY_S = 60.0
 
 
 class Recorder:
@@ -64,6 +68,8 @@ class Recorder:
         self._scope = InstrumentationScope("shoal")
         self.ended: collections.deque[FastSpan] = collections.deque(maxlen=max_queue)
         self._delay_s = delay_s
+        self._full = 0  # hand-overs that found the queue full since the last warning
+        self._warn_after = 0.0  # (monotonic) no drop warning before then
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         threading.Thread(target=self._run, name="shoal-spans", daemon=True).start()
@@ -127,6 +133,8 @@ class Recorder:
                 batch.append(ended.popleft())
             if not batch:
                 return
+            if len(batch) == ended.maxlen:
+                self._dropped_some()
             try:
                 if self._writer is not None:
                     self._writer(batch)
@@ -135,6 +143,19 @@ class Recorder:
                     self._processor.on_end(self._readable(span))
             except Exception:  # an exporter's trouble must not end the thread
                 logger.exception("exporting %d spans failed", len(batch))
+
+    def _dropped_some(self) -> None:
+        """The queue was full when handed over: spans were (or may have been) dropped."""
+        self._full += 1
+        now = time.monotonic()
+        if now >= self._warn_after:
+            logger.warning(
+                "tracing: this process ended %d or more sampled spans within %.1f s (%d "
+                "time(s) since the last warning), as many as it holds for export; any beyond "
+                "were dropped, the oldest first. Lower tracing_options.sampling_ratio.",
+                self.ended.maxlen, self._delay_s, self._full,
+            )  # fmt: skip
+            self._full, self._warn_after = 0, now + _DROP_WARNING_EVERY_S
 
     def _readable(self, span: FastSpan) -> ReadableSpan:
         return ReadableSpan(

@@ -10,8 +10,12 @@ Imported only when tracing is enabled (it imports the OpenTelemetry SDK). Guaran
   provider the hook installed (or the provider it returns);
 - every exporter batches (the SDK's BatchSpanProcessor, off the request's path): the file
   exporter writes within :data:`_FILE_DELAY_MS` of a span's end, OTLP and console within
-  :data:`_BATCH_DELAY_MS`; what is left is flushed when a worker exits (``flush``) and
-  at the controller's interpreter exit;
+  :data:`_FILE_DELAY_MS` plus :data:`_BATCH_DELAY_MS`; what is left is flushed when a
+  worker exits (``flush``) and at the controller's interpreter exit;
+- shoal's spans reach the exporter every :data:`_FILE_DELAY_MS`, whatever the exporter,
+  into a processor queue as long as the recorder's (:data:`_QUEUE`): none is dropped
+  while a process ends fewer than :data:`_QUEUE` sampled spans in that time and the
+  exporter keeps up; past that, the oldest are dropped and a warning says so;
 - every failure is a ConfigError naming the option and what to do.
 """
 
@@ -53,8 +57,13 @@ except ImportError as missing:  # pragma: no cover - exercised without the extra
 TRACER_NAME = "shoal"
 #: Milliseconds between two exports of the OTLP and console exporters (the SDK's: 5000).
 _BATCH_DELAY_MS = 1000
-#: ... and of the file exporter, read by tests and people waiting for their spans.
+#: ... and of the file exporter, read by tests and people waiting for their spans; also
+#: how often shoal's recorder hands its ended spans to the exporter, whichever it is.
 _FILE_DELAY_MS = 100
+#: The spans a process holds before their export, in shoal's recorder and in the SDK's
+#: processor (whose default, 2048, is fewer than one hand-over brings at a few thousand
+#: requests per second).
+_QUEUE = 8192
 
 _hooks_called: dict[str, Any] = {}  # hook path -> the provider it returned (or None)
 _owned: list[Recorder] = []  # the recorder of shoal's spans in this process, if any
@@ -76,12 +85,13 @@ def install(options: TracingOptions, source: str) -> Any:
     provider.add_span_processor(processor)
     if type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider":  # none set yet
         trace.set_tracer_provider(provider)
-    delay_s = (_FILE_DELAY_MS if options.exporter == "file" else _BATCH_DELAY_MS) / 1000
     for old in _owned:  # a process configured again (tests): the last configuration wins
         old.stop()
     exporter = processor.span_exporter
     writer = exporter.write_spans if isinstance(exporter, JsonLinesExporter) else None
-    recorder = Recorder(options.sampling_ratio, resource, processor, delay_s, writer=writer)
+    recorder = Recorder(
+        options.sampling_ratio, resource, processor, _FILE_DELAY_MS / 1000, _QUEUE, writer
+    )
     if not _owned:
         atexit.register(flush)
     _owned[:] = [recorder]
@@ -111,11 +121,17 @@ def _processor(options: TracingOptions) -> Any:
         case "file":
             assert options.path is not None
             exporter = JsonLinesExporter(options.path)
-            return BatchSpanProcessor(exporter, schedule_delay_millis=_FILE_DELAY_MS)
+            return BatchSpanProcessor(
+                exporter, max_queue_size=_QUEUE, schedule_delay_millis=_FILE_DELAY_MS
+            )
         case "console":
-            return BatchSpanProcessor(ConsoleSpanExporter(), schedule_delay_millis=_BATCH_DELAY_MS)
+            return BatchSpanProcessor(
+                ConsoleSpanExporter(), max_queue_size=_QUEUE, schedule_delay_millis=_BATCH_DELAY_MS
+            )
         case "otlp":
-            return BatchSpanProcessor(_otlp(options), schedule_delay_millis=_BATCH_DELAY_MS)
+            return BatchSpanProcessor(
+                _otlp(options), max_queue_size=_QUEUE, schedule_delay_millis=_BATCH_DELAY_MS
+            )
     raise AssertionError(options.exporter)  # the options' validation refuses any other
 
 

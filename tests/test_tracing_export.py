@@ -1,0 +1,108 @@
+"""Tracing's export path under load (docs/tracing.md, "Export"): spans ended at a few
+thousand a second all reach a real OTLP collector (a gRPC server speaking OpenTelemetry's
+trace service), and spans beyond what a process holds for export are dropped with a
+warning, not silently."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import run_driver
+
+pytest.importorskip("opentelemetry.sdk", reason="tracing needs pip install 'shoal[tracing]'")
+pytest.importorskip(
+    "opentelemetry.exporter.otlp.proto.grpc", reason="OTLP needs pip install 'shoal[tracing]'"
+)
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from shoal._observe.spans import Recorder, SpanShape
+
+# A driver: a collector in a thread of its own process, tracing exported to it by OTLP
+# over gRPC, spans ended at RATE a second for SECONDS (the proxy's HTTP span, as a
+# request makes it), then the count the collector received.
+SOURCE = """
+import json, sys, threading, time
+from concurrent import futures
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from shoal._config import TracingOptions
+from shoal._observe import tracing
+from shoal._transport.messages import Request
+
+received = [0]
+lock = threading.Lock()
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    def Export(self, request, context):
+        count = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+        with lock:
+            received[0] += count
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+server = grpc.server(futures.ThreadPoolExecutor(2))
+trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+tracing.configure(
+    TracingOptions(enabled=True, exporter="otlp", endpoint=f"http://127.0.0.1:{port}"), "proxy-1"
+)
+rate, seconds = int(sys.argv[2]), float(sys.argv[3])
+scope = {"method": "POST", "path": "/echo", "headers": []}
+ended = 0
+started = time.perf_counter()
+while ended < rate * seconds:
+    for _ in range(rate // 100):  # a hundredth of a second's spans, then wait for the next
+        span = tracing.start_http(scope, "/")
+        tracing.bind_http(Request("__call__", (), {}, f"request-{ended}"))
+        tracing.end_http(span, 200)
+        ended += 1
+    time.sleep(max(0.0, started + ended / rate - time.perf_counter()))
+tracing.flush()  # hands the last spans over and waits for their export (at most 2 s)
+server.stop(None)
+print(json.dumps({"ended": ended, "received": received[0],
+                  "seconds": time.perf_counter() - started}))
+"""
+
+
+def test_spans_ended_at_thousands_a_second_all_reach_the_otlp_collector(tmp_path: Path) -> None:
+    # 4,000 a second for 1.5 s: before 2026-12-02 shoal handed its spans to the SDK's
+    # processor once a second, into the SDK's queue of 2,048, and a third were dropped.
+    result = run_driver(tmp_path, SOURCE, "4000", "1.5")
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert counts["ended"] == 6000
+    assert counts["received"] == counts["ended"], (counts, result.stderr[-2000:])
+    assert "dropp" not in result.stderr.lower(), result.stderr[-2000:]
+
+
+def test_spans_beyond_the_export_queue_are_dropped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exported = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exported)
+    # A queue of 10 handed over every 10 minutes: only flush() hands it over.
+    recorder = Recorder(1.0, Resource.create({}), processor, 600.0, max_queue=10)
+    shape = SpanShape("POST /", SpanKind.SERVER, {})
+    try:
+        for number in range(25):
+            recorder.start(shape, None, {"n": number}).end()
+        with caplog.at_level(logging.WARNING, logger="shoal.tracing"):
+            recorder.flush()
+    finally:
+        recorder.stop()
+    kept = [(span.attributes or {})["n"] for span in exported.get_finished_spans()]
+    assert kept == list(range(15, 25))  # the newest 10; the oldest were dropped
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "10 or more sampled spans" in warnings[0]
+    assert "tracing_options.sampling_ratio" in warnings[0]
