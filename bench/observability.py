@@ -10,7 +10,13 @@ variant's options, then ``serve.run``):
   ``logging_config={"enable_access_log": False}``), tracing off;
 * **default**: shoal's defaults (metrics and the access log on, tracing off);
 * **tracing**: the defaults plus tracing at 100% sampling, spans exported by the SDK's
-  batch processor to a JSON-lines file (``exporter="file"``).
+  batch processor to a JSON-lines file (``exporter="file"``);
+* **otlp** (only when asked for, ``--variants default,tracing,otlp``): the same with
+  OTLP over gRPC, the production exporter, to a collector that discards the spans, in
+  threads of the server's own process (its CPU is the table's ``server``).
+
+A run whose server logged a dropped span (shoal's warning or the SDK's) is marked in the
+per-run table: its figures are of fewer spans than requests made.
 
 Each round starts new servers, one per variant, and measures every variant at c=1 and
 c=64 (wrk, or the Python load generator), the variants interleaved, in an order rotated
@@ -27,8 +33,8 @@ measured in one run. Besides the ratio of the medians, each ratio is given as th
 the per-round ratios and its standard error: what the run resolves (at c=64 a round's
 ratio varies by about ±0.09, so 24 rounds resolve about ±0.02).
 
-Targets: *default* within 5% of *off* (throughput at c=64, p50 at c=1); *tracing* costs
-at most 15%. The foreign CPU (used by anything but
+Targets: *default* within 5% of *off* (throughput at c=64, p50 at c=1); *tracing* (and
+*otlp*) costs at most 15%. The foreign CPU (used by anything but
 this script and its servers) is measured per run; a run above 15% of one core is marked
 not valid. Results go to ``bench/results/observability-<UTC timestamp>.json`` and ``.md``.
 """
@@ -77,7 +83,45 @@ def variants(trace_file: str) -> dict[str, dict[str, Any]]:
                 "path": trace_file,
             }
         },
+        "otlp": {
+            "tracing_options": {
+                "enabled": True,
+                "sampling_ratio": 1.0,
+                "exporter": "otlp",
+                "endpoint": OTLP_COLLECTOR,
+            }
+        },
     }
+
+
+#: The endpoint of the otlp variant: the server starts a collector and puts its own there.
+OTLP_COLLECTOR = "http://127.0.0.1:0"
+#: What a server's log says when spans were dropped (shoal's warning, the SDK's).
+_DROPPED = (b"were dropped, the oldest first", b"dropping Span")
+
+
+def _start_collector() -> str:
+    """An OTLP collector over gRPC on a free loopback port, in threads of this process,
+    that discards the spans it receives; returns its endpoint."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as service
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as rpc
+
+    class Collector(rpc.TraceServiceServicer):  # type: ignore[misc]
+        def Export(self, request: Any, context: Any) -> Any:
+            return service.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    rpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    _collectors.append(server)  # a gRPC server stops when collected
+    return f"http://{HOST}:{port}"
+
+
+_collectors: list[Any] = []
 
 
 def serve_main(variant_json: str, port: int, direct_port: int = 0, app: str = "w1") -> int:
@@ -89,6 +133,9 @@ def serve_main(variant_json: str, port: int, direct_port: int = 0, app: str = "w
     from shoal import serve
 
     options = json.loads(variant_json)
+    tracing_options = options.get("tracing_options", {})
+    if tracing_options.get("endpoint") == OTLP_COLLECTOR:
+        tracing_options["endpoint"] = _start_collector()
     serve.start(
         http_options={"host": HOST, "port": port}, admin_options={"port": 0}, _attach=False,
         **options,
@@ -198,14 +245,30 @@ def _run(
     spec = LoadSpec(port, "/echo", "POST", ECHO_BODY, concurrency, args.duration)
     measured = measured_load(meter, proc.pid, partial(run_load, spec, loadgen))
     result, core_pct = measured.result, measured.foreign_core_pct
+    dropped = _logged_drops(proc.log_path)
     line = (f"round {round_} {name} c={concurrency}: {result.throughput_rps:.0f} req/s "
             f"p50 {result.p50_ms:.3f} ms (foreign {core_pct:.0f}% of a core)")  # fmt: skip
     print(line, file=sys.stderr, flush=True)
     return {
         "round": round_, "variant": name, "concurrency": concurrency,
         "valid": measured.valid, "foreign_core_pct": core_pct,
-        "cpu_s": measured.cpu_s, **result.to_dict(),
+        "cpu_s": measured.cpu_s, "spans_dropped": dropped, **result.to_dict(),
     }  # fmt: skip
+
+
+_log_read: dict[Path, int] = {}  # a server's log -> how far _logged_drops has read it
+
+
+def _logged_drops(log: Path) -> bool:
+    """Whether the server logged dropped spans since the last call (for this log)."""
+    try:
+        with log.open("rb") as file:
+            file.seek(_log_read.get(log, 0))
+            text = file.read()
+    except FileNotFoundError:
+        return False
+    _log_read[log] = _log_read.get(log, 0) + len(text)
+    return any(marker in text for marker in _DROPPED)
 
 
 #: Issue 12's targets: (variant, compared with, concurrency, figure, limit, higher is better).
@@ -214,6 +277,8 @@ TARGETS = (
     ("default", "off", 1, "p50_ms", 1.05, False),
     ("tracing", "default", 64, "throughput_rps", 0.85, True),
     ("tracing", "default", 1, "p50_ms", 1.15, False),
+    ("otlp", "default", 64, "throughput_rps", 0.85, True),
+    ("otlp", "default", 1, "p50_ms", 1.15, False),
 )
 
 
@@ -318,11 +383,15 @@ def render(results: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["runs"]:
+        dropped = " (spans dropped)" if r.get("spans_dropped") else ""
         lines.append(
-            f"| {r['round']} | {r['variant']} | {r['concurrency']} | "
+            f"| {r['round']} | {r['variant']}{dropped} | {r['concurrency']} | "
             f"{_f(r['throughput_rps'], 0)} | {_f(r['p50_ms'], 3)} | {_f(r['p99_ms'], 3)} | "
             f"{r['foreign_core_pct']:.0f}% | {'yes' if r['valid'] else 'NO'} |"
         )
+    dropping = sum(1 for r in results["runs"] if r.get("spans_dropped"))
+    if dropping:
+        lines.insert(3, f"- spans dropped (logged by the server) in {dropping} run(s)")
     return "\n".join(lines) + "\n"
 
 
@@ -364,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s (smoke test)")
     parser.add_argument(
         "--variants", default="off,default,tracing",
-        help="which of off, default, tracing to serve (comma-separated)",
+        help="which of off, default, tracing, otlp to serve (comma-separated)",
     )  # fmt: skip
     parser.add_argument(
         "--baseline", metavar="REF",
@@ -379,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = args.variants.split(",")
     unknown = set(args.variants) - set(variants(""))
     if unknown:
-        parser.error(f"--variants: unknown {', '.join(sorted(unknown))} (off, default, tracing)")
+        parser.error(
+            f"--variants: unknown {', '.join(sorted(unknown))} (off, default, tracing, otlp)"
+        )
     if args.baseline is not None:
         verify = ["git", "-C", str(REPO_ROOT), "rev-parse", "-q", "--verify"]
         if subprocess.run([*verify, f"{args.baseline}^{{commit}}"], capture_output=True).returncode:

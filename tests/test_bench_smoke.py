@@ -925,6 +925,33 @@ def test_observability_summary_compares_builds_with_the_rounds_spread() -> None:
     assert "NAME@base: served from a worktree of base" in text
 
 
+def test_observability_marks_the_runs_whose_server_dropped_spans(tmp_path: Path) -> None:
+    """A run whose server logged a dropped span (the SDK's warning or shoal's) since the
+    last run is marked, and counted in the header: its figures are of fewer spans."""
+    log = tmp_path / "server.log"
+    log.write_bytes(b"INFO ... POST /echo 200 0.3ms\n")
+    assert not observability._logged_drops(log)
+    with log.open("ab") as file:
+        file.write(b"Queue full, dropping Span.\n")
+    assert observability._logged_drops(log)
+    assert not observability._logged_drops(log)  # nothing new since
+    runs = [
+        {**_observability_run(0, "default", 64, 1000.0), "spans_dropped": False},
+        {**_observability_run(0, "otlp", 64, 800.0), "spans_dropped": True},
+    ]
+    text = observability.render({
+        "started": "2026-12-02T00:00:00+00:00", "dirty": False, "loadgen": "wrk",
+        "rounds": 1, "duration_s": 5.0, "path": "proxy", "baseline": None, "runs": runs,
+        "summary": observability.summarize(runs),
+        "environment": {"git_commit": "abc", "machine": {"cpu_model": "cpu", "nproc": 2},
+                        "python": {"version": "3.11"}, "packages": {}},
+    })  # fmt: skip
+    assert "- spans dropped (logged by the server) in 1 run(s)" in text
+    assert "| 0 | otlp (spans dropped) | 64 | 800 |" in text
+    assert "| 0 | default | 64 | 1,000 |" in text
+    assert "| otlp / default, c=64 | 0.800 |" in text
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [(["--baseline", "no-such-ref"], "--baseline: 'no-such-ref'"),
