@@ -106,3 +106,49 @@ def test_spans_beyond_the_export_queue_are_dropped_with_a_warning(
     assert len(warnings) == 1
     assert "10 or more sampled spans" in warnings[0]
     assert "tracing_options.sampling_ratio" in warnings[0]
+
+
+def test_shoal_s_otlp_encoding_is_the_sdk_s(tmp_path: Path) -> None:
+    """Shoal encodes its own spans for OTLP over gRPC (``shoal._observe.otlp``): the
+    request parses to the message the SDK's encoder makes of the same spans, whatever
+    the span (root, remote and local parents, renamed, an attribute of its shape set
+    again, an error status, an exception, attribute values of every kind)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.trace import StatusCode
+
+    from shoal._observe.otlp import ShoalSpanExporter, span_bytes
+
+    resource = Resource.create({"service.name": "shoal", "shoal.process": "replica-1"})
+    recorder = Recorder(1.0, resource, SimpleSpanProcessor(InMemorySpanExporter()), 600.0)
+    http = SpanShape("POST /", SpanKind.SERVER, {"http.request.method": "POST"})
+    call = SpanShape("B/__call__", SpanKind.CLIENT, {"rpc.service": "B", "rpc.method": "x"})
+    try:
+        root = recorder.start(http, None, {"url.path": "/echo", "shoal.request_id": "r-1"})
+        root.set_attribute("http.response.status_code", 500)
+        root.set_status(StatusCode.ERROR, "HTTP 500")
+        remote = recorder.start_child(call, root.trace_hex, root.span_hex, True, {}, True)
+        remote.set_attributes({"ok": True, "no": False, "ratio": 0.25, "minus": -7,
+                               "big": 1 << 62, "empty": ""})  # fmt: skip
+        local = recorder.start_child(call, root.trace_hex, remote.span_hex, True, {}, False)
+        local.set_attribute("rpc.method", "__call__")  # the shape's, set again
+        renamed = recorder.start(call, None, {})
+        renamed.update_name("renamed")
+        failed = recorder.start(call, None, {"n": 1})
+        failed.record_exception(ValueError("bad input"))
+        failed.set_status(StatusCode.ERROR, "ValueError: bad input")
+        listed = recorder.start(call, None, {"sizes": [1, 2, 3]})
+        spans = [root, remote, local, renamed, failed, listed]
+        for span in spans:
+            span.end()
+        # The last two are the SDK's to encode (an event; a list): the others are shoal's.
+        assert [span_bytes(span) is None for span in spans] == [False] * 4 + [True] * 2
+        exporter = ShoalSpanExporter(endpoint="http://127.0.0.1:9")  # never connected
+        ours = exporter._translate_data(spans)
+        theirs = encode_spans([recorder._readable(span) for span in spans])
+        assert ExportTraceServiceRequest.FromString(ours.SerializeToString()) == theirs
+        assert ours == theirs
+    finally:
+        recorder.stop()

@@ -176,15 +176,16 @@ class Recorder:
 class SpanShape:
     """What the spans of one kind of call share: their name, kind and fixed attributes
     (never changed once made). ``tracing`` keeps one per kind of call, so a span starts
-    without building them, and the file exporter encodes them once (``json``)."""
+    without building them, and the exporters encode them once (``json``, ``otlp``)."""
 
-    __slots__ = ("attributes", "json", "kind", "name")
+    __slots__ = ("attributes", "json", "kind", "name", "otlp")
 
     def __init__(self, name: str, kind: Any, attributes: dict[str, Any]) -> None:
         self.name = name
         self.kind = kind
         self.attributes = attributes
         self.json: Any = None  # set by the file exporter, for the file exporter
+        self.otlp: bytes | None = None  # set by the OTLP exporter (shoal._observe.otlp)
 
 
 class FastSpan(api.Span):

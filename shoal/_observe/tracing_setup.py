@@ -88,7 +88,7 @@ def install(options: TracingOptions, source: str) -> Any:
     for old in _owned:  # a process configured again (tests): the last configuration wins
         old.stop()
     exporter = processor.span_exporter
-    writer = exporter.write_spans if isinstance(exporter, JsonLinesExporter) else None
+    writer = getattr(exporter, "write_spans", None) or getattr(exporter, "export_fast", None)
     recorder = Recorder(
         options.sampling_ratio, resource, processor, _FILE_DELAY_MS / 1000, _QUEUE, writer
     )
@@ -139,8 +139,8 @@ def _otlp(options: TracingOptions) -> Any:
     grpc = options.protocol == "grpc"
     package = "opentelemetry-exporter-otlp-proto-" + ("grpc" if grpc else "http")
     try:
-        if grpc:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        if grpc:  # shoal's spans encoded by shoal (docs/tracing.md): the SDK's at 37 us each
+            from shoal._observe.otlp import ShoalSpanExporter as OTLPSpanExporter
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
                 OTLPSpanExporter,
