@@ -892,6 +892,19 @@ def _observability_run(round_: int, variant: str, concurrency: int, rps: float) 
     }  # fmt: skip
 
 
+def _observability_text(
+    runs: list[dict[str, Any]], summary: dict[str, Any], rounds: int, baseline: str | None
+) -> str:
+    """bench.observability's report of ``runs`` (a run of the proxy path on a fake machine)."""
+    return observability.render({
+        "started": "2026-12-02T00:00:00+00:00", "dirty": False, "loadgen": "wrk",
+        "rounds": rounds, "duration_s": 5.0, "path": "proxy", "baseline": baseline,
+        "runs": runs, "summary": summary,
+        "environment": {"git_commit": "abc", "machine": {"cpu_model": "cpu", "nproc": 2},
+                        "python": {"version": "3.11"}, "packages": {}},
+    })  # fmt: skip
+
+
 def test_observability_summary_compares_builds_with_the_rounds_spread() -> None:
     """bench.observability with --baseline: each variant against the other build's, and
     every ratio with the mean and standard error of its per-round ratios."""
@@ -913,13 +926,7 @@ def test_observability_summary_compares_builds_with_the_rounds_spread() -> None:
     assert ratios["off / off@base, c=64"]["ratio"] == pytest.approx(1000 / 800)
     assert ratios["default / default@base, c=1"]["ratio"] == pytest.approx(760 / 950)
     assert "tracing / default, c=64" not in ratios  # not served
-    text = observability.render({
-        "started": "2026-12-02T00:00:00+00:00", "dirty": False, "loadgen": "wrk",
-        "rounds": 3, "duration_s": 5.0, "path": "proxy", "baseline": "base", "runs": runs,
-        "summary": summary,
-        "environment": {"git_commit": "abc", "machine": {"cpu_model": "cpu", "nproc": 2},
-                        "python": {"version": "3.11"}, "packages": {}},
-    })  # fmt: skip
+    text = _observability_text(runs, summary, rounds=3, baseline="base")
     assert "| default / off, c=64 | 0.950 | 0.950 ± 0.029 (3) | ≥ 0.95: PASS |" in text
     assert "| off / off@base, c=64 | 1.250 |" in text
     assert "NAME@base: served from a worktree of base" in text
@@ -939,13 +946,7 @@ def test_observability_marks_the_runs_whose_server_dropped_spans(tmp_path: Path)
         {**_observability_run(0, "default", 64, 1000.0), "spans_dropped": False},
         {**_observability_run(0, "otlp", 64, 800.0), "spans_dropped": True},
     ]
-    text = observability.render({
-        "started": "2026-12-02T00:00:00+00:00", "dirty": False, "loadgen": "wrk",
-        "rounds": 1, "duration_s": 5.0, "path": "proxy", "baseline": None, "runs": runs,
-        "summary": observability.summarize(runs),
-        "environment": {"git_commit": "abc", "machine": {"cpu_model": "cpu", "nproc": 2},
-                        "python": {"version": "3.11"}, "packages": {}},
-    })  # fmt: skip
+    text = _observability_text(runs, observability.summarize(runs), rounds=1, baseline=None)
     assert "- spans dropped (logged by the server) in 1 run(s)" in text
     assert "| 0 | otlp (spans dropped) | 64 | 800 |" in text
     assert "| 0 | default | 64 | 1,000 |" in text
