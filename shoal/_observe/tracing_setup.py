@@ -8,13 +8,14 @@ Imported only when tracing is enabled (it imports the OpenTelemetry SDK). Guaran
 - ``setup_hook`` is called once per process (a second configuration of the same
   process with the same hook does not call it again); shoal then uses the global
   provider the hook installed (or the provider it returns);
-- every exporter batches (the SDK's BatchSpanProcessor, off the request's path): the file
-  exporter writes within :data:`_FILE_DELAY_MS` of a span's end, OTLP and console within
-  :data:`_FILE_DELAY_MS` plus :data:`_BATCH_DELAY_MS`; what is left is flushed when a
-  worker exits (``flush``) and at the controller's interpreter exit;
-- shoal's spans reach the exporter every :data:`_FILE_DELAY_MS`, whatever the exporter,
-  into a processor queue as long as the recorder's (:data:`_QUEUE`): none is dropped
-  while a process ends fewer than :data:`_QUEUE` sampled spans in that time and the
+- every exporter batches, off the request's path: shoal's recorder takes its ended
+  spans every :data:`_FILE_DELAY_MS` to the file exporter and to OTLP over gRPC, which
+  export them then (``write_spans``, ``export_fast``), or to the SDK's
+  BatchSpanProcessor (console, OTLP over HTTP), which exports within
+  :data:`_BATCH_DELAY_MS` more, as it does the user's own SDK spans; what is left is
+  flushed when a worker exits (``flush``) and at the controller's interpreter exit;
+- the recorder and the processor each hold :data:`_QUEUE` spans: none is dropped while
+  a process ends fewer than that many sampled spans in :data:`_FILE_DELAY_MS` and the
   exporter keeps up; past that, the oldest are dropped and a warning says so;
 - every failure is a ConfigError naming the option and what to do.
 """
