@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,43 @@ def test_shoal_s_otlp_encoding_is_the_sdk_s(tmp_path: Path) -> None:
         assert ours == theirs
     finally:
         recorder.stop()
+
+
+# A driver whose collector does not answer (nothing listens on its port).
+SILENT_COLLECTOR = """
+import json, sys, time
+
+from conftest import free_port
+from shoal._config import TracingOptions
+from shoal._observe import tracing
+from shoal._transport.messages import Request
+
+tracing.configure(
+    TracingOptions(enabled=True, exporter="otlp", endpoint=f"http://127.0.0.1:{free_port()}"),
+    "proxy-1",
+)
+scope = {"method": "POST", "path": "/echo", "headers": []}
+started = time.perf_counter()
+ending = 0.0
+for number in range(3000):  # over 3 s: exports are tried (and retried) meanwhile
+    begun = time.perf_counter()
+    span = tracing.start_http(scope, "/")
+    tracing.bind_http(Request("__call__", (), {}, f"request-{number}"))
+    tracing.end_http(span, 200)
+    ending = max(ending, time.perf_counter() - begun)
+    time.sleep(max(0.0, started + (number + 1) / 1000 - time.perf_counter()))
+flushed = time.perf_counter()
+tracing.flush()
+print(json.dumps({"slowest_span_s": ending, "flush_s": time.perf_counter() - flushed}))
+"""
+
+
+def test_a_collector_that_does_not_answer_holds_neither_requests_nor_exit(
+    tmp_path: Path,
+) -> None:
+    started = time.monotonic()
+    result = run_driver(tmp_path, SILENT_COLLECTOR)
+    times = json.loads(result.stdout.strip().splitlines()[-1])
+    assert times["slowest_span_s"] < 0.5, times  # spans end while exports retry
+    assert times["flush_s"] < 3.0, times  # a flush waits at most 2 s for the exporter
+    assert time.monotonic() - started < 60  # and the process exits (run_driver: 120 s)
