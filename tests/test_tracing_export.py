@@ -1,7 +1,8 @@
-"""Tracing's export path under load (docs/tracing.md, "Export"): spans ended at a few
-thousand a second all reach a real OTLP collector (a gRPC server speaking OpenTelemetry's
-trace service), and spans beyond what a process holds for export are dropped with a
-warning, not silently."""
+"""Tracing's export path (docs/tracing.md): spans ended at a few thousand a second all
+reach a real OTLP collector (a gRPC server speaking OpenTelemetry's trace service); spans
+beyond what a process holds for export are dropped with a warning, not silently; shoal's
+own OTLP encoding is the SDK's, field for field; a collector that does not answer holds
+neither the spans' ends nor the process's exit."""
 
 from __future__ import annotations
 

@@ -175,7 +175,9 @@ class ShoalSpanExporter(OTLPSpanExporter):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._envelopes: dict[int, _Envelope] = {}  # id(recorder) -> its envelope
+        # The resource and scope of the recorder's spans (an exporter serves one recorder:
+        # a process configured again gets a new exporter), encoded on the first export.
+        self._envelope: _Envelope | None = None
         # Two threads export: shoal's recorder and the SDK's batch processor (the user's
         # own spans); the SDK's exporter expects one at a time.
         self._exporting_lock = threading.Lock()
@@ -196,9 +198,9 @@ class ShoalSpanExporter(OTLPSpanExporter):
 
     def _request(self, spans: Sequence[FastSpan]) -> bytes:
         recorder = spans[0]._recorder
-        envelope = self._envelopes.get(id(recorder))
+        envelope = self._envelope
         if envelope is None:
-            envelope = self._envelopes[id(recorder)] = _Envelope(recorder._readable(spans[0]))
+            envelope = self._envelope = _Envelope(recorder._readable(spans[0]))
         encoded = []
         for span in spans:
             one = span_bytes(span)
