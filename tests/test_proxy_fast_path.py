@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 import uvicorn
+from conftest import async_wait_until
 
 from shoal._proxy.exchange import DisconnectWatches
 from shoal._proxy.http_protocol import CorkedHttpToolsProtocol
@@ -129,8 +130,21 @@ class _Stream:
         self.closed = True
 
 
+class _CountedWatches(DisconnectWatches):
+    """Counts its ticks, so the test speaks in periods rather than in wall-clock time
+    (which a loaded machine stretches)."""
+
+    def __init__(self, period_s: float) -> None:
+        super().__init__(period_s)
+        self.ticks = 0
+
+    def _tick(self) -> None:
+        self.ticks += 1
+        super()._tick()
+
+
 async def test_disconnect_watches_start_after_one_to_two_periods() -> None:
-    watches = DisconnectWatches(period_s=0.02)
+    watches = _CountedWatches(period_s=0.02)
     left = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
@@ -141,12 +155,19 @@ async def test_disconnect_watches_start_after_one_to_two_periods() -> None:
     answered = watches.watch(receive, quick)
     running = watches.watch(receive, slow)
     answered.stop()  # answered at once: never watched
-    await asyncio.sleep(0.005)
     left.set()  # the client leaves before any watch started: nothing notices yet
-    await asyncio.sleep(0)
-    assert not slow.closed
-    await asyncio.sleep(0.06)  # two ticks: the running request's watch starts, sees it
-    assert slow.closed and not quick.closed
+
+    async def ticked_once() -> bool:
+        return watches.ticks >= 1
+
+    async def slow_closed() -> bool:
+        return slow.closed
+
+    await async_wait_until(ticked_once, timeout_s=5, what="the first tick")
+    assert not slow.closed  # one period: the watch is only aged
+    await async_wait_until(slow_closed, timeout_s=5, what="the running request's watch")
+    assert watches.ticks == 2  # the second tick started it, and it saw the client gone
+    assert not quick.closed
     assert watches._timer is None  # nothing left to watch: no timer runs
     running.stop()
 
