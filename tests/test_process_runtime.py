@@ -11,7 +11,9 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -68,6 +70,35 @@ def test_killed_replica_is_replaced_and_queued_requests_survive(
     deployment = serve.status().applications["victim"].deployments["Worker"]
     assert deployment.replica_states == {"RUNNING": 1}
     serve.delete("victim")
+
+
+@serve.deployment
+class HeldOverHttp:
+    async def __call__(self, request: Any) -> str:
+        Path(request.query_params["marker"]).write_text(str(os.getpid()))
+        await asyncio.sleep(60)
+        return "held"
+
+
+def test_a_replica_killed_mid_request_answers_502_with_what_happened(
+    http_port: int, tmp_path: Path
+) -> None:
+    """Over HTTP the caller learns the replica died (it may have run in part) rather than
+    a bare 500, with the request id the server log names the replica under."""
+    serve.run(HeldOverHttp.bind(), name="held", route_prefix="/held")
+    marker = tmp_path / "pid"
+    url = f"http://127.0.0.1:{http_port}/held"
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            client.get, url, params={"marker": str(marker)}, headers={"x-request-id": "r-42"}
+        )
+        pid = int(wait_until(lambda: marker.exists() and marker.read_text(), 30, "the call"))
+        os.kill(pid, signal.SIGKILL)
+        response = pending.result(timeout=30)
+    assert response.status_code == 502
+    assert "died before answering" in response.text and "may have run" in response.text
+    assert response.headers["x-request-id"] == "r-42"
+    serve.delete("held")
 
 
 def test_socket_directory_is_private(http_port: int) -> None:

@@ -40,7 +40,13 @@ from collections.abc import Callable
 from typing import Any
 
 from shoal._config import TIMEOUTS, HTTPOptions
-from shoal._errors import BackPressureError, RequestCancelledError, ShoalError, UnavailableError
+from shoal._errors import (
+    BackPressureError,
+    ReplicaDiedError,
+    RequestCancelledError,
+    ShoalError,
+    UnavailableError,
+)
 from shoal._json import dumps as json_dumps
 from shoal._observe import tracing
 from shoal._observe.logs import access_log_enabled
@@ -90,6 +96,15 @@ PRIORITY_HEADER = b"x-request-priority"
 #: The request header naming its multiplexed model (Ray Serve's; docs/multiplexing.md).
 MODEL_ID_HEADER = b"serve_multiplexed_model_id"
 _FIRST = asyncio.FIRST_COMPLETED
+
+
+# A 502, as a gateway answers when its upstream closes without a response; not a 503,
+# which says the request was not processed and invites blind retries.
+_REPLICA_DIED = (
+    "Bad Gateway: the replica handling this request died before answering; the request "
+    "may have run in part. Retry it if it is safe to repeat (the server log names the "
+    "replica under this x-request-id)."
+)
 
 
 def _timed_out(timeout: float) -> str:
@@ -322,6 +337,9 @@ class Proxy:
                             extra_headers=[(_REQUEST_ID, request_id)])  # fmt: skip
         except RequestCancelledError:
             pass  # the client disconnected
+        except ReplicaDiedError as exc:  # before its response started (_relay aborts after)
+            logger.error("request %s to '%s' failed: %s", request.request_id, app, exc)
+            await reply(send, 502, _REPLICA_DIED, TEXT, [(_REQUEST_ID, request_id)])
         except ShoalError as exc:
             logger.error("request %s to '%s' failed: %s", request.request_id, app, exc)
             await reply(send, 500, "Internal Server Error", TEXT, [(_REQUEST_ID, request_id)])
@@ -362,7 +380,11 @@ class Proxy:
         headers = [*start.headers, (_REQUEST_ID, request_id)]
         await send({"type": "http.response.start", "status": start.status, "headers": headers})
         while True:
-            message = await stream.next()
+            try:
+                message = await stream.next()
+            except ReplicaDiedError as exc:  # the client sees the connection end, as below
+                logger.error("streamed response %s failed: %s", request_id.decode(), exc)
+                raise RuntimeError("the replica died mid-stream") from None
             if type(message) is StreamItem:
                 await send({"type": "http.response.body", "body": message.value, "more_body": True})
             elif type(message) is StreamEnd:

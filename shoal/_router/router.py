@@ -190,6 +190,13 @@ class Router:
         self._room.replica_connected()
         self._serve_queue()
 
+    def died(self, slot: _Slot, cause: TransportError) -> ReplicaDiedError:
+        """What a caller gets when ``slot``'s replica died with its request unanswered."""
+        return ReplicaDiedError(
+            f"replica {slot.info.replica_id} of deployment '{self.deployment}' died while "
+            f"handling the request ({cause}); it may have run in part"
+        )
+
     def _lost(self, slot: _Slot) -> None:
         if self.models is not None:
             self.models.forget(slot.info.replica_id)
@@ -312,10 +319,7 @@ class Router:
                 else:
                     reply = await self._reply_by(future, deadline)
             except TransportError as exc:
-                raise ReplicaDiedError(
-                    f"replica {slot.info.replica_id} of deployment '{self.deployment}' died "
-                    f"while handling the request ({exc})"
-                ) from None
+                raise self.died(slot, exc) from None
             if not stopped_unrun(reply):
                 return reply
             # Sent a moment before this router learned that replica stopped: it did not
@@ -484,6 +488,9 @@ class _CountedStream:
     async def next(self) -> Message:
         try:
             msg = await self._stream.next()
+        except TransportError as exc:  # the connection to the replica was lost: it died
+            self.close()
+            raise self._router.died(self._slot, exc) from None
         except BaseException:
             self.close()
             raise
