@@ -28,7 +28,7 @@ from shoal._config import (
     gRPCOptions,
     runtime_env_problems,
 )
-from shoal._config.support import EXTERNAL_SCALER_NOT_YET, not_yet
+from shoal._config.support import EXTERNAL_SCALER_NOT_YET, check_name, not_yet
 from shoal._errors import ConfigError
 
 # A problem found by a model validator: (path relative to the model, value, message).
@@ -94,7 +94,9 @@ class ServeApplicationSchema(_Strict):
     """One application: what to import, its arguments, environment and overrides."""
 
     name: str = Field(
-        "default", min_length=1, description="Application name, unique within the file."
+        "default",
+        min_length=1,
+        description="Application name, unique within the file, without '#'.",
     )
     route_prefix: str | None = Field(
         "/",
@@ -150,6 +152,11 @@ class ServeApplicationSchema(_Strict):
     @classmethod
     def _route_prefix(cls, value: str | None) -> str | None:
         return _check_route_prefix(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value) or value
 
     @field_validator("import_path")
     @classmethod

@@ -168,6 +168,14 @@ ERRORS = [
         _with({}, {"route_prefix": "api/"}),
         "applications[0].route_prefix: 'api/' must start with '/'",
     ),
+    (  # Ray's rule: '#' separates the parts of a replica id
+        _with({}, {"name": "a#b"}),
+        "applications[0].name: 'a#b' must not contain '#'",
+    ),
+    (
+        _with({}, {"deployments": [{"name": "A#1"}]}),
+        "applications[0].deployments[0].name: 'A#1' must not contain '#'",
+    ),
     (
         {
             "applications": [

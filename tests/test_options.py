@@ -68,6 +68,28 @@ def test_unknown_deployment_options_name_close_matches(declare: Any, fragment: s
         declare()
 
 
+def test_a_name_with_a_hash_is_refused_as_ray_refuses_it() -> None:
+    """'#' joins application, deployment and replica in a replica id (and a log file's
+    name): Ray refuses it in both names, and so does shoal, before anything deploys."""
+
+    @serve.deployment
+    def model(request: Any) -> str:
+        return "ok"
+
+    def plain(request: Any) -> str:
+        return "ok"
+
+    refused = "name='a#b' for deployment 'model': must not contain '#'"
+    with pytest.raises(serve.ConfigError, match=refused):
+        model.options(name="a#b")
+    with pytest.raises(serve.ConfigError, match="name='x#y' for deployment 'plain'"):
+        serve.deployment(name="x#y")(plain)
+    refused = r"serve.run\(name='p#q'\): an application name must"
+    with pytest.raises(serve.ConfigError, match=refused):
+        serve.run(model.bind(), name="p#q", _local_testing_mode=True)
+    assert "p#q" not in serve.status().applications
+
+
 def test_run_accepts_rays_positional_order() -> None:
     # Ray's signature: run(target, blocking, name, route_prefix, logging_config, ...).
     handle = serve.run(_app(), False, "positional", None, None, True)

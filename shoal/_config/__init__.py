@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 # Re-exported: the one place every layer imports options from.
 from shoal._config.strict import _Strict as _Strict
-from shoal._config.support import _did_you_mean, not_yet, runtime_env_problems
+from shoal._config.support import _did_you_mean, check_name, not_yet, runtime_env_problems
 from shoal._config.telemetry import LOG_LEVELS as LOG_LEVELS
 from shoal._config.telemetry import LoggingConfig as LoggingConfig
 from shoal._config.telemetry import TracingOptions as TracingOptions
@@ -210,7 +210,9 @@ class DeploymentConfig(_Strict):
     """
 
     name: str | None = Field(
-        None, min_length=1, description="Unique within the application (default: the class name)."
+        None,
+        min_length=1,
+        description="Unique within the application, without '#' (default: the class name).",
     )
     num_replicas: int | Literal["auto"] | None = Field(
         None,
@@ -276,6 +278,11 @@ class DeploymentConfig(_Strict):
     max_replicas_per_node: int | None = Field(
         None, ge=1, description="Replicas of the deployment per node at most (Ray runtime only)."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return check_name(value)
 
     @field_validator("num_replicas")
     @classmethod

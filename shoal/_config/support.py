@@ -44,6 +44,19 @@ RAY_NOT_YET: dict[str, str] = {
 }
 
 
+NAME_WITHOUT_HASH = (
+    "must not contain '#': it joins application, deployment and replica in a replica id"
+)
+
+
+def check_name(value: str | None) -> str | None:
+    """Ray's rule for application and deployment names (a ``#`` would make replica
+    ids, log file names and recovered checkpoints ambiguous)."""
+    if value is not None and "#" in value:
+        raise ValueError(NAME_WITHOUT_HASH)
+    return value
+
+
 def not_yet(option: str) -> str | None:
     """What to say of ``option`` if it is one of :data:`RAY_NOT_YET` (else None)."""
     why = RAY_NOT_YET.get(option)

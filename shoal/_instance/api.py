@@ -36,6 +36,7 @@ from shoal._config import (
     gRPCOptions,
     validate,
 )
+from shoal._config.support import NAME_WITHOUT_HASH
 from shoal._controller.status import ServeStatus
 from shoal._errors import (
     ConfigError,
@@ -333,6 +334,10 @@ def _check_target(target: RunTarget) -> None:
         )
     if not target.name:
         raise ConfigError("application name must be a non-empty string")
+    if "#" in target.name:
+        raise ConfigError(
+            f"serve.run(name={target.name!r}): an application name {NAME_WITHOUT_HASH}"
+        )
     arguments.check_route_prefix(target.route_prefix)
     arguments.check_direct_ingress_port(target.direct_ingress_port)
 
