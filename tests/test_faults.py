@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from conftest import async_wait_until, free_port, run_driver, wait_until
 from bench.procs import is_alive
 from shoal import serve
 from shoal._errors import ShoalError
+from shoal._runtime.loop import StopRequest, wait_responsive
 
 NODE = socket.gethostname()  # serve.status().proxies is keyed by node, as in Ray
 
@@ -512,3 +514,17 @@ async def test_a_worker_that_rejoins_twice_is_adopted_once_and_not_lost(tmp_path
         worker.kill()
         worker.wait()
         await runtime.shutdown(1.0)
+
+
+def test_a_stop_asked_for_in_a_signal_handler_takes_no_lock_and_ends_the_wait() -> None:
+    """A SIGTERM or SIGINT handler runs in the main thread between two bytecodes, maybe
+    inside the wait while that holds its event's lock (not reentrant): asking for the
+    stop there must take no lock, or ``shoal start`` would hang for good."""
+    stop = StopRequest()
+    with stop._event._cond:  # where the main thread is, inside Event.wait
+        stop.from_signal()  # (Event.set here would wait for this lock forever)
+    assert stop.is_set()
+    wait_responsive(stop, tick_s=0.05)  # returns at its first tick (or the test times out)
+    other = StopRequest()  # and another thread's request ends it at once
+    threading.Timer(0.01, other.set).start()
+    wait_responsive(other, tick_s=60)

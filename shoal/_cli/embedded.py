@@ -17,16 +17,16 @@ import os
 import signal
 import socket
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shoal._cli.target import load, parse_args
+from shoal._runtime.loop import StopRequest
 
 logger = logging.getLogger("shoal")
 
-_stop = threading.Event()
+_stop = StopRequest()
 
 
 def catch_stop_signals() -> None:
@@ -39,7 +39,7 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
     api = sys.modules.get("shoal._instance.api")  # never an import in a signal handler
     if api is not None:  # else no instance runs yet
         api.stopping()
-    _stop.set()
+    _stop.from_signal()
 
 
 def check_port(command: str, host: str, port: int) -> None:

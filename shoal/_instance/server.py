@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +44,7 @@ from shoal._instance.home import (
     server_dir,
     write_server_info,
 )
-from shoal._runtime.loop import wait_responsive
+from shoal._runtime.loop import StopRequest, wait_responsive
 
 logger = logging.getLogger("shoal")
 
@@ -160,13 +159,13 @@ def serve_forever(options: dict[str, Any]) -> None:
     from shoal._runtime.process.directory import check_socket_directory
 
     directory = server_dir()
-    stop = threading.Event()
+    stop = StopRequest()
     instance: Instance | None = None
 
     def on_signal(signum: int, frame: Any) -> None:
         if instance is not None:  # its processes that end from now on are not replaced
             instance.controller.stopping = True
-        stop.set()
+        stop.from_signal()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)

@@ -70,15 +70,44 @@ class LoopThread:
             self.loop.close()
 
 
-def wait_responsive(event: threading.Event | None = None, tick_s: float = 0.25) -> None:
-    """Block the main thread until ``event`` is set (forever without one), running signal
-    handlers within ``tick_s`` of a signal.
+class StopRequest:
+    """A stop asked for by a signal handler (``from_signal``) or by another thread (``set``).
+
+    A handler must not call ``threading.Event.set``: it runs in the main thread between
+    two bytecodes, possibly inside that event's ``wait`` while it holds the event's lock,
+    which is not reentrant, and the process would hang for good. ``from_signal`` only
+    sets a flag, which :func:`wait_responsive` reads within its tick.
+    """
+
+    __slots__ = ("_event", "_signalled")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._signalled = False
+
+    def from_signal(self) -> None:
+        self._signalled = True
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._signalled or self._event.is_set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Whether a stop was asked for within ``timeout_s`` (a signal's seen at its end)."""
+        return self._event.wait(timeout_s) or self._signalled
+
+
+def wait_responsive(stop: StopRequest | None = None, tick_s: float = 0.25) -> None:
+    """Block the main thread until ``stop`` is asked for (forever without one), running
+    signal handlers within ``tick_s`` of a signal.
 
     A bare ``Event.wait()`` can miss Ctrl-C for good: the kernel may deliver SIGINT to
     another thread (the loop thread, a log flusher), and then nothing wakes the main
     thread's lock wait, the only place Python runs its handlers. Waking every ``tick_s``
     lets it run them (KeyboardInterrupt is raised from here).
     """
-    waited = event if event is not None else threading.Event()
+    waited = stop if stop is not None else StopRequest()
     while not waited.wait(tick_s):
         pass
