@@ -666,6 +666,67 @@ def test_shoal_run_serves_in_its_own_process_even_when_a_server_runs(
     assert read_server_info() == server
 
 
+BROKEN_RUN = """
+from shoal import serve
+
+@serve.deployment
+class Broken:
+    def __init__(self):
+        raise ValueError("no weights here")
+
+try:
+    serve.run(Broken.bind(), name="broken-run", route_prefix=None)
+except serve.DeploymentError:
+    print("failed")
+"""
+
+
+def test_a_restarted_server_still_lists_the_applications_that_have_nothing_running(
+    shared_server: list[Any], tmp_path: Path
+) -> None:
+    """kill -9 of the server: after its restart a failed first serve.run and a config's
+    failed build are still DEPLOY_FAILED with why; a build the kill cut short is
+    DEPLOY_FAILED saying to apply the config again, rather than gone without a word."""
+    home = shared_server[0]
+
+    def killed_and_restarted(info: ServerInfo) -> dict[str, Any]:
+        before = app_details(info)["applications"]
+        os.kill(info.pid, signal.SIGKILL)
+        assert wait_stopped(info, 10)
+        shared_server[1] = _start(home, tmp_path)
+        after: dict[str, Any] = app_details(shared_server[1])["applications"]
+        assert after.keys() == before.keys()
+        return after
+
+    def status_of(info: ServerInfo, app: str) -> str | None:
+        return app_details(info)["applications"].get(app, {}).get("status")
+
+    workdir = {"runtime_env": {"working_dir": str(tmp_path)}}
+    nobuild = {"name": "nobuild", "import_path": "no_such_module:app", **workdir}
+    assert _put(shared_server[1], {"applications": [nobuild]}).status_code == 200
+    wait_until(lambda: status_of(shared_server[1], "nobuild") == "DEPLOY_FAILED", 60, "failed")
+    assert run_driver(tmp_path, BROKEN_RUN).stdout.strip() == "failed"
+    after = killed_and_restarted(shared_server[1])
+    assert after["nobuild"]["status"] == "DEPLOY_FAILED"
+    assert "no_such_module" in after["nobuild"]["message"]
+    assert after["broken-run"]["status"] == "DEPLOY_FAILED"
+    assert "no weights here" in after["broken-run"]["message"]
+
+    (tmp_path / "gated.py").write_text(GATED_SOURCE)
+    gated = {"name": "gated", "import_path": "gated:app", **workdir}
+    assert _put(shared_server[1], {"applications": [gated]}).status_code == 200
+    wait_until(lambda: status_of(shared_server[1], "gated") == "DEPLOYING", 30, "building")
+    try:
+        after = killed_and_restarted(shared_server[1])
+    finally:
+        (tmp_path / "gate").touch()  # the build the kill orphaned ends
+    assert after["gated"]["status"] == "DEPLOY_FAILED"
+    assert "apply the config again" in after["gated"]["message"]
+    deleted = httpx.delete(f"{shared_server[1].admin_url}/api/serve/applications/gated", timeout=30)
+    assert deleted.status_code == 200
+    assert "gated" not in app_details(shared_server[1])["applications"]
+
+
 def test_a_killed_server_restarts_and_adopts_its_replicas_without_failing_requests(
     shared_server: list[Any], tmp_path: Path
 ) -> None:

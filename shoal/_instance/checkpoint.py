@@ -15,6 +15,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal._controller.status import ApplicationStatusOverview
 from shoal._seam.specs import AppSpec
 
 logger = logging.getLogger("shoal.controller")
@@ -24,11 +25,20 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NO
 
 @dataclass
 class DesiredState:
-    """What the server should run: its applications, and the config of declarative ones."""
+    """What the server should run: its applications, the config of declarative ones, and
+    the applications listed without anything running: a failed first ``serve.run``
+    (``failed``), and a config's applications whose build failed or was still running
+    (``unbuilt``), so a restarted server still says why."""
 
     apps: list[AppSpec] = field(default_factory=list)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     target_capacity: float | None = None  # of the last config file applied
+    failed: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
+    unbuilt: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A checkpoint written before a field existed has that field's default.
+        self.__dict__.update({"failed": {}, "unbuilt": {}, **state})
 
 
 class Checkpoint:

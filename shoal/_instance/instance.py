@@ -148,18 +148,25 @@ class Instance:
         from shoal._controller.recovery import restore
 
         desired = server.checkpoint.load()
-        if desired is not None and (desired.apps or desired.configs):
+        if desired is not None:
             if self.services is not None:
-                self.services.plane.restore_configs(desired.configs)
+                self.services.plane.restore_configs(desired.configs, desired.unbuilt)
             self.controller.target_capacity = desired.target_capacity
-            await restore(self.controller, desired.apps)
+            self.controller.failed.update(desired.failed)
+            if desired.apps or desired.configs:
+                await restore(self.controller, desired.apps)
         self.controller.on_change = lambda: server.checkpoint.save(self._desired())
         self.controller.on_change()
 
     def _desired(self) -> DesiredState:
-        configs = self.services.plane.configs() if self.services is not None else {}
-        apps = [app.spec for app in self.controller.apps.values()]
-        return DesiredState(apps, configs, self.controller.target_capacity)
+        plane = self.services.plane if self.services is not None else None
+        return DesiredState(
+            apps=[app.spec for app in self.controller.apps.values()],
+            configs=plane.configs() if plane is not None else {},
+            target_capacity=self.controller.target_capacity,
+            failed=dict(self.controller.failed),
+            unbuilt=plane.unbuilt() if plane is not None else {},
+        )
 
     def run(self, coro: Any, timeout_s: float = TIMEOUTS.deploy_s) -> Any:
         return self.thread.run(coro, timeout_s)

@@ -47,6 +47,12 @@ class BuildResult:
     error: str | None
 
 
+_CUT_SHORT = (
+    "the server stopped while this application was being built; apply the config again "
+    "(shoal deploy)"
+)
+
+
 @dataclass
 class _Waiting:
     """An application of the last config that is not (or no longer) with the controller."""
@@ -96,6 +102,7 @@ class InstanceControlPlane:
             if self._configs.pop(name, None) is not None:
                 self._dropped.add(name)
             self._instance.controller.abort_pending(name)
+        self._checkpoint()
         self._spawn(self._apply(config))
 
     async def delete_app(self, name: str) -> None:
@@ -106,6 +113,8 @@ class InstanceControlPlane:
         controller = self._instance.controller
         if name in controller.apps or name in controller.failed:
             await controller.delete(name)
+        else:
+            self._checkpoint()
 
     async def delete_all(self) -> None:
         self._waiting.clear()
@@ -117,6 +126,7 @@ class InstanceControlPlane:
             *(controller.delete(n) for n in [*controller.apps, *controller.failed]),
             return_exceptions=True,
         )
+        self._checkpoint()
 
     def details(self) -> dict[str, Any]:
         declarative = set(self._configs) | set(self._waiting)
@@ -141,8 +151,34 @@ class InstanceControlPlane:
         """The config of each application deployed from a config file (for checkpoints)."""
         return dict(self._configs)
 
-    def restore_configs(self, configs: dict[str, dict[str, Any]]) -> None:
+    def restore_configs(
+        self, configs: dict[str, dict[str, Any]], unbuilt: dict[str, ApplicationStatusOverview]
+    ) -> None:
+        """Take back a checkpoint's configs, and its list of applications a config named
+        that had nothing running: failed builds say why again, and a build the server's
+        end cut short fails, saying to apply the config again (nothing retries it)."""
         self._configs.update(configs)
+        for name, app in unbuilt.items():
+            message = app.message
+            if app.status != ApplicationStatus.DEPLOY_FAILED:
+                message = _CUT_SHORT
+            self._waiting[name] = _Waiting(
+                ApplicationStatus.DEPLOY_FAILED, message, app.route_prefix
+            )
+
+    def _checkpoint(self) -> None:
+        """Save the desired state now: a change of what only this plane knows (the
+        controller saves after its own changes)."""
+        self._instance.controller.on_change()
+
+    def unbuilt(self) -> dict[str, ApplicationStatusOverview]:
+        """The applications of the last config that have nothing running (building, or
+        failed), for the checkpoint."""
+        return {
+            name: ApplicationStatusOverview(waiting.status, waiting.message, waiting.route_prefix)
+            for name, waiting in self._waiting.items()
+            if name not in self._instance.controller.apps
+        }
 
     def deployed_imperatively(self, name: str) -> None:
         """``serve.run`` deployed ``name``: it no longer follows a config file."""
@@ -253,6 +289,7 @@ class InstanceControlPlane:
                 ApplicationStatus.DEPLOY_FAILED, message, app_config.route_prefix
             )
             logger.error("application '%s' failed to build: %s", result.name, message)
+            self._checkpoint()
             return
         self._configs[result.name] = app_config.model_dump(mode="json", exclude_unset=True)
         self._waiting.pop(result.name, None)
@@ -269,6 +306,7 @@ class InstanceControlPlane:
                 self._waiting[result.name] = _Waiting(
                     ApplicationStatus.DEPLOY_FAILED, str(exc), app_config.route_prefix
                 )
+                self._checkpoint()
 
     async def close(self) -> None:
         self._closing = True
