@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from shoal._observe.metrics import snapshot
 from shoal._observe.spans import Recorder, SpanShape
 
 # A driver: a collector in a thread of its own process, tracing exported to it by OTLP
@@ -90,6 +91,12 @@ def test_spans_ended_at_thousands_a_second_all_reach_the_otlp_collector(tmp_path
 def test_spans_beyond_the_export_queue_are_dropped_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    def times_full() -> float:
+        families, _ = snapshot()
+        found = [f for f in families if f[0] == "shoal_tracing_span_queue_full"]
+        return sum(value for _, _, value in found[0][3]) if found else 0.0
+
+    before = times_full()
     exported = InMemorySpanExporter()
     processor = SimpleSpanProcessor(exported)
     # A queue of 10 handed over every 10 minutes: only flush() hands it over.
@@ -108,6 +115,7 @@ def test_spans_beyond_the_export_queue_are_dropped_with_a_warning(
     assert len(warnings) == 1
     assert "10 or more sampled spans" in warnings[0]
     assert "tracing_options.sampling_ratio" in warnings[0]
+    assert times_full() == before + 1  # and counted, for an alert on /metrics
 
 
 def test_shoal_s_otlp_encoding_is_the_sdk_s(tmp_path: Path) -> None:

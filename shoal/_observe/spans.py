@@ -145,7 +145,11 @@ class Recorder:
                 logger.exception("exporting %d spans failed", len(batch))
 
     def _dropped_some(self) -> None:
-        """The queue was full when handed over: spans were (or may have been) dropped."""
+        """The queue was full when handed over: spans were (or may have been) dropped.
+        Counted in ``shoal_tracing_span_queue_full`` (for alerts) and warned of."""
+        from shoal._observe.metrics.standard import span_queue_full  # (rare: never at import)
+
+        span_queue_full().labels().inc()  # only this thread records it, under self._lock
         self._full += 1
         now = time.monotonic()
         if now >= self._warn_after:

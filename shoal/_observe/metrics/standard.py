@@ -37,6 +37,16 @@ def deadline_expired() -> AnyFamily:
     )
 
 
+def span_queue_full() -> AnyFamily:
+    """Hand-overs of a process's ended spans that found its queue full (spans dropped)."""
+    return counter(
+        "shoal_tracing_span_queue_full",
+        "Times a process's queue of ended spans was full when handed to the exporter: "
+        "spans beyond it were dropped, the oldest first. Lower "
+        "tracing_options.sampling_ratio.",
+    )
+
+
 def queued_queries() -> AnyFamily:
     return gauge(
         "ray_serve_deployment_queued_queries",
