@@ -79,6 +79,9 @@ class _Instance:
         self.calls.append(("delete_all", None))
         self.apps = {}
 
+    def log_directory(self) -> str | None:
+        return None  # (writes no log files)
+
     def details(self) -> dict[str, Any]:
         replicas = [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "STARTING"}]
         return {

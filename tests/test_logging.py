@@ -412,6 +412,50 @@ def test_shoal_logs_prints_one_applications_files_and_refuses_unknown_names(
     assert alone.returncode == 1 and "no shoal server is running" in alone.stderr
 
 
+def test_shoal_logs_address_reads_through_the_admin_api(
+    server: tuple[str, ServerInfo], tmp_path: Path
+) -> None:
+    """--address reads any instance's files through its admin API: here from a home
+    where no server runs, so nothing is read from the disk."""
+    _home, info = server
+    assert info.admin_url is not None
+    wait_until(lambda: "greeter warning" in _replica_file(info, "top"), 10)
+    printed = _shoal_logs(str(tmp_path), "top", "--address", info.admin_url)
+    assert printed.returncode == 0, printed.stderr
+    assert _with(printed.stdout.splitlines(), "greeter warning")
+    assert "rid-app" not in printed.stdout
+    refused = _shoal_logs(str(tmp_path), "nosuch", "--address", info.admin_url)
+    assert refused.returncode == 1 and "no application named 'nosuch'" in refused.stderr
+
+
+def test_the_admin_api_serves_log_files_by_name_and_nothing_else(
+    server: tuple[str, ServerInfo],
+) -> None:
+    _home, info = server
+    logs = f"{info.admin_url}/api/shoal/logs"
+    listing = httpx.get(logs, timeout=30).json()
+    assert listing["directory"] == str(Path(info.directory) / LOGS)
+    names = [f["name"] for f in listing["files"]]
+    replica = next(n for n in names if n.startswith("replica_top_Greeter_"))
+    on_disk = (Path(info.directory) / LOGS / replica).read_bytes()
+    whole = on_disk[: on_disk.rfind(b"\n") + 1]
+    last = httpx.get(f"{logs}/{replica}", params={"lines": 1}, timeout=30)
+    assert last.status_code == 200 and whole.endswith(last.content)
+    assert last.content.count(b"\n") == 1
+    end = int(last.headers["x-shoal-log-offset"])
+    assert end == len(whole)
+    start = httpx.get(f"{logs}/{replica}", params={"offset": 0}, timeout=30)
+    assert start.content == whole and int(start.headers["x-shoal-log-offset"]) == end
+    for path, params, status, says in (
+        ("..%2Fstate.sqlite", {}, 400, "is not a log file's name"),
+        ("controller.log", {"lines": "-1"}, 400, "lines: '-1' is not a count"),
+        ("controller.log", {"lines": 1, "offset": 0}, 400, "not both"),
+        ("replica_nosuch_X_abc.log", {}, 404, "no log file named"),
+    ):
+        answer = httpx.get(f"{logs}/{path}", params=params, timeout=30)
+        assert (answer.status_code, says in answer.text) == (status, True), answer.text
+
+
 def test_shoal_logs_follow_prints_new_lines(server: tuple[str, ServerInfo]) -> None:
     home, info = server
     follow = subprocess.Popen(

@@ -73,6 +73,9 @@ class FakeControl:
         await self._maybe_fail()
         self.calls.append(("delete_all", None))
 
+    def log_directory(self) -> str | None:
+        return None  # (writes no log files)
+
     def details(self) -> dict[str, Any]:
         return DETAILS
 

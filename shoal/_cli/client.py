@@ -83,6 +83,32 @@ class AdminClient:
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
+        raw, _ = self._send(method, path, data, headers, timeout_s)
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise SystemExit(
+                f"{self.command}: {self.address} answered something that is not JSON; is it "
+                "a shoal instance's (or a Ray dashboard's) admin address?"
+            ) from None
+
+    def read(self, path: str) -> tuple[bytes, dict[str, str]] | None:
+        """GET ``path``: the answer's body as sent, and its headers (lowercase names);
+        None if the instance answers 404 (what was asked for is not there)."""
+        return self._send("GET", path, None, {}, None, missing_ok=True)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        headers: dict[str, str],
+        timeout_s: float | None,
+        *,
+        missing_ok: bool = False,
+    ) -> Any:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         import urllib.error  # here: `shoal run` imports this module, never needs them
@@ -94,21 +120,14 @@ class AdminClient:
         limit = TIMEOUTS.cli_call_s if timeout_s is None else timeout_s
         try:
             with urllib.request.urlopen(request, timeout=limit) as response:
-                raw = response.read()
+                return response.read(), {k.lower(): v for k, v in response.headers.items()}
         except urllib.error.HTTPError as exc:
+            if exc.code == 404 and missing_ok:
+                return None
             text = exc.read().decode(errors="replace").strip()
             raise SystemExit(f"{self.command}: {self._explain(exc.code, text)}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise SystemExit(f"{self.command}: {self._unreachable(exc)}") from None
-        if not raw.strip():
-            return None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            raise SystemExit(
-                f"{self.command}: {self.address} answered something that is not JSON; is it "
-                "a shoal instance's (or a Ray dashboard's) admin address?"
-            ) from None
 
     def answers(self) -> bool:
         """Whether anything accepts connections at the address (no error on failure)."""

@@ -48,6 +48,11 @@ class ControlPlane(Protocol):
         application, deployment, replica, request_id, type, message, traceback)."""
         ...
 
+    def log_directory(self) -> str | None:
+        """The directory of the instance's log files (docs/logging.md), or None if it
+        writes none (local testing mode)."""
+        ...
+
     async def shutdown(self) -> None:
         """Stop the whole instance in order (routes, applications, proxy, then the process
         hosting it, if it is a ``shoal start`` server)."""

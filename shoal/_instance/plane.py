@@ -135,6 +135,10 @@ class InstanceControlPlane:
     def metrics(self) -> MetricsStore:
         return self._instance.controller.metrics
 
+    def log_directory(self) -> str | None:
+        options = self._instance.telemetry.logging
+        return options.logs_dir or options.directory
+
     async def shutdown(self) -> None:
         self._closing = True
         on_shutdown = self._instance.on_shutdown_requested

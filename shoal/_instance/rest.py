@@ -14,6 +14,13 @@ Shoal's extensions:
 - ``POST /api/shoal/shutdown``: stop the instance (answers first, then stops);
 - ``GET /metrics``: every process's metrics in the Prometheus text format
   (docs/metrics.md);
+- ``GET /api/shoal/logs``: the instance's log files, ``{"directory": ...,
+  "files": [{"name", "size"}...]}``, oldest first; ``GET /api/shoal/logs/{name}``
+  with ``?lines=N`` (50): one's last complete lines, with ``?offset=B``: its complete
+  lines from byte ``B`` (what ``shoal logs -f`` polls); the ``x-shoal-log-offset``
+  header says where the next read starts. A name that is not a log file's (a path)
+  is refused before anything is opened (``shoal._observe.log_files``, which
+  ``shoal logs`` also reads a local server's files with);
 - ``GET /``: the dashboard, and its ``/api/shoal/dashboard/...`` time series and
   recent errors (``shoal._dashboard``, docs/dashboard.md).
 
@@ -28,7 +35,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable
+import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -45,6 +53,7 @@ from shoal._errors import ConfigError
 from shoal._instance.control import ControlPlane
 from shoal._instance.peer import PeerGuard
 from shoal._json import dumps
+from shoal._observe.log_files import is_log_name, last_lines, log_files, read_from
 
 logger = logging.getLogger("shoal")
 
@@ -199,6 +208,61 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _text(f"{status}: {detail}", status)
 
 
+LOGS = "/api/shoal/logs"
+#: The response header naming the offset the next ``?offset=`` read starts from.
+OFFSET_HEADER = "x-shoal-log-offset"
+DEFAULT_LINES = 50
+
+
+def log_routes(directory: Callable[[], str | None]) -> list[Route]:
+    """The routes serving the files in ``directory()`` (the instance's log directory)."""
+
+    async def listing(request: Request) -> Response:
+        where = directory()
+        files = [] if where is None else log_files(where)
+        body = {"directory": where, "files": [{"name": n, "size": s} for n, s in files]}
+        return Response(dumps(body), media_type="application/json")
+
+    async def one_file(request: Request) -> Response:
+        name = request.path_params["name"]
+        if not is_log_name(name):
+            return _text(f"name: {name!r} is not a log file's name (list them: GET {LOGS})", 400)
+        where = directory()
+        if where is None:
+            return _text("this instance writes no log files (local testing mode)", 404)
+        read = _reader(request)
+        if isinstance(read, str):
+            return _text(read, 400)
+        try:
+            data, end = read(os.path.join(where, name))
+        except FileNotFoundError:
+            return _text(f"no log file named {name!r} (list them: GET {LOGS})", 404)
+        return Response(data, media_type="text/plain; charset=utf-8",
+                        headers={OFFSET_HEADER: str(end)})  # fmt: skip
+
+    return [
+        Route(LOGS, listing, methods=["GET"]),
+        Route(LOGS + "/{name:path}", one_file, methods=["GET"]),  # a path: refused with 400
+    ]
+
+
+def _reader(request: Request) -> Callable[[str], tuple[bytes, int]] | str:
+    """How ``request`` asks to read a file (last lines, or from an offset), or what is
+    wrong with its query."""
+    query = request.query_params
+    if "lines" in query and "offset" in query:
+        return "give lines or offset, not both"
+    for key in ("lines", "offset"):
+        value = query.get(key)
+        if value is not None and not (value.isascii() and value.isdigit()):
+            return f"{key}: {value!r} is not a count (a whole number >= 0)"
+    if "offset" in query:
+        offset = int(query["offset"])
+        return lambda path: read_from(path, offset)
+    lines = int(query.get("lines", DEFAULT_LINES))
+    return lambda path: last_lines(path, lines)
+
+
 def admin_app(
     control: ControlPlane, token: str | None = None, *, timeout_s: float | None = None
 ) -> Starlette:
@@ -218,6 +282,7 @@ def admin_app(
         Route("/api/ray/version", api.version, methods=["GET"]),
         Route(SHUTDOWN, api.shutdown, methods=["POST"]),
         Route(METRICS, api.metrics, methods=["GET"]),
+        *log_routes(control.log_directory),
     ]
     # The sampler is started and stopped by whoever serves the app (AdminServices).
     dashboard = Dashboard(control.details, lambda: control.metrics())
