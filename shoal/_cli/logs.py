@@ -45,7 +45,8 @@ def add_command(commands: Any) -> None:
     logs.add_argument("--lines", "-n", type=int, default=50, help="lines per file (default 50)")
     logs.add_argument("--follow", "-f", action="store_true", help="print new lines as written")
     logs.add_argument(
-        "--address", "-a",
+        "--address",
+        "-a",
         help="read through this instance's admin API (default: SHOAL_ADDRESS, else the "
         "local `shoal start` server's files), e.g. http://127.0.0.1:8265",
     )
