@@ -98,6 +98,34 @@ def start(
     :func:`serve_admin` is called, once the applications are deployed (cold start).
     """
     arguments.refuse_extra("serve.start", kwargs, arguments.START_KEYWORDS)
+    asked, options, grpc = _start_arguments(
+        proxy_location, http_options, grpc_options, logging_config, resources, admin_options,
+        metrics_options, tracing_options, runtime, address,
+    )  # fmt: skip
+    with _lock:
+        instance = _instances.get("process")
+        if instance is None and _attach and _attach_to_server():
+            _warn_ignored(_ATTACHED, asked.given)
+            return
+        if instance is not None:
+            _start_again(instance, asked)
+            return
+        _start_instance(asked, options, grpc, _blocking, _admin_later)
+
+
+def _start_arguments(
+    proxy_location: str | None,
+    http_options: dict[str, Any] | HTTPOptions | None,
+    grpc_options: dict[str, Any] | gRPCOptions | None,
+    logging_config: dict[str, Any] | LoggingConfig | None,
+    resources: dict[str, float] | None,
+    admin_options: dict[str, Any] | AdminOptions | None,
+    metrics_options: dict[str, Any] | None,
+    tracing_options: dict[str, Any] | None,
+    runtime: str,
+    address: str | None,
+) -> tuple[Asked, HTTPOptions, gRPCOptions | None]:
+    """serve.start()'s arguments validated: what it asked for, the HTTP and gRPC options."""
     settings: ServeStartOptions = validate(
         ServeStartOptions,
         {
@@ -119,22 +147,21 @@ def start(
         "metrics_options": metrics_options, "tracing_options": tracing_options,
         "address": address, "runtime": None if runtime == "process" else runtime,
     }  # fmt: skip
-    with _lock:
-        instance = _instances.get("process")
-        if instance is None and _attach and _attach_to_server():
-            _warn_ignored(_ATTACHED, given)
-            return
-        if instance is not None:
-            asked_http = None if http_options is None else options
-            asked_grpc = None if grpc_options is None else grpc
-            _start_again(instance, Asked(settings, asked_http, asked_grpc, telemetry, admin, given))
-            return
-        http = None if settings.proxy_location == "Disabled" else options
-        _instances["process"] = Instance(
-            "process", http, _blocking, settings, admin, telemetry=telemetry, grpc=grpc,
-            admin_later=_admin_later,
-        )  # fmt: skip
-        set_default_registry(_instances["process"].registry)
+    asked_http = None if http_options is None else options
+    asked_grpc = None if grpc_options is None else grpc
+    return Asked(settings, asked_http, asked_grpc, telemetry, admin, given), options, grpc
+
+
+def _start_instance(
+    asked: Asked, options: HTTPOptions, grpc: gRPCOptions | None, blocking: bool, admin_later: bool
+) -> None:
+    """Start this process's instance, whose registry becomes the default (hold ``_lock``)."""
+    http = None if asked.settings.proxy_location == "Disabled" else options
+    _instances["process"] = Instance(
+        "process", http, blocking, asked.settings, asked.admin, telemetry=asked.telemetry,
+        grpc=grpc, admin_later=admin_later,
+    )  # fmt: skip
+    set_default_registry(_instances["process"].registry)
 
 
 def serve_admin() -> None:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal._config import (
     TIMEOUTS,
@@ -45,6 +45,9 @@ from shoal._instance.home import (
     write_server_info,
 )
 from shoal._runtime.loop import StopRequest, wait_responsive
+
+if TYPE_CHECKING:
+    from shoal._instance.instance import Instance, ServerRole
 
 logger = logging.getLogger("shoal")
 
@@ -152,11 +155,7 @@ def _tail(path: str, lines: int = 20) -> str:
 def serve_forever(options: dict[str, Any]) -> None:
     """The server's main thread: start the instance, publish how to reach it, wait for a
     stop request, then shut down in order (admin, routes, applications, proxy)."""
-    from shoal._instance.checkpoint import Checkpoint, DesiredState
-    from shoal._instance.instance import Instance, ServerRole
-    from shoal._instance.services import new_token
-    from shoal._observe.options import LoggingOptions, Telemetry
-    from shoal._runtime.process.directory import check_socket_directory
+    from shoal._instance.checkpoint import DesiredState
 
     directory = server_dir()
     stop = StopRequest()
@@ -171,17 +170,46 @@ def serve_forever(options: dict[str, Any]) -> None:
         signal.signal(signum, on_signal)
     http = HTTPOptions(**options["http"])
     start = ServeStartOptions(**options["start"])
+    role = _server_role(directory)
+    instance = _server_instance(options, http, start, role)
+    instance.on_shutdown_requested = stop.set
+    _publish_server_info(directory, instance)
+    wait_responsive(stop)
+    logger.warning("shoal server %d shutting down", os.getpid())
+    remove_server_info(directory)
+    instance.stop()
+    # A shutdown asked for deletes the applications, as Ray's `serve shutdown` does;
+    # only a crash leaves them in the checkpoint for the next start to take back.
+    role.checkpoint.save(DesiredState())
+
+
+def _server_role(directory: str) -> ServerRole:
+    """The server's role under ``directory``: a new token, a checked private run directory."""
+    from shoal._instance.checkpoint import Checkpoint
+    from shoal._instance.instance import ServerRole
+    from shoal._instance.services import new_token
+    from shoal._runtime.process.directory import check_socket_directory
+
     token = new_token(os.path.join(directory, TOKEN))
     run_dir = os.path.join(directory, "run")  # the runtime's sockets; removed at shutdown
     check_socket_directory(run_dir)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    role = ServerRole(
+    return ServerRole(
         directory=run_dir,
         token=token,
         attach_socket=os.path.join(directory, ADMIN_SOCKET),
         checkpoint=Checkpoint(os.path.join(directory, CHECKPOINT)),
     )
-    instance = Instance(
+
+
+def _server_instance(
+    options: dict[str, Any], http: HTTPOptions, start: ServeStartOptions, role: ServerRole
+) -> Instance:
+    """The server's instance, started with the admin, telemetry and gRPC of ``options``."""
+    from shoal._instance.instance import Instance
+    from shoal._observe.options import LoggingOptions, Telemetry
+
+    return Instance(
         "process",
         None if start.proxy_location == "Disabled" else http,
         options=start,
@@ -193,7 +221,10 @@ def serve_forever(options: dict[str, Any]) -> None:
         ),
         grpc=None if options.get("grpc") is None else gRPCOptions(**options["grpc"]),
     )
-    instance.on_shutdown_requested = stop.set
+
+
+def _publish_server_info(directory: str, instance: Instance) -> None:
+    """Write how clients reach the server (pid, admin API, proxy) and log that it serves."""
     proxy = instance.controller.proxy
     write_server_info(
         ServerInfo(
@@ -206,13 +237,6 @@ def serve_forever(options: dict[str, Any]) -> None:
     )
     logger.warning("shoal server %d serving; admin API %s", os.getpid(),
                    instance.services.admin_url if instance.services else "off")  # fmt: skip
-    wait_responsive(stop)
-    logger.warning("shoal server %d shutting down", os.getpid())
-    remove_server_info(directory)
-    instance.stop()
-    # A shutdown asked for deletes the applications, as Ray's `serve shutdown` does;
-    # only a crash leaves them in the checkpoint for the next start to take back.
-    role.checkpoint.save(DesiredState())
 
 
 def wait_stopped(info: ServerInfo, timeout_s: float) -> bool:

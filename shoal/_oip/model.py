@@ -119,39 +119,9 @@ def model(
     spec = _spec(name, versions, platform, inputs, outputs, method, multiplexed)
 
     def decorate(cls: type) -> type:
-        if not inspect.isclass(cls):
-            raise ConfigError(
-                f"@oip.model decorates a class (put it under @serve.deployment), got {cls!r}"
-            )
-        if getattr(cls, _ASGI_ATTRIBUTE, None) is not None:
-            raise ConfigError(
-                f"{cls.__qualname__} is a @serve.ingress class: an OIP model serves the "
-                "protocol's paths itself; use one of the two"
-            )
-        for taken in ("__call__", *GRPC_METHODS):
-            if taken in vars(cls):
-                raise ConfigError(
-                    f"{cls.__qualname__} defines {taken}, which @oip.model needs to serve the "
-                    f"protocol; name the model's method '{spec.method}' (or pass method=...)"
-                )
-        target = getattr(cls, spec.method, None)
-        if not callable(target):
-            raise ConfigError(
-                f"{cls.__qualname__} has no method '{spec.method}' for @oip.model to call; "
-                "define it (it receives {input name: numpy array}) or pass method=..."
-            )
-        from shoal._oip import grpc_methods, rest
-
+        target = _method_to_call(cls, spec)
         final = _with_extras(spec, target)
-        is_async = inspect.iscoroutinefunction(target)
-        added = {
-            "__call__": rest.serve_async if is_async else rest.serve_sync,
-            "ModelInfer": (
-                grpc_methods.model_infer_async if is_async else grpc_methods.model_infer_sync
-            ),
-            "ModelMetadata": grpc_methods.model_metadata,
-            "ModelReady": grpc_methods.model_ready,
-        }
+        added = _protocol_methods(inspect.iscoroutinefunction(target))
         for method_name, function in added.items():
             setattr(cls, method_name, function)
         setattr(cls, SPEC_ATTRIBUTE, final)
@@ -159,6 +129,46 @@ def model(
         return cls
 
     return decorate
+
+
+def _method_to_call(cls: type, spec: ModelSpec) -> Callable[..., Any]:
+    """``cls``'s method ``spec.method``; a ConfigError if @oip.model cannot serve ``cls``."""
+    if not inspect.isclass(cls):
+        raise ConfigError(
+            f"@oip.model decorates a class (put it under @serve.deployment), got {cls!r}"
+        )
+    if getattr(cls, _ASGI_ATTRIBUTE, None) is not None:
+        raise ConfigError(
+            f"{cls.__qualname__} is a @serve.ingress class: an OIP model serves the "
+            "protocol's paths itself; use one of the two"
+        )
+    for taken in ("__call__", *GRPC_METHODS):
+        if taken in vars(cls):
+            raise ConfigError(
+                f"{cls.__qualname__} defines {taken}, which @oip.model needs to serve the "
+                f"protocol; name the model's method '{spec.method}' (or pass method=...)"
+            )
+    target = getattr(cls, spec.method, None)
+    if not callable(target):
+        raise ConfigError(
+            f"{cls.__qualname__} has no method '{spec.method}' for @oip.model to call; "
+            "define it (it receives {input name: numpy array}) or pass method=..."
+        )
+    return target
+
+
+def _protocol_methods(is_async: bool) -> dict[str, Callable[..., Any]]:
+    """The REST and gRPC methods @oip.model adds, by name (the async ones if ``is_async``)."""
+    from shoal._oip import grpc_methods, rest
+
+    return {
+        "__call__": rest.serve_async if is_async else rest.serve_sync,
+        "ModelInfer": (
+            grpc_methods.model_infer_async if is_async else grpc_methods.model_infer_sync
+        ),
+        "ModelMetadata": grpc_methods.model_metadata,
+        "ModelReady": grpc_methods.model_ready,
+    }
 
 
 def _spec(
