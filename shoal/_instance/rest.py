@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -233,8 +234,8 @@ def log_routes(directory: Callable[[], str | None]) -> list[Route]:
         read = _reader(request)
         if isinstance(read, str):
             return _text(read, 400)
-        try:
-            data, end = read(os.path.join(where, name))
+        try:  # (in a thread: a read of up to 4 MiB must not hold the control plane's loop)
+            data, end = await run_in_threadpool(read, os.path.join(where, name))
         except FileNotFoundError:
             return _text(f"no log file named {name!r} (list them: GET {LOGS})", 404)
         return Response(data, media_type="text/plain; charset=utf-8",
